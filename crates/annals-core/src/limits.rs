@@ -1,0 +1,122 @@
+//! Size and count limits, and the validation every backend runs before
+//! writing.
+
+use std::collections::HashSet;
+
+use crate::{ContentType, Error, EventData, LimitKind, Result, StreamAppend, event::MAX_EVENT_TYPE_LEN};
+
+/// Limits enforced on appends. Backends take one in their configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Maximum bytes of one event's `data` (default 1 MiB).
+    pub max_event_size: usize,
+    /// Maximum bytes of one event's serialized metadata (default 64 KiB).
+    pub max_metadata_size: usize,
+    /// Maximum events in one append, summed over a multi-stream append
+    /// (default 10,000).
+    pub max_events_per_append: usize,
+    /// Maximum streams in one multi-stream append (default 1,000).
+    pub max_streams_per_transaction: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_event_size: 1024 * 1024,
+            max_metadata_size: 64 * 1024,
+            max_events_per_append: 10_000,
+            max_streams_per_transaction: 1_000,
+        }
+    }
+}
+
+fn exceeded(what: LimitKind, max: usize, actual: usize) -> Error {
+    Error::LimitExceeded { what, max: max as u64, actual: actual as u64 }
+}
+
+impl Limits {
+    /// Validates one event.
+    pub fn check_event(&self, event: &EventData) -> Result<()> {
+        validate_event_type(&event.event_type)?;
+        if event.id.is_nil() {
+            return Err(Error::invalid("event id must not be the nil UUID"));
+        }
+        if event.data.len() > self.max_event_size {
+            return Err(exceeded(LimitKind::EventSize, self.max_event_size, event.data.len()));
+        }
+        if event.metadata.len() > self.max_metadata_size {
+            return Err(exceeded(LimitKind::MetadataSize, self.max_metadata_size, event.metadata.len()));
+        }
+        if event.content_type == ContentType::Json {
+            serde_json::from_slice::<serde::de::IgnoredAny>(&event.data).map_err(|e| {
+                Error::invalid(format!(
+                    "event {} ({}) is declared JSON but its data is not valid JSON: {e}",
+                    event.id, event.event_type
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Validates a whole (possibly multi-stream) append: non-empty parts,
+    /// limits, distinct streams, distinct event ids.
+    pub fn check_parts(&self, parts: &[StreamAppend]) -> Result<()> {
+        if parts.is_empty() {
+            return Err(Error::invalid("a transaction needs at least one stream"));
+        }
+        if parts.len() > self.max_streams_per_transaction {
+            return Err(exceeded(
+                LimitKind::StreamsPerTransaction,
+                self.max_streams_per_transaction,
+                parts.len(),
+            ));
+        }
+        let total: usize = parts.iter().map(|p| p.events.len()).sum();
+        if total > self.max_events_per_append {
+            return Err(exceeded(LimitKind::EventsPerAppend, self.max_events_per_append, total));
+        }
+        let mut streams = HashSet::with_capacity(parts.len());
+        let mut ids = HashSet::with_capacity(total);
+        for part in parts {
+            if !streams.insert(part.stream.as_str()) {
+                return Err(Error::invalid(format!(
+                    "stream '{}' appears more than once in one transaction",
+                    part.stream
+                )));
+            }
+            if part.events.is_empty() {
+                return Err(Error::invalid(format!(
+                    "the append to '{}' has no events; send at least one",
+                    part.stream
+                )));
+            }
+            for event in &part.events {
+                self.check_event(event)?;
+                if !ids.insert(event.id) {
+                    return Err(Error::invalid(format!(
+                        "event id {} appears more than once in one append",
+                        event.id
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Validates an event type: 1–256 bytes, no control characters.
+pub fn validate_event_type(event_type: &str) -> Result<()> {
+    if event_type.is_empty() {
+        return Err(Error::invalid("event type must not be empty"));
+    }
+    if event_type.len() > MAX_EVENT_TYPE_LEN {
+        return Err(Error::invalid(format!(
+            "event type is {} bytes, the maximum is {MAX_EVENT_TYPE_LEN}",
+            event_type.len()
+        )));
+    }
+    if event_type.chars().any(char::is_control) {
+        return Err(Error::invalid("event type contains a control character"));
+    }
+    Ok(())
+}

@@ -1,0 +1,374 @@
+//! `MemoryStore`: the reference backend. Everything lives in one
+//! `RwLock`-protected structure; it defines correct behaviour for the
+//! conformance suite and serves tests and prototypes.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard},
+};
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::{
+    AllReader, AllSlice, AppendDecision, AppendResult, Appender, CheckpointStore, DeleteMode, Direction,
+    Error, EventData, EventStream, ExpectedVersion, Limits, ReadAll, ReadFrom, ReadStream, RecordedEvent,
+    Result, Snapshot, SnapshotStore, StreamAppend, StreamDeleter, StreamInfo, StreamName, StreamReader,
+    StreamState, Subscriber, SubscriptionRequest, Timestamp, subscription, validate_checkpoint_name,
+};
+
+/// An in-memory event store. Cheap to clone (shared handle); fully
+/// concurrent; nothing survives the process.
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: RwLock<State>,
+    head: watch::Sender<u64>,
+    limits: Limits,
+}
+
+#[derive(Default)]
+struct State {
+    log: Vec<RecordedEvent>,
+    streams: HashMap<StreamName, StreamEntry>,
+    snapshots: HashMap<StreamName, BTreeMap<u64, Snapshot>>,
+    checkpoints: HashMap<String, u64>,
+}
+
+#[derive(Default)]
+struct StreamEntry {
+    state: StreamState,
+    /// Position of each version; index = version.
+    positions: Vec<u64>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store with default limits.
+    pub fn new() -> Self {
+        Self::with_limits(Limits::default())
+    }
+
+    /// An empty store with the given limits.
+    pub fn with_limits(limits: Limits) -> Self {
+        let (head, _) = watch::channel(0);
+        MemoryStore { inner: Arc::new(Inner { state: RwLock::new(State::default()), head, limits }) }
+    }
+}
+
+impl Inner {
+    fn read(&self) -> Result<RwLockReadGuard<'_, State>> {
+        self.state.read().map_err(|_| Error::Poisoned { reason: "a writer panicked".into() })
+    }
+
+    fn write(&self) -> Result<RwLockWriteGuard<'_, State>> {
+        self.state.write().map_err(|_| Error::Poisoned { reason: "a writer panicked".into() })
+    }
+
+    fn append_parts(&self, parts: Vec<StreamAppend>) -> Result<Vec<AppendResult>> {
+        self.limits.check_parts(&parts)?;
+        let mut state = self.write()?;
+        // Decide every part before writing anything: all or nothing.
+        let mut decisions = Vec::with_capacity(parts.len());
+        for part in &parts {
+            let entry = state.streams.get(&part.stream);
+            let stream_state = entry.map(|e| e.state).unwrap_or_default();
+            let ids: Vec<Uuid> = part.events.iter().map(|e| e.id).collect();
+            let decision = stream_state.decide(&part.stream, part.expected, &ids, |n| {
+                Ok(entry.and_then(|e| tail_ids(&state.log, &e.positions, n)))
+            })?;
+            decisions.push(decision);
+        }
+        let recorded_at = Timestamp::now();
+        let mut results = Vec::with_capacity(parts.len());
+        for (part, decision) in parts.into_iter().zip(decisions) {
+            match decision {
+                AppendDecision::AlreadyWritten(result) => results.push(result),
+                AppendDecision::Write { first_version } => {
+                    let mut version = first_version;
+                    let mut position = state.log.len() as u64;
+                    let mut written = Vec::with_capacity(part.events.len());
+                    for event in part.events {
+                        position = state.log.len() as u64;
+                        state.log.push(record(&part.stream, version, position, recorded_at, event));
+                        written.push(position);
+                        version += 1;
+                    }
+                    let entry = state.streams.entry(part.stream).or_default();
+                    entry.positions.extend(written);
+                    entry.state.last_version = Some(version - 1);
+                    entry.state.last_position = Some(position);
+                    results.push(AppendResult { next_version: version, position });
+                }
+            }
+        }
+        let next = state.log.len() as u64;
+        drop(state);
+        // Published after the events are readable (see `subscription`).
+        self.head.send_replace(next);
+        Ok(results)
+    }
+
+    fn read_stream(&self, stream: &StreamName, request: ReadStream) -> Result<Vec<RecordedEvent>> {
+        let state = self.read()?;
+        let Some(entry) = state.streams.get(stream) else {
+            return Err(Error::StreamNotFound { stream: stream.clone() });
+        };
+        if entry.state.tombstoned {
+            return Err(Error::StreamDeleted { stream: stream.clone() });
+        }
+        if !entry.state.exists() {
+            return Err(Error::StreamNotFound { stream: stream.clone() });
+        }
+        let first = entry.state.truncate_before;
+        let count = entry.positions.len() as u64;
+        let limit = request.limit;
+        let versions: Box<dyn Iterator<Item = u64>> = match request.direction {
+            Direction::Forward => {
+                let start = match request.from {
+                    ReadFrom::Start => first,
+                    ReadFrom::End => count,
+                    ReadFrom::At(v) => v.max(first),
+                };
+                Box::new(start..count)
+            }
+            Direction::Backward => {
+                let start = match request.from {
+                    ReadFrom::Start | ReadFrom::End => count.checked_sub(1),
+                    ReadFrom::At(v) => Some(v.min(count.saturating_sub(1))),
+                };
+                match start {
+                    Some(s) if s >= first => Box::new((first..=s).rev()),
+                    _ => Box::new(std::iter::empty()),
+                }
+            }
+        };
+        Ok(versions
+            .take(limit)
+            .filter_map(|v| usize::try_from(v).ok())
+            .filter_map(|v| entry.positions.get(v))
+            .filter_map(|p| usize::try_from(*p).ok())
+            .filter_map(|p| state.log.get(p).cloned())
+            .collect())
+    }
+
+    fn read_all(&self, request: &ReadAll) -> Result<AllSlice> {
+        let state = self.read()?;
+        let len = state.log.len() as u64;
+        let mut events = Vec::new();
+        match request.direction {
+            Direction::Forward => {
+                let mut pos = match request.from {
+                    ReadFrom::Start => 0,
+                    ReadFrom::End => len,
+                    ReadFrom::At(p) => p.min(len),
+                };
+                while pos < len && events.len() < request.limit {
+                    if let Some(e) = usize::try_from(pos).ok().and_then(|i| state.log.get(i))
+                        && request.filter.matches(e)
+                    {
+                        events.push(e.clone());
+                    }
+                    pos += 1;
+                }
+                Ok(AllSlice { events, next: Some(pos) })
+            }
+            Direction::Backward => {
+                if len == 0 {
+                    return Ok(AllSlice { events, next: None });
+                }
+                let mut pos = match request.from {
+                    ReadFrom::Start | ReadFrom::End => Some(len - 1),
+                    ReadFrom::At(p) => Some(p.min(len - 1)),
+                };
+                while let Some(p) = pos {
+                    if events.len() >= request.limit {
+                        break;
+                    }
+                    if let Some(e) = usize::try_from(p).ok().and_then(|i| state.log.get(i))
+                        && request.filter.matches(e)
+                    {
+                        events.push(e.clone());
+                    }
+                    pos = p.checked_sub(1);
+                }
+                Ok(AllSlice { events, next: pos })
+            }
+        }
+    }
+}
+
+fn record(
+    stream: &StreamName,
+    version: u64,
+    position: u64,
+    recorded_at: Timestamp,
+    e: EventData,
+) -> RecordedEvent {
+    RecordedEvent {
+        stream: stream.clone(),
+        version,
+        position,
+        id: e.id,
+        event_type: e.event_type,
+        data: e.data,
+        content_type: e.content_type,
+        metadata: e.metadata,
+        recorded_at,
+    }
+}
+
+fn tail_ids(log: &[RecordedEvent], positions: &[u64], n: usize) -> Option<(Vec<Uuid>, u64)> {
+    let start = positions.len().checked_sub(n)?;
+    let tail = positions.get(start..)?;
+    let ids = tail
+        .iter()
+        .map(|p| usize::try_from(*p).ok().and_then(|i| log.get(i)).map(|e| e.id))
+        .collect::<Option<Vec<_>>>()?;
+    Some((ids, *tail.last()?))
+}
+
+#[async_trait]
+impl Appender for MemoryStore {
+    async fn append(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+    ) -> Result<AppendResult> {
+        let mut results =
+            self.inner.append_parts(vec![StreamAppend::new(stream.clone(), expected, events)])?;
+        results.pop().ok_or_else(|| Error::invalid("empty append"))
+    }
+
+    async fn append_multi(&self, parts: Vec<StreamAppend>) -> Result<Vec<AppendResult>> {
+        self.inner.append_parts(parts)
+    }
+}
+
+#[async_trait]
+impl StreamReader for MemoryStore {
+    async fn read_stream(&self, stream: &StreamName, request: ReadStream) -> Result<Vec<RecordedEvent>> {
+        self.inner.read_stream(stream, request)
+    }
+
+    async fn stream_info(&self, stream: &StreamName) -> Result<StreamInfo> {
+        let state = self.inner.read()?;
+        Ok(state.streams.get(stream).map(|e| e.state).unwrap_or_default().info(stream))
+    }
+}
+
+#[async_trait]
+impl StreamReader for Inner {
+    async fn read_stream(&self, stream: &StreamName, request: ReadStream) -> Result<Vec<RecordedEvent>> {
+        Inner::read_stream(self, stream, request)
+    }
+
+    async fn stream_info(&self, stream: &StreamName) -> Result<StreamInfo> {
+        let state = self.read()?;
+        Ok(state.streams.get(stream).map(|e| e.state).unwrap_or_default().info(stream))
+    }
+}
+
+#[async_trait]
+impl AllReader for MemoryStore {
+    async fn read_all(&self, request: ReadAll) -> Result<AllSlice> {
+        self.inner.read_all(&request)
+    }
+
+    async fn next_position(&self) -> Result<u64> {
+        Ok(self.inner.read()?.log.len() as u64)
+    }
+}
+
+#[async_trait]
+impl AllReader for Inner {
+    async fn read_all(&self, request: ReadAll) -> Result<AllSlice> {
+        Inner::read_all(self, &request)
+    }
+
+    async fn next_position(&self) -> Result<u64> {
+        Ok(self.read()?.log.len() as u64)
+    }
+}
+
+impl Subscriber for MemoryStore {
+    fn subscribe(&self, request: SubscriptionRequest) -> EventStream {
+        subscription::catch_up(self.inner.clone(), self.inner.head.subscribe(), request)
+    }
+}
+
+#[async_trait]
+impl StreamDeleter for MemoryStore {
+    async fn delete_stream(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        mode: DeleteMode,
+    ) -> Result<()> {
+        let mut state = self.inner.write()?;
+        let entry = state.streams.entry(stream.clone()).or_default();
+        entry.state.check_delete(stream, expected, mode == DeleteMode::Hard)?;
+        match mode {
+            DeleteMode::Soft => entry.state.truncate_before = entry.state.next_version(),
+            DeleteMode::Hard => entry.state.tombstoned = true,
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl SnapshotStore for MemoryStore {
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
+        let mut state = self.inner.write()?;
+        state.snapshots.entry(snapshot.stream.clone()).or_default().insert(snapshot.version, snapshot);
+        Ok(())
+    }
+
+    async fn load_snapshot(
+        &self,
+        stream: &StreamName,
+        at_or_before: Option<u64>,
+    ) -> Result<Option<Snapshot>> {
+        let state = self.inner.read()?;
+        Ok(state
+            .snapshots
+            .get(stream)
+            .and_then(|m| m.range(..=at_or_before.unwrap_or(u64::MAX)).next_back())
+            .map(|(_, s)| s.clone()))
+    }
+
+    async fn prune_snapshots(&self, stream: &StreamName, keep_last: usize) -> Result<usize> {
+        let mut state = self.inner.write()?;
+        let Some(map) = state.snapshots.get_mut(stream) else { return Ok(0) };
+        let excess = map.len().saturating_sub(keep_last);
+        let doomed: Vec<u64> = map.keys().take(excess).copied().collect();
+        for v in &doomed {
+            map.remove(v);
+        }
+        Ok(doomed.len())
+    }
+}
+
+#[async_trait]
+impl CheckpointStore for MemoryStore {
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<u64>> {
+        validate_checkpoint_name(name)?;
+        Ok(self.inner.read()?.checkpoints.get(name).copied())
+    }
+
+    async fn save_checkpoint(&self, name: &str, position: u64) -> Result<()> {
+        validate_checkpoint_name(name)?;
+        self.inner.write()?.checkpoints.insert(name.to_owned(), position);
+        Ok(())
+    }
+}

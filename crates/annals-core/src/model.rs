@@ -1,0 +1,421 @@
+//! Requests and answers of the store API: versions, reads, filters, deletes.
+
+use std::fmt;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::{EventData, RecordedEvent, StreamName, Timestamp, stream_name::category_of};
+
+/// What the caller believes about a stream before appending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "version")]
+pub enum ExpectedVersion {
+    /// No check.
+    Any,
+    /// The stream must not exist (never written, or soft-deleted).
+    NoStream,
+    /// The stream must exist.
+    StreamExists,
+    /// The stream's last event must have exactly this version.
+    Exact(u64),
+}
+
+impl ExpectedVersion {
+    /// Whether a stream whose last version is `actual` (`None` = no stream)
+    /// satisfies this expectation.
+    pub fn matches(self, actual: Option<u64>) -> bool {
+        match self {
+            ExpectedVersion::Any => true,
+            ExpectedVersion::NoStream => actual.is_none(),
+            ExpectedVersion::StreamExists => actual.is_some(),
+            ExpectedVersion::Exact(v) => actual == Some(v),
+        }
+    }
+}
+
+impl fmt::Display for ExpectedVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExpectedVersion::Any => f.write_str("any"),
+            ExpectedVersion::NoStream => f.write_str("no stream"),
+            ExpectedVersion::StreamExists => f.write_str("stream exists"),
+            ExpectedVersion::Exact(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+/// The outcome of a successful append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct AppendResult {
+    /// The version the next event appended to this stream will get (the
+    /// stream's last version + 1).
+    pub next_version: u64,
+    /// Global position of the last event written by this append.
+    pub position: u64,
+}
+
+impl AppendResult {
+    /// The stream's last version after this append.
+    pub fn last_version(&self) -> u64 {
+        self.next_version.saturating_sub(1)
+    }
+
+    /// The expectation to pass to the next append for optimistic concurrency.
+    pub fn expected(&self) -> ExpectedVersion {
+        ExpectedVersion::Exact(self.last_version())
+    }
+}
+
+/// One stream's part of a multi-stream (atomic) append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamAppend {
+    /// Target stream.
+    pub stream: StreamName,
+    /// Its expected version.
+    pub expected: ExpectedVersion,
+    /// Events to write to it (at least one).
+    pub events: Vec<EventData>,
+}
+
+impl StreamAppend {
+    /// Convenience constructor.
+    pub fn new(stream: StreamName, expected: ExpectedVersion, events: Vec<EventData>) -> Self {
+        StreamAppend { stream, expected, events }
+    }
+}
+
+/// Read direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// Oldest first.
+    #[default]
+    Forward,
+    /// Newest first.
+    Backward,
+}
+
+/// Where a read starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadFrom {
+    /// The first event (forward) — for backward reads, same as `End`.
+    Start,
+    /// The last event (backward) — for forward reads, yields nothing.
+    End,
+    /// This version (stream reads) or position (`$all` reads), inclusive.
+    At(u64),
+}
+
+/// Reading one stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadStream {
+    /// Where to start.
+    pub from: ReadFrom,
+    /// Which way.
+    pub direction: Direction,
+    /// At most this many events.
+    pub limit: usize,
+}
+
+impl ReadStream {
+    /// Everything, oldest first (`limit` = `usize::MAX`).
+    pub fn forward() -> Self {
+        ReadStream { from: ReadFrom::Start, direction: Direction::Forward, limit: usize::MAX }
+    }
+
+    /// Everything, newest first.
+    pub fn backward() -> Self {
+        ReadStream { from: ReadFrom::End, direction: Direction::Backward, limit: usize::MAX }
+    }
+
+    /// Starting at this version (inclusive).
+    pub fn from_version(mut self, version: u64) -> Self {
+        self.from = ReadFrom::At(version);
+        self
+    }
+
+    /// At most `limit` events.
+    pub fn limit(mut self, limit: usize) -> Self {
+        self.limit = limit;
+        self
+    }
+}
+
+/// Which events of `$all` a read or subscription wants. Empty = all. All
+/// set criteria must match (AND); within `event_types` any may match (OR).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Filter {
+    /// Stream name starts with this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_prefix: Option<String>,
+    /// Stream category equals this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
+    /// Event type matches one of these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub event_types: Vec<TypeMatch>,
+    /// Metadata `correlation_id` equals this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+    /// Recorded at or after this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recorded_after: Option<Timestamp>,
+    /// Recorded strictly before this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recorded_before: Option<Timestamp>,
+    /// Include `$`-prefixed system streams (excluded by default).
+    #[serde(default)]
+    pub include_system: bool,
+}
+
+/// How an event type is matched.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TypeMatch {
+    /// Equal to this.
+    Exact(String),
+    /// Starting with this.
+    Prefix(String),
+}
+
+impl TypeMatch {
+    /// Whether `event_type` matches.
+    pub fn matches(&self, event_type: &str) -> bool {
+        match self {
+            TypeMatch::Exact(t) => event_type == t,
+            TypeMatch::Prefix(p) => event_type.starts_with(p.as_str()),
+        }
+    }
+}
+
+impl Filter {
+    /// Matches every user event.
+    pub fn all() -> Self {
+        Filter::default()
+    }
+
+    /// Only streams of this category.
+    pub fn category(category: impl Into<String>) -> Self {
+        Filter { category: Some(category.into()), ..Filter::default() }
+    }
+
+    /// Only streams whose name starts with this.
+    pub fn stream_prefix(prefix: impl Into<String>) -> Self {
+        Filter { stream_prefix: Some(prefix.into()), ..Filter::default() }
+    }
+
+    /// Only events of exactly this type.
+    pub fn event_type(event_type: impl Into<String>) -> Self {
+        Filter { event_types: vec![TypeMatch::Exact(event_type.into())], ..Filter::default() }
+    }
+
+    /// Only events whose type starts with this.
+    pub fn event_type_prefix(prefix: impl Into<String>) -> Self {
+        Filter { event_types: vec![TypeMatch::Prefix(prefix.into())], ..Filter::default() }
+    }
+
+    /// Only events with this correlation id.
+    pub fn correlation_id(id: impl Into<String>) -> Self {
+        Filter { correlation_id: Some(id.into()), ..Filter::default() }
+    }
+
+    /// Also include system streams.
+    pub fn with_system(mut self) -> Self {
+        self.include_system = true;
+        self
+    }
+
+    /// Whether the filter selects every user event (no criteria).
+    pub fn is_unfiltered(&self) -> bool {
+        self.stream_prefix.is_none()
+            && self.category.is_none()
+            && self.event_types.is_empty()
+            && self.correlation_id.is_none()
+            && self.recorded_after.is_none()
+            && self.recorded_before.is_none()
+    }
+
+    /// Whether a recorded event passes the filter. Backends may use indexes
+    /// to avoid calling this on every event, but must select exactly the
+    /// events for which it returns `true`.
+    pub fn matches(&self, event: &RecordedEvent) -> bool {
+        let name = event.stream.as_str();
+        if !self.include_system && name.starts_with('$') {
+            return false;
+        }
+        if self.stream_prefix.as_ref().is_some_and(|p| !name.starts_with(p.as_str())) {
+            return false;
+        }
+        if self.category.as_ref().is_some_and(|c| category_of(name) != c) {
+            return false;
+        }
+        if !self.event_types.is_empty() && !self.event_types.iter().any(|t| t.matches(&event.event_type)) {
+            return false;
+        }
+        if self.recorded_after.is_some_and(|after| event.recorded_at < after) {
+            return false;
+        }
+        if self.recorded_before.is_some_and(|before| event.recorded_at >= before) {
+            return false;
+        }
+        if let Some(cid) = &self.correlation_id
+            && event.metadata.correlation_id().as_deref() != Some(cid.as_str())
+        {
+            return false;
+        }
+        true
+    }
+}
+
+/// Reading `$all`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadAll {
+    /// Where to start (a position, inclusive).
+    pub from: ReadFrom,
+    /// Which way.
+    pub direction: Direction,
+    /// At most this many matching events.
+    pub limit: usize,
+    /// Which events.
+    pub filter: Filter,
+}
+
+impl ReadAll {
+    /// Everything, oldest first, up to `limit` events.
+    pub fn forward(limit: usize) -> Self {
+        ReadAll { from: ReadFrom::Start, direction: Direction::Forward, limit, filter: Filter::default() }
+    }
+
+    /// Everything, newest first, up to `limit` events.
+    pub fn backward(limit: usize) -> Self {
+        ReadAll { from: ReadFrom::End, direction: Direction::Backward, limit, filter: Filter::default() }
+    }
+
+    /// Starting at this position (inclusive).
+    pub fn from_position(mut self, position: u64) -> Self {
+        self.from = ReadFrom::At(position);
+        self
+    }
+
+    /// With this filter.
+    pub fn filter(mut self, filter: Filter) -> Self {
+        self.filter = filter;
+        self
+    }
+}
+
+/// A page of `$all`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AllSlice {
+    /// Matching events, in the requested direction.
+    pub events: Vec<RecordedEvent>,
+    /// Where to continue reading in the same direction (inclusive). Forward
+    /// reads always set it: the first position not scanned, which equals
+    /// the log's next position when the read reached the end. With a filter
+    /// it can be far past the last returned event (the positions between were
+    /// scanned and did not match). Backward reads set it to the next position
+    /// below the scanned range, or `None` when the scan reached position 0.
+    pub next: Option<u64>,
+}
+
+/// Whether and how a stream was deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeletionState {
+    /// Not deleted.
+    #[default]
+    Live,
+    /// Soft-deleted: reads as not found; can be recreated.
+    Deleted,
+    /// Hard-deleted: can never be written again.
+    Tombstoned,
+}
+
+/// What the store knows about a stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamInfo {
+    /// The stream.
+    pub stream: StreamName,
+    /// Whether it exists (has readable events and is not deleted).
+    pub exists: bool,
+    /// Version of its last event ever written, if any (also after a soft
+    /// delete, so numbering can continue).
+    pub last_version: Option<u64>,
+    /// Position of its last event, if any.
+    pub last_position: Option<u64>,
+    /// Versions below this are not readable (set by soft delete).
+    pub truncate_before: u64,
+    /// Deletion state.
+    pub deletion: DeletionState,
+}
+
+/// How to delete a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeleteMode {
+    /// Hide existing events; the stream may be recreated and continues its
+    /// version numbering.
+    Soft,
+    /// Tombstone: the stream is gone for good.
+    Hard,
+}
+
+/// Where a subscription starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubscribeFrom {
+    /// From the first event.
+    Start,
+    /// Strictly after this version (stream) or position (`$all`).
+    After(u64),
+    /// Only events committed after the subscription starts.
+    End,
+}
+
+/// What to subscribe to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubscriptionTarget {
+    /// One stream.
+    Stream(StreamName),
+    /// The global log, filtered.
+    All(Filter),
+}
+
+/// A catch-up subscription request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionRequest {
+    /// What to follow.
+    pub target: SubscriptionTarget,
+    /// Where to start.
+    pub from: SubscribeFrom,
+}
+
+impl SubscriptionRequest {
+    /// Follow one stream.
+    pub fn stream(stream: StreamName, from: SubscribeFrom) -> Self {
+        SubscriptionRequest { target: SubscriptionTarget::Stream(stream), from }
+    }
+
+    /// Follow `$all` with a filter.
+    pub fn all(filter: Filter, from: SubscribeFrom) -> Self {
+        SubscriptionRequest { target: SubscriptionTarget::All(filter), from }
+    }
+}
+
+/// A stored snapshot of some state derived from a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The stream it summarises.
+    pub stream: StreamName,
+    /// The stream version it includes (all events up to and including).
+    pub version: u64,
+    /// Schema version of the snapshot's own encoding; readers ignore
+    /// snapshots whose schema version they do not understand.
+    pub schema_version: u32,
+    /// The state, usually JSON.
+    pub data: Bytes,
+    /// When it was saved.
+    pub created_at: Timestamp,
+}

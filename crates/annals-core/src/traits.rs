@@ -1,0 +1,143 @@
+//! Capability traits. A backend implements the small traits; callers ask for
+//! the umbrella they need ([`EventStore`] or [`Store`]).
+//!
+//! All traits are object safe (`Arc<dyn Store>` works) and `Send + Sync`.
+
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use futures::Stream;
+
+use crate::{
+    AllSlice, AppendResult, DeleteMode, EventData, ExpectedVersion, ReadAll, ReadStream, RecordedEvent,
+    Result, Snapshot, StreamAppend, StreamInfo, StreamName, SubscriptionRequest,
+};
+
+/// A live, in-order stream of recorded events (or the error that ended it).
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<RecordedEvent>> + Send + 'static>>;
+
+/// Writing events.
+#[async_trait]
+pub trait Appender: Send + Sync {
+    /// Appends `events` to one stream, all or nothing.
+    ///
+    /// Order of checks: tombstone ([`crate::Error::StreamDeleted`]), then
+    /// idempotency (if the ids of `events` are exactly the ids of the stream's
+    /// last `events.len()` events, the original result is returned and nothing
+    /// is written), then `expected`
+    /// ([`crate::Error::WrongExpectedVersion`]). Returns once the events are
+    /// durable according to the backend's durability setting.
+    async fn append(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+    ) -> Result<AppendResult>;
+
+    /// Appends to several streams atomically, each with its own expectation:
+    /// either every part is written (at consecutive global positions, in the
+    /// order given) or none is. Each part follows the rules of
+    /// [`Appender::append`]; a part that is an idempotent re-send writes
+    /// nothing and reports its original result. Results come back in the
+    /// order of `parts`. A stream may appear only once.
+    async fn append_multi(&self, parts: Vec<StreamAppend>) -> Result<Vec<AppendResult>>;
+}
+
+/// Reading single streams.
+#[async_trait]
+pub trait StreamReader: Send + Sync {
+    /// Reads up to `request.limit` events of one stream. Fails with
+    /// [`crate::Error::StreamNotFound`] when the stream does not exist or was
+    /// soft-deleted, [`crate::Error::StreamDeleted`] when tombstoned. A
+    /// forward read starting past the end returns an empty list.
+    async fn read_stream(&self, stream: &StreamName, request: ReadStream) -> Result<Vec<RecordedEvent>>;
+
+    /// What the store knows about a stream (never fails for a valid name
+    /// that was never written: `exists` is `false`).
+    async fn stream_info(&self, stream: &StreamName) -> Result<StreamInfo>;
+}
+
+/// Reading the global log.
+#[async_trait]
+pub trait AllReader: Send + Sync {
+    /// Reads a page of `$all`: events of every stream (including soft-deleted
+    /// ones, until scavenged), in position order, filtered.
+    async fn read_all(&self, request: ReadAll) -> Result<AllSlice>;
+
+    /// The position the next committed event will get (= number of events
+    /// ever committed). `0` for an empty store.
+    async fn next_position(&self) -> Result<u64>;
+}
+
+/// Catch-up subscriptions.
+pub trait Subscriber: Send + Sync {
+    /// History from `request.from`, then live events, in order, each exactly
+    /// once. Never blocks writers and never skips an event: a subscriber that
+    /// is slow simply reads further behind from storage. The stream ends with
+    /// an error when the store closes or the stream is tombstoned.
+    fn subscribe(&self, request: SubscriptionRequest) -> EventStream;
+}
+
+/// Deleting streams.
+#[async_trait]
+pub trait StreamDeleter: Send + Sync {
+    /// Soft delete: the stream reads as not found and can be recreated with
+    /// `ExpectedVersion::NoStream`, continuing its version numbering. Hard
+    /// delete: a tombstone; every later append or read fails with
+    /// [`crate::Error::StreamDeleted`]. `expected` is checked as for appends.
+    async fn delete_stream(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        mode: DeleteMode,
+    ) -> Result<()>;
+}
+
+/// Snapshots of state derived from a stream.
+#[async_trait]
+pub trait SnapshotStore: Send + Sync {
+    /// Saves (or replaces) the snapshot for `(stream, version)`.
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()>;
+
+    /// The newest snapshot of `stream` whose version is `<= at_or_before`
+    /// (or the newest of all when `None`).
+    async fn load_snapshot(&self, stream: &StreamName, at_or_before: Option<u64>)
+    -> Result<Option<Snapshot>>;
+
+    /// Keeps the newest `keep_last` snapshots of `stream`, deletes the rest;
+    /// returns how many were deleted.
+    async fn prune_snapshots(&self, stream: &StreamName, keep_last: usize) -> Result<usize>;
+}
+
+/// Named checkpoints (e.g. a projection's last processed position).
+#[async_trait]
+pub trait CheckpointStore: Send + Sync {
+    /// The stored value, if any.
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<u64>>;
+
+    /// Stores `position` under `name` (1–256 bytes, no control characters).
+    async fn save_checkpoint(&self, name: &str, position: u64) -> Result<()>;
+}
+
+/// Everything about events: append, read, subscribe, delete.
+pub trait EventStore: Appender + StreamReader + AllReader + Subscriber + StreamDeleter {}
+impl<T: Appender + StreamReader + AllReader + Subscriber + StreamDeleter + ?Sized> EventStore for T {}
+
+/// A full store: events plus snapshots and checkpoints. Every backend
+/// implements this and passes `annals-conformance`.
+pub trait Store: EventStore + SnapshotStore + CheckpointStore {}
+impl<T: EventStore + SnapshotStore + CheckpointStore + ?Sized> Store for T {}
+
+/// Validates a checkpoint name (shared by backends).
+pub fn validate_checkpoint_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 256 {
+        return Err(crate::Error::invalid(format!(
+            "checkpoint name must be 1–256 bytes, got {}",
+            name.len()
+        )));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(crate::Error::invalid("checkpoint name contains a control character"));
+    }
+    Ok(())
+}
