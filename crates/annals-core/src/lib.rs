@@ -23,6 +23,11 @@
 //! # }
 //! ```
 
+/// The README's library example, compiled and run as a doctest so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeExample;
+
 mod error;
 mod event;
 mod limits;
