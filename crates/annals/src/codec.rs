@@ -1,0 +1,92 @@
+//! Turning domain events into stored events and back.
+
+use annals_core::{ContentType, EventData, Metadata, RecordedEvent, metadata::keys};
+use serde_json::{Map, Value};
+
+use crate::{DomainEvent, Error, Result, Upcasters};
+
+/// An event's stored parts: type, schema version and JSON payload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Encoded {
+    /// The event type (the serde variant name).
+    pub event_type: String,
+    /// The schema version the code writes.
+    pub schema_version: u32,
+    /// The payload.
+    pub payload: Value,
+}
+
+/// Splits a domain event into its stored parts.
+pub fn encode<E: DomainEvent>(event: &E) -> Result<Encoded> {
+    let value = serde_json::to_value(event).map_err(|e| Error::Encode { reason: e.to_string() })?;
+    let (event_type, payload) = match value {
+        // Unit variants serialize as their bare name.
+        Value::String(name) => (name, Value::Null),
+        Value::Object(map) if map.len() == 1 => match map.into_iter().next() {
+            Some((name, payload)) => (name, payload),
+            None => return Err(not_an_enum()),
+        },
+        _ => return Err(not_an_enum()),
+    };
+    Ok(Encoded { event_type, schema_version: event.schema_version(), payload })
+}
+
+fn not_an_enum() -> Error {
+    Error::Encode {
+        reason: "events must be serde enums in the default externally tagged representation \
+                 (`{\"Variant\": payload}`)"
+            .into(),
+    }
+}
+
+/// Rebuilds a domain event from its (already upcast) type and payload.
+pub fn decode_parts<E: DomainEvent>(event_type: &str, payload: Value) -> std::result::Result<E, String> {
+    let mut map = Map::with_capacity(1);
+    map.insert(event_type.to_owned(), payload);
+    serde_json::from_value(Value::Object(map)).map_err(|e| e.to_string())
+}
+
+/// Decodes a recorded event: parses its payload, applies the upcaster chain
+/// and deserializes. Checks that the chain ended at the version the code
+/// writes, so a missing upcaster is reported instead of silently misreading
+/// an old payload.
+pub fn decode<E: DomainEvent>(recorded: &RecordedEvent, upcasters: &Upcasters) -> Result<E> {
+    let stored_version = recorded.metadata.schema_version().unwrap_or(1);
+    let fail = |reason: String| Error::Decode {
+        stream: recorded.stream.clone(),
+        version: recorded.version,
+        event_type: recorded.event_type.clone(),
+        schema_version: stored_version,
+        reason,
+    };
+    if recorded.content_type != ContentType::Json {
+        return Err(fail("payload is not JSON".into()));
+    }
+    let payload: Value = serde_json::from_slice(&recorded.data)
+        .map_err(|e| fail(format!("payload is not valid JSON: {e}")))?;
+    let up =
+        upcasters.apply(&recorded.event_type, stored_version, payload).map_err(|e| fail(e.to_string()))?;
+    let event: E = decode_parts(&up.event_type, up.payload)
+        .map_err(|e| fail(format!("after upcasting to {} v{}: {e}", up.event_type, up.schema_version)))?;
+    let expected = event.schema_version();
+    if expected != up.schema_version {
+        return Err(fail(format!(
+            "the code expects {} v{expected} but upcasting stopped at v{}: register an upcaster \
+             from ({}, {})",
+            up.event_type, up.schema_version, up.event_type, up.schema_version
+        )));
+    }
+    Ok(event)
+}
+
+/// Builds the [`EventData`] for an encoded event.
+pub fn to_event_data(encoded: &Encoded, id: uuid::Uuid, metadata: &Metadata) -> Result<EventData> {
+    let data = serde_json::to_vec(&encoded.payload).map_err(|e| Error::Encode { reason: e.to_string() })?;
+    Ok(EventData {
+        id,
+        event_type: encoded.event_type.clone(),
+        data: data.into(),
+        content_type: ContentType::Json,
+        metadata: metadata.with(keys::SCHEMA_VERSION, encoded.schema_version),
+    })
+}
