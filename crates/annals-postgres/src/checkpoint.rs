@@ -1,0 +1,138 @@
+//! Exactly-once read models: a projection's own SQL writes and its
+//! checkpoint commit in one PostgreSQL transaction.
+
+use std::sync::Arc;
+
+use annals_core::{Error, Result, validate_checkpoint_name};
+use tokio_postgres::{Row, types::ToSql};
+
+use crate::{
+    Inner, PgStore,
+    error::db,
+    row::{to_i64, to_u64},
+};
+
+/// An open transaction holding a projection's checkpoint row locked.
+///
+/// Run the projection's writes through it, then [`PgCheckpointTx::commit`]
+/// with the position of the last event they reflect: both land, or neither
+/// does. Because the checkpoint row stays locked until then, a second
+/// instance of the same projection waits in [`PgStore::begin_checkpoint_tx`]
+/// and then sees the new checkpoint, so no event is applied twice.
+///
+/// Dropping it without committing rolls everything back (the connection is
+/// closed rather than returned to the pool mid-transaction).
+///
+/// ```no_run
+/// # async fn demo(store: annals_postgres::PgStore) -> annals_core::Result<()> {
+/// let mut tx = store.begin_checkpoint_tx("balances").await?;
+/// let from = tx.checkpoint().map_or(0, |p| p + 1);
+/// // ... read events from `from`, then:
+/// tx.execute("UPDATE balances SET amount = amount + $1 WHERE id = $2", &[&10_i64, &"a-1"]).await?;
+/// tx.commit(from + 41).await?;
+/// # Ok(())
+/// # }
+/// ```
+pub struct PgCheckpointTx {
+    client: Option<deadpool_postgres::Object>,
+    inner: Arc<Inner>,
+    name: String,
+    checkpoint: Option<u64>,
+}
+
+impl std::fmt::Debug for PgCheckpointTx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgCheckpointTx")
+            .field("name", &self.name)
+            .field("checkpoint", &self.checkpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgStore {
+    /// Begins a transaction that locks checkpoint `name` (creating it,
+    /// unset, if missing). See [`PgCheckpointTx`].
+    pub async fn begin_checkpoint_tx(&self, name: &str) -> Result<PgCheckpointTx> {
+        validate_checkpoint_name(name)?;
+        let client = self.inner.client().await?;
+        client.batch_execute("BEGIN").await.map_err(db)?;
+        // Built before the lock so that a failure below still rolls back.
+        let mut tx = PgCheckpointTx {
+            client: Some(client),
+            inner: self.inner.clone(),
+            name: name.to_owned(),
+            checkpoint: None,
+        };
+        let row = tx.query_one(&tx.inner.sql.lock_checkpoint.clone(), &[&name]).await?;
+        let position: Option<i64> = row.try_get(0).map_err(db)?;
+        tx.checkpoint = position.map(|p| to_u64(p, "checkpoint")).transpose()?;
+        Ok(tx)
+    }
+}
+
+impl PgCheckpointTx {
+    /// The checkpoint's value when the transaction began (`None`: never
+    /// saved). Nobody else can change it until this transaction ends.
+    pub fn checkpoint(&self) -> Option<u64> {
+        self.checkpoint
+    }
+
+    /// The checkpoint's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The connection, inside the transaction, for any other driver call.
+    pub fn client(&self) -> Result<&tokio_postgres::Client> {
+        self.client.as_ref().map(|c| &***c).ok_or(Error::Closed)
+    }
+
+    /// Runs a statement in the transaction; returns the rows affected.
+    pub async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        self.client()?.execute(sql, params).await.map_err(db)
+    }
+
+    /// Runs a query in the transaction.
+    pub async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        self.client()?.query(sql, params).await.map_err(db)
+    }
+
+    /// Runs a query that returns exactly one row.
+    pub async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row> {
+        self.client()?.query_one(sql, params).await.map_err(db)
+    }
+
+    /// Runs several statements (no parameters) in the transaction.
+    pub async fn batch_execute(&self, sql: &str) -> Result<()> {
+        self.client()?.batch_execute(sql).await.map_err(db)
+    }
+
+    /// Stores `position` as the checkpoint and commits it together with
+    /// everything run through this transaction.
+    pub async fn commit(mut self, position: u64) -> Result<()> {
+        let sql = self.inner.sql.save_checkpoint.clone();
+        self.execute(&sql, &[&self.name, &to_i64(position)]).await?;
+        self.batch_execute("COMMIT").await?;
+        // Committed: the connection is clean and can go back to the pool.
+        self.client.take();
+        Ok(())
+    }
+
+    /// Rolls back everything, leaving the checkpoint as it was.
+    pub async fn rollback(mut self) -> Result<()> {
+        self.batch_execute("ROLLBACK").await?;
+        self.client.take();
+        Ok(())
+    }
+}
+
+impl Drop for PgCheckpointTx {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            // Still inside the transaction (not committed, or a statement
+            // failed): detach the connection from the pool and close it, so
+            // the server rolls back and nobody reuses it mid-transaction.
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}

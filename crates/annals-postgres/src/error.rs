@@ -1,0 +1,153 @@
+//! The crate's error type: what can go wrong talking to PostgreSQL, phrased
+//! as what the caller should do. Converts into [`annals_core::Error`].
+
+use tokio_postgres::error::SqlState;
+
+/// Errors of the PostgreSQL backend.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PgError {
+    /// The connection URL could not be parsed. Fix the URL (form:
+    /// `postgres://user:password@host:port/database`); retrying will not help.
+    #[error("invalid PostgreSQL connection URL: {reason}")]
+    InvalidUrl {
+        /// What the parser said (the URL itself is not repeated: it may
+        /// carry a password).
+        reason: String,
+    },
+
+    /// The schema name is not usable. Use 1–56 characters of `a-z`, `0-9`
+    /// and `_`, starting with a letter or `_`.
+    #[error("invalid schema name '{name}': use 1-56 characters of a-z, 0-9 and _, not starting with a digit")]
+    InvalidSchemaName {
+        /// The rejected name.
+        name: String,
+    },
+
+    /// No connection could be made: the server is down, unreachable, refused
+    /// the login, or the database does not exist. Check the server and the
+    /// URL, then retry with backoff.
+    #[error("cannot connect to PostgreSQL: {message}")]
+    Unreachable {
+        /// What failed, without secrets.
+        message: String,
+        /// The underlying error, when there is one.
+        #[source]
+        source: Option<tokio_postgres::Error>,
+    },
+
+    /// Waiting for a pooled connection timed out: every connection is busy.
+    /// Retry later, or raise `max_connections` in the builder.
+    #[error("timed out waiting for a pooled PostgreSQL connection")]
+    PoolTimeout,
+
+    /// The database schema was written by a newer version of Annals than
+    /// this one. Upgrade this process; never run an older one against it.
+    #[error(
+        "schema '{schema}' is at migration {found}, newer than the {known} this version of annals-postgres knows"
+    )]
+    SchemaTooNew {
+        /// The schema.
+        schema: String,
+        /// The highest migration applied in the database.
+        found: i32,
+        /// The highest migration this build knows.
+        known: i32,
+    },
+
+    /// A schema migration failed; nothing of it was applied (it runs in one
+    /// transaction). Read the cause, fix the database, and reopen.
+    #[error("migration {version} ({name}) failed: {source}")]
+    Migration {
+        /// The migration's number.
+        version: i32,
+        /// The migration's file name.
+        name: &'static str,
+        /// What PostgreSQL said.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    /// PostgreSQL answered a statement with an error (or the connection
+    /// broke mid-statement). Retry with backoff when [`PgError::is_transient`]
+    /// says so; otherwise check the cause.
+    #[error("PostgreSQL error: {0}")]
+    Database(#[from] tokio_postgres::Error),
+
+    /// Stored data could not be decoded (unknown content type code, negative
+    /// version). Nothing was served from it; inspect the row.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+impl PgError {
+    /// The SQLSTATE of a database error, if it carries one.
+    pub fn sql_state(&self) -> Option<&SqlState> {
+        match self {
+            PgError::Database(e) | PgError::Migration { source: e, .. } => e.code(),
+            PgError::Unreachable { source: Some(e), .. } => e.code(),
+            _ => None,
+        }
+    }
+
+    /// Whether retrying the same operation later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PgError::Unreachable { .. } | PgError::PoolTimeout => true,
+            PgError::Database(e) => e.is_closed() || e.code().is_none_or(is_retryable_state),
+            _ => false,
+        }
+    }
+}
+
+/// SQLSTATEs after which the whole transaction can simply be run again:
+/// unique violations (a concurrent writer got there first; re-deciding
+/// under the lock gives the right answer), deadlocks, serialization
+/// failures.
+pub(crate) fn is_retryable_state(state: &SqlState) -> bool {
+    *state == SqlState::UNIQUE_VIOLATION
+        || *state == SqlState::T_R_DEADLOCK_DETECTED
+        || *state == SqlState::T_R_SERIALIZATION_FAILURE
+}
+
+impl From<deadpool_postgres::PoolError> for PgError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        use deadpool_postgres::PoolError as P;
+        match e {
+            P::Timeout(_) => PgError::PoolTimeout,
+            P::Backend(e) => unreachable_from(e),
+            P::Closed => {
+                PgError::Unreachable { message: "the connection pool is closed".into(), source: None }
+            }
+            P::NoRuntimeSpecified => PgError::Unreachable {
+                message: "no async runtime configured for the pool".into(),
+                source: None,
+            },
+            P::PostCreateHook(e) => PgError::Unreachable { message: e.to_string(), source: None },
+        }
+    }
+}
+
+/// Wraps a failed connection attempt.
+pub(crate) fn unreachable_from(e: tokio_postgres::Error) -> PgError {
+    // `Display` of a connect error names the cause (refused, auth, unknown
+    // database) and never includes the password.
+    PgError::Unreachable { message: e.to_string(), source: Some(e) }
+}
+
+impl From<PgError> for annals_core::Error {
+    fn from(e: PgError) -> Self {
+        match e {
+            PgError::InvalidUrl { .. } | PgError::InvalidSchemaName { .. } => {
+                annals_core::Error::invalid(e.to_string())
+            }
+            PgError::Corrupt(details) => annals_core::Error::Corrupt { details },
+            other => annals_core::Error::backend(other.to_string(), other),
+        }
+    }
+}
+
+/// Shorthand used by the store: a database error as a core error.
+pub(crate) fn db(e: tokio_postgres::Error) -> annals_core::Error {
+    PgError::Database(e).into()
+}

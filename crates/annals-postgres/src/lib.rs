@@ -1,0 +1,289 @@
+//! # annals-postgres
+//!
+//! The PostgreSQL backend of Annals: the shared event store for several
+//! processes. [`PgStore`] implements every capability trait of
+//! [`annals_core`] and passes `annals-conformance`.
+//!
+//! ```no_run
+//! use annals_core::{Appender, EventData, ExpectedVersion, StreamName};
+//! use annals_postgres::PgStore;
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = PgStore::builder("postgres://postgres@127.0.0.1:5432/test")
+//!     .schema("annals")
+//!     .max_connections(8)
+//!     .open()
+//!     .await?;
+//! let stream = StreamName::new("account-42")?;
+//! let opened = EventData::json("AccountOpened", &serde_json::json!({ "owner": "Ada" }))?;
+//! store.append(&stream, ExpectedVersion::NoStream, vec![opened]).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! - **Schema**: tables live in a configurable schema (default `annals`),
+//!   created and migrated on open by embedded, versioned SQL files
+//!   (`sql/NNNN_*.sql`) under an advisory lock, so several stores share one
+//!   database and concurrent opens are safe.
+//! - **Ordering**: positions are handed out by a one-row head table updated
+//!   inside each append transaction, so they are gapless and commit in
+//!   position order; readers never pass over a late commit. See
+//!   `docs/adr/02-postgres-ordering.md`.
+//! - **Subscriptions**: woken by `LISTEN/NOTIFY` with a bounded fallback
+//!   poll; they read committed rows, so a lost connection delays them but
+//!   never loses or repeats an event.
+//! - **Exactly-once read models**: [`PgStore::begin_checkpoint_tx`].
+
+mod append;
+mod checkpoint;
+mod error;
+mod listener;
+mod migrate;
+mod read;
+mod row;
+mod sql;
+mod store;
+mod timestamp;
+
+use std::{
+    str::FromStr,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use annals_core::Limits;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::watch;
+use tokio_postgres::NoTls;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+pub use checkpoint::PgCheckpointTx;
+pub use error::PgError;
+pub use migrate::latest_version as latest_migration;
+/// The PostgreSQL driver this crate uses, for code that runs its own SQL in
+/// a [`PgCheckpointTx`].
+pub use tokio_postgres;
+
+use crate::{listener::ListenerStats, sql::Statements};
+
+/// The schema used when none is configured.
+pub const DEFAULT_SCHEMA: &str = "annals";
+
+/// Longest accepted schema name (the NOTIFY channel adds a suffix and must
+/// stay within PostgreSQL's 63-byte identifiers).
+pub const MAX_SCHEMA_LEN: usize = 56;
+
+/// An event store in a PostgreSQL schema. Cheap to clone (shared handle);
+/// every clone shares one connection pool and one listener connection.
+#[derive(Clone)]
+pub struct PgStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").field("schema", &self.inner.schema).finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct Inner {
+    pool: Pool,
+    schema: String,
+    sql: Arc<Statements>,
+    limits: Limits,
+    /// The log's next position as this process last saw it; wakes
+    /// subscriptions. Fed by own commits, NOTIFY and the fallback poll.
+    head: Arc<watch::Sender<u64>>,
+    listener: Arc<ListenerStats>,
+    /// How long a subscription keeps retrying reads through a database
+    /// outage before it ends with the error.
+    subscription_retry: Duration,
+    /// Stops the listener task when the last handle goes.
+    _listener_guard: DropGuard,
+}
+
+/// Options for opening a [`PgStore`]; see [`PgStore::builder`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct PgStoreBuilder {
+    url: String,
+    schema: String,
+    max_connections: usize,
+    connect_timeout: Duration,
+    pool_wait_timeout: Duration,
+    poll_interval: Duration,
+    subscription_retry: Duration,
+    limits: Limits,
+}
+
+impl PgStoreBuilder {
+    /// The schema holding the store's tables (default [`DEFAULT_SCHEMA`]):
+    /// 1–56 characters of `a-z`, `0-9`, `_`, not starting with a digit.
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// Pool size (default 16). The listener uses one more connection.
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// How long one connection attempt may take (default 5 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long an operation waits for a free pooled connection (default
+    /// 30 s) before failing with [`PgError::PoolTimeout`].
+    pub fn pool_wait_timeout(mut self, timeout: Duration) -> Self {
+        self.pool_wait_timeout = timeout;
+        self
+    }
+
+    /// Fallback poll of the head when no notification arrives (default
+    /// 1 s); bounds how late a subscriber can wake if a NOTIFY is lost.
+    pub fn poll_interval(mut self, every: Duration) -> Self {
+        self.poll_interval = every.max(Duration::from_millis(10));
+        self
+    }
+
+    /// How long a subscription keeps retrying through a lost database
+    /// connection before it ends with the error (default 60 s).
+    pub fn subscription_retry(mut self, limit: Duration) -> Self {
+        self.subscription_retry = limit;
+        self
+    }
+
+    /// Size and count limits enforced on appends.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Connects, applies migrations, starts the listener.
+    ///
+    /// Fails with [`PgError::InvalidUrl`], [`PgError::InvalidSchemaName`],
+    /// [`PgError::Unreachable`] (server down, wrong credentials, unknown
+    /// database), [`PgError::SchemaTooNew`] or [`PgError::Migration`].
+    pub async fn open(self) -> Result<PgStore, PgError> {
+        validate_schema(&self.schema)?;
+        let mut config = tokio_postgres::Config::from_str(&self.url)
+            .map_err(|e| PgError::InvalidUrl { reason: e.to_string() })?;
+        config.connect_timeout(self.connect_timeout);
+        let mut pool_config = config.clone();
+        pool_config.application_name(format!("annals {}", self.schema));
+        let mut listen_config = config;
+        listen_config.application_name(format!("annals-listen {}", self.schema));
+
+        let manager = Manager::from_config(
+            pool_config,
+            NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(self.max_connections)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(self.pool_wait_timeout))
+            .create_timeout(Some(self.connect_timeout))
+            .build()
+            .map_err(|e| PgError::Unreachable { message: e.to_string(), source: None })?;
+
+        let mut client = pool.get().await.map_err(open_error)?;
+        migrate::migrate(&mut client, &self.schema).await?;
+        let sql = Arc::new(Statements::new(&self.schema));
+        let next: i64 = client.query_one(sql.head.as_str(), &[]).await?.get(0);
+        drop(client);
+
+        let (head, _) = watch::channel(u64::try_from(next).unwrap_or(0));
+        let head = Arc::new(head);
+        let stats = Arc::new(ListenerStats::default());
+        let first = listener::connect(&listen_config, &sql, &head, &stats).await?;
+        let cancel = CancellationToken::new();
+        tokio::spawn(listener::run(
+            first,
+            listen_config,
+            sql.clone(),
+            head.clone(),
+            stats.clone(),
+            self.poll_interval,
+            cancel.clone(),
+        ));
+        Ok(PgStore {
+            inner: Arc::new(Inner {
+                pool,
+                schema: self.schema,
+                sql,
+                limits: self.limits,
+                head,
+                listener: stats,
+                subscription_retry: self.subscription_retry,
+                _listener_guard: cancel.drop_guard(),
+            }),
+        })
+    }
+}
+
+/// A failed first connection is "unreachable", whatever deadpool calls it.
+fn open_error(e: deadpool_postgres::PoolError) -> PgError {
+    match e {
+        deadpool_postgres::PoolError::Timeout(_) => {
+            PgError::Unreachable { message: "timed out connecting".into(), source: None }
+        }
+        other => other.into(),
+    }
+}
+
+fn validate_schema(name: &str) -> Result<(), PgError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_SCHEMA_LEN
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !name.as_bytes().first().is_some_and(u8::is_ascii_digit);
+    if ok { Ok(()) } else { Err(PgError::InvalidSchemaName { name: name.to_owned() }) }
+}
+
+impl PgStore {
+    /// Options for opening a store at `url`
+    /// (`postgres://user:password@host:port/database`).
+    pub fn builder(url: impl Into<String>) -> PgStoreBuilder {
+        PgStoreBuilder {
+            url: url.into(),
+            schema: DEFAULT_SCHEMA.to_owned(),
+            max_connections: 16,
+            connect_timeout: Duration::from_secs(5),
+            pool_wait_timeout: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+            subscription_retry: Duration::from_secs(60),
+            limits: Limits::default(),
+        }
+    }
+
+    /// Opens the store at `url` in the default schema with default options.
+    pub async fn connect(url: impl Into<String>) -> Result<Self, PgError> {
+        Self::builder(url).open().await
+    }
+
+    /// The schema this store lives in.
+    pub fn schema(&self) -> &str {
+        &self.inner.schema
+    }
+
+    /// How many times the listener connection was re-established after it
+    /// was lost.
+    pub fn listener_reconnects(&self) -> u64 {
+        self.inner.listener.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// How many notifications the listener has received.
+    pub fn notifications_received(&self) -> u64 {
+        self.inner.listener.notifications.load(Ordering::Relaxed)
+    }
+
+    /// The connection pool, for running other SQL against the same
+    /// database (e.g. a projection's read queries).
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+}

@@ -1,0 +1,145 @@
+//! The background task that keeps a store's view of the log head fresh:
+//! `LISTEN` on the schema's channel (every append commits a `pg_notify`
+//! with the new head), plus a bounded fallback poll of the head row.
+//!
+//! Owned by the store through a cancellation token; it ends when the last
+//! handle to the store (including live subscriptions) is dropped. On a lost
+//! connection it reconnects with backoff and polls the head at once, so a
+//! notification lost during the outage delays wake-ups by at most one
+//! reconnect, never loses events (subscribers read committed rows, the
+//! head only tells them when to look).
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::StreamExt;
+use tokio::{sync::watch, task::JoinHandle};
+use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    PgError,
+    error::unreachable_from,
+    sql::{Statements, quote_ident},
+};
+
+/// Counters about the listener, for tests and operators.
+#[derive(Debug, Default)]
+pub(crate) struct ListenerStats {
+    pub reconnects: AtomicU64,
+    pub notifications: AtomicU64,
+}
+
+/// Raises the published head to `value` if it is newer (never lowers it).
+pub(crate) fn bump(head: &watch::Sender<u64>, value: u64) {
+    head.send_if_modified(|current| {
+        if value > *current {
+            *current = value;
+            true
+        } else {
+            false
+        }
+    });
+}
+
+/// A connected, listening connection.
+pub(crate) struct Connected {
+    client: Client,
+    /// Drives the connection and forwards notifications; ends when the
+    /// connection does.
+    driver: JoinHandle<()>,
+}
+
+/// Connects and issues `LISTEN`.
+pub(crate) async fn connect(
+    config: &Config,
+    sql: &Statements,
+    head: &Arc<watch::Sender<u64>>,
+    stats: &Arc<ListenerStats>,
+) -> Result<Connected, PgError> {
+    let (client, mut connection) = config.connect(NoTls).await.map_err(unreachable_from)?;
+    let head = head.clone();
+    let stats = stats.clone();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(n)) => {
+                    stats.notifications.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(next) = n.payload().parse::<u64>() {
+                        bump(&head, next);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "annals-postgres listener connection ended");
+                    break;
+                }
+            }
+        }
+    });
+    let connected = Connected { client, driver };
+    connected.client.batch_execute(&format!("LISTEN {}", quote_ident(&sql.channel))).await?;
+    Ok(connected)
+}
+
+/// Runs the listener until `cancel` fires.
+pub(crate) async fn run(
+    first: Connected,
+    config: Config,
+    sql: Arc<Statements>,
+    head: Arc<watch::Sender<u64>>,
+    stats: Arc<ListenerStats>,
+    poll_every: Duration,
+    cancel: CancellationToken,
+) {
+    let mut connected = Some(first);
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let Some(mut conn) = connected.take() else {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            match connect(&config, &sql, &head, &stats).await {
+                Ok(c) => {
+                    stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    backoff = Duration::from_millis(50);
+                    connected = Some(c);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "annals-postgres listener cannot reconnect; retrying");
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+            continue;
+        };
+        // The first tick fires at once: after a (re)connect the head is
+        // read immediately, covering notifications missed while away.
+        let mut ticker = tokio::time::interval(poll_every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = &mut conn.driver => break,
+                _ = ticker.tick() => match conn.client.query_one(sql.head.as_str(), &[]).await {
+                    Ok(row) => {
+                        if let Some(next) = row.try_get::<_, i64>(0).ok().and_then(|v| u64::try_from(v).ok()) {
+                            bump(&head, next);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "annals-postgres listener poll failed; reconnecting");
+                        break;
+                    }
+                },
+            }
+        }
+        conn.driver.abort();
+    }
+}

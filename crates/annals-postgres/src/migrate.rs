@@ -1,0 +1,66 @@
+//! Embedded, versioned schema migrations, applied on open.
+//!
+//! All migrations run in one transaction that first takes a transaction-level
+//! advisory lock keyed by the schema name, so two processes opening the same
+//! schema at once serialize: the second waits, then finds everything applied.
+
+use tokio_postgres::Client;
+
+use crate::{PgError, sql::quote_ident};
+
+/// One migration: its number, file name and SQL (with `{schema}` where the
+/// quoted schema name goes).
+struct Migration {
+    version: i32,
+    name: &'static str,
+    sql: &'static str,
+}
+
+/// Every migration, in order. Append only: never edit a released one.
+const MIGRATIONS: &[Migration] =
+    &[Migration { version: 1, name: "0001_initial.sql", sql: include_str!("../sql/0001_initial.sql") }];
+
+/// Advisory-lock class for migrations ("anna" in ASCII), so the key space
+/// does not collide with locks an application takes for itself.
+const LOCK_CLASS: i32 = 0x616e_6e61;
+
+/// Brings `schema` up to the newest migration. Idempotent.
+pub(crate) async fn migrate(client: &mut Client, schema: &str) -> Result<(), PgError> {
+    let quoted = quote_ident(schema);
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", &[&LOCK_CLASS, &schema]).await?;
+    tx.batch_execute(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {quoted};
+         CREATE TABLE IF NOT EXISTS {quoted}.schema_migrations (
+             version    integer PRIMARY KEY,
+             name       text NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now()
+         );"
+    ))
+    .await?;
+    let applied: Option<i32> =
+        tx.query_one(&format!("SELECT max(version) FROM {quoted}.schema_migrations"), &[]).await?.get(0);
+    let applied = applied.unwrap_or(0);
+    let known = MIGRATIONS.last().map_or(0, |m| m.version);
+    if applied > known {
+        return Err(PgError::SchemaTooNew { schema: schema.to_owned(), found: applied, known });
+    }
+    for m in MIGRATIONS.iter().filter(|m| m.version > applied) {
+        let sql = m.sql.replace("{schema}", &quoted);
+        let wrap = |source| PgError::Migration { version: m.version, name: m.name, source };
+        tx.batch_execute(&sql).await.map_err(wrap)?;
+        tx.execute(
+            &format!("INSERT INTO {quoted}.schema_migrations (version, name) VALUES ($1, $2)"),
+            &[&m.version, &m.name],
+        )
+        .await
+        .map_err(wrap)?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The newest migration this build knows.
+pub fn latest_version() -> i32 {
+    MIGRATIONS.last().map_or(0, |m| m.version)
+}

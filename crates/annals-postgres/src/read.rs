@@ -1,0 +1,173 @@
+//! Reads: single streams, `$all` pages, stream state and the head.
+
+use annals_core::{
+    AllSlice, Direction, Error, ReadAll, ReadFrom, ReadStream, RecordedEvent, Result, StreamInfo, StreamName,
+    StreamState,
+};
+
+use tokio_postgres::types::ToSql;
+
+use crate::{
+    Inner, PgError,
+    error::db,
+    listener::bump,
+    row::{event_from_row, limit_i64, to_i64, to_u64},
+    sql::{Param, filter_clause},
+};
+
+impl Inner {
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(|e| PgError::from(e).into())
+    }
+
+    /// The stream's row, or the default state when it has none.
+    pub(crate) async fn stream_state(&self, stream: &StreamName) -> Result<StreamState> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(&self.sql.stream_state).await.map_err(db)?;
+        let Some(row) = client.query_opt(&stmt, &[&stream.as_str()]).await.map_err(db)? else {
+            return Ok(StreamState::default());
+        };
+        let last_version: Option<i64> = row.try_get(0).map_err(db)?;
+        let last_position: Option<i64> = row.try_get(1).map_err(db)?;
+        let truncate_before: i64 = row.try_get(2).map_err(db)?;
+        Ok(StreamState {
+            last_version: last_version.map(|v| to_u64(v, "last_version")).transpose()?,
+            last_position: last_position.map(|v| to_u64(v, "last_position")).transpose()?,
+            truncate_before: to_u64(truncate_before, "truncate_before")?,
+            tombstoned: row.try_get(3).map_err(db)?,
+        })
+    }
+
+    pub(crate) async fn stream_info(&self, stream: &StreamName) -> Result<StreamInfo> {
+        Ok(self.stream_state(stream).await?.info(stream))
+    }
+
+    pub(crate) async fn read_stream(
+        &self,
+        stream: &StreamName,
+        request: ReadStream,
+    ) -> Result<Vec<RecordedEvent>> {
+        let state = self.stream_state(stream).await?;
+        if state.tombstoned {
+            return Err(Error::StreamDeleted { stream: stream.clone() });
+        }
+        let Some(last) = state.visible_version().filter(|_| state.exists()) else {
+            return Err(Error::StreamNotFound { stream: stream.clone() });
+        };
+        let first = state.truncate_before;
+        let limit = limit_i64(request.limit);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let client = self.client().await?;
+        let rows = match request.direction {
+            Direction::Forward => {
+                let start = match request.from {
+                    ReadFrom::Start => first,
+                    ReadFrom::End => return Ok(Vec::new()),
+                    ReadFrom::At(v) => v.max(first),
+                };
+                if start > last {
+                    return Ok(Vec::new());
+                }
+                let stmt = client.prepare_cached(&self.sql.read_stream_forward).await.map_err(db)?;
+                client.query(&stmt, &[&stream.as_str(), &to_i64(start), &limit]).await.map_err(db)?
+            }
+            Direction::Backward => {
+                let start = match request.from {
+                    ReadFrom::Start | ReadFrom::End => last,
+                    ReadFrom::At(v) => v.min(last),
+                };
+                if start < first {
+                    return Ok(Vec::new());
+                }
+                let stmt = client.prepare_cached(&self.sql.read_stream_backward).await.map_err(db)?;
+                client
+                    .query(&stmt, &[&stream.as_str(), &to_i64(start), &to_i64(first), &limit])
+                    .await
+                    .map_err(db)?
+            }
+        };
+        rows.iter().map(|row| event_from_row(row, 0)).collect()
+    }
+
+    pub(crate) async fn read_all(&self, request: &ReadAll) -> Result<AllSlice> {
+        let limit = limit_i64(request.limit);
+        if limit == 0 {
+            return self.empty_page(request).await;
+        }
+        let client = self.client().await?;
+        let (clause, filter_params) = filter_clause(&request.filter, 3);
+        match request.direction {
+            Direction::Forward => {
+                let from = match request.from {
+                    ReadFrom::Start => 0,
+                    ReadFrom::End => i64::MAX,
+                    ReadFrom::At(p) => to_i64(p),
+                };
+                let sql = self.sql.read_all_forward(&clause);
+                let stmt = client.prepare_cached(&sql).await.map_err(db)?;
+                let mut params: Vec<Param> = vec![Box::new(from), Box::new(limit)];
+                params.extend(filter_params);
+                let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| &**p as _).collect();
+                let rows = client.query(&stmt, &refs).await.map_err(db)?;
+                let mut head = 0;
+                let mut events = Vec::with_capacity(rows.len());
+                for row in &rows {
+                    head = to_u64(row.try_get(0).map_err(db)?, "next_position")?;
+                    if row.try_get::<_, Option<i64>>(1).map_err(db)?.is_some() {
+                        events.push(event_from_row(row, 1)?);
+                    }
+                }
+                bump(&self.head, head);
+                let next = if events.len() as i64 >= limit {
+                    events.last().map_or(head, |e| e.position + 1)
+                } else {
+                    head
+                };
+                Ok(AllSlice { events, next: Some(next) })
+            }
+            Direction::Backward => {
+                let from = match request.from {
+                    ReadFrom::Start | ReadFrom::End => i64::MAX,
+                    ReadFrom::At(p) => to_i64(p),
+                };
+                let sql = self.sql.read_all_backward(&clause);
+                let stmt = client.prepare_cached(&sql).await.map_err(db)?;
+                let mut params: Vec<Param> = vec![Box::new(from), Box::new(limit)];
+                params.extend(filter_params);
+                let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| &**p as _).collect();
+                let rows = client.query(&stmt, &refs).await.map_err(db)?;
+                let events = rows.iter().map(|row| event_from_row(row, 0)).collect::<Result<Vec<_>>>()?;
+                let next = if events.len() as i64 >= limit {
+                    events.last().and_then(|e| e.position.checked_sub(1))
+                } else {
+                    None
+                };
+                Ok(AllSlice { events, next })
+            }
+        }
+    }
+
+    /// A zero-limit page: no events, `next` where the scan would start.
+    async fn empty_page(&self, request: &ReadAll) -> Result<AllSlice> {
+        let head = self.next_position().await?;
+        let next = match (request.direction, request.from) {
+            (Direction::Forward, ReadFrom::Start) => Some(0),
+            (Direction::Forward, ReadFrom::End) => Some(head),
+            (Direction::Forward, ReadFrom::At(p)) => Some(p.min(head)),
+            (Direction::Backward, ReadFrom::At(p)) => head.checked_sub(1).map(|last| p.min(last)),
+            (Direction::Backward, _) => head.checked_sub(1),
+        };
+        Ok(AllSlice { events: Vec::new(), next })
+    }
+
+    pub(crate) async fn next_position(&self) -> Result<u64> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(&self.sql.head).await.map_err(db)?;
+        let next: i64 = client.query_one(&stmt, &[]).await.map_err(db)?.try_get(0).map_err(db)?;
+        let next = to_u64(next, "next_position")?;
+        bump(&self.head, next);
+        Ok(next)
+    }
+}

@@ -1,0 +1,215 @@
+//! SQL text, built once per store for its schema, and the `$all` filter
+//! translated to a `WHERE` clause.
+
+use annals_core::{Filter, TypeMatch};
+use tokio_postgres::types::ToSql;
+
+use crate::timestamp::PgTimestamp;
+
+/// `"name"`, with embedded quotes doubled (names are validated to
+/// `[a-z0-9_]` anyway; this is defence in depth).
+pub(crate) fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The columns every event read selects, in [`crate::row::event_from_row`]
+/// order.
+pub(crate) const EVENT_COLUMNS: &str = "e.position, e.stream, e.version, e.id, e.event_type, e.content_type, e.data, e.metadata::text, e.recorded_at";
+
+/// Statements of one store.
+#[derive(Debug)]
+pub(crate) struct Statements {
+    /// Quoted schema name.
+    pub schema: String,
+    /// NOTIFY channel carrying the log's next position.
+    pub channel: String,
+    pub lock_streams: String,
+    pub tail_ids: String,
+    pub write: String,
+    pub stream_state: String,
+    pub read_stream_forward: String,
+    pub read_stream_backward: String,
+    pub soft_delete: String,
+    pub hard_delete: String,
+    pub head: String,
+    pub save_snapshot: String,
+    pub load_snapshot: String,
+    pub prune_snapshots: String,
+    pub load_checkpoint: String,
+    pub save_checkpoint: String,
+    pub lock_checkpoint: String,
+}
+
+impl Statements {
+    pub(crate) fn new(schema: &str) -> Self {
+        let s = quote_ident(schema);
+        Statements {
+            channel: channel_name(schema),
+            // Creating the row when missing makes every append, even to a
+            // new stream, lock a row: concurrent creators queue on it
+            // instead of racing to insert events. `name = name` makes
+            // ON CONFLICT lock and return the existing row.
+            lock_streams: format!(
+                "INSERT INTO {s}.streams AS st (name, category)
+                 SELECT * FROM unnest($1::text[], $2::text[])
+                 ON CONFLICT (name) DO UPDATE SET name = excluded.name
+                 RETURNING st.name, st.last_version, st.last_position, st.truncate_before, st.tombstoned,
+                           st.last_event_id"
+            ),
+            tail_ids: format!(
+                "SELECT id, position FROM {s}.events WHERE stream = $1 AND version >= $2 ORDER BY version"
+            ),
+            // One statement: take the head (the global lock that orders
+            // commits), insert the events at consecutive positions, advance
+            // the streams, and queue the notification (sent on commit).
+            write: format!(
+                "WITH h AS (
+                    UPDATE {s}.head SET next_position = next_position + $1,
+                                        recorded_at = greatest(date_trunc('microseconds', clock_timestamp()), recorded_at)
+                    RETURNING next_position - $1 AS first, recorded_at
+                 ), ins AS (
+                    INSERT INTO {s}.events (position, stream, version, id, event_type, category, content_type,
+                                            data, metadata, correlation_id, recorded_at)
+                    SELECT h.first + e.ord - 1, e.stream, e.version, e.id, e.event_type, e.category,
+                           e.content_type, e.data, e.metadata::json, e.correlation_id, h.recorded_at
+                    FROM h, unnest($2::text[], $3::int8[], $4::uuid[], $5::text[], $6::text[], $7::int2[],
+                                   $8::bytea[], $9::text[], $10::text[])
+                         WITH ORDINALITY AS e(stream, version, id, event_type, category, content_type, data,
+                                              metadata, correlation_id, ord)
+                 ), upd AS (
+                    UPDATE {s}.streams st SET last_version = u.last_version,
+                                             last_position = h.first + u.last_offset,
+                                             last_event_id = u.last_id
+                    FROM h, unnest($11::text[], $12::int8[], $13::int8[], $14::uuid[])
+                         AS u(name, last_version, last_offset, last_id)
+                    WHERE st.name = u.name
+                 )
+                 SELECT h.first, h.recorded_at, pg_notify($15, (h.first + $1)::text) FROM h"
+            ),
+            stream_state: format!(
+                "SELECT last_version, last_position, truncate_before, tombstoned FROM {s}.streams WHERE name = $1"
+            ),
+            read_stream_forward: format!(
+                "SELECT {EVENT_COLUMNS} FROM {s}.events e
+                 WHERE e.stream = $1 AND e.version >= $2 ORDER BY e.version LIMIT $3"
+            ),
+            read_stream_backward: format!(
+                "SELECT {EVENT_COLUMNS} FROM {s}.events e
+                 WHERE e.stream = $1 AND e.version <= $2 AND e.version >= $3 ORDER BY e.version DESC LIMIT $4"
+            ),
+            soft_delete: format!("UPDATE {s}.streams SET truncate_before = $2 WHERE name = $1"),
+            hard_delete: format!("UPDATE {s}.streams SET tombstoned = true WHERE name = $1"),
+            head: format!("SELECT next_position FROM {s}.head"),
+            save_snapshot: format!(
+                "INSERT INTO {s}.snapshots (stream, version, schema_version, data, created_at)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (stream, version) DO UPDATE
+                 SET schema_version = excluded.schema_version, data = excluded.data,
+                     created_at = excluded.created_at"
+            ),
+            load_snapshot: format!(
+                "SELECT stream, version, schema_version, data, created_at FROM {s}.snapshots
+                 WHERE stream = $1 AND version <= $2 ORDER BY version DESC LIMIT 1"
+            ),
+            prune_snapshots: format!(
+                "DELETE FROM {s}.snapshots WHERE stream = $1 AND version NOT IN (
+                     SELECT version FROM {s}.snapshots WHERE stream = $1 ORDER BY version DESC LIMIT $2)"
+            ),
+            load_checkpoint: format!("SELECT position FROM {s}.checkpoints WHERE name = $1"),
+            save_checkpoint: format!(
+                "INSERT INTO {s}.checkpoints (name, position, updated_at) VALUES ($1, $2, now())
+                 ON CONFLICT (name) DO UPDATE SET position = excluded.position, updated_at = now()"
+            ),
+            lock_checkpoint: format!(
+                "INSERT INTO {s}.checkpoints AS c (name) VALUES ($1)
+                 ON CONFLICT (name) DO UPDATE SET name = excluded.name
+                 RETURNING c.position"
+            ),
+            schema: s,
+        }
+    }
+
+    /// A forward `$all` page plus the head in the same snapshot (so `next`
+    /// is exact): `$1` from, `$2` limit, filter parameters from `$3`.
+    pub(crate) fn read_all_forward(&self, filter: &str) -> String {
+        let s = &self.schema;
+        format!(
+            "SELECT h.next_position, {EVENT_COLUMNS} FROM {s}.head h
+             LEFT JOIN LATERAL (
+                 SELECT * FROM {s}.events e WHERE e.position >= $1 {filter} ORDER BY e.position LIMIT $2
+             ) e ON true
+             ORDER BY e.position"
+        )
+    }
+
+    /// A backward `$all` page: `$1` from (inclusive), `$2` limit, filter
+    /// parameters from `$3`.
+    pub(crate) fn read_all_backward(&self, filter: &str) -> String {
+        let s = &self.schema;
+        format!(
+            "SELECT {EVENT_COLUMNS} FROM {s}.events e WHERE e.position <= $1 {filter}
+             ORDER BY e.position DESC LIMIT $2"
+        )
+    }
+}
+
+/// The NOTIFY channel of a schema (schema names are at most 56 bytes, so
+/// this stays under PostgreSQL's 63-byte identifier limit).
+pub(crate) fn channel_name(schema: &str) -> String {
+    format!("{schema}_head")
+}
+
+/// A boxed SQL parameter.
+pub(crate) type Param = Box<dyn ToSql + Sync + Send>;
+
+/// Translates a filter into ` AND …` conditions on alias `e`, with
+/// parameters numbered from `first_param`. Selects exactly the events for
+/// which [`Filter::matches`] is true.
+pub(crate) fn filter_clause(filter: &Filter, first_param: usize) -> (String, Vec<Param>) {
+    let mut sql = String::new();
+    let mut params: Vec<Param> = Vec::new();
+    let next = |params: &mut Vec<Param>, p: Param| {
+        params.push(p);
+        first_param + params.len() - 1
+    };
+    if !filter.include_system {
+        sql.push_str(" AND NOT starts_with(e.stream, '$')");
+    }
+    if let Some(prefix) = &filter.stream_prefix {
+        let n = next(&mut params, Box::new(prefix.clone()));
+        sql.push_str(&format!(" AND starts_with(e.stream, ${n})"));
+    }
+    if let Some(category) = &filter.category {
+        let n = next(&mut params, Box::new(category.clone()));
+        sql.push_str(&format!(" AND e.category = ${n}"));
+    }
+    if !filter.event_types.is_empty() {
+        let mut exact = Vec::new();
+        let mut prefixes = Vec::new();
+        for t in &filter.event_types {
+            match t {
+                TypeMatch::Exact(x) => exact.push(x.clone()),
+                TypeMatch::Prefix(p) => prefixes.push(p.clone()),
+            }
+        }
+        let e = next(&mut params, Box::new(exact));
+        let p = next(&mut params, Box::new(prefixes));
+        sql.push_str(&format!(
+            " AND (e.event_type = ANY(${e}::text[])
+                   OR EXISTS (SELECT 1 FROM unnest(${p}::text[]) p WHERE starts_with(e.event_type, p)))"
+        ));
+    }
+    if let Some(cid) = &filter.correlation_id {
+        let n = next(&mut params, Box::new(cid.clone()));
+        sql.push_str(&format!(" AND e.correlation_id = ${n}"));
+    }
+    if let Some(after) = filter.recorded_after {
+        let n = next(&mut params, Box::new(PgTimestamp(after)));
+        sql.push_str(&format!(" AND e.recorded_at >= ${n}"));
+    }
+    if let Some(before) = filter.recorded_before {
+        let n = next(&mut params, Box::new(PgTimestamp(before)));
+        sql.push_str(&format!(" AND e.recorded_at < ${n}"));
+    }
+    (sql, params)
+}

@@ -1,0 +1,244 @@
+//! The core capability traits, implemented for [`PgStore`].
+
+use std::{sync::Arc, time::Duration};
+
+use annals_core::{
+    AllReader, AllSlice, AppendResult, Appender, CheckpointStore, DeleteMode, Error, EventData, EventStream,
+    ExpectedVersion, ReadAll, ReadStream, RecordedEvent, Result, Snapshot, SnapshotStore, StreamAppend,
+    StreamDeleter, StreamInfo, StreamName, StreamReader, StreamState, Subscriber, SubscriptionRequest,
+    async_trait, category_of, subscription, validate_checkpoint_name,
+};
+use bytes::Bytes;
+
+use crate::{
+    Inner, PgStore,
+    error::db,
+    row::{stream_name, to_i64, to_u64},
+    timestamp::PgTimestamp,
+};
+
+#[async_trait]
+impl Appender for PgStore {
+    async fn append(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+    ) -> Result<AppendResult> {
+        let mut results =
+            self.inner.append_parts(vec![StreamAppend::new(stream.clone(), expected, events)]).await?;
+        results.pop().ok_or_else(|| Error::invalid("empty append"))
+    }
+
+    async fn append_multi(&self, parts: Vec<StreamAppend>) -> Result<Vec<AppendResult>> {
+        self.inner.append_parts(parts).await
+    }
+}
+
+#[async_trait]
+impl StreamReader for PgStore {
+    async fn read_stream(&self, stream: &StreamName, request: ReadStream) -> Result<Vec<RecordedEvent>> {
+        self.inner.read_stream(stream, request).await
+    }
+
+    async fn stream_info(&self, stream: &StreamName) -> Result<StreamInfo> {
+        self.inner.stream_info(stream).await
+    }
+}
+
+#[async_trait]
+impl AllReader for PgStore {
+    async fn read_all(&self, request: ReadAll) -> Result<AllSlice> {
+        self.inner.read_all(&request).await
+    }
+
+    async fn next_position(&self) -> Result<u64> {
+        self.inner.next_position().await
+    }
+}
+
+/// The readers a subscription uses: the store's, retrying transient
+/// failures (a dropped connection, a restarting server) with backoff for up
+/// to the configured limit. The subscription's cursor only advances on a
+/// successful read, so a retried read resumes exactly where it stopped:
+/// nothing is lost or delivered twice.
+struct Resilient(Arc<Inner>);
+
+impl Resilient {
+    async fn retry<T, F, Fut>(&self, mut op: F) -> Result<T>
+    where
+        F: FnMut() -> Fut + Send,
+        Fut: Future<Output = Result<T>> + Send,
+    {
+        let started = tokio::time::Instant::now();
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            match op().await {
+                Err(e) if e.is_transient() && started.elapsed() < self.0.subscription_retry => {
+                    tracing::debug!(error = %e, "subscription read failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl StreamReader for Resilient {
+    async fn read_stream(&self, stream: &StreamName, request: ReadStream) -> Result<Vec<RecordedEvent>> {
+        self.retry(|| self.0.read_stream(stream, request)).await
+    }
+
+    async fn stream_info(&self, stream: &StreamName) -> Result<StreamInfo> {
+        self.retry(|| self.0.stream_info(stream)).await
+    }
+}
+
+#[async_trait]
+impl AllReader for Resilient {
+    async fn read_all(&self, request: ReadAll) -> Result<AllSlice> {
+        self.retry(|| self.0.read_all(&request)).await
+    }
+
+    async fn next_position(&self) -> Result<u64> {
+        self.retry(|| self.0.next_position()).await
+    }
+}
+
+impl Subscriber for PgStore {
+    /// Catch-up subscription (see [`annals_core::subscription`]). Woken by
+    /// `LISTEN/NOTIFY` or the fallback poll; reads committed rows only.
+    /// Transient database failures are retried (see
+    /// [`crate::PgStoreBuilder::subscription_retry`]) without loss or
+    /// duplication.
+    fn subscribe(&self, request: SubscriptionRequest) -> EventStream {
+        subscription::catch_up(Arc::new(Resilient(self.inner.clone())), self.inner.head.subscribe(), request)
+    }
+}
+
+#[async_trait]
+impl StreamDeleter for PgStore {
+    async fn delete_stream(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        mode: DeleteMode,
+    ) -> Result<()> {
+        let sql = &self.inner.sql;
+        let mut client = self.inner.client().await?;
+        let tx = client.transaction().await.map_err(db)?;
+        // Same row lock as appends, so a delete and an append to one stream
+        // are decided one after the other.
+        let stmt = tx.prepare_cached(&sql.lock_streams).await.map_err(db)?;
+        let row = tx
+            .query_one(&stmt, &[&vec![stream.as_str()], &vec![category_of(stream.as_str())]])
+            .await
+            .map_err(db)?;
+        let last_version: Option<i64> = row.try_get(1).map_err(db)?;
+        let truncate_before: i64 = row.try_get(3).map_err(db)?;
+        let state = StreamState {
+            last_version: last_version.map(|v| to_u64(v, "last_version")).transpose()?,
+            last_position: None,
+            truncate_before: to_u64(truncate_before, "truncate_before")?,
+            tombstoned: row.try_get(4).map_err(db)?,
+        };
+        // On error the transaction is dropped, rolling back the row the
+        // lock may have created.
+        state.check_delete(stream, expected, mode == DeleteMode::Hard)?;
+        match mode {
+            DeleteMode::Soft => {
+                let stmt = tx.prepare_cached(&sql.soft_delete).await.map_err(db)?;
+                tx.execute(&stmt, &[&stream.as_str(), &to_i64(state.next_version())]).await.map_err(db)?;
+            }
+            DeleteMode::Hard => {
+                let stmt = tx.prepare_cached(&sql.hard_delete).await.map_err(db)?;
+                tx.execute(&stmt, &[&stream.as_str()]).await.map_err(db)?;
+            }
+        }
+        tx.commit().await.map_err(db)?;
+        if mode == DeleteMode::Hard {
+            // Wake subscribers of the stream so they see the tombstone.
+            let head = *self.inner.head.borrow();
+            self.inner.head.send_replace(head);
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl SnapshotStore for PgStore {
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
+        let client = self.inner.client().await?;
+        let stmt = client.prepare_cached(&self.inner.sql.save_snapshot).await.map_err(db)?;
+        client
+            .execute(
+                &stmt,
+                &[
+                    &snapshot.stream.as_str(),
+                    &to_i64(snapshot.version),
+                    &i64::from(snapshot.schema_version),
+                    &snapshot.data.as_ref(),
+                    &PgTimestamp(snapshot.created_at),
+                ],
+            )
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn load_snapshot(
+        &self,
+        stream: &StreamName,
+        at_or_before: Option<u64>,
+    ) -> Result<Option<Snapshot>> {
+        let client = self.inner.client().await?;
+        let stmt = client.prepare_cached(&self.inner.sql.load_snapshot).await.map_err(db)?;
+        let at = at_or_before.map_or(i64::MAX, to_i64);
+        let Some(row) = client.query_opt(&stmt, &[&stream.as_str(), &at]).await.map_err(db)? else {
+            return Ok(None);
+        };
+        let name: &str = row.try_get(0).map_err(db)?;
+        let schema_version: i64 = row.try_get(2).map_err(db)?;
+        let data: Vec<u8> = row.try_get(3).map_err(db)?;
+        let created_at: PgTimestamp = row.try_get(4).map_err(db)?;
+        Ok(Some(Snapshot {
+            stream: stream_name(name)?,
+            version: to_u64(row.try_get(1).map_err(db)?, "snapshot version")?,
+            schema_version: u32::try_from(schema_version).map_err(|_| Error::Corrupt {
+                details: format!("snapshot schema version {schema_version}"),
+            })?,
+            data: Bytes::from(data),
+            created_at: created_at.0,
+        }))
+    }
+
+    async fn prune_snapshots(&self, stream: &StreamName, keep_last: usize) -> Result<usize> {
+        let client = self.inner.client().await?;
+        let stmt = client.prepare_cached(&self.inner.sql.prune_snapshots).await.map_err(db)?;
+        let keep = i64::try_from(keep_last).unwrap_or(i64::MAX);
+        let deleted = client.execute(&stmt, &[&stream.as_str(), &keep]).await.map_err(db)?;
+        Ok(usize::try_from(deleted).unwrap_or(usize::MAX))
+    }
+}
+
+#[async_trait]
+impl CheckpointStore for PgStore {
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<u64>> {
+        validate_checkpoint_name(name)?;
+        let client = self.inner.client().await?;
+        let stmt = client.prepare_cached(&self.inner.sql.load_checkpoint).await.map_err(db)?;
+        let Some(row) = client.query_opt(&stmt, &[&name]).await.map_err(db)? else { return Ok(None) };
+        let position: Option<i64> = row.try_get(0).map_err(db)?;
+        position.map(|p| to_u64(p, "checkpoint")).transpose()
+    }
+
+    async fn save_checkpoint(&self, name: &str, position: u64) -> Result<()> {
+        validate_checkpoint_name(name)?;
+        let client = self.inner.client().await?;
+        let stmt = client.prepare_cached(&self.inner.sql.save_checkpoint).await.map_err(db)?;
+        client.execute(&stmt, &[&name, &to_i64(position)]).await.map_err(db)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,43 @@
+//! `timestamptz` <-> [`Timestamp`] without a date-time crate.
+//!
+//! PostgreSQL's binary `timestamptz` is microseconds since 2000-01-01 UTC,
+//! exactly the precision of [`Timestamp`]; only the epoch differs.
+
+use std::error::Error as StdError;
+
+use annals_core::Timestamp;
+use bytes::BytesMut;
+use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
+
+/// Microseconds between 1970-01-01 and 2000-01-01.
+const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+/// A [`Timestamp`] as a `timestamptz` parameter or column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PgTimestamp(pub Timestamp);
+
+impl<'a> FromSql<'a> for PgTimestamp {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn StdError + Sync + Send>> {
+        let bytes: [u8; 8] = raw.try_into().map_err(|_| "timestamptz must be 8 bytes")?;
+        let pg = i64::from_be_bytes(bytes);
+        // ±infinity are i64::MAX/MIN; saturate rather than overflow.
+        Ok(PgTimestamp(Timestamp::from_micros(pg.saturating_add(PG_EPOCH_OFFSET_MICROS))))
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TIMESTAMPTZ
+    }
+}
+
+impl ToSql for PgTimestamp {
+    fn to_sql(&self, _: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
+        out.extend_from_slice(&self.0.as_micros().saturating_sub(PG_EPOCH_OFFSET_MICROS).to_be_bytes());
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TIMESTAMPTZ
+    }
+
+    to_sql_checked!();
+}

@@ -1,0 +1,104 @@
+//! Test support: the database URL, skip-or-fail when it is unreachable, and
+//! a fresh schema per test that is dropped afterwards.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use annals_conformance::Fixture;
+use annals_postgres::PgStore;
+
+/// Where the tests' PostgreSQL is (CI sets `ANNALS_POSTGRES_URL`).
+pub fn url() -> String {
+    std::env::var("ANNALS_POSTGRES_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// Whether a missing database must fail the test rather than skip it.
+fn required() -> bool {
+    std::env::var("ANNALS_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
+}
+
+/// A fresh, unique schema name.
+pub fn fresh_schema() -> String {
+    format!("annals_t_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Drops its schema when dropped (best effort: a leftover schema has a
+/// unique name and harms nothing).
+pub struct SchemaGuard {
+    pub schema: String,
+}
+
+impl Drop for SchemaGuard {
+    fn drop(&mut self) {
+        let schema = self.schema.clone();
+        // Own thread and runtime: works whether or not we are inside one.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            rt.block_on(async move {
+                let Ok((client, conn)) = tokio_postgres::connect(&url(), tokio_postgres::NoTls).await else {
+                    return;
+                };
+                let driver = tokio::spawn(conn);
+                let sql = format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE");
+                let _ = tokio::time::timeout(Duration::from_secs(30), client.batch_execute(&sql)).await;
+                drop(client);
+                let _ = driver.await;
+            });
+        })
+        .join();
+    }
+}
+
+/// Opens a store in a fresh schema with a small pool. `None` (after a skip
+/// notice) when the database is unreachable and not required; panics with a
+/// clear message when it is required.
+pub async fn open() -> Option<(PgStore, SchemaGuard)> {
+    open_with(|b| b).await
+}
+
+/// Like [`open`], with extra builder options.
+pub async fn open_with(
+    configure: impl FnOnce(annals_postgres::PgStoreBuilder) -> annals_postgres::PgStoreBuilder,
+) -> Option<(PgStore, SchemaGuard)> {
+    let schema = fresh_schema();
+    let guard = SchemaGuard { schema: schema.clone() };
+    let builder = PgStore::builder(url()).schema(&schema).max_connections(4);
+    match configure(builder).open().await {
+        Ok(store) => Some((store, guard)),
+        Err(e @ annals_postgres::PgError::Unreachable { .. }) => {
+            std::mem::forget(guard);
+            if required() {
+                panic!(
+                    "PostgreSQL at {} is required (ANNALS_REQUIRE_SERVICES=1) but unreachable: {e}",
+                    url()
+                );
+            }
+            eprintln!(
+                "SKIPPED: PostgreSQL at {} is unreachable ({e}); set ANNALS_REQUIRE_SERVICES=1 to fail instead",
+                url()
+            );
+            None
+        }
+        Err(e) => panic!("opening a PgStore failed: {e}"),
+    }
+}
+
+/// A conformance fixture, or `None` to skip.
+pub async fn fixture() -> Option<Fixture<PgStore>> {
+    let (store, guard) = open().await?;
+    Some(Fixture::with_guard(store, guard))
+}
+
+/// Opens a second store on an existing schema (another "process").
+pub async fn reopen(schema: &str) -> PgStore {
+    PgStore::builder(url()).schema(schema).max_connections(4).open().await.expect("reopen")
+}
+
+/// Opens a store on `schema`, returning the error.
+pub async fn try_reopen(schema: &str) -> Result<PgStore, annals_postgres::PgError> {
+    PgStore::builder(url()).schema(schema).max_connections(4).open().await
+}

@@ -1,0 +1,357 @@
+//! PostgreSQL-specific scenarios: commit ordering under concurrency, two
+//! stores on one schema, reconnecting subscriptions, exactly-once
+//! checkpoints, migrations, and typed connection errors.
+
+mod common;
+
+use std::{collections::HashSet, time::Duration};
+
+use annals_core::{
+    AllReader, Appender, CheckpointStore, Error, EventData, EventStream, ExpectedVersion, Filter, ReadAll,
+    RecordedEvent, StreamName, SubscribeFrom, Subscriber, SubscriptionRequest,
+};
+use annals_postgres::{PgError, PgStore};
+use futures::StreamExt;
+use serde_json::json;
+
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn stream(name: &str) -> StreamName {
+    StreamName::new(name).unwrap()
+}
+
+fn event(n: u64) -> EventData {
+    EventData::json("E", &json!({ "n": n })).unwrap()
+}
+
+async fn take(sub: &mut EventStream, n: usize) -> Vec<RecordedEvent> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        match tokio::time::timeout(PATIENCE, sub.next()).await {
+            Ok(Some(Ok(e))) => out.push(e),
+            Ok(Some(Err(e))) => panic!("subscription failed after {} events: {e}", out.len()),
+            Ok(None) => panic!("subscription ended after {} of {n} events", out.len()),
+            Err(_) => panic!("timed out waiting for event {} of {n}", out.len() + 1),
+        }
+    }
+    out
+}
+
+async fn assert_quiet(sub: &mut EventStream) {
+    if let Ok(item) = tokio::time::timeout(Duration::from_millis(300), sub.next()).await {
+        panic!("expected no further events, got {:?}", item.map(|r| r.map(|e| e.position)));
+    }
+}
+
+/// The ordering guarantee: 16 concurrent writers, a live `$all` subscriber
+/// in this process, one in a second store (another "process"), and a
+/// polling `$all` reader. Each sees every event exactly once, in position
+/// order, with no gap ever observed while commits are in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixteen_writers_and_live_all_subscribers_see_every_event_once_in_order() {
+    const WRITERS: u64 = 16;
+    const PER_WRITER: u64 = 250;
+    const TOTAL: usize = (WRITERS * PER_WRITER) as usize;
+    let Some((store, guard)) = common::open_with(|b| b.max_connections(16)).await else { return };
+    let other = common::reopen(&guard.schema).await;
+
+    let check = |mut sub: EventStream| {
+        tokio::spawn(async move {
+            let got = take(&mut sub, TOTAL).await;
+            for (i, e) in got.iter().enumerate() {
+                assert_eq!(e.position, i as u64, "subscriber saw position {} at index {i}", e.position);
+            }
+            assert_eq!(got.iter().map(|e| e.id).collect::<HashSet<_>>().len(), TOTAL);
+            assert_quiet(&mut sub).await;
+            got.into_iter().map(|e| e.id).collect::<HashSet<_>>()
+        })
+    };
+    let local = check(store.subscribe(SubscriptionRequest::all(Filter::all(), SubscribeFrom::Start)));
+    let remote = check(other.subscribe(SubscriptionRequest::all(Filter::all(), SubscribeFrom::Start)));
+
+    // A reader that pages `$all` while commits are in flight: every page
+    // must continue exactly where the previous one ended.
+    let reader = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut cursor = 0u64;
+            while cursor < TOTAL as u64 {
+                let page = store.read_all(ReadAll::forward(300).from_position(cursor)).await.unwrap();
+                for e in &page.events {
+                    assert_eq!(e.position, cursor, "a reader passed over position {cursor}");
+                    cursor += 1;
+                }
+                assert_eq!(page.next, Some(cursor));
+                if page.events.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        })
+    };
+
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let s = stream(&format!("order-{w}"));
+                let mut ids = Vec::new();
+                for i in 0..PER_WRITER {
+                    let e = event(i);
+                    ids.push(e.id);
+                    let r = store.append(&s, ExpectedVersion::Any, vec![e]).await.unwrap();
+                    assert_eq!(r.next_version, i + 1);
+                }
+                ids
+            })
+        })
+        .collect();
+    let mut written = HashSet::new();
+    for w in writers {
+        written.extend(w.await.unwrap());
+    }
+    assert_eq!(written.len(), TOTAL);
+    assert_eq!(local.await.unwrap(), written);
+    assert_eq!(remote.await.unwrap(), written);
+    reader.await.unwrap();
+    assert_eq!(store.next_position().await.unwrap(), TOTAL as u64);
+}
+
+/// Two stores on one schema see each other's appends, live, and their
+/// racing appends to one stream resolve to exactly one winner per version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_share_one_log_and_race_to_one_winner() {
+    let Some((a, guard)) = common::open().await else { return };
+    let b = common::reopen(&guard.schema).await;
+    let s = stream("shared-1");
+
+    let mut sub_b = b.subscribe(SubscriptionRequest::stream(s.clone(), SubscribeFrom::Start));
+    a.append(&s, ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
+    let got = take(&mut sub_b, 1).await;
+    assert_eq!((got[0].version, got[0].position), (0, 0));
+    assert_eq!(b.stream_info(&s).await.unwrap().last_version, Some(0));
+
+    // Both try to write version 1 at the same time, many rounds.
+    for round in 1..=20u64 {
+        let (ra, rb) = tokio::join!(
+            a.append(&s, ExpectedVersion::Exact(round - 1), vec![event(round)]),
+            b.append(&s, ExpectedVersion::Exact(round - 1), vec![event(round)]),
+        );
+        let (win, lose) = match (ra, rb) {
+            (Ok(w), Err(l)) | (Err(l), Ok(w)) => (w, l),
+            other => panic!("round {round}: expected one winner, got {other:?}"),
+        };
+        assert_eq!(win.next_version, round + 1);
+        assert!(
+            matches!(lose, Error::WrongExpectedVersion { actual: Some(v), .. } if v == round),
+            "round {round}: {lose:?}"
+        );
+    }
+    let got = take(&mut sub_b, 20).await;
+    assert_eq!(got.iter().map(|e| e.version).collect::<Vec<_>>(), (1..=20).collect::<Vec<_>>());
+    assert_eq!(a.next_position().await.unwrap(), 21);
+    assert_eq!(b.next_position().await.unwrap(), 21);
+}
+
+/// Killing the listener connection (and the pool's connections) in the
+/// middle of a subscription: it reconnects and resumes after the last
+/// delivered event, without loss or duplication.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn subscription_survives_terminated_connections() {
+    let Some((store, guard)) = common::open_with(|b| b.poll_interval(Duration::from_millis(200))).await
+    else {
+        return;
+    };
+    let writer = common::reopen(&guard.schema).await;
+    let s = stream("resilient-1");
+    let mut sub = store.subscribe(SubscriptionRequest::all(Filter::all(), SubscribeFrom::Start));
+    writer.append(&s, ExpectedVersion::Any, (0..10).map(event).collect()).await.unwrap();
+    let first = take(&mut sub, 10).await;
+
+    let admin = admin_client().await;
+    let killed = |app: String| {
+        let admin = &admin;
+        async move {
+            admin
+                .query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE application_name = $1 AND pid <> pg_backend_pid()",
+                    &[&app],
+                )
+                .await
+                .unwrap()
+                .len()
+        }
+    };
+    let listeners = killed(format!("annals-listen {}", guard.schema)).await;
+    assert_eq!(listeners, 2, "both stores' listener connections were terminated");
+    // The subscriber's pooled connections too (the writer's die as well;
+    // its next append simply gets a new connection or fails transiently).
+    assert!(killed(format!("annals {}", guard.schema)).await >= 1);
+
+    // Appends while the subscriber's connections are gone.
+    for i in 10..20 {
+        loop {
+            match writer.append(&s, ExpectedVersion::Exact(i - 1), vec![event(i)]).await {
+                Ok(_) => break,
+                Err(e) if e.is_transient() => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(e) => panic!("append {i}: {e}"),
+            }
+        }
+    }
+    let rest = take(&mut sub, 10).await;
+    let positions: Vec<u64> = first.iter().chain(&rest).map(|e| e.position).collect();
+    assert_eq!(positions, (0..20).collect::<Vec<_>>());
+    assert_quiet(&mut sub).await;
+
+    // The listener came back and wakes the subscriber again.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while store.listener_reconnects() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "listener never reconnected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    writer.append(&s, ExpectedVersion::Exact(19), vec![event(20)]).await.unwrap();
+    assert_eq!(take(&mut sub, 1).await[0].position, 20);
+}
+
+async fn admin_client() -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(&common::url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+/// A projection's writes and its checkpoint commit together or not at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_transaction_is_exactly_once() {
+    let Some((store, guard)) = common::open().await else { return };
+    let admin = admin_client().await;
+    let table = format!("\"{}\".balances", guard.schema);
+    admin
+        .batch_execute(&format!("CREATE TABLE {table} (account text PRIMARY KEY, amount bigint NOT NULL)"))
+        .await
+        .unwrap();
+    for i in 0..6u64 {
+        store
+            .append(&stream(&format!("acct-{}", i % 2)), ExpectedVersion::Any, vec![event(i)])
+            .await
+            .unwrap();
+    }
+    let upsert = format!(
+        "INSERT INTO {table} VALUES ($1, $2)
+         ON CONFLICT (account) DO UPDATE SET amount = {table}.amount + excluded.amount"
+    );
+
+    // Apply events 0..=2 and commit checkpoint 2.
+    let tx = store.begin_checkpoint_tx("balances").await.unwrap();
+    assert_eq!(tx.checkpoint(), None);
+    let page = store.read_all(ReadAll::forward(3)).await.unwrap();
+    for e in &page.events {
+        tx.execute(&upsert, &[&e.stream.as_str(), &(e.position as i64 + 1)]).await.unwrap();
+    }
+    tx.commit(2).await.unwrap();
+    assert_eq!(store.load_checkpoint("balances").await.unwrap(), Some(2));
+
+    // A crash mid-batch (the transaction is dropped): nothing of it stays.
+    let tx = store.begin_checkpoint_tx("balances").await.unwrap();
+    assert_eq!(tx.checkpoint(), Some(2));
+    tx.execute(&upsert, &[&"acct-1", &1000_i64]).await.unwrap();
+    drop(tx);
+    // A failing statement: the transaction is unusable and rolls back.
+    let tx = store.begin_checkpoint_tx("balances").await.unwrap();
+    tx.execute(&upsert, &[&"acct-0", &1000_i64]).await.unwrap();
+    assert!(tx.execute("SELECT * FROM no_such_table", &[]).await.is_err());
+    assert!(tx.commit(99).await.is_err());
+    assert_eq!(store.load_checkpoint("balances").await.unwrap(), Some(2));
+
+    // Resume after the checkpoint: every event applied exactly once.
+    let tx = store.begin_checkpoint_tx("balances").await.unwrap();
+    let from = tx.checkpoint().map_or(0, |p| p + 1);
+    let page = store.read_all(ReadAll::forward(100).from_position(from)).await.unwrap();
+    for e in &page.events {
+        tx.execute(&upsert, &[&e.stream.as_str(), &(e.position as i64 + 1)]).await.unwrap();
+    }
+    tx.commit(5).await.unwrap();
+    let rows =
+        admin.query(&format!("SELECT account, amount FROM {table} ORDER BY account"), &[]).await.unwrap();
+    let got: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    // acct-0 got positions 0, 2, 4 (+1 each): 1+3+5; acct-1: 2+4+6.
+    assert_eq!(got, vec![("acct-0".to_owned(), 9), ("acct-1".to_owned(), 12)]);
+    assert_eq!(store.load_checkpoint("balances").await.unwrap(), Some(5));
+}
+
+/// A second transaction on the same checkpoint waits for the first and
+/// then sees its committed value, so two projection instances never apply
+/// the same events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_transactions_on_one_name_serialize() {
+    let Some((store, _guard)) = common::open().await else { return };
+    let first = store.begin_checkpoint_tx("p").await.unwrap();
+    let second = {
+        let store = store.clone();
+        tokio::spawn(async move { store.begin_checkpoint_tx("p").await.unwrap().checkpoint() })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!second.is_finished(), "the second transaction must wait for the lock");
+    first.commit(7).await.unwrap();
+    assert_eq!(second.await.unwrap(), Some(7));
+}
+
+/// Opening twice at once on a fresh schema, and again later, is safe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_are_idempotent_and_safe_concurrently() {
+    let Some((_probe, _probe_guard)) = common::open().await else { return };
+    let schema = common::fresh_schema();
+    let guard = common::SchemaGuard { schema: schema.clone() };
+    let (a, b) = tokio::join!(common::try_reopen(&schema), common::try_reopen(&schema));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    a.append(&stream("m-1"), ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
+    let c = common::reopen(&schema).await;
+    assert_eq!(c.next_position().await.unwrap(), 1);
+    assert_eq!(b.next_position().await.unwrap(), 1);
+    let admin = admin_client().await;
+    let applied: i64 = admin
+        .query_one(&format!("SELECT count(*) FROM \"{}\".schema_migrations", guard.schema), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(applied, i64::from(annals_postgres::latest_migration()));
+}
+
+#[tokio::test]
+async fn bad_url_is_a_typed_error() {
+    let err = PgStore::connect("this is not a url ://").await.unwrap_err();
+    assert!(matches!(err, PgError::InvalidUrl { .. }), "{err:?}");
+    let err = PgStore::connect("postgres://u@h:notaport/db").await.unwrap_err();
+    assert!(matches!(err, PgError::InvalidUrl { .. }), "{err:?}");
+    let core: Error = err.into();
+    assert!(matches!(core, Error::InvalidInput { .. }), "{core:?}");
+}
+
+#[tokio::test]
+async fn bad_schema_name_is_a_typed_error() {
+    for bad in ["", "Upper", "1digit", "semi;colon", &"x".repeat(57)] {
+        let err = PgStore::builder(common::url()).schema(bad).open().await.unwrap_err();
+        assert!(matches!(err, PgError::InvalidSchemaName { .. }), "{bad:?}: {err:?}");
+    }
+}
+
+#[tokio::test]
+async fn unreachable_database_is_a_typed_error() {
+    // Port 1 on loopback: nothing listens there, the connection is refused.
+    let err = PgStore::builder("postgres://postgres@127.0.0.1:1/test")
+        .connect_timeout(Duration::from_secs(2))
+        .open()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PgError::Unreachable { .. }), "{err:?}");
+    assert!(err.is_transient());
+    let core: Error = err.into();
+    assert!(matches!(core, Error::Backend { .. }) && core.is_transient(), "{core:?}");
+}
+
+#[tokio::test]
+async fn unknown_database_is_unreachable() {
+    let Some((_store, _guard)) = common::open().await else { return };
+    let url = format!("{}_no_such_db_{}", common::url(), uuid::Uuid::new_v4().simple());
+    let err = PgStore::connect(url).await.unwrap_err();
+    assert!(matches!(err, PgError::Unreachable { .. }), "{err:?}");
+}
