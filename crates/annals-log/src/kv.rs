@@ -1,0 +1,259 @@
+//! The side store for snapshots and checkpoints: a small append-only file
+//! (`kv.log`) of CRC-framed records, replayed into maps on open and
+//! compacted (rewritten with only live entries) at every open. Writes follow
+//! the store's durability setting and share its poison flag.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use annals_core::{Error, Result, Snapshot, StreamName, Timestamp};
+use bytes::Bytes;
+
+use crate::{
+    Durability,
+    core::Core,
+    error::LogError,
+    format::{u32_at, u64_at},
+    io::{IoFile, read_full},
+};
+
+const KV_FILE: &str = "kv.log";
+const KV_TMP: &str = "kv.log.tmp";
+const PUT_SNAPSHOT: u8 = 1;
+const DELETE_SNAPSHOT: u8 = 2;
+const PUT_CHECKPOINT: u8 = 3;
+
+#[derive(Default)]
+struct State {
+    snapshots: HashMap<StreamName, BTreeMap<u64, Snapshot>>,
+    checkpoints: HashMap<String, u64>,
+}
+
+struct Inner {
+    state: State,
+    file: Arc<dyn IoFile>,
+    end: u64,
+    last_sync: Instant,
+}
+
+/// The side store.
+pub(crate) struct Kv {
+    inner: Mutex<Inner>,
+    durability: Durability,
+    core: Arc<Core>,
+}
+
+fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(9 + body.len());
+    let len = (9 + body.len()) as u32;
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.push(kind);
+    out.extend_from_slice(body);
+    let crc = crc32c::crc32c(out.get(8..).unwrap_or_default());
+    if let Some(slot) = out.get_mut(4..8) {
+        slot.copy_from_slice(&crc.to_le_bytes());
+    }
+    out
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn snapshot_record(s: &Snapshot) -> Vec<u8> {
+    let mut body = Vec::with_capacity(32 + s.data.len());
+    put_str(&mut body, s.stream.as_str());
+    body.extend_from_slice(&s.version.to_le_bytes());
+    body.extend_from_slice(&s.schema_version.to_le_bytes());
+    body.extend_from_slice(&s.created_at.as_micros().to_le_bytes());
+    body.extend_from_slice(&s.data);
+    frame(PUT_SNAPSHOT, &body)
+}
+
+fn delete_record(stream: &StreamName, version: u64) -> Vec<u8> {
+    let mut body = Vec::new();
+    put_str(&mut body, stream.as_str());
+    body.extend_from_slice(&version.to_le_bytes());
+    frame(DELETE_SNAPSHOT, &body)
+}
+
+fn checkpoint_record(name: &str, position: u64) -> Vec<u8> {
+    let mut body = Vec::new();
+    put_str(&mut body, name);
+    body.extend_from_slice(&position.to_le_bytes());
+    frame(PUT_CHECKPOINT, &body)
+}
+
+/// Applies one record; `None` when it does not parse.
+fn apply(state: &mut State, kind: u8, body: &[u8]) -> Option<()> {
+    let n = u32_at(body, 0) as usize;
+    let name = std::str::from_utf8(body.get(4..4 + n)?).ok()?;
+    let rest = body.get(4 + n..)?;
+    match kind {
+        PUT_SNAPSHOT => {
+            let stream = StreamName::any(name).ok()?;
+            let version = u64_at(rest, 0);
+            let schema_version = u32_at(rest, 8);
+            let created_at = Timestamp::from_micros(u64_at(rest, 12) as i64);
+            let data = Bytes::copy_from_slice(rest.get(20..)?);
+            let snap = Snapshot { stream: stream.clone(), version, schema_version, data, created_at };
+            state.snapshots.entry(stream).or_default().insert(version, snap);
+        }
+        DELETE_SNAPSHOT => {
+            let stream = StreamName::any(name).ok()?;
+            let version = u64_at(rest, 0);
+            if let Some(m) = state.snapshots.get_mut(&stream) {
+                m.remove(&version);
+            }
+        }
+        PUT_CHECKPOINT => {
+            state.checkpoints.insert(name.to_owned(), u64_at(rest, 0));
+        }
+        _ => return None,
+    }
+    Some(())
+}
+
+impl Kv {
+    pub(crate) fn open(core: Arc<Core>, dir: &Path, durability: Durability) -> std::result::Result<Self, LogError> {
+        let io = &core.io;
+        let path = dir.join(KV_FILE);
+        let mut state = State::default();
+        if io.exists(&path) {
+            let file = io.open(&path, false)?;
+            let len = usize::try_from(file.len()?).map_err(|_| LogError::Format { reason: "kv.log too large".into() })?;
+            let mut bytes = vec![0u8; len];
+            let n = read_full(&*file, &mut bytes, 0)?;
+            bytes.truncate(n);
+            let mut at = 0usize;
+            while at + 9 <= bytes.len() {
+                let len = u32_at(&bytes, at) as usize;
+                let Some(rec) = bytes.get(at..at.saturating_add(len)) else { break };
+                if len < 9 || crc32c::crc32c(rec.get(8..).unwrap_or_default()) != u32_at(rec, 4) {
+                    break;
+                }
+                let kind = rec.get(8).copied().unwrap_or(0);
+                if apply(&mut state, kind, rec.get(9..).unwrap_or_default()).is_none() {
+                    break;
+                }
+                at += len;
+            }
+            if at < bytes.len() && bytes.get(at..).is_some_and(|r| r.iter().any(|&b| b != 0)) {
+                tracing::warn!(offset = at, "annals-log: dropped a torn or corrupt tail of kv.log");
+            }
+        }
+        // Compact: rewrite the live entries, then atomically replace.
+        let tmp = dir.join(KV_TMP);
+        let file = io.open(&tmp, true)?;
+        file.set_len(0)?;
+        let mut buf = Vec::new();
+        for m in state.snapshots.values() {
+            for s in m.values() {
+                buf.extend_from_slice(&snapshot_record(s));
+            }
+        }
+        for (name, pos) in &state.checkpoints {
+            buf.extend_from_slice(&checkpoint_record(name, *pos));
+        }
+        if !buf.is_empty() {
+            file.write_at(&buf, 0)?;
+        }
+        file.sync_all()?;
+        io.rename(&tmp, &path)?;
+        io.sync_dir(dir)?;
+        let file = io.open(&path, false)?;
+        Ok(Kv {
+            inner: Mutex::new(Inner { state, file, end: buf.len() as u64, last_sync: Instant::now() }),
+            durability,
+            core,
+        })
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>> {
+        self.inner.lock().map_err(|_| Error::Poisoned { reason: "kv lock poisoned".into() })
+    }
+
+    fn write(&self, inner: &mut Inner, record: &[u8]) -> Result<()> {
+        self.core.check_poison()?;
+        let res = inner.file.write_at(record, inner.end).and_then(|()| match self.durability {
+            Durability::Always => inner.file.sync_data(),
+            Durability::Interval(d) if inner.last_sync.elapsed() >= d => {
+                inner.last_sync = Instant::now();
+                inner.file.sync_data()
+            }
+            _ => Ok(()),
+        });
+        match res {
+            Ok(()) => {
+                inner.end += record.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                let reason = format!("kv write failed: {e}");
+                self.core.set_poisoned(reason.clone());
+                // Cut the partial record so a reopen does not see it.
+                let _ = inner.file.set_len(inner.end);
+                Err(Error::Poisoned { reason })
+            }
+        }
+    }
+
+    pub(crate) fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
+        if u32::try_from(snapshot.data.len()).is_err() {
+            return Err(Error::invalid("snapshot data is larger than 4 GiB"));
+        }
+        let mut inner = self.lock()?;
+        self.write(&mut inner, &snapshot_record(&snapshot))?;
+        inner.state.snapshots.entry(snapshot.stream.clone()).or_default().insert(snapshot.version, snapshot);
+        Ok(())
+    }
+
+    pub(crate) fn load_snapshot(&self, stream: &StreamName, at_or_before: Option<u64>) -> Result<Option<Snapshot>> {
+        let inner = self.lock()?;
+        Ok(inner
+            .state
+            .snapshots
+            .get(stream)
+            .and_then(|m| m.range(..=at_or_before.unwrap_or(u64::MAX)).next_back())
+            .map(|(_, s)| s.clone()))
+    }
+
+    pub(crate) fn prune_snapshots(&self, stream: &StreamName, keep_last: usize) -> Result<usize> {
+        let mut inner = self.lock()?;
+        let doomed: Vec<u64> = match inner.state.snapshots.get(stream) {
+            Some(m) => m.keys().take(m.len().saturating_sub(keep_last)).copied().collect(),
+            None => return Ok(0),
+        };
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        let mut buf = Vec::new();
+        for v in &doomed {
+            buf.extend_from_slice(&delete_record(stream, *v));
+        }
+        self.write(&mut inner, &buf)?;
+        if let Some(m) = inner.state.snapshots.get_mut(stream) {
+            for v in &doomed {
+                m.remove(v);
+            }
+        }
+        Ok(doomed.len())
+    }
+
+    pub(crate) fn load_checkpoint(&self, name: &str) -> Result<Option<u64>> {
+        Ok(self.lock()?.state.checkpoints.get(name).copied())
+    }
+
+    pub(crate) fn save_checkpoint(&self, name: &str, position: u64) -> Result<()> {
+        let mut inner = self.lock()?;
+        self.write(&mut inner, &checkpoint_record(name, position))?;
+        inner.state.checkpoints.insert(name.to_owned(), position);
+        Ok(())
+    }
+}

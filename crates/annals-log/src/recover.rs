@@ -1,0 +1,366 @@
+//! Walking the log: recovery on open, verification, index rebuild.
+
+use std::{path::Path, sync::Arc};
+
+use crate::{
+    core::{parse_segment_name, segment_file_name},
+    error::LogError,
+    format::{
+        self, DecodeError, HASH_LEN, Hash, KIND_EVENT, MIN_RECORD_LEN, RawRecord, SEGMENT_HEADER_LEN, SegmentHeader,
+        pack_loc, unpack_loc,
+    },
+    index::LogTail,
+    io::{Io, IoFile, read_full},
+};
+
+/// Bytes read per step while scanning.
+const SCAN_CHUNK: usize = 4 << 20;
+
+/// What to do about a bad record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Opening: truncate a torn tail; refuse (or, with `repair`, truncate)
+    /// on corruption before it.
+    Open {
+        /// Truncate at the first bad record wherever it is.
+        repair: bool,
+    },
+    /// Read-only walk: report the first bad record and stop.
+    Verify,
+}
+
+/// The first record that failed a check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadRecord {
+    /// Segment index.
+    pub segment: u64,
+    /// Offset inside the segment file.
+    pub offset: u64,
+    /// Position the next event would have had.
+    pub position: u64,
+    /// Which check failed.
+    pub reason: String,
+    /// Whether it looks like a torn tail (only zeros after it in the last
+    /// segment), which opening the store would truncate rather than refuse.
+    pub torn_tail: bool,
+}
+
+/// Result of a walk.
+pub(crate) struct Scan {
+    pub tail: LogTail,
+    pub records: u64,
+    pub events: u64,
+    pub bytes: u64,
+    pub bad: Option<BadRecord>,
+    pub truncated: Option<BadRecord>,
+    pub files: Vec<Arc<dyn IoFile>>,
+    pub last_len: u64,
+}
+
+/// Segment indexes present in `dir`, checked to be contiguous from 0.
+pub(crate) fn list_segments(io: &dyn Io, dir: &Path) -> Result<Vec<u64>, LogError> {
+    let mut segs: Vec<u64> = io.list(dir)?.iter().filter_map(|n| parse_segment_name(n)).collect();
+    segs.sort_unstable();
+    for (i, s) in segs.iter().enumerate() {
+        if *s != i as u64 {
+            return Err(LogError::corrupt(i as u64, 0, None, format!("segment {i} is missing (found {s} instead)")));
+        }
+    }
+    Ok(segs)
+}
+
+struct Cursor {
+    file: Arc<dyn IoFile>,
+    len: u64,
+    buf: Vec<u8>,
+    start: u64,
+}
+
+impl Cursor {
+    /// Bytes from `off`, at least `min` of them when the file has them.
+    fn at(&mut self, off: u64, min: usize) -> Result<&[u8], LogError> {
+        let have = off >= self.start && off + min as u64 <= self.start + self.buf.len() as u64;
+        let reaches_eof = off >= self.start && self.start + self.buf.len() as u64 >= self.len;
+        if !(have || reaches_eof) {
+            let want = usize::try_from(self.len.saturating_sub(off)).unwrap_or(usize::MAX).min(min.max(SCAN_CHUNK));
+            self.buf.resize(want, 0);
+            let n = read_full(&*self.file, &mut self.buf, off)?;
+            self.buf.truncate(n);
+            self.start = off;
+        }
+        let rel = usize::try_from(off - self.start).unwrap_or(usize::MAX);
+        Ok(self.buf.get(rel..).unwrap_or_default())
+    }
+
+    fn all_zero(&mut self, from: u64) -> Result<bool, LogError> {
+        let mut off = from;
+        while off < self.len {
+            let chunk = self.at(off, 1)?;
+            if chunk.is_empty() {
+                break;
+            }
+            if chunk.iter().any(|&b| b != 0) {
+                return Ok(false);
+            }
+            off += chunk.len() as u64;
+        }
+        Ok(true)
+    }
+}
+
+/// Where a walk starts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Start {
+    pub tail: LogTail,
+    /// Whether `tail.segment`'s header still has to be read (a walk from
+    /// the beginning).
+    pub from_header: bool,
+}
+
+impl Start {
+    pub fn beginning() -> Self {
+        Start { tail: LogTail::default(), from_header: true }
+    }
+}
+
+/// Walks the log from `start`, calling `on_record` for every good record,
+/// and handles the first bad one according to `mode`.
+pub(crate) fn scan(
+    io: &dyn Io,
+    dir: &Path,
+    start: Start,
+    mode: Mode,
+    on_record: &mut dyn FnMut(u64, u64, &RawRecord<'_>) -> Result<(), String>,
+) -> Result<Scan, LogError> {
+    let segs = list_segments(io, dir)?;
+    let mut files = Vec::with_capacity(segs.len());
+    for s in &segs {
+        files.push(io.open(&dir.join(segment_file_name(*s)), false)?);
+    }
+    let mut out = Scan {
+        tail: start.tail,
+        records: 0,
+        events: 0,
+        bytes: 0,
+        bad: None,
+        truncated: None,
+        files: Vec::new(),
+        last_len: 0,
+    };
+    let last_seg = files.len().checked_sub(1).map(|l| l as u64);
+    let mut seg = start.tail.segment;
+    let mut from_header = start.from_header;
+    let mut off = start.tail.end;
+    'segments: while let Some(file) = usize::try_from(seg).ok().and_then(|i| files.get(i)).cloned() {
+        let is_last = Some(seg) == last_seg;
+        let len = file.len()?;
+        let mut cur = Cursor { file: file.clone(), len, buf: Vec::new(), start: 0 };
+        if from_header {
+            let head = cur.at(0, SEGMENT_HEADER_LEN)?.get(..SEGMENT_HEADER_LEN.min(len as usize)).unwrap_or_default().to_vec();
+            let header = match SegmentHeader::decode(&head) {
+                Ok(h) => h,
+                Err(reason) => {
+                    // A crash while creating a segment leaves a short or
+                    // zero header; nothing in it was ever acknowledged.
+                    let torn = is_last && seg > 0 && (head.len() < SEGMENT_HEADER_LEN || cur.all_zero(0)? || head.iter().all(|&b| b == 0));
+                    if torn && matches!(mode, Mode::Open { .. }) {
+                        tracing::warn!(segment = seg, "annals-log: removing a segment whose creation was interrupted");
+                        io.remove(&dir.join(segment_file_name(seg)))?;
+                        io.sync_dir(dir)?;
+                        files.pop();
+                        break 'segments;
+                    }
+                    let bad = BadRecord { segment: seg, offset: 0, position: out.tail.next_position, reason, torn_tail: torn };
+                    return finish_bad(io, dir, mode, &mut files, &mut out, bad, &file);
+                }
+            };
+            let problem = if header.index != seg {
+                Some(format!("segment header says index {} but the file is segment {seg}", header.index))
+            } else if header.first_position != out.tail.next_position {
+                Some(format!(
+                    "segment starts at position {} but the previous one ended at {}",
+                    header.first_position, out.tail.next_position
+                ))
+            } else if header.prev_hash != out.tail.last_hash {
+                Some("hash chain broken at the segment boundary".to_owned())
+            } else {
+                None
+            };
+            if let Some(reason) = problem {
+                let bad = BadRecord { segment: seg, offset: 0, position: out.tail.next_position, reason, torn_tail: false };
+                return finish_bad(io, dir, mode, &mut files, &mut out, bad, &file);
+            }
+            off = SEGMENT_HEADER_LEN as u64;
+            out.tail.segment = seg;
+            out.tail.end = off;
+        }
+        loop {
+            let mut b = cur.at(off, MIN_RECORD_LEN)?;
+            let mut decoded = format::decode(b);
+            if let Err(DecodeError::Incomplete { needed }) = decoded
+                && needed > 0
+                && off + needed as u64 <= len
+            {
+                b = cur.at(off, needed)?;
+                decoded = format::decode(b);
+            }
+            let reason = match decoded {
+                Ok(raw) => {
+                    let body = format::hashed_body(b.get(..raw.len).unwrap_or_default());
+                    let reason = if format::chain_hash(&out.tail.last_hash, body) != raw.hash {
+                        Some("hash chain broken: record does not follow the previous one".to_owned())
+                    } else if raw.kind == KIND_EVENT && raw.position != out.tail.next_position {
+                        Some(format!("event position {} out of sequence (expected {})", raw.position, out.tail.next_position))
+                    } else {
+                        on_record(seg, off, &raw).err()
+                    };
+                    match reason {
+                        None => {
+                            out.tail.last_hash = raw.hash;
+                            out.tail.last_record = Some(pack_loc(seg, off));
+                            out.tail.last_ts = out.tail.last_ts.max(raw.recorded_at);
+                            off += raw.len as u64;
+                            out.tail.end = off;
+                            out.records += 1;
+                            out.bytes += raw.len as u64;
+                            if raw.kind == KIND_EVENT {
+                                out.tail.next_position += 1;
+                                out.events += 1;
+                            }
+                            continue;
+                        }
+                        Some(r) => r,
+                    }
+                }
+                Err(DecodeError::End) => {
+                    if cur.all_zero(off)? {
+                        if is_last {
+                            break 'segments;
+                        }
+                        seg += 1;
+                        from_header = true;
+                        continue 'segments;
+                    }
+                    "zero length field followed by non-zero bytes".to_owned()
+                }
+                Err(e) => e.reason(),
+            };
+            // Torn: the bad frame is in the last segment and nothing but
+            // zeros follows where it claims to end.
+            let claimed = u64::from(format::u32_at(cur.at(off, 4)?, 0));
+            let end = if claimed as usize >= MIN_RECORD_LEN { (off + claimed).min(len) } else { (off + 4).min(len) };
+            let torn = is_last && cur.all_zero(end)?;
+            let bad = BadRecord { segment: seg, offset: off, position: out.tail.next_position, reason, torn_tail: torn };
+            return finish_bad(io, dir, mode, &mut files, &mut out, bad, &file);
+        }
+    }
+    out.last_len = match files.last() {
+        Some(f) => f.len()?,
+        None => 0,
+    };
+    out.files = files;
+    Ok(out)
+}
+
+fn finish_bad(
+    io: &dyn Io,
+    dir: &Path,
+    mode: Mode,
+    files: &mut Vec<Arc<dyn IoFile>>,
+    out: &mut Scan,
+    bad: BadRecord,
+    file: &Arc<dyn IoFile>,
+) -> Result<Scan, LogError> {
+    match mode {
+        Mode::Verify => {
+            out.bad = Some(bad);
+        }
+        Mode::Open { repair } => {
+            if !(bad.torn_tail || repair) {
+                return Err(LogError::Corrupt {
+                    segment: bad.segment,
+                    offset: bad.offset,
+                    position: Some(bad.position),
+                    reason: bad.reason,
+                });
+            }
+            if bad.offset == 0 {
+                // The segment itself is unusable: drop it and everything after.
+                for s in (bad.segment..files.len() as u64).rev() {
+                    io.remove(&dir.join(segment_file_name(s)))?;
+                    files.pop();
+                }
+            } else {
+                file.set_len(bad.offset)?;
+                file.sync_all()?;
+                for s in ((bad.segment + 1)..files.len() as u64).rev() {
+                    io.remove(&dir.join(segment_file_name(s)))?;
+                    files.pop();
+                }
+                out.tail.segment = bad.segment;
+                out.tail.end = bad.offset;
+            }
+            io.sync_dir(dir)?;
+            if bad.torn_tail {
+                tracing::warn!(
+                    segment = bad.segment,
+                    offset = bad.offset,
+                    position = bad.position,
+                    reason = %bad.reason,
+                    "annals-log: truncated a torn tail (unacknowledged partial write)"
+                );
+            } else {
+                tracing::warn!(
+                    segment = bad.segment,
+                    offset = bad.offset,
+                    position = bad.position,
+                    reason = %bad.reason,
+                    "annals-log: repair truncated the log at a corrupt record; everything after it is gone"
+                );
+            }
+            out.truncated = Some(bad);
+        }
+    }
+    out.last_len = match files.last() {
+        Some(f) => f.len()?,
+        None => 0,
+    };
+    out.files = std::mem::take(files);
+    Ok(Scan {
+        tail: out.tail,
+        records: out.records,
+        events: out.events,
+        bytes: out.bytes,
+        bad: out.bad.take(),
+        truncated: out.truncated.take(),
+        files: std::mem::take(&mut out.files),
+        last_len: out.last_len,
+    })
+}
+
+/// Whether a checkpointed tail still describes the log: the record it names
+/// decodes, carries the checkpointed hash and ends where the tail says.
+pub(crate) fn tail_matches(io: &dyn Io, dir: &Path, tail: &crate::index::LogTail) -> bool {
+    let Some(loc) = tail.last_record else {
+        return tail.next_position == 0;
+    };
+    let (seg, off) = unpack_loc(loc);
+    let Ok(file) = io.open(&dir.join(segment_file_name(seg)), false) else { return false };
+    let mut head = [0u8; 4];
+    if read_full(&*file, &mut head, off).ok() != Some(4) {
+        return false;
+    }
+    let len = format::u32_at(&head, 0) as usize;
+    if len < MIN_RECORD_LEN {
+        return false;
+    }
+    let mut frame = vec![0u8; len];
+    if read_full(&*file, &mut frame, off).ok() != Some(len) {
+        return false;
+    }
+    let Ok(raw) = format::decode(&frame) else { return false };
+    raw.hash == tail.last_hash && seg == tail.segment && off + len as u64 == tail.end
+}
+
+/// Zero hash used before the first record.
+pub(crate) const GENESIS: Hash = [0u8; HASH_LEN];

@@ -1,0 +1,431 @@
+//! `LogStore`: the handle, its builder, opening, and the core traits.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, mpsc},
+    thread::JoinHandle,
+};
+
+use annals_core::{
+    AllReader, AllSlice, AppendResult, Appender, CheckpointStore, DeleteMode, Error, EventData, EventStream,
+    ExpectedVersion, Limits, ReadAll, ReadStream, RecordedEvent, Result, Snapshot, SnapshotStore, StreamAppend,
+    StreamDeleter, StreamInfo, StreamName, StreamReader, Subscriber, SubscriptionRequest, Uuid, async_trait,
+    subscription, validate_checkpoint_name,
+};
+use tokio::sync::{oneshot, watch};
+
+use crate::{
+    Durability,
+    core::{Core, segment_file_name},
+    error::LogError,
+    format::{self, KIND_EVENT, KIND_SOFT_DELETE, MAX_OFFSET, RawRecord, SEGMENT_HEADER_LEN, SegmentHeader, pack_loc},
+    index::{self, Index, LogTail},
+    io::{Io, RealIo},
+    kv::Kv,
+    recover::{self, BadRecord, GENESIS, Mode, Scan, Start},
+    writer::{Request, Writer, WriterConfig},
+};
+
+/// Default segment size: 256 MiB.
+pub const DEFAULT_SEGMENT_SIZE: u64 = 256 << 20;
+/// Smallest accepted segment size.
+pub const MIN_SEGMENT_SIZE: u64 = 4096;
+
+/// Configures and opens a [`LogStore`].
+#[must_use]
+pub struct LogStoreBuilder {
+    dir: PathBuf,
+    durability: Durability,
+    segment_size: u64,
+    limits: Limits,
+    repair: bool,
+    verify_on_open: bool,
+    io: Arc<dyn Io>,
+}
+
+impl LogStoreBuilder {
+    /// When appends are acknowledged (default [`Durability::Always`]).
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// Nominal segment size in bytes (default 256 MiB, minimum 4 KiB). A
+    /// record larger than a segment gets a segment of its own.
+    pub fn segment_size(mut self, bytes: u64) -> Self {
+        self.segment_size = bytes;
+        self
+    }
+
+    /// Append limits (default [`Limits::default`]).
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Truncate the log at the first corrupt record instead of refusing to
+    /// open. Everything from that record on is lost; the truncation is
+    /// logged. Implies a full walk of the log.
+    pub fn repair(mut self, repair: bool) -> Self {
+        self.repair = repair;
+        self
+    }
+
+    /// Walk and check every record on open instead of trusting the index
+    /// checkpoint for the part of the log it covers (slower; finds
+    /// corruption anywhere before serving).
+    pub fn verify_on_open(mut self, verify: bool) -> Self {
+        self.verify_on_open = verify;
+        self
+    }
+
+    /// Replaces the file system (tests use [`crate::io::FaultIo`]).
+    pub fn io(mut self, io: Arc<dyn Io>) -> Self {
+        self.io = io;
+        self
+    }
+
+    /// Opens (or creates) the store. Blocking: it takes the directory lock,
+    /// loads the index checkpoint, walks the log tail it does not cover,
+    /// truncates a torn tail, and starts the writer thread. From async code
+    /// with a large store, call it inside `spawn_blocking`.
+    pub fn open(self) -> std::result::Result<LogStore, LogError> {
+        if !(MIN_SEGMENT_SIZE..=MAX_OFFSET).contains(&self.segment_size) {
+            return Err(LogError::Config {
+                reason: format!("segment size {} must be between {MIN_SEGMENT_SIZE} and {MAX_OFFSET}", self.segment_size),
+            });
+        }
+        if let Durability::Interval(d) = self.durability
+            && d.is_zero()
+        {
+            return Err(LogError::Config { reason: "Durability::Interval needs a non-zero duration".into() });
+        }
+        let io = self.io;
+        let dir = self.dir;
+        io.create_dir_all(&dir)?;
+        let lock = io.lock(&dir)?;
+        let mode = Mode::Open { repair: self.repair };
+        let use_index = !(self.repair || self.verify_on_open);
+        let (idx, scan, index_loaded) = recover_index(&*io, &dir, use_index, mode)?;
+        let mut files = scan.files;
+        let mut tail = idx.tail;
+        let mut filled = scan.last_len;
+        if files.is_empty() {
+            let header = SegmentHeader { index: 0, first_position: 0, prev_hash: GENESIS };
+            let file = io.open(&dir.join(segment_file_name(0)), true)?;
+            file.set_len(0)?;
+            file.write_at(&header.encode(), 0)?;
+            file.sync_all()?;
+            io.sync_dir(&dir)?;
+            files.push(file);
+            tail = LogTail { end: SEGMENT_HEADER_LEN as u64, ..LogTail::default() };
+            filled = SEGMENT_HEADER_LEN as u64;
+        }
+        let active = files.last().cloned().ok_or(LogError::Closed)?;
+        let stats = OpenStats { replayed: scan.records, index_loaded, truncated: scan.truncated };
+        let mut idx = idx;
+        idx.tail = tail;
+        let next = idx.next_position();
+        let core = Arc::new(Core::new(&dir, io, self.limits, idx, files));
+        let kv = Arc::new(Kv::open(core.clone(), &dir, self.durability)?);
+        let (head_tx, head_rx) = watch::channel(next);
+        let writer = Writer::new(
+            core.clone(),
+            WriterConfig { durability: self.durability, segment_size: self.segment_size },
+            tail,
+            active,
+            filled,
+            head_tx,
+            lock,
+        );
+        let (tx, rx) = mpsc::channel();
+        let handle = std::thread::Builder::new().name("annals-log-writer".into()).spawn(move || writer.run(rx))?;
+        Ok(LogStore {
+            shared: Arc::new(Shared {
+                core,
+                kv,
+                tx: Mutex::new(Some(tx)),
+                writer: Mutex::new(Some(handle)),
+                head: head_rx,
+                stats,
+                dir,
+            }),
+        })
+    }
+}
+
+/// Rebuilds the index from the log (or loads the checkpoint and replays the
+/// tail). Shared by open and `rebuild_indexes`.
+pub(crate) fn recover_index(
+    io: &dyn Io,
+    dir: &Path,
+    use_index: bool,
+    mode: Mode,
+) -> std::result::Result<(Index, Scan, bool), LogError> {
+    let mut loaded = None;
+    if use_index {
+        match index::load(io, dir) {
+            Ok(Some(i)) if recover::tail_matches(io, dir, &i.tail) => loaded = Some(i),
+            Ok(Some(_)) => tracing::warn!("annals-log: index checkpoint does not match the log; rebuilding"),
+            Ok(None) => {}
+            Err(reason) => tracing::warn!(%reason, "annals-log: index checkpoint unusable; rebuilding"),
+        }
+    }
+    let index_loaded = loaded.is_some();
+    let mut idx = loaded.unwrap_or_default();
+    let start = if index_loaded { Start { tail: idx.tail, from_header: false } } else { Start::beginning() };
+    let scan = recover::scan(io, dir, start, mode, &mut |seg, off, raw| apply_raw(&mut idx, seg, off, raw))?;
+    idx.tail = scan.tail;
+    Ok((idx, scan, index_loaded))
+}
+
+fn apply_raw(idx: &mut Index, seg: u64, off: u64, raw: &RawRecord<'_>) -> std::result::Result<(), String> {
+    let stream = StreamName::any(raw.stream).map_err(|e| e.to_string())?;
+    match raw.kind {
+        KIND_EVENT => idx.apply_event(
+            &stream,
+            raw.version,
+            raw.position,
+            pack_loc(seg, off),
+            raw.event_type,
+            raw.correlation,
+            Uuid::from_bytes(raw.id),
+        ),
+        KIND_SOFT_DELETE => idx.apply_delete(&stream, false, raw.version),
+        _ => idx.apply_delete(&stream, true, 0),
+    }
+}
+
+struct OpenStats {
+    replayed: u64,
+    index_loaded: bool,
+    truncated: Option<BadRecord>,
+}
+
+/// Figures about an open store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LogStats {
+    /// Records walked while opening (only the tail the index checkpoint did
+    /// not cover, when it was usable).
+    pub replayed_on_open: u64,
+    /// Whether the index checkpoint was loaded on open.
+    pub index_loaded: bool,
+    /// The torn tail or corrupt record truncated on open, if any.
+    pub truncated_on_open: Option<BadRecord>,
+    /// Segment files in use.
+    pub segments: usize,
+    /// Next global position.
+    pub next_position: u64,
+}
+
+struct Shared {
+    core: Arc<Core>,
+    kv: Arc<Kv>,
+    tx: Mutex<Option<mpsc::Sender<Request>>>,
+    writer: Mutex<Option<JoinHandle<std::result::Result<(), LogError>>>>,
+    head: watch::Receiver<u64>,
+    stats: OpenStats,
+    dir: PathBuf,
+}
+
+impl Shared {
+    fn close(&self) -> std::result::Result<(), LogError> {
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        let handle = self.writer.lock().ok().and_then(|mut h| h.take());
+        match handle {
+            Some(h) => h.join().unwrap_or_else(|_| Err(LogError::Poisoned { reason: "writer thread panicked".into() })),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::warn!(error = %e, "annals-log: closing the store did not checkpoint the index");
+        }
+    }
+}
+
+/// The embedded, durable event store: a segmented, checksummed,
+/// hash-chained log with group commit and derived indexes.
+///
+/// Cheap to clone (a handle over shared state). The store closes when the
+/// last handle drops (or on [`LogStore::close`]): the writer syncs, writes
+/// the index checkpoint and releases the directory lock. Subscriptions keep
+/// only the read side alive and end with `Closed` when the store closes.
+#[derive(Clone)]
+pub struct LogStore {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore").field("dir", &self.shared.dir).finish_non_exhaustive()
+    }
+}
+
+impl LogStore {
+    /// A builder for the store in `dir` (created if missing).
+    pub fn builder(dir: impl AsRef<Path>) -> LogStoreBuilder {
+        LogStoreBuilder {
+            dir: dir.as_ref().to_path_buf(),
+            durability: Durability::Always,
+            segment_size: DEFAULT_SEGMENT_SIZE,
+            limits: Limits::default(),
+            repair: false,
+            verify_on_open: false,
+            io: Arc::new(RealIo),
+        }
+    }
+
+    /// Opens `dir` with default settings.
+    pub fn open(dir: impl AsRef<Path>) -> std::result::Result<LogStore, LogError> {
+        Self::builder(dir).open()
+    }
+
+    /// Stops the writer, syncs, checkpoints the index and releases the lock.
+    /// Every handle sees the store closed afterwards (writes fail with
+    /// `Closed`; reads keep working). Blocking.
+    pub fn close(&self) -> std::result::Result<(), LogError> {
+        self.shared.close()
+    }
+
+    /// Figures about the store.
+    pub fn stats(&self) -> LogStats {
+        LogStats {
+            replayed_on_open: self.shared.stats.replayed,
+            index_loaded: self.shared.stats.index_loaded,
+            truncated_on_open: self.shared.stats.truncated.clone(),
+            segments: self.shared.core.segment_count(),
+            next_position: *self.shared.head.borrow(),
+        }
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    fn sender(&self) -> Result<mpsc::Sender<Request>> {
+        self.shared.tx.lock().ok().and_then(|t| t.clone()).ok_or(Error::Closed)
+    }
+
+    async fn append_parts(&self, parts: Vec<StreamAppend>) -> Result<Vec<AppendResult>> {
+        self.shared.core.limits.check_parts(&parts)?;
+        check_sizes(&parts)?;
+        self.shared.core.check_poison()?;
+        let (reply, rx) = oneshot::channel();
+        self.sender()?.send(Request::Append { parts, reply }).map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+}
+
+/// Rejects events whose fields cannot be framed (only reachable with limits
+/// raised far beyond the defaults).
+fn check_sizes(parts: &[StreamAppend]) -> Result<()> {
+    for e in parts.iter().flat_map(|p| p.events.iter()) {
+        let total = format::MIN_RECORD_LEN + 2 * 256 + e.metadata.len() * 2 + e.data.len();
+        if u32::try_from(total).is_err() {
+            return Err(Error::invalid(format!("event {} is too large for the log format", e.id)));
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Appender for LogStore {
+    async fn append(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+    ) -> Result<AppendResult> {
+        let mut r = self.append_parts(vec![StreamAppend::new(stream.clone(), expected, events)]).await?;
+        r.pop().ok_or_else(|| Error::invalid("empty append"))
+    }
+
+    async fn append_multi(&self, parts: Vec<StreamAppend>) -> Result<Vec<AppendResult>> {
+        self.append_parts(parts).await
+    }
+}
+
+#[async_trait]
+impl StreamReader for LogStore {
+    async fn read_stream(&self, stream: &StreamName, request: ReadStream) -> Result<Vec<RecordedEvent>> {
+        self.shared.core.read_stream(stream, request).await
+    }
+
+    async fn stream_info(&self, stream: &StreamName) -> Result<StreamInfo> {
+        self.shared.core.stream_info(stream).await
+    }
+}
+
+#[async_trait]
+impl AllReader for LogStore {
+    async fn read_all(&self, request: ReadAll) -> Result<AllSlice> {
+        self.shared.core.read_all(request).await
+    }
+
+    async fn next_position(&self) -> Result<u64> {
+        self.shared.core.next_position().await
+    }
+}
+
+impl Subscriber for LogStore {
+    fn subscribe(&self, request: SubscriptionRequest) -> EventStream {
+        subscription::catch_up(self.shared.core.clone(), self.shared.head.clone(), request)
+    }
+}
+
+#[async_trait]
+impl StreamDeleter for LogStore {
+    async fn delete_stream(&self, stream: &StreamName, expected: ExpectedVersion, mode: DeleteMode) -> Result<()> {
+        self.shared.core.check_poison()?;
+        let (reply, rx) = oneshot::channel();
+        self.sender()?
+            .send(Request::Delete { stream: stream.clone(), expected, mode, reply })
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::backend("side-store task failed", e))?
+}
+
+#[async_trait]
+impl SnapshotStore for LogStore {
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
+        let kv = self.shared.kv.clone();
+        blocking(move || kv.save_snapshot(snapshot)).await
+    }
+
+    async fn load_snapshot(&self, stream: &StreamName, at_or_before: Option<u64>) -> Result<Option<Snapshot>> {
+        self.shared.kv.load_snapshot(stream, at_or_before)
+    }
+
+    async fn prune_snapshots(&self, stream: &StreamName, keep_last: usize) -> Result<usize> {
+        let kv = self.shared.kv.clone();
+        let stream = stream.clone();
+        blocking(move || kv.prune_snapshots(&stream, keep_last)).await
+    }
+}
+
+#[async_trait]
+impl CheckpointStore for LogStore {
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<u64>> {
+        validate_checkpoint_name(name)?;
+        self.shared.kv.load_checkpoint(name)
+    }
+
+    async fn save_checkpoint(&self, name: &str, position: u64) -> Result<()> {
+        validate_checkpoint_name(name)?;
+        let kv = self.shared.kv.clone();
+        let name = name.to_owned();
+        blocking(move || kv.save_checkpoint(&name, position)).await
+    }
+}

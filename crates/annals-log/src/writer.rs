@@ -1,0 +1,649 @@
+//! The single writer thread: group commit.
+//!
+//! Appends and deletes arrive on a channel. The writer drains everything
+//! pending, decides each request against the published index plus the
+//! effects of earlier requests in the same group (so expected-version checks
+//! are serialized with writes), encodes all records into one buffer, issues
+//! one write and one `fdatasync`, then publishes the new index entries and
+//! the new head position, and only then acknowledges the callers.
+
+use std::{
+    borrow::Cow,
+    collections::HashMap,
+    sync::{Arc, mpsc},
+    time::{Instant},
+};
+
+use annals_core::{
+    AppendDecision, AppendResult, DeleteMode, Error, EventData, ExpectedVersion, Metadata, Result, StreamAppend,
+    StreamName, StreamState, Timestamp, Uuid,
+};
+use tokio::sync::{oneshot, watch};
+
+use crate::{
+    Durability,
+    core::{Core, segment_file_name},
+    error::LogError,
+    format::{
+        self, EventFields, KIND_SOFT_DELETE, KIND_TOMBSTONE, MAX_OFFSET, MAX_SEGMENT, SEGMENT_HEADER_LEN,
+        SegmentHeader, pack_loc,
+    },
+    index::{self, Index, LogTail},
+    io::IoFile,
+};
+
+/// Most bytes one group gathers before it is written.
+const MAX_GROUP_BYTES: usize = 8 << 20;
+/// First zero-fill step ahead of the write head; doubles up to the maximum.
+const FILL_START: u64 = 1 << 20;
+const FILL_MAX: u64 = 64 << 20;
+static ZEROS: [u8; 1 << 16] = [0u8; 1 << 16];
+
+/// A request to the writer.
+pub(crate) enum Request {
+    Append { parts: Vec<StreamAppend>, reply: oneshot::Sender<Result<Vec<AppendResult>>> },
+    Delete { stream: StreamName, expected: ExpectedVersion, mode: DeleteMode, reply: oneshot::Sender<Result<()>> },
+}
+
+impl Request {
+    fn size(&self) -> usize {
+        match self {
+            Request::Append { parts, .. } => parts
+                .iter()
+                .flat_map(|p| p.events.iter())
+                .map(|e| e.data.len() + e.metadata.len() + 128)
+                .sum(),
+            Request::Delete { .. } => 128,
+        }
+    }
+
+    fn fail(self, e: Error) {
+        match self {
+            Request::Append { reply, .. } => drop(reply.send(Err(e))),
+            Request::Delete { reply, .. } => drop(reply.send(Err(e))),
+        }
+    }
+}
+
+enum Reply {
+    Append(oneshot::Sender<Result<Vec<AppendResult>>>, Vec<AppendResult>),
+    Delete(oneshot::Sender<Result<()>>),
+}
+
+enum Op {
+    Event { stream: StreamName, version: u64, position: u64, loc: u64, event_type: String, correlation: String, id: Uuid },
+    Delete { stream: StreamName, hard: bool, truncate_before: u64 },
+}
+
+struct Chunk {
+    segment: u64,
+    start: u64,
+    buf: Vec<u8>,
+    header: Option<SegmentHeader>,
+}
+
+#[derive(Clone, Default)]
+struct Pending {
+    state: StreamState,
+    last_id: Uuid,
+    positions: Vec<u64>,
+}
+
+struct Group {
+    chunks: Vec<Chunk>,
+    tail: LogTail,
+    first_position: u64,
+    ids: Vec<Uuid>,
+    overlay: HashMap<StreamName, Pending>,
+    ops: Vec<Op>,
+    replies: Vec<Reply>,
+}
+
+/// Settings the writer needs.
+pub(crate) struct WriterConfig {
+    pub durability: Durability,
+    pub segment_size: u64,
+}
+
+/// The segment being appended to.
+struct Active {
+    index: u64,
+    file: Arc<dyn IoFile>,
+    filled: u64,
+}
+
+pub(crate) struct Writer {
+    core: Arc<Core>,
+    cfg: WriterConfig,
+    active: Active,
+    tail: LogTail,
+    head: watch::Sender<u64>,
+    buf: Vec<u8>,
+    fill_step: u64,
+    unsynced: bool,
+    last_sync: Instant,
+    _lock: Box<dyn Send + Sync>,
+}
+
+impl Writer {
+    pub(crate) fn new(
+        core: Arc<Core>,
+        cfg: WriterConfig,
+        tail: LogTail,
+        active_file: Arc<dyn IoFile>,
+        filled: u64,
+        head: watch::Sender<u64>,
+        lock: Box<dyn Send + Sync>,
+    ) -> Self {
+        Writer {
+            core,
+            cfg,
+            active: Active { index: tail.segment, file: active_file, filled },
+            tail,
+            head,
+            buf: Vec::new(),
+            fill_step: FILL_START,
+            unsynced: false,
+            last_sync: Instant::now(),
+            _lock: lock,
+        }
+    }
+
+    /// Runs until every sender is gone, then syncs and checkpoints the index.
+    pub(crate) fn run(mut self, rx: mpsc::Receiver<Request>) -> std::result::Result<(), LogError> {
+        self.prefill();
+        loop {
+            let first = match (self.unsynced, self.cfg.durability) {
+                (true, Durability::Interval(d)) => {
+                    let wait = d.saturating_sub(self.last_sync.elapsed());
+                    match rx.recv_timeout(wait) {
+                        Ok(r) => Some(r),
+                        Err(mpsc::RecvTimeoutError::Timeout) => None,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                _ => match rx.recv() {
+                    Ok(r) => Some(r),
+                    Err(_) => break,
+                },
+            };
+            let Some(first) = first else {
+                self.interval_sync();
+                continue;
+            };
+            let mut bytes = first.size();
+            let mut batch = vec![first];
+            while bytes < MAX_GROUP_BYTES {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        bytes += r.size();
+                        batch.push(r);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.process(batch);
+            if matches!(self.cfg.durability, Durability::Interval(_)) {
+                self.interval_sync();
+            }
+            self.prefill();
+        }
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> std::result::Result<(), LogError> {
+        if let Some(reason) = self.core.poisoned() {
+            // Do not checkpoint: what is on disk may differ from what was
+            // acknowledged; the next open rescans the tail.
+            return Err(LogError::Poisoned { reason });
+        }
+        if self.unsynced {
+            self.active.file.sync_data()?;
+        }
+        let idx = self.core.index().map_err(|e| LogError::Poisoned { reason: e.to_string() })?;
+        index::save(&*self.core.io, &self.core.dir, &idx)
+    }
+
+    fn interval_sync(&mut self) {
+        if !self.unsynced {
+            return;
+        }
+        if let Durability::Interval(d) = self.cfg.durability
+            && self.last_sync.elapsed() < d
+        {
+            return;
+        }
+        match self.active.file.sync_data() {
+            Ok(()) => {
+                self.unsynced = false;
+                self.last_sync = Instant::now();
+            }
+            Err(e) => self.core.set_poisoned(format!("periodic fdatasync failed: {e}")),
+        }
+    }
+
+    /// Zero-fills the active segment ahead of the write head, so appends
+    /// overwrite allocated blocks and `fdatasync` has no size change to
+    /// flush (measurably faster than syncing a growing file).
+    fn prefill(&mut self) {
+        if self.core.poisoned().is_some() {
+            return;
+        }
+        let end = self.tail.end;
+        let limit = self.cfg.segment_size;
+        if self.active.filled >= limit || self.active.filled.saturating_sub(end) > self.fill_step / 2 {
+            return;
+        }
+        let target = (self.active.filled.max(end) + self.fill_step).min(limit);
+        if let Err(e) = fill_zeros(&*self.active.file, self.active.filled.max(end), target) {
+            self.core.set_poisoned(format!("zero-filling segment {} failed: {e}", self.active.index));
+            return;
+        }
+        self.active.filled = target;
+        self.fill_step = (self.fill_step * 2).min(FILL_MAX);
+    }
+
+    fn process(&mut self, batch: Vec<Request>) {
+        if let Some(reason) = self.core.poisoned() {
+            for r in batch {
+                r.fail(Error::Poisoned { reason: reason.clone() });
+            }
+            return;
+        }
+        let mut group = Group {
+            chunks: vec![Chunk {
+                segment: self.tail.segment,
+                start: self.tail.end,
+                buf: std::mem::take(&mut self.buf),
+                header: None,
+            }],
+            tail: self.tail,
+            first_position: self.tail.next_position,
+            ids: Vec::new(),
+            overlay: HashMap::new(),
+            ops: Vec::new(),
+            replies: Vec::new(),
+        };
+        if let Some(c) = group.chunks.first_mut() {
+            c.buf.clear();
+        }
+        let now = Timestamp::now().as_micros();
+        {
+            let idx = match self.core.index() {
+                Ok(i) => i,
+                Err(e) => {
+                    for r in batch {
+                        r.fail(Error::Poisoned { reason: e.to_string() });
+                    }
+                    return;
+                }
+            };
+            for req in batch {
+                // One timestamp per request, never behind the previous one.
+                group.tail.last_ts = group.tail.last_ts.max(now);
+                match req {
+                    Request::Append { parts, reply } => match self.decide(&idx, &mut group, &parts) {
+                        Ok(decisions) => match self.encode_append(&idx, &mut group, parts, decisions) {
+                            Ok(results) => group.replies.push(Reply::Append(reply, results)),
+                            Err(e) => {
+                                self.core.set_poisoned(format!("encoding failed: {e}"));
+                                drop(reply.send(Err(e)));
+                            }
+                        },
+                        Err(e) => drop(reply.send(Err(e))),
+                    },
+                    Request::Delete { stream, expected, mode, reply } => {
+                        let (state, last_id) = state_of(&idx, &group, &stream);
+                        match state.check_delete(&stream, expected, mode == DeleteMode::Hard) {
+                            Ok(()) => match self.encode_delete(&mut group, stream, state, last_id, mode) {
+                                Ok(()) => group.replies.push(Reply::Delete(reply)),
+                                Err(e) => {
+                                    self.core.set_poisoned(format!("encoding failed: {e}"));
+                                    drop(reply.send(Err(e.into())));
+                                }
+                            },
+                            Err(e) => drop(reply.send(Err(e))),
+                        }
+                    }
+                }
+            }
+        }
+        self.commit(group);
+    }
+
+    fn decide(&self, idx: &Index, group: &mut Group, parts: &[StreamAppend]) -> Result<Vec<AppendDecision>> {
+        let mut out = Vec::with_capacity(parts.len());
+        for part in parts {
+            let ids: Vec<Uuid> = part.events.iter().map(|e| e.id).collect();
+            let (state, last_id) = state_of(idx, group, &part.stream);
+            let decision = state.decide(&part.stream, part.expected, &ids, |n| {
+                // Only a re-send can match; the last id tells cheaply.
+                if ids.last() != Some(&last_id) {
+                    return Ok(None);
+                }
+                self.tail_ids(idx, group, &part.stream, n)
+            })?;
+            out.push(decision);
+        }
+        Ok(out)
+    }
+
+    fn tail_ids(&self, idx: &Index, group: &Group, stream: &StreamName, n: usize) -> Result<Option<(Vec<Uuid>, u64)>> {
+        let published = idx.streams.get(stream).map(|e| e.positions.as_slice()).unwrap_or_default();
+        let pending = group.overlay.get(stream).map(|p| p.positions.as_slice()).unwrap_or_default();
+        let total = published.len() + pending.len();
+        let Some(skip) = total.checked_sub(n) else { return Ok(None) };
+        let mut ids = Vec::with_capacity(n);
+        let mut last = None;
+        for &p in published.iter().chain(pending.iter()).skip(skip) {
+            let id = if p >= group.first_position {
+                usize::try_from(p - group.first_position).ok().and_then(|i| group.ids.get(i)).copied()
+            } else {
+                let loc = usize::try_from(p).ok().and_then(|i| idx.locs.get(i)).copied();
+                match loc {
+                    Some(loc) => Some(self.core.event_id(p, loc)?),
+                    None => None,
+                }
+            };
+            let Some(id) = id else {
+                return Err(Error::Corrupt { details: format!("position {p} of stream '{stream}' is not indexed") });
+            };
+            ids.push(id);
+            last = Some(p);
+        }
+        Ok(last.map(|p| (ids, p)))
+    }
+
+    /// Reserves room for a frame of `len` bytes, rolling to a new segment
+    /// when the current one is full, and returns the frame's location and
+    /// the chunk to encode it into.
+    fn place<'g>(&self, group: &'g mut Group, len: usize) -> std::result::Result<(u64, &'g mut Chunk), LogError> {
+        let len = len as u64;
+        let end = group.tail.end;
+        if end + len > self.cfg.segment_size && end > SEGMENT_HEADER_LEN as u64 {
+            let next = group.tail.segment + 1;
+            if next > MAX_SEGMENT {
+                return Err(LogError::Config { reason: "segment index space exhausted".into() });
+            }
+            let header = SegmentHeader { index: next, first_position: group.tail.next_position, prev_hash: group.tail.last_hash };
+            group.chunks.push(Chunk { segment: next, start: SEGMENT_HEADER_LEN as u64, buf: Vec::new(), header: Some(header) });
+            group.tail.segment = next;
+            group.tail.end = SEGMENT_HEADER_LEN as u64;
+        }
+        let offset = group.tail.end;
+        if offset + len > MAX_OFFSET {
+            return Err(LogError::Config { reason: "segment grew past the 1 TiB offset limit".into() });
+        }
+        group.tail.end += len;
+        let loc = pack_loc(group.tail.segment, offset);
+        let chunk = group.chunks.last_mut().ok_or(LogError::Closed)?;
+        Ok((loc, chunk))
+    }
+
+    fn encode_append(
+        &self,
+        idx: &Index,
+        group: &mut Group,
+        parts: Vec<StreamAppend>,
+        decisions: Vec<AppendDecision>,
+    ) -> Result<Vec<AppendResult>> {
+        let mut results = Vec::with_capacity(parts.len());
+        let ts = group.tail.last_ts;
+        for (part, decision) in parts.into_iter().zip(decisions) {
+            let first_version = match decision {
+                AppendDecision::AlreadyWritten(r) => {
+                    results.push(r);
+                    continue;
+                }
+                AppendDecision::Write { first_version } => first_version,
+            };
+            let stream = part.stream;
+            let mut pending = match group.overlay.get(&stream) {
+                Some(p) => p.clone(),
+                None => {
+                    let (state, last_id) = state_of(idx, group, &stream);
+                    Pending { state, last_id, positions: Vec::new() }
+                }
+            };
+            let mut version = first_version;
+            let mut position = group.tail.next_position;
+            for event in part.events {
+                position = group.tail.next_position;
+                let EventData { id, event_type, data, content_type, metadata } = event;
+                let correlation = correlation_of(&metadata);
+                let fields = EventFields {
+                    position,
+                    version,
+                    recorded_at: ts,
+                    id: *id.as_bytes(),
+                    content_type: content_type.code(),
+                    stream: stream.as_str(),
+                    event_type: &event_type,
+                    correlation: correlation.as_deref().unwrap_or(""),
+                    metadata: metadata.as_bytes(),
+                    data: &data,
+                };
+                let len = format::event_frame_len(&fields);
+                let prev = group.tail.last_hash;
+                let (loc, chunk) = self.place(group, len)?;
+                let hash = format::encode_event(&mut chunk.buf, &prev, &fields)?;
+                group.tail.last_hash = hash;
+                group.tail.last_record = Some(loc);
+                group.tail.next_position += 1;
+                group.ids.push(id);
+                pending.positions.push(position);
+                group.ops.push(Op::Event {
+                    stream: stream.clone(),
+                    version,
+                    position,
+                    loc,
+                    event_type,
+                    correlation: correlation.unwrap_or_default(),
+                    id,
+                });
+                pending.last_id = id;
+                version += 1;
+            }
+            pending.state.last_version = Some(version - 1);
+            pending.state.last_position = Some(position);
+            group.overlay.insert(stream, pending);
+            results.push(AppendResult { next_version: version, position });
+        }
+        Ok(results)
+    }
+
+    fn encode_delete(
+        &self,
+        group: &mut Group,
+        stream: StreamName,
+        state: StreamState,
+        last_id: Uuid,
+        mode: DeleteMode,
+    ) -> std::result::Result<(), LogError> {
+        let hard = mode == DeleteMode::Hard;
+        let truncate_before = if hard { state.truncate_before } else { state.next_version() };
+        let len = format::MIN_RECORD_LEN + stream.as_str().len();
+        let prev = group.tail.last_hash;
+        let ts = group.tail.last_ts;
+        let (loc, chunk) = self.place(group, len)?;
+        let kind = if hard { KIND_TOMBSTONE } else { KIND_SOFT_DELETE };
+        let hash = format::encode_delete(&mut chunk.buf, &prev, kind, stream.as_str(), truncate_before, ts)?;
+        group.tail.last_hash = hash;
+        group.tail.last_record = Some(loc);
+        let mut pending =
+            group.overlay.get(&stream).cloned().unwrap_or(Pending { state, last_id, positions: Vec::new() });
+        if hard {
+            pending.state.tombstoned = true;
+        } else {
+            pending.state.truncate_before = truncate_before;
+        }
+        group.overlay.insert(stream.clone(), pending);
+        group.ops.push(Op::Delete { stream, hard, truncate_before });
+        Ok(())
+    }
+
+    /// Writes the group, syncs it as the durability setting asks, publishes
+    /// it and acknowledges the callers; on failure poisons the store and
+    /// rolls the files back to the last acknowledged byte.
+    fn commit(&mut self, mut group: Group) {
+        let wrote_anything = group.chunks.iter().any(|c| !c.buf.is_empty() || c.header.is_some());
+        if wrote_anything && let Err(e) = self.write_group(&mut group) {
+            let reason = format!("append failed: {e}");
+            self.core.set_poisoned(reason.clone());
+            self.rollback();
+            for r in group.replies {
+                match r {
+                    Reply::Append(tx, _) => drop(tx.send(Err(Error::Poisoned { reason: reason.clone() }))),
+                    Reply::Delete(tx) => drop(tx.send(Err(Error::Poisoned { reason: reason.clone() }))),
+                }
+            }
+            return;
+        }
+        // Keep the first chunk's buffer for the next group.
+        if let Some(first) = group.chunks.drain(..).next() {
+            self.buf = first.buf;
+        }
+        if wrote_anything {
+            match self.core.index_mut() {
+                Ok(mut idx) => {
+                    for op in group.ops {
+                        let r = match op {
+                            Op::Event { stream, version, position, loc, event_type, correlation, id } => idx.apply_event(
+                                &stream,
+                                version,
+                                position,
+                                loc,
+                                &event_type,
+                                &correlation,
+                                id,
+                            ),
+                            Op::Delete { stream, hard, truncate_before } => {
+                                idx.apply_delete(&stream, hard, truncate_before)
+                            }
+                        };
+                        if let Err(e) = r {
+                            self.core.set_poisoned(format!("index update failed: {e}"));
+                        }
+                    }
+                    idx.tail = group.tail;
+                }
+                Err(e) => self.core.set_poisoned(e.to_string()),
+            }
+            self.tail = group.tail;
+            // Published after the events are readable (see annals_core::subscription).
+            self.head.send_replace(self.tail.next_position);
+        }
+        for r in group.replies {
+            match r {
+                Reply::Append(tx, results) => drop(tx.send(Ok(results))),
+                Reply::Delete(tx) => drop(tx.send(Ok(()))),
+            }
+        }
+    }
+
+    fn write_group(&mut self, group: &mut Group) -> std::result::Result<(), LogError> {
+        let always = self.cfg.durability == Durability::Always;
+        let n = group.chunks.len();
+        for (i, chunk) in group.chunks.iter().enumerate() {
+            if let Some(header) = chunk.header {
+                // Roll over: the previous segment's data is made durable
+                // before the next segment exists, so a torn write can only
+                // ever be in the last segment.
+                self.active.file.sync_data()?;
+                let path = self.core.dir.join(segment_file_name(chunk.segment));
+                let file = self.core.io.open(&path, true)?;
+                file.set_len(0)?;
+                file.write_at(&header.encode(), 0)?;
+                let target = (FILL_START).min(self.cfg.segment_size).max(SEGMENT_HEADER_LEN as u64);
+                fill_zeros(&*file, SEGMENT_HEADER_LEN as u64, target)?;
+                file.sync_all()?;
+                self.core.io.sync_dir(&self.core.dir)?;
+                self.core.push_segment(file.clone()).map_err(|e| LogError::Poisoned { reason: e.to_string() })?;
+                self.active = Active { index: chunk.segment, file, filled: target };
+                self.fill_step = FILL_START;
+            }
+            if !chunk.buf.is_empty() {
+                self.active.file.write_at(&chunk.buf, chunk.start)?;
+            }
+            if i + 1 == n {
+                if always {
+                    self.active.file.sync_data()?;
+                    self.last_sync = Instant::now();
+                } else {
+                    self.unsynced = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes whatever a failed group left on disk beyond the last
+    /// acknowledged record, so a later reopen cannot resurrect it.
+    fn rollback(&mut self) {
+        let published = self.tail;
+        let mut ok = true;
+        while self.active.index > published.segment {
+            let path = self.core.dir.join(segment_file_name(self.active.index));
+            ok &= self.core.io.remove(&path).is_ok();
+            ok &= self.core.pop_segment().is_ok();
+            match self.core.segment(published.segment) {
+                Ok(file) => self.active = Active { index: published.segment, file, filled: published.end },
+                Err(_) => {
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        let orphan = self.core.dir.join(segment_file_name(published.segment + 1));
+        if self.core.io.exists(&orphan) {
+            ok &= self.core.io.remove(&orphan).is_ok();
+        }
+        ok &= self.active.file.set_len(published.end).is_ok();
+        ok &= self.active.file.sync_all().is_ok();
+        ok &= self.core.io.sync_dir(&self.core.dir).is_ok();
+        self.active.filled = published.end;
+        if !ok {
+            tracing::error!("annals-log: could not roll back a failed write; the next open will truncate or refuse");
+        }
+    }
+}
+
+fn state_of(idx: &Index, group: &Group, stream: &StreamName) -> (StreamState, Uuid) {
+    if let Some(p) = group.overlay.get(stream) {
+        return (p.state, p.last_id);
+    }
+    idx.streams.get(stream).map(|e| (e.state, e.last_id)).unwrap_or_default()
+}
+
+fn fill_zeros(file: &dyn IoFile, from: u64, to: u64) -> std::io::Result<()> {
+    let mut at = from;
+    while at < to {
+        let n = usize::try_from(to - at).unwrap_or(usize::MAX).min(ZEROS.len());
+        file.write_at(ZEROS.get(..n).unwrap_or_default(), at)?;
+        at += n as u64;
+    }
+    if to > from { file.sync_all() } else { Ok(()) }
+}
+
+/// The correlation id the index keys an event under: exactly what
+/// [`Metadata::correlation_id`] returns, computed without building a map in
+/// the common cases.
+pub(crate) fn correlation_of(m: &Metadata) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Only<'a> {
+        #[serde(borrow, default)]
+        correlation_id: Option<Cow<'a, str>>,
+    }
+    let b = m.as_bytes();
+    if b.as_ref() == b"{}" {
+        return None;
+    }
+    match serde_json::from_slice::<Only<'_>>(b) {
+        Ok(o) => o.correlation_id.map(Cow::into_owned),
+        // Duplicate keys, non-string values: defer to the exact rule.
+        Err(_) => m.correlation_id(),
+    }
+}
+
+
+
