@@ -1,13 +1,77 @@
-//! `annals`: the command-line entry point. Parsing lives here; the work lives
-//! in the library crates.
+//! `annals`: the command-line entry point. Arguments are parsed here; each
+//! command lives in `commands/`, and the server itself in `annals-server`.
+//!
+//! Exit codes: 0 success, 1 failure, 2 usage error, 3 conflict (409),
+//! 4 not found or deleted (404/410), 5 unauthorized or forbidden (401/403),
+//! 6 server unreachable.
 
-use clap::Parser;
+mod client;
+mod commands;
+mod error;
+mod output;
+
+use clap::{Parser, Subcommand};
+
+use crate::{client::ClientArgs, error::CliError};
 
 /// Annals — an event store and event-sourcing toolkit.
 #[derive(Debug, Parser)]
 #[command(name = "annals", version, about, long_about = None)]
-struct Cli {}
+struct Cli {
+    #[command(flatten)]
+    client: ClientArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the HTTP/SSE/WebSocket server.
+    Serve(commands::serve::ServeArgs),
+    /// Append events to a stream (JSON from the argument or stdin).
+    Append(commands::data::AppendArgs),
+    /// Read a stream, or `$all`.
+    Read(commands::data::ReadArgs),
+    /// Follow a stream or `$all` live (Server-Sent Events).
+    Tail(commands::data::TailArgs),
+    /// List streams.
+    Streams(commands::data::StreamsArgs),
+    /// Show store statistics.
+    Stats(commands::data::StatsArgs),
+    /// Export `$all` as JSON Lines (resumable).
+    Export(commands::transfer::ExportArgs),
+    /// Import JSON Lines written by `export` (resumable: already imported
+    /// events are skipped).
+    Import(commands::transfer::ImportArgs),
+    /// Load-generate against a running server and report throughput and
+    /// latency percentiles.
+    Bench(commands::bench::BenchArgs),
+}
 
 fn main() {
-    let _cli = Cli::parse();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result: Result<(), CliError> = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(a) => commands::serve::run(a).await,
+            Command::Append(a) => commands::data::append(a, &cli.client).await,
+            Command::Read(a) => commands::data::read(a, &cli.client).await,
+            Command::Tail(a) => commands::data::tail(a, &cli.client).await,
+            Command::Streams(a) => commands::data::streams(a, &cli.client).await,
+            Command::Stats(a) => commands::data::stats(a, &cli.client).await,
+            Command::Export(a) => commands::transfer::export(a, &cli.client).await,
+            Command::Import(a) => commands::transfer::import(a, &cli.client).await,
+            Command::Bench(a) => commands::bench::run(a, &cli.client).await,
+        }
+    });
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(e.exit_code());
+    }
 }

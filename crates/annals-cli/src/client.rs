@@ -1,0 +1,177 @@
+//! A small HTTP client for the Annals API (reqwest).
+
+use clap::Args;
+use reqwest::{Method, RequestBuilder, Response};
+use serde_json::Value;
+
+use crate::error::CliError;
+
+/// Where the server is and how to authenticate.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Server URL.
+    #[arg(long, env = "ANNALS_URL", default_value = "http://127.0.0.1:2113", global = true)]
+    pub url: String,
+    /// JWT bearer token.
+    #[arg(long, env = "ANNALS_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// API key.
+    #[arg(long, env = "ANNALS_API_KEY", global = true, hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Print JSON instead of tables (for scripts).
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// A connected client.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    auth: Option<String>,
+}
+
+impl Client {
+    /// From the command-line arguments.
+    pub fn new(args: &ClientArgs) -> Result<Self, CliError> {
+        let base = args.url.trim_end_matches('/').to_owned();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(CliError::Usage(format!("--url must start with http:// or https://, got '{base}'")));
+        }
+        if base.starts_with("https://") {
+            return Err(CliError::Usage(
+                "this build of the CLI speaks plain HTTP only; use an http:// URL (TLS client support is not built in yet)"
+                    .into(),
+            ));
+        }
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| CliError::Other(e.to_string()))?;
+        let auth = match (&args.token, &args.api_key) {
+            (Some(t), _) => Some(format!("Bearer {t}")),
+            (None, Some(k)) => Some(format!("ApiKey {k}")),
+            (None, None) => None,
+        };
+        Ok(Client { http, base, auth })
+    }
+
+    /// A request to `path` (which starts with `/`).
+    pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(a) = &self.auth {
+            req = req.header(reqwest::header::AUTHORIZATION, a);
+        }
+        req
+    }
+
+    /// Sends and turns error statuses into [`CliError::Api`].
+    pub async fn send(&self, req: RequestBuilder) -> Result<Response, CliError> {
+        let resp = req.send().await.map_err(|e| self.transport(e))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        Err(api_error(resp).await)
+    }
+
+    /// Sends and parses a JSON answer.
+    pub async fn json(&self, req: RequestBuilder) -> Result<Value, CliError> {
+        let resp = self.send(req).await?;
+        if resp.status() == reqwest::StatusCode::NO_CONTENT {
+            return Ok(Value::Null);
+        }
+        resp.json().await.map_err(|e| CliError::Other(format!("invalid JSON from the server: {e}")))
+    }
+
+    /// Maps a transport error.
+    pub fn transport(&self, e: reqwest::Error) -> CliError {
+        CliError::Unreachable { url: self.base.clone(), message: e.to_string() }
+    }
+}
+
+/// Reads the JSON error body of a failed response.
+pub async fn api_error(resp: Response) -> CliError {
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    let field = |k: &str| body.pointer(&format!("/error/{k}")).and_then(Value::as_str).unwrap_or("").to_owned();
+    let (code, message) = (field("code"), field("message"));
+    CliError::Api {
+        status,
+        code: if code.is_empty() { "error".into() } else { code },
+        message: if message.is_empty() { "(no message)".into() } else { message },
+    }
+}
+
+/// Percent-encodes a path segment or query value.
+pub fn enc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Splits a `text/event-stream` body into `(event, id, data)` records.
+#[derive(Debug, Default)]
+pub struct SseParser {
+    buf: Vec<u8>,
+    event: String,
+    id: Option<String>,
+    data: String,
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    /// The `event:` field (`message` when absent).
+    pub event: String,
+    /// The `id:` field.
+    pub id: Option<String>,
+    /// The joined `data:` lines.
+    pub data: String,
+}
+
+impl SseParser {
+    /// Feeds bytes; returns the complete events they finish.
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<SseEvent> {
+        self.buf.extend_from_slice(chunk);
+        let mut out = Vec::new();
+        while let Some(nl) = self.buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=nl).collect();
+            let line = String::from_utf8_lossy(&line);
+            let line = line.trim_end_matches(['\n', '\r']);
+            if line.is_empty() {
+                if !self.data.is_empty() || !self.event.is_empty() {
+                    out.push(SseEvent {
+                        event: if self.event.is_empty() { "message".into() } else { std::mem::take(&mut self.event) },
+                        id: self.id.take(),
+                        data: std::mem::take(&mut self.data),
+                    });
+                }
+                continue;
+            }
+            if line.starts_with(':') {
+                continue;
+            }
+            let (field, value) = line.split_once(':').unwrap_or((line, ""));
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            match field {
+                "event" => self.event = value.to_owned(),
+                "id" => self.id = Some(value.to_owned()),
+                "data" => {
+                    if !self.data.is_empty() {
+                        self.data.push('\n');
+                    }
+                    self.data.push_str(value);
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,228 @@
+//! `annals bench`: a load generator against a running server.
+//!
+//! `append` mode: `--concurrency` workers each append batches of
+//! `--batch` events of `--event-size` bytes to their own stream for
+//! `--duration`, and the request latencies are reported as percentiles.
+//! `fanout` mode: `--subscribers` SSE clients follow `$all` (filtered to
+//! this run's streams) while the workers append; each event carries its
+//! send time, so delivered events/s and append→delivery latency are
+//! measured.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use clap::{Args, ValueEnum};
+use futures::StreamExt;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::{
+    client::{Client, ClientArgs, SseParser, enc},
+    error::CliError,
+    output::{print_json, table},
+};
+
+/// What to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Append throughput and latency.
+    Append,
+    /// Live fan-out to SSE subscribers.
+    Fanout,
+}
+
+/// `annals bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// What to measure.
+    #[arg(long, value_enum, default_value_t = Mode::Append)]
+    pub mode: Mode,
+    /// Concurrent appending connections.
+    #[arg(long, short = 'c', default_value_t = 64)]
+    pub concurrency: usize,
+    /// Bytes of payload per event.
+    #[arg(long, default_value_t = 256)]
+    pub event_size: usize,
+    /// Events per append request.
+    #[arg(long, short = 'b', default_value_t = 1)]
+    pub batch: usize,
+    /// How long to run, seconds.
+    #[arg(long, short = 'd', default_value_t = 10.0)]
+    pub duration: f64,
+    /// Fan-out mode: number of SSE subscribers.
+    #[arg(long, default_value_t = 100)]
+    pub subscribers: usize,
+}
+
+fn now_micros() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(idx.min(sorted.len() - 1)).copied().unwrap_or(0)
+}
+
+fn summary(lat_us: &mut [u64]) -> Value {
+    lat_us.sort_unstable();
+    json!({
+        "p50_ms": percentile(lat_us, 0.50) as f64 / 1000.0,
+        "p90_ms": percentile(lat_us, 0.90) as f64 / 1000.0,
+        "p99_ms": percentile(lat_us, 0.99) as f64 / 1000.0,
+        "max_ms": lat_us.last().copied().unwrap_or(0) as f64 / 1000.0,
+    })
+}
+
+/// Runs the benchmark.
+pub async fn run(args: BenchArgs, c: &ClientArgs) -> Result<(), CliError> {
+    if args.concurrency == 0 || args.batch == 0 || !(args.duration > 0.0) {
+        return Err(CliError::Usage("--concurrency, --batch and --duration must be positive".into()));
+    }
+    let client = Client::new(c)?;
+    client.json(client.request(Method::GET, "/health/ready")).await?;
+    let run_id = uuid::Uuid::new_v4().simple().to_string();
+    let prefix = format!("bench{}-", &run_id[..8]);
+    let duration = Duration::from_secs_f64(args.duration);
+
+    // Fan-out subscribers connect before the load starts.
+    let stop = Arc::new(AtomicBool::new(false));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let mut subscribers = Vec::new();
+    if args.mode == Mode::Fanout {
+        for _ in 0..args.subscribers {
+            let client = client.clone();
+            let path = format!("/all/live?from=end&stream_prefix={}", enc(&prefix));
+            let resp = client.send(client.request(Method::GET, &path)).await?;
+            let stop = stop.clone();
+            let delivered = delivered.clone();
+            subscribers.push(tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut body = resp.bytes_stream();
+                let mut parser = SseParser::default();
+                while !stop.load(Ordering::Relaxed) {
+                    let chunk = match tokio::time::timeout(Duration::from_millis(200), body.next()).await {
+                        Ok(Some(Ok(c))) => c,
+                        Ok(_) => break,
+                        Err(_) => continue,
+                    };
+                    for ev in parser.push(&chunk) {
+                        if ev.event != "event" {
+                            continue;
+                        }
+                        let received = now_micros();
+                        if let Ok(v) = serde_json::from_str::<Value>(&ev.data)
+                            && let Some(sent) = v["metadata"]["bench_sent_at"].as_i64()
+                        {
+                            latencies.push(received.saturating_sub(sent).max(0) as u64);
+                            delivered.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                latencies
+            }));
+        }
+    }
+
+    let payload = "x".repeat(args.event_size.saturating_sub(12));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for w in 0..args.concurrency {
+        let client = client.clone();
+        let stream = format!("{prefix}{w}");
+        let payload = payload.clone();
+        let batch = args.batch;
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0u64;
+            let path = format!("/streams/{}", enc(&stream));
+            while started.elapsed() < duration {
+                let sent_at = now_micros();
+                let events: Vec<Value> = (0..batch)
+                    .map(|_| json!({ "type": "BenchEvent", "data": { "p": payload }, "metadata": { "bench_sent_at": sent_at } }))
+                    .collect();
+                let t = Instant::now();
+                match client.send(client.request(Method::POST, &path).json(&events)).await {
+                    Ok(_) => latencies.push(t.elapsed().as_micros() as u64),
+                    Err(_) => errors += 1,
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for w in workers {
+        if let Ok((l, e)) = w.await {
+            latencies.extend(l);
+            errors += e;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let requests = latencies.len() as u64;
+    let events = requests * args.batch as u64;
+    let mut report = json!({
+        "mode": match args.mode { Mode::Append => "append", Mode::Fanout => "fanout" },
+        "concurrency": args.concurrency,
+        "batch": args.batch,
+        "event_size": args.event_size,
+        "seconds": elapsed,
+        "requests": requests,
+        "errors": errors,
+        "events": events,
+        "requests_per_sec": requests as f64 / elapsed,
+        "events_per_sec": events as f64 / elapsed,
+        "append_latency": summary(&mut latencies),
+    });
+    if args.mode == Mode::Fanout {
+        // Give subscribers a moment to receive the tail of the load.
+        let expected = events * args.subscribers as u64;
+        let drain_until = Instant::now() + Duration::from_secs(10);
+        while delivered.load(Ordering::Relaxed) < expected && Instant::now() < drain_until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let fan_elapsed = started.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        let mut deliveries = Vec::new();
+        for s in subscribers {
+            if let Ok(l) = s.await {
+                deliveries.extend(l);
+            }
+        }
+        let delivered = deliveries.len() as u64;
+        if let Some(obj) = report.as_object_mut() {
+            obj.insert("subscribers".into(), json!(args.subscribers));
+            obj.insert("delivered".into(), json!(delivered));
+            obj.insert("expected_deliveries".into(), json!(expected));
+            obj.insert("delivered_per_sec".into(), json!(delivered as f64 / fan_elapsed));
+            obj.insert("delivery_latency".into(), summary(&mut deliveries));
+        }
+    }
+    if c.json {
+        print_json(&report);
+    } else {
+        let mut t = table(&["metric", "value"]);
+        if let Some(obj) = report.as_object() {
+            for (k, v) in obj {
+                let text = match v {
+                    Value::Number(n) if n.is_f64() => format!("{:.2}", n.as_f64().unwrap_or(0.0)),
+                    Value::Object(o) => o.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "),
+                    other => other.to_string(),
+                };
+                t.add_row(vec![k.clone(), text]);
+            }
+        }
+        println!("{t}");
+    }
+    if requests == 0 {
+        return Err(CliError::Other(format!("no append succeeded ({errors} errors)")));
+    }
+    Ok(())
+}

@@ -1,0 +1,304 @@
+//! Client commands: append, read, tail, streams, stats.
+
+use std::io::Read as _;
+
+use clap::Args;
+use futures::StreamExt;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::{
+    client::{Client, ClientArgs, SseParser, enc},
+    error::CliError,
+    output::{events_table, print_json, short, table},
+};
+
+/// `annals append`.
+#[derive(Debug, Clone, Args)]
+pub struct AppendArgs {
+    /// Target stream.
+    pub stream: String,
+    /// Events as JSON: an array of `{ "type", "data", "metadata"?, "id"? }`
+    /// or one such object. Read from stdin when absent or `-`.
+    pub events: Option<String>,
+    /// Shorthand for one event of this type (with --data).
+    #[arg(long = "type", short = 't')]
+    pub event_type: Option<String>,
+    /// The data of the --type event, as JSON (default {}).
+    #[arg(long, requires = "event_type")]
+    pub data: Option<String>,
+    /// Expected version: any, no_stream, stream_exists or a number.
+    #[arg(long, short = 'e', default_value = "any")]
+    pub expected: String,
+}
+
+/// `annals read`.
+#[derive(Debug, Clone, Args)]
+pub struct ReadArgs {
+    /// Stream name, or `$all` for the global log.
+    pub stream: String,
+    /// Start: start, end, or a version / position (inclusive).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Newest first.
+    #[arg(long)]
+    pub backward: bool,
+    /// Page size.
+    #[arg(long, short = 'n', default_value_t = 100)]
+    pub limit: usize,
+    /// `$all` only: stream-name prefix.
+    #[arg(long)]
+    pub stream_prefix: Option<String>,
+    /// `$all` only: category.
+    #[arg(long)]
+    pub category: Option<String>,
+    /// `$all` only: event types (comma-separated, exact).
+    #[arg(long = "event-type")]
+    pub event_type: Option<String>,
+    /// `$all` only: correlation id.
+    #[arg(long)]
+    pub correlation_id: Option<String>,
+}
+
+/// `annals tail`.
+#[derive(Debug, Clone, Args)]
+pub struct TailArgs {
+    /// Stream name, or `$all`.
+    pub stream: String,
+    /// Where to start: start, end (default), or a version / position.
+    #[arg(long, default_value = "end")]
+    pub from: String,
+    /// Stop after this many events.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// `$all` only: stream-name prefix.
+    #[arg(long)]
+    pub stream_prefix: Option<String>,
+}
+
+/// `annals streams`.
+#[derive(Debug, Clone, Args)]
+pub struct StreamsArgs {
+    /// Only streams whose name starts with this.
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// At most this many.
+    #[arg(long, default_value_t = 1000)]
+    pub limit: usize,
+}
+
+/// `annals stats`.
+#[derive(Debug, Clone, Args)]
+pub struct StatsArgs {}
+
+fn read_input(arg: Option<&str>) -> Result<String, CliError> {
+    match arg {
+        Some(s) if s != "-" => Ok(s.to_owned()),
+        _ => {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s)?;
+            Ok(s)
+        }
+    }
+}
+
+/// Appends events.
+pub async fn append(args: AppendArgs, c: &ClientArgs) -> Result<(), CliError> {
+    let client = Client::new(c)?;
+    let events: Value = match &args.event_type {
+        Some(t) => {
+            let data: Value = match &args.data {
+                Some(d) => serde_json::from_str(d).map_err(|e| CliError::Usage(format!("--data is not JSON: {e}")))?,
+                None => json!({}),
+            };
+            json!([{ "type": t, "data": data }])
+        }
+        None => {
+            let text = read_input(args.events.as_deref())?;
+            let v: Value =
+                serde_json::from_str(&text).map_err(|e| CliError::Usage(format!("events are not valid JSON: {e}")))?;
+            if v.is_object() { Value::Array(vec![v]) } else { v }
+        }
+    };
+    if !events.is_array() {
+        return Err(CliError::Usage("events must be a JSON array or object".into()));
+    }
+    let req = client
+        .request(Method::POST, &format!("/streams/{}?expected={}", enc(&args.stream), enc(&args.expected)))
+        .json(&events);
+    let result = client.json(req).await?;
+    if c.json {
+        print_json(&result);
+    } else {
+        println!(
+            "appended to {}: last version {}, position {}",
+            args.stream,
+            short(&result["last_version"], 20),
+            short(&result["position"], 20)
+        );
+    }
+    Ok(())
+}
+
+/// Reads a page of a stream or `$all`.
+pub async fn read(args: ReadArgs, c: &ClientArgs) -> Result<(), CliError> {
+    let client = Client::new(c)?;
+    let dir = if args.backward { "backward" } else { "forward" };
+    let mut path = if args.stream == "$all" {
+        let mut p = format!("/all?direction={dir}&limit={}", args.limit);
+        for (k, v) in [
+            ("stream_prefix", &args.stream_prefix),
+            ("category", &args.category),
+            ("type", &args.event_type),
+            ("correlation_id", &args.correlation_id),
+        ] {
+            if let Some(v) = v {
+                p.push_str(&format!("&{k}={}", enc(v)));
+            }
+        }
+        p
+    } else {
+        format!("/streams/{}?direction={dir}&limit={}", enc(&args.stream), args.limit)
+    };
+    if let Some(f) = &args.from {
+        path.push_str(&format!("&from={}", enc(f)));
+    }
+    let page = client.json(client.request(Method::GET, &path)).await?;
+    if c.json {
+        print_json(&page);
+        return Ok(());
+    }
+    let events = page["events"].as_array().cloned().unwrap_or_default();
+    println!("{}", events_table(&events));
+    match page["next"].as_u64() {
+        Some(n) => println!("{} event(s); next page: --from {n}", events.len()),
+        None => println!("{} event(s)", events.len()),
+    }
+    Ok(())
+}
+
+/// Follows a stream or `$all` live. Reconnects after `slow_consumer` or
+/// `shutdown` notices from where it stopped, so nothing is missed.
+pub async fn tail(args: TailArgs, c: &ClientArgs) -> Result<(), CliError> {
+    let client = Client::new(c)?;
+    let is_all = args.stream == "$all";
+    let mut from = args.from.clone();
+    let mut seen = 0u64;
+    let mut reconnects = 0u32;
+    loop {
+        let mut path = if is_all {
+            format!("/all/live?from={}", enc(&from))
+        } else {
+            format!("/streams/{}/live?from={}", enc(&args.stream), enc(&from))
+        };
+        if let (true, Some(p)) = (is_all, &args.stream_prefix) {
+            path.push_str(&format!("&stream_prefix={}", enc(p)));
+        }
+        let resp = client.send(client.request(Method::GET, &path)).await?;
+        let mut body = resp.bytes_stream();
+        let mut parser = SseParser::default();
+        let mut resume: Option<String> = None;
+        'conn: while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| client.transport(e))?;
+            for ev in parser.push(&chunk) {
+                match ev.event.as_str() {
+                    "event" => {
+                        let value: Value = serde_json::from_str(&ev.data).unwrap_or(Value::Null);
+                        if c.json {
+                            print_json(&value);
+                        } else {
+                            println!(
+                                "{:>8} {}@{} {} {}",
+                                short(&value["position"], 20),
+                                short(&value["stream"], 60),
+                                short(&value["version"], 20),
+                                short(&value["type"], 60),
+                                short(&value["data"], 120)
+                            );
+                        }
+                        if let Some(id) = &ev.id {
+                            from = id.parse::<u64>().map(|n| (n + 1).to_string()).unwrap_or_else(|_| from.clone());
+                        }
+                        seen += 1;
+                        if args.count.is_some_and(|n| seen >= n) {
+                            return Ok(());
+                        }
+                    }
+                    "slow_consumer" | "shutdown" => {
+                        let v: Value = serde_json::from_str(&ev.data).unwrap_or(Value::Null);
+                        eprintln!("server: {} ({}); resuming", ev.event, short(&v["message"], 200));
+                        resume = Some(from.clone());
+                        break 'conn;
+                    }
+                    other => {
+                        let v: Value = serde_json::from_str(&ev.data).unwrap_or(Value::Null);
+                        return Err(CliError::Api {
+                            status: 0,
+                            code: other.to_owned(),
+                            message: short(&v["message"], 500),
+                        });
+                    }
+                }
+            }
+        }
+        reconnects += 1;
+        if resume.is_none() && reconnects > 100 {
+            return Err(CliError::Other("the live connection keeps closing".into()));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// Lists streams.
+pub async fn streams(args: StreamsArgs, c: &ClientArgs) -> Result<(), CliError> {
+    let client = Client::new(c)?;
+    let mut path = format!("/streams?limit={}", args.limit);
+    if let Some(p) = &args.prefix {
+        path.push_str(&format!("&prefix={}", enc(p)));
+    }
+    let v = client.json(client.request(Method::GET, &path)).await?;
+    if c.json {
+        print_json(&v);
+        return Ok(());
+    }
+    let mut t = table(&["stream", "events", "last_version", "last_position"]);
+    let list = v["streams"].as_array().cloned().unwrap_or_default();
+    for s in &list {
+        t.add_row(vec![
+            short(&s["stream"], 80),
+            short(&s["events"], 20),
+            short(&s["last_version"], 20),
+            short(&s["last_position"], 20),
+        ]);
+    }
+    println!("{t}");
+    println!("{} stream(s){}", list.len(), if v["complete"] == json!(false) { " (scan limit reached)" } else { "" });
+    Ok(())
+}
+
+/// Shows statistics.
+pub async fn stats(_args: StatsArgs, c: &ClientArgs) -> Result<(), CliError> {
+    let client = Client::new(c)?;
+    let v = client.json(client.request(Method::GET, "/stats")).await?;
+    if c.json {
+        print_json(&v);
+        return Ok(());
+    }
+    let mut t = table(&["metric", "value"]);
+    for key in ["events", "streams", "appends_since_start", "complete"] {
+        t.add_row(vec![key.to_owned(), short(&v[key], 40)]);
+    }
+    t.add_row(vec!["subscribers (sse)".to_owned(), short(&v["subscribers"]["sse"], 20)]);
+    t.add_row(vec!["subscribers (ws)".to_owned(), short(&v["subscribers"]["ws"], 20)]);
+    println!("{t}");
+    if let Some(by_type) = v["by_type"].as_object()
+        && !by_type.is_empty()
+    {
+        let mut t = table(&["event type", "count"]);
+        for (k, n) in by_type {
+            t.add_row(vec![k.clone(), short(n, 20)]);
+        }
+        println!("{t}");
+    }
+    Ok(())
+}

@@ -1,0 +1,248 @@
+//! `annals serve`: layered configuration (defaults < TOML file <
+//! `ANNALS_*` environment < flags), store opening, logging, and the server.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use annals_core::{MemoryStore, Store};
+use annals_server::{
+    AppState, Role, ServerConfig,
+    config::{ApiKeyConfig, JwtConfig, LogFormat, StoreConfig, TlsConfig},
+};
+use clap::Args;
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+
+use crate::error::CliError;
+
+/// Flags of `annals serve`. Each overrides the same key of the config file
+/// and of the environment.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "ANNALS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory of the embedded log backend (default ./annals-data).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Address to listen on (default 127.0.0.1:2113; port 0 picks a free one).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Serve an in-memory store (nothing persists).
+    #[arg(long)]
+    pub memory: bool,
+    /// Serve a PostgreSQL database (not available yet).
+    #[arg(long)]
+    pub postgres: Option<String>,
+    /// Allow a non-loopback address without authentication.
+    #[arg(long)]
+    pub insecure: bool,
+    /// Role for requests without credentials: reader, writer, admin or none.
+    #[arg(long)]
+    pub anonymous: Option<String>,
+    /// Shared secret for HS256 JWTs.
+    #[arg(long, env = "ANNALS_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM file with the RSA public key for RS256 JWTs.
+    #[arg(long)]
+    pub jwt_public_key: Option<PathBuf>,
+    /// A static API key, `NAME:ROLE:KEY` (repeatable).
+    #[arg(long = "add-api-key", value_name = "NAME:ROLE:KEY")]
+    pub api_keys: Vec<String>,
+    /// Requests per second per client (0 = unlimited).
+    #[arg(long)]
+    pub rate_limit: Option<f64>,
+    /// Rate-limit burst size.
+    #[arg(long)]
+    pub rate_burst: Option<u32>,
+    /// Maximum request body in bytes.
+    #[arg(long)]
+    pub max_body_bytes: Option<usize>,
+    /// TLS certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM); needs --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Log format: pretty or json.
+    #[arg(long)]
+    pub log_format: Option<String>,
+    /// Log filter, e.g. info or annals_server=debug.
+    #[arg(long)]
+    pub log_level: Option<String>,
+    /// Validate the configuration, print it as JSON and exit.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// Top-level keys of the configuration; other `ANNALS_*` variables (such
+/// as `ANNALS_URL` for the client commands) are not configuration.
+const TOP_LEVEL_KEYS: &[&str] =
+    &["listen", "insecure", "store", "auth", "limits", "rate_limit", "live", "timeouts", "tls", "log"];
+
+/// Builds the configuration from every layer and validates it.
+pub fn load_config(args: &ServeArgs) -> Result<ServerConfig, CliError> {
+    let mut figment = Figment::from(Serialized::defaults(ServerConfig::default()));
+    if let Some(path) = &args.config {
+        if !path.is_file() {
+            return Err(CliError::Usage(format!("--config {}: no such file", path.display())));
+        }
+        figment = figment.merge(Toml::file(path));
+    }
+    figment = figment.merge(
+        Env::prefixed("ANNALS_")
+            .split("__")
+            .filter(|k| TOP_LEVEL_KEYS.iter().any(|t| k.as_str() == *t || k.as_str().starts_with(&format!("{t}.")))),
+    );
+    let mut config: ServerConfig =
+        figment.extract().map_err(|e| CliError::Usage(format!("invalid configuration: {e}")))?;
+    apply_flags(&mut config, args)?;
+    if !config.auth.has_credentials() && config.auth.anonymous.is_none() && config.listen.ip().is_loopback() {
+        // Documented default: a loopback server with no credentials
+        // configured is a developer's server, open to local clients.
+        config.auth.anonymous = Some(Role::Admin);
+    }
+    config.validate()?;
+    config.check_exposure()?;
+    Ok(config)
+}
+
+fn apply_flags(config: &mut ServerConfig, args: &ServeArgs) -> Result<(), CliError> {
+    if let Some(d) = &args.data {
+        config.store.data = d.clone();
+    }
+    if let Some(l) = args.listen {
+        config.listen = l;
+    }
+    if args.memory {
+        config.store.memory = true;
+    }
+    if let Some(p) = &args.postgres {
+        config.store.postgres = Some(p.clone());
+    }
+    if args.insecure {
+        config.insecure = true;
+    }
+    if let Some(a) = &args.anonymous {
+        config.auth.anonymous = match a.as_str() {
+            "none" => None,
+            other => Some(Role::parse(other).ok_or_else(|| {
+                CliError::Usage(format!("--anonymous must be reader, writer, admin or none, got '{other}'"))
+            })?),
+        };
+    }
+    if args.jwt_secret.is_some() || args.jwt_public_key.is_some() {
+        let jwt = config.auth.jwt.get_or_insert_with(JwtConfig::default);
+        if let Some(s) = &args.jwt_secret {
+            jwt.hs256_secret = Some(s.clone());
+        }
+        if let Some(p) = &args.jwt_public_key {
+            jwt.rs256_public_key_file = Some(p.clone());
+            jwt.rs256_public_key = None;
+        }
+    }
+    for spec in &args.api_keys {
+        let mut parts = spec.splitn(3, ':');
+        let (Some(name), Some(role), Some(key)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(CliError::Usage(format!("--add-api-key expects NAME:ROLE:KEY, got '{spec}'")));
+        };
+        let role = Role::parse(role)
+            .ok_or_else(|| CliError::Usage(format!("--add-api-key: role must be reader, writer or admin, got '{role}'")))?;
+        config.auth.api_keys.push(ApiKeyConfig { name: name.into(), key: key.into(), role, streams: None });
+    }
+    if let Some(r) = args.rate_limit {
+        config.rate_limit.requests_per_second = r;
+    }
+    if let Some(b) = args.rate_burst {
+        config.rate_limit.burst = b;
+    }
+    if let Some(m) = args.max_body_bytes {
+        config.limits.max_body_bytes = m;
+    }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        config.tls = Some(TlsConfig { cert: cert.clone(), key: key.clone() });
+    }
+    if let Some(f) = &args.log_format {
+        config.log.format = match f.as_str() {
+            "pretty" => LogFormat::Pretty,
+            "json" => LogFormat::Json,
+            other => return Err(CliError::Usage(format!("--log-format must be pretty or json, got '{other}'"))),
+        };
+    }
+    if let Some(l) = &args.log_level {
+        config.log.level = l.clone();
+    }
+    Ok(())
+}
+
+/// Opens the configured store. The one place that knows the backends:
+/// PostgreSQL (`store.postgres`), in-memory (`store.memory`), or the
+/// embedded log in `store.data`.
+pub fn open_store(config: &StoreConfig) -> Result<(Arc<dyn Store>, &'static str), CliError> {
+    if let Some(_url) = &config.postgres {
+        return Err(CliError::Usage("the PostgreSQL backend is not available yet; use --memory".into()));
+    }
+    if config.memory {
+        return Ok((Arc::new(MemoryStore::new()), "memory"));
+    }
+    Err(CliError::Usage(format!(
+        "embedded log backend not available yet (would open {}); pass --memory to serve an in-memory store",
+        config.data.display()
+    )))
+}
+
+fn init_logging(config: &ServerConfig) -> Result<(), CliError> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
+        .map_err(|e| CliError::Usage(format!("invalid configuration `log.level`: {e}")))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let result = match config.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+        LogFormat::Pretty => builder.try_init(),
+    };
+    result.map_err(|e| CliError::Other(format!("cannot initialise logging: {e}")))
+}
+
+/// Runs the server until Ctrl-C or SIGTERM.
+pub async fn run(args: ServeArgs) -> Result<(), CliError> {
+    let config = load_config(&args)?;
+    if args.check_config {
+        println!("{}", serde_json::to_string_pretty(&config).map_err(|e| CliError::Other(e.to_string()))?);
+        return Ok(());
+    }
+    init_logging(&config)?;
+    let (store, backend) = open_store(&config.store)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| CliError::Other(format!("cannot listen on {}: {e}", config.listen)))?;
+    let addr = listener.local_addr()?;
+    let scheme = if config.tls.is_some() { "https" } else { "http" };
+    let anonymous = config.auth.anonymous;
+    let state = AppState::with_backend(store, config, backend)?;
+    // Tests and scripts read this line to find the port.
+    println!("annals listening on {scheme}://{addr} (backend: {backend}, anonymous: {anonymous:?})");
+    annals_server::run(listener, state, shutdown_signal()).await?;
+    println!("annals stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,286 @@
+//! `annals export` / `annals import`: `$all` as JSON Lines, one event (the
+//! API's event shape) per line, with a progress bar. Both resume: export
+//! from the last position already in the output file, import by skipping
+//! events the target already has.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Write},
+    path::PathBuf,
+};
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::{
+    client::{Client, ClientArgs, enc},
+    error::CliError,
+};
+
+/// `annals export`.
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    /// Output file (stdout when absent).
+    #[arg(long, short = 'o')]
+    pub output: Option<PathBuf>,
+    /// First position to export (inclusive).
+    #[arg(long, default_value_t = 0)]
+    pub from: u64,
+    /// Continue an interrupted export: start after the last event already
+    /// in --output and append to it.
+    #[arg(long, requires = "output")]
+    pub resume: bool,
+    /// Only streams starting with this.
+    #[arg(long)]
+    pub stream_prefix: Option<String>,
+    /// Events per request.
+    #[arg(long, default_value_t = 1000)]
+    pub page: usize,
+}
+
+/// `annals import`.
+#[derive(Debug, Clone, Args)]
+pub struct ImportArgs {
+    /// JSON Lines file written by `annals export` (stdin when absent or `-`).
+    pub input: Option<PathBuf>,
+    /// Events per append request (per stream).
+    #[arg(long, default_value_t = 500)]
+    pub batch: usize,
+}
+
+fn progress(total: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    if let Ok(style) =
+        ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_owned());
+    bar
+}
+
+fn last_position_in(path: &PathBuf) -> Result<Option<u64>, CliError> {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let mut last = None;
+    for line in BufReader::new(file).lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        // A torn last line (interrupted write) is ignored and rewritten.
+        if let Ok(v) = serde_json::from_str::<Value>(&line)
+            && let Some(p) = v["position"].as_u64()
+        {
+            last = Some(p);
+        }
+    }
+    Ok(last)
+}
+
+/// Exports `$all`.
+pub async fn export(args: ExportArgs, c: &ClientArgs) -> Result<(), CliError> {
+    let client = Client::new(c)?;
+    let mut from = args.from;
+    let mut out: Box<dyn Write> = match &args.output {
+        Some(path) => {
+            if args.resume
+                && let Some(last) = last_position_in(path)?
+            {
+                from = from.max(last + 1);
+                truncate_torn_tail(path)?;
+            }
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(args.resume)
+                .write(true)
+                .truncate(!args.resume)
+                .open(path)?;
+            Box::new(std::io::BufWriter::new(file))
+        }
+        None => Box::new(std::io::BufWriter::new(std::io::stdout())),
+    };
+    let info = client.json(client.request(Method::GET, "/all?limit=1&direction=backward")).await?;
+    let head = info["head"].as_u64().unwrap_or(0);
+    let bar = progress(head.saturating_sub(from), "exporting");
+    if args.output.is_none() || c.json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut exported = 0u64;
+    loop {
+        let mut path = format!("/all?from={from}&limit={}", args.page);
+        if let Some(p) = &args.stream_prefix {
+            path.push_str(&format!("&stream_prefix={}", enc(p)));
+        }
+        let page = client.json(client.request(Method::GET, &path)).await?;
+        let events = page["events"].as_array().cloned().unwrap_or_default();
+        for e in &events {
+            writeln!(out, "{e}")?;
+        }
+        exported += events.len() as u64;
+        let next = page["next"].as_u64().unwrap_or(from);
+        bar.inc(next.saturating_sub(from));
+        if next <= from || next >= head {
+            break;
+        }
+        from = next;
+    }
+    out.flush()?;
+    bar.finish_and_clear();
+    if args.output.is_some() {
+        let summary = json!({ "exported": exported, "next_position": head });
+        if c.json {
+            println!("{summary}");
+        } else {
+            eprintln!("exported {exported} event(s); resume later with --resume");
+        }
+    }
+    Ok(())
+}
+
+/// Drops an incomplete last line left by an interrupted export.
+fn truncate_torn_tail(path: &PathBuf) -> Result<(), CliError> {
+    let bytes = std::fs::read(path)?;
+    if bytes.is_empty() || bytes.ends_with(b"\n") {
+        return Ok(());
+    }
+    let keep = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let file = std::fs::OpenOptions::new().write(true).open(path)?;
+    file.set_len(keep as u64)?;
+    Ok(())
+}
+
+struct Pending {
+    stream: String,
+    first_version: u64,
+    last_version: u64,
+    events: Vec<Value>,
+}
+
+/// Imports JSON Lines.
+pub async fn import(args: ImportArgs, c: &ClientArgs) -> Result<(), CliError> {
+    let client = Client::new(c)?;
+    let reader: Box<dyn BufRead> = match &args.input {
+        Some(p) if p.as_os_str() != "-" => Box::new(BufReader::new(std::fs::File::open(p)?)),
+        _ => Box::new(BufReader::new(std::io::stdin())),
+    };
+    let total = match &args.input {
+        Some(p) if p.as_os_str() != "-" => {
+            BufReader::new(std::fs::File::open(p)?).lines().count() as u64
+        }
+        _ => 0,
+    };
+    let bar = progress(total, "importing");
+    if total == 0 || c.json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut stats = (0u64, 0u64); // (written, skipped)
+    let mut pending: Option<Pending> = None;
+    let mut started: HashMap<String, bool> = HashMap::new();
+    for (n, line) in reader.lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let e: Value = serde_json::from_str(&line)
+            .map_err(|err| CliError::Usage(format!("line {}: not JSON: {err}", n + 1)))?;
+        let (Some(stream), Some(version)) = (e["stream"].as_str(), e["version"].as_u64()) else {
+            return Err(CliError::Usage(format!("line {}: missing stream or version", n + 1)));
+        };
+        let event = json!({
+            "id": e["id"], "type": e["type"], "content_type": e["content_type"],
+            "data": e["data"], "metadata": e["metadata"],
+        });
+        let flush = pending
+            .as_ref()
+            .is_some_and(|p| p.stream != stream || p.events.len() >= args.batch || version != p.last_version + 1);
+        if flush && let Some(p) = pending.take() {
+            let count = p.events.len() as u64;
+            import_batch(&client, p, &mut started, &mut stats).await?;
+            bar.inc(count);
+        }
+        match &mut pending {
+            Some(p) => {
+                p.events.push(event);
+                p.last_version = version;
+            }
+            None => {
+                pending = Some(Pending {
+                    stream: stream.to_owned(),
+                    first_version: version,
+                    last_version: version,
+                    events: vec![event],
+                })
+            }
+        }
+    }
+    if let Some(p) = pending.take() {
+        let count = p.events.len() as u64;
+        import_batch(&client, p, &mut started, &mut stats).await?;
+        bar.inc(count);
+    }
+    bar.finish_and_clear();
+    let summary = json!({ "written": stats.0, "skipped": stats.1 });
+    if c.json {
+        println!("{summary}");
+    } else {
+        println!("imported {} event(s), skipped {} already present", stats.0, stats.1);
+    }
+    Ok(())
+}
+
+/// Writes one batch expecting the stream to be exactly one version short
+/// of it. A conflict whose actual version already covers the batch means
+/// an earlier (interrupted) run wrote it: skip.
+async fn import_batch(
+    client: &Client,
+    p: Pending,
+    started: &mut HashMap<String, bool>,
+    stats: &mut (u64, u64),
+) -> Result<(), CliError> {
+    let expected = match p.first_version.checked_sub(1) {
+        None => "no_stream".to_owned(),
+        Some(v) => v.to_string(),
+    };
+    let count = p.events.len() as u64;
+    let body = Value::Array(p.events);
+    let path = |exp: &str| format!("/streams/{}?expected={}", enc(&p.stream), exp);
+    let result = client.send(client.request(Method::POST, &path(&expected)).json(&body)).await;
+    let first_time = !started.insert(p.stream.clone(), true).unwrap_or(false);
+    match result {
+        Ok(_) => {
+            stats.0 += count;
+            Ok(())
+        }
+        Err(CliError::Api { status: 409, .. }) => {
+            let info = client.json(client.request(Method::GET, &format!("/streams/{}/info", enc(&p.stream)))).await?;
+            match info["last_version"].as_u64() {
+                Some(actual) if actual >= p.last_version => {
+                    stats.1 += count;
+                    Ok(())
+                }
+                None if first_time && p.first_version > 0 => {
+                    // The export began mid-stream (truncated or filtered
+                    // source): start the stream here.
+                    client.send(client.request(Method::POST, &path("no_stream")).json(&body)).await?;
+                    stats.0 += count;
+                    Ok(())
+                }
+                actual => Err(CliError::Api {
+                    status: 409,
+                    code: "wrong_expected_version".into(),
+                    message: format!(
+                        "stream '{}' is at version {actual:?} but the import expected {expected}; the target diverges from the export",
+                        p.stream
+                    ),
+                }),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,61 @@
+//! The CLI's error type and its exit codes.
+
+/// What went wrong in a command.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CliError {
+    /// The server answered with an error. The message is the server's.
+    #[error("{status} {code}: {message}")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The error code from the JSON body.
+        code: String,
+        /// The message from the JSON body.
+        message: String,
+    },
+    /// The server could not be reached; check `--url` and that it runs.
+    #[error("cannot reach the server at {url}: {message}")]
+    Unreachable {
+        /// The URL tried.
+        url: String,
+        /// The transport error.
+        message: String,
+    },
+    /// Bad input or configuration; fix it and run again.
+    #[error("{0}")]
+    Usage(String),
+    /// Anything else (I/O, server start-up).
+    #[error("{0}")]
+    Other(String),
+}
+
+impl CliError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CliError::Api { status: 409, .. } => 3,
+            CliError::Api { status: 404 | 410, .. } => 4,
+            CliError::Api { status: 401 | 403, .. } => 5,
+            CliError::Api { .. } => 1,
+            CliError::Unreachable { .. } => 6,
+            CliError::Usage(_) => 2,
+            CliError::Other(_) => 1,
+        }
+    }
+}
+
+impl From<std::io::Error> for CliError {
+    fn from(e: std::io::Error) -> Self {
+        CliError::Other(e.to_string())
+    }
+}
+
+impl From<annals_server::ServerError> for CliError {
+    fn from(e: annals_server::ServerError) -> Self {
+        match e {
+            annals_server::ServerError::Config { .. } => CliError::Usage(e.to_string()),
+            other => CliError::Other(other.to_string()),
+        }
+    }
+}

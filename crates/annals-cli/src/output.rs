@@ -1,0 +1,48 @@
+//! Human output: tables and short value rendering.
+
+use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
+use serde_json::Value;
+
+/// A table with the house style.
+pub fn table(headers: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_content_arrangement(ContentArrangement::Dynamic).set_header(headers);
+    t
+}
+
+/// A JSON value as a short single-line string.
+pub fn short(v: &Value, max: usize) -> String {
+    let s = match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    if s.chars().count() > max {
+        let mut t: String = s.chars().take(max.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    } else {
+        s
+    }
+}
+
+/// Prints JSON compactly (for `--json`).
+pub fn print_json(v: &Value) {
+    println!("{v}");
+}
+
+/// A table of events (`EventOut` objects).
+pub fn events_table(events: &[Value]) -> Table {
+    let mut t = table(&["position", "stream", "version", "type", "recorded_at", "data"]);
+    for e in events {
+        t.add_row(vec![
+            short(&e["position"], 20),
+            short(&e["stream"], 40),
+            short(&e["version"], 20),
+            short(&e["type"], 40),
+            short(&e["recorded_at"], 32),
+            short(&e["data"], 60),
+        ]);
+    }
+    t
+}

@@ -1,0 +1,359 @@
+//! Server configuration: plain data, deserialized from one TOML file plus
+//! environment variables plus flags (the CLI does the layering), and
+//! validated before anything starts. Every error names the bad key.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{auth::Role, error::ServerError};
+
+/// Everything `annals serve` can be configured with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on (default `127.0.0.1:2113`).
+    pub listen: SocketAddr,
+    /// Allow a non-loopback bind without authentication.
+    pub insecure: bool,
+    /// Which store to serve (used by the CLI to open it).
+    pub store: StoreConfig,
+    /// Authentication and authorization.
+    pub auth: AuthConfig,
+    /// Request and read limits.
+    pub limits: LimitsConfig,
+    /// Per-client rate limiting.
+    pub rate_limit: RateLimitConfig,
+    /// Live (SSE / WebSocket) delivery.
+    pub live: LiveConfig,
+    /// Timeouts.
+    pub timeouts: TimeoutsConfig,
+    /// TLS; plain HTTP when absent.
+    pub tls: Option<TlsConfig>,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 2113)),
+            insecure: false,
+            store: StoreConfig::default(),
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
+            rate_limit: RateLimitConfig::default(),
+            live: LiveConfig::default(),
+            timeouts: TimeoutsConfig::default(),
+            tls: None,
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// Which backend to open.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Data directory of the embedded log backend.
+    pub data: PathBuf,
+    /// Serve an in-memory store instead (nothing persists).
+    pub memory: bool,
+    /// PostgreSQL URL (shared backend).
+    pub postgres: Option<String>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { data: PathBuf::from("./annals-data"), memory: false, postgres: None }
+    }
+}
+
+/// Authentication: JWTs, API keys, and whether anonymous requests are
+/// allowed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Role given to requests without credentials; `None` rejects them
+    /// with 401.
+    pub anonymous: Option<Role>,
+    /// JWT bearer tokens.
+    pub jwt: Option<JwtConfig>,
+    /// Static API keys.
+    pub api_keys: Vec<ApiKeyConfig>,
+}
+
+impl AuthConfig {
+    /// Whether any credential is configured.
+    pub fn has_credentials(&self) -> bool {
+        self.jwt.is_some() || !self.api_keys.is_empty()
+    }
+}
+
+/// JWT verification keys and claims checks.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwtConfig {
+    /// Shared secret for HS256 tokens.
+    pub hs256_secret: Option<String>,
+    /// PEM text of the RSA public key for RS256 tokens.
+    pub rs256_public_key: Option<String>,
+    /// Path of a PEM file with the RSA public key for RS256 tokens.
+    pub rs256_public_key_file: Option<PathBuf>,
+    /// Required `iss`, if set.
+    pub issuer: Option<String>,
+    /// Required `aud`, if set.
+    pub audience: Option<String>,
+    /// Clock skew tolerated when checking `exp`/`nbf`, seconds (default 30).
+    pub leeway_secs: Option<u64>,
+}
+
+/// One static API key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// Name used in logs and as the rate-limit identity.
+    pub name: String,
+    /// The secret key (at least 16 characters).
+    pub key: String,
+    /// Role granted.
+    pub role: Role,
+    /// Stream-name prefixes this key may touch; all streams when absent.
+    #[serde(default)]
+    pub streams: Option<Vec<String>>,
+}
+
+/// Size limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Maximum request body, bytes (default 8 MiB).
+    pub max_body_bytes: usize,
+    /// Default page size of reads (default 100).
+    pub default_read_limit: usize,
+    /// Maximum page size of reads (default 4096).
+    pub max_read_limit: usize,
+    /// `/stats` and `GET /streams` scan at most this many events.
+    pub max_scan_events: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_body_bytes: 8 * 1024 * 1024,
+            default_read_limit: 100,
+            max_read_limit: 4096,
+            max_scan_events: 1_000_000,
+        }
+    }
+}
+
+/// Token-bucket rate limiting per client (authenticated identity, or the
+/// remote IP for anonymous requests).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Sustained requests per second per client; 0 disables limiting.
+    pub requests_per_second: f64,
+    /// Bucket size: requests allowed in a burst.
+    pub burst: u32,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        RateLimitConfig { requests_per_second: 0.0, burst: 100 }
+    }
+}
+
+/// Live delivery to SSE and WebSocket clients.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LiveConfig {
+    /// Events buffered per connection between the store and the socket.
+    pub buffer_events: usize,
+    /// A connection whose buffer stays full this long is told
+    /// `slow_consumer` and disconnected, milliseconds (default 5000).
+    pub slow_client_timeout_ms: u64,
+    /// After the notice, how long the client gets to read it before the
+    /// connection is closed, milliseconds (default 5000).
+    pub disconnect_grace_ms: u64,
+    /// SSE keep-alive comment interval, seconds (default 15).
+    pub keep_alive_secs: u64,
+}
+
+impl Default for LiveConfig {
+    fn default() -> Self {
+        LiveConfig { buffer_events: 1024, slow_client_timeout_ms: 5000, disconnect_grace_ms: 5000, keep_alive_secs: 15 }
+    }
+}
+
+impl LiveConfig {
+    /// `slow_client_timeout_ms` as a duration.
+    pub fn slow_client_timeout(&self) -> Duration {
+        Duration::from_millis(self.slow_client_timeout_ms)
+    }
+
+    /// `disconnect_grace_ms` as a duration.
+    pub fn disconnect_grace(&self) -> Duration {
+        Duration::from_millis(self.disconnect_grace_ms)
+    }
+}
+
+/// Timeouts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutsConfig {
+    /// Whole-request timeout for non-streaming requests, seconds (default 30).
+    pub request_secs: u64,
+    /// Time to read a request's headers, seconds (default 10).
+    pub header_read_secs: u64,
+    /// How long shutdown waits for in-flight requests, seconds (default 30).
+    pub shutdown_secs: u64,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        TimeoutsConfig { request_secs: 30, header_read_secs: 10, shutdown_secs: 30 }
+    }
+}
+
+/// TLS certificate and key (PEM files).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain, PEM.
+    pub cert: PathBuf,
+    /// Private key, PEM.
+    pub key: PathBuf,
+}
+
+/// Log output.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `pretty` (default) or `json`.
+    pub format: LogFormat,
+    /// A `tracing` filter, e.g. `info` or `annals_server=debug` (default `info`).
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: LogFormat::Pretty, level: "info".into() }
+    }
+}
+
+/// Log format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+impl ServerConfig {
+    /// Checks every value; the error names the first bad key.
+    pub fn validate(&self) -> Result<(), ServerError> {
+        let l = &self.limits;
+        if l.max_body_bytes < 1024 {
+            return Err(ServerError::config("limits.max_body_bytes", "must be at least 1024"));
+        }
+        if l.max_read_limit == 0 {
+            return Err(ServerError::config("limits.max_read_limit", "must be at least 1"));
+        }
+        if l.default_read_limit == 0 || l.default_read_limit > l.max_read_limit {
+            return Err(ServerError::config(
+                "limits.default_read_limit",
+                "must be between 1 and limits.max_read_limit",
+            ));
+        }
+        let r = &self.rate_limit;
+        if !r.requests_per_second.is_finite() || r.requests_per_second < 0.0 {
+            return Err(ServerError::config("rate_limit.requests_per_second", "must be a number >= 0"));
+        }
+        if r.requests_per_second > 0.0 && r.burst == 0 {
+            return Err(ServerError::config("rate_limit.burst", "must be at least 1 when rate limiting is on"));
+        }
+        if self.live.buffer_events == 0 {
+            return Err(ServerError::config("live.buffer_events", "must be at least 1"));
+        }
+        if self.live.slow_client_timeout_ms == 0 {
+            return Err(ServerError::config("live.slow_client_timeout_ms", "must be at least 1"));
+        }
+        if self.timeouts.request_secs == 0 {
+            return Err(ServerError::config("timeouts.request_secs", "must be at least 1"));
+        }
+        if self.timeouts.header_read_secs == 0 {
+            return Err(ServerError::config("timeouts.header_read_secs", "must be at least 1"));
+        }
+        if let Some(jwt) = &self.auth.jwt {
+            if jwt.hs256_secret.is_none() && jwt.rs256_public_key.is_none() && jwt.rs256_public_key_file.is_none()
+            {
+                return Err(ServerError::config(
+                    "auth.jwt",
+                    "set hs256_secret, rs256_public_key or rs256_public_key_file",
+                ));
+            }
+            if jwt.hs256_secret.as_ref().is_some_and(|s| s.len() < 16) {
+                return Err(ServerError::config("auth.jwt.hs256_secret", "must be at least 16 bytes"));
+            }
+            if jwt.rs256_public_key.is_some() && jwt.rs256_public_key_file.is_some() {
+                return Err(ServerError::config(
+                    "auth.jwt.rs256_public_key_file",
+                    "set either rs256_public_key or rs256_public_key_file, not both",
+                ));
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, k) in self.auth.api_keys.iter().enumerate() {
+            if k.key.len() < 16 {
+                return Err(ServerError::config(format!("auth.api_keys[{i}].key"), "must be at least 16 characters"));
+            }
+            if k.name.is_empty() || !names.insert(k.name.as_str()) {
+                return Err(ServerError::config(format!("auth.api_keys[{i}].name"), "must be non-empty and unique"));
+            }
+            if k.streams.as_ref().is_some_and(|s| s.iter().any(String::is_empty)) {
+                return Err(ServerError::config(
+                    format!("auth.api_keys[{i}].streams"),
+                    "prefixes must not be empty (omit `streams` to allow all)",
+                ));
+            }
+        }
+        if let Some(tls) = &self.tls {
+            if !tls.cert.is_file() {
+                return Err(ServerError::config("tls.cert", format!("{} is not a readable file", tls.cert.display())));
+            }
+            if !tls.key.is_file() {
+                return Err(ServerError::config("tls.key", format!("{} is not a readable file", tls.key.display())));
+            }
+        }
+        Ok(())
+    }
+
+    /// The startup safety rule: a bind address that is not loopback needs
+    /// authentication configured (or `insecure`). Anonymous access on a
+    /// public address is refused too unless `insecure`.
+    pub fn check_exposure(&self) -> Result<(), ServerError> {
+        if self.listen.ip().is_loopback() || self.insecure {
+            return Ok(());
+        }
+        if !self.auth.has_credentials() {
+            return Err(ServerError::config(
+                "listen",
+                format!(
+                    "{} is not a loopback address and no authentication is configured; configure auth.jwt or auth.api_keys, or pass --insecure",
+                    self.listen
+                ),
+            ));
+        }
+        if self.auth.anonymous.is_some() {
+            return Err(ServerError::config(
+                "auth.anonymous",
+                "anonymous access on a non-loopback address needs --insecure",
+            ));
+        }
+        Ok(())
+    }
+}

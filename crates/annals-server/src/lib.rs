@@ -1,0 +1,245 @@
+//! # annals-server
+//!
+//! The Annals store on the wire: HTTP/JSON, Server-Sent Events and
+//! WebSocket over any [`annals_core::Store`].
+//!
+//! [`app`] builds the [`axum::Router`] (tests can drive it with
+//! `tower::ServiceExt::oneshot` and no socket); [`run`] serves it on a
+//! listener until a shutdown future resolves, then drains in-flight
+//! requests. The JSON contract is in `docs/http-api.md` and served as
+//! OpenAPI at `/openapi.json`.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), annals_server::ServerError> {
+//! use std::sync::Arc;
+//! let store: Arc<dyn annals_core::Store> = Arc::new(annals_core::MemoryStore::new());
+//! let mut config = annals_server::ServerConfig::default();
+//! config.auth.anonymous = Some(annals_server::Role::Admin);
+//! let state = annals_server::AppState::new(store, config)?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:2113").await?;
+//! annals_server::run(listener, state, async { let _ = tokio::signal::ctrl_c().await; }).await
+//! # }
+//! ```
+
+pub mod auth;
+pub mod config;
+mod error;
+pub mod extract;
+mod live;
+pub mod metrics;
+mod openapi;
+mod routes;
+mod serve;
+mod tls;
+pub mod wire;
+
+use std::{sync::Arc, time::Instant};
+
+use annals_core::Store;
+use axum::{
+    Router,
+    extract::{DefaultBodyLimit, Request},
+    http::{HeaderName, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post, put},
+};
+use tokio_util::sync::CancellationToken;
+use tower_http::{
+    catch_panic::CatchPanicLayer,
+    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    trace::TraceLayer,
+};
+
+pub use auth::{Principal, Role};
+pub use config::ServerConfig;
+pub use error::{ApiError, ServerError};
+pub use serve::{ConnCtl, run};
+
+/// Shared state of one server: the store, configuration, verifiers,
+/// limiter and metrics. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    store: Arc<dyn Store>,
+    config: ServerConfig,
+    backend: String,
+    auth: auth::Authenticator,
+    limiter: Option<auth::RateLimiter>,
+    metrics: metrics::Metrics,
+    started: Instant,
+    started_at: annals_core::Timestamp,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState").field("backend", &self.inner.backend).finish_non_exhaustive()
+    }
+}
+
+impl AppState {
+    /// Validates `config` and builds the state over `store`. The backend
+    /// name reported by `/info` is taken from the configuration; use
+    /// [`AppState::with_backend`] to name it.
+    pub fn new(store: Arc<dyn Store>, config: ServerConfig) -> Result<Self, ServerError> {
+        let backend = if config.store.memory { "memory" } else { "log" };
+        Self::with_backend(store, config, backend)
+    }
+
+    /// Like [`AppState::new`], reporting `backend` in `/info`.
+    pub fn with_backend(
+        store: Arc<dyn Store>,
+        config: ServerConfig,
+        backend: impl Into<String>,
+    ) -> Result<Self, ServerError> {
+        config.validate()?;
+        let auth = auth::Authenticator::new(&config.auth)?;
+        let limiter = auth::RateLimiter::new(&config.rate_limit);
+        Ok(AppState {
+            inner: Arc::new(Shared {
+                store,
+                auth,
+                limiter,
+                backend: backend.into(),
+                metrics: metrics::Metrics::new(),
+                started: Instant::now(),
+                started_at: annals_core::Timestamp::now(),
+                shutdown: CancellationToken::new(),
+                config,
+            }),
+        })
+    }
+
+    /// The store being served.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &ServerConfig {
+        &self.inner.config
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &metrics::Metrics {
+        &self.inner.metrics
+    }
+
+    /// Cancelled when the server starts shutting down; live connections
+    /// watch it to say goodbye.
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.inner.shutdown
+    }
+}
+
+/// The whole API as a router (no socket needed; see the crate docs).
+pub fn app(state: AppState) -> Router {
+    let request_secs = state.inner.config.timeouts.request_secs;
+    let body_limit = state.inner.config.limits.max_body_bytes;
+    // Plain request/response routes get the whole-request timeout; live
+    // routes (SSE, WebSocket) run for as long as the client stays.
+    let api = Router::new()
+        .route("/streams", get(routes::streams::list))
+        .route(
+            "/streams/{stream}",
+            post(routes::streams::append).get(routes::streams::read).delete(routes::streams::delete),
+        )
+        .route("/streams/{stream}/info", get(routes::streams::info))
+        .route("/streams/{stream}/snapshot", put(routes::streams::save_snapshot).get(routes::streams::load_snapshot))
+        .route("/transactions", post(routes::streams::transaction))
+        .route("/all", get(routes::all::read_all))
+        .route("/checkpoints/{name}", put(routes::ops::save_checkpoint).get(routes::ops::load_checkpoint))
+        .route("/health/live", get(routes::ops::live))
+        .route("/health/ready", get(routes::ops::ready))
+        .route("/metrics", get(routes::ops::metrics))
+        .route("/stats", get(routes::ops::stats))
+        .route("/info", get(routes::ops::info))
+        .route("/openapi.json", get(openapi::serve))
+        .layer(middleware::from_fn(move |req: Request, next: Next| timeout(req, next, request_secs)));
+    let live = Router::new()
+        .route("/streams/{stream}/live", get(live::stream_sse))
+        .route("/all/live", get(live::all_sse))
+        .route("/ws", get(live::ws));
+    api.merge(live)
+        .route_layer(middleware::from_fn_with_state(state.clone(), metrics::track))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), auth::auth_layer))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn(json_errors))
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the server hit a bug; it was logged")
+                .into_response()
+        }))
+        .layer(PropagateRequestIdLayer::new(HeaderName::from_static("x-request-id")))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+            tracing::info_span!(
+                "request",
+                method = %req.method(),
+                uri = %req.uri().path(),
+                request_id = %header("x-request-id"),
+                correlation_id = %header("x-correlation-id"),
+            )
+        }))
+        .layer(SetRequestIdLayer::new(HeaderName::from_static("x-request-id"), MakeRequestUuid))
+        .with_state(state)
+}
+
+async fn timeout(req: Request, next: Next, secs: u64) -> Response {
+    match tokio::time::timeout(std::time::Duration::from_secs(secs), next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            format!("the request did not complete within timeouts.request_secs = {secs}"),
+        )
+        .into_response(),
+    }
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::not_found(format!("no route for {} {}", req.method(), req.uri().path()))
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    )
+}
+
+/// Turns any error response that is not already JSON (axum's own
+/// rejections, upgrade failures) into the JSON error shape.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let message = match std::str::from_utf8(&text) {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
+        _ => status.canonical_reason().unwrap_or("error").to_owned(),
+    };
+    let mut out = ApiError::from_status(status, message).into_response();
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
+}

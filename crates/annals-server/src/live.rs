@@ -1,0 +1,510 @@
+//! Live delivery over Server-Sent Events and WebSocket.
+//!
+//! Each connection runs one catch-up subscription (history, then live
+//! events, in order, each once). Subscriptions read committed history, so
+//! writers are never blocked. What must be bounded is the per-connection
+//! buffer: a pump moves events from the subscription into a queue of
+//! `live.buffer_events`; when the socket cannot drain it for
+//! `live.slow_client_timeout_ms`, the client is told `slow_consumer` with
+//! the last position it was sent, then disconnected (after
+//! `live.disconnect_grace_ms` if it never reads the notice). Nothing is
+//! ever skipped silently: the client resumes from that position.
+
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use annals_core::{
+    Error as CoreError, EventStream, RecordedEvent, StreamName, SubscribeFrom, SubscriptionRequest,
+    SubscriptionTarget,
+};
+use axum::{
+    Extension,
+    extract::{
+        State,
+        ws::{Message, WebSocket, WebSocketUpgrade},
+    },
+    http::HeaderMap,
+    response::{
+        IntoResponse, Response,
+        sse::{Event, KeepAlive, Sse},
+    },
+};
+use futures::{SinkExt, StreamExt, stream};
+use prometheus_client::metrics::gauge::Gauge;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    AppState,
+    auth::{Principal, Role},
+    error::ApiError,
+    extract::{ApiPath, ApiQuery},
+    routes::{all::FilterQuery, readable_stream},
+    serve::ConnCtl,
+    wire::EventOut,
+};
+
+/// Query of the SSE endpoints.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct LiveQuery {
+    /// `start` (default), `end`, or a version (stream) / position (`$all`)
+    /// to start at, inclusive. A `Last-Event-ID` header overrides it
+    /// (resume strictly after that id).
+    pub from: Option<String>,
+    /// Credential for `EventSource`, which cannot set headers.
+    #[allow(dead_code, reason = "accepted here so unknown-field checks let it through; auth reads it")]
+    pub access_token: Option<String>,
+    /// `$all` filters (ignored for single streams).
+    #[serde(flatten)]
+    #[param(ignore)]
+    pub filter: FilterQuery,
+}
+
+/// Parses `from` for subscriptions: inclusive start → `SubscribeFrom`.
+fn subscribe_from(from: Option<&Value>) -> Result<SubscribeFrom, ApiError> {
+    let bad = || ApiError::bad_request("`from` must be start, end or a number");
+    match from {
+        None | Some(Value::Null) => Ok(SubscribeFrom::Start),
+        Some(Value::String(s)) => match s.trim() {
+            "" | "start" => Ok(SubscribeFrom::Start),
+            "end" => Ok(SubscribeFrom::End),
+            n => n.parse::<u64>().map(at_inclusive).map_err(|_| bad()),
+        },
+        Some(Value::Number(n)) => n.as_u64().map(at_inclusive).ok_or_else(bad),
+        Some(_) => Err(bad()),
+    }
+}
+
+fn at_inclusive(n: u64) -> SubscribeFrom {
+    match n.checked_sub(1) {
+        None => SubscribeFrom::Start,
+        Some(prev) => SubscribeFrom::After(prev),
+    }
+}
+
+fn resume_from(headers: &HeaderMap, query_from: Option<&str>) -> Result<SubscribeFrom, ApiError> {
+    if let Some(id) = headers.get("last-event-id").and_then(|v| v.to_str().ok()) {
+        let id = id.trim().parse::<u64>().map_err(|_| ApiError::bad_request("Last-Event-ID must be a number"))?;
+        return Ok(SubscribeFrom::After(id));
+    }
+    subscribe_from(query_from.map(|s| Value::String(s.to_owned())).as_ref())
+}
+
+/// `GET /streams/{stream}/live`: one stream as Server-Sent Events.
+#[utoipa::path(get, path = "/streams/{stream}/live", tag = "live",
+    params(("stream" = String, Path, description = "Stream name"), LiveQuery),
+    responses((status = 200, content_type = "text/event-stream",
+        description = "`event: event` (id = version, data = EventOut); `event: slow_consumer` / `error` / `shutdown` end the stream")))]
+pub async fn stream_sse(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(stream): ApiPath<String>,
+    ApiQuery(query): ApiQuery<LiveQuery>,
+    headers: HeaderMap,
+    conn: Option<Extension<ConnCtl>>,
+) -> Result<Response, ApiError> {
+    let stream = readable_stream(&stream)?;
+    let needed = if stream.is_system() { Role::Admin } else { Role::Reader };
+    principal.authorize(needed, Some(stream.as_str()))?;
+    let from = resume_from(&headers, query.from.as_deref())?;
+    let request = SubscriptionRequest::stream(stream, from);
+    Ok(sse(state, request, conn.map(|c| c.0)))
+}
+
+/// `GET /all/live`: the global log (filtered) as Server-Sent Events.
+#[utoipa::path(get, path = "/all/live", tag = "live", params(LiveQuery, FilterQuery),
+    responses((status = 200, content_type = "text/event-stream",
+        description = "`event: event` (id = position, data = EventOut); `event: slow_consumer` / `error` / `shutdown` end the stream")))]
+pub async fn all_sse(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiQuery(query): ApiQuery<LiveQuery>,
+    headers: HeaderMap,
+    conn: Option<Extension<ConnCtl>>,
+) -> Result<Response, ApiError> {
+    let filter = query.filter.to_filter()?;
+    query.filter.authorize(&principal, &filter)?;
+    let from = resume_from(&headers, query.from.as_deref())?;
+    Ok(sse(state, SubscriptionRequest::all(filter, from), conn.map(|c| c.0)))
+}
+
+/// Why a live connection ends early.
+#[derive(Debug, Clone)]
+struct Notice {
+    code: &'static str,
+    message: String,
+}
+
+impl Notice {
+    fn slow(timeout: Duration) -> Self {
+        Notice {
+            code: "slow_consumer",
+            message: format!(
+                "the client did not keep up for {} ms; reconnect from last_position + 1",
+                timeout.as_millis()
+            ),
+        }
+    }
+
+    fn shutdown() -> Self {
+        Notice { code: "shutdown", message: "the server is shutting down; reconnect from last_position + 1".into() }
+    }
+
+    fn from_error(e: CoreError) -> Self {
+        let api = ApiError::from(e);
+        let code: &'static str = match api.code.as_str() {
+            "stream_deleted" => "stream_deleted",
+            "store_closed" => "store_closed",
+            _ => "error",
+        };
+        Notice { code, message: api.message }
+    }
+
+    fn body(&self, last: Option<(u64, u64)>) -> Value {
+        json!({
+            "code": self.code,
+            "message": self.message,
+            "last_position": last.map(|l| l.0),
+            "last_version": last.map(|l| l.1),
+        })
+    }
+}
+
+enum Item {
+    Event(RecordedEvent),
+    End(Notice),
+}
+
+/// Decrements the subscriber gauge when the connection's work ends.
+struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    fn new(g: Gauge) -> Self {
+        g.inc();
+        GaugeGuard(g)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Samples the subscriber's lag every this many events (asking the store
+/// for its head on every event would cost a read per delivery).
+const LAG_SAMPLE_EVERY: u64 = 64;
+
+async fn observe_lag(state: &AppState, event: &RecordedEvent, count: u64) {
+    if count.is_multiple_of(LAG_SAMPLE_EVERY)
+        && let Ok(head) = state.inner.store.next_position().await
+    {
+        state.inner.metrics.subscription_lag.observe(head.saturating_sub(event.position + 1) as f64);
+    }
+}
+
+fn sse(state: AppState, request: SubscriptionRequest, conn: Option<ConnCtl>) -> Response {
+    let is_all = matches!(request.target, SubscriptionTarget::All(_));
+    let live = &state.inner.config.live;
+    let (tx, rx) = mpsc::channel::<Item>(live.buffer_events);
+    let (stop_tx, stop_rx) = oneshot::channel::<Notice>();
+    let finished = Arc::new(AtomicBool::new(false));
+    let subscription = state.inner.store.subscribe(request);
+    let keep_alive = Duration::from_secs(live.keep_alive_secs.max(1));
+    tokio::spawn(pump(state.clone(), subscription, tx, stop_tx, conn.map(|c| c.kill), finished.clone()));
+
+    struct Body {
+        rx: mpsc::Receiver<Item>,
+        stop: Option<oneshot::Receiver<Notice>>,
+        last: Option<(u64, u64)>,
+        done: bool,
+        finished: Arc<AtomicBool>,
+        is_all: bool,
+    }
+    let body = Body { rx, stop: Some(stop_rx), last: None, done: false, finished, is_all };
+    let events = stream::unfold(body, |mut b| async move {
+        if b.done {
+            // Polled again after the final notice: it was handed to the
+            // connection, so the pump need not force a disconnect.
+            b.finished.store(true, Ordering::Release);
+            return None;
+        }
+        loop {
+            let item = match b.stop.as_mut() {
+                Some(stop) => tokio::select! {
+                    biased;
+                    notice = stop => match notice {
+                        Ok(n) => Item::End(n),
+                        // The pump ended without an urgent notice: keep
+                        // draining the queue.
+                        Err(_) => { b.stop = None; continue; }
+                    },
+                    item = b.rx.recv() => match item { Some(i) => i, None => return None },
+                },
+                None => match b.rx.recv().await {
+                    Some(i) => i,
+                    None => return None,
+                },
+            };
+            let sse_event = match item {
+                Item::Event(e) => {
+                    b.last = Some((e.position, e.version));
+                    let id = if b.is_all { e.position } else { e.version };
+                    let data = serde_json::to_string(&EventOut::from(&e)).unwrap_or_else(|_| "{}".into());
+                    Event::default().event("event").id(id.to_string()).data(data)
+                }
+                Item::End(n) => {
+                    b.done = true;
+                    Event::default().event(n.code).data(n.body(b.last).to_string())
+                }
+            };
+            return Some((Ok::<_, Infallible>(sse_event), b));
+        }
+    });
+    Sse::new(events).keep_alive(KeepAlive::new().interval(keep_alive)).into_response()
+}
+
+/// Moves events from the subscription into the connection's queue.
+async fn pump(
+    state: AppState,
+    mut subscription: EventStream,
+    tx: mpsc::Sender<Item>,
+    stop: oneshot::Sender<Notice>,
+    kill: Option<CancellationToken>,
+    finished: Arc<AtomicBool>,
+) {
+    let _gauge = GaugeGuard::new(state.inner.metrics.subscriber_gauge("sse"));
+    let live = state.inner.config.live.clone();
+    let shutdown = state.inner.shutdown.clone();
+    let mut count = 0u64;
+    loop {
+        let next = tokio::select! {
+            () = shutdown.cancelled() => { let _ = stop.send(Notice::shutdown()); return; }
+            () = tx.closed() => return,
+            next = subscription.next() => next,
+        };
+        let item = match next {
+            Some(Ok(event)) => {
+                count += 1;
+                observe_lag(&state, &event, count).await;
+                Item::Event(event)
+            }
+            Some(Err(e)) => {
+                let _ = tx.send_timeout(Item::End(Notice::from_error(e)), live.slow_client_timeout()).await;
+                return;
+            }
+            None => return,
+        };
+        let sent = tokio::select! {
+            () = shutdown.cancelled() => { let _ = stop.send(Notice::shutdown()); return; }
+            sent = tx.send_timeout(item, live.slow_client_timeout()) => sent,
+        };
+        match sent {
+            Ok(()) => {
+                state.inner.metrics.delivered.inc();
+            }
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                state.inner.metrics.slow_disconnects.inc();
+                tracing::info!("SSE client too slow; telling it and disconnecting");
+                drop(subscription);
+                let _ = stop.send(Notice::slow(live.slow_client_timeout()));
+                if let Some(kill) = kill {
+                    tokio::time::sleep(live.disconnect_grace()).await;
+                    if !finished.load(Ordering::Acquire) {
+                        kill.cancel();
+                    }
+                }
+                return;
+            }
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => return,
+        }
+    }
+}
+
+/// A `$all` filter as the WebSocket subscribe message carries it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WsFilter {
+    stream_prefix: Option<String>,
+    category: Option<String>,
+    #[serde(default)]
+    types: Vec<String>,
+    #[serde(default)]
+    type_prefixes: Vec<String>,
+    correlation_id: Option<String>,
+    after: Option<String>,
+    before: Option<String>,
+    #[serde(default)]
+    include_system: bool,
+}
+
+impl WsFilter {
+    fn into_query(self) -> FilterQuery {
+        let join = |v: Vec<String>| (!v.is_empty()).then(|| v.join(","));
+        FilterQuery {
+            stream_prefix: self.stream_prefix,
+            category: self.category,
+            event_type: join(self.types),
+            type_prefix: join(self.type_prefixes),
+            correlation_id: self.correlation_id,
+            after: self.after,
+            before: self.before,
+            include_system: Some(self.include_system.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum ClientMessage {
+    Subscribe {
+        /// A stream name, or `$all`.
+        stream: String,
+        #[serde(default)]
+        from: Option<Value>,
+        #[serde(default)]
+        filter: Option<WsFilter>,
+    },
+}
+
+/// `GET /ws`: WebSocket. The client sends one
+/// `{"type":"subscribe","stream":"<name>|$all","from":"start"|"end"|n,"filter":{…}}`
+/// and receives `subscribed`, then `event` messages.
+#[utoipa::path(get, path = "/ws", tag = "live", responses((status = 101, description = "WebSocket upgrade")))]
+pub async fn ws(State(state): State<AppState>, principal: Principal, upgrade: WebSocketUpgrade) -> Response {
+    upgrade
+        .max_message_size(64 * 1024)
+        .on_upgrade(move |socket| async move { ws_session(state, principal, socket).await })
+}
+
+fn ws_json(v: &Value) -> Message {
+    Message::Text(v.to_string().into())
+}
+
+fn ws_error(e: &ApiError) -> Message {
+    ws_json(&json!({ "type": "error", "error": { "code": e.code, "message": e.message } }))
+}
+
+fn parse_subscribe(text: &str, principal: &Principal) -> Result<SubscriptionRequest, ApiError> {
+    let msg: ClientMessage = serde_json::from_str(text)
+        .map_err(|e| ApiError::new(axum::http::StatusCode::BAD_REQUEST, "invalid_message", format!("{e}")))?;
+    let ClientMessage::Subscribe { stream, from, filter } = msg;
+    let from = subscribe_from(from.as_ref())?;
+    if stream == "$all" {
+        let query = filter.unwrap_or_default().into_query();
+        let filter = query.to_filter()?;
+        query.authorize(principal, &filter)?;
+        Ok(SubscriptionRequest::all(filter, from))
+    } else {
+        if filter.is_some() {
+            return Err(ApiError::bad_request("`filter` applies only to $all subscriptions"));
+        }
+        let name = StreamName::any(&stream).map_err(ApiError::from)?;
+        let needed = if name.is_system() { Role::Admin } else { Role::Reader };
+        principal.authorize(needed, Some(name.as_str()))?;
+        Ok(SubscriptionRequest::stream(name, from))
+    }
+}
+
+async fn ws_session(state: AppState, principal: Principal, mut socket: WebSocket) {
+    let live = state.inner.config.live.clone();
+    let first = tokio::time::timeout(Duration::from_secs(30), socket.recv()).await;
+    let text = match first {
+        Ok(Some(Ok(Message::Text(t)))) => t,
+        Ok(Some(Ok(_))) => {
+            let _ = socket.send(ws_error(&ApiError::bad_request("send a text subscribe message first"))).await;
+            return;
+        }
+        Ok(_) => return,
+        Err(_) => {
+            let _ = socket.send(ws_error(&ApiError::bad_request("no subscribe message within 30 s"))).await;
+            return;
+        }
+    };
+    let request = match parse_subscribe(text.as_str(), &principal) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = socket.send(ws_error(&e)).await;
+            let _ = socket.close().await;
+            return;
+        }
+    };
+    let target = match &request.target {
+        SubscriptionTarget::All(_) => "$all".to_owned(),
+        SubscriptionTarget::Stream(s) => s.as_str().to_owned(),
+    };
+    if socket.send(ws_json(&json!({ "type": "subscribed", "stream": target }))).await.is_err() {
+        return;
+    }
+    let _gauge = GaugeGuard::new(state.inner.metrics.subscriber_gauge("ws"));
+    let mut subscription = state.inner.store.subscribe(request);
+    let (mut sink, mut incoming) = socket.split();
+    let shutdown = state.inner.shutdown.clone();
+    let mut last: Option<(u64, u64)> = None;
+    let mut count = 0u64;
+    let end = |n: &Notice, last: Option<(u64, u64)>| {
+        let mut body = n.body(last);
+        if let Some(obj) = body.as_object_mut() {
+            obj.insert("type".into(), Value::from(n.code));
+        }
+        ws_json(&body)
+    };
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => {
+                let _ = tokio::time::timeout(live.disconnect_grace(), sink.send(end(&Notice::shutdown(), last))).await;
+                break;
+            }
+            msg = incoming.next() => match msg {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
+                Some(Ok(Message::Text(_) | Message::Binary(_))) => {
+                    let e = ApiError::bad_request("one subscription per connection; open another socket");
+                    if tokio::time::timeout(live.slow_client_timeout(), sink.send(ws_error(&e))).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(_)) => {}
+            },
+            next = subscription.next() => match next {
+                Some(Ok(event)) => {
+                    count += 1;
+                    observe_lag(&state, &event, count).await;
+                    let body = json!({ "type": "event", "event": EventOut::from(&event) });
+                    let position = (event.position, event.version);
+                    match tokio::time::timeout(live.slow_client_timeout(), sink.send(ws_json(&body))).await {
+                        Ok(Ok(())) => {
+                            last = Some(position);
+                            state.inner.metrics.delivered.inc();
+                        }
+                        Ok(Err(_)) => break,
+                        Err(_) => {
+                            // The message is queued in front of the notice,
+                            // so a client that reads the notice has it.
+                            last = Some(position);
+                            state.inner.metrics.slow_disconnects.inc();
+                            tracing::info!("WebSocket client too slow; telling it and disconnecting");
+                            let notice = end(&Notice::slow(live.slow_client_timeout()), last);
+                            let _ = tokio::time::timeout(live.disconnect_grace(), sink.send(notice)).await;
+                            break;
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    let notice = end(&Notice::from_error(e), last);
+                    let _ = tokio::time::timeout(live.slow_client_timeout(), sink.send(notice)).await;
+                    break;
+                }
+                None => break,
+            },
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+}

@@ -1,0 +1,165 @@
+//! Prometheus metrics. One registry per [`crate::AppState`] (no global
+//! recorder), so several servers in one process — as in tests — never mix
+//! their numbers.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::{
+    extract::{MatchedPath, Request, State},
+    middleware::Next,
+    response::Response,
+};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use crate::AppState;
+
+/// Labels of `annals_http_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// HTTP method.
+    pub method: String,
+    /// Matched route template, e.g. `/streams/{stream}`.
+    pub route: String,
+    /// Status code.
+    pub status: u16,
+}
+
+/// Labels naming a live transport (`sse` or `ws`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// `sse` or `ws`.
+    pub kind: String,
+}
+
+/// The server's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by method, route and status.
+    pub requests: Family<HttpLabels, Counter>,
+    /// Successful append requests (single-stream and transactions).
+    pub appends: Counter,
+    /// Events in successful appends.
+    pub appended_events: Counter,
+    /// Payload bytes (data + metadata) in successful appends.
+    pub appended_bytes: Counter,
+    /// Append latency as seen by the server, seconds.
+    pub append_latency: Histogram,
+    /// Appends rejected with 409.
+    pub append_conflicts: Counter,
+    /// Connected live subscribers.
+    pub subscribers: Family<KindLabels, Gauge>,
+    /// Events a subscriber is behind the head when it is delivered one.
+    pub subscription_lag: Histogram,
+    /// Events delivered to live subscribers.
+    pub delivered: Counter,
+    /// Live clients disconnected for being too slow.
+    pub slow_disconnects: Counter,
+    /// Requests refused by the rate limiter.
+    pub rate_limited: Counter,
+    /// Appends completed since start (for `/stats`).
+    pub append_count: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric in a fresh registry.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("annals");
+        let requests = Family::<HttpLabels, Counter>::default();
+        registry.register("http_requests", "HTTP requests by method, route and status", requests.clone());
+        let appends = Counter::default();
+        registry.register("appends", "Successful append requests", appends.clone());
+        let appended_events = Counter::default();
+        registry.register("appended_events", "Events appended", appended_events.clone());
+        let appended_bytes = Counter::default();
+        registry.register("appended_bytes", "Payload bytes appended (data + metadata)", appended_bytes.clone());
+        let append_latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 18));
+        registry.register("append_duration_seconds", "Append latency in the server", append_latency.clone());
+        let append_conflicts = Counter::default();
+        registry.register("append_conflicts", "Appends rejected with a wrong expected version", append_conflicts.clone());
+        let subscribers = Family::<KindLabels, Gauge>::default();
+        registry.register("subscribers", "Connected live subscribers by transport", subscribers.clone());
+        let subscription_lag = Histogram::new(exponential_buckets(1.0, 4.0, 12));
+        registry.register(
+            "subscription_lag_events",
+            "How many events behind the head a subscriber is at delivery",
+            subscription_lag.clone(),
+        );
+        let delivered = Counter::default();
+        registry.register("delivered_events", "Events delivered to live subscribers", delivered.clone());
+        let slow_disconnects = Counter::default();
+        registry.register("slow_consumer_disconnects", "Live clients disconnected as too slow", slow_disconnects.clone());
+        let rate_limited = Counter::default();
+        registry.register("rate_limited_requests", "Requests refused by the rate limiter", rate_limited.clone());
+        Metrics {
+            registry,
+            requests,
+            appends,
+            appended_events,
+            appended_bytes,
+            append_latency,
+            append_conflicts,
+            subscribers,
+            subscription_lag,
+            delivered,
+            slow_disconnects,
+            rate_limited,
+            append_count: AtomicU64::new(0),
+        }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    /// Records a successful append.
+    pub fn record_append(&self, events: u64, bytes: u64, seconds: f64) {
+        self.appends.inc();
+        self.append_count.fetch_add(1, Ordering::Relaxed);
+        self.appended_events.inc_by(events);
+        self.appended_bytes.inc_by(bytes);
+        self.append_latency.observe(seconds);
+    }
+
+    /// The gauge of one live transport.
+    pub fn subscriber_gauge(&self, kind: &str) -> Gauge {
+        self.subscribers.get_or_create(&KindLabels { kind: kind.to_owned() }).clone()
+    }
+}
+
+/// Middleware counting requests by route and status.
+pub async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let method = request.method().as_str().to_owned();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    let response = next.run(request).await;
+    state
+        .inner
+        .metrics
+        .requests
+        .get_or_create(&HttpLabels { method, route, status: response.status().as_u16() })
+        .inc();
+    response
+}

@@ -1,0 +1,58 @@
+//! Request handlers, by area.
+
+pub mod all;
+pub mod ops;
+pub mod streams;
+
+use annals_core::StreamName;
+use axum::http::HeaderMap;
+
+use crate::error::ApiError;
+
+/// A user stream name from a path: `$`-prefixed names are refused (400).
+pub fn user_stream(name: &str) -> Result<StreamName, ApiError> {
+    StreamName::new(name).map_err(ApiError::from)
+}
+
+/// A stream name that may be read: system streams are allowed for reads
+/// (their access is checked separately: admin only).
+pub fn readable_stream(name: &str) -> Result<StreamName, ApiError> {
+    StreamName::any(name).map_err(ApiError::from)
+}
+
+/// The request's correlation id header, if any.
+pub fn correlation_id(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("x-correlation-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|s| !s.is_empty() && s.len() <= 256)
+        .map(str::to_owned)
+}
+
+/// Parses `from` for stream reads: `start`, `end` or a number.
+pub fn parse_from(s: Option<&str>) -> Result<Option<annals_core::ReadFrom>, ApiError> {
+    use annals_core::ReadFrom;
+    match s.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some("start") => Ok(Some(ReadFrom::Start)),
+        Some("end") => Ok(Some(ReadFrom::End)),
+        Some(n) => n
+            .parse::<u64>()
+            .map(|v| Some(ReadFrom::At(v)))
+            .map_err(|_| ApiError::bad_request(format!("`from` must be start, end or a number, got '{n}'"))),
+    }
+}
+
+/// Percent-encodes a query value.
+pub fn enc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

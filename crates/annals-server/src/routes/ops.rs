@@ -1,0 +1,140 @@
+//! Operations: health, metrics, stats, info, checkpoints.
+
+use std::{collections::BTreeMap, sync::atomic::Ordering};
+
+use annals_core::{Filter, validate_checkpoint_name};
+use axum::{
+    Json,
+    extract::State,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::streams::scan_all;
+use crate::{
+    AppState,
+    auth::{Principal, Role},
+    error::ApiError,
+    extract::{ApiJson, ApiPath},
+    wire::format_rfc3339,
+};
+
+/// `GET /health/live`: the process is up.
+#[utoipa::path(get, path = "/health/live", tag = "ops", responses((status = 200)))]
+pub async fn live() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// `GET /health/ready`: the store answers and the server is not shutting
+/// down.
+#[utoipa::path(get, path = "/health/ready", tag = "ops", responses((status = 200), (status = 503)))]
+pub async fn ready(State(state): State<AppState>) -> Response {
+    if state.inner.shutdown.is_cancelled() {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the server is shutting down")
+            .into_response();
+    }
+    match state.inner.store.next_position().await {
+        Ok(head) => Json(json!({ "status": "ok", "head": head })).into_response(),
+        Err(e) => {
+            let mut err = ApiError::from(e);
+            err.status = StatusCode::SERVICE_UNAVAILABLE;
+            err.into_response()
+        }
+    }
+}
+
+/// `GET /metrics`: Prometheus text format.
+#[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, content_type = "text/plain")))]
+pub async fn metrics(State(state): State<AppState>, principal: Principal) -> Result<Response, ApiError> {
+    principal.authorize(Role::Reader, None)?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.inner.metrics.encode(),
+    )
+        .into_response())
+}
+
+/// `GET /stats`: counts of events, streams and event types.
+#[utoipa::path(get, path = "/stats", tag = "ops",
+    responses((status = 200, description = "`{ events, streams, by_type, complete, disk_bytes, appends_since_start, subscribers }`")))]
+pub async fn stats(State(state): State<AppState>, principal: Principal) -> Result<Json<Value>, ApiError> {
+    principal.authorize(Role::Reader, None)?;
+    let events = state.inner.store.next_position().await?;
+    let mut streams = std::collections::HashSet::new();
+    let mut by_type: BTreeMap<String, u64> = BTreeMap::new();
+    let complete = scan_all(&state, Filter::all().with_system(), |e| {
+        if principal.may_see(e.stream.as_str()) {
+            if !streams.contains(e.stream.as_str()) {
+                streams.insert(e.stream.as_str().to_owned());
+            }
+            *by_type.entry(e.event_type.clone()).or_default() += 1;
+        }
+    })
+    .await?;
+    let m = &state.inner.metrics;
+    Ok(Json(json!({
+        "events": events,
+        "streams": streams.len(),
+        "by_type": by_type,
+        "complete": complete,
+        "disk_bytes": Value::Null,
+        "appends_since_start": m.append_count.load(Ordering::Relaxed),
+        "subscribers": { "sse": m.subscriber_gauge("sse").get(), "ws": m.subscriber_gauge("ws").get() },
+    })))
+}
+
+/// `GET /info`: version, backend, uptime.
+#[utoipa::path(get, path = "/info", tag = "ops", responses((status = 200)))]
+pub async fn info(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({
+        "name": "annals",
+        "version": env!("CARGO_PKG_VERSION"),
+        "backend": state.inner.backend,
+        "started_at": format_rfc3339(state.inner.started_at),
+        "uptime_secs": state.inner.started.elapsed().as_secs(),
+        "tls": state.inner.config.tls.is_some(),
+    }))
+}
+
+/// Body of `PUT /checkpoints/{name}`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointIn {
+    /// The position to store.
+    pub position: u64,
+}
+
+/// `PUT /checkpoints/{name}`.
+#[utoipa::path(put, path = "/checkpoints/{name}", tag = "checkpoints",
+    params(("name" = String, Path, description = "Checkpoint name")), request_body = CheckpointIn,
+    responses((status = 204)))]
+pub async fn save_checkpoint(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(body): ApiJson<CheckpointIn>,
+) -> Result<StatusCode, ApiError> {
+    principal.authorize(Role::Writer, None)?;
+    validate_checkpoint_name(&name)?;
+    state.inner.store.save_checkpoint(&name, body.position).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /checkpoints/{name}`.
+#[utoipa::path(get, path = "/checkpoints/{name}", tag = "checkpoints",
+    params(("name" = String, Path, description = "Checkpoint name")),
+    responses((status = 200, description = "`{ name, position }`"), (status = 404)))]
+pub async fn load_checkpoint(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    principal.authorize(Role::Reader, None)?;
+    validate_checkpoint_name(&name)?;
+    match state.inner.store.load_checkpoint(&name).await? {
+        Some(p) => Ok(Json(json!({ "name": name, "position": p }))),
+        None => Err(ApiError::new(StatusCode::NOT_FOUND, "checkpoint_not_found", format!("no checkpoint '{name}'"))),
+    }
+}

@@ -1,0 +1,397 @@
+//! Stream endpoints: append, read, info, delete, snapshots, transactions,
+//! listing.
+
+use std::{collections::BTreeMap, time::Instant};
+
+use annals_core::{
+    DeleteMode, Direction, EventData, ExpectedVersion, ReadAll, ReadFrom, ReadStream, Snapshot, StreamAppend,
+    Timestamp,
+};
+use axum::{
+    Json,
+    extract::State,
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{correlation_id, enc, parse_from, readable_stream, user_stream};
+use crate::{
+    AppState,
+    auth::{Principal, Role},
+    error::ApiError,
+    extract::{ApiJson, ApiPath, ApiQuery},
+    wire::{AppendOut, EventIn, EventOut, SnapshotIn, SnapshotOut, expected_from_json, parse_expected},
+};
+
+/// Header carrying the expected version of an append or delete.
+pub const EXPECTED_VERSION_HEADER: &str = "es-expectedversion";
+
+/// Query of append and delete.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct WriteQuery {
+    /// Expected version: any, no_stream, stream_exists or a number.
+    pub expected: Option<String>,
+    /// Delete only: tombstone the stream for good.
+    #[serde(default)]
+    pub hard: Option<bool>,
+    /// Credential for clients that cannot set headers.
+    #[serde(default)]
+    #[allow(dead_code, reason = "accepted here so unknown-field checks let it through; auth reads it")]
+    pub access_token: Option<String>,
+}
+
+fn expected_of(headers: &HeaderMap, query: &WriteQuery) -> Result<ExpectedVersion, ApiError> {
+    let header = headers
+        .get(EXPECTED_VERSION_HEADER)
+        .map(|v| v.to_str().map_err(|_| ApiError::bad_request("ES-ExpectedVersion is not ASCII")))
+        .transpose()?;
+    match (header, query.expected.as_deref()) {
+        (Some(h), Some(q)) if parse_expected(h)? != parse_expected(q)? => {
+            Err(ApiError::bad_request("ES-ExpectedVersion header and ?expected= disagree"))
+        }
+        (Some(v), _) | (None, Some(v)) => parse_expected(v),
+        (None, None) => Ok(ExpectedVersion::Any),
+    }
+}
+
+fn event_bytes(events: &[EventData]) -> u64 {
+    events.iter().map(|e| (e.data.len() + e.metadata.len()) as u64).sum()
+}
+
+fn convert_events(events: Vec<EventIn>, headers: &HeaderMap) -> Result<Vec<EventData>, ApiError> {
+    if events.is_empty() {
+        return Err(ApiError::bad_request("send at least one event"));
+    }
+    let cid = correlation_id(headers);
+    events.into_iter().enumerate().map(|(i, e)| e.into_event_data(i, cid.as_deref())).collect()
+}
+
+/// `POST /streams/{stream}`: appends a JSON array of events.
+#[utoipa::path(post, path = "/streams/{stream}", tag = "streams",
+    params(("stream" = String, Path, description = "Stream name"), WriteQuery,
+        ("ES-ExpectedVersion" = Option<String>, Header, description = "any | no_stream | stream_exists | <version>")),
+    request_body = Vec<EventIn>,
+    responses((status = 201, body = AppendOut), (status = 400), (status = 401), (status = 403), (status = 409), (status = 410), (status = 413)))]
+pub async fn append(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(stream): ApiPath<String>,
+    ApiQuery(query): ApiQuery<WriteQuery>,
+    headers: HeaderMap,
+    ApiJson(events): ApiJson<Vec<EventIn>>,
+) -> Result<Response, ApiError> {
+    let stream = user_stream(&stream)?;
+    principal.authorize(Role::Writer, Some(stream.as_str()))?;
+    let expected = expected_of(&headers, &query)?;
+    let events = convert_events(events, &headers)?;
+    let (count, bytes) = (events.len() as u64, event_bytes(&events));
+    let started = Instant::now();
+    let result = state.inner.store.append(&stream, expected, events).await;
+    let metrics = &state.inner.metrics;
+    match result {
+        Ok(r) => {
+            metrics.record_append(count, bytes, started.elapsed().as_secs_f64());
+            Ok((StatusCode::CREATED, Json(AppendOut::new(stream.as_str(), r))).into_response())
+        }
+        Err(e) => {
+            if matches!(e, annals_core::Error::WrongExpectedVersion { .. }) {
+                metrics.append_conflicts.inc();
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// One stream's part of `POST /transactions`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TransactionPart {
+    /// Target stream.
+    pub stream: String,
+    /// Expected version (default any).
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub expected: Value,
+    /// Events for this stream.
+    pub events: Vec<EventIn>,
+}
+
+/// Body of `POST /transactions`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TransactionIn {
+    /// The parts, written atomically at consecutive positions.
+    pub streams: Vec<TransactionPart>,
+}
+
+/// `POST /transactions`: atomic multi-stream append.
+#[utoipa::path(post, path = "/transactions", tag = "streams", request_body = TransactionIn,
+    responses((status = 201, description = "`{ results: [AppendOut] }` in the order given"), (status = 409), (status = 400)))]
+pub async fn transaction(
+    State(state): State<AppState>,
+    principal: Principal,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<TransactionIn>,
+) -> Result<Response, ApiError> {
+    let mut parts = Vec::with_capacity(body.streams.len());
+    let (mut count, mut bytes) = (0u64, 0u64);
+    for part in body.streams {
+        let stream = user_stream(&part.stream)?;
+        principal.authorize(Role::Writer, Some(stream.as_str()))?;
+        let expected = expected_from_json(&part.expected)?;
+        let events = convert_events(part.events, &headers)?;
+        count += events.len() as u64;
+        bytes += event_bytes(&events);
+        parts.push(StreamAppend::new(stream, expected, events));
+    }
+    if parts.is_empty() {
+        return Err(ApiError::bad_request("a transaction needs at least one stream"));
+    }
+    let names: Vec<String> = parts.iter().map(|p| p.stream.as_str().to_owned()).collect();
+    let started = Instant::now();
+    match state.inner.store.append_multi(parts).await {
+        Ok(results) => {
+            state.inner.metrics.record_append(count, bytes, started.elapsed().as_secs_f64());
+            let results: Vec<AppendOut> =
+                names.iter().zip(results).map(|(n, r)| AppendOut::new(n, r)).collect();
+            Ok((StatusCode::CREATED, Json(json!({ "results": results }))).into_response())
+        }
+        Err(e) => {
+            if matches!(e, annals_core::Error::WrongExpectedVersion { .. }) {
+                state.inner.metrics.append_conflicts.inc();
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// Query of `GET /streams/{stream}`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ReadQuery {
+    /// `start`, `end` or a version (inclusive).
+    pub from: Option<String>,
+    /// `forward` (default) or `backward`.
+    #[param(value_type = Option<String>)]
+    pub direction: Option<Direction>,
+    /// Page size (default limits.default_read_limit, at most limits.max_read_limit).
+    pub limit: Option<usize>,
+    /// Credential for clients that cannot set headers.
+    #[allow(dead_code, reason = "accepted here so unknown-field checks let it through; auth reads it")]
+    pub access_token: Option<String>,
+}
+
+/// Clamps a requested page size to the configured bounds.
+pub fn page_limit(state: &AppState, limit: Option<usize>) -> usize {
+    let l = &state.inner.config.limits;
+    limit.unwrap_or(l.default_read_limit).clamp(1, l.max_read_limit)
+}
+
+/// `GET /streams/{stream}`: reads a page of one stream.
+#[utoipa::path(get, path = "/streams/{stream}", tag = "streams",
+    params(("stream" = String, Path, description = "Stream name"), ReadQuery),
+    responses((status = 200, description = "`{ stream, direction, events: [EventOut], next, links }`"), (status = 404), (status = 410)))]
+pub async fn read(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(stream): ApiPath<String>,
+    ApiQuery(query): ApiQuery<ReadQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let stream = readable_stream(&stream)?;
+    let needed = if stream.is_system() { Role::Admin } else { Role::Reader };
+    principal.authorize(needed, Some(stream.as_str()))?;
+    let direction = query.direction.unwrap_or_default();
+    let limit = page_limit(&state, query.limit);
+    let from = parse_from(query.from.as_deref())?.unwrap_or(match direction {
+        Direction::Forward => ReadFrom::Start,
+        Direction::Backward => ReadFrom::End,
+    });
+    let events = state.inner.store.read_stream(&stream, ReadStream { from, direction, limit }).await?;
+    let next = match (direction, events.last()) {
+        (Direction::Forward, Some(last)) if events.len() == limit => Some(last.version + 1),
+        (Direction::Backward, Some(last)) if events.len() == limit && last.version > 0 => Some(last.version - 1),
+        _ => None,
+    };
+    let dir = match direction {
+        Direction::Forward => "forward",
+        Direction::Backward => "backward",
+    };
+    let link = next.map(|n| format!("/streams/{}?from={n}&direction={dir}&limit={limit}", enc(stream.as_str())));
+    let events: Vec<EventOut> = events.iter().map(EventOut::from).collect();
+    Ok(Json(json!({
+        "stream": stream.as_str(),
+        "direction": dir,
+        "events": events,
+        "next": next,
+        "links": { "next": link },
+    })))
+}
+
+/// `GET /streams/{stream}/info`.
+#[utoipa::path(get, path = "/streams/{stream}/info", tag = "streams",
+    params(("stream" = String, Path, description = "Stream name")),
+    responses((status = 200, description = "StreamInfo: { stream, exists, last_version, last_position, truncate_before, deletion }")))]
+pub async fn info(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(stream): ApiPath<String>,
+) -> Result<Json<annals_core::StreamInfo>, ApiError> {
+    let stream = readable_stream(&stream)?;
+    let needed = if stream.is_system() { Role::Admin } else { Role::Reader };
+    principal.authorize(needed, Some(stream.as_str()))?;
+    Ok(Json(state.inner.store.stream_info(&stream).await?))
+}
+
+/// `DELETE /streams/{stream}`: soft delete, or tombstone with `?hard=true`.
+#[utoipa::path(delete, path = "/streams/{stream}", tag = "streams",
+    params(("stream" = String, Path, description = "Stream name"), WriteQuery),
+    responses((status = 204), (status = 404), (status = 409), (status = 410)))]
+pub async fn delete(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(stream): ApiPath<String>,
+    ApiQuery(query): ApiQuery<WriteQuery>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let stream = user_stream(&stream)?;
+    principal.authorize(Role::Admin, Some(stream.as_str()))?;
+    let expected = expected_of(&headers, &query)?;
+    let mode = if query.hard.unwrap_or(false) { DeleteMode::Hard } else { DeleteMode::Soft };
+    state.inner.store.delete_stream(&stream, expected, mode).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `PUT /streams/{stream}/snapshot`: saves a snapshot.
+#[utoipa::path(put, path = "/streams/{stream}/snapshot", tag = "snapshots",
+    params(("stream" = String, Path, description = "Stream name")), request_body = SnapshotIn,
+    responses((status = 201)))]
+pub async fn save_snapshot(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(stream): ApiPath<String>,
+    ApiJson(body): ApiJson<SnapshotIn>,
+) -> Result<Response, ApiError> {
+    let stream = user_stream(&stream)?;
+    principal.authorize(Role::Writer, Some(stream.as_str()))?;
+    let snapshot = Snapshot {
+        stream: stream.clone(),
+        version: body.version,
+        schema_version: body.schema_version,
+        data: bytes::Bytes::from(body.data.get().as_bytes().to_vec()),
+        created_at: Timestamp::now(),
+    };
+    state.inner.store.save_snapshot(snapshot).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "stream": stream.as_str(), "version": body.version }))).into_response())
+}
+
+/// Query of `GET /streams/{stream}/snapshot`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotQuery {
+    /// The newest snapshot at or before this version (default: newest).
+    pub version: Option<u64>,
+    /// Credential for clients that cannot set headers.
+    #[allow(dead_code, reason = "accepted here so unknown-field checks let it through; auth reads it")]
+    pub access_token: Option<String>,
+}
+
+/// `GET /streams/{stream}/snapshot`: the newest snapshot (at or before
+/// `?version=`).
+#[utoipa::path(get, path = "/streams/{stream}/snapshot", tag = "snapshots",
+    params(("stream" = String, Path, description = "Stream name"), SnapshotQuery),
+    responses((status = 200, body = SnapshotOut), (status = 404)))]
+pub async fn load_snapshot(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(stream): ApiPath<String>,
+    ApiQuery(query): ApiQuery<SnapshotQuery>,
+) -> Result<Json<SnapshotOut>, ApiError> {
+    let stream = user_stream(&stream)?;
+    principal.authorize(Role::Reader, Some(stream.as_str()))?;
+    match state.inner.store.load_snapshot(&stream, query.version).await? {
+        Some(s) => Ok(Json(SnapshotOut::from(&s))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "snapshot_not_found",
+            format!("no snapshot of '{stream}'{}", query.version.map(|v| format!(" at or before version {v}")).unwrap_or_default()),
+        )),
+    }
+}
+
+/// Query of `GET /streams`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Only streams whose name starts with this.
+    pub prefix: Option<String>,
+    /// At most this many streams (default 1000).
+    pub limit: Option<usize>,
+    /// Credential for clients that cannot set headers.
+    #[allow(dead_code, reason = "accepted here so unknown-field checks let it through; auth reads it")]
+    pub access_token: Option<String>,
+}
+
+/// Scans `$all` (up to `limits.max_scan_events`) and calls `f` per event.
+pub async fn scan_all(
+    state: &AppState,
+    filter: annals_core::Filter,
+    mut f: impl FnMut(&annals_core::RecordedEvent),
+) -> Result<bool, ApiError> {
+    let max = state.inner.config.limits.max_scan_events;
+    // Scan up to the head as it was when the scan started, so a busy
+    // store cannot keep the scan running forever.
+    let head = state.inner.store.next_position().await?;
+    let mut from = 0u64;
+    loop {
+        if from >= head {
+            return Ok(true);
+        }
+        if from >= max {
+            return Ok(false);
+        }
+        let slice = state
+            .inner
+            .store
+            .read_all(ReadAll::forward(4096).from_position(from).filter(filter.clone()))
+            .await?;
+        for e in slice.events.iter().filter(|e| e.position < head) {
+            f(e);
+        }
+        let next = slice.next.unwrap_or(head);
+        if next <= from {
+            return Ok(true);
+        }
+        from = next;
+    }
+}
+
+/// `GET /streams`: lists streams seen in `$all` (a scan bounded by
+/// `limits.max_scan_events`; later backends will answer from an index).
+#[utoipa::path(get, path = "/streams", tag = "streams", params(ListQuery),
+    responses((status = 200, description = "`{ streams: [{ stream, last_version, last_position, events }], complete }`")))]
+pub async fn list(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiQuery(query): ApiQuery<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    principal.authorize(Role::Reader, None)?;
+    let mut streams: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
+    let filter = annals_core::Filter { stream_prefix: query.prefix.clone(), ..Default::default() };
+    let complete = scan_all(&state, filter, |e| {
+        if principal.may_see(e.stream.as_str()) {
+            let entry = streams.entry(e.stream.as_str().to_owned()).or_insert((0, 0, 0));
+            *entry = (e.version, e.position, entry.2 + 1);
+        }
+    })
+    .await?;
+    let limit = query.limit.unwrap_or(1000);
+    let list: Vec<Value> = streams
+        .into_iter()
+        .take(limit)
+        .map(|(s, (v, p, n))| json!({ "stream": s, "last_version": v, "last_position": p, "events": n }))
+        .collect();
+    Ok(Json(json!({ "streams": list, "complete": complete })))
+}

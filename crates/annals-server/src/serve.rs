@@ -1,0 +1,127 @@
+//! The accept loop: one hyper connection task per socket, graceful
+//! shutdown that drains in-flight requests, and a per-connection kill
+//! switch so live handlers can drop a client that stopped reading.
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use axum::{body::Body, extract::Request};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tower::ServiceExt;
+
+use crate::{AppState, app, error::ServerError};
+
+/// Per-connection control, available to handlers as a request extension
+/// (absent when the router is driven without a socket, e.g. `oneshot`).
+#[derive(Debug, Clone)]
+pub struct ConnCtl {
+    /// The client's address.
+    pub remote: SocketAddr,
+    /// Cancelling it closes the connection at once (no draining).
+    pub kill: CancellationToken,
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves; then stops
+/// accepting, tells live clients goodbye, lets in-flight requests (appends
+/// included) finish for up to `timeouts.shutdown_secs`, and returns.
+pub async fn run(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let router = app(state.clone());
+    let config = state.config().clone();
+    let header_timeout = Duration::from_secs(config.timeouts.header_read_secs);
+    let tls = match &config.tls {
+        Some(tls) => Some(crate::tls::acceptor(tls)?),
+        None => None,
+    };
+    let draining = state.shutdown_token().clone();
+    let tracker = TaskTracker::new();
+    tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "annals server listening");
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, remote) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Usually EMFILE or a reset during the handshake: keep
+                    // serving, but do not spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let router = router.clone();
+        let draining = draining.clone();
+        let tls = tls.clone();
+        tracker.spawn(async move {
+            match tls {
+                None => serve_connection(TokioIo::new(tcp), remote, router, draining, header_timeout).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            serve_connection(TokioIo::new(stream), remote, router, draining, header_timeout).await
+                        }
+                        Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+                    }
+                }
+            }
+        });
+    }
+    tracing::info!("shutting down: draining in-flight requests");
+    draining.cancel();
+    drop(listener);
+    tracker.close();
+    let grace = Duration::from_secs(config.timeouts.shutdown_secs);
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(secs = grace.as_secs(), "connections still open after the shutdown timeout; closing them");
+    }
+    Ok(())
+}
+
+async fn serve_connection<I>(
+    io: TokioIo<I>,
+    remote: SocketAddr,
+    router: axum::Router,
+    draining: CancellationToken,
+    header_timeout: Duration,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let kill = CancellationToken::new();
+    let ctl = ConnCtl { remote, kill: kill.clone() };
+    let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(ctl.clone());
+        router.clone().oneshot(req.map(Body::new))
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => log_conn_end(remote, result),
+        () = kill.cancelled() => {}
+        () = draining.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                result = conn.as_mut() => log_conn_end(remote, result),
+                () = kill.cancelled() => {}
+            }
+        }
+    }
+}
+
+fn log_conn_end(remote: SocketAddr, result: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
+    if let Err(e) = result {
+        tracing::debug!(%remote, error = %e, "connection ended with an error");
+    }
+}
