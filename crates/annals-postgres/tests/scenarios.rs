@@ -8,7 +8,7 @@ use std::{collections::HashSet, time::Duration};
 
 use annals_core::{
     AllReader, Appender, CheckpointStore, Error, EventData, EventStream, ExpectedVersion, Filter, ReadAll,
-    RecordedEvent, StreamName, SubscribeFrom, Subscriber, SubscriptionRequest,
+    RecordedEvent, StreamName, StreamReader, SubscribeFrom, Subscriber, SubscriptionRequest,
 };
 use annals_postgres::{PgError, PgStore};
 use futures::StreamExt;
