@@ -1,0 +1,462 @@
+//! The HTTP/JSON API over a real socket (and a few `oneshot` calls).
+
+mod common;
+
+use std::sync::Arc;
+
+use annals_server::{AppState, app};
+use axum::{body::Body, http::Request};
+use common::{event, open_config, start, within};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+#[tokio::test]
+async fn append_read_conflict_and_idempotency() {
+    within(60, async {
+        let s = start(open_config()).await;
+        let id = "0190f0b4-0000-7000-8000-0000000000a1";
+        let batch = json!([{ "id": id, "type": "Opened", "data": { "owner": "Ada" }, "metadata": { "actor": "t" } }]);
+        let (status, body) = s.append("account-1", "no_stream", batch.clone()).await;
+        assert_eq!(status, 201, "{body}");
+        assert_eq!(body, json!({ "stream": "account-1", "next_version": 1, "last_version": 0, "position": 0 }));
+
+        // Re-sending the same ids returns the original result, writes nothing.
+        let (status, again) = s.append("account-1", "no_stream", batch).await;
+        assert_eq!(status, 201);
+        assert_eq!(again, body);
+
+        // Conflict: 409 with expected and actual.
+        let (status, err) = s.append("account-1", "no_stream", json!([event("Other", json!({}))])).await;
+        assert_eq!(status, 409);
+        assert_eq!(err["error"]["code"], "wrong_expected_version");
+        assert_eq!(err["error"]["details"]["expected"], "no_stream");
+        assert_eq!(err["error"]["details"]["actual"], 0);
+        let (status, err) = s.append("nobody-1", "stream_exists", json!([event("X", json!({}))])).await;
+        assert_eq!(status, 409);
+        assert_eq!(err["error"]["details"]["actual"], Value::Null);
+
+        // Expected version in the header.
+        let resp = s
+            .client
+            .post(s.url("/streams/account-1"))
+            .header("ES-ExpectedVersion", "0")
+            .json(&json!([event("Deposited", json!({ "amount": 5 }))]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+        assert!(resp.headers().contains_key("x-request-id"));
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["last_version"], 1);
+
+        let (status, page) = s.get("/streams/account-1").await;
+        assert_eq!(status, 200);
+        let events = page["events"].as_array().unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0]["id"], id);
+        assert_eq!(events[0]["type"], "Opened");
+        assert_eq!(events[0]["data"], json!({ "owner": "Ada" }));
+        assert_eq!(events[0]["metadata"], json!({ "actor": "t" }));
+        assert_eq!(events[0]["content_type"], "application/json");
+        assert_eq!(events[1]["version"], 1);
+        let at = events[0]["recorded_at"].as_str().unwrap();
+        assert!(at.ends_with('Z') && at.len() == "2026-11-22T18:57:23.123456Z".len(), "{at}");
+        assert!(events[0]["recorded_at_micros"].as_i64().unwrap() > 0);
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn stream_paging_forward_and_backward() {
+    within(60, async {
+        let s = start(open_config()).await;
+        let events: Vec<Value> = (0..7).map(|i| event("Tick", json!({ "i": i }))).collect();
+        assert_eq!(s.append("clock-1", "any", Value::Array(events)).await.0, 201);
+
+        let mut seen = Vec::new();
+        let mut path = "/streams/clock-1?limit=3".to_owned();
+        loop {
+            let (status, page) = s.get(&path).await;
+            assert_eq!(status, 200);
+            seen.extend(page["events"].as_array().unwrap().iter().map(|e| e["data"]["i"].as_u64().unwrap()));
+            match page["links"]["next"].as_str() {
+                Some(next) => path = next.to_owned(),
+                None => break,
+            }
+        }
+        assert_eq!(seen, vec![0, 1, 2, 3, 4, 5, 6]);
+
+        let (_, page) = s.get("/streams/clock-1?direction=backward&limit=2").await;
+        let versions: Vec<u64> = page["events"].as_array().unwrap().iter().map(|e| e["version"].as_u64().unwrap()).collect();
+        assert_eq!(versions, vec![6, 5]);
+        assert_eq!(page["next"], 4);
+        let (_, page) = s.get("/streams/clock-1?from=2&limit=2").await;
+        assert_eq!(page["events"][0]["version"], 2);
+
+        let (status, err) = s.get("/streams/missing-1").await;
+        assert_eq!(status, 404);
+        assert_eq!(err["error"]["code"], "stream_not_found");
+        let (status, err) = s.get("/streams/clock-1?limit=abc").await;
+        assert_eq!(status, 400);
+        assert_eq!(err["error"]["code"], "invalid_query");
+        let (status, _) = s.get("/streams/clock-1?from=soon").await;
+        assert_eq!(status, 400);
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn transactions_are_atomic() {
+    within(60, async {
+        let s = start(open_config()).await;
+        let body = json!({ "streams": [
+            { "stream": "from-1", "expected": "no_stream", "events": [event("Debited", json!({ "n": 1 }))] },
+            { "stream": "to-1", "expected": "no_stream", "events": [event("Credited", json!({ "n": 1 }))] },
+        ]});
+        let resp = s.client.post(s.url("/transactions")).json(&body).send().await.unwrap();
+        assert_eq!(resp.status(), 201);
+        let out: Value = resp.json().await.unwrap();
+        assert_eq!(out["results"][0]["stream"], "from-1");
+        assert_eq!(out["results"][0]["position"], 0);
+        assert_eq!(out["results"][1]["position"], 1);
+
+        // Second part conflicts: nothing is written to the first.
+        let body = json!({ "streams": [
+            { "stream": "from-1", "expected": 0, "events": [event("Debited", json!({ "n": 2 }))] },
+            { "stream": "to-1", "expected": 5, "events": [event("Credited", json!({ "n": 2 }))] },
+        ]});
+        let resp = s.client.post(s.url("/transactions")).json(&body).send().await.unwrap();
+        assert_eq!(resp.status(), 409);
+        let (_, page) = s.get("/streams/from-1").await;
+        assert_eq!(page["events"].as_array().unwrap().len(), 1);
+
+        let resp = s.client.post(s.url("/transactions")).json(&json!({ "streams": [] })).send().await.unwrap();
+        assert_eq!(resp.status(), 400);
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn all_with_filters_and_paging_links() {
+    within(60, async {
+        let s = start(open_config()).await;
+        let resp = s
+            .client
+            .post(s.url("/streams/order-1"))
+            .header("X-Correlation-Id", "corr-7")
+            .json(&json!([event("OrderPlaced", json!({})), event("OrderPaid", json!({}))]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+        s.append("order-2", "any", json!([event("OrderPlaced", json!({}))])).await;
+        s.append("customer-1", "any", json!([event("CustomerJoined", json!({}))])).await;
+        s.append("orderly-1", "any", json!([event("Misc", json!({}))])).await;
+
+        let count = |v: &Value| v["events"].as_array().unwrap().len();
+        let (_, all) = s.get("/all").await;
+        assert_eq!(count(&all), 5);
+        assert_eq!(all["head"], 5);
+        let (_, v) = s.get("/all?category=order").await;
+        assert_eq!(count(&v), 3);
+        let (_, v) = s.get("/all?stream_prefix=order").await;
+        assert_eq!(count(&v), 4);
+        let (_, v) = s.get("/all?type=OrderPlaced").await;
+        assert_eq!(count(&v), 2);
+        let (_, v) = s.get("/all?type_prefix=Order").await;
+        assert_eq!(count(&v), 3);
+        let (_, v) = s.get("/all?type=OrderPaid,CustomerJoined").await;
+        assert_eq!(count(&v), 2);
+        let (_, v) = s.get("/all?correlation_id=corr-7").await;
+        assert_eq!(count(&v), 2);
+        assert_eq!(v["events"][0]["metadata"]["correlation_id"], "corr-7");
+        let (_, v) = s.get("/all?after=2999-01-01T00:00:00Z").await;
+        assert_eq!(count(&v), 0);
+        let (_, v) = s.get("/all?before=2999-01-01T00:00:00Z&after=0").await;
+        assert_eq!(count(&v), 5);
+        let (status, v) = s.get("/all?after=yesterday").await;
+        assert_eq!(status, 400, "{v}");
+        let (_, v) = s.get("/all?direction=backward&limit=2").await;
+        let positions: Vec<u64> = v["events"].as_array().unwrap().iter().map(|e| e["position"].as_u64().unwrap()).collect();
+        assert_eq!(positions, vec![4, 3]);
+
+        // Following `links.next` pages through a filtered view.
+        let mut path = "/all?limit=1&category=order".to_owned();
+        let mut streams = Vec::new();
+        for _ in 0..10 {
+            let (_, page) = s.get(&path).await;
+            let events = page["events"].as_array().unwrap();
+            if events.is_empty() {
+                break;
+            }
+            streams.extend(events.iter().map(|e| e["stream"].as_str().unwrap().to_owned()));
+            path = page["links"]["next"].as_str().unwrap().to_owned();
+        }
+        assert_eq!(streams, vec!["order-1", "order-1", "order-2"]);
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn info_delete_and_tombstone() {
+    within(60, async {
+        let s = start(open_config()).await;
+        s.append("cart-1", "any", json!([event("Added", json!({}))])).await;
+        let (status, info) = s.get("/streams/cart-1/info").await;
+        assert_eq!(status, 200);
+        assert_eq!(info["exists"], true);
+        assert_eq!(info["last_version"], 0);
+        assert_eq!(info["deletion"], "live");
+
+        let resp = s.client.delete(s.url("/streams/cart-1")).send().await.unwrap();
+        assert_eq!(resp.status(), 204);
+        assert_eq!(s.get("/streams/cart-1").await.0, 404);
+        // Recreated after a soft delete, numbering continues.
+        let (status, body) = s.append("cart-1", "no_stream", json!([event("Added", json!({}))])).await;
+        assert_eq!(status, 201);
+        assert_eq!(body["last_version"], 1);
+
+        let resp = s.client.delete(s.url("/streams/cart-1?hard=true&expected=5")).send().await.unwrap();
+        assert_eq!(resp.status(), 409);
+        let resp = s.client.delete(s.url("/streams/cart-1?hard=true")).send().await.unwrap();
+        assert_eq!(resp.status(), 204);
+        let (status, err) = s.get("/streams/cart-1").await;
+        assert_eq!(status, 410);
+        assert_eq!(err["error"]["code"], "stream_deleted");
+        assert_eq!(s.append("cart-1", "any", json!([event("Added", json!({}))])).await.0, 410);
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn snapshots_and_checkpoints() {
+    within(60, async {
+        let s = start(open_config()).await;
+        for (v, balance) in [(3, 30), (7, 70)] {
+            let resp = s
+                .client
+                .put(s.url("/streams/account-9/snapshot"))
+                .json(&json!({ "version": v, "data": { "balance": balance } }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 201);
+        }
+        let (status, snap) = s.get("/streams/account-9/snapshot").await;
+        assert_eq!(status, 200);
+        assert_eq!(snap["version"], 7);
+        assert_eq!(snap["data"], json!({ "balance": 70 }));
+        assert_eq!(snap["schema_version"], 1);
+        let (_, snap) = s.get("/streams/account-9/snapshot?version=5").await;
+        assert_eq!(snap["version"], 3);
+        let (status, err) = s.get("/streams/account-9/snapshot?version=1").await;
+        assert_eq!(status, 404);
+        assert_eq!(err["error"]["code"], "snapshot_not_found");
+
+        let resp = s.client.put(s.url("/checkpoints/projector-a")).json(&json!({ "position": 42 })).send().await.unwrap();
+        assert_eq!(resp.status(), 204);
+        let (status, cp) = s.get("/checkpoints/projector-a").await;
+        assert_eq!(status, 200);
+        assert_eq!(cp, json!({ "name": "projector-a", "position": 42 }));
+        assert_eq!(s.get("/checkpoints/unknown").await.0, 404);
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn binary_events_round_trip_as_base64() {
+    within(60, async {
+        let s = start(open_config()).await;
+        let (status, body) = s
+            .append(
+                "blob-1",
+                "any",
+                json!([{ "type": "Blob", "content_type": "application/octet-stream", "data": "AAECAw==" }]),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        let (_, page) = s.get("/streams/blob-1").await;
+        assert_eq!(page["events"][0]["content_type"], "application/octet-stream");
+        assert_eq!(page["events"][0]["data"], "AAECAw==");
+        let (status, _) = s
+            .append("blob-1", "any", json!([{ "type": "Blob", "content_type": "application/octet-stream", "data": "!!" }]))
+            .await;
+        assert_eq!(status, 400);
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn malformed_oversized_and_invalid_requests_get_json_errors() {
+    within(60, async {
+        let mut config = open_config();
+        config.limits.max_body_bytes = 4096;
+        let s = start(config).await;
+        let post = |path: &str, ct: Option<&str>, body: Vec<u8>| {
+            let mut req = s.client.post(s.url(path)).body(body);
+            if let Some(ct) = ct {
+                req = req.header("content-type", ct);
+            }
+            req.send()
+        };
+        let check = |resp: reqwest::Response, status: u16, code: &'static str| async move {
+            assert_eq!(resp.status().as_u16(), status);
+            assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("application/json"));
+            let v: Value = resp.json().await.unwrap();
+            assert_eq!(v["error"]["code"], code, "{v}");
+            assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        };
+        check(post("/streams/a-1", Some("application/json"), b"[{".to_vec()).await.unwrap(), 400, "invalid_json").await;
+        check(post("/streams/a-1", None, b"[]".to_vec()).await.unwrap(), 415, "unsupported_media_type").await;
+        check(post("/streams/a-1", Some("application/json"), b"[]".to_vec()).await.unwrap(), 400, "bad_request").await;
+        check(post("/streams/a-1", Some("application/json"), b"{}".to_vec()).await.unwrap(), 400, "invalid_json").await;
+        check(
+            post("/streams/a-1", Some("application/json"), br#"[{"type":"X","bogus":1}]"#.to_vec()).await.unwrap(),
+            400,
+            "invalid_json",
+        )
+        .await;
+        check(
+            post("/streams/a-1", Some("application/json"), br#"[{"type":"","data":{}}]"#.to_vec()).await.unwrap(),
+            400,
+            "invalid_input",
+        )
+        .await;
+        let big = format!(r#"[{{"type":"X","data":"{}"}}]"#, "x".repeat(10_000));
+        check(post("/streams/a-1", Some("application/json"), big.into_bytes()).await.unwrap(), 413, "payload_too_large")
+            .await;
+        check(post("/streams/%24system", Some("application/json"), b"[{\"type\":\"X\"}]".to_vec()).await.unwrap(), 400, "invalid_input")
+            .await;
+        check(post("/streams/a%0Ab", Some("application/json"), b"[{\"type\":\"X\"}]".to_vec()).await.unwrap(), 400, "invalid_input")
+            .await;
+        check(post("/streams/a-1?expected=soon", Some("application/json"), b"[{\"type\":\"X\"}]".to_vec()).await.unwrap(), 400, "bad_request")
+            .await;
+        check(s.client.get(s.url("/no/such/route")).send().await.unwrap(), 404, "not_found").await;
+        check(s.client.patch(s.url("/streams/a-1")).send().await.unwrap(), 405, "method_not_allowed").await;
+        // A WebSocket route hit without an upgrade is still a JSON error.
+        let resp = s.client.get(s.url("/ws")).send().await.unwrap();
+        assert!(resp.status().is_client_error());
+        let v: Value = resp.json().await.unwrap();
+        assert!(v["error"]["code"].is_string());
+        // Nothing above wrote anything.
+        let (_, all) = s.get("/all").await;
+        assert_eq!(all["events"].as_array().unwrap().len(), 0);
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn event_size_limit_maps_to_413() {
+    within(60, async {
+        let s = start(open_config()).await;
+        let big = "x".repeat(1024 * 1024 + 10);
+        let (status, err) = s.append("big-1", "any", json!([{ "type": "Big", "data": big }])).await;
+        assert_eq!(status, 413);
+        assert_eq!(err["error"]["code"], "limit_exceeded");
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn operations_endpoints() {
+    within(60, async {
+        let s = start(open_config()).await;
+        s.append("ops-1", "any", json!([event("A", json!({})), event("B", json!({}))])).await;
+        s.append("ops-2", "any", json!([event("A", json!({}))])).await;
+        assert_eq!(s.get("/health/live").await, (200, json!({ "status": "ok" })));
+        let (status, ready) = s.get("/health/ready").await;
+        assert_eq!(status, 200);
+        assert_eq!(ready["head"], 3);
+        let (_, info) = s.get("/info").await;
+        assert_eq!(info["backend"], "memory");
+        assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));
+        let (_, stats) = s.get("/stats").await;
+        assert_eq!(stats["events"], 3);
+        assert_eq!(stats["streams"], 2);
+        assert_eq!(stats["by_type"], json!({ "A": 2, "B": 1 }));
+        let (_, list) = s.get("/streams").await;
+        assert_eq!(list["streams"][0], json!({ "stream": "ops-1", "events": 2, "last_version": 1, "last_position": 1 }));
+        let (_, list) = s.get("/streams?prefix=ops-2").await;
+        assert_eq!(list["streams"].as_array().unwrap().len(), 1);
+
+        assert_eq!(s.metric("annals_appended_events_total").await, 3.0);
+        assert_eq!(s.metric("annals_appends_total").await, 2.0);
+        let text = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        for name in ["annals_http_requests_total", "annals_append_duration_seconds_bucket", "annals_appended_bytes_total"] {
+            assert!(text.contains(name), "missing {name}");
+        }
+        let (status, api) = s.get("/openapi.json").await;
+        assert_eq!(status, 200);
+        for path in ["/streams/{stream}", "/all", "/transactions", "/all/live", "/ws", "/streams/{stream}/snapshot"] {
+            assert!(api["paths"].get(path).is_some(), "openapi lacks {path}");
+        }
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn oneshot_without_a_socket() {
+    let store: Arc<dyn annals_core::Store> = Arc::new(annals_core::MemoryStore::new());
+    let state = AppState::new(store, open_config()).unwrap();
+    let router = app(state);
+    let resp = router
+        .clone()
+        .oneshot(
+            Request::post("/streams/solo-1?expected=no_stream")
+                .header("content-type", "application/json")
+                .body(Body::from(r#"[{"type":"Hello","data":{"n":1}}]"#))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let body: Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(body["position"], 0);
+    let resp = router.oneshot(Request::get("/streams/solo-1").body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(body["events"][0]["type"], "Hello");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_completes_in_flight_appends() {
+    within(60, async {
+        let s = start(open_config()).await;
+        let client = s.client.clone();
+        let url = s.url("/streams/drain-1");
+        let writers: Vec<_> = (0..20)
+            .map(|i| {
+                let client = client.clone();
+                let url = url.clone();
+                tokio::spawn(async move {
+                    client.post(url).json(&json!([event("E", json!({ "i": i }))])).send().await.map(|r| r.status().as_u16())
+                })
+            })
+            .collect();
+        let store = s.state.store().clone();
+        s.stop().await;
+        // Every append that got an answer got a success, and each success
+        // is in the store.
+        let mut ok = 0;
+        for w in writers {
+            if let Ok(Ok(status)) = w.await {
+                assert_eq!(status, 201);
+                ok += 1;
+            }
+        }
+        let head = store.next_position().await.unwrap();
+        assert_eq!(head, ok, "acknowledged appends must all be stored");
+    })
+    .await;
+}
