@@ -7,8 +7,9 @@ use std::{
 };
 
 use annals_core::{
-    AllReader, AllSlice, ContentType, Direction, Error, Filter, Limits, Metadata, ReadAll, ReadFrom, ReadStream,
-    RecordedEvent, Result, StreamInfo, StreamName, StreamReader, Timestamp, TypeMatch, Uuid, async_trait,
+    AllReader, AllSlice, ContentType, Direction, Error, Filter, Limits, Metadata, ReadAll, ReadFrom,
+    ReadStream, RecordedEvent, Result, StreamInfo, StreamName, StreamReader, Timestamp, TypeMatch, Uuid,
+    async_trait,
 };
 use bytes::Bytes;
 
@@ -200,7 +201,11 @@ impl Core {
             let idx = self.index()?;
             candidate_lists(&idx, &request.filter).is_some()
         };
-        if indexed { self.read_all_indexed(request, start, end, forward) } else { self.read_all_scan(request, start, end, forward) }
+        if indexed {
+            self.read_all_indexed(request, start, end, forward)
+        } else {
+            self.read_all_scan(request, start, end, forward)
+        }
     }
 
     fn read_all_scan(&self, request: &ReadAll, start: u64, end: u64, forward: bool) -> Result<AllSlice> {
@@ -289,7 +294,9 @@ impl Core {
 /// `None` when only a scan can (no category, type or correlation criterion).
 fn candidate_lists<'a>(idx: &'a Index, filter: &Filter) -> Option<Vec<&'a [u64]>> {
     if let Some(cid) = &filter.correlation_id {
-        return Some(idx.correlations.get(&correlation_key(cid)).map(|v| vec![v.as_slice()]).unwrap_or_default());
+        return Some(
+            idx.correlations.get(&correlation_key(cid)).map(|v| vec![v.as_slice()]).unwrap_or_default(),
+        );
     }
     if !filter.event_types.is_empty() {
         let mut lists = Vec::new();
@@ -313,7 +320,13 @@ fn candidate_lists<'a>(idx: &'a Index, filter: &Filter) -> Option<Vec<&'a [u64]>
 /// at `from` (inclusive) in the given direction and bounded by `end`
 /// (exclusive, forward). Returns them in direction order and where to resume,
 /// or `None` when every list is exhausted.
-fn candidate_batch(lists: &[&[u64]], from: u64, end: u64, forward: bool, max: usize) -> (Vec<u64>, Option<u64>) {
+fn candidate_batch(
+    lists: &[&[u64]],
+    from: u64,
+    end: u64,
+    forward: bool,
+    max: usize,
+) -> (Vec<u64>, Option<u64>) {
     let mut merged = Vec::new();
     let mut boundary: Option<u64> = None;
     for list in lists {
@@ -381,7 +394,7 @@ impl<'c> RecordReader<'c> {
 
     /// The bytes of the frame at `(segment, offset)` if the window holds all
     /// of it (framing only; the caller decodes and checks the CRC).
-    fn from_window(&self, segment: u64, offset: u64) -> Option<Bytes> {
+    fn window_frame(&self, segment: u64, offset: u64) -> Option<Bytes> {
         let (seg, start, bytes) = self.window.as_ref()?;
         if *seg != segment || offset < *start {
             return None;
@@ -397,18 +410,21 @@ impl<'c> RecordReader<'c> {
     /// The frame at `loc`, from the window or a fresh read.
     fn frame(&mut self, position: u64, loc: u64, backward: bool) -> Result<(Bytes, u64, u64)> {
         let (segment, offset) = unpack_loc(loc);
-        if let Some(hit) = self.from_window(segment, offset) {
+        if let Some(hit) = self.window_frame(segment, offset) {
             return Ok((hit, segment, offset));
         }
         let start = if backward {
             // Backward scans read the window that ends at this record.
-            offset.saturating_sub((self.size.saturating_sub(POINT_WINDOW)) as u64).max(SEGMENT_HEADER_LEN as u64).min(offset)
+            offset
+                .saturating_sub((self.size.saturating_sub(POINT_WINDOW)) as u64)
+                .max(SEGMENT_HEADER_LEN as u64)
+                .min(offset)
         } else {
             offset
         };
         let len = self.size.max(POINT_WINDOW) + usize::try_from(offset - start).unwrap_or(0);
         self.fill(segment, start, len)?;
-        if let Some(hit) = self.from_window(segment, offset) {
+        if let Some(hit) = self.window_frame(segment, offset) {
             return Ok((hit, segment, offset));
         }
         let needed = match &self.window {
@@ -424,7 +440,7 @@ impl<'c> RecordReader<'c> {
         };
         if needed > 0 {
             self.fill(segment, offset, needed)?;
-            if let Some(hit) = self.from_window(segment, offset) {
+            if let Some(hit) = self.window_frame(segment, offset) {
                 return Ok((hit, segment, offset));
             }
         }
@@ -442,7 +458,8 @@ impl<'c> RecordReader<'c> {
         let stream = match &self.last_stream {
             Some(s) if s.as_str() == raw.stream => s.clone(),
             _ => {
-                let s = StreamName::any(raw.stream).map_err(|e| corrupt(segment, offset, position, &e.to_string()))?;
+                let s = StreamName::any(raw.stream)
+                    .map_err(|e| corrupt(segment, offset, position, &e.to_string()))?;
                 self.last_stream = Some(s.clone());
                 s
             }
@@ -469,7 +486,6 @@ fn corrupt(segment: u64, offset: u64, position: u64, reason: &str) -> Error {
     LogError::corrupt(segment, offset, Some(position), reason).into()
 }
 
-
 #[async_trait]
 impl StreamReader for Core {
     async fn read_stream(&self, stream: &StreamName, request: ReadStream) -> Result<Vec<RecordedEvent>> {
@@ -494,6 +510,7 @@ impl AllReader for Core {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "tests")]
 mod tests {
     use super::*;
 

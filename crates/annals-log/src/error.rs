@@ -84,7 +84,12 @@ impl LogError {
         LogError::TooLarge { what, len }
     }
 
-    pub(crate) fn corrupt(segment: u64, offset: u64, position: Option<u64>, reason: impl Into<String>) -> Self {
+    pub(crate) fn corrupt(
+        segment: u64,
+        offset: u64,
+        position: Option<u64>,
+        reason: impl Into<String>,
+    ) -> Self {
         LogError::Corrupt { segment, offset, position, reason: reason.into() }
     }
 }

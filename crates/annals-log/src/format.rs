@@ -84,7 +84,9 @@ impl SegmentHeader {
         }
         let version = u32_at(b, 8);
         if version != FORMAT_VERSION {
-            return Err(format!("segment format version {version} is not supported (this build reads {FORMAT_VERSION})"));
+            return Err(format!(
+                "segment format version {version} is not supported (this build reads {FORMAT_VERSION})"
+            ));
         }
         let mut prev_hash = [0u8; HASH_LEN];
         prev_hash.copy_from_slice(b.get(32..64).unwrap_or(&[0u8; HASH_LEN]));
@@ -175,7 +177,12 @@ pub struct EventFields<'a> {
 
 /// Length of the frame an event record would take.
 pub fn event_frame_len(f: &EventFields<'_>) -> usize {
-    MIN_RECORD_LEN + f.stream.len() + f.event_type.len() + f.correlation.len() + f.metadata.len() + f.data.len()
+    MIN_RECORD_LEN
+        + f.stream.len()
+        + f.event_type.len()
+        + f.correlation.len()
+        + f.metadata.len()
+        + f.data.len()
 }
 
 /// Appends an encoded record to `out` and returns its hash. Fails only when
@@ -183,12 +190,15 @@ pub fn event_frame_len(f: &EventFields<'_>) -> usize {
 pub fn encode_event(out: &mut Vec<u8>, prev: &Hash, f: &EventFields<'_>) -> Result<Hash, LogError> {
     let total = event_frame_len(f);
     let total32 = u32::try_from(total).map_err(|_| LogError::too_big("record", total))?;
-    let stream_len = u16::try_from(f.stream.len()).map_err(|_| LogError::too_big("stream name", f.stream.len()))?;
-    let type_len = u16::try_from(f.event_type.len()).map_err(|_| LogError::too_big("event type", f.event_type.len()))?;
-    let meta_len = u32::try_from(f.metadata.len()).map_err(|_| LogError::too_big("metadata", f.metadata.len()))?;
+    let stream_len =
+        u16::try_from(f.stream.len()).map_err(|_| LogError::too_big("stream name", f.stream.len()))?;
+    let type_len =
+        u16::try_from(f.event_type.len()).map_err(|_| LogError::too_big("event type", f.event_type.len()))?;
+    let meta_len =
+        u32::try_from(f.metadata.len()).map_err(|_| LogError::too_big("metadata", f.metadata.len()))?;
     let data_len = u32::try_from(f.data.len()).map_err(|_| LogError::too_big("data", f.data.len()))?;
-    let corr_len =
-        u32::try_from(f.correlation.len()).map_err(|_| LogError::too_big("correlation id", f.correlation.len()))?;
+    let corr_len = u32::try_from(f.correlation.len())
+        .map_err(|_| LogError::too_big("correlation id", f.correlation.len()))?;
     let start = out.len();
     out.reserve(total);
     out.extend_from_slice(&total32.to_le_bytes());
@@ -224,7 +234,8 @@ pub fn encode_delete(
     recorded_at: i64,
 ) -> Result<Hash, LogError> {
     let total = MIN_RECORD_LEN + stream.len();
-    let stream_len = u16::try_from(stream.len()).map_err(|_| LogError::too_big("stream name", stream.len()))?;
+    let stream_len =
+        u16::try_from(stream.len()).map_err(|_| LogError::too_big("stream name", stream.len()))?;
     let total32 = u32::try_from(total).map_err(|_| LogError::too_big("record", total))?;
     let start = out.len();
     out.extend_from_slice(&total32.to_le_bytes());
@@ -267,14 +278,20 @@ pub fn chain_hash(prev: &Hash, body: &[u8]) -> Hash {
 /// sanity (not the hash chain, which needs the previous record).
 pub fn decode(b: &[u8]) -> Result<RawRecord<'_>, DecodeError> {
     if b.len() < 4 {
-        return if b.iter().all(|&x| x == 0) { Err(DecodeError::End) } else { Err(DecodeError::Incomplete { needed: 0 }) };
+        return if b.iter().all(|&x| x == 0) {
+            Err(DecodeError::End)
+        } else {
+            Err(DecodeError::Incomplete { needed: 0 })
+        };
     }
     let len = u32_at(b, 0) as usize;
     if len == 0 {
         return Err(DecodeError::End);
     }
     if len < MIN_RECORD_LEN {
-        return Err(DecodeError::Invalid(format!("record length {len} is below the minimum {MIN_RECORD_LEN}")));
+        return Err(DecodeError::Invalid(format!(
+            "record length {len} is below the minimum {MIN_RECORD_LEN}"
+        )));
     }
     let Some(frame) = b.get(..len) else {
         return Err(DecodeError::Incomplete { needed: len });
@@ -295,7 +312,9 @@ pub fn decode(b: &[u8]) -> Result<RawRecord<'_>, DecodeError> {
     let corr_len = u32_at(frame, 64) as usize;
     let var = stream_len + type_len + corr_len + meta_len + data_len;
     if MIN_RECORD_LEN.checked_add(var) != Some(len) {
-        return Err(DecodeError::Invalid(format!("record field lengths ({var} bytes) disagree with its frame length {len}")));
+        return Err(DecodeError::Invalid(format!(
+            "record field lengths ({var} bytes) disagree with its frame length {len}"
+        )));
     }
     let mut at = RECORD_HEADER_LEN;
     let mut take = |n: usize| {
@@ -377,6 +396,7 @@ fn u16_at(b: &[u8], at: usize) -> u16 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "tests")]
 mod tests {
     use super::*;
 
@@ -401,7 +421,10 @@ mod tests {
         let h1 = encode_event(&mut out, &[0; 32], &fields("account-1", b"{\"a\":1}")).unwrap();
         let r = decode(&out).unwrap();
         assert_eq!(r.len, out.len());
-        assert_eq!((r.position, r.version, r.stream, r.event_type, r.correlation), (7, 3, "account-1", "Opened", "c-1"));
+        assert_eq!(
+            (r.position, r.version, r.stream, r.event_type, r.correlation),
+            (7, 3, "account-1", "Opened", "c-1")
+        );
         assert_eq!(&out[r.data.0..r.data.0 + r.data.1], b"{\"a\":1}");
         assert_eq!(r.hash, h1);
         assert_eq!(chain_hash(&[0; 32], hashed_body(&out)), h1);

@@ -118,7 +118,12 @@ impl Index {
     }
 
     /// Records a soft delete (`truncate_before`) or a tombstone.
-    pub fn apply_delete(&mut self, stream: &StreamName, hard: bool, truncate_before: u64) -> Result<(), String> {
+    pub fn apply_delete(
+        &mut self,
+        stream: &StreamName,
+        hard: bool,
+        truncate_before: u64,
+    ) -> Result<(), String> {
         let entry = self.streams.entry(stream.clone()).or_default();
         if hard {
             entry.state.tombstoned = true;
@@ -220,8 +225,12 @@ pub fn save(io: &dyn Io, dir: &Path, index: &Index) -> Result<(), LogError> {
     w.u64(t.last_record.map_or(u64::MAX, |l| l))?;
     w.u64(t.last_ts as u64)?;
     w.list(&index.locs)?;
-    w.u64(index.streams.len() as u64)?;
-    for (name, e) in &index.streams {
+    // Keys are written sorted so equal indexes give identical files (the
+    // rebuild test compares them byte for byte).
+    let mut streams: Vec<_> = index.streams.iter().collect();
+    streams.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    w.u64(streams.len() as u64)?;
+    for (name, e) in streams {
         w.bytes(name.as_str().as_bytes())?;
         w.u64(e.state.last_version.unwrap_or(u64::MAX))?;
         w.u64(e.state.last_position.unwrap_or(u64::MAX))?;
@@ -231,14 +240,18 @@ pub fn save(io: &dyn Io, dir: &Path, index: &Index) -> Result<(), LogError> {
         w.list(&e.positions)?;
     }
     for map in [&index.types, &index.categories] {
-        w.u64(map.len() as u64)?;
-        for (k, v) in map {
+        let mut entries: Vec<_> = map.iter().collect();
+        entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        w.u64(entries.len() as u64)?;
+        for (k, v) in entries {
             w.bytes(k.as_bytes())?;
             w.list(v)?;
         }
     }
-    w.u64(index.correlations.len() as u64)?;
-    for (k, v) in &index.correlations {
+    let mut correlations: Vec<_> = index.correlations.iter().collect();
+    correlations.sort_unstable_by_key(|e| *e.0);
+    w.u64(correlations.len() as u64)?;
+    for (k, v) in correlations {
         w.u64(*k)?;
         w.list(v)?;
     }
@@ -259,7 +272,10 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let s = self.b.get(self.at..self.at.checked_add(n).ok_or("length overflow")?).ok_or("index file cut short")?;
+        let s = self
+            .b
+            .get(self.at..self.at.checked_add(n).ok_or("length overflow")?)
+            .ok_or("index file cut short")?;
         self.at += n;
         Ok(s)
     }

@@ -23,6 +23,7 @@ use crate::error::LogError;
 /// A `write_at` may be torn by a crash: any prefix of it (and, on real
 /// hardware after power loss, any subset of its pages) may survive. Only
 /// bytes covered by a successful `sync_data`/`sync_all` are durable.
+#[expect(clippy::len_without_is_empty, reason = "a file length, not a collection")]
 pub trait IoFile: Send + Sync {
     /// Reads at `offset`; returns how many bytes were read (0 at EOF).
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
@@ -133,7 +134,8 @@ impl Io for RealIo {
         File::open(dir)?.sync_all()
     }
     fn lock(&self, dir: &Path) -> Result<Box<dyn Send + Sync>, LogError> {
-        let f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join("LOCK"))?;
+        let f =
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join("LOCK"))?;
         match f.try_lock() {
             Ok(()) => Ok(Box::new(f)),
             Err(std::fs::TryLockError::WouldBlock) => Err(LogError::Locked { dir: dir.to_path_buf() }),
@@ -352,7 +354,10 @@ impl Io for FaultIo {
         if !create {
             return Err(io::Error::new(io::ErrorKind::NotFound, format!("{} not found", path.display())));
         }
-        let f = Arc::new(MemFile { data: Mutex::new(MemData::default()), counters: self.shared.counters.clone() });
+        let f = Arc::new(MemFile {
+            data: Mutex::new(MemData::default()),
+            counters: self.shared.counters.clone(),
+        });
         files.insert(path.to_path_buf(), f.clone());
         Ok(f)
     }
@@ -376,7 +381,9 @@ impl Io for FaultIo {
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         let mut files = lock(&self.shared.files);
-        let f = files.remove(from).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "rename source missing"))?;
+        let f = files
+            .remove(from)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "rename source missing"))?;
         files.insert(to.to_path_buf(), f);
         Ok(())
     }

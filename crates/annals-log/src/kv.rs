@@ -121,13 +121,18 @@ fn apply(state: &mut State, kind: u8, body: &[u8]) -> Option<()> {
 }
 
 impl Kv {
-    pub(crate) fn open(core: Arc<Core>, dir: &Path, durability: Durability) -> std::result::Result<Self, LogError> {
+    pub(crate) fn open(
+        core: Arc<Core>,
+        dir: &Path,
+        durability: Durability,
+    ) -> std::result::Result<Self, LogError> {
         let io = &core.io;
         let path = dir.join(KV_FILE);
         let mut state = State::default();
         if io.exists(&path) {
             let file = io.open(&path, false)?;
-            let len = usize::try_from(file.len()?).map_err(|_| LogError::Format { reason: "kv.log too large".into() })?;
+            let len = usize::try_from(file.len()?)
+                .map_err(|_| LogError::Format { reason: "kv.log too large".into() })?;
             let mut bytes = vec![0u8; len];
             let n = read_full(&*file, &mut bytes, 0)?;
             bytes.truncate(n);
@@ -214,7 +219,11 @@ impl Kv {
         Ok(())
     }
 
-    pub(crate) fn load_snapshot(&self, stream: &StreamName, at_or_before: Option<u64>) -> Result<Option<Snapshot>> {
+    pub(crate) fn load_snapshot(
+        &self,
+        stream: &StreamName,
+        at_or_before: Option<u64>,
+    ) -> Result<Option<Snapshot>> {
         let inner = self.lock()?;
         Ok(inner
             .state

@@ -6,8 +6,8 @@ use crate::{
     core::{parse_segment_name, segment_file_name},
     error::LogError,
     format::{
-        self, DecodeError, HASH_LEN, Hash, KIND_EVENT, MIN_RECORD_LEN, RawRecord, SEGMENT_HEADER_LEN, SegmentHeader,
-        pack_loc, unpack_loc,
+        self, DecodeError, HASH_LEN, Hash, KIND_EVENT, MIN_RECORD_LEN, RawRecord, SEGMENT_HEADER_LEN,
+        SegmentHeader, pack_loc, unpack_loc,
     },
     index::LogTail,
     io::{Io, IoFile, read_full},
@@ -63,7 +63,12 @@ pub(crate) fn list_segments(io: &dyn Io, dir: &Path) -> Result<Vec<u64>, LogErro
     segs.sort_unstable();
     for (i, s) in segs.iter().enumerate() {
         if *s != i as u64 {
-            return Err(LogError::corrupt(i as u64, 0, None, format!("segment {i} is missing (found {s} instead)")));
+            return Err(LogError::corrupt(
+                i as u64,
+                0,
+                None,
+                format!("segment {i} is missing (found {s} instead)"),
+            ));
         }
     }
     Ok(segs)
@@ -82,7 +87,8 @@ impl Cursor {
         let have = off >= self.start && off + min as u64 <= self.start + self.buf.len() as u64;
         let reaches_eof = off >= self.start && self.start + self.buf.len() as u64 >= self.len;
         if !(have || reaches_eof) {
-            let want = usize::try_from(self.len.saturating_sub(off)).unwrap_or(usize::MAX).min(min.max(SCAN_CHUNK));
+            let want =
+                usize::try_from(self.len.saturating_sub(off)).unwrap_or(usize::MAX).min(min.max(SCAN_CHUNK));
             self.buf.resize(want, 0);
             let n = read_full(&*self.file, &mut self.buf, off)?;
             self.buf.truncate(n);
@@ -156,21 +162,38 @@ pub(crate) fn scan(
         let len = file.len()?;
         let mut cur = Cursor { file: file.clone(), len, buf: Vec::new(), start: 0 };
         if from_header {
-            let head = cur.at(0, SEGMENT_HEADER_LEN)?.get(..SEGMENT_HEADER_LEN.min(len as usize)).unwrap_or_default().to_vec();
+            let head = cur
+                .at(0, SEGMENT_HEADER_LEN)?
+                .get(..SEGMENT_HEADER_LEN.min(len as usize))
+                .unwrap_or_default()
+                .to_vec();
             let header = match SegmentHeader::decode(&head) {
                 Ok(h) => h,
                 Err(reason) => {
                     // A crash while creating a segment leaves a short or
                     // zero header; nothing in it was ever acknowledged.
-                    let torn = is_last && seg > 0 && (head.len() < SEGMENT_HEADER_LEN || cur.all_zero(0)? || head.iter().all(|&b| b == 0));
+                    let torn = is_last
+                        && seg > 0
+                        && (head.len() < SEGMENT_HEADER_LEN
+                            || cur.all_zero(0)?
+                            || head.iter().all(|&b| b == 0));
                     if torn && matches!(mode, Mode::Open { .. }) {
-                        tracing::warn!(segment = seg, "annals-log: removing a segment whose creation was interrupted");
+                        tracing::warn!(
+                            segment = seg,
+                            "annals-log: removing a segment whose creation was interrupted"
+                        );
                         io.remove(&dir.join(segment_file_name(seg)))?;
                         io.sync_dir(dir)?;
                         files.pop();
                         break 'segments;
                     }
-                    let bad = BadRecord { segment: seg, offset: 0, position: out.tail.next_position, reason, torn_tail: torn };
+                    let bad = BadRecord {
+                        segment: seg,
+                        offset: 0,
+                        position: out.tail.next_position,
+                        reason,
+                        torn_tail: torn,
+                    };
                     return finish_bad(io, dir, mode, &mut files, &mut out, bad, &file);
                 }
             };
@@ -187,7 +210,13 @@ pub(crate) fn scan(
                 None
             };
             if let Some(reason) = problem {
-                let bad = BadRecord { segment: seg, offset: 0, position: out.tail.next_position, reason, torn_tail: false };
+                let bad = BadRecord {
+                    segment: seg,
+                    offset: 0,
+                    position: out.tail.next_position,
+                    reason,
+                    torn_tail: false,
+                };
                 return finish_bad(io, dir, mode, &mut files, &mut out, bad, &file);
             }
             off = SEGMENT_HEADER_LEN as u64;
@@ -210,7 +239,10 @@ pub(crate) fn scan(
                     let reason = if format::chain_hash(&out.tail.last_hash, body) != raw.hash {
                         Some("hash chain broken: record does not follow the previous one".to_owned())
                     } else if raw.kind == KIND_EVENT && raw.position != out.tail.next_position {
-                        Some(format!("event position {} out of sequence (expected {})", raw.position, out.tail.next_position))
+                        Some(format!(
+                            "event position {} out of sequence (expected {})",
+                            raw.position, out.tail.next_position
+                        ))
                     } else {
                         on_record(seg, off, &raw).err()
                     };
@@ -248,9 +280,19 @@ pub(crate) fn scan(
             // Torn: the bad frame is in the last segment and nothing but
             // zeros follows where it claims to end.
             let claimed = u64::from(format::u32_at(cur.at(off, 4)?, 0));
-            let end = if claimed as usize >= MIN_RECORD_LEN { (off + claimed).min(len) } else { (off + 4).min(len) };
+            let end = if claimed as usize >= MIN_RECORD_LEN {
+                (off + claimed).min(len)
+            } else {
+                (off + 4).min(len)
+            };
             let torn = is_last && cur.all_zero(end)?;
-            let bad = BadRecord { segment: seg, offset: off, position: out.tail.next_position, reason, torn_tail: torn };
+            let bad = BadRecord {
+                segment: seg,
+                offset: off,
+                position: out.tail.next_position,
+                reason,
+                torn_tail: torn,
+            };
             return finish_bad(io, dir, mode, &mut files, &mut out, bad, &file);
         }
     }

@@ -8,9 +8,9 @@ use std::{
 
 use annals_core::{
     AllReader, AllSlice, AppendResult, Appender, CheckpointStore, DeleteMode, Error, EventData, EventStream,
-    ExpectedVersion, Limits, ReadAll, ReadStream, RecordedEvent, Result, Snapshot, SnapshotStore, StreamAppend,
-    StreamDeleter, StreamInfo, StreamName, StreamReader, Subscriber, SubscriptionRequest, Uuid, async_trait,
-    subscription, validate_checkpoint_name,
+    ExpectedVersion, Limits, ReadAll, ReadStream, RecordedEvent, Result, Snapshot, SnapshotStore,
+    StreamAppend, StreamDeleter, StreamInfo, StreamName, StreamReader, Subscriber, SubscriptionRequest, Uuid,
+    async_trait, subscription, validate_checkpoint_name,
 };
 use tokio::sync::{oneshot, watch};
 
@@ -18,7 +18,10 @@ use crate::{
     Durability,
     core::{Core, segment_file_name},
     error::LogError,
-    format::{self, KIND_EVENT, KIND_SOFT_DELETE, MAX_OFFSET, RawRecord, SEGMENT_HEADER_LEN, SegmentHeader, pack_loc},
+    format::{
+        self, KIND_EVENT, KIND_SOFT_DELETE, MAX_OFFSET, RawRecord, SEGMENT_HEADER_LEN, SegmentHeader,
+        pack_loc,
+    },
     index::{self, Index, LogTail},
     io::{Io, RealIo},
     kv::Kv,
@@ -92,7 +95,10 @@ impl LogStoreBuilder {
     pub fn open(self) -> std::result::Result<LogStore, LogError> {
         if !(MIN_SEGMENT_SIZE..=MAX_OFFSET).contains(&self.segment_size) {
             return Err(LogError::Config {
-                reason: format!("segment size {} must be between {MIN_SEGMENT_SIZE} and {MAX_OFFSET}", self.segment_size),
+                reason: format!(
+                    "segment size {} must be between {MIN_SEGMENT_SIZE} and {MAX_OFFSET}",
+                    self.segment_size
+                ),
             });
         }
         if let Durability::Interval(d) = self.durability
@@ -139,7 +145,8 @@ impl LogStoreBuilder {
             lock,
         );
         let (tx, rx) = mpsc::channel();
-        let handle = std::thread::Builder::new().name("annals-log-writer".into()).spawn(move || writer.run(rx))?;
+        let handle =
+            std::thread::Builder::new().name("annals-log-writer".into()).spawn(move || writer.run(rx))?;
         Ok(LogStore {
             shared: Arc::new(Shared {
                 core,
@@ -236,7 +243,9 @@ impl Shared {
         }
         let handle = self.writer.lock().ok().and_then(|mut h| h.take());
         match handle {
-            Some(h) => h.join().unwrap_or_else(|_| Err(LogError::Poisoned { reason: "writer thread panicked".into() })),
+            Some(h) => h
+                .join()
+                .unwrap_or_else(|_| Err(LogError::Poisoned { reason: "writer thread panicked".into() })),
             None => Ok(()),
         }
     }
@@ -383,7 +392,12 @@ impl Subscriber for LogStore {
 
 #[async_trait]
 impl StreamDeleter for LogStore {
-    async fn delete_stream(&self, stream: &StreamName, expected: ExpectedVersion, mode: DeleteMode) -> Result<()> {
+    async fn delete_stream(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        mode: DeleteMode,
+    ) -> Result<()> {
         self.shared.core.check_poison()?;
         let (reply, rx) = oneshot::channel();
         self.sender()?
@@ -404,7 +418,11 @@ impl SnapshotStore for LogStore {
         blocking(move || kv.save_snapshot(snapshot)).await
     }
 
-    async fn load_snapshot(&self, stream: &StreamName, at_or_before: Option<u64>) -> Result<Option<Snapshot>> {
+    async fn load_snapshot(
+        &self,
+        stream: &StreamName,
+        at_or_before: Option<u64>,
+    ) -> Result<Option<Snapshot>> {
         self.shared.kv.load_snapshot(stream, at_or_before)
     }
 

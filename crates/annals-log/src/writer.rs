@@ -11,12 +11,12 @@ use std::{
     borrow::Cow,
     collections::HashMap,
     sync::{Arc, mpsc},
-    time::{Instant},
+    time::Instant,
 };
 
 use annals_core::{
-    AppendDecision, AppendResult, DeleteMode, Error, EventData, ExpectedVersion, Metadata, Result, StreamAppend,
-    StreamName, StreamState, Timestamp, Uuid,
+    AppendDecision, AppendResult, DeleteMode, Error, EventData, ExpectedVersion, Metadata, Result,
+    StreamAppend, StreamName, StreamState, Timestamp, Uuid,
 };
 use tokio::sync::{oneshot, watch};
 
@@ -41,8 +41,16 @@ static ZEROS: [u8; 1 << 16] = [0u8; 1 << 16];
 
 /// A request to the writer.
 pub(crate) enum Request {
-    Append { parts: Vec<StreamAppend>, reply: oneshot::Sender<Result<Vec<AppendResult>>> },
-    Delete { stream: StreamName, expected: ExpectedVersion, mode: DeleteMode, reply: oneshot::Sender<Result<()>> },
+    Append {
+        parts: Vec<StreamAppend>,
+        reply: oneshot::Sender<Result<Vec<AppendResult>>>,
+    },
+    Delete {
+        stream: StreamName,
+        expected: ExpectedVersion,
+        mode: DeleteMode,
+        reply: oneshot::Sender<Result<()>>,
+    },
 }
 
 impl Request {
@@ -71,8 +79,20 @@ enum Reply {
 }
 
 enum Op {
-    Event { stream: StreamName, version: u64, position: u64, loc: u64, event_type: String, correlation: String, id: Uuid },
-    Delete { stream: StreamName, hard: bool, truncate_before: u64 },
+    Event {
+        stream: StreamName,
+        version: u64,
+        position: u64,
+        loc: u64,
+        event_type: String,
+        correlation: String,
+        id: Uuid,
+    },
+    Delete {
+        stream: StreamName,
+        hard: bool,
+        truncate_before: u64,
+    },
 }
 
 struct Chunk {
@@ -279,11 +299,12 @@ impl Writer {
                 }
             };
             for req in batch {
-                // One timestamp per request, never behind the previous one.
-                group.tail.last_ts = group.tail.last_ts.max(now);
+                // One timestamp per request, never behind the previous one;
+                // it becomes the tail's only when a record is written.
+                let ts = group.tail.last_ts.max(now);
                 match req {
                     Request::Append { parts, reply } => match self.decide(&idx, &mut group, &parts) {
-                        Ok(decisions) => match self.encode_append(&idx, &mut group, parts, decisions) {
+                        Ok(decisions) => match self.encode_append(&idx, &mut group, parts, decisions, ts) {
                             Ok(results) => group.replies.push(Reply::Append(reply, results)),
                             Err(e) => {
                                 self.core.set_poisoned(format!("encoding failed: {e}"));
@@ -295,13 +316,15 @@ impl Writer {
                     Request::Delete { stream, expected, mode, reply } => {
                         let (state, last_id) = state_of(&idx, &group, &stream);
                         match state.check_delete(&stream, expected, mode == DeleteMode::Hard) {
-                            Ok(()) => match self.encode_delete(&mut group, stream, state, last_id, mode) {
-                                Ok(()) => group.replies.push(Reply::Delete(reply)),
-                                Err(e) => {
-                                    self.core.set_poisoned(format!("encoding failed: {e}"));
-                                    drop(reply.send(Err(e.into())));
+                            Ok(()) => {
+                                match self.encode_delete(&mut group, stream, state, last_id, mode, ts) {
+                                    Ok(()) => group.replies.push(Reply::Delete(reply)),
+                                    Err(e) => {
+                                        self.core.set_poisoned(format!("encoding failed: {e}"));
+                                        drop(reply.send(Err(e.into())));
+                                    }
                                 }
-                            },
+                            }
                             Err(e) => drop(reply.send(Err(e))),
                         }
                     }
@@ -328,7 +351,13 @@ impl Writer {
         Ok(out)
     }
 
-    fn tail_ids(&self, idx: &Index, group: &Group, stream: &StreamName, n: usize) -> Result<Option<(Vec<Uuid>, u64)>> {
+    fn tail_ids(
+        &self,
+        idx: &Index,
+        group: &Group,
+        stream: &StreamName,
+        n: usize,
+    ) -> Result<Option<(Vec<Uuid>, u64)>> {
         let published = idx.streams.get(stream).map(|e| e.positions.as_slice()).unwrap_or_default();
         let pending = group.overlay.get(stream).map(|p| p.positions.as_slice()).unwrap_or_default();
         let total = published.len() + pending.len();
@@ -346,7 +375,9 @@ impl Writer {
                 }
             };
             let Some(id) = id else {
-                return Err(Error::Corrupt { details: format!("position {p} of stream '{stream}' is not indexed") });
+                return Err(Error::Corrupt {
+                    details: format!("position {p} of stream '{stream}' is not indexed"),
+                });
             };
             ids.push(id);
             last = Some(p);
@@ -357,7 +388,11 @@ impl Writer {
     /// Reserves room for a frame of `len` bytes, rolling to a new segment
     /// when the current one is full, and returns the frame's location and
     /// the chunk to encode it into.
-    fn place<'g>(&self, group: &'g mut Group, len: usize) -> std::result::Result<(u64, &'g mut Chunk), LogError> {
+    fn place<'g>(
+        &self,
+        group: &'g mut Group,
+        len: usize,
+    ) -> std::result::Result<(u64, &'g mut Chunk), LogError> {
         let len = len as u64;
         let end = group.tail.end;
         if end + len > self.cfg.segment_size && end > SEGMENT_HEADER_LEN as u64 {
@@ -365,8 +400,17 @@ impl Writer {
             if next > MAX_SEGMENT {
                 return Err(LogError::Config { reason: "segment index space exhausted".into() });
             }
-            let header = SegmentHeader { index: next, first_position: group.tail.next_position, prev_hash: group.tail.last_hash };
-            group.chunks.push(Chunk { segment: next, start: SEGMENT_HEADER_LEN as u64, buf: Vec::new(), header: Some(header) });
+            let header = SegmentHeader {
+                index: next,
+                first_position: group.tail.next_position,
+                prev_hash: group.tail.last_hash,
+            };
+            group.chunks.push(Chunk {
+                segment: next,
+                start: SEGMENT_HEADER_LEN as u64,
+                buf: Vec::new(),
+                header: Some(header),
+            });
             group.tail.segment = next;
             group.tail.end = SEGMENT_HEADER_LEN as u64;
         }
@@ -386,9 +430,9 @@ impl Writer {
         group: &mut Group,
         parts: Vec<StreamAppend>,
         decisions: Vec<AppendDecision>,
+        ts: i64,
     ) -> Result<Vec<AppendResult>> {
         let mut results = Vec::with_capacity(parts.len());
-        let ts = group.tail.last_ts;
         for (part, decision) in parts.into_iter().zip(decisions) {
             let first_version = match decision {
                 AppendDecision::AlreadyWritten(r) => {
@@ -429,6 +473,7 @@ impl Writer {
                 let hash = format::encode_event(&mut chunk.buf, &prev, &fields)?;
                 group.tail.last_hash = hash;
                 group.tail.last_record = Some(loc);
+                group.tail.last_ts = ts;
                 group.tail.next_position += 1;
                 group.ids.push(id);
                 pending.positions.push(position);
@@ -459,17 +504,18 @@ impl Writer {
         state: StreamState,
         last_id: Uuid,
         mode: DeleteMode,
+        ts: i64,
     ) -> std::result::Result<(), LogError> {
         let hard = mode == DeleteMode::Hard;
         let truncate_before = if hard { state.truncate_before } else { state.next_version() };
         let len = format::MIN_RECORD_LEN + stream.as_str().len();
         let prev = group.tail.last_hash;
-        let ts = group.tail.last_ts;
         let (loc, chunk) = self.place(group, len)?;
         let kind = if hard { KIND_TOMBSTONE } else { KIND_SOFT_DELETE };
         let hash = format::encode_delete(&mut chunk.buf, &prev, kind, stream.as_str(), truncate_before, ts)?;
         group.tail.last_hash = hash;
         group.tail.last_record = Some(loc);
+        group.tail.last_ts = ts;
         let mut pending =
             group.overlay.get(&stream).cloned().unwrap_or(Pending { state, last_id, positions: Vec::new() });
         if hard {
@@ -508,15 +554,8 @@ impl Writer {
                 Ok(mut idx) => {
                     for op in group.ops {
                         let r = match op {
-                            Op::Event { stream, version, position, loc, event_type, correlation, id } => idx.apply_event(
-                                &stream,
-                                version,
-                                position,
-                                loc,
-                                &event_type,
-                                &correlation,
-                                id,
-                            ),
+                            Op::Event { stream, version, position, loc, event_type, correlation, id } => idx
+                                .apply_event(&stream, version, position, loc, &event_type, &correlation, id),
                             Op::Delete { stream, hard, truncate_before } => {
                                 idx.apply_delete(&stream, hard, truncate_before)
                             }
@@ -558,7 +597,9 @@ impl Writer {
                 fill_zeros(&*file, SEGMENT_HEADER_LEN as u64, target)?;
                 file.sync_all()?;
                 self.core.io.sync_dir(&self.core.dir)?;
-                self.core.push_segment(file.clone()).map_err(|e| LogError::Poisoned { reason: e.to_string() })?;
+                self.core
+                    .push_segment(file.clone())
+                    .map_err(|e| LogError::Poisoned { reason: e.to_string() })?;
                 self.active = Active { index: chunk.segment, file, filled: target };
                 self.fill_step = FILL_START;
             }
@@ -603,7 +644,9 @@ impl Writer {
         ok &= self.core.io.sync_dir(&self.core.dir).is_ok();
         self.active.filled = published.end;
         if !ok {
-            tracing::error!("annals-log: could not roll back a failed write; the next open will truncate or refuse");
+            tracing::error!(
+                "annals-log: could not roll back a failed write; the next open will truncate or refuse"
+            );
         }
     }
 }
@@ -644,6 +687,3 @@ pub(crate) fn correlation_of(m: &Metadata) -> Option<String> {
         Err(_) => m.correlation_id(),
     }
 }
-
-
-
