@@ -110,6 +110,15 @@ pub enum Error<E = Infallible> {
         reason: String,
     },
 
+    /// The command's metadata is unusable (e.g. an empty command id, which
+    /// would make every such command a duplicate of the first). Fix the
+    /// caller (HTTP 400).
+    #[error("invalid command metadata: {reason}")]
+    InvalidMetadata {
+        /// Why.
+        reason: String,
+    },
+
     /// A state at a version was asked for that the stream has not reached.
     /// Ask for an existing version (HTTP 404).
     #[error("stream '{stream}' has no version {requested} (its last version is {last:?})")]
@@ -150,6 +159,7 @@ impl Error<Infallible> {
             }
             Error::Encode { reason } => Error::Encode { reason },
             Error::InvalidId { reason } => Error::InvalidId { reason },
+            Error::InvalidMetadata { reason } => Error::InvalidMetadata { reason },
             Error::VersionNotFound { stream, requested, last } => {
                 Error::VersionNotFound { stream, requested, last }
             }

@@ -20,6 +20,13 @@ const PAGE: usize = 4_096;
 
 /// The stream of aggregate `A` with this id: `{A::TYPE}-{id}`.
 pub fn stream_name<A: Aggregate>(id: &str) -> Result<StreamName> {
+    if A::TYPE.is_empty() || A::TYPE.contains('-') {
+        // The category is everything before the first `-`; a type name
+        // with a dash would put the aggregate's streams in another category.
+        return Err(Error::InvalidId {
+            reason: format!("aggregate type name '{}' must be non-empty and contain no '-'", A::TYPE),
+        });
+    }
     StreamName::new(format!("{}-{id}", A::TYPE)).map_err(|e| Error::InvalidId { reason: e.to_string() })
 }
 
@@ -336,6 +343,9 @@ impl<A: Aggregate> Repository<A> {
         metadata: &CommandMetadata,
     ) -> Result<Decision<A>, A::Error> {
         let stream = self.stream(id).map_err(Error::widen)?;
+        if metadata.command_id.trim().is_empty() {
+            return Err(Error::InvalidMetadata { reason: "the command id must not be empty".into() });
+        }
         let loaded = self.load_stream(&stream, Until::Latest).await.map_err(Error::widen)?;
         let expected = loaded.expected();
         let previous_count = loaded.version.map_or(0, |v| v + 1);

@@ -315,6 +315,8 @@ async fn invalid_ids_and_foreign_events_are_typed_errors() {
     let store = Arc::new(MemoryStore::new());
     let repo = repo(store.clone());
     assert!(matches!(repo.load("bad\nid").await, Err(Error::InvalidId { .. })));
+    let err = repo.execute("1", &inc(1), &CommandMetadata::new(" ")).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidMetadata { .. }));
     // An event the aggregate does not know cannot be silently skipped.
     let stream = repo.stream("1").unwrap();
     store
