@@ -380,15 +380,7 @@ impl<A: Aggregate> Repository<A> {
             );
         }
         let mut state = loaded.state;
-        let mut commands = loaded.commands;
-        for (offset, event) in events.iter().enumerate() {
-            state.apply(event);
-            commands.record(
-                Some(metadata.command_id.clone()),
-                previous_count + offset as u64,
-                self.shared.idempotency_window,
-            );
-        }
+        events.iter().for_each(|event| state.apply(event));
         Ok(Decision {
             stream,
             expected,
@@ -397,7 +389,7 @@ impl<A: Aggregate> Repository<A> {
             data,
             state,
             previous_count,
-            commands,
+            commands: loaded.commands,
             original: None,
         })
     }
@@ -410,7 +402,19 @@ impl<A: Aggregate> Repository<A> {
         if decision.duplicate || !policy.due(decision.previous_count, result.next_version) {
             return;
         }
-        let envelope = EnvelopeRef { state: &decision.state, commands: &decision.commands };
+        // The window is completed here, from the versions the store actually
+        // assigned (they can differ from the loaded count after a soft delete).
+        let mut commands = decision.commands;
+        let count = decision.data.len() as u64;
+        let first = result.next_version.saturating_sub(count);
+        for (version, event) in (first..).zip(&decision.data) {
+            commands.record(
+                event.metadata.get_str(keys::COMMAND_ID),
+                version,
+                self.shared.idempotency_window,
+            );
+        }
+        let envelope = EnvelopeRef { state: &decision.state, commands: &commands };
         let data = match serde_json::to_vec(&envelope) {
             Ok(data) => data,
             Err(error) => {

@@ -152,3 +152,27 @@ impl Aggregate for Batch {
         self.0 += 1;
     }
 }
+
+#[tokio::test]
+async fn a_recreated_stream_never_starts_from_the_old_incarnations_snapshot() {
+    use annals_core::{DeleteMode, ExpectedVersion, StreamDeleter};
+    let store = Arc::new(MemoryStore::new());
+    let repo =
+        Repository::<Counter>::builder(store.clone()).snapshots(SnapshotPolicy::every(2).inline()).build();
+    run(&repo, "1", 4, "old").await;
+    store.delete_stream(&repo.stream("1").unwrap(), ExpectedVersion::Any, DeleteMode::Soft).await.unwrap();
+    let gone = repo.load("1").await.unwrap();
+    assert_eq!((gone.version, gone.state.value), (None, 0));
+    // Recreated: version numbering continues in the store.
+    let done =
+        repo.execute("1", &CounterCommand::Increment { by: 1 }, &CommandMetadata::new("new")).await.unwrap();
+    assert_eq!(done.version, Some(4));
+    let loaded = repo.load("1").await.unwrap();
+    assert_eq!((loaded.version, loaded.state.value), (Some(4), 1));
+    assert!(
+        repo.execute("1", &CounterCommand::Increment { by: 1 }, &CommandMetadata::new("new"))
+            .await
+            .unwrap()
+            .duplicate
+    );
+}
