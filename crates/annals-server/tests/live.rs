@@ -1,0 +1,386 @@
+//! Live delivery: SSE and WebSocket under concurrent appends, slow clients,
+//! and shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestServer, event, open_config, start, start_on, within};
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpSocket, TcpStream},
+};
+use tokio_tungstenite::tungstenite::Message;
+
+/// A minimal `text/event-stream` parser: (event, id, data) per record.
+#[derive(Default)]
+struct Sse {
+    buf: String,
+}
+
+impl Sse {
+    fn push(&mut self, bytes: &[u8]) -> Vec<(String, Option<String>, String)> {
+        self.buf.push_str(&String::from_utf8_lossy(bytes));
+        let mut out = Vec::new();
+        while let Some(end) = self.buf.find("\n\n") {
+            let record: String = self.buf.drain(..end + 2).collect();
+            let (mut ev, mut id, mut data) = (String::new(), None, String::new());
+            for line in record.lines() {
+                if let Some(v) = line.strip_prefix("event: ") {
+                    ev = v.to_owned();
+                } else if let Some(v) = line.strip_prefix("id: ") {
+                    id = Some(v.to_owned());
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    data.push_str(v);
+                }
+            }
+            if !ev.is_empty() {
+                out.push((ev, id, data));
+            }
+        }
+        out
+    }
+}
+
+/// Reads SSE records until `done` says stop or the stream ends.
+async fn read_sse(
+    resp: reqwest::Response,
+    mut done: impl FnMut(&[(String, Option<String>, String)]) -> bool,
+) -> Vec<(String, Option<String>, String)> {
+    let mut body = resp.bytes_stream();
+    let mut parser = Sse::default();
+    let mut all = Vec::new();
+    while let Some(chunk) = body.next().await {
+        let Ok(chunk) = chunk else { break };
+        all.extend(parser.push(&chunk));
+        if done(&all) {
+            break;
+        }
+    }
+    all
+}
+
+/// `writers` tasks each append `per_writer` single-event requests to their
+/// own stream, concurrently.
+async fn concurrent_appends(s: &TestServer, prefix: &str, writers: usize, per_writer: usize) {
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let client = s.client.clone();
+            let url = s.url(&format!("/streams/{prefix}-{w}"));
+            tokio::spawn(async move {
+                for i in 0..per_writer {
+                    let resp = client.post(&url).json(&json!([event("Tick", json!({ "w": w, "i": i }))])).send().await;
+                    assert_eq!(resp.unwrap().status(), 201);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+fn assert_complete_in_order(events: &[Value], expected: usize) {
+    let positions: Vec<u64> = events.iter().map(|e| e["position"].as_u64().unwrap()).collect();
+    assert_eq!(positions, (0..expected as u64).collect::<Vec<_>>(), "every position once, in order");
+    let mut next_version = std::collections::HashMap::new();
+    for e in events {
+        let v = next_version.entry(e["stream"].as_str().unwrap().to_owned()).or_insert(0u64);
+        assert_eq!(e["version"].as_u64().unwrap(), *v, "versions in order per stream");
+        *v += 1;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_all_delivers_everything_in_order_under_concurrent_appends() {
+    within(120, async {
+        let s = start(open_config()).await;
+        // Some history first, then live events while subscribed.
+        concurrent_appends(&s, "hist", 2, 10).await;
+        let resp = s.client.get(s.url("/all/live?from=start")).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+        let total = 20 + 4 * 40;
+        let reader = tokio::spawn(read_sse(resp, move |all| all.len() >= total));
+        concurrent_appends(&s, "live", 4, 40).await;
+        let records = reader.await.unwrap();
+        assert!(records.iter().all(|r| r.0 == "event"));
+        let events: Vec<Value> = records.iter().map(|r| serde_json::from_str(&r.2).unwrap()).collect();
+        assert_complete_in_order(&events, total);
+        // SSE ids are positions for $all.
+        assert!(records.iter().zip(&events).all(|(r, e)| r.1.as_deref() == Some(&e["position"].to_string()[..])));
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_stream_from_and_last_event_id() {
+    within(60, async {
+        let s = start(open_config()).await;
+        let batch: Vec<Value> = (0..5).map(|i| event("N", json!({ "i": i }))).collect();
+        s.append("feed-1", "any", Value::Array(batch)).await;
+        s.append("other-1", "any", json!([event("Noise", json!({}))])).await;
+
+        let resp = s.client.get(s.url("/streams/feed-1/live?from=3")).send().await.unwrap();
+        let records = read_sse(resp, |all| all.len() >= 2).await;
+        let ids: Vec<_> = records.iter().map(|r| r.1.clone().unwrap()).collect();
+        assert_eq!(ids, vec!["3", "4"]);
+
+        // Last-Event-ID resumes strictly after that version.
+        let resp = s.client.get(s.url("/streams/feed-1/live")).header("Last-Event-ID", "1").send().await.unwrap();
+        let reader = tokio::spawn(read_sse(resp, |all| all.len() >= 4));
+        s.append("feed-1", "any", json!([event("N", json!({ "i": 5 }))])).await;
+        let ids: Vec<_> = reader.await.unwrap().iter().map(|r| r.1.clone().unwrap()).collect();
+        assert_eq!(ids, vec!["2", "3", "4", "5"]);
+
+        // from=end: only events committed after subscribing, filtered.
+        let resp = s.client.get(s.url("/all/live?from=end&category=feed")).send().await.unwrap();
+        let reader = tokio::spawn(read_sse(resp, |all| !all.is_empty()));
+        // The subscription starts when the response is produced, so these
+        // appends land after it.
+        s.append("other-1", "any", json!([event("Noise", json!({}))])).await;
+        s.append("feed-1", "any", json!([event("N", json!({ "i": 6 }))])).await;
+        let records = reader.await.unwrap();
+        let e: Value = serde_json::from_str(&records[0].2).unwrap();
+        assert_eq!(e["stream"], "feed-1");
+        assert_eq!(e["data"]["i"], 6);
+        s.stop().await;
+    })
+    .await;
+}
+
+async fn ws_connect(s: &TestServer) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>> {
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", s.addr)).await.expect("ws connect");
+    ws
+}
+
+async fn ws_next_json<S>(ws: &mut S) -> Option<Value>
+where
+    S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    loop {
+        match ws.next().await? {
+            Ok(Message::Text(t)) => return Some(serde_json::from_str(t.as_str()).unwrap()),
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_all_and_stream_under_concurrent_appends() {
+    within(120, async {
+        let s = start(open_config()).await;
+        concurrent_appends(&s, "pre", 1, 5).await;
+        let mut all = ws_connect(&s).await;
+        all.send(Message::Text(json!({ "type": "subscribe", "stream": "$all", "from": "start" }).to_string().into()))
+            .await
+            .unwrap();
+        assert_eq!(ws_next_json(&mut all).await.unwrap()["type"], "subscribed");
+        let mut one = ws_connect(&s).await;
+        one.send(Message::Text(json!({ "type": "subscribe", "stream": "ws-2", "from": 0 }).to_string().into()))
+            .await
+            .unwrap();
+        assert_eq!(ws_next_json(&mut one).await.unwrap()["type"], "subscribed");
+        let mut filtered = ws_connect(&s).await;
+        filtered
+            .send(Message::Text(
+                json!({ "type": "subscribe", "stream": "$all", "filter": { "stream_prefix": "ws-1" } }).to_string().into(),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(ws_next_json(&mut filtered).await.unwrap()["type"], "subscribed");
+
+        let total = 5 + 3 * 30;
+        let reader_all = tokio::spawn(async move {
+            let mut events = Vec::new();
+            while events.len() < total {
+                let m = ws_next_json(&mut all).await.expect("socket open");
+                assert_eq!(m["type"], "event", "{m}");
+                events.push(m["event"].clone());
+            }
+            events
+        });
+        let reader_one = tokio::spawn(async move {
+            let mut versions = Vec::new();
+            while versions.len() < 30 {
+                let m = ws_next_json(&mut one).await.expect("socket open");
+                assert_eq!(m["event"]["stream"], "ws-2");
+                versions.push(m["event"]["version"].as_u64().unwrap());
+            }
+            versions
+        });
+        let reader_filtered = tokio::spawn(async move {
+            let mut n = 0;
+            while n < 30 {
+                let m = ws_next_json(&mut filtered).await.expect("socket open");
+                assert_eq!(m["event"]["stream"], "ws-1");
+                n += 1;
+            }
+            n
+        });
+        concurrent_appends(&s, "ws", 3, 30).await;
+        assert_complete_in_order(&reader_all.await.unwrap(), total);
+        assert_eq!(reader_one.await.unwrap(), (0..30).collect::<Vec<u64>>());
+        assert_eq!(reader_filtered.await.unwrap(), 30);
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn websocket_rejects_bad_subscribe_messages() {
+    within(60, async {
+        let s = start(open_config()).await;
+        for bad in [
+            json!({ "type": "subscribe" }).to_string(),
+            json!({ "type": "dance", "stream": "x" }).to_string(),
+            json!({ "type": "subscribe", "stream": "a-1", "from": "later" }).to_string(),
+            json!({ "type": "subscribe", "stream": "a-1", "filter": { "category": "a" } }).to_string(),
+            "not json".to_owned(),
+        ] {
+            let mut ws = ws_connect(&s).await;
+            ws.send(Message::Text(bad.clone().into())).await.unwrap();
+            let m = ws_next_json(&mut ws).await.expect("an error message");
+            assert_eq!(m["type"], "error", "{bad}: {m}");
+            assert!(m["error"]["code"].is_string());
+        }
+        s.stop().await;
+    })
+    .await;
+}
+
+/// A listener whose accepted sockets have a small send buffer, so a client
+/// that stops reading backs up quickly.
+async fn small_buffer_listener() -> tokio::net::TcpListener {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_send_buffer_size(4096).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    socket.listen(64).unwrap()
+}
+
+fn slow_config() -> annals_server::ServerConfig {
+    let mut c = open_config();
+    c.live.buffer_events = 4;
+    c.live.slow_client_timeout_ms = 300;
+    c.live.disconnect_grace_ms = 60_000;
+    c.limits.max_body_bytes = 16 * 1024 * 1024;
+    c
+}
+
+/// 300 events of ~16 KiB: far more than the socket buffers and queue hold.
+async fn flood(s: &TestServer, stream: &str) {
+    let payload = "y".repeat(16 * 1024);
+    for batch in 0..15 {
+        let events: Vec<Value> = (0..20).map(|i| event("Big", json!({ "b": batch, "i": i, "p": payload }))).collect();
+        let resp = s.client.post(s.url(&format!("/streams/{stream}"))).json(&events).send().await.unwrap();
+        assert_eq!(resp.status(), 201, "writers are never blocked by a slow reader");
+    }
+}
+
+async fn wait_for_slow_disconnect(s: &TestServer) {
+    for _ in 0..600 {
+        if s.metric("annals_slow_consumer_disconnects_total").await >= 1.0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the server never noticed the slow client");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_sse_client_is_told_and_disconnected() {
+    within(120, async {
+        let s = start_on(small_buffer_listener().await, slow_config()).await;
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut tcp = socket.connect(s.addr).await.unwrap();
+        // HTTP/1.0: the body is close-delimited, no chunk framing to parse.
+        tcp.write_all(b"GET /all/live?from=start HTTP/1.0\r\nHost: test\r\n\r\n").await.unwrap();
+
+        // The client reads nothing while the writer floods; every append
+        // still succeeds.
+        flood(&s, "flood-1").await;
+        wait_for_slow_disconnect(&s).await;
+
+        let mut raw = Vec::new();
+        tcp.read_to_end(&mut raw).await.unwrap();
+        let text = String::from_utf8_lossy(&raw);
+        let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+        let records = Sse::default().push(body.as_bytes());
+        let (last, events) = records.split_last().unwrap();
+        assert_eq!(last.0, "slow_consumer", "the final record tells the client why");
+        let notice: Value = serde_json::from_str(&last.2).unwrap();
+        let ids: Vec<u64> = events.iter().map(|r| r.1.as_deref().unwrap().parse().unwrap()).collect();
+        assert!(!ids.is_empty());
+        assert_eq!(ids, (0..ids.len() as u64).collect::<Vec<_>>(), "nothing skipped before the notice");
+        assert_eq!(notice["last_position"], *ids.last().unwrap(), "the notice names the last delivered position");
+        assert!(ids.len() < 300, "the client was cut off, not served everything");
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_websocket_client_is_told_and_disconnected() {
+    within(120, async {
+        let s = start_on(small_buffer_listener().await, slow_config()).await;
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let tcp = socket.connect(s.addr).await.unwrap();
+        let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{}/ws", s.addr), tcp).await.unwrap();
+        ws.send(Message::Text(json!({ "type": "subscribe", "stream": "$all" }).to_string().into())).await.unwrap();
+        assert_eq!(ws_next_json(&mut ws).await.unwrap()["type"], "subscribed");
+
+        flood(&s, "flood-2").await;
+        wait_for_slow_disconnect(&s).await;
+
+        let mut positions = Vec::new();
+        let notice = loop {
+            let m = ws_next_json(&mut ws).await.expect("the notice arrives before the close");
+            if m["type"] == "event" {
+                positions.push(m["event"]["position"].as_u64().unwrap());
+            } else {
+                break m;
+            }
+        };
+        assert_eq!(notice["type"], "slow_consumer", "{notice}");
+        assert_eq!(positions, (0..positions.len() as u64).collect::<Vec<_>>());
+        assert_eq!(notice["last_position"], *positions.last().unwrap());
+        assert!(positions.len() < 300);
+        assert!(ws_next_json(&mut ws).await.is_none(), "then the connection closes");
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_clients_are_told_about_shutdown() {
+    within(60, async {
+        let s = start(open_config()).await;
+        s.append("bye-1", "any", json!([event("A", json!({}))])).await;
+        let resp = s.client.get(s.url("/all/live")).send().await.unwrap();
+        let reader = tokio::spawn(read_sse(resp, |_| false));
+        let mut ws = ws_connect(&s).await;
+        ws.send(Message::Text(json!({ "type": "subscribe", "stream": "bye-1" }).to_string().into())).await.unwrap();
+        assert_eq!(ws_next_json(&mut ws).await.unwrap()["type"], "subscribed");
+        assert_eq!(ws_next_json(&mut ws).await.unwrap()["type"], "event");
+        // Wait until both subscriptions are counted before shutting down.
+        for _ in 0..200 {
+            if s.metric("annals_subscribers").await >= 2.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        s.stop().await;
+        let records = reader.await.unwrap();
+        assert_eq!(records.last().unwrap().0, "shutdown");
+        let m = ws_next_json(&mut ws).await.unwrap();
+        assert_eq!(m["type"], "shutdown");
+        assert_eq!(m["last_position"], 0);
+    })
+    .await;
+}
