@@ -152,3 +152,43 @@ where
         Err(e) => panic!("given event {event:?} does not decode after encoding: {e}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::doc::{Counter, CounterCommand, CounterError, CounterEvent};
+
+    #[test]
+    fn passes_when_the_expectation_holds() {
+        TestFramework::<Counter>::given(vec![CounterEvent::Incremented { by: 5 }])
+            .when(CounterCommand::Decrement { by: 5 })
+            .then_expect_events(vec![CounterEvent::Decremented { by: 5 }])
+            .then_expect_state(|c| assert_eq!(c.value, 0))
+            // A second state check does not apply the events twice.
+            .then_expect_state(|c| assert_eq!(c.value, 0));
+    }
+
+    #[test]
+    #[should_panic(expected = "other events than expected")]
+    fn fails_on_other_events() {
+        TestFramework::<Counter>::given_no_previous_events()
+            .when(CounterCommand::Increment { by: 1 })
+            .then_expect_events(vec![CounterEvent::Incremented { by: 2 }]);
+    }
+
+    #[test]
+    #[should_panic(expected = "but the command produced")]
+    fn fails_when_an_expected_error_does_not_happen() {
+        TestFramework::<Counter>::given_no_previous_events()
+            .when(CounterCommand::Increment { by: 1 })
+            .then_expect_error(CounterError::WouldGoNegative);
+    }
+
+    #[test]
+    #[should_panic(expected = "but the command was rejected")]
+    fn fails_when_events_were_expected_but_the_command_was_rejected() {
+        TestFramework::<Counter>::given_no_previous_events()
+            .when(CounterCommand::Decrement { by: 1 })
+            .then_expect_events(vec![]);
+    }
+}

@@ -176,3 +176,15 @@ async fn a_recreated_stream_never_starts_from_the_old_incarnations_snapshot() {
             .duplicate
     );
 }
+
+#[tokio::test]
+async fn a_command_that_decides_nothing_writes_nothing() {
+    let store = Arc::new(MemoryStore::new());
+    let repo = Repository::<Batch>::new(store.clone());
+    let done = repo.execute("1", &0, &CommandMetadata::new("a")).await.unwrap();
+    assert!(done.events.is_empty());
+    assert_eq!((done.version, done.position, done.duplicate), (None, None, false));
+    assert!(
+        !annals_core::StreamReader::stream_info(&*store, &repo.stream("1").unwrap()).await.unwrap().exists
+    );
+}
