@@ -1,11 +1,27 @@
-//! Appends: lock the streams, decide with the shared rules, write
-//! everything in one statement under the head lock, commit.
+//! Appends, with in-process group commit.
+//!
+//! Every append goes through a queue to a small number of committer tasks.
+//! A committer takes whatever is queued (up to a cap) and writes it in one
+//! transaction: lock the streams, decide each request with the shared rules,
+//! write all events in one statement under the head lock, commit. Appends
+//! from many concurrent callers therefore share one head acquisition and
+//! one WAL flush, which is what makes the head-row ordering design (ADR 02)
+//! scale with concurrency. Each request still succeeds or fails on its own:
+//! a request whose expectation fails writes nothing and is answered with
+//! its error while the others in the batch commit.
+//!
+//! Round trips are pipelined: `BEGIN` travels with the lock statement, and
+//! `COMMIT` with the write (if the write fails, PostgreSQL turns that
+//! `COMMIT` into a rollback).
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, collections::HashSet, sync::Arc, time::Duration};
 
 use annals_core::{
     AppendDecision, AppendResult, Error, Result, StreamAppend, StreamName, StreamState, category_of,
 };
+use deadpool_postgres::{Object, Pool};
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use crate::{
@@ -13,13 +29,46 @@ use crate::{
     error::{db, is_retryable_state},
     listener::bump,
     row::{to_i64, to_u64},
+    sql::Statements,
 };
 
-/// How often an append is re-run after a deadlock, serialization failure
-/// or unique violation before the error is returned.
+/// How often a transaction is re-run after a deadlock, serialization
+/// failure or unique violation before the error is returned.
 const MAX_ATTEMPTS: u32 = 5;
+/// At most this many requests share one transaction.
+const MAX_BATCH_REQUESTS: usize = 256;
+/// A request is added to a batch only while the batch stays under this
+/// many events (the first request is always taken).
+const MAX_BATCH_EVENTS: usize = 10_000;
+/// Committer tasks per store: two, so one can lock and decide its batch
+/// while the other holds the head and commits.
+pub(crate) const COMMITTERS: usize = 2;
 
-/// Why one attempt failed.
+/// One caller's append waiting for a committer.
+pub(crate) struct Request {
+    parts: Vec<StreamAppend>,
+    reply: oneshot::Sender<Result<Vec<AppendResult>>>,
+}
+
+/// What a committer needs from the store.
+pub(crate) struct Committer {
+    pub pool: Pool,
+    pub sql: Arc<Statements>,
+    pub head: Arc<watch::Sender<u64>>,
+    pub queue: Arc<Mutex<mpsc::Receiver<Request>>>,
+}
+
+impl Inner {
+    /// Appends `parts` atomically (see [`annals_core::Appender`]).
+    pub(crate) async fn append_parts(&self, parts: Vec<StreamAppend>) -> Result<Vec<AppendResult>> {
+        self.limits.check_parts(&parts)?;
+        let (reply, answer) = oneshot::channel();
+        self.queue.send(Request { parts, reply }).await.map_err(|_| Error::Closed)?;
+        answer.await.map_err(|_| Error::Closed)?
+    }
+}
+
+/// Why one transaction attempt failed.
 enum Failure {
     /// Run the whole transaction again (the database said so by SQLSTATE).
     Retry(tokio_postgres::Error),
@@ -45,43 +94,129 @@ impl From<deadpool_postgres::PoolError> for Failure {
     }
 }
 
-/// A stream's row as locked by the append.
+/// A pooled connection inside a manually begun transaction. If it is
+/// dropped while still armed (an error or a cancelled future left the
+/// transaction open), the connection is detached from the pool and closed,
+/// so the server rolls back and nobody reuses it mid-transaction.
+struct TxConn(Option<Object>);
+
+impl TxConn {
+    fn client(&self) -> Result<&deadpool_postgres::ClientWrapper, Failure> {
+        self.0.as_deref().ok_or(Failure::Fail(Error::Closed))
+    }
+
+    /// The transaction is over; the connection may return to the pool.
+    fn disarm(&mut self) {
+        self.0.take();
+    }
+}
+
+impl Drop for TxConn {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(Object::take(client));
+        }
+    }
+}
+
+/// A stream's row as locked by the transaction.
 struct Locked {
     state: StreamState,
     last_event_id: Option<Uuid>,
 }
 
-impl Inner {
-    /// Appends `parts` atomically (see [`annals_core::Appender`]).
-    pub(crate) async fn append_parts(&self, parts: Vec<StreamAppend>) -> Result<Vec<AppendResult>> {
-        self.limits.check_parts(&parts)?;
+impl Committer {
+    /// Runs until the store's queue closes.
+    pub(crate) async fn run(self) {
+        loop {
+            let batch = {
+                let mut queue = self.queue.lock().await;
+                let Some(first) = queue.recv().await else { return };
+                let mut events: usize = first.parts.iter().map(|p| p.events.len()).sum();
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH_REQUESTS && events < MAX_BATCH_EVENTS {
+                    match queue.try_recv() {
+                        Ok(next) => {
+                            events += next.parts.iter().map(|p| p.events.len()).sum::<usize>();
+                            batch.push(next);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                batch
+            };
+            let mut pending = batch;
+            while !pending.is_empty() {
+                let (round, rest) = split_round(pending);
+                self.run_round(round).await;
+                pending = rest;
+            }
+        }
+    }
+
+    /// Commits one round, answering every request in it.
+    async fn run_round(&self, round: Vec<Request>) {
         let mut attempt = 1;
         loop {
-            match self.try_append(&parts).await {
-                Ok(results) => return Ok(results),
-                Err(Failure::Fail(e)) => return Err(e),
-                Err(Failure::Retry(e)) if attempt >= MAX_ATTEMPTS => return Err(db(e)),
-                Err(Failure::Retry(e)) => {
+            let parts: Vec<&[StreamAppend]> = round.iter().map(|r| r.parts.as_slice()).collect();
+            match self.try_round(&parts).await {
+                Ok(outcomes) => {
+                    for (request, outcome) in round.into_iter().zip(outcomes) {
+                        // The caller may have gone away; nothing to do then.
+                        let _ = request.reply.send(outcome);
+                    }
+                    return;
+                }
+                Err(Failure::Retry(e)) if attempt < MAX_ATTEMPTS => {
                     tracing::debug!(error = %e, attempt, "append raced another transaction; retrying");
                     tokio::time::sleep(Duration::from_millis(u64::from(attempt) * 5)).await;
                     attempt += 1;
+                }
+                Err(failure) => {
+                    if round.len() > 1 {
+                        // Do not let one request's failure fail the others:
+                        // run each on its own.
+                        for request in round {
+                            Box::pin(self.run_round(vec![request])).await;
+                        }
+                        return;
+                    }
+                    let error = match failure {
+                        Failure::Retry(e) => db(e),
+                        Failure::Fail(e) => e,
+                    };
+                    if let Some(request) = round.into_iter().next() {
+                        let _ = request.reply.send(Err(error));
+                    }
+                    return;
                 }
             }
         }
     }
 
-    async fn try_append(&self, parts: &[StreamAppend]) -> Result<Vec<AppendResult>, Failure> {
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
+    /// One transaction over `requests`, whose streams are disjoint.
+    /// Returns each request's outcome; `Err` only when the transaction as a
+    /// whole failed.
+    async fn try_round(
+        &self,
+        requests: &[&[StreamAppend]],
+    ) -> Result<Vec<Result<Vec<AppendResult>>>, Failure> {
+        let mut conn = TxConn(Some(self.pool.get().await?));
+        let client = conn.client()?;
+        let lock = client.prepare_cached(&self.sql.lock_streams).await?;
+        let write = client.prepare_cached(&self.sql.write).await?;
 
-        // Lock every stream row, in name order so that two multi-stream
-        // appends over the same streams cannot deadlock.
-        let mut names: Vec<&str> = parts.iter().map(|p| p.stream.as_str()).collect();
+        // Lock every stream row, in name order so that two transactions
+        // over the same streams cannot deadlock.
+        let mut names: Vec<&str> =
+            requests.iter().flat_map(|r| r.iter()).map(|p| p.stream.as_str()).collect();
         names.sort_unstable();
         let categories: Vec<&str> = names.iter().map(|n| category_of(n)).collect();
-        let stmt = tx.prepare_cached(&self.sql.lock_streams).await?;
+        let lock_params: [&(dyn ToSql + Sync); 2] = [&names, &categories];
+        let (begun, rows) = futures::join!(client.batch_execute("BEGIN"), client.query(&lock, &lock_params));
+        begun?;
         let mut locked = HashMap::with_capacity(names.len());
-        for row in tx.query(&stmt, &[&names, &categories]).await? {
+        for row in rows? {
             let name: String = row.try_get(0)?;
             let last_version: Option<i64> = row.try_get(1)?;
             let last_position: Option<i64> = row.try_get(2)?;
@@ -95,113 +230,158 @@ impl Inner {
             locked.insert(name, Locked { state, last_event_id: row.try_get(5)? });
         }
 
-        // Decide every part before writing anything: all or nothing.
-        let mut decisions = Vec::with_capacity(parts.len());
-        for part in parts {
-            let Some(Locked { state, last_event_id }) = locked.get(part.stream.as_str()) else {
-                return Err(Failure::Fail(Error::Backend {
-                    message: format!("stream row '{}' was not locked", part.stream),
-                    source: None,
-                }));
-            };
-            let ids: Vec<Uuid> = part.events.iter().map(|e| e.id).collect();
-            let tail = self.resend_tail(&tx, &part.stream, state, *last_event_id, &ids).await?;
-            decisions.push(state.decide(&part.stream, part.expected, &ids, |_| Ok(tail))?);
+        // Decide each request; a failed decision fails only its request.
+        let mut decided: Vec<Result<Vec<AppendDecision>>> = Vec::with_capacity(requests.len());
+        for parts in requests {
+            let mut decisions = Vec::with_capacity(parts.len());
+            let mut failed = None;
+            for part in *parts {
+                let Some(Locked { state, last_event_id }) = locked.get(part.stream.as_str()) else {
+                    return Err(Failure::Fail(Error::Backend {
+                        message: format!("stream row '{}' was not locked", part.stream),
+                        source: None,
+                    }));
+                };
+                let ids: Vec<Uuid> = part.events.iter().map(|e| e.id).collect();
+                let tail = resend_tail(client, &self.sql, &part.stream, state, *last_event_id, &ids).await?;
+                match state.decide(&part.stream, part.expected, &ids, |_| Ok(tail)) {
+                    Ok(d) => decisions.push(d),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            decided.push(failed.map_or(Ok(decisions), Err));
         }
 
         let mut batch = Batch::default();
-        for (part, decision) in parts.iter().zip(&decisions) {
-            if let AppendDecision::Write { first_version } = decision {
-                batch.add(part, *first_version)?;
+        for (parts, decisions) in requests.iter().zip(&decided) {
+            if let Ok(decisions) = decisions {
+                for (part, decision) in parts.iter().zip(decisions) {
+                    if let AppendDecision::Write { first_version } = decision {
+                        batch.add(part, *first_version)?;
+                    }
+                }
             }
         }
         if batch.total == 0 {
-            // Every part was an idempotent re-send: nothing to commit.
-            drop(tx);
-            return Ok(decisions.iter().filter_map(already_written).collect());
+            // Nothing to write (failures and idempotent re-sends only).
+            client.batch_execute("ROLLBACK").await?;
+            conn.disarm();
+            return Ok(decided
+                .into_iter()
+                .map(|d| d.map(|ds| ds.iter().map(already_written).collect()))
+                .collect());
         }
 
-        let stmt = tx.prepare_cached(&self.sql.write).await?;
-        let row = tx
-            .query_one(
-                &stmt,
-                &[
-                    &batch.total,
-                    &batch.streams,
-                    &batch.versions,
-                    &batch.ids,
-                    &batch.types,
-                    &batch.categories,
-                    &batch.content_types,
-                    &batch.data,
-                    &batch.metadata,
-                    &batch.correlation_ids,
-                    &batch.updated,
-                    &batch.last_versions,
-                    &batch.last_offsets,
-                    &batch.last_ids,
-                    &self.sql.channel,
-                ],
-            )
-            .await?;
-        let first: i64 = row.try_get(0)?;
-        tx.commit().await?;
-        let first = to_u64(first, "position")?;
+        let write_params: [&(dyn ToSql + Sync); 15] = [
+            &batch.total,
+            &batch.streams,
+            &batch.versions,
+            &batch.ids,
+            &batch.types,
+            &batch.categories,
+            &batch.content_types,
+            &batch.data,
+            &batch.metadata,
+            &batch.correlation_ids,
+            &batch.updated,
+            &batch.last_versions,
+            &batch.last_offsets,
+            &batch.last_ids,
+            &self.sql.channel,
+        ];
+        let (written, committed) =
+            futures::join!(client.query_one(&write, &write_params), client.batch_execute("COMMIT"));
+        // Either way the transaction is over (a failed write turns the
+        // COMMIT into a rollback; a failed COMMIT ends it too).
+        conn.disarm();
+        let row = written?;
+        committed?;
+        let first = to_u64(row.try_get(0)?, "position")?;
         let next = first + to_u64(batch.total, "total")?;
         // Published only after commit: the events are readable now.
         bump(&self.head, next);
 
-        let mut results = Vec::with_capacity(parts.len());
         let mut offsets = batch.part_offsets.into_iter();
-        for decision in &decisions {
-            match decision {
-                AppendDecision::AlreadyWritten(r) => results.push(*r),
-                AppendDecision::Write { .. } => {
-                    let (next_version, last_offset) = offsets.next().unwrap_or_default();
-                    results.push(AppendResult { next_version, position: first + last_offset });
-                }
-            }
-        }
-        Ok(results)
-    }
-
-    /// The ids and last position of the stream's tail when this append may
-    /// be an idempotent re-send. The stream's last event id is kept on its
-    /// row, so the tail is only read when that id matches the batch's last
-    /// id (a re-send), never on an ordinary append.
-    async fn resend_tail(
-        &self,
-        tx: &deadpool_postgres::Transaction<'_>,
-        stream: &StreamName,
-        state: &StreamState,
-        last_event_id: Option<Uuid>,
-        ids: &[Uuid],
-    ) -> Result<Option<(Vec<Uuid>, u64)>, Failure> {
-        let n = ids.len() as u64;
-        let Some(last) = state.last_version else { return Ok(None) };
-        if state.tombstoned || last_event_id.is_none() || last_event_id != ids.last().copied() || last + 1 < n
-        {
-            return Ok(None);
-        }
-        let stmt = tx.prepare_cached(&self.sql.tail_ids).await?;
-        let rows = tx.query(&stmt, &[&stream.as_str(), &to_i64(last + 1 - n)]).await?;
-        let mut tail = Vec::with_capacity(rows.len());
-        let mut position = None;
-        for row in rows {
-            tail.push(row.try_get::<_, Uuid>(0)?);
-            position = Some(row.try_get::<_, i64>(1)?);
-        }
-        match position {
-            Some(p) if tail.len() == ids.len() => Ok(Some((tail, to_u64(p, "position")?))),
-            _ => Ok(None),
-        }
+        Ok(decided
+            .into_iter()
+            .map(|d| {
+                d.map(|decisions| {
+                    decisions
+                        .iter()
+                        .map(|decision| match decision {
+                            AppendDecision::AlreadyWritten(r) => *r,
+                            AppendDecision::Write { .. } => {
+                                let (next_version, last_offset) = offsets.next().unwrap_or_default();
+                                AppendResult { next_version, position: first + last_offset }
+                            }
+                        })
+                        .collect()
+                })
+            })
+            .collect())
     }
 }
 
-fn already_written(d: &AppendDecision) -> Option<AppendResult> {
+/// Splits off a round of requests that touch
+/// disjoint streams; a request that shares a stream with an earlier one
+/// (taken or deferred) waits for the next round, so appends to one stream
+/// keep their queue order.
+fn split_round(requests: Vec<Request>) -> (Vec<Request>, Vec<Request>) {
+    let mut taken: HashSet<StreamName> = HashSet::new();
+    let mut deferred: HashSet<StreamName> = HashSet::new();
+    let (mut round, mut rest) = (Vec::new(), Vec::new());
+    for request in requests {
+        let streams = || request.parts.iter().map(|p| p.stream.clone());
+        if streams().any(|s| taken.contains(&s) || deferred.contains(&s)) {
+            deferred.extend(streams());
+            rest.push(request);
+        } else {
+            taken.extend(streams());
+            round.push(request);
+        }
+    }
+    (round, rest)
+}
+
+/// The ids and last position of the stream's tail when this append may be
+/// an idempotent re-send. The stream row keeps its last event id, so the
+/// tail is only read when that id matches the batch's last id (a re-send),
+/// never on an ordinary append.
+async fn resend_tail(
+    client: &tokio_postgres::Client,
+    sql: &Statements,
+    stream: &StreamName,
+    state: &StreamState,
+    last_event_id: Option<Uuid>,
+    ids: &[Uuid],
+) -> Result<Option<(Vec<Uuid>, u64)>, Failure> {
+    let n = ids.len() as u64;
+    let Some(last) = state.last_version else { return Ok(None) };
+    if state.tombstoned || last_event_id.is_none() || last_event_id != ids.last().copied() || last + 1 < n {
+        return Ok(None);
+    }
+    let stmt = client.prepare(&sql.tail_ids).await?;
+    let rows = client.query(&stmt, &[&stream.as_str(), &to_i64(last + 1 - n)]).await?;
+    let mut tail = Vec::with_capacity(rows.len());
+    let mut position = None;
+    for row in rows {
+        tail.push(row.try_get::<_, Uuid>(0)?);
+        position = Some(row.try_get::<_, i64>(1)?);
+    }
+    match position {
+        Some(p) if tail.len() == ids.len() => Ok(Some((tail, to_u64(p, "position")?))),
+        _ => Ok(None),
+    }
+}
+
+fn already_written(d: &AppendDecision) -> AppendResult {
     match d {
-        AppendDecision::AlreadyWritten(r) => Some(*r),
-        AppendDecision::Write { .. } => None,
+        AppendDecision::AlreadyWritten(r) => *r,
+        // Not reached: only called when nothing was written.
+        AppendDecision::Write { first_version } => AppendResult { next_version: *first_version, position: 0 },
     }
 }
 
@@ -218,12 +398,13 @@ struct Batch<'a> {
     data: Vec<&'a [u8]>,
     metadata: Vec<&'a str>,
     correlation_ids: Vec<Option<String>>,
-    /// Per written stream: name, last version, offset of its last event.
+    /// Per written stream: name, last version, offset of its last event,
+    /// its last event id.
     updated: Vec<&'a str>,
     last_versions: Vec<i64>,
     last_offsets: Vec<i64>,
     last_ids: Vec<Uuid>,
-    /// Per written part: (next version, offset of its last event).
+    /// Per written part, in order: (next version, offset of its last event).
     part_offsets: Vec<(u64, u64)>,
 }
 

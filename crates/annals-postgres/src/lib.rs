@@ -98,6 +98,9 @@ pub(crate) struct Inner {
     /// How long a subscription keeps retrying reads through a database
     /// outage before it ends with the error.
     subscription_retry: Duration,
+    /// Appends waiting for a committer task (see `append`); the committers
+    /// end when this sender is dropped with the store.
+    queue: tokio::sync::mpsc::Sender<append::Request>,
     /// Stops the listener task when the last handle goes.
     _listener_guard: DropGuard,
 }
@@ -211,8 +214,20 @@ impl PgStoreBuilder {
             self.poll_interval,
             cancel.clone(),
         ));
+        let (queue, receiver) = tokio::sync::mpsc::channel(4096);
+        let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+        for _ in 0..append::COMMITTERS {
+            let committer = append::Committer {
+                pool: pool.clone(),
+                sql: sql.clone(),
+                head: head.clone(),
+                queue: receiver.clone(),
+            };
+            tokio::spawn(committer.run());
+        }
         Ok(PgStore {
             inner: Arc::new(Inner {
+                queue,
                 pool,
                 schema: self.schema,
                 sql,

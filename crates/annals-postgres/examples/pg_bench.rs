@@ -1,0 +1,245 @@
+//! PostgreSQL backend benchmark: raw INSERT baselines and `PgStore` in one
+//! run, medians of several runs.
+//!
+//! ```text
+//! cargo run --release -p annals-postgres --example pg_bench -- \
+//!     [--url postgres://postgres@127.0.0.1:5432/test] [--events 20000] [--runs 3] [--writers 1,8,32]
+//! ```
+//!
+//! For each writer count it measures, from that many connections:
+//! - raw single-row `INSERT`s in autocommit into a bare table with the
+//!   events table's columns (primary key only);
+//! - raw 100-row multi-row `INSERT`s into the same table;
+//! - `PgStore` appends of one event each, and of 100 events each;
+//!
+//! then the `$all` read rate (forward pages of 1,000). Everything runs in a
+//! fresh schema that is dropped at the end.
+
+#![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::time::{Duration, Instant};
+
+use annals_core::{AllReader, Appender, EventData, ExpectedVersion, ReadAll, StreamName};
+use annals_postgres::PgStore;
+use tokio_postgres::{Client, NoTls, types::ToSql};
+
+struct Args {
+    url: String,
+    events: usize,
+    runs: usize,
+    writers: Vec<usize>,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        url: std::env::var("ANNALS_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned()),
+        events: 20_000,
+        runs: 3,
+        writers: vec![1, 8, 32],
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--url" => a.url = value,
+            "--events" => a.events = value.parse().expect("--events N"),
+            "--runs" => a.runs = value.parse().expect("--runs N"),
+            "--writers" => {
+                a.writers = value.split(',').map(|w| w.parse().expect("--writers 1,8,32")).collect()
+            }
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    a
+}
+
+async fn connect(url: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    client
+}
+
+fn payload(i: usize) -> Vec<u8> {
+    format!(r#"{{"n":{i},"note":"benchmark event with a modest payload"}}"#).into_bytes()
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs.get(xs.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Runs `work(writer)` on `writers` tasks; returns events per second.
+async fn timed<F, Fut>(writers: usize, events: usize, work: F) -> f64
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let tasks: Vec<_> = (0..writers).map(&work).collect();
+    let start = Instant::now();
+    let handles: Vec<_> = tasks.into_iter().map(tokio::spawn).collect();
+    for h in handles {
+        h.await.expect("writer task");
+    }
+    events as f64 / start.elapsed().as_secs_f64().max(1e-9)
+}
+
+const RAW_COLUMNS: &str =
+    "stream, version, id, event_type, category, content_type, data, metadata, correlation_id, recorded_at";
+
+async fn raw_single(url: &str, schema: &str, writers: usize, events: usize, run: usize) -> f64 {
+    let per = events / writers;
+    let mut clients = Vec::new();
+    for _ in 0..writers {
+        clients.push(std::sync::Arc::new(connect(url).await));
+    }
+    let sql = format!(
+        "INSERT INTO \"{schema}\".raw_events ({RAW_COLUMNS})
+         VALUES ($1, $2, $3, 'E', 'raw', 0, $4, '{{}}', NULL, now())"
+    );
+    timed(writers, per * writers, |w| {
+        let client = clients[w].clone();
+        let sql = sql.clone();
+        async move {
+            let stmt = client.prepare(&sql).await.unwrap();
+            let stream = format!("raw-{run}-{w}");
+            for i in 0..per {
+                let id = uuid::Uuid::new_v4();
+                client.execute(&stmt, &[&stream, &(i as i64), &id, &payload(i)]).await.unwrap();
+            }
+        }
+    })
+    .await
+}
+
+async fn raw_batch(url: &str, schema: &str, writers: usize, events: usize, run: usize) -> f64 {
+    const BATCH: usize = 100;
+    let batches = (events / writers / BATCH).max(1);
+    let mut clients = Vec::new();
+    for _ in 0..writers {
+        clients.push(std::sync::Arc::new(connect(url).await));
+    }
+    let values: Vec<String> = (0..BATCH)
+        .map(|r| {
+            let b = r * 4;
+            format!("(${}, ${}, ${}, 'E', 'raw', 0, ${}, '{{}}', NULL, now())", b + 1, b + 2, b + 3, b + 4)
+        })
+        .collect();
+    let sql = format!("INSERT INTO \"{schema}\".raw_events ({RAW_COLUMNS}) VALUES {}", values.join(", "));
+    timed(writers, batches * BATCH * writers, |w| {
+        let client = clients[w].clone();
+        let sql = sql.clone();
+        async move {
+            let stmt = client.prepare(&sql).await.unwrap();
+            let stream = format!("rawb-{run}-{w}");
+            for b in 0..batches {
+                let rows: Vec<(String, i64, uuid::Uuid, Vec<u8>)> = (0..BATCH)
+                    .map(|r| {
+                        let i = b * BATCH + r;
+                        (stream.clone(), i as i64, uuid::Uuid::new_v4(), payload(i))
+                    })
+                    .collect();
+                let params: Vec<&(dyn ToSql + Sync)> = rows
+                    .iter()
+                    .flat_map(|(s, v, id, d)| {
+                        [s as &(dyn ToSql + Sync), v as &(dyn ToSql + Sync), id, d as &(dyn ToSql + Sync)]
+                    })
+                    .collect();
+                client.execute(&stmt, &params).await.unwrap();
+            }
+        }
+    })
+    .await
+}
+
+fn event(i: usize) -> EventData {
+    EventData::raw("E", payload(i), annals_core::ContentType::Json)
+}
+
+async fn store_appends(store: &PgStore, writers: usize, events: usize, batch: usize, run: usize) -> f64 {
+    let appends = (events / writers / batch).max(1);
+    timed(writers, appends * batch * writers, |w| {
+        let store = store.clone();
+        async move {
+            let s = StreamName::new(format!("bench{batch}-{run}-{w}")).unwrap();
+            for a in 0..appends {
+                let events = (0..batch).map(|i| event(a * batch + i)).collect();
+                store.append(&s, ExpectedVersion::Any, events).await.unwrap();
+            }
+        }
+    })
+    .await
+}
+
+async fn read_all_rate(store: &PgStore) -> (f64, u64) {
+    let start = Instant::now();
+    let mut from = 0;
+    let mut count = 0u64;
+    loop {
+        let page = store.read_all(ReadAll::forward(1000).from_position(from)).await.unwrap();
+        if page.events.is_empty() {
+            break;
+        }
+        count += page.events.len() as u64;
+        from = page.next.unwrap();
+    }
+    (count as f64 / start.elapsed().as_secs_f64().max(1e-9), count)
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let args = args();
+    let schema = format!("annals_bench_{}", uuid::Uuid::new_v4().simple());
+    let max_writers = args.writers.iter().copied().max().unwrap_or(1);
+    let store = PgStore::builder(&args.url)
+        .schema(&schema)
+        .max_connections(max_writers)
+        .open()
+        .await
+        .unwrap_or_else(|e| panic!("cannot open the store: {e}"));
+    let admin = connect(&args.url).await;
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLE \"{schema}\".raw_events (
+                position bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+                stream text NOT NULL, version bigint NOT NULL, id uuid NOT NULL, event_type text NOT NULL,
+                category text NOT NULL, content_type smallint NOT NULL, data bytea NOT NULL,
+                metadata json NOT NULL, correlation_id text, recorded_at timestamptz NOT NULL)"
+        ))
+        .await
+        .unwrap();
+    println!(
+        "pg_bench: {} events per measurement, median of {} runs, schema {schema}",
+        args.events, args.runs
+    );
+    println!(
+        "{:>7} | {:>12} {:>12} {:>6} | {:>13} {:>13} {:>6}",
+        "writers", "raw 1-row/s", "append 1/s", "ratio", "raw 100-row/s", "append 100/s", "ratio"
+    );
+    for &writers in &args.writers {
+        let (mut raw1, mut raw100, mut ours1, mut ours100) = (vec![], vec![], vec![], vec![]);
+        for run in 0..args.runs {
+            raw1.push(raw_single(&args.url, &schema, writers, args.events, run).await);
+            ours1.push(store_appends(&store, writers, args.events, 1, run).await);
+            raw100.push(raw_batch(&args.url, &schema, writers, args.events, run).await);
+            ours100.push(store_appends(&store, writers, args.events, 100, run).await);
+        }
+        let (raw1, ours1, raw100, ours100) = (median(raw1), median(ours1), median(raw100), median(ours100));
+        println!(
+            "{writers:>7} | {raw1:>12.0} {ours1:>12.0} {:>6.2} | {raw100:>13.0} {ours100:>13.0} {:>6.2}",
+            ours1 / raw1,
+            ours100 / raw100
+        );
+    }
+    let mut reads = Vec::new();
+    let mut total = 0;
+    for _ in 0..args.runs {
+        let (rate, n) = read_all_rate(&store).await;
+        reads.push(rate);
+        total = n;
+    }
+    println!("$all forward read: {:.0} events/s (median; {total} events, pages of 1,000)", median(reads));
+    drop(store);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    admin.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE")).await.unwrap();
+}
