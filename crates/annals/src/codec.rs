@@ -51,7 +51,17 @@ pub fn decode_parts<E: DomainEvent>(event_type: &str, payload: Value) -> std::re
 /// writes, so a missing upcaster is reported instead of silently misreading
 /// an old payload.
 pub fn decode<E: DomainEvent>(recorded: &RecordedEvent, upcasters: &Upcasters) -> Result<E> {
-    let stored_version = recorded.metadata.schema_version().unwrap_or(1);
+    decode_at(recorded, recorded.metadata.schema_version().unwrap_or(1), upcasters)
+}
+
+/// [`decode`] with the stored schema version already read from the
+/// metadata (loading parses each event's metadata once for everything it
+/// needs).
+pub(crate) fn decode_at<E: DomainEvent>(
+    recorded: &RecordedEvent,
+    stored_version: u32,
+    upcasters: &Upcasters,
+) -> Result<E> {
     let fail = |reason: String| Error::Decode {
         stream: recorded.stream.clone(),
         version: recorded.version,

@@ -492,13 +492,19 @@ impl<A: Aggregate> Repository<A> {
                 {
                     return Ok(loaded);
                 }
-                let event: A::Event = codec::decode(&recorded, &self.shared.upcasters)?;
+                let mut metadata = recorded.metadata.to_map();
+                let stored_version = metadata
+                    .get(keys::SCHEMA_VERSION)
+                    .and_then(serde_json::Value::as_u64)
+                    .and_then(|v| u32::try_from(v).ok())
+                    .unwrap_or(1);
+                let command_id = match metadata.remove(keys::COMMAND_ID) {
+                    Some(serde_json::Value::String(id)) => Some(id),
+                    _ => None,
+                };
+                let event: A::Event = codec::decode_at(&recorded, stored_version, &self.shared.upcasters)?;
                 loaded.state.apply(&event);
-                loaded.commands.record(
-                    recorded.metadata.get_str(keys::COMMAND_ID),
-                    recorded.version,
-                    self.shared.idempotency_window,
-                );
+                loaded.commands.record(command_id, recorded.version, self.shared.idempotency_window);
                 loaded.version = Some(recorded.version);
                 from = recorded.version + 1;
             }
