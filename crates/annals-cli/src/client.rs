@@ -94,7 +94,8 @@ impl Client {
 pub async fn api_error(resp: Response) -> CliError {
     let status = resp.status().as_u16();
     let body: Value = resp.json().await.unwrap_or(Value::Null);
-    let field = |k: &str| body.pointer(&format!("/error/{k}")).and_then(Value::as_str).unwrap_or("").to_owned();
+    let field =
+        |k: &str| body.pointer(&format!("/error/{k}")).and_then(Value::as_str).unwrap_or("").to_owned();
     let (code, message) = (field("code"), field("message"));
     CliError::Api {
         status,
@@ -148,7 +149,11 @@ impl SseParser {
             if line.is_empty() {
                 if !self.data.is_empty() || !self.event.is_empty() {
                     out.push(SseEvent {
-                        event: if self.event.is_empty() { "message".into() } else { std::mem::take(&mut self.event) },
+                        event: if self.event.is_empty() {
+                            "message".into()
+                        } else {
+                            std::mem::take(&mut self.event)
+                        },
                         id: self.id.take(),
                         data: std::mem::take(&mut self.data),
                     });

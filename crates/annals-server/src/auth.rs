@@ -158,17 +158,20 @@ impl Authenticator {
                 (Some(pem), _) => Some((pem.clone(), "auth.jwt.rs256_public_key")),
                 (None, Some(path)) => Some((
                     std::fs::read_to_string(path).map_err(|e| {
-                        ServerError::config("auth.jwt.rs256_public_key_file", format!("{}: {e}", path.display()))
+                        ServerError::config(
+                            "auth.jwt.rs256_public_key_file",
+                            format!("{}: {e}", path.display()),
+                        )
                     })?,
                     "auth.jwt.rs256_public_key_file",
                 )),
                 (None, None) => None,
             };
             if let Some((pem, key)) = pem {
-                rs256 = Some(
-                    DecodingKey::from_rsa_pem(pem.as_bytes())
-                        .map_err(|e| ServerError::config(key, format!("not an RSA public key in PEM: {e}")))?,
-                );
+                rs256 =
+                    Some(DecodingKey::from_rsa_pem(pem.as_bytes()).map_err(|e| {
+                        ServerError::config(key, format!("not an RSA public key in PEM: {e}"))
+                    })?);
             }
             issuer = jwt.issuer.clone();
             audience = jwt.audience.clone();
@@ -180,7 +183,12 @@ impl Authenticator {
             .map(|k| {
                 (
                     k.key.clone(),
-                    Principal { name: k.name.clone(), role: k.role, streams: k.streams.clone(), authenticated: true },
+                    Principal {
+                        name: k.name.clone(),
+                        role: k.role,
+                        streams: k.streams.clone(),
+                        authenticated: true,
+                    },
                 )
             })
             .collect();
@@ -200,7 +208,8 @@ impl Authenticator {
             }
             credential = Some(rest.trim().to_owned());
         } else if let Some(value) = parts.headers.get("x-api-key") {
-            credential = Some(value.to_str().map_err(|_| invalid_token("X-API-Key is not ASCII"))?.trim().to_owned());
+            credential =
+                Some(value.to_str().map_err(|_| invalid_token("X-API-Key is not ASCII"))?.trim().to_owned());
         } else if let Some(q) = parts.uri.query() {
             credential = q
                 .split('&')
@@ -228,7 +237,8 @@ impl Authenticator {
     }
 
     fn verify_jwt(&self, token: &str) -> Result<Principal, ApiError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|_| invalid_token("not a valid API key or JWT"))?;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|_| invalid_token("not a valid API key or JWT"))?;
         let key = match header.alg {
             Algorithm::HS256 => self.hs256.as_ref(),
             Algorithm::RS256 => self.rs256.as_ref(),
@@ -376,7 +386,11 @@ pub async fn auth_layer(State(state): State<AppState>, request: Request, next: N
         };
         if let Err(wait) = limiter.check(&key) {
             state.inner.metrics.rate_limited.inc();
-            let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many requests; retry later");
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many requests; retry later",
+            );
             e.retry_after = Some(wait.as_secs_f64().ceil().max(1.0) as u64);
             return e.into_response();
         }

@@ -183,7 +183,12 @@ pub struct LiveConfig {
 
 impl Default for LiveConfig {
     fn default() -> Self {
-        LiveConfig { buffer_events: 1024, slow_client_timeout_ms: 5000, disconnect_grace_ms: 5000, keep_alive_secs: 15 }
+        LiveConfig {
+            buffer_events: 1024,
+            slow_client_timeout_ms: 5000,
+            disconnect_grace_ms: 5000,
+            keep_alive_secs: 15,
+        }
     }
 }
 
@@ -274,7 +279,10 @@ impl ServerConfig {
             return Err(ServerError::config("rate_limit.requests_per_second", "must be a number >= 0"));
         }
         if r.requests_per_second > 0.0 && r.burst == 0 {
-            return Err(ServerError::config("rate_limit.burst", "must be at least 1 when rate limiting is on"));
+            return Err(ServerError::config(
+                "rate_limit.burst",
+                "must be at least 1 when rate limiting is on",
+            ));
         }
         if self.live.buffer_events == 0 {
             return Err(ServerError::config("live.buffer_events", "must be at least 1"));
@@ -289,7 +297,9 @@ impl ServerConfig {
             return Err(ServerError::config("timeouts.header_read_secs", "must be at least 1"));
         }
         if let Some(jwt) = &self.auth.jwt {
-            if jwt.hs256_secret.is_none() && jwt.rs256_public_key.is_none() && jwt.rs256_public_key_file.is_none()
+            if jwt.hs256_secret.is_none()
+                && jwt.rs256_public_key.is_none()
+                && jwt.rs256_public_key_file.is_none()
             {
                 return Err(ServerError::config(
                     "auth.jwt",
@@ -309,10 +319,16 @@ impl ServerConfig {
         let mut names = std::collections::HashSet::new();
         for (i, k) in self.auth.api_keys.iter().enumerate() {
             if k.key.len() < 16 {
-                return Err(ServerError::config(format!("auth.api_keys[{i}].key"), "must be at least 16 characters"));
+                return Err(ServerError::config(
+                    format!("auth.api_keys[{i}].key"),
+                    "must be at least 16 characters",
+                ));
             }
             if k.name.is_empty() || !names.insert(k.name.as_str()) {
-                return Err(ServerError::config(format!("auth.api_keys[{i}].name"), "must be non-empty and unique"));
+                return Err(ServerError::config(
+                    format!("auth.api_keys[{i}].name"),
+                    "must be non-empty and unique",
+                ));
             }
             if k.streams.as_ref().is_some_and(|s| s.iter().any(String::is_empty)) {
                 return Err(ServerError::config(
@@ -323,10 +339,16 @@ impl ServerConfig {
         }
         if let Some(tls) = &self.tls {
             if !tls.cert.is_file() {
-                return Err(ServerError::config("tls.cert", format!("{} is not a readable file", tls.cert.display())));
+                return Err(ServerError::config(
+                    "tls.cert",
+                    format!("{} is not a readable file", tls.cert.display()),
+                ));
             }
             if !tls.key.is_file() {
-                return Err(ServerError::config("tls.key", format!("{} is not a readable file", tls.key.display())));
+                return Err(ServerError::config(
+                    "tls.key",
+                    format!("{} is not a readable file", tls.key.display()),
+                ));
             }
         }
         Ok(())

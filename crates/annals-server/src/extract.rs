@@ -36,16 +36,20 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
             ));
         }
         let bytes = Bytes::from_request(req, state).await.map_err(bytes_rejection)?;
-        serde_json::from_slice(&bytes)
-            .map(ApiJson)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("invalid JSON body: {e}")))
+        serde_json::from_slice(&bytes).map(ApiJson).map_err(|e| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("invalid JSON body: {e}"))
+        })
     }
 }
 
 fn bytes_rejection(r: BytesRejection) -> ApiError {
     let status = r.status();
     if status == StatusCode::PAYLOAD_TOO_LARGE {
-        return ApiError::new(status, "payload_too_large", "request body is larger than limits.max_body_bytes");
+        return ApiError::new(
+            status,
+            "payload_too_large",
+            "request body is larger than limits.max_body_bytes",
+        );
     }
     ApiError::from_status(status, r.body_text())
 }

@@ -149,7 +149,10 @@ pub fn app(state: AppState) -> Router {
             post(routes::streams::append).get(routes::streams::read).delete(routes::streams::delete),
         )
         .route("/streams/{stream}/info", get(routes::streams::info))
-        .route("/streams/{stream}/snapshot", put(routes::streams::save_snapshot).get(routes::streams::load_snapshot))
+        .route(
+            "/streams/{stream}/snapshot",
+            put(routes::streams::save_snapshot).get(routes::streams::load_snapshot),
+        )
         .route("/transactions", post(routes::streams::transaction))
         .route("/all", get(routes::all::read_all))
         .route("/checkpoints/{name}", put(routes::ops::save_checkpoint).get(routes::ops::load_checkpoint))
@@ -172,12 +175,17 @@ pub fn app(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn(json_errors))
         .layer(CatchPanicLayer::custom(|_| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the server hit a bug; it was logged")
-                .into_response()
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the server hit a bug; it was logged",
+            )
+            .into_response()
         }))
         .layer(PropagateRequestIdLayer::new(HeaderName::from_static("x-request-id")))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-            let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+            let header =
+                |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
             tracing::info_span!(
                 "request",
                 method = %req.method(),

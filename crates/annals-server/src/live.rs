@@ -92,7 +92,8 @@ fn at_inclusive(n: u64) -> SubscribeFrom {
 
 fn resume_from(headers: &HeaderMap, query_from: Option<&str>) -> Result<SubscribeFrom, ApiError> {
     if let Some(id) = headers.get("last-event-id").and_then(|v| v.to_str().ok()) {
-        let id = id.trim().parse::<u64>().map_err(|_| ApiError::bad_request("Last-Event-ID must be a number"))?;
+        let id =
+            id.trim().parse::<u64>().map_err(|_| ApiError::bad_request("Last-Event-ID must be a number"))?;
         return Ok(SubscribeFrom::After(id));
     }
     subscribe_from(query_from.map(|s| Value::String(s.to_owned())).as_ref())
@@ -155,7 +156,10 @@ impl Notice {
     }
 
     fn shutdown() -> Self {
-        Notice { code: "shutdown", message: "the server is shutting down; reconnect from last_position + 1".into() }
+        Notice {
+            code: "shutdown",
+            message: "the server is shutting down; reconnect from last_position + 1".into(),
+        }
     }
 
     fn from_error(e: CoreError) -> Self {
@@ -420,7 +424,8 @@ async fn ws_session(state: AppState, principal: Principal, mut socket: WebSocket
     let text = match first {
         Ok(Some(Ok(Message::Text(t)))) => t,
         Ok(Some(Ok(_))) => {
-            let _ = socket.send(ws_error(&ApiError::bad_request("send a text subscribe message first"))).await;
+            let _ =
+                socket.send(ws_error(&ApiError::bad_request("send a text subscribe message first"))).await;
             return;
         }
         Ok(_) => return,

@@ -87,11 +87,19 @@ impl Metrics {
         let appended_events = Counter::default();
         registry.register("appended_events", "Events appended", appended_events.clone());
         let appended_bytes = Counter::default();
-        registry.register("appended_bytes", "Payload bytes appended (data + metadata)", appended_bytes.clone());
+        registry.register(
+            "appended_bytes",
+            "Payload bytes appended (data + metadata)",
+            appended_bytes.clone(),
+        );
         let append_latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 18));
         registry.register("append_duration_seconds", "Append latency in the server", append_latency.clone());
         let append_conflicts = Counter::default();
-        registry.register("append_conflicts", "Appends rejected with a wrong expected version", append_conflicts.clone());
+        registry.register(
+            "append_conflicts",
+            "Appends rejected with a wrong expected version",
+            append_conflicts.clone(),
+        );
         let subscribers = Family::<KindLabels, Gauge>::default();
         registry.register("subscribers", "Connected live subscribers by transport", subscribers.clone());
         let subscription_lag = Histogram::new(exponential_buckets(1.0, 4.0, 12));
@@ -103,9 +111,17 @@ impl Metrics {
         let delivered = Counter::default();
         registry.register("delivered_events", "Events delivered to live subscribers", delivered.clone());
         let slow_disconnects = Counter::default();
-        registry.register("slow_consumer_disconnects", "Live clients disconnected as too slow", slow_disconnects.clone());
+        registry.register(
+            "slow_consumer_disconnects",
+            "Live clients disconnected as too slow",
+            slow_disconnects.clone(),
+        );
         let rate_limited = Counter::default();
-        registry.register("rate_limited_requests", "Requests refused by the rate limiter", rate_limited.clone());
+        registry.register(
+            "rate_limited_requests",
+            "Requests refused by the rate limiter",
+            rate_limited.clone(),
+        );
         Metrics {
             registry,
             requests,

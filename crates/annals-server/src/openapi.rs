@@ -7,7 +7,10 @@ use crate::{live, routes, wire};
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Annals HTTP API", description = "Event store over HTTP/JSON, SSE and WebSocket. See docs/http-api.md."),
+    info(
+        title = "Annals HTTP API",
+        description = "Event store over HTTP/JSON, SSE and WebSocket. See docs/http-api.md."
+    ),
     paths(
         routes::streams::append,
         routes::streams::read,

@@ -65,15 +65,13 @@ pub async fn run(
         tracker.spawn(async move {
             match tls {
                 None => serve_connection(TokioIo::new(tcp), remote, router, draining, header_timeout).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => {
-                            serve_connection(TokioIo::new(stream), remote, router, draining, header_timeout).await
-                        }
-                        Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+                Some(acceptor) => match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        serve_connection(TokioIo::new(stream), remote, router, draining, header_timeout).await
                     }
-                }
+                    Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+                },
             }
         });
     }
@@ -83,7 +81,10 @@ pub async fn run(
     tracker.close();
     let grace = Duration::from_secs(config.timeouts.shutdown_secs);
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(secs = grace.as_secs(), "connections still open after the shutdown timeout; closing them");
+        tracing::warn!(
+            secs = grace.as_secs(),
+            "connections still open after the shutdown timeout; closing them"
+        );
     }
     Ok(())
 }

@@ -74,7 +74,8 @@ impl EventIn {
         {
             metadata.insert(annals_core::metadata::keys::CORRELATION_ID.into(), Value::String(cid.into()));
         }
-        let mut event = EventData::raw(self.event_type, data, content_type).with_metadata(Metadata::from_map(metadata));
+        let mut event =
+            EventData::raw(self.event_type, data, content_type).with_metadata(Metadata::from_map(metadata));
         if let Some(id) = self.id {
             event = event.with_id(id);
         }

@@ -16,10 +16,14 @@ async fn append_read_conflict_and_idempotency() {
     within(60, async {
         let s = start(open_config()).await;
         let id = "0190f0b4-0000-7000-8000-0000000000a1";
-        let batch = json!([{ "id": id, "type": "Opened", "data": { "owner": "Ada" }, "metadata": { "actor": "t" } }]);
+        let batch =
+            json!([{ "id": id, "type": "Opened", "data": { "owner": "Ada" }, "metadata": { "actor": "t" } }]);
         let (status, body) = s.append("account-1", "no_stream", batch.clone()).await;
         assert_eq!(status, 201, "{body}");
-        assert_eq!(body, json!({ "stream": "account-1", "next_version": 1, "last_version": 0, "position": 0 }));
+        assert_eq!(
+            body,
+            json!({ "stream": "account-1", "next_version": 1, "last_version": 0, "position": 0 })
+        );
 
         // Re-sending the same ids returns the original result, writes nothing.
         let (status, again) = s.append("account-1", "no_stream", batch).await;
@@ -89,7 +93,8 @@ async fn stream_paging_forward_and_backward() {
         assert_eq!(seen, vec![0, 1, 2, 3, 4, 5, 6]);
 
         let (_, page) = s.get("/streams/clock-1?direction=backward&limit=2").await;
-        let versions: Vec<u64> = page["events"].as_array().unwrap().iter().map(|e| e["version"].as_u64().unwrap()).collect();
+        let versions: Vec<u64> =
+            page["events"].as_array().unwrap().iter().map(|e| e["version"].as_u64().unwrap()).collect();
         assert_eq!(versions, vec![6, 5]);
         assert_eq!(page["next"], 4);
         let (_, page) = s.get("/streams/clock-1?from=2&limit=2").await;
@@ -133,7 +138,8 @@ async fn transactions_are_atomic() {
         let (_, page) = s.get("/streams/from-1").await;
         assert_eq!(page["events"].as_array().unwrap().len(), 1);
 
-        let resp = s.client.post(s.url("/transactions")).json(&json!({ "streams": [] })).send().await.unwrap();
+        let resp =
+            s.client.post(s.url("/transactions")).json(&json!({ "streams": [] })).send().await.unwrap();
         assert_eq!(resp.status(), 400);
         s.stop().await;
     })
@@ -181,7 +187,8 @@ async fn all_with_filters_and_paging_links() {
         let (status, v) = s.get("/all?after=yesterday").await;
         assert_eq!(status, 400, "{v}");
         let (_, v) = s.get("/all?direction=backward&limit=2").await;
-        let positions: Vec<u64> = v["events"].as_array().unwrap().iter().map(|e| e["position"].as_u64().unwrap()).collect();
+        let positions: Vec<u64> =
+            v["events"].as_array().unwrap().iter().map(|e| e["position"].as_u64().unwrap()).collect();
         assert_eq!(positions, vec![4, 3]);
 
         // Following `links.next` pages through a filtered view.
@@ -259,7 +266,13 @@ async fn snapshots_and_checkpoints() {
         assert_eq!(status, 404);
         assert_eq!(err["error"]["code"], "snapshot_not_found");
 
-        let resp = s.client.put(s.url("/checkpoints/projector-a")).json(&json!({ "position": 42 })).send().await.unwrap();
+        let resp = s
+            .client
+            .put(s.url("/checkpoints/projector-a"))
+            .json(&json!({ "position": 42 }))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 204);
         let (status, cp) = s.get("/checkpoints/projector-a").await;
         assert_eq!(status, 200);
@@ -286,7 +299,11 @@ async fn binary_events_round_trip_as_base64() {
         assert_eq!(page["events"][0]["content_type"], "application/octet-stream");
         assert_eq!(page["events"][0]["data"], "AAECAw==");
         let (status, _) = s
-            .append("blob-1", "any", json!([{ "type": "Blob", "content_type": "application/octet-stream", "data": "!!" }]))
+            .append(
+                "blob-1",
+                "any",
+                json!([{ "type": "Blob", "content_type": "application/octet-stream", "data": "!!" }]),
+            )
             .await;
         assert_eq!(status, 400);
         s.stop().await;
@@ -314,31 +331,70 @@ async fn malformed_oversized_and_invalid_requests_get_json_errors() {
             assert_eq!(v["error"]["code"], code, "{v}");
             assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
         };
-        check(post("/streams/a-1", Some("application/json"), b"[{".to_vec()).await.unwrap(), 400, "invalid_json").await;
-        check(post("/streams/a-1", None, b"[]".to_vec()).await.unwrap(), 415, "unsupported_media_type").await;
-        check(post("/streams/a-1", Some("application/json"), b"[]".to_vec()).await.unwrap(), 400, "bad_request").await;
-        check(post("/streams/a-1", Some("application/json"), b"{}".to_vec()).await.unwrap(), 400, "invalid_json").await;
         check(
-            post("/streams/a-1", Some("application/json"), br#"[{"type":"X","bogus":1}]"#.to_vec()).await.unwrap(),
+            post("/streams/a-1", Some("application/json"), b"[{".to_vec()).await.unwrap(),
+            400,
+            "invalid_json",
+        )
+        .await;
+        check(post("/streams/a-1", None, b"[]".to_vec()).await.unwrap(), 415, "unsupported_media_type").await;
+        check(
+            post("/streams/a-1", Some("application/json"), b"[]".to_vec()).await.unwrap(),
+            400,
+            "bad_request",
+        )
+        .await;
+        check(
+            post("/streams/a-1", Some("application/json"), b"{}".to_vec()).await.unwrap(),
             400,
             "invalid_json",
         )
         .await;
         check(
-            post("/streams/a-1", Some("application/json"), br#"[{"type":"","data":{}}]"#.to_vec()).await.unwrap(),
+            post("/streams/a-1", Some("application/json"), br#"[{"type":"X","bogus":1}]"#.to_vec())
+                .await
+                .unwrap(),
+            400,
+            "invalid_json",
+        )
+        .await;
+        check(
+            post("/streams/a-1", Some("application/json"), br#"[{"type":"","data":{}}]"#.to_vec())
+                .await
+                .unwrap(),
             400,
             "invalid_input",
         )
         .await;
         let big = format!(r#"[{{"type":"X","data":"{}"}}]"#, "x".repeat(10_000));
-        check(post("/streams/a-1", Some("application/json"), big.into_bytes()).await.unwrap(), 413, "payload_too_large")
-            .await;
-        check(post("/streams/%24system", Some("application/json"), b"[{\"type\":\"X\"}]".to_vec()).await.unwrap(), 400, "invalid_input")
-            .await;
-        check(post("/streams/a%0Ab", Some("application/json"), b"[{\"type\":\"X\"}]".to_vec()).await.unwrap(), 400, "invalid_input")
-            .await;
-        check(post("/streams/a-1?expected=soon", Some("application/json"), b"[{\"type\":\"X\"}]".to_vec()).await.unwrap(), 400, "bad_request")
-            .await;
+        check(
+            post("/streams/a-1", Some("application/json"), big.into_bytes()).await.unwrap(),
+            413,
+            "payload_too_large",
+        )
+        .await;
+        check(
+            post("/streams/%24system", Some("application/json"), b"[{\"type\":\"X\"}]".to_vec())
+                .await
+                .unwrap(),
+            400,
+            "invalid_input",
+        )
+        .await;
+        check(
+            post("/streams/a%0Ab", Some("application/json"), b"[{\"type\":\"X\"}]".to_vec()).await.unwrap(),
+            400,
+            "invalid_input",
+        )
+        .await;
+        check(
+            post("/streams/a-1?expected=soon", Some("application/json"), b"[{\"type\":\"X\"}]".to_vec())
+                .await
+                .unwrap(),
+            400,
+            "bad_request",
+        )
+        .await;
         check(s.client.get(s.url("/no/such/route")).send().await.unwrap(), 404, "not_found").await;
         check(s.client.patch(s.url("/streams/a-1")).send().await.unwrap(), 405, "method_not_allowed").await;
         // A WebSocket route hit without an upgrade is still a JSON error.
@@ -385,19 +441,28 @@ async fn operations_endpoints() {
         assert_eq!(stats["streams"], 2);
         assert_eq!(stats["by_type"], json!({ "A": 2, "B": 1 }));
         let (_, list) = s.get("/streams").await;
-        assert_eq!(list["streams"][0], json!({ "stream": "ops-1", "events": 2, "last_version": 1, "last_position": 1 }));
+        assert_eq!(
+            list["streams"][0],
+            json!({ "stream": "ops-1", "events": 2, "last_version": 1, "last_position": 1 })
+        );
         let (_, list) = s.get("/streams?prefix=ops-2").await;
         assert_eq!(list["streams"].as_array().unwrap().len(), 1);
 
         assert_eq!(s.metric("annals_appended_events_total").await, 3.0);
         assert_eq!(s.metric("annals_appends_total").await, 2.0);
         let text = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
-        for name in ["annals_http_requests_total", "annals_append_duration_seconds_bucket", "annals_appended_bytes_total"] {
+        for name in [
+            "annals_http_requests_total",
+            "annals_append_duration_seconds_bucket",
+            "annals_appended_bytes_total",
+        ] {
             assert!(text.contains(name), "missing {name}");
         }
         let (status, api) = s.get("/openapi.json").await;
         assert_eq!(status, 200);
-        for path in ["/streams/{stream}", "/all", "/transactions", "/all/live", "/ws", "/streams/{stream}/snapshot"] {
+        for path in
+            ["/streams/{stream}", "/all", "/transactions", "/all/live", "/ws", "/streams/{stream}/snapshot"]
+        {
             assert!(api["paths"].get(path).is_some(), "openapi lacks {path}");
         }
         s.stop().await;
@@ -440,7 +505,12 @@ async fn graceful_shutdown_completes_in_flight_appends() {
                 let client = client.clone();
                 let url = url.clone();
                 tokio::spawn(async move {
-                    client.post(url).json(&json!([event("E", json!({ "i": i }))])).send().await.map(|r| r.status().as_u16())
+                    client
+                        .post(url)
+                        .json(&json!([event("E", json!({ "i": i }))]))
+                        .send()
+                        .await
+                        .map(|r| r.status().as_u16())
                 })
             })
             .collect();

@@ -71,7 +71,11 @@ async fn concurrent_appends(s: &TestServer, prefix: &str, writers: usize, per_wr
             let url = s.url(&format!("/streams/{prefix}-{w}"));
             tokio::spawn(async move {
                 for i in 0..per_writer {
-                    let resp = client.post(&url).json(&json!([event("Tick", json!({ "w": w, "i": i }))])).send().await;
+                    let resp = client
+                        .post(&url)
+                        .json(&json!([event("Tick", json!({ "w": w, "i": i }))]))
+                        .send()
+                        .await;
                     assert_eq!(resp.unwrap().status(), 201);
                 }
             })
@@ -110,7 +114,9 @@ async fn sse_all_delivers_everything_in_order_under_concurrent_appends() {
         let events: Vec<Value> = records.iter().map(|r| serde_json::from_str(&r.2).unwrap()).collect();
         assert_complete_in_order(&events, total);
         // SSE ids are positions for $all.
-        assert!(records.iter().zip(&events).all(|(r, e)| r.1.as_deref() == Some(&e["position"].to_string()[..])));
+        assert!(
+            records.iter().zip(&events).all(|(r, e)| r.1.as_deref() == Some(&e["position"].to_string()[..]))
+        );
         s.stop().await;
     })
     .await;
@@ -130,7 +136,8 @@ async fn sse_stream_from_and_last_event_id() {
         assert_eq!(ids, vec!["3", "4"]);
 
         // Last-Event-ID resumes strictly after that version.
-        let resp = s.client.get(s.url("/streams/feed-1/live")).header("Last-Event-ID", "1").send().await.unwrap();
+        let resp =
+            s.client.get(s.url("/streams/feed-1/live")).header("Last-Event-ID", "1").send().await.unwrap();
         let reader = tokio::spawn(read_sse(resp, |all| all.len() >= 4));
         s.append("feed-1", "any", json!([event("N", json!({ "i": 5 }))])).await;
         let ids: Vec<_> = reader.await.unwrap().iter().map(|r| r.1.clone().unwrap()).collect();
@@ -152,7 +159,9 @@ async fn sse_stream_from_and_last_event_id() {
     .await;
 }
 
-async fn ws_connect(s: &TestServer) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>> {
+async fn ws_connect(
+    s: &TestServer,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>> {
     let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", s.addr)).await.expect("ws connect");
     ws
 }
@@ -176,19 +185,25 @@ async fn websocket_all_and_stream_under_concurrent_appends() {
         let s = start(open_config()).await;
         concurrent_appends(&s, "pre", 1, 5).await;
         let mut all = ws_connect(&s).await;
-        all.send(Message::Text(json!({ "type": "subscribe", "stream": "$all", "from": "start" }).to_string().into()))
-            .await
-            .unwrap();
+        all.send(Message::Text(
+            json!({ "type": "subscribe", "stream": "$all", "from": "start" }).to_string().into(),
+        ))
+        .await
+        .unwrap();
         assert_eq!(ws_next_json(&mut all).await.unwrap()["type"], "subscribed");
         let mut one = ws_connect(&s).await;
-        one.send(Message::Text(json!({ "type": "subscribe", "stream": "ws-2", "from": 0 }).to_string().into()))
-            .await
-            .unwrap();
+        one.send(Message::Text(
+            json!({ "type": "subscribe", "stream": "ws-2", "from": 0 }).to_string().into(),
+        ))
+        .await
+        .unwrap();
         assert_eq!(ws_next_json(&mut one).await.unwrap()["type"], "subscribed");
         let mut filtered = ws_connect(&s).await;
         filtered
             .send(Message::Text(
-                json!({ "type": "subscribe", "stream": "$all", "filter": { "stream_prefix": "ws-1" } }).to_string().into(),
+                json!({ "type": "subscribe", "stream": "$all", "filter": { "stream_prefix": "ws-1" } })
+                    .to_string()
+                    .into(),
             ))
             .await
             .unwrap();
@@ -275,7 +290,8 @@ fn slow_config() -> annals_server::ServerConfig {
 async fn flood(s: &TestServer, stream: &str) {
     let payload = "y".repeat(16 * 1024);
     for batch in 0..15 {
-        let events: Vec<Value> = (0..20).map(|i| event("Big", json!({ "b": batch, "i": i, "p": payload }))).collect();
+        let events: Vec<Value> =
+            (0..20).map(|i| event("Big", json!({ "b": batch, "i": i, "p": payload }))).collect();
         let resp = s.client.post(s.url(&format!("/streams/{stream}"))).json(&events).send().await.unwrap();
         assert_eq!(resp.status(), 201, "writers are never blocked by a slow reader");
     }
@@ -317,7 +333,11 @@ async fn slow_sse_client_is_told_and_disconnected() {
         let ids: Vec<u64> = events.iter().map(|r| r.1.as_deref().unwrap().parse().unwrap()).collect();
         assert!(!ids.is_empty());
         assert_eq!(ids, (0..ids.len() as u64).collect::<Vec<_>>(), "nothing skipped before the notice");
-        assert_eq!(notice["last_position"], *ids.last().unwrap(), "the notice names the last delivered position");
+        assert_eq!(
+            notice["last_position"],
+            *ids.last().unwrap(),
+            "the notice names the last delivered position"
+        );
         assert!(ids.len() < 300, "the client was cut off, not served everything");
         s.stop().await;
     })
@@ -332,7 +352,9 @@ async fn slow_websocket_client_is_told_and_disconnected() {
         socket.set_recv_buffer_size(4096).unwrap();
         let tcp = socket.connect(s.addr).await.unwrap();
         let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{}/ws", s.addr), tcp).await.unwrap();
-        ws.send(Message::Text(json!({ "type": "subscribe", "stream": "$all" }).to_string().into())).await.unwrap();
+        ws.send(Message::Text(json!({ "type": "subscribe", "stream": "$all" }).to_string().into()))
+            .await
+            .unwrap();
         assert_eq!(ws_next_json(&mut ws).await.unwrap()["type"], "subscribed");
 
         flood(&s, "flood-2").await;
@@ -365,7 +387,9 @@ async fn live_clients_are_told_about_shutdown() {
         let resp = s.client.get(s.url("/all/live")).send().await.unwrap();
         let reader = tokio::spawn(read_sse(resp, |_| false));
         let mut ws = ws_connect(&s).await;
-        ws.send(Message::Text(json!({ "type": "subscribe", "stream": "bye-1" }).to_string().into())).await.unwrap();
+        ws.send(Message::Text(json!({ "type": "subscribe", "stream": "bye-1" }).to_string().into()))
+            .await
+            .unwrap();
         assert_eq!(ws_next_json(&mut ws).await.unwrap()["type"], "subscribed");
         assert_eq!(ws_next_json(&mut ws).await.unwrap()["type"], "event");
         // Wait until both subscriptions are counted before shutting down.

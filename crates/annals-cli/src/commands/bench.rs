@@ -83,7 +83,7 @@ fn summary(lat_us: &mut [u64]) -> Value {
 
 /// Runs the benchmark.
 pub async fn run(args: BenchArgs, c: &ClientArgs) -> Result<(), CliError> {
-    if args.concurrency == 0 || args.batch == 0 || !(args.duration > 0.0) {
+    if args.concurrency == 0 || args.batch == 0 || args.duration.is_nan() || args.duration <= 0.0 {
         return Err(CliError::Usage("--concurrency, --batch and --duration must be positive".into()));
     }
     let client = Client::new(c)?;
@@ -213,7 +213,9 @@ pub async fn run(args: BenchArgs, c: &ClientArgs) -> Result<(), CliError> {
             for (k, v) in obj {
                 let text = match v {
                     Value::Number(n) if n.is_f64() => format!("{:.2}", n.as_f64().unwrap_or(0.0)),
-                    Value::Object(o) => o.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "),
+                    Value::Object(o) => {
+                        o.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+                    }
                     other => other.to_string(),
                 };
                 t.add_row(vec![k.clone(), text]);

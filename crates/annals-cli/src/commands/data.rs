@@ -108,15 +108,16 @@ pub async fn append(args: AppendArgs, c: &ClientArgs) -> Result<(), CliError> {
     let events: Value = match &args.event_type {
         Some(t) => {
             let data: Value = match &args.data {
-                Some(d) => serde_json::from_str(d).map_err(|e| CliError::Usage(format!("--data is not JSON: {e}")))?,
+                Some(d) => serde_json::from_str(d)
+                    .map_err(|e| CliError::Usage(format!("--data is not JSON: {e}")))?,
                 None => json!({}),
             };
             json!([{ "type": t, "data": data }])
         }
         None => {
             let text = read_input(args.events.as_deref())?;
-            let v: Value =
-                serde_json::from_str(&text).map_err(|e| CliError::Usage(format!("events are not valid JSON: {e}")))?;
+            let v: Value = serde_json::from_str(&text)
+                .map_err(|e| CliError::Usage(format!("events are not valid JSON: {e}")))?;
             if v.is_object() { Value::Array(vec![v]) } else { v }
         }
     };
@@ -217,7 +218,10 @@ pub async fn tail(args: TailArgs, c: &ClientArgs) -> Result<(), CliError> {
                             );
                         }
                         if let Some(id) = &ev.id {
-                            from = id.parse::<u64>().map(|n| (n + 1).to_string()).unwrap_or_else(|_| from.clone());
+                            from = id
+                                .parse::<u64>()
+                                .map(|n| (n + 1).to_string())
+                                .unwrap_or_else(|_| from.clone());
                         }
                         seen += 1;
                         if args.count.is_some_and(|n| seen >= n) {
@@ -272,7 +276,11 @@ pub async fn streams(args: StreamsArgs, c: &ClientArgs) -> Result<(), CliError> 
         ]);
     }
     println!("{t}");
-    println!("{} stream(s){}", list.len(), if v["complete"] == json!(false) { " (scan limit reached)" } else { "" });
+    println!(
+        "{} stream(s){}",
+        list.len(),
+        if v["complete"] == json!(false) { " (scan limit reached)" } else { "" }
+    );
     Ok(())
 }
 

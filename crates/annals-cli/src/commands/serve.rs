@@ -90,11 +90,9 @@ pub fn load_config(args: &ServeArgs) -> Result<ServerConfig, CliError> {
         }
         figment = figment.merge(Toml::file(path));
     }
-    figment = figment.merge(
-        Env::prefixed("ANNALS_")
-            .split("__")
-            .filter(|k| TOP_LEVEL_KEYS.iter().any(|t| k.as_str() == *t || k.as_str().starts_with(&format!("{t}.")))),
-    );
+    figment = figment.merge(Env::prefixed("ANNALS_").split("__").filter(|k| {
+        TOP_LEVEL_KEYS.iter().any(|t| k.as_str() == *t || k.as_str().starts_with(&format!("{t}.")))
+    }));
     let mut config: ServerConfig =
         figment.extract().map_err(|e| CliError::Usage(format!("invalid configuration: {e}")))?;
     apply_flags(&mut config, args)?;
@@ -147,8 +145,9 @@ fn apply_flags(config: &mut ServerConfig, args: &ServeArgs) -> Result<(), CliErr
         let (Some(name), Some(role), Some(key)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(CliError::Usage(format!("--add-api-key expects NAME:ROLE:KEY, got '{spec}'")));
         };
-        let role = Role::parse(role)
-            .ok_or_else(|| CliError::Usage(format!("--add-api-key: role must be reader, writer or admin, got '{role}'")))?;
+        let role = Role::parse(role).ok_or_else(|| {
+            CliError::Usage(format!("--add-api-key: role must be reader, writer or admin, got '{role}'"))
+        })?;
         config.auth.api_keys.push(ApiKeyConfig { name: name.into(), key: key.into(), role, streams: None });
     }
     if let Some(r) = args.rate_limit {
@@ -167,7 +166,9 @@ fn apply_flags(config: &mut ServerConfig, args: &ServeArgs) -> Result<(), CliErr
         config.log.format = match f.as_str() {
             "pretty" => LogFormat::Pretty,
             "json" => LogFormat::Json,
-            other => return Err(CliError::Usage(format!("--log-format must be pretty or json, got '{other}'"))),
+            other => {
+                return Err(CliError::Usage(format!("--log-format must be pretty or json, got '{other}'")));
+            }
         };
     }
     if let Some(l) = &args.log_level {

@@ -170,9 +170,7 @@ pub async fn import(args: ImportArgs, c: &ClientArgs) -> Result<(), CliError> {
         _ => Box::new(BufReader::new(std::io::stdin())),
     };
     let total = match &args.input {
-        Some(p) if p.as_os_str() != "-" => {
-            BufReader::new(std::fs::File::open(p)?).lines().count() as u64
-        }
+        Some(p) if p.as_os_str() != "-" => BufReader::new(std::fs::File::open(p)?).lines().count() as u64,
         _ => 0,
     };
     let bar = progress(total, "importing");
@@ -196,9 +194,9 @@ pub async fn import(args: ImportArgs, c: &ClientArgs) -> Result<(), CliError> {
             "id": e["id"], "type": e["type"], "content_type": e["content_type"],
             "data": e["data"], "metadata": e["metadata"],
         });
-        let flush = pending
-            .as_ref()
-            .is_some_and(|p| p.stream != stream || p.events.len() >= args.batch || version != p.last_version + 1);
+        let flush = pending.as_ref().is_some_and(|p| {
+            p.stream != stream || p.events.len() >= args.batch || version != p.last_version + 1
+        });
         if flush && let Some(p) = pending.take() {
             let count = p.events.len() as u64;
             import_batch(&client, p, &mut started, &mut stats).await?;
@@ -258,7 +256,9 @@ async fn import_batch(
             Ok(())
         }
         Err(CliError::Api { status: 409, .. }) => {
-            let info = client.json(client.request(Method::GET, &format!("/streams/{}/info", enc(&p.stream)))).await?;
+            let info = client
+                .json(client.request(Method::GET, &format!("/streams/{}/info", enc(&p.stream))))
+                .await?;
             match info["last_version"].as_u64() {
                 Some(actual) if actual >= p.last_version => {
                     stats.1 += count;

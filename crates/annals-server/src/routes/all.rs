@@ -42,9 +42,15 @@ impl FilterQuery {
     /// Builds the core filter.
     pub fn to_filter(&self) -> Result<Filter, ApiError> {
         let list = |s: &Option<String>| -> Vec<String> {
-            s.iter().flat_map(|v| v.split(',')).map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned).collect()
+            s.iter()
+                .flat_map(|v| v.split(','))
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned)
+                .collect()
         };
-        let mut event_types: Vec<TypeMatch> = list(&self.event_type).into_iter().map(TypeMatch::Exact).collect();
+        let mut event_types: Vec<TypeMatch> =
+            list(&self.event_type).into_iter().map(TypeMatch::Exact).collect();
         event_types.extend(list(&self.type_prefix).into_iter().map(TypeMatch::Prefix));
         let time = |name: &str, v: &Option<String>| {
             v.as_deref()
@@ -72,7 +78,9 @@ impl FilterQuery {
         match self.include_system.as_deref() {
             None | Some("false" | "0" | "") => Ok(false),
             Some("true" | "1") => Ok(true),
-            Some(other) => Err(ApiError::bad_request(format!("`include_system` must be true or false, got '{other}'"))),
+            Some(other) => {
+                Err(ApiError::bad_request(format!("`include_system` must be true or false, got '{other}'")))
+            }
         }
     }
 

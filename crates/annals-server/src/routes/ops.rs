@@ -32,8 +32,12 @@ pub async fn live() -> Json<Value> {
 #[utoipa::path(get, path = "/health/ready", tag = "ops", responses((status = 200), (status = 503)))]
 pub async fn ready(State(state): State<AppState>) -> Response {
     if state.inner.shutdown.is_cancelled() {
-        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the server is shutting down")
-            .into_response();
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is shutting down",
+        )
+        .into_response();
     }
     match state.inner.store.next_position().await {
         Ok(head) => Json(json!({ "status": "ok", "head": head })).into_response(),
@@ -135,6 +139,10 @@ pub async fn load_checkpoint(
     validate_checkpoint_name(&name)?;
     match state.inner.store.load_checkpoint(&name).await? {
         Some(p) => Ok(Json(json!({ "name": name, "position": p }))),
-        None => Err(ApiError::new(StatusCode::NOT_FOUND, "checkpoint_not_found", format!("no checkpoint '{name}'"))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "checkpoint_not_found",
+            format!("no checkpoint '{name}'"),
+        )),
     }
 }

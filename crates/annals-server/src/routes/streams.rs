@@ -212,14 +212,17 @@ pub async fn read(
     let events = state.inner.store.read_stream(&stream, ReadStream { from, direction, limit }).await?;
     let next = match (direction, events.last()) {
         (Direction::Forward, Some(last)) if events.len() == limit => Some(last.version + 1),
-        (Direction::Backward, Some(last)) if events.len() == limit && last.version > 0 => Some(last.version - 1),
+        (Direction::Backward, Some(last)) if events.len() == limit && last.version > 0 => {
+            Some(last.version - 1)
+        }
         _ => None,
     };
     let dir = match direction {
         Direction::Forward => "forward",
         Direction::Backward => "backward",
     };
-    let link = next.map(|n| format!("/streams/{}?from={n}&direction={dir}&limit={limit}", enc(stream.as_str())));
+    let link =
+        next.map(|n| format!("/streams/{}?from={n}&direction={dir}&limit={limit}", enc(stream.as_str())));
     let events: Vec<EventOut> = events.iter().map(EventOut::from).collect();
     Ok(Json(json!({
         "stream": stream.as_str(),
@@ -284,7 +287,8 @@ pub async fn save_snapshot(
         created_at: Timestamp::now(),
     };
     state.inner.store.save_snapshot(snapshot).await?;
-    Ok((StatusCode::CREATED, Json(json!({ "stream": stream.as_str(), "version": body.version }))).into_response())
+    Ok((StatusCode::CREATED, Json(json!({ "stream": stream.as_str(), "version": body.version })))
+        .into_response())
 }
 
 /// Query of `GET /streams/{stream}/snapshot`.
@@ -316,7 +320,10 @@ pub async fn load_snapshot(
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "snapshot_not_found",
-            format!("no snapshot of '{stream}'{}", query.version.map(|v| format!(" at or before version {v}")).unwrap_or_default()),
+            format!(
+                "no snapshot of '{stream}'{}",
+                query.version.map(|v| format!(" at or before version {v}")).unwrap_or_default()
+            ),
         )),
     }
 }

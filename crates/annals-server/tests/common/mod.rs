@@ -83,13 +83,17 @@ impl TestServer {
             let _ = tx.send(());
         }
         if let Some(h) = self.handle.take() {
-            tokio::time::timeout(Duration::from_secs(30), h).await.expect("server stops in time").expect("join");
+            tokio::time::timeout(Duration::from_secs(30), h)
+                .await
+                .expect("server stops in time")
+                .expect("join");
         }
     }
 
     /// The value of a counter/gauge line in `/metrics` (0 when absent).
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = self.client.get(self.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+        let text =
+            self.client.get(self.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
         text.lines()
             .filter(|l| l.starts_with(name))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

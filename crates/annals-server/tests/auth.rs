@@ -1,0 +1,276 @@
+//! Authentication, authorization, ACLs, rate limiting and start-up safety.
+
+mod common;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use annals_server::{
+    Role, ServerConfig, ServerError,
+    config::{ApiKeyConfig, JwtConfig},
+};
+use common::{TestServer, event, start, within};
+use futures::{SinkExt, StreamExt};
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+const SECRET: &str = "test-secret-at-least-16-bytes";
+const PRIVATE_PEM: &str = include_str!("fixtures/rs256_test_private.pem");
+const PUBLIC_PEM: &str = include_str!("fixtures/rs256_test_public.pem");
+const READER_KEY: &str = "reader-key-0123456789";
+const BILLING_KEY: &str = "billing-writer-key-0123";
+const ADMIN_KEY: &str = "admin-key-0123456789ab";
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+fn hs256(claims: Value) -> String {
+    encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
+}
+
+fn rs256(claims: Value) -> String {
+    encode(
+        &Header::new(Algorithm::RS256),
+        &claims,
+        &EncodingKey::from_rsa_pem(PRIVATE_PEM.as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
+
+fn secured_config() -> ServerConfig {
+    let mut c = ServerConfig::default();
+    c.auth.jwt = Some(JwtConfig {
+        hs256_secret: Some(SECRET.into()),
+        rs256_public_key: Some(PUBLIC_PEM.into()),
+        ..JwtConfig::default()
+    });
+    c.auth.api_keys = vec![
+        ApiKeyConfig { name: "reporting".into(), key: READER_KEY.into(), role: Role::Reader, streams: None },
+        ApiKeyConfig {
+            name: "billing".into(),
+            key: BILLING_KEY.into(),
+            role: Role::Writer,
+            streams: Some(vec!["billing-".into()]),
+        },
+        ApiKeyConfig { name: "ops".into(), key: ADMIN_KEY.into(), role: Role::Admin, streams: None },
+    ];
+    c
+}
+
+async fn call(
+    s: &TestServer,
+    method: reqwest::Method,
+    path: &str,
+    auth: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = s.client.request(method, s.url(path));
+    if let Some(a) = auth {
+        req = req.header("authorization", a);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+fn one_event() -> Option<Value> {
+    Some(json!([event("E", json!({}))]))
+}
+
+#[tokio::test]
+async fn jwt_hs256_and_rs256() {
+    within(60, async {
+        let s = start(secured_config()).await;
+        use reqwest::Method as M;
+        // No credentials: 401 with a JSON body and a challenge.
+        let resp = s.client.get(s.url("/streams/a-1")).send().await.unwrap();
+        assert_eq!(resp.status(), 401);
+        assert_eq!(resp.headers()["www-authenticate"], "Bearer");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "unauthenticated");
+        // Probes stay public.
+        assert_eq!(s.get("/health/live").await.0, 200);
+        assert_eq!(s.get("/info").await.0, 200);
+
+        let writer =
+            format!("Bearer {}", hs256(json!({ "sub": "svc-a", "role": "writer", "exp": now() + 3600 })));
+        assert_eq!(call(&s, M::POST, "/streams/a-1", Some(&writer), one_event()).await.0, 201);
+        assert_eq!(call(&s, M::GET, "/streams/a-1", Some(&writer), None).await.0, 200);
+        // Writers may not delete.
+        let (status, v) = call(&s, M::DELETE, "/streams/a-1", Some(&writer), None).await;
+        assert_eq!(status, 403);
+        assert_eq!(v["error"]["code"], "forbidden");
+
+        let reader =
+            format!("Bearer {}", rs256(json!({ "sub": "dash", "roles": ["reader"], "exp": now() + 3600 })));
+        assert_eq!(call(&s, M::GET, "/streams/a-1", Some(&reader), None).await.0, 200);
+        assert_eq!(call(&s, M::POST, "/streams/a-1", Some(&reader), one_event()).await.0, 403);
+        let admin =
+            format!("Bearer {}", rs256(json!({ "sub": "root", "role": "admin", "exp": now() + 3600 })));
+        assert_eq!(call(&s, M::DELETE, "/streams/a-1", Some(&admin), None).await.0, 204);
+
+        // Expired, wrongly signed, tampered, role-less, or garbage tokens.
+        let expired =
+            format!("Bearer {}", hs256(json!({ "sub": "x", "role": "admin", "exp": now() - 3600 })));
+        let (status, v) = call(&s, M::GET, "/stats", Some(&expired), None).await;
+        assert_eq!(status, 401);
+        assert_eq!(v["error"]["code"], "invalid_token");
+        assert!(v["error"]["message"].as_str().unwrap().contains("expired"));
+        let wrong = encode(
+            &Header::new(Algorithm::HS256),
+            &json!({ "sub": "x", "role": "admin", "exp": now() + 60 }),
+            &EncodingKey::from_secret(b"another-secret-entirely"),
+        )
+        .unwrap();
+        assert_eq!(call(&s, M::GET, "/stats", Some(&format!("Bearer {wrong}")), None).await.0, 401);
+        let mut tampered = rs256(json!({ "sub": "x", "role": "reader", "exp": now() + 60 }));
+        tampered.pop();
+        tampered.push('A');
+        assert_eq!(call(&s, M::GET, "/stats", Some(&format!("Bearer {tampered}")), None).await.0, 401);
+        let roleless = format!("Bearer {}", hs256(json!({ "sub": "x", "exp": now() + 60 })));
+        assert_eq!(call(&s, M::GET, "/stats", Some(&roleless), None).await.0, 403);
+        assert_eq!(call(&s, M::GET, "/stats", Some("Bearer not.a.token"), None).await.0, 401);
+        assert_eq!(call(&s, M::GET, "/stats", Some("Basic dXNlcjpwYXNz"), None).await.0, 401);
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn api_keys_roles_and_prefix_acls() {
+    within(60, async {
+        let s = start(secured_config()).await;
+        use reqwest::Method as M;
+        let billing = format!("ApiKey {BILLING_KEY}");
+        let reader = format!("Bearer {READER_KEY}");
+        let admin = format!("ApiKey {ADMIN_KEY}");
+        assert_eq!(call(&s, M::POST, "/streams/billing-1", Some(&billing), one_event()).await.0, 201);
+        assert_eq!(call(&s, M::POST, "/streams/hr-1", Some(&admin), one_event()).await.0, 201);
+        // The billing key is confined to billing-* streams.
+        assert_eq!(call(&s, M::POST, "/streams/hr-1", Some(&billing), one_event()).await.0, 403);
+        assert_eq!(call(&s, M::GET, "/streams/hr-1", Some(&billing), None).await.0, 403);
+        assert_eq!(call(&s, M::GET, "/all", Some(&billing), None).await.0, 403);
+        let (status, v) = call(&s, M::GET, "/all?stream_prefix=billing-", Some(&billing), None).await;
+        assert_eq!(status, 200);
+        assert_eq!(v["events"].as_array().unwrap().len(), 1);
+        let (_, v) = call(&s, M::GET, "/streams", Some(&billing), None).await;
+        assert_eq!(v["streams"].as_array().unwrap().len(), 1);
+        let tx = json!({ "streams": [
+            { "stream": "billing-2", "events": [event("E", json!({}))] },
+            { "stream": "hr-2", "events": [event("E", json!({}))] },
+        ]});
+        assert_eq!(call(&s, M::POST, "/transactions", Some(&billing), Some(tx)).await.0, 403);
+        // The reader key reads everything, writes nothing.
+        assert_eq!(call(&s, M::GET, "/streams/hr-1", Some(&reader), None).await.0, 200);
+        assert_eq!(call(&s, M::POST, "/streams/billing-1", Some(&reader), one_event()).await.0, 403);
+        // System streams need admin even to read.
+        assert_eq!(call(&s, M::GET, "/all?include_system=true", Some(&reader), None).await.0, 403);
+        assert_eq!(call(&s, M::GET, "/all?include_system=true", Some(&admin), None).await.0, 200);
+        // X-API-Key and ?access_token= work too.
+        let resp = s.client.get(s.url("/stats")).header("x-api-key", READER_KEY).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(s.get(&format!("/stats?access_token={READER_KEY}")).await.0, 200);
+        assert_eq!(s.get("/stats?access_token=wrong-wrong-wrong").await.0, 401);
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn live_endpoints_are_authenticated() {
+    within(60, async {
+        let s = start(secured_config()).await;
+        assert_eq!(s.client.get(s.url("/all/live")).send().await.unwrap().status(), 401);
+        assert_eq!(s.client.get(s.url("/ws")).send().await.unwrap().status(), 401);
+        let resp = s
+            .client
+            .get(s.url("/streams/hr-1/live"))
+            .header("authorization", format!("ApiKey {BILLING_KEY}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 403);
+        let resp = s.client.get(s.url(&format!("/all/live?access_token={READER_KEY}"))).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+
+        // WebSocket without credentials is refused at the upgrade.
+        assert!(tokio_tungstenite::connect_async(format!("ws://{}/ws", s.addr)).await.is_err());
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async(format!("ws://{}/ws?access_token={BILLING_KEY}", s.addr))
+                .await
+                .unwrap();
+        ws.send(Message::Text(json!({ "type": "subscribe", "stream": "hr-1" }).to_string().into()))
+            .await
+            .unwrap();
+        let Some(Ok(Message::Text(t))) = ws.next().await else { panic!("expected a message") };
+        let m: Value = serde_json::from_str(t.as_str()).unwrap();
+        assert_eq!(m["type"], "error");
+        assert_eq!(m["error"]["code"], "forbidden");
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn rate_limit_answers_429_with_retry_after() {
+    within(60, async {
+        let mut config = secured_config();
+        config.rate_limit.requests_per_second = 0.5;
+        config.rate_limit.burst = 3;
+        let s = start(config).await;
+        let get = |key: &'static str| s.client.get(s.url("/stats")).header("x-api-key", key).send();
+        for _ in 0..3 {
+            assert_eq!(get(READER_KEY).await.unwrap().status(), 200);
+        }
+        let resp = get(READER_KEY).await.unwrap();
+        assert_eq!(resp.status(), 429);
+        let retry: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!(retry >= 1);
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "rate_limited");
+        // Buckets are per client: another identity is unaffected.
+        assert_eq!(get(ADMIN_KEY).await.unwrap().status(), 200);
+        assert!(s.state.metrics().rate_limited.get() >= 1);
+        s.stop().await;
+    })
+    .await;
+}
+
+#[test]
+fn configuration_errors_name_the_key() {
+    let mut c = ServerConfig::default();
+    c.auth.jwt = Some(JwtConfig { hs256_secret: Some("short".into()), ..JwtConfig::default() });
+    let err = c.validate().unwrap_err();
+    assert!(matches!(&err, ServerError::Config { key, .. } if key == "auth.jwt.hs256_secret"), "{err}");
+
+    let mut c = ServerConfig::default();
+    c.limits.default_read_limit = 0;
+    assert!(
+        matches!(c.validate(), Err(ServerError::Config { key, .. }) if key == "limits.default_read_limit")
+    );
+
+    let mut c = ServerConfig::default();
+    c.auth.jwt = Some(JwtConfig { rs256_public_key: Some("not a key".into()), ..JwtConfig::default() });
+    let store: std::sync::Arc<dyn annals_core::Store> = std::sync::Arc::new(annals_core::MemoryStore::new());
+    let err = annals_server::AppState::new(store, c).unwrap_err();
+    assert!(matches!(&err, ServerError::Config { key, .. } if key == "auth.jwt.rs256_public_key"), "{err}");
+}
+
+#[test]
+fn public_bind_without_auth_refuses_unless_insecure() {
+    let mut c = ServerConfig { listen: "0.0.0.0:2113".parse().unwrap(), ..ServerConfig::default() };
+    assert!(matches!(c.check_exposure(), Err(ServerError::Config { key, .. }) if key == "listen"));
+    c.insecure = true;
+    assert!(c.check_exposure().is_ok());
+    let mut c = secured_config();
+    c.listen = "0.0.0.0:2113".parse().unwrap();
+    assert!(c.check_exposure().is_ok());
+    c.auth.anonymous = Some(Role::Reader);
+    assert!(c.check_exposure().is_err());
+    // Loopback is always allowed.
+    assert!(ServerConfig::default().check_exposure().is_ok());
+}
