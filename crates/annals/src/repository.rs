@@ -50,7 +50,6 @@ impl<A> Loaded<A> {
 }
 
 /// The outcome of [`Repository::execute`].
-#[derive(Debug, Clone)]
 pub struct Executed<A: Aggregate> {
     /// The events the command produced (for a duplicate: the events the
     /// original execution produced, read back from the store).
@@ -63,6 +62,30 @@ pub struct Executed<A: Aggregate> {
     /// Whether this command id had already been executed, so nothing new
     /// was decided or written.
     pub duplicate: bool,
+}
+
+// Written by hand: a derive would demand `A: Clone + Debug` although only
+// events are held.
+impl<A: Aggregate> Clone for Executed<A> {
+    fn clone(&self) -> Self {
+        Executed {
+            events: self.events.clone(),
+            version: self.version,
+            position: self.position,
+            duplicate: self.duplicate,
+        }
+    }
+}
+
+impl<A: Aggregate> std::fmt::Debug for Executed<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executed")
+            .field("events", &self.events)
+            .field("version", &self.version)
+            .field("position", &self.position)
+            .field("duplicate", &self.duplicate)
+            .finish()
+    }
 }
 
 /// A decided command not yet written: for committing several aggregates in

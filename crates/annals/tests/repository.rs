@@ -333,3 +333,21 @@ async fn invalid_ids_and_foreign_events_are_typed_errors() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_type_name_with_a_dash_is_refused() {
+    #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+    struct Dashed;
+    impl annals::Aggregate for Dashed {
+        const TYPE: &'static str = "bank-account";
+        type Command = ();
+        type Event = CounterEvent;
+        type Error = CounterError;
+        fn handle(&self, _: &()) -> Result<Vec<CounterEvent>, CounterError> {
+            Ok(Vec::new())
+        }
+        fn apply(&mut self, _: &CounterEvent) {}
+    }
+    let repo = Repository::<Dashed>::new(Arc::new(MemoryStore::new()));
+    assert!(matches!(repo.load("1").await, Err(Error::InvalidId { .. })));
+}

@@ -191,9 +191,11 @@ impl Aggregate for Account {
 /// How a transfer ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transferred {
-    /// Version of the debited account after the transfer.
+    /// Version of the debited account after the transfer (for a
+    /// duplicate: its current version).
     pub from_version: Option<u64>,
-    /// Version of the credited account after the transfer.
+    /// Version of the credited account after the transfer (for a
+    /// duplicate: its current version).
     pub to_version: Option<u64>,
     /// Whether this transfer id had been committed before.
     pub duplicate: bool,
