@@ -31,7 +31,7 @@ pub mod bench;
 mod core;
 mod error;
 pub mod format;
-mod index;
+pub(crate) mod index;
 pub mod io;
 mod kv;
 mod recover;

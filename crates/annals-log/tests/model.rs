@@ -119,11 +119,11 @@ impl Run {
         (0..count)
             .map(|i| {
                 self.next_id += 1;
-                let ty = if (self.next_id + u128::from(i)) % 3 == 0 { "B" } else { "A" };
+                let ty = if (self.next_id + u128::from(i)).is_multiple_of(3) { "B" } else { "A" };
                 let mut e = EventData::json(ty, &serde_json::json!({ "n": self.next_id as u64 }))
                     .unwrap()
                     .with_id(Uuid::from_u128(self.next_id));
-                if self.next_id % 2 == 0 {
+                if self.next_id.is_multiple_of(2) {
                     e = e.with_metadata(
                         Metadata::new().with("correlation_id", format!("c-{}", self.next_id % 3)),
                     );

@@ -20,7 +20,7 @@ fn stream(name: &str) -> StreamName {
 
 fn event(n: u64) -> EventData {
     let e =
-        EventData::json(if n % 2 == 0 { "Even" } else { "Odd" }, &json!({ "n": n, "pad": "x".repeat(40) }))
+        EventData::json(if n.is_multiple_of(2) { "Even" } else { "Odd" }, &json!({ "n": n, "pad": "x".repeat(40) }))
             .unwrap();
     let m = e.metadata.with("correlation_id", format!("c-{}", n % 5));
     e.with_metadata(m)
