@@ -91,7 +91,9 @@ pub fn load_config(args: &ServeArgs) -> Result<ServerConfig, CliError> {
         figment = figment.merge(Toml::file(path));
     }
     figment = figment.merge(Env::prefixed("ANNALS_").split("__").filter(|k| {
-        TOP_LEVEL_KEYS.iter().any(|t| k.as_str() == *t || k.as_str().starts_with(&format!("{t}.")))
+        // Keys can reach the filter in their original (upper) case.
+        let k = k.as_str().to_ascii_lowercase();
+        TOP_LEVEL_KEYS.iter().any(|t| k == *t || k.starts_with(&format!("{t}.")))
     }));
     let mut config: ServerConfig =
         figment.extract().map_err(|e| CliError::Usage(format!("invalid configuration: {e}")))?;

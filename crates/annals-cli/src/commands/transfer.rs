@@ -179,7 +179,7 @@ pub async fn import(args: ImportArgs, c: &ClientArgs) -> Result<(), CliError> {
     }
     let mut stats = (0u64, 0u64); // (written, skipped)
     let mut pending: Option<Pending> = None;
-    let mut started: HashMap<String, bool> = HashMap::new();
+    let mut known: HashMap<String, Option<u64>> = HashMap::new();
     for (n, line) in reader.lines().enumerate() {
         let line = line?;
         if line.trim().is_empty() {
@@ -199,7 +199,7 @@ pub async fn import(args: ImportArgs, c: &ClientArgs) -> Result<(), CliError> {
         });
         if flush && let Some(p) = pending.take() {
             let count = p.events.len() as u64;
-            import_batch(&client, p, &mut started, &mut stats).await?;
+            import_batch(&client, p, &mut known, &mut stats).await?;
             bar.inc(count);
         }
         match &mut pending {
@@ -219,7 +219,7 @@ pub async fn import(args: ImportArgs, c: &ClientArgs) -> Result<(), CliError> {
     }
     if let Some(p) = pending.take() {
         let count = p.events.len() as u64;
-        import_batch(&client, p, &mut started, &mut stats).await?;
+        import_batch(&client, p, &mut known, &mut stats).await?;
         bar.inc(count);
     }
     bar.finish_and_clear();
@@ -232,55 +232,46 @@ pub async fn import(args: ImportArgs, c: &ClientArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Writes one batch expecting the stream to be exactly one version short
-/// of it. A conflict whose actual version already covers the batch means
-/// an earlier (interrupted) run wrote it: skip.
+/// Writes one batch. The target's last version of each stream is looked
+/// up once; events at or below it were written by an earlier (interrupted)
+/// run and are skipped, the rest is appended expecting exactly that
+/// version, so a re-run never duplicates. Assumes the target's versions
+/// match the export's (an import into an empty store, or a re-run of one).
 async fn import_batch(
     client: &Client,
     p: Pending,
-    started: &mut HashMap<String, bool>,
+    known: &mut HashMap<String, Option<u64>>,
     stats: &mut (u64, u64),
 ) -> Result<(), CliError> {
-    let expected = match p.first_version.checked_sub(1) {
-        None => "no_stream".to_owned(),
-        Some(v) => v.to_string(),
-    };
-    let count = p.events.len() as u64;
-    let body = Value::Array(p.events);
-    let path = |exp: &str| format!("/streams/{}?expected={}", enc(&p.stream), exp);
-    let result = client.send(client.request(Method::POST, &path(&expected)).json(&body)).await;
-    let first_time = !started.insert(p.stream.clone(), true).unwrap_or(false);
-    match result {
-        Ok(_) => {
-            stats.0 += count;
-            Ok(())
-        }
-        Err(CliError::Api { status: 409, .. }) => {
+    let last = match known.get(&p.stream) {
+        Some(v) => *v,
+        None => {
             let info = client
                 .json(client.request(Method::GET, &format!("/streams/{}/info", enc(&p.stream))))
                 .await?;
-            match info["last_version"].as_u64() {
-                Some(actual) if actual >= p.last_version => {
-                    stats.1 += count;
-                    Ok(())
-                }
-                None if first_time && p.first_version > 0 => {
-                    // The export began mid-stream (truncated or filtered
-                    // source): start the stream here.
-                    client.send(client.request(Method::POST, &path("no_stream")).json(&body)).await?;
-                    stats.0 += count;
-                    Ok(())
-                }
-                actual => Err(CliError::Api {
-                    status: 409,
-                    code: "wrong_expected_version".into(),
-                    message: format!(
-                        "stream '{}' is at version {actual:?} but the import expected {expected}; the target diverges from the export",
-                        p.stream
-                    ),
-                }),
-            }
+            info["last_version"].as_u64()
         }
-        Err(e) => Err(e),
+    };
+    let mut fresh = Vec::with_capacity(p.events.len());
+    for (version, e) in (p.first_version..).zip(p.events) {
+        if last.is_some_and(|l| version <= l) {
+            stats.1 += 1;
+        } else {
+            fresh.push(e);
+        }
     }
+    if fresh.is_empty() {
+        known.insert(p.stream, last);
+        return Ok(());
+    }
+    let expected = match last {
+        Some(v) => v.to_string(),
+        None => "no_stream".to_owned(),
+    };
+    let count = fresh.len() as u64;
+    let path = format!("/streams/{}?expected={expected}", enc(&p.stream));
+    let out = client.json(client.request(Method::POST, &path).json(&Value::Array(fresh))).await?;
+    stats.0 += count;
+    known.insert(p.stream, out["last_version"].as_u64());
+    Ok(())
 }

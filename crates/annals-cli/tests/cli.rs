@@ -1,0 +1,329 @@
+//! Runs the built `annals` binary against servers started in the test.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::{Command, Output, Stdio},
+    sync::Arc,
+    time::Duration,
+};
+
+use annals_server::{AppState, Role, ServerConfig, config::ApiKeyConfig};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_annals");
+
+/// Starts a server over a MemoryStore on its own runtime thread; returns
+/// its URL. The thread lives until the test process exits.
+fn server_with(config: ServerConfig) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(format!("http://{}", listener.local_addr().unwrap())).unwrap();
+            let store: Arc<dyn annals_core::Store> = Arc::new(annals_core::MemoryStore::new());
+            let state = AppState::with_backend(store, config, "memory").unwrap();
+            annals_server::run(listener, state, std::future::pending()).await.unwrap();
+        });
+    });
+    rx.recv_timeout(Duration::from_secs(30)).unwrap()
+}
+
+fn server() -> String {
+    let mut c = ServerConfig::default();
+    c.auth.anonymous = Some(Role::Admin);
+    server_with(c)
+}
+
+fn annals(url: &str, args: &[&str]) -> Output {
+    annals_stdin(url, args, None)
+}
+
+fn annals_stdin(url: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("ANNALS_URL", url)
+        .env_remove("ANNALS_TOKEN")
+        .env_remove("ANNALS_API_KEY")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    } else {
+        drop(child.stdin.take());
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn stdout_json(out: &Output) -> Value {
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn help_and_version() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["serve", "append", "read", "tail", "streams", "stats", "export", "import", "bench"] {
+        assert!(text.contains(cmd), "--help lacks {cmd}");
+    }
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("annals {}", env!("CARGO_PKG_VERSION")));
+    let out = Command::new(BIN).arg("frobnicate").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn append_read_and_exit_codes() {
+    let url = server();
+    let out = annals(
+        &url,
+        &[
+            "append",
+            "account-1",
+            "--expected",
+            "no_stream",
+            r#"[{"type":"Opened","data":{"owner":"Ada"}}]"#,
+            "--json",
+        ],
+    );
+    let v = stdout_json(&out);
+    assert_eq!(v["last_version"], 0);
+    // From stdin, one object.
+    let out = annals_stdin(
+        &url,
+        &["append", "account-1", "-e", "0"],
+        Some(r#"{"type":"Deposited","data":{"amount":5}}"#),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("last version 1"));
+    let out = annals(&url, &["append", "account-1", "--type", "Closed", "--data", "{}"]);
+    assert!(out.status.success());
+
+    let v = stdout_json(&annals(&url, &["read", "account-1", "--json"]));
+    let types: Vec<&str> =
+        v["events"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(types, vec!["Opened", "Deposited", "Closed"]);
+    let out = annals(&url, &["read", "account-1"]);
+    assert!(out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("Deposited") && table.contains("3 event(s)"), "{table}");
+    let v = stdout_json(&annals(&url, &["read", "$all", "--backward", "-n", "1", "--json"]));
+    assert_eq!(v["events"][0]["type"], "Closed");
+
+    // Conflict → 3, not found → 4, bad input → 2, unreachable → 6.
+    let out = annals(&url, &["append", "account-1", "-e", "no_stream", "--type", "X"]);
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong_expected_version"));
+    assert_eq!(annals(&url, &["read", "nothing-here"]).status.code(), Some(4));
+    assert_eq!(annals(&url, &["append", "a-1", "not json"]).status.code(), Some(2));
+    assert_eq!(annals("http://127.0.0.1:1", &["stats"]).status.code(), Some(6));
+}
+
+#[test]
+fn streams_stats_and_auth_failures() {
+    let url = server();
+    assert!(annals(&url, &["append", "s-1", "--type", "A"]).status.success());
+    assert!(annals(&url, &["append", "s-2", "--type", "B"]).status.success());
+    let v = stdout_json(&annals(&url, &["streams", "--json"]));
+    assert_eq!(v["streams"].as_array().unwrap().len(), 2);
+    let out = annals(&url, &["streams"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("s-2"));
+    let v = stdout_json(&annals(&url, &["stats", "--json"]));
+    assert_eq!(v["events"], 2);
+    assert!(annals(&url, &["stats"]).status.success());
+
+    let mut c = ServerConfig::default();
+    c.auth.api_keys = vec![ApiKeyConfig {
+        name: "r".into(),
+        key: "reader-key-0123456789".into(),
+        role: Role::Reader,
+        streams: None,
+    }];
+    let secured = server_with(c);
+    assert_eq!(annals(&secured, &["stats"]).status.code(), Some(5));
+    assert!(annals(&secured, &["stats", "--api-key", "reader-key-0123456789"]).status.success());
+    let out = annals(&secured, &["append", "x-1", "--type", "A", "--api-key", "reader-key-0123456789"]);
+    assert_eq!(out.status.code(), Some(5));
+}
+
+#[test]
+fn export_and_import_resume() {
+    let source = server();
+    for i in 0..5 {
+        let stream = format!("item-{}", i % 2);
+        assert!(
+            annals(&source, &["append", &stream, "--type", "Made", "--data", &format!(r#"{{"i":{i}}}"#)])
+                .status
+                .success()
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("events.jsonl");
+    let file_s = file.to_str().unwrap();
+    let out = annals(&source, &["export", "-o", file_s, "--json"]);
+    assert_eq!(stdout_json(&out)["exported"], 5);
+    assert_eq!(std::fs::read_to_string(&file).unwrap().lines().count(), 5);
+
+    // More events, then a resumed export appends only those.
+    assert!(annals(&source, &["append", "item-0", "--type", "Made"]).status.success());
+    let out = annals(&source, &["export", "-o", file_s, "--resume", "--json"]);
+    assert_eq!(stdout_json(&out)["exported"], 1);
+    let lines: Vec<Value> =
+        std::fs::read_to_string(&file).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let positions: Vec<u64> = lines.iter().map(|e| e["position"].as_u64().unwrap()).collect();
+    assert_eq!(positions, vec![0, 1, 2, 3, 4, 5]);
+
+    let target = server();
+    // An interrupted import: only the first three lines made it.
+    let partial = dir.path().join("partial.jsonl");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&partial, text.lines().take(3).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let v = stdout_json(&annals(&target, &["import", partial.to_str().unwrap(), "--json"]));
+    assert_eq!(v["written"], 3);
+    // Re-running the whole import skips what is there and writes the rest.
+    let v = stdout_json(&annals(&target, &["import", file_s, "--json", "--batch", "2"]));
+    assert_eq!(v["written"].as_u64().unwrap() + v["skipped"].as_u64().unwrap(), 6);
+    assert_eq!(v["skipped"], 3);
+    let v = stdout_json(&annals(&target, &["import", file_s, "--json"]));
+    assert_eq!(v, serde_json::json!({ "written": 0, "skipped": 6 }));
+    // Same ids, same per-stream order.
+    let src = stdout_json(&annals(&source, &["read", "item-0", "--json"]));
+    let dst = stdout_json(&annals(&target, &["read", "item-0", "--json"]));
+    let ids = |v: &Value| v["events"].as_array().unwrap().iter().map(|e| e["id"].clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&src), ids(&dst));
+}
+
+#[test]
+fn tail_follows_live_events() {
+    let url = server();
+    assert!(annals(&url, &["append", "t-1", "--type", "First"]).status.success());
+    let child = Command::new(BIN)
+        .args(["tail", "t-1", "--from", "start", "--count", "3", "--json"])
+        .env("ANNALS_URL", &url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(annals(&url, &["append", "t-1", "--type", "Second"]).status.success());
+    assert!(annals(&url, &["append", "t-1", "--type", "Third"]).status.success());
+    let out = wait_with_timeout(child, Duration::from_secs(30));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let types: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["type"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(types, vec!["First", "Second", "Third"]);
+}
+
+fn wait_with_timeout(mut child: std::process::Child, limit: Duration) -> Output {
+    let start = std::time::Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("child did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn bench_runs_append_and_fanout_modes() {
+    let url = server();
+    let v = stdout_json(&annals(
+        &url,
+        &["bench", "--duration", "1", "--concurrency", "2", "--batch", "3", "--json"],
+    ));
+    assert!(v["requests"].as_u64().unwrap() > 0);
+    assert_eq!(v["events"].as_u64().unwrap(), v["requests"].as_u64().unwrap() * 3);
+    assert!(v["append_latency"]["p99_ms"].as_f64().is_some());
+    let v = stdout_json(&annals(
+        &url,
+        &[
+            "bench",
+            "--mode",
+            "fanout",
+            "--subscribers",
+            "3",
+            "--concurrency",
+            "1",
+            "--duration",
+            "1",
+            "--json",
+        ],
+    ));
+    assert!(v["delivered"].as_u64().unwrap() > 0);
+    assert!(v["delivery_latency"]["p99_ms"].as_f64().is_some());
+    let out = annals(&url, &["bench", "--duration", "0.3", "--concurrency", "1"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("events_per_sec"));
+}
+
+#[test]
+fn serve_starts_and_validates_configuration() {
+    // The embedded log backend is not wired yet: --data without --memory fails clearly.
+    let out = Command::new(BIN).args(["serve", "--listen", "127.0.0.1:0"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not available yet"));
+    // A public address without auth refuses to start.
+    let out = Command::new(BIN).args(["serve", "--memory", "--listen", "0.0.0.0:0"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--insecure"));
+    // Config file errors name the key.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("annals.toml");
+    std::fs::write(&cfg, "[limits]\nmax_body_bytes = \"lots\"\n").unwrap();
+    let out =
+        Command::new(BIN).args(["serve", "--memory", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("max_body_bytes"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&cfg, "[rate_limit]\nrequests_per_second = 50\nburst = 10\n[live]\nbuffer_events = 0\n")
+        .unwrap();
+    let out =
+        Command::new(BIN).args(["serve", "--memory", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("live.buffer_events"));
+    // File + env + flags layer, flags last.
+    std::fs::write(&cfg, "listen = \"127.0.0.1:9999\"\n[rate_limit]\nrequests_per_second = 50\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--memory", "--config", cfg.to_str().unwrap(), "--rate-burst", "7", "--check-config"])
+        .env("ANNALS_RATE_LIMIT__REQUESTS_PER_SECOND", "60")
+        .env("ANNALS_URL", "http://ignored")
+        .output()
+        .unwrap();
+    let v = stdout_json(&out);
+    assert_eq!(v["listen"], "127.0.0.1:9999");
+    assert_eq!(v["rate_limit"]["requests_per_second"], 60.0);
+    assert_eq!(v["rate_limit"]["burst"], 7);
+    assert_eq!(v["auth"]["anonymous"], "admin", "loopback without credentials defaults to anonymous admin");
+
+    // A real in-memory server on a free port.
+    let mut child = Command::new(BIN)
+        .args(["serve", "--memory", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().to_owned();
+    let ok = annals(&url, &["append", "srv-1", "--type", "Hello"]).status.success();
+    let stats = annals(&url, &["stats", "--json"]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(ok);
+    assert_eq!(stdout_json(&stats)["events"], 1);
+}
