@@ -408,3 +408,44 @@ async fn live_clients_are_told_about_shutdown() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_client_that_never_reads_is_disconnected_after_the_grace_period() {
+    within(120, async {
+        let mut config = slow_config();
+        config.live.disconnect_grace_ms = 300;
+        let s = start_on(small_buffer_listener().await, config).await;
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut tcp = socket.connect(s.addr).await.unwrap();
+        tcp.write_all(b"GET /all/live?from=start HTTP/1.0\r\nHost: test\r\n\r\n").await.unwrap();
+        flood(&s, "stuck-1").await;
+        wait_for_slow_disconnect(&s).await;
+        // The subscription is released once the connection is dropped.
+        let mut released = false;
+        for _ in 0..200 {
+            if s.metric("annals_subscribers").await == 0.0 {
+                released = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(released, "the subscriber gauge returns to zero");
+        // Reading now drains what the kernel held and then hits the end:
+        // the server closed the connection instead of waiting forever.
+        let mut raw = Vec::new();
+        let _ = tcp.read_to_end(&mut raw).await;
+        let text = String::from_utf8_lossy(&raw);
+        let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+        let records = Sse::default().push(body.as_bytes());
+        let ids: Vec<u64> = records
+            .iter()
+            .filter(|r| r.0 == "event")
+            .map(|r| r.1.as_deref().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(ids, (0..ids.len() as u64).collect::<Vec<_>>(), "what arrived is a gapless prefix");
+        assert!(ids.len() < 300);
+        s.stop().await;
+    })
+    .await;
+}
