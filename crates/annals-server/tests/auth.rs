@@ -127,9 +127,12 @@ async fn jwt_hs256_and_rs256() {
         )
         .unwrap();
         assert_eq!(call(&s, M::GET, "/stats", Some(&format!("Bearer {wrong}")), None).await.0, 401);
-        let mut tampered = rs256(json!({ "sub": "x", "role": "reader", "exp": now() + 60 }));
-        tampered.pop();
-        tampered.push('A');
+        // Change one signature character in the middle (always a real
+        // change of signature bits, unlike the padding bits of the last).
+        let token = rs256(json!({ "sub": "x", "role": "reader", "exp": now() + 60 }));
+        let at = token.len() - 20;
+        let replacement = if &token[at..at + 1] == "A" { "B" } else { "A" };
+        let tampered = format!("{}{replacement}{}", &token[..at], &token[at + 1..]);
         assert_eq!(call(&s, M::GET, "/stats", Some(&format!("Bearer {tampered}")), None).await.0, 401);
         let roleless = format!("Bearer {}", hs256(json!({ "sub": "x", "exp": now() + 60 })));
         assert_eq!(call(&s, M::GET, "/stats", Some(&roleless), None).await.0, 403);
