@@ -18,6 +18,10 @@ pub struct ClientArgs {
     /// API key.
     #[arg(long, env = "ANNALS_API_KEY", global = true, hide_env_values = true)]
     pub api_key: Option<String>,
+    /// PEM file of a CA certificate to trust for https:// URLs (in addition
+    /// to the bundled web roots).
+    #[arg(long, env = "ANNALS_CA_CERT", global = true)]
+    pub ca_cert: Option<std::path::PathBuf>,
     /// Print JSON instead of tables (for scripts).
     #[arg(long, global = true)]
     pub json: bool,
@@ -38,17 +42,16 @@ impl Client {
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(CliError::Usage(format!("--url must start with http:// or https://, got '{base}'")));
         }
-        if base.starts_with("https://") {
-            return Err(CliError::Usage(
-                "this build of the CLI speaks plain HTTP only; use an http:// URL (TLS client support is not built in yet)"
-                    .into(),
-            ));
+        let mut builder = reqwest::Client::builder().pool_max_idle_per_host(256).tcp_nodelay(true);
+        if let Some(path) = &args.ca_cert {
+            let pem = std::fs::read(path)
+                .map_err(|e| CliError::Usage(format!("--ca-cert {}: {e}", path.display())))?;
+            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| {
+                CliError::Usage(format!("--ca-cert {}: not a PEM certificate: {e}", path.display()))
+            })?;
+            builder = builder.add_root_certificate(cert);
         }
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(256)
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| CliError::Other(e.to_string()))?;
+        let http = builder.build().map_err(|e| CliError::Other(e.to_string()))?;
         let auth = match (&args.token, &args.api_key) {
             (Some(t), _) => Some(format!("Bearer {t}")),
             (None, Some(k)) => Some(format!("ApiKey {k}")),

@@ -327,3 +327,20 @@ fn serve_starts_and_validates_configuration() {
     assert!(ok);
     assert_eq!(stdout_json(&stats)["events"], 1);
 }
+
+#[test]
+fn talks_https_with_a_trusted_ca() {
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../annals-server/tests/fixtures");
+    let mut c = ServerConfig::default();
+    c.auth.anonymous = Some(Role::Admin);
+    c.tls = Some(annals_server::config::TlsConfig {
+        cert: format!("{fixtures}/tls_test_cert.pem").into(),
+        key: format!("{fixtures}/tls_test_key.pem").into(),
+    });
+    let url = server_with(c).replace("http://", "https://");
+    let ca = format!("{fixtures}/tls_test_ca.pem");
+    let out = annals(&url, &["append", "tls-1", "--type", "Secure", "--ca-cert", &ca, "--json"]);
+    assert_eq!(stdout_json(&out)["position"], 0);
+    // Without trusting the CA the connection fails (unreachable → 6).
+    assert_eq!(annals(&url, &["stats"]).status.code(), Some(6));
+}
