@@ -46,9 +46,10 @@ use axum::{
 };
 use tokio_util::sync::CancellationToken;
 use tower_http::{
+    LatencyUnit,
     catch_panic::CatchPanicLayer,
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
-    trace::TraceLayer,
+    trace::{DefaultOnResponse, TraceLayer},
 };
 
 pub use auth::{Principal, Role};
@@ -183,17 +184,24 @@ pub fn app(state: AppState) -> Router {
             .into_response()
         }))
         .layer(PropagateRequestIdLayer::new(HeaderName::from_static("x-request-id")))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-            let header =
-                |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-            tracing::info_span!(
-                "request",
-                method = %req.method(),
-                uri = %req.uri().path(),
-                request_id = %header("x-request-id"),
-                correlation_id = %header("x-correlation-id"),
-            )
-        }))
+        .layer(
+            TraceLayer::new_for_http()
+                .on_response(
+                    DefaultOnResponse::new().level(tracing::Level::INFO).latency_unit(LatencyUnit::Micros),
+                )
+                .make_span_with(|req: &Request| {
+                    let header = |name: &str| {
+                        req.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned()
+                    };
+                    tracing::info_span!(
+                        "request",
+                        method = %req.method(),
+                        uri = %req.uri().path(),
+                        request_id = %header("x-request-id"),
+                        correlation_id = %header("x-correlation-id"),
+                    )
+                }),
+        )
         .layer(SetRequestIdLayer::new(HeaderName::from_static("x-request-id"), MakeRequestUuid))
         .with_state(state)
 }

@@ -262,7 +262,14 @@ fn sse(state: AppState, request: SubscriptionRequest, conn: Option<ConnCtl>) -> 
                 Item::Event(e) => {
                     b.last = Some((e.position, e.version));
                     let id = if b.is_all { e.position } else { e.version };
-                    let data = serde_json::to_string(&EventOut::from(&e)).unwrap_or_else(|_| "{}".into());
+                    let mut data = serde_json::to_string(&EventOut::from(&e)).unwrap_or_else(|_| "{}".into());
+                    // SSE cannot carry a carriage return (axum panics on
+                    // one). In valid JSON a raw CR is only ever whitespace
+                    // between tokens (inside strings it is escaped), so
+                    // dropping it keeps the document equal.
+                    if data.contains('\r') {
+                        data.retain(|c| c != '\r');
+                    }
                     Event::default().event("event").id(id.to_string()).data(data)
                 }
                 Item::End(n) => {

@@ -449,3 +449,32 @@ async fn sse_client_that_never_reads_is_disconnected_after_the_grace_period() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn json_with_carriage_returns_streams_over_sse() {
+    within(60, async {
+        let s = start(open_config()).await;
+        let body = "[{\"type\":\"Crlf\",\"data\":{\r\n\"a\":\r\n1}}]";
+        let resp = s
+            .client
+            .post(s.url("/streams/crlf-1"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+        let resp = s.client.get(s.url("/streams/crlf-1/live")).send().await.unwrap();
+        let mut stream = resp.bytes_stream();
+        let mut text = String::new();
+        while !text.contains("\n\n") {
+            text.push_str(&String::from_utf8_lossy(&stream.next().await.unwrap().unwrap()));
+        }
+        let data: String =
+            text.lines().filter_map(|l| l.strip_prefix("data: ")).collect::<Vec<_>>().join("\n");
+        let e: Value = serde_json::from_str(&data).unwrap();
+        assert_eq!(e["data"], json!({ "a": 1 }));
+        s.stop().await;
+    })
+    .await;
+}
