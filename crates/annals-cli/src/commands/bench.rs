@@ -90,7 +90,8 @@ pub async fn run(args: BenchArgs, c: &ClientArgs) -> Result<(), CliError> {
     client.json(client.request(Method::GET, "/health/ready")).await?;
     let run_id = uuid::Uuid::new_v4().simple().to_string();
     let prefix = format!("bench{}-", &run_id[..8]);
-    let duration = Duration::from_secs_f64(args.duration);
+    let duration = Duration::try_from_secs_f64(args.duration)
+        .map_err(|e| CliError::Usage(format!("--duration {}: {e}", args.duration)))?;
 
     // Fan-out subscribers connect before the load starts.
     let stop = Arc::new(AtomicBool::new(false));
