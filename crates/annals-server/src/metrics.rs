@@ -68,6 +68,10 @@ pub struct Metrics {
     pub rate_limited: Counter,
     /// Appends completed since start (for `/stats`).
     pub append_count: AtomicU64,
+    /// Set when the last append failed because the store could not write
+    /// (poisoned, closed, I/O, backend); cleared by the next successful
+    /// append. `/health/ready` reports not ready while it is set.
+    pub write_failed: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Metrics {
@@ -136,6 +140,7 @@ impl Metrics {
             slow_disconnects,
             rate_limited,
             append_count: AtomicU64::new(0),
+            write_failed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -155,6 +160,22 @@ impl Metrics {
         self.appended_events.inc_by(events);
         self.appended_bytes.inc_by(bytes);
         self.append_latency.observe(seconds);
+        self.write_failed.store(false, Ordering::Relaxed);
+    }
+
+    /// Records a failed append; store-side failures mark the store as not
+    /// writable for `/health/ready`.
+    pub fn record_append_error(&self, e: &annals_core::Error) {
+        use annals_core::Error as E;
+        match e {
+            E::WrongExpectedVersion { .. } => {
+                self.append_conflicts.inc();
+            }
+            E::Poisoned { .. } | E::Closed | E::Io(_) | E::Backend { .. } => {
+                self.write_failed.store(true, Ordering::Relaxed);
+            }
+            _ => {}
+        }
     }
 
     /// The gauge of one live transport.

@@ -27,8 +27,8 @@ pub async fn live() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// `GET /health/ready`: the store answers and the server is not shutting
-/// down.
+/// `GET /health/ready`: the store answers reads, its last append did not
+/// fail on the store side, and the server is not shutting down.
 #[utoipa::path(get, path = "/health/ready", tag = "ops", responses((status = 200), (status = 503)))]
 pub async fn ready(State(state): State<AppState>) -> Response {
     if state.inner.shutdown.is_cancelled() {
@@ -36,6 +36,14 @@ pub async fn ready(State(state): State<AppState>) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             "shutting_down",
             "the server is shutting down",
+        )
+        .into_response();
+    }
+    if state.inner.metrics.write_failed.load(Ordering::Relaxed) {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_not_writable",
+            "the last append failed in the store (poisoned, closed, I/O or backend error)",
         )
         .into_response();
     }

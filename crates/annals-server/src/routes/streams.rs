@@ -97,9 +97,7 @@ pub async fn append(
             Ok((StatusCode::CREATED, Json(AppendOut::new(stream.as_str(), r))).into_response())
         }
         Err(e) => {
-            if matches!(e, annals_core::Error::WrongExpectedVersion { .. }) {
-                metrics.append_conflicts.inc();
-            }
+            metrics.record_append_error(&e);
             Err(e.into())
         }
     }
@@ -160,9 +158,7 @@ pub async fn transaction(
             Ok((StatusCode::CREATED, Json(json!({ "results": results }))).into_response())
         }
         Err(e) => {
-            if matches!(e, annals_core::Error::WrongExpectedVersion { .. }) {
-                state.inner.metrics.append_conflicts.inc();
-            }
+            state.inner.metrics.record_append_error(&e);
             Err(e.into())
         }
     }

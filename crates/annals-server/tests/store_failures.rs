@@ -1,0 +1,141 @@
+//! Store failures map to the documented statuses, and readiness follows the
+//! store's ability to write.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
+use annals_core::{
+    AllReader, AllSlice, AppendResult, Appender, CheckpointStore, DeleteMode, Error, EventData, EventStream,
+    ExpectedVersion, MemoryStore, ReadAll, ReadStream, RecordedEvent, Result, Snapshot, SnapshotStore,
+    StreamAppend, StreamDeleter, StreamInfo, StreamName, StreamReader, Subscriber, SubscriptionRequest,
+    async_trait,
+};
+use annals_server::{AppState, Role, ServerConfig, app};
+use axum::{body::Body, http::Request};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tower::ServiceExt;
+
+/// A MemoryStore whose appends fail with `Poisoned` while `broken` is set.
+struct Flaky {
+    inner: MemoryStore,
+    broken: AtomicBool,
+}
+
+impl Flaky {
+    fn check(&self) -> Result<()> {
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(Error::Poisoned { reason: "fsync failed (test)".into() });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Appender for Flaky {
+    async fn append(&self, s: &StreamName, e: ExpectedVersion, ev: Vec<EventData>) -> Result<AppendResult> {
+        self.check()?;
+        self.inner.append(s, e, ev).await
+    }
+    async fn append_multi(&self, parts: Vec<StreamAppend>) -> Result<Vec<AppendResult>> {
+        self.check()?;
+        self.inner.append_multi(parts).await
+    }
+}
+
+#[async_trait]
+impl StreamReader for Flaky {
+    async fn read_stream(&self, s: &StreamName, r: ReadStream) -> Result<Vec<RecordedEvent>> {
+        self.inner.read_stream(s, r).await
+    }
+    async fn stream_info(&self, s: &StreamName) -> Result<StreamInfo> {
+        self.inner.stream_info(s).await
+    }
+}
+
+#[async_trait]
+impl AllReader for Flaky {
+    async fn read_all(&self, r: ReadAll) -> Result<AllSlice> {
+        self.inner.read_all(r).await
+    }
+    async fn next_position(&self) -> Result<u64> {
+        self.inner.next_position().await
+    }
+}
+
+impl Subscriber for Flaky {
+    fn subscribe(&self, r: SubscriptionRequest) -> EventStream {
+        self.inner.subscribe(r)
+    }
+}
+
+#[async_trait]
+impl StreamDeleter for Flaky {
+    async fn delete_stream(&self, s: &StreamName, e: ExpectedVersion, m: DeleteMode) -> Result<()> {
+        self.inner.delete_stream(s, e, m).await
+    }
+}
+
+#[async_trait]
+impl SnapshotStore for Flaky {
+    async fn save_snapshot(&self, s: Snapshot) -> Result<()> {
+        self.inner.save_snapshot(s).await
+    }
+    async fn load_snapshot(&self, s: &StreamName, v: Option<u64>) -> Result<Option<Snapshot>> {
+        self.inner.load_snapshot(s, v).await
+    }
+    async fn prune_snapshots(&self, s: &StreamName, k: usize) -> Result<usize> {
+        self.inner.prune_snapshots(s, k).await
+    }
+}
+
+#[async_trait]
+impl CheckpointStore for Flaky {
+    async fn load_checkpoint(&self, n: &str) -> Result<Option<u64>> {
+        self.inner.load_checkpoint(n).await
+    }
+    async fn save_checkpoint(&self, n: &str, p: u64) -> Result<()> {
+        self.inner.save_checkpoint(n, p).await
+    }
+}
+
+async fn call(router: &axum::Router, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_owned()))
+        .unwrap();
+    let resp = router.clone().oneshot(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn poisoned_store_answers_503_and_is_not_ready() {
+    let store = Arc::new(Flaky { inner: MemoryStore::new(), broken: AtomicBool::new(false) });
+    let mut config = ServerConfig::default();
+    config.auth.anonymous = Some(Role::Admin);
+    let router = app(AppState::new(store.clone(), config).unwrap());
+    let event = r#"[{"type":"E","data":{}}]"#;
+    assert_eq!(call(&router, "POST", "/streams/p-1", event).await.0, 201);
+    assert_eq!(call(&router, "GET", "/health/ready", "").await.0, 200);
+
+    store.broken.store(true, Ordering::SeqCst);
+    let (status, err) = call(&router, "POST", "/streams/p-1", event).await;
+    assert_eq!(status, 503);
+    assert_eq!(err["error"]["code"], "store_poisoned");
+    let (status, err) = call(&router, "GET", "/health/ready", "").await;
+    assert_eq!(status, 503);
+    assert_eq!(err["error"]["code"], "store_not_writable");
+    // Reads still work and liveness is unaffected.
+    assert_eq!(call(&router, "GET", "/streams/p-1", "").await.0, 200);
+    assert_eq!(call(&router, "GET", "/health/live", "").await.0, 200);
+
+    store.broken.store(false, Ordering::SeqCst);
+    assert_eq!(call(&router, "POST", "/streams/p-1", event).await.0, 201);
+    assert_eq!(call(&router, "GET", "/health/ready", "").await.0, 200);
+}
