@@ -172,11 +172,10 @@ pub(crate) fn scan(
                 Err(reason) => {
                     // A crash while creating a segment leaves a short or
                     // zero header; nothing in it was ever acknowledged.
+                    // Records are only written after the header is synced,
+                    // so a bad header followed by nothing but zeros is one.
                     let torn = is_last
-                        && seg > 0
-                        && (head.len() < SEGMENT_HEADER_LEN
-                            || cur.all_zero(0)?
-                            || head.iter().all(|&b| b == 0));
+                        && (head.len() < SEGMENT_HEADER_LEN || cur.all_zero(SEGMENT_HEADER_LEN as u64)?);
                     if torn && matches!(mode, Mode::Open { .. }) {
                         tracing::warn!(
                             segment = seg,
@@ -387,6 +386,9 @@ pub(crate) fn tail_matches(io: &dyn Io, dir: &Path, tail: &crate::index::LogTail
         return tail.next_position == 0;
     };
     let (seg, off) = unpack_loc(loc);
+    if !io.exists(&dir.join(segment_file_name(tail.segment))) {
+        return false;
+    }
     let Ok(file) = io.open(&dir.join(segment_file_name(seg)), false) else { return false };
     let mut head = [0u8; 4];
     if read_full(&*file, &mut head, off).ok() != Some(4) {
@@ -401,7 +403,11 @@ pub(crate) fn tail_matches(io: &dyn Io, dir: &Path, tail: &crate::index::LogTail
         return false;
     }
     let Ok(raw) = format::decode(&frame) else { return false };
-    raw.hash == tail.last_hash && seg == tail.segment && off + len as u64 == tail.end
+    // The tail is either just past that record, or at the start of the next
+    // segment when it was created before any record landed in it.
+    let at_end = (seg == tail.segment && off + len as u64 == tail.end)
+        || (tail.segment == seg + 1 && tail.end == SEGMENT_HEADER_LEN as u64);
+    raw.hash == tail.last_hash && at_end
 }
 
 /// Zero hash used before the first record.

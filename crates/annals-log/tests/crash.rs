@@ -102,16 +102,24 @@ fn crash_recovery() {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
+        let (first_tx, first_rx) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
             let mut lines = Vec::new();
+            let mut announced = false;
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
+                if !announced && line.starts_with("ACK ") {
+                    announced = true;
+                    let _ = first_tx.send(());
+                }
                 lines.push(line);
             }
             lines
         });
-        // Wait until the child is appending, then kill it at a random moment.
-        std::thread::sleep(Duration::from_millis(150 + next(&mut seed) % 400));
+        // Wait until the child is appending (however slow the machine), then
+        // kill it at a random moment.
+        let _ = first_rx.recv_timeout(Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(next(&mut seed) % 300));
         child.kill().unwrap(); // SIGKILL on Unix
         child.wait().unwrap();
         let lines = reader.join().unwrap();

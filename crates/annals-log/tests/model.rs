@@ -40,6 +40,7 @@ enum Op {
     ReadStream { stream: u8, backward: bool, from: Option<u8>, limit: u8 },
     ReadAll { backward: bool, from: Option<u8>, limit: u8, filter: u8 },
     Reopen,
+    Crash,
 }
 
 fn exp() -> impl Strategy<Value = Exp> {
@@ -57,6 +58,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (any::<bool>(), proptest::option::of(0u8..30), 0u8..12, 0u8..5)
             .prop_map(|(backward, from, limit, filter)| Op::ReadAll { backward, from, limit, filter }),
         1 => Just(Op::Reopen),
+        1 => Just(Op::Crash),
     ]
 }
 
@@ -201,6 +203,14 @@ impl Run {
             }
             Op::Reopen => {
                 self.log.take().unwrap().close().unwrap();
+                self.log = Some(Self::open(&self.io));
+            }
+            Op::Crash => {
+                // Only synced bytes survive; with Durability::Always that is
+                // everything acknowledged.
+                let crashed = self.io.crash();
+                drop(self.log.take());
+                self.io = crashed;
                 self.log = Some(Self::open(&self.io));
             }
         }

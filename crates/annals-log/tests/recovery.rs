@@ -19,9 +19,11 @@ fn stream(name: &str) -> StreamName {
 }
 
 fn event(n: u64) -> EventData {
-    let e =
-        EventData::json(if n.is_multiple_of(2) { "Even" } else { "Odd" }, &json!({ "n": n, "pad": "x".repeat(40) }))
-            .unwrap();
+    let e = EventData::json(
+        if n.is_multiple_of(2) { "Even" } else { "Odd" },
+        &json!({ "n": n, "pad": "x".repeat(40) }),
+    )
+    .unwrap();
     let m = e.metadata.with("correlation_id", format!("c-{}", n % 5));
     e.with_metadata(m)
 }
@@ -294,4 +296,38 @@ async fn snapshots_and_checkpoints_survive_reopen() {
     assert_eq!(store.load_snapshot(&s, None).await.unwrap().unwrap().version, 3);
     assert_eq!(store.load_snapshot(&s, Some(1)).await.unwrap(), None);
     assert_eq!(store.load_snapshot(&s, Some(2)).await.unwrap().unwrap().data.as_ref(), &[2u8; 10]);
+}
+
+#[tokio::test]
+async fn interrupted_segment_creation_is_removed_on_open() {
+    let io = FaultIo::new();
+    let dir = Path::new("/torn-segment");
+    let open = |io: &FaultIo| LogStore::builder(dir).io(Arc::new(io.clone())).segment_size(4096).open();
+    // A first open that died while creating segment 0.
+    io.write_file(&dir.join(format!("{:020}.seg", 0)), b"ANNALS".to_vec());
+    let store = open(&io).unwrap();
+    fill(&store, 30).await;
+    let segments = store.stats().segments;
+    store.close().unwrap();
+    drop(store);
+    // A later crash while creating the next segment: header cut short.
+    let next = dir.join(format!("{segments:020}.seg"));
+    io.write_file(&next, vec![0x41; 40]);
+    let store = open(&io).unwrap();
+    assert!(!io.read_file(&next).is_some_and(|b| b.len() == 40), "the half-created segment is gone");
+    assert_eq!(store.stats().next_position, 30);
+    fill(&store, 30).await;
+    store.close().unwrap();
+    drop(store);
+    assert!(annals_log::verify_with(&io, dir).unwrap().is_ok());
+    // A segment whose header is damaged but which holds records is not
+    // "half-created": that is corruption.
+    let first = dir.join(format!("{:020}.seg", 0));
+    let mut bytes = io.read_file(&first).unwrap();
+    bytes[3] ^= 0xff;
+    io.write_file(&first, bytes);
+    assert!(matches!(
+        LogStore::builder(dir).io(Arc::new(io.clone())).verify_on_open(true).open(),
+        Err(LogError::Corrupt { segment: 0, offset: 0, .. })
+    ));
 }
