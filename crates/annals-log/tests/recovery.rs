@@ -314,7 +314,7 @@ async fn interrupted_segment_creation_is_removed_on_open() {
     let next = dir.join(format!("{segments:020}.seg"));
     io.write_file(&next, vec![0x41; 40]);
     let store = open(&io).unwrap();
-    assert!(!io.read_file(&next).is_some_and(|b| b.len() == 40), "the half-created segment is gone");
+    assert!(io.read_file(&next).is_none(), "the half-created segment is gone");
     assert_eq!(store.stats().next_position, 30);
     fill(&store, 30).await;
     store.close().unwrap();
