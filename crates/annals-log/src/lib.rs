@@ -43,7 +43,9 @@ use std::time::Duration;
 
 pub use error::LogError;
 pub use recover::BadRecord;
-pub use store::{DEFAULT_SEGMENT_SIZE, LogStats, LogStore, LogStoreBuilder, MIN_SEGMENT_SIZE};
+pub use store::{
+    DEFAULT_CHECKPOINT_EVERY, DEFAULT_SEGMENT_SIZE, LogStats, LogStore, LogStoreBuilder, MIN_SEGMENT_SIZE,
+};
 pub use verify::{RebuildReport, VerifyReport, rebuild_indexes, rebuild_indexes_with, verify, verify_with};
 
 /// When an append is acknowledged relative to `fdatasync`.

@@ -31,6 +31,8 @@ use crate::{
 
 /// Default segment size: 256 MiB.
 pub const DEFAULT_SEGMENT_SIZE: u64 = 256 << 20;
+/// Default number of events between periodic index checkpoints.
+pub const DEFAULT_CHECKPOINT_EVERY: u64 = 5_000_000;
 /// Smallest accepted segment size.
 pub const MIN_SEGMENT_SIZE: u64 = 4096;
 
@@ -43,6 +45,7 @@ pub struct LogStoreBuilder {
     limits: Limits,
     repair: bool,
     verify_on_open: bool,
+    checkpoint_every: u64,
     io: Arc<dyn Io>,
 }
 
@@ -79,6 +82,14 @@ impl LogStoreBuilder {
     /// corruption anywhere before serving).
     pub fn verify_on_open(mut self, verify: bool) -> Self {
         self.verify_on_open = verify;
+        self
+    }
+
+    /// Writes the index checkpoint after every `events` new events (default
+    /// 5,000,000; 0 = only on clean close), bounding what a crash makes the
+    /// next open replay. Appends wait while it is written.
+    pub fn checkpoint_every(mut self, events: u64) -> Self {
+        self.checkpoint_every = events;
         self
     }
 
@@ -137,7 +148,11 @@ impl LogStoreBuilder {
         let (head_tx, head_rx) = watch::channel(next);
         let writer = Writer::new(
             core.clone(),
-            WriterConfig { durability: self.durability, segment_size: self.segment_size },
+            WriterConfig {
+                durability: self.durability,
+                segment_size: self.segment_size,
+                checkpoint_every: self.checkpoint_every,
+            },
             tail,
             active,
             filled,
@@ -287,6 +302,7 @@ impl LogStore {
             limits: Limits::default(),
             repair: false,
             verify_on_open: false,
+            checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
             io: Arc::new(RealIo),
         }
     }

@@ -107,3 +107,25 @@ pub fn rebuild_indexes_with(io: Arc<dyn Io>, dir: &Path) -> Result<RebuildReport
         events_per_second: if seconds > 0.0 { scan.events as f64 / seconds } else { 0.0 },
     })
 }
+
+impl std::fmt::Display for VerifyReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "segments: {}", self.segments)?;
+        writeln!(f, "records:  {} ({} events)", self.records, self.events)?;
+        writeln!(f, "streams:  {}", self.streams)?;
+        writeln!(f, "bytes:    {}", self.bytes)?;
+        writeln!(f, "head:     {}", self.head_hash)?;
+        match &self.first_bad {
+            None => write!(f, "result:   ok"),
+            Some(b) => write!(
+                f,
+                "result:   BAD at segment {}, offset {}, position {}: {}{}",
+                b.segment,
+                b.offset,
+                b.position,
+                b.reason,
+                if b.torn_tail { " (torn tail: opening the store would truncate it)" } else { "" }
+            ),
+        }
+    }
+}

@@ -123,6 +123,8 @@ struct Group {
 pub(crate) struct WriterConfig {
     pub durability: Durability,
     pub segment_size: u64,
+    /// Checkpoint the index after this many new events (0 = only on close).
+    pub checkpoint_every: u64,
 }
 
 /// The segment being appended to.
@@ -142,6 +144,7 @@ pub(crate) struct Writer {
     fill_step: u64,
     unsynced: bool,
     last_sync: Instant,
+    checkpointed_at: u64,
     _lock: Box<dyn Send + Sync>,
 }
 
@@ -165,6 +168,7 @@ impl Writer {
             fill_step: FILL_START,
             unsynced: false,
             last_sync: Instant::now(),
+            checkpointed_at: tail.next_position,
             _lock: lock,
         }
     }
@@ -207,6 +211,7 @@ impl Writer {
                 self.interval_sync();
             }
             self.prefill();
+            self.maybe_checkpoint();
         }
         self.shutdown()
     }
@@ -222,6 +227,39 @@ impl Writer {
         }
         let idx = self.core.index().map_err(|e| LogError::Poisoned { reason: e.to_string() })?;
         index::save(&*self.core.io, &self.core.dir, &idx)
+    }
+
+    /// Writes the index checkpoint every `checkpoint_every` events, so a
+    /// crash only costs replaying the log written since. It runs on the
+    /// writer thread (appends wait meanwhile) and only covers synced data.
+    fn maybe_checkpoint(&mut self) {
+        let every = self.cfg.checkpoint_every;
+        if every == 0
+            || self.tail.next_position - self.checkpointed_at < every
+            || self.core.poisoned().is_some()
+        {
+            return;
+        }
+        if self.unsynced {
+            if let Err(e) = self.active.file.sync_data() {
+                self.core.set_poisoned(format!("fdatasync before checkpoint failed: {e}"));
+                return;
+            }
+            self.unsynced = false;
+            self.last_sync = Instant::now();
+        }
+        let saved = match self.core.index() {
+            Ok(idx) => index::save(&*self.core.io, &self.core.dir, &idx),
+            Err(e) => Err(LogError::Poisoned { reason: e.to_string() }),
+        };
+        match saved {
+            Ok(()) => self.checkpointed_at = self.tail.next_position,
+            // The checkpoint is an optimisation: the log stays the truth.
+            Err(e) => {
+                tracing::warn!(error = %e, "annals-log: periodic index checkpoint failed");
+                self.checkpointed_at = self.tail.next_position;
+            }
+        }
     }
 
     fn interval_sync(&mut self) {

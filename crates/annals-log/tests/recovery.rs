@@ -331,3 +331,20 @@ async fn interrupted_segment_creation_is_removed_on_open() {
         Err(LogError::Corrupt { segment: 0, offset: 0, .. })
     ));
 }
+
+#[tokio::test]
+async fn periodic_checkpoints_bound_the_replay_after_a_crash() {
+    let io = FaultIo::new();
+    let dir = Path::new("/periodic");
+    let store = LogStore::builder(dir).io(Arc::new(io.clone())).checkpoint_every(50).open().unwrap();
+    fill(&store, 120).await;
+    // No clean close: only the periodic checkpoints exist.
+    let crashed = io.crash();
+    drop(store);
+    let store = LogStore::builder(dir).io(Arc::new(crashed)).open().unwrap();
+    let stats = store.stats();
+    assert!(stats.index_loaded);
+    assert!(stats.replayed_on_open < 50, "replayed {}", stats.replayed_on_open);
+    assert_eq!(stats.next_position, 120);
+    assert_eq!(store.read_all(ReadAll::forward(1000)).await.unwrap().events.len(), 120);
+}
