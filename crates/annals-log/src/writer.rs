@@ -175,6 +175,7 @@ impl Writer {
 
     /// Runs until every sender is gone, then syncs and checkpoints the index.
     pub(crate) fn run(mut self, rx: mpsc::Receiver<Request>) -> std::result::Result<(), LogError> {
+        let _guard = PanicGuard(self.core.clone());
         self.prefill();
         loop {
             let first = match (self.unsynced, self.cfg.durability) {
@@ -685,6 +686,18 @@ impl Writer {
             tracing::error!(
                 "annals-log: could not roll back a failed write; the next open will truncate or refuse"
             );
+        }
+    }
+}
+
+/// Poisons the store if the writer thread unwinds, so callers get
+/// `Poisoned` rather than a bare `Closed`.
+struct PanicGuard(Arc<Core>);
+
+impl Drop for PanicGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.set_poisoned("the writer thread panicked".into());
         }
     }
 }
