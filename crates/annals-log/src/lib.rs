@@ -30,6 +30,7 @@
 pub mod bench;
 mod core;
 mod error;
+mod fill;
 pub mod format;
 pub(crate) mod index;
 pub mod io;

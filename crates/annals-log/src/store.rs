@@ -46,6 +46,7 @@ pub struct LogStoreBuilder {
     repair: bool,
     verify_on_open: bool,
     checkpoint_every: u64,
+    background_fill: bool,
     io: Arc<dyn Io>,
 }
 
@@ -90,6 +91,14 @@ impl LogStoreBuilder {
     /// next open replay. Appends wait while it is written.
     pub fn checkpoint_every(mut self, events: u64) -> Self {
         self.checkpoint_every = events;
+        self
+    }
+
+    /// Zero-fill segments ahead of the write head on a helper thread
+    /// (default on): appends then overwrite allocated blocks and `fdatasync`
+    /// has no size change to flush. Off, segment files simply grow.
+    pub fn background_fill(mut self, on: bool) -> Self {
+        self.background_fill = on;
         self
     }
 
@@ -152,6 +161,7 @@ impl LogStoreBuilder {
                 durability: self.durability,
                 segment_size: self.segment_size,
                 checkpoint_every: self.checkpoint_every,
+                background_fill: self.background_fill,
             },
             tail,
             active,
@@ -303,6 +313,7 @@ impl LogStore {
             repair: false,
             verify_on_open: false,
             checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
+            background_fill: true,
             io: Arc::new(RealIo),
         }
     }

@@ -24,6 +24,7 @@ use crate::{
     Durability,
     core::{Core, segment_file_name},
     error::LogError,
+    fill::Filler,
     format::{
         self, EventFields, KIND_SOFT_DELETE, KIND_TOMBSTONE, MAX_OFFSET, MAX_SEGMENT, SEGMENT_HEADER_LEN,
         SegmentHeader, pack_loc,
@@ -34,10 +35,6 @@ use crate::{
 
 /// Most bytes one group gathers before it is written.
 const MAX_GROUP_BYTES: usize = 8 << 20;
-/// First zero-fill step ahead of the write head; doubles up to the maximum.
-const FILL_START: u64 = 1 << 20;
-const FILL_MAX: u64 = 64 << 20;
-static ZEROS: [u8; 1 << 16] = [0u8; 1 << 16];
 
 /// A request to the writer.
 pub(crate) enum Request {
@@ -125,13 +122,14 @@ pub(crate) struct WriterConfig {
     pub segment_size: u64,
     /// Checkpoint the index after this many new events (0 = only on close).
     pub checkpoint_every: u64,
+    /// Zero-fill segments ahead of the write head on a helper thread.
+    pub background_fill: bool,
 }
 
 /// The segment being appended to.
 struct Active {
     index: u64,
     file: Arc<dyn IoFile>,
-    filled: u64,
 }
 
 pub(crate) struct Writer {
@@ -141,7 +139,7 @@ pub(crate) struct Writer {
     tail: LogTail,
     head: watch::Sender<u64>,
     buf: Vec<u8>,
-    fill_step: u64,
+    filler: Filler,
     unsynced: bool,
     last_sync: Instant,
     checkpointed_at: u64,
@@ -154,18 +152,30 @@ impl Writer {
         cfg: WriterConfig,
         tail: LogTail,
         active_file: Arc<dyn IoFile>,
-        filled: u64,
+        file_len: u64,
         head: watch::Sender<u64>,
         lock: Box<dyn Send + Sync>,
     ) -> Self {
+        let filler = if cfg.background_fill {
+            Filler::start(
+                core.clone(),
+                tail.segment,
+                active_file.clone(),
+                file_len,
+                tail.end,
+                cfg.segment_size,
+            )
+        } else {
+            Filler::disabled()
+        };
         Writer {
             core,
             cfg,
-            active: Active { index: tail.segment, file: active_file, filled },
+            active: Active { index: tail.segment, file: active_file },
             tail,
             head,
             buf: Vec::new(),
-            fill_step: FILL_START,
+            filler,
             unsynced: false,
             last_sync: Instant::now(),
             checkpointed_at: tail.next_position,
@@ -176,7 +186,6 @@ impl Writer {
     /// Runs until every sender is gone, then syncs and checkpoints the index.
     pub(crate) fn run(mut self, rx: mpsc::Receiver<Request>) -> std::result::Result<(), LogError> {
         let _guard = PanicGuard(self.core.clone());
-        self.prefill();
         loop {
             let first = match (self.unsynced, self.cfg.durability) {
                 (true, Durability::Interval(d)) => {
@@ -211,13 +220,13 @@ impl Writer {
             if matches!(self.cfg.durability, Durability::Interval(_)) {
                 self.interval_sync();
             }
-            self.prefill();
             self.maybe_checkpoint();
         }
         self.shutdown()
     }
 
     fn shutdown(&mut self) -> std::result::Result<(), LogError> {
+        self.filler.stop();
         if let Some(reason) = self.core.poisoned() {
             // Do not checkpoint: what is on disk may differ from what was
             // acknowledged; the next open rescans the tail.
@@ -279,27 +288,6 @@ impl Writer {
             }
             Err(e) => self.core.set_poisoned(format!("periodic fdatasync failed: {e}")),
         }
-    }
-
-    /// Zero-fills the active segment ahead of the write head, so appends
-    /// overwrite allocated blocks and `fdatasync` has no size change to
-    /// flush (measurably faster than syncing a growing file).
-    fn prefill(&mut self) {
-        if self.core.poisoned().is_some() {
-            return;
-        }
-        let end = self.tail.end;
-        let limit = self.cfg.segment_size;
-        if self.active.filled >= limit || self.active.filled.saturating_sub(end) > self.fill_step / 2 {
-            return;
-        }
-        let target = (self.active.filled.max(end) + self.fill_step).min(limit);
-        if let Err(e) = fill_zeros(&*self.active.file, self.active.filled.max(end), target) {
-            self.core.set_poisoned(format!("zero-filling segment {} failed: {e}", self.active.index));
-            return;
-        }
-        self.active.filled = target;
-        self.fill_step = (self.fill_step * 2).min(FILL_MAX);
     }
 
     fn process(&mut self, batch: Vec<Request>) {
@@ -632,17 +620,16 @@ impl Writer {
                 let file = self.core.io.open(&path, true)?;
                 file.set_len(0)?;
                 file.write_at(&header.encode(), 0)?;
-                let target = (FILL_START).min(self.cfg.segment_size).max(SEGMENT_HEADER_LEN as u64);
-                fill_zeros(&*file, SEGMENT_HEADER_LEN as u64, target)?;
                 file.sync_all()?;
                 self.core.io.sync_dir(&self.core.dir)?;
                 self.core
                     .push_segment(file.clone())
                     .map_err(|e| LogError::Poisoned { reason: e.to_string() })?;
-                self.active = Active { index: chunk.segment, file, filled: target };
-                self.fill_step = FILL_START;
+                self.active = Active { index: chunk.segment, file };
             }
             if !chunk.buf.is_empty() {
+                let end = chunk.start + chunk.buf.len() as u64;
+                self.filler.reserve(chunk.segment, &self.active.file, chunk.start, end);
                 self.active.file.write_at(&chunk.buf, chunk.start)?;
             }
             if i + 1 == n {
@@ -660,6 +647,9 @@ impl Writer {
     /// Removes whatever a failed group left on disk beyond the last
     /// acknowledged record, so a later reopen cannot resurrect it.
     fn rollback(&mut self) {
+        // Poisoned already, so the filler stops; wait for it so it cannot
+        // extend the file again after the truncation below.
+        self.filler.stop();
         let published = self.tail;
         let mut ok = true;
         while self.active.index > published.segment {
@@ -667,7 +657,7 @@ impl Writer {
             ok &= self.core.io.remove(&path).is_ok();
             ok &= self.core.pop_segment().is_ok();
             match self.core.segment(published.segment) {
-                Ok(file) => self.active = Active { index: published.segment, file, filled: published.end },
+                Ok(file) => self.active = Active { index: published.segment, file },
                 Err(_) => {
                     ok = false;
                     break;
@@ -681,7 +671,6 @@ impl Writer {
         ok &= self.active.file.set_len(published.end).is_ok();
         ok &= self.active.file.sync_all().is_ok();
         ok &= self.core.io.sync_dir(&self.core.dir).is_ok();
-        self.active.filled = published.end;
         if !ok {
             tracing::error!(
                 "annals-log: could not roll back a failed write; the next open will truncate or refuse"
@@ -707,16 +696,6 @@ fn state_of(idx: &Index, group: &Group, stream: &StreamName) -> (StreamState, Uu
         return (p.state, p.last_id);
     }
     idx.streams.get(stream).map(|e| (e.state, e.last_id)).unwrap_or_default()
-}
-
-fn fill_zeros(file: &dyn IoFile, from: u64, to: u64) -> std::io::Result<()> {
-    let mut at = from;
-    while at < to {
-        let n = usize::try_from(to - at).unwrap_or(usize::MAX).min(ZEROS.len());
-        file.write_at(ZEROS.get(..n).unwrap_or_default(), at)?;
-        at += n as u64;
-    }
-    if to > from { file.sync_all() } else { Ok(()) }
 }
 
 /// The correlation id the index keys an event under: exactly what
