@@ -469,8 +469,10 @@ impl Writer {
                 AppendDecision::Write { first_version } => first_version,
             };
             let stream = part.stream;
-            let mut pending = match group.overlay.get(&stream) {
-                Some(p) => p.clone(),
+            // Taken out and put back, never cloned: a group may hold many
+            // appends to one stream.
+            let mut pending = match group.overlay.remove(&stream) {
+                Some(p) => p,
                 None => {
                     let (state, last_id) = state_of(idx, group, &stream);
                     Pending { state, last_id, positions: Vec::new() }
@@ -544,7 +546,7 @@ impl Writer {
         group.tail.last_record = Some(loc);
         group.tail.last_ts = ts;
         let mut pending =
-            group.overlay.get(&stream).cloned().unwrap_or(Pending { state, last_id, positions: Vec::new() });
+            group.overlay.remove(&stream).unwrap_or(Pending { state, last_id, positions: Vec::new() });
         if hard {
             pending.state.tombstoned = true;
         } else {
