@@ -11,7 +11,7 @@ use std::{
     borrow::Cow,
     collections::HashMap,
     sync::{Arc, mpsc},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use annals_core::{
@@ -186,9 +186,15 @@ impl Writer {
     /// Runs until every sender is gone, then syncs and checkpoints the index.
     pub(crate) fn run(mut self, rx: mpsc::Receiver<Request>) -> std::result::Result<(), LogError> {
         let _guard = PanicGuard(self.core.clone());
+        let mut just_worked = false;
         loop {
-            let first = match (self.unsynced, self.cfg.durability) {
-                (true, Durability::Interval(d)) => {
+            // A caller acknowledged a moment ago usually sends its next
+            // append within microseconds: catching it without sleeping saves
+            // a futex wake-up on the single-writer path.
+            let spun = if just_worked { spin_recv(&rx) } else { None };
+            let first = match (spun, self.unsynced, self.cfg.durability) {
+                (Some(r), _, _) => Some(r),
+                (None, true, Durability::Interval(d)) => {
                     let wait = d.saturating_sub(self.last_sync.elapsed());
                     match rx.recv_timeout(wait) {
                         Ok(r) => Some(r),
@@ -203,8 +209,10 @@ impl Writer {
             };
             let Some(first) = first else {
                 self.interval_sync();
+                just_worked = false;
                 continue;
             };
+            just_worked = true;
             let mut bytes = first.size();
             let mut batch = vec![first];
             while bytes < MAX_GROUP_BYTES {
@@ -677,6 +685,21 @@ impl Writer {
             tracing::error!(
                 "annals-log: could not roll back a failed write; the next open will truncate or refuse"
             );
+        }
+    }
+}
+
+/// How long the writer polls for the next request before sleeping.
+const SPIN: Duration = Duration::from_micros(50);
+
+fn spin_recv(rx: &mpsc::Receiver<Request>) -> Option<Request> {
+    let until = Instant::now() + SPIN;
+    loop {
+        match rx.try_recv() {
+            Ok(r) => return Some(r),
+            Err(mpsc::TryRecvError::Disconnected) => return None,
+            Err(mpsc::TryRecvError::Empty) if Instant::now() >= until => return None,
+            Err(mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
         }
     }
 }
