@@ -25,6 +25,18 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! ## Tools
+//!
+//! * [`verify`] walks every record (CRC, hash chain, headers, positions) and
+//!   returns a [`VerifyReport`] with counts and the first bad record.
+//! * [`rebuild_indexes`] rebuilds the index checkpoint of a closed store
+//!   from the log alone.
+//! * [`bench::run`] measures the figures of issue 3, each beside a baseline
+//!   taken in the same run (`cargo run --release -p annals-log --example
+//!   log_bench`).
+//! * [`io::FaultIo`] is an in-memory file system that fails a chosen write or
+//!   fsync and simulates crashes, for tests of this crate and its users.
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
 pub mod bench;

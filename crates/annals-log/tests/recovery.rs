@@ -348,3 +348,23 @@ async fn periodic_checkpoints_bound_the_replay_after_a_crash() {
     assert_eq!(stats.next_position, 120);
     assert_eq!(store.read_all(ReadAll::forward(1000)).await.unwrap().events.len(), 120);
 }
+
+#[tokio::test]
+async fn subscriptions_end_with_closed_when_the_store_closes() {
+    use annals_core::{SubscribeFrom, Subscriber, SubscriptionRequest};
+    use futures::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let store = LogStore::open(dir.path()).unwrap();
+    fill(&store, 3).await;
+    let mut sub = store.subscribe(SubscriptionRequest::all(Filter::all(), SubscribeFrom::Start));
+    for _ in 0..3 {
+        assert!(matches!(sub.next().await, Some(Ok(_))));
+    }
+    store.close().unwrap();
+    let end = tokio::time::timeout(std::time::Duration::from_secs(20), sub.next()).await.unwrap();
+    assert!(matches!(end, Some(Err(Error::Closed))), "{end:?}");
+    // The directory is free again although the subscription still exists.
+    drop(store);
+    LogStore::open(dir.path()).unwrap().close().unwrap();
+    drop(sub);
+}
