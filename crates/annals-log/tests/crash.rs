@@ -118,7 +118,12 @@ fn crash_recovery() {
         });
         // Wait until the child is appending (however slow the machine), then
         // kill it at a random moment.
-        let _ = first_rx.recv_timeout(Duration::from_secs(60));
+        let started = first_rx.recv_timeout(Duration::from_secs(60)).is_ok();
+        if started && round % 5 == 0 {
+            // Another process holds the directory: a clear, typed refusal.
+            let err = LogStore::builder(dir.path()).segment_size(SEGMENT).open().unwrap_err();
+            assert!(matches!(err, annals_log::LogError::Locked { .. }), "{err:?}");
+        }
         std::thread::sleep(Duration::from_millis(next(&mut seed) % 300));
         child.kill().unwrap(); // SIGKILL on Unix
         child.wait().unwrap();
