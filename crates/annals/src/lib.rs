@@ -47,6 +47,7 @@
 mod aggregate;
 mod codec;
 mod command;
+pub mod consumers;
 #[doc(hidden)]
 pub mod doc;
 mod error;

@@ -1,0 +1,522 @@
+//! Checkpointed projections: read models built from `$all`.
+//!
+//! # Delivery guarantee: at least once
+//! The runner hands events to the projection in batches, in position order,
+//! and commits the checkpoint (the position after the batch) through a
+//! [`ProjectionCheckpoint`] after each batch. A crash between the
+//! projection's writes and the checkpoint commit replays that batch on
+//! restart, so handlers must be idempotent: upsert by key, or remember the
+//! last applied position per row and ignore older ones. A backend that can
+//! commit the projection's writes and the checkpoint in one transaction
+//! (PostgreSQL) implements [`ProjectionCheckpoint::commit`] to do exactly
+//! that, which makes the projection exactly once.
+//!
+//! # Failures
+//! An event whose handler fails is retried with the runner's
+//! [`RetryPolicy`]; when the attempts are used up (or the failure is
+//! [`HandlerError::permanent`]) it is parked in `$dlq-projection-{name}`
+//! and the projection moves on. While retrying, the stuck event is visible
+//! in [`ProjectionStats::retrying`]; parked events count in
+//! [`ProjectionStats::parked`] and the `annals_projection_parked_total`
+//! counter, so a failing projection is never silently stalled.
+
+use std::sync::Arc;
+
+use annals_core::{
+    Direction, Filter, ReadAll, ReadFrom, RecordedEvent, Store, SubscribeFrom, SubscriptionRequest,
+};
+use async_trait::async_trait;
+use futures::{FutureExt, StreamExt};
+use tokio::sync::watch;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use super::{
+    ConsumerError, ConsumerResult, DeadLetterQueue, HandlerError, ParkedMessage, RESUBSCRIBE_DELAY,
+    RetryPolicy, validate_name,
+};
+
+/// A handler failed at one event of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchError {
+    /// Index in the batch of the event that failed; every event before it
+    /// was applied, it and those after were not.
+    pub failed_at: usize,
+    /// Why.
+    pub error: HandlerError,
+}
+
+/// A read model fed from `$all`.
+///
+/// The runner owns the projection; share the read model with readers
+/// through something the projection holds (an `Arc<RwLock<..>>`, a
+/// database pool).
+#[async_trait]
+pub trait Projection: Send + 'static {
+    /// Stable name (1–200 bytes): names the checkpoint and dead letters.
+    fn name(&self) -> &str;
+
+    /// Version of the projection's logic and schema. Bump it to rebuild
+    /// beside the old one (see [`blue_green_switch`]).
+    fn version(&self) -> u32 {
+        1
+    }
+
+    /// Which events it wants (default: every user event).
+    fn filter(&self) -> Filter {
+        Filter::all()
+    }
+
+    /// Applies one event. Must be idempotent (see the module docs).
+    async fn handle(&mut self, event: &RecordedEvent) -> Result<(), HandlerError>;
+
+    /// Applies a batch, in order. Override to write a batch at once; report
+    /// the first failing event in [`BatchError::failed_at`] (events before it
+    /// must be applied, it and later ones not). The default calls
+    /// [`Projection::handle`] for each event.
+    async fn handle_batch(&mut self, events: &[RecordedEvent]) -> Result<(), BatchError> {
+        for (index, event) in events.iter().enumerate() {
+            self.handle(event).await.map_err(|error| BatchError { failed_at: index, error })?;
+        }
+        Ok(())
+    }
+
+    /// Clears the read model before a rebuild.
+    async fn reset(&mut self) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+/// Where a projection's progress is kept. The runner calls `commit` after
+/// every batch, once the projection has handled it.
+///
+/// The default, [`CheckpointStoreCheckpoint`], uses the store's named
+/// checkpoints. A transactional backend implements this trait on a type
+/// that shares a transaction with the projection: the projection writes
+/// into the open transaction in `handle_batch`, and `commit` writes the
+/// checkpoint row into the same transaction and commits it.
+#[async_trait]
+pub trait ProjectionCheckpoint: Send + Sync + 'static {
+    /// The position of the first event not yet processed, if any was saved.
+    async fn load(&self, name: &str) -> annals_core::Result<Option<u64>>;
+
+    /// Records that every event before `next_position` is processed.
+    async fn commit(&self, name: &str, next_position: u64) -> annals_core::Result<()>;
+}
+
+/// [`ProjectionCheckpoint`] over the store's named checkpoints.
+pub struct CheckpointStoreCheckpoint(pub Arc<dyn Store>);
+
+#[async_trait]
+impl ProjectionCheckpoint for CheckpointStoreCheckpoint {
+    async fn load(&self, name: &str) -> annals_core::Result<Option<u64>> {
+        self.0.load_checkpoint(name).await
+    }
+
+    async fn commit(&self, name: &str, next_position: u64) -> annals_core::Result<()> {
+        self.0.save_checkpoint(name, next_position).await
+    }
+}
+
+/// A projection's progress, published after every batch.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProjectionStats {
+    /// The projection.
+    pub name: String,
+    /// Its version.
+    pub version: u32,
+    /// The committed checkpoint: the first position not yet processed.
+    pub checkpoint: Option<u64>,
+    /// Events handled (or parked) since this runner started.
+    pub processed: u64,
+    /// Events parked since this runner started.
+    pub parked: u64,
+    /// Positions behind the head of `$all` (counting events the filter
+    /// skips while catching up; 0 while following live and idle).
+    pub lag: u64,
+    /// Whether the runner has read up to the head at least once and now
+    /// follows live.
+    pub live: bool,
+    /// The event being retried now: (position, failed attempts, reason).
+    pub retrying: Option<(u64, u32, String)>,
+    /// Set when the runner stopped on an error it could not get past (the
+    /// store failed while committing); restart it.
+    pub stopped: Option<String>,
+}
+
+/// Configures and starts a projection.
+pub struct ProjectionRunner {
+    store: Arc<dyn Store>,
+    projection: Box<dyn Projection>,
+    checkpoint: Arc<dyn ProjectionCheckpoint>,
+    batch_size: usize,
+    retry: RetryPolicy,
+}
+
+/// The checkpoint name of a projection version.
+fn checkpoint_name(name: &str, version: u32) -> String {
+    format!("$projection-{name}-v{version}")
+}
+
+/// The checkpoint holding which version of a projection serves reads.
+fn active_name(name: &str) -> String {
+    format!("$projection-{name}-active")
+}
+
+/// Which version of the projection `name` serves reads (set by
+/// [`blue_green_switch`]); `None` before the first switch.
+pub async fn active_version(store: &dyn Store, name: &str) -> ConsumerResult<Option<u32>> {
+    Ok(store.load_checkpoint(&active_name(name)).await?.and_then(|v| u32::try_from(v).ok()))
+}
+
+impl ProjectionRunner {
+    /// A runner over `store` with default settings: batches of 500, the
+    /// default retry policy, checkpoints in the store.
+    pub fn new(store: Arc<dyn Store>, projection: impl Projection) -> Self {
+        Self::boxed(store, Box::new(projection))
+    }
+
+    /// [`ProjectionRunner::new`] for an already boxed projection.
+    pub fn boxed(store: Arc<dyn Store>, projection: Box<dyn Projection>) -> Self {
+        ProjectionRunner {
+            checkpoint: Arc::new(CheckpointStoreCheckpoint(store.clone())),
+            store,
+            projection,
+            batch_size: 500,
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    /// Events per batch (and per checkpoint commit); at least 1.
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.batch_size = n.max(1);
+        self
+    }
+
+    /// The retry policy for failing events.
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Where progress is kept (default: the store's checkpoints).
+    pub fn checkpoint(mut self, checkpoint: Arc<dyn ProjectionCheckpoint>) -> Self {
+        self.checkpoint = checkpoint;
+        self
+    }
+
+    /// The checkpoint name this runner uses.
+    pub fn checkpoint_name(&self) -> String {
+        checkpoint_name(self.projection.name(), self.projection.version())
+    }
+
+    /// Starts the runner task: it resumes from the checkpoint, catches up,
+    /// then follows live. Fails on an invalid projection name.
+    pub fn start(self) -> ConsumerResult<RunningProjection> {
+        let name = self.projection.name().to_owned();
+        let version = self.projection.version();
+        validate_name("projection", &name)?;
+        let dlq = DeadLetterQueue::new(self.store.clone(), &format!("projection-{name}"))?;
+        let (stats_tx, stats) =
+            watch::channel(ProjectionStats { name: name.clone(), version, ..ProjectionStats::default() });
+        let cancel = CancellationToken::new();
+        let config = Config {
+            store: self.store,
+            checkpoint: self.checkpoint,
+            batch_size: self.batch_size,
+            retry: self.retry,
+            name,
+            version,
+            dlq,
+        };
+        let task = tokio::spawn(run(config, self.projection, stats_tx, cancel.clone()));
+        Ok(RunningProjection { stats, task: Some(task), _guard: cancel.clone().drop_guard(), cancel })
+    }
+}
+
+/// A projection runner's task. Dropping it stops the task (an unfinished
+/// batch is handled again by the next start: at least once).
+pub struct RunningProjection {
+    stats: watch::Receiver<ProjectionStats>,
+    task: Option<tokio::task::JoinHandle<(ProjectionRunner, Option<String>)>>,
+    cancel: CancellationToken,
+    _guard: DropGuard,
+}
+
+impl RunningProjection {
+    /// The latest stats.
+    pub fn stats(&self) -> ProjectionStats {
+        self.stats.borrow().clone()
+    }
+
+    /// Waits until `condition` holds for the stats (checked after every
+    /// batch). Fails with [`ConsumerError::Stopped`] if the runner stops first.
+    pub async fn wait_for(
+        &self,
+        condition: impl Fn(&ProjectionStats) -> bool,
+    ) -> ConsumerResult<ProjectionStats> {
+        let mut rx = self.stats.clone();
+        let result = rx.wait_for(|s| condition(s) || s.stopped.is_some()).await.map(|s| s.clone());
+        match result {
+            Ok(stats) if stats.stopped.is_none() || condition(&stats) => Ok(stats),
+            _ => Err(ConsumerError::Stopped),
+        }
+    }
+
+    /// Waits until the checkpoint has passed `position`.
+    pub async fn wait_for_position(&self, position: u64) -> ConsumerResult<ProjectionStats> {
+        self.wait_for(|s| s.checkpoint.is_some_and(|c| c > position)).await
+    }
+
+    /// Waits until the runner has caught up with the head of `$all` as of
+    /// now.
+    pub async fn wait_until_caught_up(&self, store: &dyn Store) -> ConsumerResult<ProjectionStats> {
+        let head = store.next_position().await?;
+        self.wait_for(|s| s.live && s.checkpoint.unwrap_or(0) >= head).await
+    }
+
+    /// Stops the task and gives back the runner (with the projection) to
+    /// start again later.
+    pub async fn stop(mut self) -> ConsumerResult<ProjectionRunner> {
+        self.cancel.cancel();
+        let task = self.task.take().ok_or(ConsumerError::Stopped)?;
+        let (runner, _) = task.await.map_err(|_| ConsumerError::Stopped)?;
+        Ok(runner)
+    }
+
+    /// Rebuilds in place: stops, resets the read model and the checkpoint,
+    /// and replays everything. Readers see a partial model until it has
+    /// caught up; use [`blue_green_switch`] to avoid that.
+    pub async fn rebuild(self) -> ConsumerResult<RunningProjection> {
+        let mut runner = self.stop().await?;
+        runner.projection.reset().await.map_err(|e| ConsumerError::ResetFailed { reason: e.reason })?;
+        runner.checkpoint.commit(&runner.checkpoint_name(), 0).await?;
+        runner.start()
+    }
+}
+
+/// Blue/green rebuild: starts `next` (a new version of the projection
+/// behind `current`) beside it under its own checkpoint, waits until it has
+/// caught up, records it as the active version (see [`active_version`]),
+/// then stops the old runner. Readers keep using the old read model until
+/// the switch. Returns the new runner.
+pub async fn blue_green_switch(
+    store: Arc<dyn Store>,
+    current: RunningProjection,
+    next: ProjectionRunner,
+) -> ConsumerResult<RunningProjection> {
+    let old = current.stats();
+    let name = next.projection.name().to_owned();
+    if name != old.name || next.projection.version() == old.version {
+        return Err(ConsumerError::InvalidName {
+            reason: format!(
+                "blue/green needs the same projection name ('{}' vs '{name}') and a different version",
+                old.name
+            ),
+        });
+    }
+    let version = next.projection.version();
+    let running = next.start()?;
+    running.wait_until_caught_up(&*store).await?;
+    store.save_checkpoint(&active_name(&name), u64::from(version)).await?;
+    tracing::info!(projection = %name, from = old.version, to = version, "switched projection version");
+    let _ = current.stop().await;
+    Ok(running)
+}
+
+struct Config {
+    store: Arc<dyn Store>,
+    checkpoint: Arc<dyn ProjectionCheckpoint>,
+    batch_size: usize,
+    retry: RetryPolicy,
+    name: String,
+    version: u32,
+    dlq: DeadLetterQueue,
+}
+
+impl Config {
+    fn into_runner(self, projection: Box<dyn Projection>) -> ProjectionRunner {
+        ProjectionRunner {
+            store: self.store,
+            projection,
+            checkpoint: self.checkpoint,
+            batch_size: self.batch_size,
+            retry: self.retry,
+        }
+    }
+}
+
+async fn run(
+    config: Config,
+    mut projection: Box<dyn Projection>,
+    stats: watch::Sender<ProjectionStats>,
+    cancel: CancellationToken,
+) -> (ProjectionRunner, Option<String>) {
+    let outcome = tokio::select! {
+        biased;
+        () = cancel.cancelled() => None,
+        result = follow(&config, &mut *projection, &stats) => result.err().map(|e| e.to_string()),
+    };
+    if let Some(reason) = &outcome {
+        tracing::error!(projection = %config.name, %reason, "projection runner stopped");
+        stats.send_modify(|s| s.stopped = Some(reason.clone()));
+    }
+    (config.into_runner(projection), outcome)
+}
+
+/// Catch up with pages of `read_all`, then follow with a subscription.
+/// Pages give the exact scan position even when the filter skips events, so
+/// the checkpoint moves over skipped ranges too.
+async fn follow(
+    config: &Config,
+    projection: &mut dyn Projection,
+    stats: &watch::Sender<ProjectionStats>,
+) -> ConsumerResult<()> {
+    let checkpoint_name = checkpoint_name(&config.name, config.version);
+    let filter = projection.filter();
+    let mut next = config.checkpoint.load(&checkpoint_name).await?.unwrap_or(0);
+    stats.send_modify(|s| s.checkpoint = Some(next));
+    loop {
+        // Catch-up phase.
+        loop {
+            let slice = config
+                .store
+                .read_all(ReadAll {
+                    from: ReadFrom::At(next),
+                    direction: Direction::Forward,
+                    limit: config.batch_size,
+                    filter: filter.clone(),
+                })
+                .await?;
+            let scanned_to =
+                slice.next.unwrap_or(next).max(slice.events.last().map_or(0, |e| e.position + 1));
+            if slice.events.is_empty() && scanned_to <= next {
+                break;
+            }
+            process(config, projection, &slice.events, stats).await;
+            next = scanned_to.max(next);
+            commit(config, &checkpoint_name, next, stats, false).await?;
+            if slice.events.is_empty() {
+                break;
+            }
+        }
+        // Live phase: the subscription wakes on commits and never skips.
+        let from = if next == 0 { SubscribeFrom::Start } else { SubscribeFrom::After(next - 1) };
+        let mut live = config.store.subscribe(SubscriptionRequest::all(filter.clone(), from));
+        commit(config, &checkpoint_name, next, stats, true).await?;
+        loop {
+            let first = match live.next().await {
+                Some(Ok(event)) => event,
+                Some(Err(error)) => {
+                    tracing::warn!(projection = %config.name, %error, "subscription failed; catching up again");
+                    tokio::time::sleep(RESUBSCRIBE_DELAY).await;
+                    break;
+                }
+                None => break,
+            };
+            let mut batch = vec![first];
+            let mut failed = false;
+            while batch.len() < config.batch_size {
+                match live.next().now_or_never() {
+                    Some(Some(Ok(event))) => batch.push(event),
+                    Some(Some(Err(_)) | None) => {
+                        failed = true;
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            process(config, projection, &batch, stats).await;
+            next = batch.last().map_or(next, |e| e.position + 1);
+            commit(config, &checkpoint_name, next, stats, true).await?;
+            if failed {
+                break;
+            }
+        }
+    }
+}
+
+async fn commit(
+    config: &Config,
+    checkpoint_name: &str,
+    next: u64,
+    stats: &watch::Sender<ProjectionStats>,
+    live: bool,
+) -> ConsumerResult<()> {
+    config.checkpoint.commit(checkpoint_name, next).await?;
+    let head = config.store.next_position().await?;
+    // Following live, the subscription has scanned to the head when it has
+    // nothing ready; a filtered-out tail is not lag.
+    let lag = if live { 0 } else { head.saturating_sub(next) };
+    metrics::gauge!("annals_projection_lag", "projection" => config.name.clone()).set(lag as f64);
+    stats.send_modify(|s| {
+        s.checkpoint = Some(next);
+        s.lag = lag;
+        s.live = live;
+        s.retrying = None;
+    });
+    Ok(())
+}
+
+/// Handles a batch: the batch path first; a failing event is retried
+/// alone, then parked; the rest of the batch continues after it.
+async fn process(
+    config: &Config,
+    projection: &mut dyn Projection,
+    events: &[RecordedEvent],
+    stats: &watch::Sender<ProjectionStats>,
+) {
+    let mut start = 0;
+    while start < events.len() {
+        let Some(rest) = events.get(start..) else { break };
+        let Err(BatchError { failed_at, error }) = projection.handle_batch(rest).await else {
+            break;
+        };
+        let index = start + failed_at.min(rest.len().saturating_sub(1));
+        let Some(event) = events.get(index) else { break };
+        retry_or_park(config, projection, event, error, stats).await;
+        start = index + 1;
+    }
+    metrics::counter!("annals_projection_events_total", "projection" => config.name.clone())
+        .increment(events.len() as u64);
+    stats.send_modify(|s| s.processed += events.len() as u64);
+}
+
+async fn retry_or_park(
+    config: &Config,
+    projection: &mut dyn Projection,
+    event: &RecordedEvent,
+    mut error: HandlerError,
+    stats: &watch::Sender<ProjectionStats>,
+) {
+    let mut failures = 1;
+    loop {
+        tracing::warn!(projection = %config.name, position = event.position, attempt = failures, reason = %error, "projection handler failed");
+        stats.send_modify(|s| s.retrying = Some((event.position, failures, error.reason.clone())));
+        if error.permanent || !config.retry.should_retry(failures) {
+            break;
+        }
+        tokio::time::sleep(config.retry.delay(failures, event.position)).await;
+        match projection.handle(event).await {
+            Ok(()) => {
+                stats.send_modify(|s| s.retrying = None);
+                return;
+            }
+            Err(e) => {
+                error = e;
+                failures += 1;
+            }
+        }
+    }
+    // Parking must be durable before the checkpoint passes the event; keep
+    // trying (visibly) while the store refuses.
+    let message = ParkedMessage::of(event, error.reason.clone(), failures);
+    while let Err(e) = config.dlq.park(&message).await {
+        tracing::error!(projection = %config.name, error = %e, "could not park a failing event; retrying");
+        tokio::time::sleep(config.retry.max_backoff).await;
+    }
+    metrics::counter!("annals_projection_parked_total", "projection" => config.name.clone()).increment(1);
+    stats.send_modify(|s| {
+        s.parked += 1;
+        s.retrying = None;
+    });
+}
