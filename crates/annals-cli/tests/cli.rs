@@ -318,14 +318,22 @@ fn serve_starts_and_validates_configuration() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    reader.read_line(&mut line).unwrap();
     let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().to_owned();
     let ok = annals(&url, &["append", "srv-1", "--type", "Hello"]).status.success();
     let stats = annals(&url, &["stats", "--json"]);
-    let _ = child.kill();
-    let _ = child.wait();
+    // SIGTERM shuts down gracefully with exit code 0.
+    let term = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let exited = wait_with_timeout(child, Duration::from_secs(30));
     assert!(ok);
     assert_eq!(stdout_json(&stats)["events"], 1);
+    if term.is_ok_and(|s| s.success()) {
+        assert!(exited.status.success(), "graceful shutdown exits 0: {:?}", exited.status);
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut reader, &mut rest).unwrap();
+        assert!(rest.contains("annals stopped"), "{rest}");
+    }
 }
 
 #[test]

@@ -222,30 +222,53 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     let scheme = if config.tls.is_some() { "https" } else { "http" };
     let anonymous = config.auth.anonymous;
     let state = AppState::with_backend(store, config, backend)?;
+    let shutdown = shutdown_signal();
     // Tests and scripts read this line to find the port.
-    println!("annals listening on {scheme}://{addr} (backend: {backend}, anonymous: {anonymous:?})");
-    annals_server::run(listener, state, shutdown_signal()).await?;
-    println!("annals stopped");
+    say(&format!("annals listening on {scheme}://{addr} (backend: {backend}, anonymous: {anonymous:?})"));
+    annals_server::run(listener, state, shutdown).await?;
+    say("annals stopped");
     Ok(())
 }
 
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
+/// Prints a status line on stdout; a closed stdout (the reader went away)
+/// must not take the server down, so write errors are ignored.
+fn say(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Installs the SIGTERM / SIGINT handlers now (so a signal that arrives
+/// right after start-up is not lost to the default action) and returns the
+/// future that resolves on either.
+#[cfg(unix)]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate()).ok();
+    let int = signal(SignalKind::interrupt()).ok();
+    async move {
+        match (term, int) {
+            (Some(mut term), Some(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+            (Some(mut one), None) | (None, Some(mut one)) => {
+                one.recv().await;
+            }
+            (None, None) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
-    #[cfg(not(unix))]
-    {
+}
+
+/// Ctrl-C elsewhere.
+#[cfg(not(unix))]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
+    async {
         let _ = tokio::signal::ctrl_c().await;
     }
 }
