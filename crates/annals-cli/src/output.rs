@@ -28,9 +28,20 @@ pub fn short(v: &Value, max: usize) -> String {
     }
 }
 
+/// Prints one line on stdout. When stdout is closed (`annals tail | head`)
+/// the command has nothing left to do: exit quietly instead of panicking
+/// the way `println!` would.
+pub fn emit(line: impl std::fmt::Display) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+        std::process::exit(0);
+    }
+}
+
 /// Prints JSON compactly (for `--json`).
 pub fn print_json(v: &Value) {
-    println!("{v}");
+    emit(v);
 }
 
 /// A table of events (`EventOut` objects).

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use crate::{
     client::{Client, ClientArgs, SseParser, enc},
     error::CliError,
-    output::{events_table, print_json, short, table},
+    output::{emit, events_table, print_json, short, table},
 };
 
 /// `annals append`.
@@ -170,7 +170,7 @@ pub async fn read(args: ReadArgs, c: &ClientArgs) -> Result<(), CliError> {
         return Ok(());
     }
     let events = page["events"].as_array().cloned().unwrap_or_default();
-    println!("{}", events_table(&events));
+    emit(events_table(&events));
     match page["next"].as_u64() {
         Some(n) => println!("{} event(s); next page: --from {n}", events.len()),
         None => println!("{} event(s)", events.len()),
@@ -208,14 +208,14 @@ pub async fn tail(args: TailArgs, c: &ClientArgs) -> Result<(), CliError> {
                         if c.json {
                             print_json(&value);
                         } else {
-                            println!(
+                            emit(format_args!(
                                 "{:>8} {}@{} {} {}",
                                 short(&value["position"], 20),
                                 short(&value["stream"], 60),
                                 short(&value["version"], 20),
                                 short(&value["type"], 60),
                                 short(&value["data"], 120)
-                            );
+                            ));
                         }
                         if let Some(id) = &ev.id {
                             from = id
