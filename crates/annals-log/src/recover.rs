@@ -121,11 +121,15 @@ pub(crate) struct Start {
     /// Whether `tail.segment`'s header still has to be read (a walk from
     /// the beginning).
     pub from_header: bool,
+    /// (segment, offset) below which everything is known to have been
+    /// synced (covered by an index checkpoint): damage there is corruption,
+    /// never a torn tail.
+    pub durable: (u64, u64),
 }
 
 impl Start {
     pub fn beginning() -> Self {
-        Start { tail: LogTail::default(), from_header: true }
+        Start { tail: LogTail::default(), from_header: true, durable: (0, 0) }
     }
 }
 
@@ -175,6 +179,7 @@ pub(crate) fn scan(
                     // Records are only written after the header is synced,
                     // so a bad header followed by nothing but zeros is one.
                     let torn = is_last
+                        && (seg, 0) >= start.durable
                         && (head.len() < SEGMENT_HEADER_LEN || cur.all_zero(SEGMENT_HEADER_LEN as u64)?);
                     if torn && matches!(mode, Mode::Open { .. }) {
                         tracing::warn!(
@@ -284,7 +289,7 @@ pub(crate) fn scan(
             } else {
                 (off + 4).min(len)
             };
-            let torn = is_last && cur.all_zero(end)?;
+            let torn = is_last && (seg, off) >= start.durable && cur.all_zero(end)?;
             let bad = BadRecord {
                 segment: seg,
                 offset: off,
@@ -340,6 +345,13 @@ fn finish_bad(
                 }
                 out.tail.segment = bad.segment;
                 out.tail.end = bad.offset;
+            }
+            if !bad.torn_tail {
+                // The checkpoint may describe records that are gone now.
+                let checkpoint = dir.join(crate::index::INDEX_FILE);
+                if io.exists(&checkpoint) {
+                    io.remove(&checkpoint)?;
+                }
             }
             io.sync_dir(dir)?;
             if bad.torn_tail {
@@ -412,3 +424,13 @@ pub(crate) fn tail_matches(io: &dyn Io, dir: &Path, tail: &crate::index::LogTail
 
 /// Zero hash used before the first record.
 pub(crate) const GENESIS: Hash = [0u8; HASH_LEN];
+
+/// The header of segment `index`, if it reads and checks.
+pub(crate) fn read_header(io: &dyn Io, dir: &Path, index: u64) -> Option<SegmentHeader> {
+    let file = io.open(&dir.join(segment_file_name(index)), false).ok()?;
+    let mut b = [0u8; SEGMENT_HEADER_LEN];
+    if read_full(&*file, &mut b, 0).ok()? != SEGMENT_HEADER_LEN {
+        return None;
+    }
+    SegmentHeader::decode(&b).ok().filter(|h| h.index == index)
+}

@@ -132,7 +132,7 @@ impl LogStoreBuilder {
         let lock = io.lock(&dir)?;
         let mode = Mode::Open { repair: self.repair };
         let use_index = !(self.repair || self.verify_on_open);
-        let (idx, scan, index_loaded) = recover_index(&*io, &dir, use_index, mode)?;
+        let (idx, scan, index_loaded, applied) = recover_index(&*io, &dir, use_index, mode)?;
         let mut files = scan.files;
         let mut tail = idx.tail;
         let mut filled = scan.last_len;
@@ -148,7 +148,7 @@ impl LogStoreBuilder {
             filled = SEGMENT_HEADER_LEN as u64;
         }
         let active = files.last().cloned().ok_or(LogError::Closed)?;
-        let stats = OpenStats { replayed: scan.records, index_loaded, truncated: scan.truncated };
+        let stats = OpenStats { replayed: applied, index_loaded, truncated: scan.truncated };
         let mut idx = idx;
         idx.tail = tail;
         let next = idx.next_position();
@@ -193,22 +193,60 @@ pub(crate) fn recover_index(
     dir: &Path,
     use_index: bool,
     mode: Mode,
-) -> std::result::Result<(Index, Scan, bool), LogError> {
+) -> std::result::Result<(Index, Scan, bool, u64), LogError> {
     let mut loaded = None;
-    if use_index {
-        match index::load(io, dir) {
-            Ok(Some(i)) if recover::tail_matches(io, dir, &i.tail) => loaded = Some(i),
-            Ok(Some(_)) => tracing::warn!("annals-log: index checkpoint does not match the log; rebuilding"),
-            Ok(None) => {}
-            Err(reason) => tracing::warn!(%reason, "annals-log: index checkpoint unusable; rebuilding"),
+    // A checkpoint only ever covers synced records, so even one that no
+    // longer matches the log says where damage cannot be a torn tail.
+    let mut durable = (0, 0);
+    // Even when not used (full walks), a valid checkpoint bounds the torn-tail rule.
+    match index::load(io, dir) {
+        Ok(Some(i)) if use_index && recover::tail_matches(io, dir, &i.tail) => loaded = Some(i),
+        Ok(Some(i)) => {
+            durable = (i.tail.segment, i.tail.end);
+            if use_index {
+                tracing::warn!("annals-log: index checkpoint does not match the log; rebuilding");
+            }
         }
+        Ok(None) => {}
+        Err(reason) => tracing::warn!(%reason, "annals-log: index checkpoint unusable; rebuilding"),
     }
     let index_loaded = loaded.is_some();
     let mut idx = loaded.unwrap_or_default();
-    let start = if index_loaded { Start { tail: idx.tail, from_header: false } } else { Start::beginning() };
-    let scan = recover::scan(io, dir, start, mode, &mut |seg, off, raw| apply_raw(&mut idx, seg, off, raw))?;
+    let checkpoint = idx.tail;
+    // With a checkpoint, the walk still starts at the head of the segment the
+    // checkpoint ends in: the most recent records are re-checked (CRC, hash
+    // chain) on every open, and only those past the checkpoint are applied.
+    let start = if index_loaded {
+        match recover::read_header(io, dir, checkpoint.segment) {
+            Some(h) => Start {
+                tail: LogTail {
+                    segment: checkpoint.segment,
+                    end: 0,
+                    next_position: h.first_position,
+                    last_hash: h.prev_hash,
+                    last_record: None,
+                    last_ts: checkpoint.last_ts,
+                },
+                from_header: true,
+                durable: (checkpoint.segment, checkpoint.end),
+            },
+            None => {
+                Start { tail: checkpoint, from_header: false, durable: (checkpoint.segment, checkpoint.end) }
+            }
+        }
+    } else {
+        Start { durable, ..Start::beginning() }
+    };
+    let mut applied = 0u64;
+    let scan = recover::scan(io, dir, start, mode, &mut |seg, off, raw| {
+        if index_loaded && (seg, off) < (checkpoint.segment, checkpoint.end) {
+            return Ok(());
+        }
+        applied += 1;
+        apply_raw(&mut idx, seg, off, raw)
+    })?;
     idx.tail = scan.tail;
-    Ok((idx, scan, index_loaded))
+    Ok((idx, scan, index_loaded, applied))
 }
 
 fn apply_raw(idx: &mut Index, seg: u64, off: u64, raw: &RawRecord<'_>) -> std::result::Result<(), String> {

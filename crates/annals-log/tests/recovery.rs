@@ -184,21 +184,15 @@ async fn flipped_byte_mid_log_refuses_to_open_naming_the_record() {
         }
         other => panic!("expected Corrupt, got {other:?}"),
     };
-    // A full walk finds it.
+    // Even with the index checkpoint, open re-walks the segment the
+    // checkpoint ends in, so the damage is found before anything is served.
+    expect_location(LogStore::open(dir.path()).unwrap_err());
     expect_location(LogStore::builder(dir.path()).verify_on_open(true).open().unwrap_err());
     let report = annals_log::verify(dir.path()).unwrap();
     let bad = report.first_bad.clone().unwrap();
     assert_eq!((bad.segment, bad.offset, bad.position, bad.torn_tail), (0, offsets[50], 50, false));
     assert_eq!(report.events, 50);
-    // With the index checkpoint the open is fast and trusts the covered
-    // part, but the bad record is never served.
-    let store = LogStore::open(dir.path()).unwrap();
-    let err = store.read_all(ReadAll::forward(1000)).await.unwrap_err();
-    assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
-    assert!(err.to_string().contains(&format!("offset {}", offsets[50])), "{err}");
-    store.close().unwrap();
-    drop(store);
-    // Without the checkpoint, open walks the log and refuses.
+    // Without the checkpoint, the same.
     std::fs::remove_file(dir.path().join("index.bin")).unwrap();
     expect_location(LogStore::open(dir.path()).unwrap_err());
     // Repair truncates at the bad record, explicitly.
@@ -210,6 +204,57 @@ async fn flipped_byte_mid_log_refuses_to_open_naming_the_record() {
     assert_eq!(r.position, 50);
     store.close().unwrap();
     assert!(annals_log::verify(dir.path()).unwrap().is_ok());
+}
+
+#[tokio::test]
+async fn damage_to_the_last_checkpointed_record_is_corruption_not_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let offsets = hundred(dir.path()).await;
+    // The last record was synced and checkpointed: flipping it must not be
+    // "repaired" silently by the torn-tail rule, although only zeros follow.
+    flip(&seg0(dir.path()), offsets[99] + 90);
+    assert!(matches!(LogStore::open(dir.path()), Err(LogError::Corrupt { position: Some(99), .. })));
+    assert!(matches!(
+        LogStore::builder(dir.path()).verify_on_open(true).open(),
+        Err(LogError::Corrupt { position: Some(99), .. })
+    ));
+    // Asked explicitly, repair drops it (and the stale checkpoint).
+    let store = LogStore::builder(dir.path()).repair(true).open().unwrap();
+    assert_eq!(store.stats().next_position, 99);
+    store.close().unwrap();
+    drop(store);
+    assert!(LogStore::open(dir.path()).unwrap().stats().index_loaded);
+    let offsets = record_offsets(&std::fs::read(seg0(dir.path())).unwrap());
+    flip(&seg0(dir.path()), offsets[97] + 90);
+    assert!(matches!(LogStore::open(dir.path()), Err(LogError::Corrupt { position: Some(97), .. })));
+}
+
+#[tokio::test]
+async fn corruption_in_an_older_segment_is_caught_on_read_and_by_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LogStore::builder(dir.path()).segment_size(4096).open().unwrap();
+    fill(&store, 100).await;
+    store.close().unwrap();
+    drop(store);
+    let offsets = record_offsets(&std::fs::read(seg0(dir.path())).unwrap());
+    flip(&seg0(dir.path()), offsets[3] + 80);
+    // Opening trusts the checkpoint for older segments (fast open) ...
+    let store = LogStore::builder(dir.path()).segment_size(4096).open().unwrap();
+    assert!(store.stats().index_loaded);
+    // ... but never serves the damaged record.
+    let err = store.read_all(ReadAll::forward(1000)).await.unwrap_err();
+    assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
+    assert!(err.to_string().contains(&format!("segment 0, offset {}, position 3", offsets[3])), "{err}");
+    let ok = store.read_all(ReadAll::forward(1000).from_position(4)).await.unwrap();
+    assert_eq!(ok.events.len(), 96);
+    store.close().unwrap();
+    drop(store);
+    let bad = annals_log::verify(dir.path()).unwrap().first_bad.unwrap();
+    assert_eq!((bad.segment, bad.offset, bad.position), (0, offsets[3], 3));
+    assert!(matches!(
+        LogStore::builder(dir.path()).verify_on_open(true).open(),
+        Err(LogError::Corrupt { segment: 0, position: Some(3), .. })
+    ));
 }
 
 #[tokio::test]
@@ -237,6 +282,9 @@ async fn reordered_records_break_the_hash_chain() {
 async fn record_cut_mid_way_is_truncated_back_to_the_previous_one() {
     let dir = tempfile::tempdir().unwrap();
     let offsets = hundred(dir.path()).await;
+    // A torn write is never covered by an index checkpoint (it only covers
+    // synced records): model the crash by dropping the checkpoint.
+    std::fs::remove_file(dir.path().join("index.bin")).unwrap();
     let path = seg0(dir.path());
     let bytes = std::fs::read(&path).unwrap();
     let cut = offsets[99] as usize + 30;
