@@ -150,5 +150,5 @@ fn crash_recovery() {
         let report = annals_log::verify(dir.path()).unwrap();
         assert!(report.is_ok(), "round {round}: {report:?}");
     }
-    assert!(acked.len() > 20, "the children acknowledged too little to test anything ({})", acked.len());
+    assert!(acked.len() >= 20, "the children acknowledged too little to test anything ({})", acked.len());
 }
