@@ -210,7 +210,8 @@ impl Kv {
     }
 
     pub(crate) fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
-        if u32::try_from(snapshot.data.len()).is_err() {
+        // The record's u32 length must also hold the name and fixed fields.
+        if snapshot.data.len() > (u32::MAX as usize) - 4096 {
             return Err(Error::invalid("snapshot data is larger than 4 GiB"));
         }
         let mut inner = self.lock()?;
