@@ -160,7 +160,7 @@ fn raw_fsync(dir: &Path, secs: f64, prealloc: bool) -> Result<f64, LogError> {
     let path = dir.join(if prealloc { "raw-prealloc" } else { "raw-growing" });
     let mut f = OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path)?;
     let block = [0x5au8; 4096];
-    let span = 256u64 << 20;
+    let span = 64u64 << 20;
     if prealloc {
         let zeros = vec![0u8; 1 << 20];
         for _ in 0..(span >> 20) {

@@ -219,7 +219,7 @@ impl Run {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
     fn log_store_behaves_like_the_memory_store(ops in proptest::collection::vec(op(), 1..40)) {
