@@ -25,6 +25,9 @@ pub enum CliError {
     /// Bad input or configuration; fix it and run again.
     #[error("{0}")]
     Usage(String),
+    /// `verify` found damaged data; the report names the first bad record.
+    #[error("{0}")]
+    Damaged(String),
     /// Anything else (I/O, server start-up).
     #[error("{0}")]
     Other(String),
@@ -40,6 +43,7 @@ impl CliError {
             CliError::Api { .. } => 1,
             CliError::Unreachable { .. } => 6,
             CliError::Usage(_) => 2,
+            CliError::Damaged(_) => 7,
             CliError::Other(_) => 1,
         }
     }

@@ -3,7 +3,7 @@
 //!
 //! Exit codes: 0 success, 1 failure, 2 usage error, 3 conflict (409),
 //! 4 not found or deleted (404/410), 5 unauthorized or forbidden (401/403),
-//! 6 server unreachable.
+//! 6 server unreachable, 7 damaged data found by `verify`.
 
 mod client;
 mod commands;
@@ -46,6 +46,13 @@ enum Command {
     /// Load-generate against a running server and report throughput and
     /// latency percentiles.
     Bench(commands::bench::BenchArgs),
+    /// Check every record of an embedded log directory (CRCs, hash chain);
+    /// exit 0 when intact, 7 when damaged.
+    Verify(commands::log::VerifyArgs),
+    /// Rebuild an embedded log's indexes from the log itself (store closed).
+    RebuildIndex(commands::log::RebuildArgs),
+    /// Benchmark the embedded log on this disk (durable appends, reads, open).
+    BenchLog(commands::log::BenchLogArgs),
 }
 
 fn main() {
@@ -68,6 +75,9 @@ fn main() {
             Command::Export(a) => commands::transfer::export(a, &cli.client).await,
             Command::Import(a) => commands::transfer::import(a, &cli.client).await,
             Command::Bench(a) => commands::bench::run(a, &cli.client).await,
+            Command::Verify(a) => commands::log::verify(a).await,
+            Command::RebuildIndex(a) => commands::log::rebuild_index(a).await,
+            Command::BenchLog(a) => commands::log::bench_log(a).await,
         }
     });
     if let Err(e) = result {

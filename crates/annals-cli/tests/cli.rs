@@ -271,10 +271,6 @@ fn bench_runs_append_and_fanout_modes() {
 
 #[test]
 fn serve_starts_and_validates_configuration() {
-    // The embedded log backend is not wired yet: --data without --memory fails clearly.
-    let out = Command::new(BIN).args(["serve", "--listen", "127.0.0.1:0"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not available yet"));
     // A public address without auth refuses to start.
     let out = Command::new(BIN).args(["serve", "--memory", "--listen", "0.0.0.0:0"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -351,4 +347,84 @@ fn talks_https_with_a_trusted_ca() {
     assert_eq!(stdout_json(&out)["position"], 0);
     // Without trusting the CA the connection fails (unreachable → 6).
     assert_eq!(annals(&url, &["stats"]).status.code(), Some(6));
+}
+
+/// Starts `annals serve` on the embedded log in `data`; returns the child,
+/// its stdout reader and its URL.
+fn serve_log(data: &std::path::Path) -> (std::process::Child, BufReader<std::process::ChildStdout>, String) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--data", data.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.contains("backend: log"), "{line}");
+    let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().to_owned();
+    (child, reader, url)
+}
+
+fn stop(child: std::process::Child) {
+    let term = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(term.success());
+    let exited = wait_with_timeout(child, Duration::from_secs(30));
+    assert!(exited.status.success(), "graceful shutdown exits 0: {:?}", exited.status);
+}
+
+#[test]
+fn serves_the_embedded_log_and_keeps_data_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (child, _out, url) = serve_log(&data);
+    for i in 0..3 {
+        let out =
+            annals(&url, &["append", "acct-1", "--type", "Deposited", "--data", &format!("{{\"n\":{i}}}")]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    // A second server on the same directory is refused: the lock is exclusive.
+    let second = Command::new(BIN)
+        .args(["serve", "--data", data.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("locked"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    stop(child);
+
+    // Offline tools on the closed store.
+    let out = Command::new(BIN).args(["verify", data.to_str().unwrap(), "--json"]).output().unwrap();
+    let report = stdout_json(&out);
+    assert_eq!(report["ok"], true);
+    assert_eq!(report["events"], 3);
+    let out = Command::new(BIN).args(["rebuild-index", data.to_str().unwrap(), "--json"]).output().unwrap();
+    assert_eq!(stdout_json(&out)["events"], 3);
+
+    // Restart: the events are still there and numbering continues.
+    let (child, _out, url) = serve_log(&data);
+    let out = annals(&url, &["read", "acct-1", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("Deposited").count(), 3, "{text}");
+    let out = annals(&url, &["append", "acct-1", "--type", "Deposited", "--expected", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    stop(child);
+
+    // Damage one byte in the middle of the log: verify says where and exits 7.
+    let segment = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "seg"))
+        .expect("a segment file");
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let at = bytes.windows(9).position(|w| w == b"Deposited").expect("the first event's type");
+    bytes[at] ^= 0x20;
+    std::fs::write(&segment, &bytes).unwrap();
+    let out = Command::new(BIN).args(["verify", data.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(7), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("BAD"));
 }

@@ -2,5 +2,6 @@
 
 pub mod bench;
 pub mod data;
+pub mod log;
 pub mod serve;
 pub mod transfer;

@@ -179,20 +179,55 @@ fn apply_flags(config: &mut ServerConfig, args: &ServeArgs) -> Result<(), CliErr
     Ok(())
 }
 
+/// An opened store and what the server needs to know about it.
+pub struct OpenedStore {
+    /// The store, behind the object-safe umbrella trait.
+    pub store: Arc<dyn Store>,
+    /// Backend name for `/info` and logs.
+    pub backend: &'static str,
+    /// The embedded log, kept to close it explicitly (sync + index
+    /// checkpoint) after the server has drained.
+    log: Option<annals_log::LogStore>,
+}
+
+impl OpenedStore {
+    /// Closes the backend cleanly. For the embedded log this syncs and
+    /// writes the index checkpoint, so the next open does not replay.
+    pub async fn close(self) -> Result<(), CliError> {
+        drop(self.store);
+        if let Some(log) = self.log {
+            tokio::task::spawn_blocking(move || log.close())
+                .await
+                .map_err(|e| CliError::Other(format!("closing the store failed: {e}")))?
+                .map_err(|e| CliError::Other(format!("closing the store failed: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
 /// Opens the configured store. The one place that knows the backends:
 /// PostgreSQL (`store.postgres`), in-memory (`store.memory`), or the
-/// embedded log in `store.data`.
-pub fn open_store(config: &StoreConfig) -> Result<(Arc<dyn Store>, &'static str), CliError> {
+/// embedded log in `store.data` (the default).
+pub fn open_store(config: &StoreConfig) -> Result<OpenedStore, CliError> {
     if let Some(_url) = &config.postgres {
         return Err(CliError::Usage("the PostgreSQL backend is not available yet; use --memory".into()));
     }
     if config.memory {
-        return Ok((Arc::new(MemoryStore::new()), "memory"));
+        return Ok(OpenedStore { store: Arc::new(MemoryStore::new()), backend: "memory", log: None });
     }
-    Err(CliError::Usage(format!(
-        "embedded log backend not available yet (would open {}); pass --memory to serve an in-memory store",
-        config.data.display()
-    )))
+    let log = annals_log::LogStore::open(&config.data).map_err(|e| match e {
+        annals_log::LogError::Locked { .. } => CliError::Usage(format!(
+            "{e}; another annals process is using it (stop it, or pass a different --data)"
+        )),
+        annals_log::LogError::Corrupt { .. } => CliError::Damaged(format!(
+            "{e}; run `annals verify {}` and restore from a backup (or repair explicitly)",
+            config.data.display()
+        )),
+        other => {
+            CliError::Other(format!("cannot open the data directory {}: {other}", config.data.display()))
+        }
+    })?;
+    Ok(OpenedStore { store: Arc::new(log.clone()), backend: "log", log: Some(log) })
 }
 
 fn init_logging(config: &ServerConfig) -> Result<(), CliError> {
@@ -214,7 +249,8 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
         return Ok(());
     }
     init_logging(&config)?;
-    let (store, backend) = open_store(&config.store)?;
+    let opened = open_store(&config.store)?;
+    let (store, backend) = (opened.store.clone(), opened.backend);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| CliError::Other(format!("cannot listen on {}: {e}", config.listen)))?;
@@ -226,6 +262,7 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     // Tests and scripts read this line to find the port.
     say(&format!("annals listening on {scheme}://{addr} (backend: {backend}, anonymous: {anonymous:?})"));
     annals_server::run(listener, state, shutdown).await?;
+    opened.close().await?;
     say("annals stopped");
     Ok(())
 }

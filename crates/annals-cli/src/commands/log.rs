@@ -1,0 +1,144 @@
+//! Commands that work directly on an embedded log directory: `verify`,
+//! `rebuild-index` and `bench-log`. They need no server.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::error::CliError;
+
+/// `annals verify`.
+#[derive(Debug, Clone, Args)]
+pub struct VerifyArgs {
+    /// Data directory of the embedded log.
+    pub dir: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `annals rebuild-index`.
+#[derive(Debug, Clone, Args)]
+pub struct RebuildArgs {
+    /// Data directory of the embedded log (the store must be closed).
+    pub dir: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `annals bench-log`: the embedded log's benchmark (issue 3's figures, each
+/// beside a baseline measured in the same run).
+#[derive(Debug, Clone, Args)]
+pub struct BenchLogArgs {
+    /// Directory on the disk under test (phases use fresh subdirectories,
+    /// removed afterwards).
+    #[arg(long, default_value = "./annals-bench-data")]
+    pub dir: PathBuf,
+    /// A quick run: 100,000 events, short phases.
+    #[arg(long)]
+    pub small: bool,
+    /// Events in the large store used for reads, open and rebuild.
+    #[arg(long)]
+    pub events: Option<u64>,
+    /// Seconds per durable-append phase.
+    #[arg(long)]
+    pub seconds: Option<f64>,
+    /// Seconds of the raw fdatasync baseline.
+    #[arg(long)]
+    pub raw_seconds: Option<f64>,
+    /// Concurrent single-event writers to measure, e.g. 1,8,64,256.
+    #[arg(long, value_delimiter = ',')]
+    pub writers: Option<Vec<usize>>,
+}
+
+/// Walks every record: CRCs, hash chain, framing. Exit 0 when intact, 7
+/// when damage was found (the report names the first bad record).
+pub async fn verify(args: VerifyArgs) -> Result<(), CliError> {
+    let dir = args.dir.clone();
+    let report = tokio::task::spawn_blocking(move || annals_log::verify(&dir))
+        .await
+        .map_err(|e| CliError::Other(format!("verify task failed: {e}")))?
+        .map_err(|e| CliError::Other(format!("cannot verify {}: {e}", args.dir.display())))?;
+    if args.json {
+        let bad = report.first_bad.as_ref().map(|b| {
+            serde_json::json!({
+                "segment": b.segment, "offset": b.offset, "position": b.position,
+                "reason": b.reason, "torn_tail": b.torn_tail,
+            })
+        });
+        let value = serde_json::json!({
+            "ok": report.is_ok(), "segments": report.segments, "records": report.records,
+            "events": report.events, "streams": report.streams, "bytes": report.bytes,
+            "head_hash": report.head_hash, "first_bad": bad,
+        });
+        println!("{value}");
+    } else {
+        println!("{report}");
+    }
+    if report.is_ok() {
+        Ok(())
+    } else {
+        Err(CliError::Damaged(format!("{} failed verification", args.dir.display())))
+    }
+}
+
+/// Rebuilds the index checkpoint from the log alone.
+pub async fn rebuild_index(args: RebuildArgs) -> Result<(), CliError> {
+    let dir = args.dir.clone();
+    let report = tokio::task::spawn_blocking(move || annals_log::rebuild_indexes(&dir))
+        .await
+        .map_err(|e| CliError::Other(format!("rebuild task failed: {e}")))?
+        .map_err(|e| match e {
+            annals_log::LogError::Locked { .. } => {
+                CliError::Usage(format!("{e}; stop the server using it first"))
+            }
+            other => CliError::Other(format!("cannot rebuild the index of {}: {other}", args.dir.display())),
+        })?;
+    if args.json {
+        let value = serde_json::json!({
+            "events": report.events, "records": report.records, "streams": report.streams,
+            "seconds": report.seconds, "events_per_second": report.events_per_second,
+        });
+        println!("{value}");
+    } else {
+        println!(
+            "rebuilt the index of {}: {} events, {} streams in {:.2} s ({:.0} events/s)",
+            args.dir.display(),
+            report.events,
+            report.streams,
+            report.seconds,
+            report.events_per_second
+        );
+    }
+    Ok(())
+}
+
+/// Runs the embedded log benchmark and prints its table.
+pub async fn bench_log(args: BenchLogArgs) -> Result<(), CliError> {
+    use annals_log::bench::{self, BenchConfig};
+    let mut cfg = if args.small { BenchConfig::small(&args.dir) } else { BenchConfig::new(&args.dir) };
+    if let Some(n) = args.events {
+        cfg.store_events = n;
+    }
+    if let Some(s) = args.seconds {
+        cfg.append_seconds = s;
+    }
+    if let Some(s) = args.raw_seconds {
+        cfg.raw_seconds = s;
+    }
+    if let Some(w) = args.writers {
+        cfg.writers = w;
+    }
+    eprintln!(
+        "annals-log bench in {} ({} events in the large store) ...",
+        args.dir.display(),
+        cfg.store_events
+    );
+    let report = tokio::task::spawn_blocking(move || bench::run(&cfg))
+        .await
+        .map_err(|e| CliError::Other(format!("bench task failed: {e}")))?
+        .map_err(|e| CliError::Other(format!("bench failed: {e}")))?;
+    println!("{report}");
+    Ok(())
+}
