@@ -43,6 +43,9 @@ pub(crate) async fn migrate(client: &mut Client, schema: &str) -> Result<(), PgE
     let applied = applied.unwrap_or(0);
     let known = MIGRATIONS.last().map_or(0, |m| m.version);
     if applied > known {
+        // Roll back explicitly rather than on drop, so the advisory lock is
+        // released before the caller sees the error.
+        tx.rollback().await?;
         return Err(PgError::SchemaTooNew { schema: schema.to_owned(), found: applied, known });
     }
     for m in MIGRATIONS.iter().filter(|m| m.version > applied) {

@@ -316,6 +316,67 @@ async fn migrations_are_idempotent_and_safe_concurrently() {
     assert_eq!(applied, i64::from(annals_postgres::latest_migration()));
 }
 
+/// Concurrent appends share transactions (group commit) but are decided
+/// one by one: failures do not take others down, and a request sent twice
+/// at once (a client retry racing its original) is written once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grouped_appends_are_decided_independently() {
+    let Some((store, _guard)) = common::open().await else { return };
+    let resent = vec![event(0), event(1)];
+    let mut tasks = Vec::new();
+    for w in 0..24u64 {
+        let store = store.clone();
+        let resent = resent.clone();
+        tasks.push(tokio::spawn(async move {
+            match w % 3 {
+                0 => {
+                    store.append(&stream(&format!("ok-{w}")), ExpectedVersion::NoStream, vec![event(w)]).await
+                }
+                1 => {
+                    store
+                        .append(&stream(&format!("bad-{w}")), ExpectedVersion::Exact(5), vec![event(w)])
+                        .await
+                }
+                _ => store.append(&stream("twice-1"), ExpectedVersion::NoStream, resent).await,
+            }
+        }));
+    }
+    let mut resend_results = Vec::new();
+    for (w, t) in tasks.into_iter().enumerate() {
+        let r = t.await.unwrap();
+        match w % 3 {
+            0 => assert_eq!(r.unwrap().next_version, 1),
+            1 => assert!(matches!(r, Err(Error::WrongExpectedVersion { actual: None, .. })), "{r:?}"),
+            _ => resend_results.push(r.unwrap()),
+        }
+    }
+    assert!(resend_results.windows(2).all(|w| w[0] == w[1]), "{resend_results:?}");
+    assert_eq!(resend_results[0].next_version, 2);
+    assert_eq!(store.next_position().await.unwrap(), 8 + 2);
+    for w in (1..24).step_by(3) {
+        assert!(!store.stream_info(&stream(&format!("bad-{w}"))).await.unwrap().exists);
+    }
+}
+
+/// A database migrated by a newer build is refused, not silently used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_from_a_newer_version_is_refused() {
+    let Some((_store, guard)) = common::open().await else { return };
+    let admin = admin_client().await;
+    admin
+        .execute(
+            &format!(
+                "INSERT INTO \"{}\".schema_migrations (version, name) VALUES (9999, 'future')",
+                guard.schema
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let err = common::try_reopen(&guard.schema).await.unwrap_err();
+    assert!(matches!(err, PgError::SchemaTooNew { found: 9999, .. }), "{err:?}");
+}
+
 #[tokio::test]
 async fn bad_url_is_a_typed_error() {
     let err = PgStore::connect("this is not a url ://").await.unwrap_err();
@@ -348,7 +409,7 @@ async fn unreachable_database_is_a_typed_error() {
     assert!(matches!(core, Error::Backend { .. }) && core.is_transient(), "{core:?}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_database_is_unreachable() {
     let Some((_store, _guard)) = common::open().await else { return };
     let url = format!("{}_no_such_db_{}", common::url(), uuid::Uuid::new_v4().simple());

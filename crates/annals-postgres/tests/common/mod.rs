@@ -43,7 +43,9 @@ impl Drop for SchemaGuard {
                     return;
                 };
                 let driver = tokio::spawn(conn);
-                let sql = format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE");
+                // Bounded: a lock held by a leaked connection must not hang
+                // the test run; a leftover schema is harmless.
+                let sql = format!("SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS \"{schema}\" CASCADE");
                 let _ = tokio::time::timeout(Duration::from_secs(30), client.batch_execute(&sql)).await;
                 drop(client);
                 let _ = driver.await;
