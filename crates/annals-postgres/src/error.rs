@@ -132,7 +132,11 @@ impl From<deadpool_postgres::PoolError> for PgError {
 pub(crate) fn unreachable_from(e: tokio_postgres::Error) -> PgError {
     // `Display` of a connect error names the cause (refused, auth, unknown
     // database) and never includes the password.
-    PgError::Unreachable { message: e.to_string(), source: Some(e) }
+    let message = match std::error::Error::source(&e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    };
+    PgError::Unreachable { message, source: Some(e) }
 }
 
 impl From<PgError> for annals_core::Error {
