@@ -437,3 +437,38 @@ impl<'a> Batch<'a> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use annals_core::{EventData, ExpectedVersion};
+
+    use super::*;
+
+    fn request(streams: &[&str]) -> Request {
+        let parts = streams
+            .iter()
+            .map(|s| {
+                let e = EventData::raw("E", b"{}".to_vec(), annals_core::ContentType::Json);
+                StreamAppend::new(StreamName::new(s).unwrap(), ExpectedVersion::Any, vec![e])
+            })
+            .collect();
+        Request { parts, reply: oneshot::channel().0 }
+    }
+
+    fn names(requests: &[Request]) -> Vec<Vec<String>> {
+        requests.iter().map(|r| r.parts.iter().map(|p| p.stream.to_string()).collect()).collect()
+    }
+
+    #[test]
+    fn a_round_holds_disjoint_streams_and_keeps_per_stream_order() {
+        let batch =
+            vec![request(&["a"]), request(&["a", "b"]), request(&["c"]), request(&["b"]), request(&["d"])];
+        let (round, rest) = split_round(batch);
+        assert_eq!(names(&round), vec![vec!["a"], vec!["c"], vec!["d"]]);
+        // "b" alone must not overtake the earlier request that also writes b.
+        assert_eq!(names(&rest), vec![vec!["a", "b"], vec!["b"]]);
+        let (round, rest) = split_round(rest);
+        assert_eq!(names(&round), vec![vec!["a", "b"]]);
+        assert_eq!(names(&rest), vec![vec!["b"]]);
+    }
+}

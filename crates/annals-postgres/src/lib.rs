@@ -302,3 +302,20 @@ impl PgStore {
         &self.inner.pool
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names_are_checked() {
+        for ok in ["annals", "_x", "a1_b2", &"s".repeat(MAX_SCHEMA_LEN)] {
+            assert!(validate_schema(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "1a", "A", "a-b", "a b", "a\"b", &"s".repeat(MAX_SCHEMA_LEN + 1)] {
+            assert!(matches!(validate_schema(bad), Err(PgError::InvalidSchemaName { .. })), "{bad}");
+        }
+        // The NOTIFY channel of the longest schema still fits an identifier.
+        assert!(sql::channel_name(&"s".repeat(MAX_SCHEMA_LEN)).len() <= 63);
+    }
+}

@@ -213,3 +213,39 @@ pub(crate) fn filter_clause(filter: &Filter, first_param: usize) -> (String, Vec
     }
     (sql, params)
 }
+
+#[cfg(test)]
+mod tests {
+    use annals_core::Timestamp;
+
+    use super::*;
+
+    #[test]
+    fn filter_parameters_are_numbered_from_the_given_index() {
+        let (sql, params) = filter_clause(&Filter::all(), 3);
+        assert_eq!(sql, " AND NOT starts_with(e.stream, '$')");
+        assert!(params.is_empty());
+
+        let filter = Filter {
+            stream_prefix: Some("acc".into()),
+            category: Some("account".into()),
+            event_types: vec![TypeMatch::Exact("A".into()), TypeMatch::Prefix("B".into())],
+            correlation_id: Some("c".into()),
+            recorded_after: Some(Timestamp::from_micros(1)),
+            recorded_before: Some(Timestamp::from_micros(2)),
+            include_system: true,
+        };
+        let (sql, params) = filter_clause(&filter, 3);
+        assert_eq!(params.len(), 7);
+        for n in 3..=9 {
+            assert!(sql.contains(&format!("${n}")), "{sql} lacks ${n}");
+        }
+        assert!(!sql.contains("$10") && !sql.contains("'$'"), "{sql}");
+    }
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(quote_ident("annals"), "\"annals\"");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
+}

@@ -41,3 +41,27 @@ impl ToSql for PgTimestamp {
 
     to_sql_checked!();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_through_the_binary_format() {
+        for micros in [0, 1, -1, 946_684_800_000_000, 1_763_800_000_123_456] {
+            let ts = PgTimestamp(Timestamp::from_micros(micros));
+            let mut buf = BytesMut::new();
+            assert!(matches!(ts.to_sql(&Type::TIMESTAMPTZ, &mut buf), Ok(IsNull::No)));
+            assert_eq!(PgTimestamp::from_sql(&Type::TIMESTAMPTZ, &buf).ok(), Some(ts));
+        }
+        // 2000-01-01 is zero on the wire.
+        let mut buf = BytesMut::new();
+        assert!(
+            PgTimestamp(Timestamp::from_micros(PG_EPOCH_OFFSET_MICROS))
+                .to_sql(&Type::TIMESTAMPTZ, &mut buf)
+                .is_ok()
+        );
+        assert_eq!(buf.as_ref(), &[0u8; 8]);
+        assert!(PgTimestamp::from_sql(&Type::TIMESTAMPTZ, &[1, 2, 3]).is_err());
+    }
+}
