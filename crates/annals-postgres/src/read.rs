@@ -11,7 +11,7 @@ use crate::{
     Inner, PgError,
     error::db,
     listener::bump,
-    row::{event_from_row, limit_i64, to_i64, to_u64},
+    row::{event_from_row_cached, limit_i64, to_i64, to_u64},
     sql::{Param, filter_clause},
 };
 
@@ -88,7 +88,8 @@ impl Inner {
                     .map_err(db)?
             }
         };
-        rows.iter().map(|row| event_from_row(row, 0)).collect()
+        let mut last = None;
+        rows.iter().map(|row| event_from_row_cached(row, 0, &mut last)).collect()
     }
 
     pub(crate) async fn read_all(&self, request: &ReadAll) -> Result<AllSlice> {
@@ -113,10 +114,11 @@ impl Inner {
                 let rows = client.query(&stmt, &refs).await.map_err(db)?;
                 let mut head = 0;
                 let mut events = Vec::with_capacity(rows.len());
+                let mut last = None;
                 for row in &rows {
                     head = to_u64(row.try_get(0).map_err(db)?, "next_position")?;
                     if row.try_get::<_, Option<i64>>(1).map_err(db)?.is_some() {
-                        events.push(event_from_row(row, 1)?);
+                        events.push(event_from_row_cached(row, 1, &mut last)?);
                     }
                 }
                 bump(&self.head, head);
@@ -138,7 +140,11 @@ impl Inner {
                 params.extend(filter_params);
                 let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| &**p as _).collect();
                 let rows = client.query(&stmt, &refs).await.map_err(db)?;
-                let events = rows.iter().map(|row| event_from_row(row, 0)).collect::<Result<Vec<_>>>()?;
+                let mut last = None;
+                let events = rows
+                    .iter()
+                    .map(|row| event_from_row_cached(row, 0, &mut last))
+                    .collect::<Result<Vec<_>>>()?;
                 let next = if events.len() as i64 >= limit {
                     events.last().and_then(|e| e.position.checked_sub(1))
                 } else {

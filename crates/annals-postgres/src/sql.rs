@@ -12,7 +12,7 @@ pub(crate) fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// The columns every event read selects, in [`crate::row::event_from_row`]
+/// The columns every event read selects, in [`crate::row::event_from_row_cached`]
 /// order.
 pub(crate) const EVENT_COLUMNS: &str = "e.position, e.stream, e.version, e.id, e.event_type, e.content_type, e.data, e.metadata::text, e.recorded_at";
 
