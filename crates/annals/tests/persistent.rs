@@ -1,0 +1,293 @@
+//! Persistent subscriptions: competing consumers, retry → backoff → park →
+//! replay, ack timeouts, and a restart of the consumer host with messages
+//! in flight.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use annals::consumers::{
+    ConsumerError, GroupSettings, GroupStats, NackAction, PersistentSubscription, RetryPolicy, StartFrom,
+};
+use annals_core::{
+    EventData, ExpectedVersion, Filter, MemoryStore, ReadStream, Store, StreamName, SubscriptionTarget,
+};
+use tokio::time::Instant;
+
+async fn append(store: &dyn Store, stream: &str, event_type: &str, n: usize) {
+    let stream = StreamName::new(stream).unwrap();
+    for i in 0..n {
+        let event = EventData::json(event_type, &serde_json::json!({ "i": i })).unwrap();
+        store.append(&stream, ExpectedVersion::Any, vec![event]).await.unwrap();
+    }
+}
+
+fn settings(group: &str, filter: Filter) -> GroupSettings {
+    GroupSettings::new(group, SubscriptionTarget::All(filter))
+}
+
+async fn wait_stats(group: &PersistentSubscription, condition: impl Fn(&GroupStats) -> bool) -> GroupStats {
+    loop {
+        let stats = group.stats().await.unwrap();
+        if condition(&stats) {
+            return stats;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn competing_consumers_share_the_load_and_each_message_is_handled_once() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    for i in 0..8 {
+        append(&*store, &format!("account-{i}"), "Deposited", 50).await;
+    }
+    append(&*store, "audit-1", "Noise", 30).await; // filtered out
+    let group =
+        PersistentSubscription::start(store.clone(), settings("workers", Filter::category("account")))
+            .await
+            .unwrap();
+    let handled: Arc<Mutex<BTreeMap<u64, Vec<usize>>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for worker in 0..4 {
+        let mut consumer = group.connect(format!("worker-{worker}"), 8);
+        let handled = handled.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(delivery) = consumer.next().await {
+                assert_eq!(delivery.event.category(), "account");
+                handled.lock().unwrap().entry(delivery.event.position).or_default().push(worker);
+                consumer.ack(delivery.id).await.unwrap();
+            }
+        }));
+    }
+    let stats = wait_stats(&group, |s| s.acked == 400).await;
+    assert_eq!(stats.in_flight, 0);
+    assert_eq!(stats.retried, 0);
+    assert_eq!(stats.delivered, 400, "no message was delivered twice");
+    // The checkpoint passed every matching event. The filtered-out tail is
+    // only passed when the next matching event arrives, so it still counts
+    // as lag (lag is measured in positions).
+    let stats = wait_stats(&group, |s| s.last_checkpoint == Some(400)).await;
+    assert_eq!(stats.lag, 30);
+    group.stop().await;
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let handled = handled.lock().unwrap();
+    assert_eq!(handled.len(), 400);
+    assert!(
+        handled.values().all(|workers| workers.len() == 1),
+        "each message handled by exactly one consumer"
+    );
+    let per_worker: BTreeSet<usize> = handled.values().flatten().copied().collect();
+    assert_eq!(per_worker.len(), 4, "all four consumers got work");
+    assert_eq!(store.load_checkpoint("$ps-workers").await.unwrap(), Some(400));
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_backs_off_then_parks_and_replay_redelivers() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    append(&*store, "order-1", "Placed", 3).await;
+    append(&*store, "order-2", "Poison", 1).await; // position 3
+    append(&*store, "order-3", "Placed", 3).await;
+    let retry = RetryPolicy::attempts(3).backoff(Duration::from_secs(1), Duration::from_secs(60)).jitter(0.0);
+    let group = PersistentSubscription::start(store.clone(), settings("orders", Filter::all()).retry(retry))
+        .await
+        .unwrap();
+    let mut consumer = group.connect("c1", 10);
+    let mut poison_deliveries = Vec::new();
+    let mut acked = 0;
+    while acked < 6 || poison_deliveries.len() < 3 {
+        let d = consumer.next().await.unwrap();
+        if d.event.event_type == "Poison" {
+            poison_deliveries.push((d.attempt, Instant::now()));
+            consumer
+                .nack(d.id, NackAction::Retry, format!("bad order (attempt {})", d.attempt))
+                .await
+                .unwrap();
+        } else {
+            consumer.ack(d.id).await.unwrap();
+            acked += 1;
+        }
+    }
+    let attempts: Vec<u32> = poison_deliveries.iter().map(|(a, _)| *a).collect();
+    assert_eq!(attempts, [1, 2, 3]);
+    // Exponential backoff: 1 s, then 2 s (paused time, no jitter).
+    assert_eq!(poison_deliveries[1].1 - poison_deliveries[0].1, Duration::from_secs(1));
+    assert_eq!(poison_deliveries[2].1 - poison_deliveries[1].1, Duration::from_secs(2));
+
+    let stats = wait_stats(&group, |s| s.parked == 1).await;
+    assert_eq!(stats.retried, 3);
+    // Parked counts as settled: the checkpoint moved past it.
+    let stats = wait_stats(&group, |s| s.last_checkpoint == Some(7)).await;
+    assert_eq!(stats.in_flight, 0);
+    let parked = group.parked().await.unwrap();
+    assert_eq!(parked.len(), 1);
+    let p = &parked[0];
+    assert_eq!((p.stream.as_str(), p.version, p.position), ("order-2", 0, 3));
+    assert_eq!(p.attempts, 3);
+    assert_eq!(p.reason, "bad order (attempt 3)");
+    assert_eq!(group.inspect_parked(3).await.unwrap().as_ref(), Some(p));
+    let dlq = StreamName::system("$dlq-orders").unwrap();
+    let records = store.read_stream(&dlq, ReadStream::forward()).await.unwrap();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].event_type, "Parked");
+
+    // Replay: delivered again, marked replay; acking resolves it.
+    assert_eq!(group.replay_parked(None).await.unwrap(), 1);
+    let d = consumer.next().await.unwrap();
+    assert!(d.replay);
+    assert_eq!(d.event.position, 3);
+    assert_eq!(d.attempt, 1);
+    consumer.ack(d.id).await.unwrap();
+    assert!(group.parked().await.unwrap().is_empty());
+    assert_eq!(wait_stats(&group, |s| s.parked == 0).await.parked, 0);
+    let records = store.read_stream(&dlq, ReadStream::forward()).await.unwrap();
+    assert_eq!(records.last().unwrap().event_type, "Resolved");
+}
+
+#[tokio::test(start_paused = true)]
+async fn nack_park_and_skip_settle_at_once() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    append(&*store, "job-1", "Run", 3).await;
+    let group = PersistentSubscription::start(store.clone(), settings("jobs", Filter::all())).await.unwrap();
+    let mut consumer = group.connect("c", 3);
+    let (a, b, c) =
+        (consumer.next().await.unwrap(), consumer.next().await.unwrap(), consumer.next().await.unwrap());
+    consumer.nack(a.id, NackAction::Park, "operator asked").await.unwrap();
+    consumer.nack(b.id, NackAction::Skip, "not for us").await.unwrap();
+    consumer.ack(c.id).await.unwrap();
+    // Settling twice is refused.
+    assert!(matches!(consumer.ack(c.id).await, Err(ConsumerError::UnknownDelivery { .. })));
+    let stats = wait_stats(&group, |s| s.last_checkpoint == Some(3)).await;
+    assert_eq!(stats.parked, 1);
+    assert_eq!(group.parked().await.unwrap()[0].reason, "operator asked");
+}
+
+#[tokio::test(start_paused = true)]
+async fn unacked_messages_time_out_and_go_to_another_consumer() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    append(&*store, "mail-1", "Send", 1).await;
+    let group = PersistentSubscription::start(
+        store.clone(),
+        settings("mailer", Filter::all()).ack_timeout(Duration::from_secs(10)),
+    )
+    .await
+    .unwrap();
+    let mut slow = group.connect("slow", 1);
+    let first = slow.next().await.unwrap();
+    let mut fast = group.connect("fast", 1);
+    // While `slow` holds it, nobody else gets it.
+    assert!(tokio::time::timeout(Duration::from_secs(9), fast.next()).await.is_err());
+    let again = tokio::time::timeout(Duration::from_secs(5), fast.next()).await.unwrap().unwrap();
+    assert_eq!(again.event.id, first.event.id);
+    assert_eq!(again.attempt, 2);
+    // The late ack of the first delivery is refused; the new one counts.
+    assert!(matches!(slow.ack(first.id).await, Err(ConsumerError::UnknownDelivery { .. })));
+    fast.ack(again.id).await.unwrap();
+    let stats = wait_stats(&group, |s| s.last_checkpoint == Some(1)).await;
+    assert_eq!(stats.timed_out, 1);
+    assert_eq!(stats.acked, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_disconnected_consumers_messages_are_redelivered_at_once() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    append(&*store, "mail-1", "Send", 2).await;
+    let group =
+        PersistentSubscription::start(store.clone(), settings("mailer", Filter::all())).await.unwrap();
+    let mut gone = group.connect("gone", 2);
+    let d = gone.next().await.unwrap();
+    drop(gone);
+    let mut other = group.connect("other", 2);
+    let again = other.next().await.unwrap();
+    assert_eq!(again.event.id, d.event.id);
+    assert_eq!(again.attempt, 1, "a disconnect is not a failure");
+}
+
+#[tokio::test(start_paused = true)]
+async fn restart_with_messages_in_flight_loses_nothing_and_redelivers_only_past_the_checkpoint() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    append(&*store, "task-1", "Do", 20).await;
+    let group = PersistentSubscription::start(store.clone(), settings("tasks", Filter::all())).await.unwrap();
+    let mut consumer = group.connect("host-1", 20);
+    let mut deliveries = Vec::new();
+    for _ in 0..20 {
+        deliveries.push(consumer.next().await.unwrap());
+    }
+    for d in &deliveries {
+        if d.event.position < 10 || d.event.position == 15 {
+            consumer.ack(d.id).await.unwrap();
+        }
+    }
+    let stats = wait_stats(&group, |s| s.last_checkpoint == Some(10)).await;
+    assert_eq!(stats.in_flight, 9);
+    // The host dies with 9 messages in flight.
+    drop(consumer);
+    group.stop().await;
+
+    let group = PersistentSubscription::start(store.clone(), settings("tasks", Filter::all())).await.unwrap();
+    let mut consumer = group.connect("host-2", 20);
+    let mut redelivered = BTreeSet::new();
+    for _ in 0..10 {
+        let d = consumer.next().await.unwrap();
+        redelivered.insert(d.event.position);
+        consumer.ack(d.id).await.unwrap();
+    }
+    // Everything unacked came back; of the acked ones only 15 (acked past the
+    // checkpoint: the at-least-once window), none below the checkpoint.
+    assert_eq!(redelivered, (10..20).collect());
+    wait_stats(&group, |s| s.last_checkpoint == Some(20)).await;
+    drop(consumer);
+    group.stop().await;
+
+    let group = PersistentSubscription::start(store.clone(), settings("tasks", Filter::all())).await.unwrap();
+    let mut consumer = group.connect("host-3", 20);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(60), consumer.next()).await.is_err(),
+        "nothing acked is redelivered"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_parked_message_is_not_delivered_again_after_a_restart() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    append(&*store, "task-1", "Do", 2).await;
+    let group = PersistentSubscription::start(store.clone(), settings("tasks", Filter::all()).buffer_size(1))
+        .await
+        .unwrap();
+    let mut consumer = group.connect("c", 2);
+    let d = consumer.next().await.unwrap();
+    assert_eq!(d.event.position, 0);
+    consumer.nack(d.id, NackAction::Park, "poison").await.unwrap();
+    // Simulate a crash before the checkpoint was saved by rewinding it.
+    wait_stats(&group, |s| s.parked == 1).await;
+    drop(consumer);
+    group.stop().await;
+    store.save_checkpoint("$ps-tasks", 0).await.unwrap();
+
+    let group = PersistentSubscription::start(store.clone(), settings("tasks", Filter::all())).await.unwrap();
+    let mut consumer = group.connect("c", 2);
+    let d = consumer.next().await.unwrap();
+    assert_eq!(d.event.position, 1, "the parked message was recognised and skipped");
+    assert_eq!(group.stats().await.unwrap().parked, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_group_on_one_stream_starting_at_the_end() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    append(&*store, "cart-1", "Added", 5).await;
+    let stream = StreamName::new("cart-1").unwrap();
+    let settings = GroupSettings::new("carts", SubscriptionTarget::Stream(stream)).start_from(StartFrom::End);
+    let group = PersistentSubscription::start(store.clone(), settings.clone()).await.unwrap();
+    assert_eq!(store.load_checkpoint("$ps-carts").await.unwrap(), Some(5));
+    let mut consumer = group.connect("c", 1);
+    append(&*store, "cart-1", "Added", 1).await;
+    let d = consumer.next().await.unwrap();
+    assert_eq!(d.event.version, 5);
+    consumer.ack(d.id).await.unwrap();
+    let stats = wait_stats(&group, |s| s.last_checkpoint == Some(6)).await;
+    assert_eq!(stats.lag, 0);
+}
