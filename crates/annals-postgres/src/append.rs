@@ -10,6 +10,10 @@
 //! a request whose expectation fails writes nothing and is answered with
 //! its error while the others in the batch commit.
 //!
+//! A caller that stops waiting (its future dropped) does not withdraw its
+//! append: it may still commit, exactly as when an acknowledgement is lost.
+//! Re-send it with the same event ids to learn the outcome (idempotency).
+//!
 //! Round trips are pipelined: `BEGIN` travels with the lock statement, and
 //! `COMMIT` with the write (if the write fails, PostgreSQL turns that
 //! `COMMIT` into a rollback).

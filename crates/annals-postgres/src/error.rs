@@ -74,6 +74,11 @@ pub enum PgError {
     #[error("PostgreSQL error: {0}")]
     Database(#[from] tokio_postgres::Error),
 
+    /// The store was opened outside a Tokio runtime; it needs one for its
+    /// connections and background tasks. Open it from code running on Tokio.
+    #[error("annals-postgres needs a Tokio runtime: open the store from code running on Tokio")]
+    NoRuntime,
+
     /// Stored data could not be decoded (unknown content type code, negative
     /// version). Nothing was served from it; inspect the row.
     #[error("corrupt row: {0}")]
@@ -142,7 +147,7 @@ pub(crate) fn unreachable_from(e: tokio_postgres::Error) -> PgError {
 impl From<PgError> for annals_core::Error {
     fn from(e: PgError) -> Self {
         match e {
-            PgError::InvalidUrl { .. } | PgError::InvalidSchemaName { .. } => {
+            PgError::InvalidUrl { .. } | PgError::InvalidSchemaName { .. } | PgError::NoRuntime => {
                 annals_core::Error::invalid(e.to_string())
             }
             PgError::Corrupt(details) => annals_core::Error::Corrupt { details },

@@ -168,10 +168,14 @@ impl PgStoreBuilder {
 
     /// Connects, applies migrations, starts the listener.
     ///
-    /// Fails with [`PgError::InvalidUrl`], [`PgError::InvalidSchemaName`],
+    /// Fails with [`PgError::NoRuntime`], [`PgError::InvalidUrl`], [`PgError::InvalidSchemaName`],
     /// [`PgError::Unreachable`] (server down, wrong credentials, unknown
     /// database), [`PgError::SchemaTooNew`] or [`PgError::Migration`].
     pub async fn open(self) -> Result<PgStore, PgError> {
+        // Checked first: spawning the background tasks would panic otherwise.
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(PgError::NoRuntime);
+        }
         validate_schema(&self.schema)?;
         let mut config = tokio_postgres::Config::from_str(&self.url)
             .map_err(|e| PgError::InvalidUrl { reason: e.to_string() })?;

@@ -387,6 +387,12 @@ async fn bad_url_is_a_typed_error() {
     assert!(matches!(core, Error::InvalidInput { .. }), "{core:?}");
 }
 
+#[test]
+fn opening_outside_a_tokio_runtime_is_a_typed_error() {
+    let err = futures::executor::block_on(PgStore::connect(common::url())).unwrap_err();
+    assert!(matches!(err, PgError::NoRuntime), "{err:?}");
+}
+
 #[tokio::test]
 async fn bad_schema_name_is_a_typed_error() {
     for bad in ["", "Upper", "1digit", "semi;colon", &"x".repeat(57)] {
