@@ -27,7 +27,9 @@
 //!   database and concurrent opens are safe.
 //! - **Ordering**: positions are handed out by a one-row head table updated
 //!   inside each append transaction, so they are gapless and commit in
-//!   position order; readers never pass over a late commit. See
+//!   position order; readers never pass over a late commit. Concurrent
+//!   appends are group-committed (one transaction, one head acquisition,
+//!   one WAL flush for many appends), each still decided on its own. See
 //!   `docs/adr/02-postgres-ordering.md`.
 //! - **Subscriptions**: woken by `LISTEN/NOTIFY` with a bounded fallback
 //!   poll; they read committed rows, so a lost connection delays them but

@@ -121,7 +121,15 @@ async fn sixteen_writers_and_live_all_subscribers_see_every_event_once_in_order(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_instances_share_one_log_and_race_to_one_winner() {
     let Some((a, guard)) = common::open().await else { return };
-    let b = common::reopen(&guard.schema).await;
+    // No fallback poll within the test's lifetime: b can only learn of a's
+    // appends through NOTIFY.
+    let b = PgStore::builder(common::url())
+        .schema(&guard.schema)
+        .max_connections(4)
+        .poll_interval(Duration::from_secs(3600))
+        .open()
+        .await
+        .unwrap();
     let s = stream("shared-1");
 
     let mut sub_b = b.subscribe(SubscriptionRequest::stream(s.clone(), SubscribeFrom::Start));
@@ -148,6 +156,7 @@ async fn two_instances_share_one_log_and_race_to_one_winner() {
     }
     let got = take(&mut sub_b, 20).await;
     assert_eq!(got.iter().map(|e| e.version).collect::<Vec<_>>(), (1..=20).collect::<Vec<_>>());
+    assert!(b.notifications_received() > 0);
     assert_eq!(a.next_position().await.unwrap(), 21);
     assert_eq!(b.next_position().await.unwrap(), 21);
 }
