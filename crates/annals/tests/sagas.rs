@@ -1,0 +1,212 @@
+//! The transfer saga of the bank example: happy path, compensation, a crash
+//! between a command and its journal entry, and deadlines across a restart
+//! (paused time).
+
+#[path = "../examples/bank/domain.rs"]
+#[allow(dead_code)]
+mod domain;
+#[path = "../examples/bank/transfer.rs"]
+#[allow(dead_code)]
+mod transfer;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use annals::{
+    CommandMetadata, Repository,
+    consumers::{Clock, Saga, SagaPlan, SagaRunner, SagaStatus, StepError, TokioClock, saga_status},
+};
+use annals_core::{Filter, MemoryStore, RecordedEvent, Store, Timestamp, async_trait};
+use domain::{Account, AccountCommand as C, AccountEvent};
+use transfer::{TransferRequested, TransferSaga, TransferStep, approve_transfer, request_transfer};
+
+const HOUR: Duration = Duration::from_secs(3_600);
+
+async fn bank() -> (Arc<dyn Store>, Repository<Account>) {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let repo = Repository::<Account>::new(store.clone());
+    for (id, owner) in [("alice", "Alice"), ("bob", "Bob")] {
+        repo.execute(id, &C::Open { owner: owner.into() }, &CommandMetadata::new(format!("open-{id}")))
+            .await
+            .unwrap();
+    }
+    repo.execute("alice", &C::Deposit { amount: 100 }, &CommandMetadata::new("dep")).await.unwrap();
+    (store, repo)
+}
+
+fn saga(repo: &Repository<Account>) -> TransferSaga {
+    TransferSaga { repo: repo.clone(), approval_timeout: HOUR }
+}
+
+fn request(id: &str, amount: u64, needs_approval: bool) -> TransferRequested {
+    TransferRequested {
+        transfer_id: id.into(),
+        from: "alice".into(),
+        to: "bob".into(),
+        amount,
+        needs_approval,
+    }
+}
+
+/// Polls the journal without advancing (paused) time.
+async fn wait_status(
+    store: &dyn Store,
+    saga: &impl Saga,
+    id: &str,
+    done: impl Fn(&SagaStatus) -> bool,
+) -> SagaStatus {
+    loop {
+        if let Some(status) = saga_status(store, saga, id).await.unwrap()
+            && done(&status)
+        {
+            return status;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+async fn balance(repo: &Repository<Account>, id: &str) -> u64 {
+    repo.load(id).await.unwrap().state.balance
+}
+
+#[tokio::test]
+async fn happy_path_debits_then_credits() {
+    let (store, repo) = bank().await;
+    let runner = SagaRunner::new(store.clone(), saga(&repo)).start().unwrap();
+    request_transfer(&*store, &request("t1", 60, false)).await.unwrap();
+    let status = wait_status(&*store, &saga(&repo), "t1", SagaStatus::is_final).await;
+    assert_eq!(status, SagaStatus::Completed);
+    assert_eq!((balance(&repo, "alice").await, balance(&repo, "bob").await), (40, 60));
+    // The commands carry the saga's deterministic ids and correlation.
+    let (record, _) = repo.events("bob").await.unwrap().pop().unwrap();
+    let command_id = record.metadata.get_str("command_id").unwrap();
+    assert!(command_id.starts_with("saga:transfer:") && command_id.ends_with(":1:do"), "{command_id}");
+    runner.stop().await;
+}
+
+#[tokio::test]
+async fn a_closed_destination_refunds_the_source() {
+    let (store, repo) = bank().await;
+    repo.execute("bob", &C::Close, &CommandMetadata::new("close-bob")).await.unwrap();
+    let runner = SagaRunner::new(store.clone(), saga(&repo)).start().unwrap();
+    request_transfer(&*store, &request("t2", 60, false)).await.unwrap();
+    let status = wait_status(&*store, &saga(&repo), "t2", SagaStatus::is_final).await;
+    let SagaStatus::Compensated { failed_step, reason } = status else { panic!("{status:?}") };
+    assert_eq!(failed_step, 1);
+    assert!(reason.contains("closed"), "{reason}");
+    assert_eq!(balance(&repo, "alice").await, 100);
+    let alice: Vec<AccountEvent> = repo.events("alice").await.unwrap().into_iter().map(|(_, e)| e).collect();
+    assert!(matches!(alice[alice.len() - 2], AccountEvent::TransferredOut { amount: 60, .. }));
+    assert!(
+        matches!(&alice[alice.len() - 1], AccountEvent::TransferredIn { amount: 60, transfer_id, .. } if transfer_id == "t2-refund")
+    );
+    runner.stop().await;
+}
+
+/// The transfer saga, but the "process" dies right after the debit command
+/// committed and before the saga could record it.
+struct DiesAfterDebit {
+    inner: TransferSaga,
+    armed: Arc<AtomicBool>,
+    died: Arc<tokio::sync::Notify>,
+}
+
+#[async_trait]
+impl Saga for DiesAfterDebit {
+    type Step = TransferStep;
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn filter(&self) -> Filter {
+        self.inner.filter()
+    }
+    fn start(&self, event: &RecordedEvent) -> Option<SagaPlan<TransferStep>> {
+        self.inner.start(event)
+    }
+    async fn execute(&self, step: &TransferStep, command: &CommandMetadata) -> Result<(), StepError> {
+        self.inner.execute(step, command).await?;
+        if matches!(step, TransferStep::Debit { .. }) && self.armed.swap(false, Ordering::SeqCst) {
+            self.died.notify_one();
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+    async fn compensate(&self, step: &TransferStep, command: &CommandMetadata) -> Result<(), StepError> {
+        self.inner.compensate(step, command).await
+    }
+}
+
+#[tokio::test]
+async fn a_crash_between_command_and_journal_resumes_exactly_once() {
+    let (store, repo) = bank().await;
+    let died = Arc::new(tokio::sync::Notify::new());
+    let crashy =
+        DiesAfterDebit { inner: saga(&repo), armed: Arc::new(AtomicBool::new(true)), died: died.clone() };
+    let runner = SagaRunner::new(store.clone(), crashy).start().unwrap();
+    request_transfer(&*store, &request("t3", 30, false)).await.unwrap();
+    died.notified().await;
+    drop(runner); // crash: debit committed, journal says only "started"
+    assert_eq!(balance(&repo, "alice").await, 70);
+    assert_eq!(
+        saga_status(&*store, &saga(&repo), "t3").await.unwrap(),
+        Some(SagaStatus::Running { next_step: 0 })
+    );
+
+    let runner = SagaRunner::new(store.clone(), saga(&repo)).start().unwrap();
+    let status = wait_status(&*store, &saga(&repo), "t3", SagaStatus::is_final).await;
+    assert_eq!(status, SagaStatus::Completed);
+    // The debit was redone with the same command id: written once.
+    assert_eq!((balance(&repo, "alice").await, balance(&repo, "bob").await), (70, 30));
+    let debits = repo
+        .events("alice")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|(_, e)| matches!(e, AccountEvent::TransferredOut { .. }))
+        .count();
+    assert_eq!(debits, 1);
+    runner.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn deadlines_survive_a_restart() {
+    let (store, repo) = bank().await;
+    let clock: Arc<dyn Clock> =
+        Arc::new(TokioClock::starting_at(Timestamp::from_micros(1_700_000_000_000_000)));
+    let start =
+        |store: Arc<dyn Store>| SagaRunner::new(store, saga(&repo)).clock(clock.clone()).start().unwrap();
+
+    let runner = start(store.clone());
+    request_transfer(&*store, &request("big", 80, true)).await.unwrap();
+    request_transfer(&*store, &request("ok", 10, true)).await.unwrap();
+    let status =
+        wait_status(&*store, &saga(&repo), "big", |s| matches!(s, SagaStatus::Awaiting { .. })).await;
+    let SagaStatus::Awaiting { step: 1, deadline } = status else { panic!("{status:?}") };
+    assert_eq!(deadline.as_micros() - clock.now().as_micros(), 3_600_000_000);
+    wait_status(&*store, &saga(&repo), "ok", |s| matches!(s, SagaStatus::Awaiting { .. })).await;
+    assert_eq!(balance(&repo, "alice").await, 10);
+
+    // The host goes down for half an hour.
+    drop(runner);
+    tokio::time::advance(HOUR / 2).await;
+    let runner = start(store.clone());
+    approve_transfer(&*store, "ok").await.unwrap();
+    assert_eq!(wait_status(&*store, &saga(&repo), "ok", SagaStatus::is_final).await, SagaStatus::Completed);
+    tokio::task::yield_now().await;
+    assert!(matches!(
+        saga_status(&*store, &saga(&repo), "big").await.unwrap(),
+        Some(SagaStatus::Awaiting { .. })
+    ));
+
+    // The deadline (scheduled by the new runner from the journal) passes.
+    tokio::time::advance(HOUR / 2 + Duration::from_secs(1)).await;
+    let status = wait_status(&*store, &saga(&repo), "big", SagaStatus::is_final).await;
+    assert_eq!(status, SagaStatus::Compensated { failed_step: 1, reason: "deadline passed".into() });
+    assert_eq!((balance(&repo, "alice").await, balance(&repo, "bob").await), (90, 10));
+    runner.stop().await;
+}
