@@ -15,7 +15,7 @@
 //!
 //! See `docs/consumers.md` for the guide.
 
-// mod bus;
+mod bus;
 mod dlq;
 mod persistent;
 mod projection;
@@ -24,7 +24,7 @@ mod saga;
 
 use std::time::Duration;
 
-// pub use bus::{EventBus, EventBusBuilder, HandlerContext, LoggingMiddleware, MetricsMiddleware, Middleware};
+pub use bus::{EventBus, EventBusBuilder, HandlerContext, LoggingMiddleware, MetricsMiddleware, Middleware};
 pub use dlq::{DeadLetterQueue, ParkedMessage};
 pub use persistent::{
     Consumer, ConsumerStats, Delivery, GroupSettings, GroupStats, NackAction, PersistentSubscription,
