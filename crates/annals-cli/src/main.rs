@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the HTTP/SSE/WebSocket server.
-    Serve(commands::serve::ServeArgs),
+    Serve(Box<commands::serve::ServeArgs>),
     /// Append events to a stream (JSON from the argument or stdin).
     Append(commands::data::AppendArgs),
     /// Read a stream, or `$all`.
@@ -66,7 +66,7 @@ fn main() {
     };
     let result: Result<(), CliError> = runtime.block_on(async move {
         match cli.command {
-            Command::Serve(a) => commands::serve::run(a).await,
+            Command::Serve(a) => commands::serve::run(*a).await,
             Command::Append(a) => commands::data::append(a, &cli.client).await,
             Command::Read(a) => commands::data::read(a, &cli.client).await,
             Command::Tail(a) => commands::data::tail(a, &cli.client).await,

@@ -428,3 +428,76 @@ fn serves_the_embedded_log_and_keeps_data_across_restarts() {
     assert_eq!(out.status.code(), Some(7), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(String::from_utf8_lossy(&out.stdout).contains("BAD"));
 }
+
+/// The PostgreSQL URL for tests, or `None` (with a notice) when the database
+/// is unreachable and `ANNALS_REQUIRE_SERVICES` is not set.
+fn postgres_url() -> Option<String> {
+    let url = std::env::var("ANNALS_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let reachable =
+        std::net::TcpStream::connect_timeout(&"127.0.0.1:5432".parse().unwrap(), Duration::from_secs(2))
+            .is_ok()
+            || !url.contains("127.0.0.1:5432");
+    if reachable {
+        return Some(url);
+    }
+    assert!(
+        std::env::var("ANNALS_REQUIRE_SERVICES").as_deref() != Ok("1"),
+        "PostgreSQL at {url} is unreachable and ANNALS_REQUIRE_SERVICES=1"
+    );
+    eprintln!("skipping: PostgreSQL at {url} is unreachable");
+    None
+}
+
+fn serve_postgres(
+    url: &str,
+    schema: &str,
+) -> (std::process::Child, BufReader<std::process::ChildStdout>, String) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--postgres", url, "--postgres-schema", schema, "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    if !line.contains("backend: postgres") {
+        let mut err = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+        panic!("server did not start on PostgreSQL: {line} {err}");
+    }
+    let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().to_owned();
+    (child, reader, url)
+}
+
+#[test]
+fn two_servers_share_one_postgres_schema() {
+    let Some(pg) = postgres_url() else { return };
+    let schema = format!("annals_cli_{}", uuid::Uuid::new_v4().simple());
+    let (a, _ao, url_a) = serve_postgres(&pg, &schema);
+    let (b, _bo, url_b) = serve_postgres(&pg, &schema);
+    let out = annals(&url_a, &["append", "shared-1", "--type", "FromA", "--expected", "no_stream"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The other server sees it and enforces the same expected version.
+    let out = annals(&url_b, &["append", "shared-1", "--type", "FromB", "--expected", "no_stream"]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "conflict across servers: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = annals(&url_b, &["append", "shared-1", "--type", "FromB", "--expected", "0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = annals(&url_a, &["read", "shared-1", "--json"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success());
+    let a_at = text.find("FromA").expect("A's event");
+    let b_at = text.find("FromB").expect("B's event");
+    assert!(a_at < b_at, "{text}");
+    stop(a);
+    stop(b);
+    let _ = Command::new("psql")
+        .args([pg.as_str(), "-q", "-c", &format!("DROP SCHEMA IF EXISTS {schema} CASCADE")])
+        .output();
+}

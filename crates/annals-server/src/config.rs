@@ -61,11 +61,19 @@ pub struct StoreConfig {
     pub memory: bool,
     /// PostgreSQL URL (shared backend).
     pub postgres: Option<String>,
+    /// PostgreSQL schema holding the store's tables (several stores can
+    /// share one database under different schemas).
+    pub postgres_schema: String,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { data: PathBuf::from("./annals-data"), memory: false, postgres: None }
+        StoreConfig {
+            data: PathBuf::from("./annals-data"),
+            memory: false,
+            postgres: None,
+            postgres_schema: "annals".to_owned(),
+        }
     }
 }
 

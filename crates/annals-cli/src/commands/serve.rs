@@ -32,9 +32,13 @@ pub struct ServeArgs {
     /// Serve an in-memory store (nothing persists).
     #[arg(long)]
     pub memory: bool,
-    /// Serve a PostgreSQL database (not available yet).
+    /// Serve a PostgreSQL database, e.g. postgres://user@host:5432/db (the
+    /// shared backend: several servers can serve one database).
     #[arg(long)]
     pub postgres: Option<String>,
+    /// PostgreSQL schema for the store's tables (default `annals`).
+    #[arg(long)]
+    pub postgres_schema: Option<String>,
     /// Allow a non-loopback address without authentication.
     #[arg(long)]
     pub insecure: bool,
@@ -120,6 +124,9 @@ fn apply_flags(config: &mut ServerConfig, args: &ServeArgs) -> Result<(), CliErr
     }
     if let Some(p) = &args.postgres {
         config.store.postgres = Some(p.clone());
+    }
+    if let Some(s) = &args.postgres_schema {
+        config.store.postgres_schema = s.clone();
     }
     if args.insecure {
         config.insecure = true;
@@ -208,9 +215,25 @@ impl OpenedStore {
 /// Opens the configured store. The one place that knows the backends:
 /// PostgreSQL (`store.postgres`), in-memory (`store.memory`), or the
 /// embedded log in `store.data` (the default).
-pub fn open_store(config: &StoreConfig) -> Result<OpenedStore, CliError> {
-    if let Some(_url) = &config.postgres {
-        return Err(CliError::Usage("the PostgreSQL backend is not available yet; use --memory".into()));
+pub async fn open_store(config: &StoreConfig) -> Result<OpenedStore, CliError> {
+    if let Some(url) = &config.postgres {
+        if config.memory {
+            return Err(CliError::Usage(
+                "--memory and --postgres exclude each other; pick one backend".into(),
+            ));
+        }
+        let store = annals_postgres::PgStore::builder(url.clone())
+            .schema(config.postgres_schema.clone())
+            .open()
+            .await
+            .map_err(|e| match e {
+                annals_postgres::PgError::InvalidUrl { .. }
+                | annals_postgres::PgError::InvalidSchemaName { .. } => {
+                    CliError::Usage(format!("invalid configuration `store.postgres`: {e}"))
+                }
+                other => CliError::Other(format!("cannot open the PostgreSQL store: {other}")),
+            })?;
+        return Ok(OpenedStore { store: Arc::new(store), backend: "postgres", log: None });
     }
     if config.memory {
         return Ok(OpenedStore { store: Arc::new(MemoryStore::new()), backend: "memory", log: None });
@@ -249,7 +272,7 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
         return Ok(());
     }
     init_logging(&config)?;
-    let opened = open_store(&config.store)?;
+    let opened = open_store(&config.store).await?;
     let (store, backend) = (opened.store.clone(), opened.backend);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
