@@ -194,3 +194,38 @@ async fn blue_green_builds_the_new_version_beside_the_old_and_switches() {
     let err = blue_green_switch(store.clone(), green, ProjectionRunner::new(store.clone(), again)).await;
     assert!(matches!(err, Err(annals::consumers::ConsumerError::InvalidName { .. })));
 }
+
+/// A projection that only wants one category.
+struct OnlyAccounts(Arc<Mutex<BTreeMap<u64, u32>>>);
+
+#[async_trait]
+impl Projection for OnlyAccounts {
+    fn name(&self) -> &str {
+        "accounts-only"
+    }
+    fn filter(&self) -> annals_core::Filter {
+        annals_core::Filter::category("account")
+    }
+    async fn handle(&mut self, event: &RecordedEvent) -> Result<(), HandlerError> {
+        *self.0.lock().unwrap().entry(event.position).or_default() += 1;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_filtered_projection_scans_past_events_it_skips_and_reports_no_lag() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    append_n(&*store, 10, "Deposited").await;
+    let seen = Arc::new(Mutex::new(BTreeMap::new()));
+    let running = ProjectionRunner::new(store.clone(), OnlyAccounts(seen.clone())).start().unwrap();
+    caught_up(&running, &*store).await;
+    // Live: a tail of events the filter skips still moves the checkpoint.
+    let other = StreamName::new("audit-1").unwrap();
+    for _ in 0..5 {
+        let event = EventData::json("Logged", &serde_json::json!({})).unwrap();
+        store.append(&other, ExpectedVersion::Any, vec![event]).await.unwrap();
+    }
+    let stats = running.wait_for(|s| s.checkpoint == Some(15)).await.unwrap();
+    assert_eq!(stats.lag, 0);
+    assert_eq!(seen.lock().unwrap().len(), 10);
+}

@@ -1,15 +1,24 @@
-//! The bank example: accounts with invariants, and a transfer committed
-//! atomically across two streams.
+//! The bank example: accounts with invariants, a transfer committed
+//! atomically across two streams, then the consumer side: a money-transfer
+//! saga (debit A, credit B; when B is closed, refund A) and a balance read
+//! model kept by a projection.
 //!
 //! Run with `cargo run -p annals --example bank`.
 
 mod domain;
+// `approve_transfer` is exercised by tests/sagas.rs, not by this walkthrough.
+#[allow(dead_code)]
+mod transfer;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
-use annals::{CommandMetadata, Error, Repository, SnapshotPolicy};
+use annals::{
+    CommandMetadata, Error, Repository, SnapshotPolicy,
+    consumers::{ProjectionRunner, SagaRunner, SagaStatus, saga_status},
+};
 use annals_core::{MemoryStore, Store};
 use domain::{Account, AccountCommand as C, AccountError, transfer};
+use transfer::{BalanceProjection, BalanceTable, TransferRequested, TransferSaga, request_transfer};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -83,6 +92,59 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "alice loads from the snapshot at version {:?}, now at {:?}",
         latest.snapshot_version, latest.version
     );
+
+    consumers(store, repo).await
+}
+
+/// The consumer side: a saga moves money between accounts through the
+/// repository, and a projection keeps a balance table from the events.
+async fn consumers(
+    store: Arc<dyn Store>,
+    repo: Repository<Account>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    println!("\n== Consumers: a transfer saga and a balance read model");
+    let table = BalanceTable::default();
+    let projection =
+        ProjectionRunner::new(store.clone(), BalanceProjection { table: table.clone() }).start()?;
+    let saga = || TransferSaga { repo: repo.clone(), approval_timeout: Duration::from_secs(3_600) };
+    let sagas = SagaRunner::new(store.clone(), saga()).start()?;
+    let cmd = |id: &str| CommandMetadata::new(id).correlation_id("demo-consumers");
+    repo.execute("carol", &C::Open { owner: "Carol".into() }, &cmd("open-carol")).await?;
+    repo.execute("carol", &C::Deposit { amount: eur(50) }, &cmd("dep-carol")).await?;
+    for (id, to) in [("tx-saga-1", "alice"), ("tx-saga-2", "bob")] {
+        let request = TransferRequested {
+            transfer_id: id.into(),
+            from: "carol".into(),
+            to: to.into(),
+            amount: eur(20),
+            needs_approval: false,
+        };
+        request_transfer(&*store, &request).await?;
+        let status = loop {
+            match saga_status(&*store, &saga(), id).await? {
+                Some(status) if status.is_final() => break status,
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        };
+        match status {
+            SagaStatus::Completed => println!("saga {id}: carol -> {to} 20.00 completed"),
+            SagaStatus::Compensated { reason, .. } => {
+                println!("saga {id}: carol -> {to} 20.00 compensated (carol refunded): {reason}")
+            }
+            other => println!("saga {id}: {other:?}"),
+        }
+    }
+    projection.wait_until_caught_up(&*store).await?;
+    let stats = projection.stats();
+    println!("read model at checkpoint {:?}, lag {}, parked {}", stats.checkpoint, stats.lag, stats.parked);
+    let rows = table.read().map_err(|_| "balance table lock poisoned")?.clone();
+    for id in ["alice", "bob", "carol"] {
+        let from_events = repo.load(id).await?.state.balance;
+        let row = rows.get(id).copied().unwrap_or_default();
+        println!("{id}: read model {} / aggregate {}", row.balance, from_events);
+    }
+    sagas.stop().await;
+    projection.stop().await?;
     Ok(())
 }
 

@@ -130,8 +130,8 @@ pub struct ProjectionStats {
     pub processed: u64,
     /// Events parked since this runner started.
     pub parked: u64,
-    /// Positions behind the head of `$all` (counting events the filter
-    /// skips while catching up; 0 while following live and idle).
+    /// Positions of `$all` not yet scanned (the head minus the
+    /// checkpoint; events the filter skips count until they are scanned).
     pub lag: u64,
     /// Whether the runner has read up to the head at least once and now
     /// follows live.
@@ -363,9 +363,12 @@ async fn run(
     (config.into_runner(projection), outcome)
 }
 
-/// Catch up with pages of `read_all`, then follow with a subscription.
-/// Pages give the exact scan position even when the filter skips events, so
-/// the checkpoint moves over skipped ranges too.
+/// Reads pages of `read_all` from the checkpoint until the head, then waits
+/// for the next commit and reads again. Pages give the exact scan position
+/// even when the filter skips events, so the checkpoint (and the lag) moves
+/// over skipped ranges too. The wake-up comes from a store subscription used
+/// only as a doorbell: it is created before the first read, so no commit can
+/// slip between a read and the wait.
 async fn follow(
     config: &Config,
     projection: &mut dyn Projection,
@@ -373,10 +376,12 @@ async fn follow(
 ) -> ConsumerResult<()> {
     let checkpoint_name = checkpoint_name(&config.name, config.version);
     let filter = projection.filter();
+    let doorbell =
+        || config.store.subscribe(SubscriptionRequest::all(Filter::all().with_system(), SubscribeFrom::End));
+    let mut wake = doorbell();
     let mut next = config.checkpoint.load(&checkpoint_name).await?.unwrap_or(0);
     stats.send_modify(|s| s.checkpoint = Some(next));
     loop {
-        // Catch-up phase.
         loop {
             let slice = config
                 .store
@@ -399,39 +404,21 @@ async fn follow(
                 break;
             }
         }
-        // Live phase: the subscription wakes on commits and never skips.
-        let from = if next == 0 { SubscribeFrom::Start } else { SubscribeFrom::After(next - 1) };
-        let mut live = config.store.subscribe(SubscriptionRequest::all(filter.clone(), from));
         commit(config, &checkpoint_name, next, stats, true).await?;
-        loop {
-            let first = match live.next().await {
-                Some(Ok(event)) => event,
-                Some(Err(error)) => {
-                    tracing::warn!(projection = %config.name, %error, "subscription failed; catching up again");
-                    tokio::time::sleep(RESUBSCRIBE_DELAY).await;
-                    break;
-                }
-                None => break,
-            };
-            let mut batch = vec![first];
-            let mut failed = false;
-            while batch.len() < config.batch_size {
-                match live.next().now_or_never() {
-                    Some(Some(Ok(event))) => batch.push(event),
-                    Some(Some(Err(_)) | None) => {
-                        failed = true;
-                        break;
-                    }
-                    None => break,
-                }
+        match wake.next().await {
+            Some(Ok(_)) => {}
+            Some(Err(error)) => {
+                tracing::warn!(projection = %config.name, %error, "wake-up subscription failed; resubscribing");
+                tokio::time::sleep(RESUBSCRIBE_DELAY).await;
+                wake = doorbell();
             }
-            process(config, projection, &batch, stats).await;
-            next = batch.last().map_or(next, |e| e.position + 1);
-            commit(config, &checkpoint_name, next, stats, true).await?;
-            if failed {
-                break;
+            None => {
+                tokio::time::sleep(RESUBSCRIBE_DELAY).await;
+                wake = doorbell();
             }
         }
+        // One read serves every commit that is already known.
+        while let Some(Some(Ok(_))) = wake.next().now_or_never() {}
     }
 }
 
@@ -444,14 +431,12 @@ async fn commit(
 ) -> ConsumerResult<()> {
     config.checkpoint.commit(checkpoint_name, next).await?;
     let head = config.store.next_position().await?;
-    // Following live, the subscription has scanned to the head when it has
-    // nothing ready; a filtered-out tail is not lag.
-    let lag = if live { 0 } else { head.saturating_sub(next) };
+    let lag = head.saturating_sub(next);
     metrics::gauge!("annals_projection_lag", "projection" => config.name.clone()).set(lag as f64);
     stats.send_modify(|s| {
         s.checkpoint = Some(next);
         s.lag = lag;
-        s.live = live;
+        s.live |= live;
         s.retrying = None;
     });
     Ok(())
