@@ -75,7 +75,7 @@ async fn competing_consumers_share_the_load_and_each_message_is_handled_once() {
     for task in tasks {
         task.await.unwrap();
     }
-    let handled = handled.lock().unwrap();
+    let handled = handled.lock().unwrap().clone();
     assert_eq!(handled.len(), 400);
     assert!(
         handled.values().all(|workers| workers.len() == 1),

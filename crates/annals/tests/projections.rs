@@ -37,7 +37,7 @@ impl Projection for Counting {
         if event.event_type == "Poison" {
             return Err(HandlerError::new(format!("cannot digest {}", event.position)));
         }
-        *self.seen.lock().unwrap().entry(event.position).or_default() += u32::from(self.version);
+        *self.seen.lock().unwrap().entry(event.position).or_default() += self.version;
         Ok(())
     }
     async fn reset(&mut self) -> Result<(), HandlerError> {
@@ -77,7 +77,7 @@ async fn catches_up_then_follows_live() {
     assert_eq!(stats.checkpoint, Some(1_230));
     assert_eq!(stats.lag, 0);
     assert_eq!(stats.parked, 0);
-    let seen = seen.lock().unwrap();
+    let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 1_230);
     assert!(seen.values().all(|&n| n == 1), "each event handled once in one uninterrupted run");
     assert_eq!(store.load_checkpoint("$projection-balances-v1").await.unwrap(), Some(1_230));
