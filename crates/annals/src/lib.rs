@@ -41,8 +41,13 @@
 //! # }
 //! ```
 //!
-//! See `docs/event-sourcing.md` and the `bank` and `orders` examples
-//! (`cargo run -p annals --example bank`).
+//! The consumer side lives in [`consumers`]: persistent subscriptions
+//! (consumer groups with dead letters), checkpointed projections with
+//! blue/green rebuilds, sagas with compensation and deadlines, and an
+//! in-process event bus.
+//!
+//! See `docs/event-sourcing.md`, `docs/consumers.md` and the `bank` and
+//! `orders` examples (`cargo run -p annals --example bank`).
 
 mod aggregate;
 mod codec;
