@@ -570,6 +570,9 @@ impl Dispatcher {
             let Some(slot_id) = self.pick_consumer() else { return };
             self.ready.remove(&key);
             let Some(entry) = self.entries.get_mut(&key) else { continue };
+            if !matches!(entry.state, State::Waiting) {
+                continue; // settled or handed out meanwhile
+            }
             let Some(slot) = self.consumers.get_mut(&slot_id) else { continue };
             let delivery = Delivery {
                 id: self.next_delivery,
