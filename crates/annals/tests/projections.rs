@@ -229,3 +229,50 @@ async fn a_filtered_projection_scans_past_events_it_skips_and_reports_no_lag() {
     assert_eq!(stats.lag, 0);
     assert_eq!(seen.lock().unwrap().len(), 10);
 }
+
+/// A checkpoint hook like a transactional backend's: records each commit
+/// (where PostgreSQL would commit the projection's writes with it) and can
+/// fail.
+#[derive(Default)]
+struct RecordingCheckpoint {
+    commits: Mutex<Vec<u64>>,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl annals::consumers::ProjectionCheckpoint for RecordingCheckpoint {
+    async fn load(&self, _name: &str) -> annals_core::Result<Option<u64>> {
+        Ok(self.commits.lock().unwrap().last().copied())
+    }
+    async fn commit(&self, name: &str, next_position: u64) -> annals_core::Result<()> {
+        assert_eq!(name, "$projection-hooked-v1");
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(annals_core::Error::Backend { message: "commit failed".into(), source: None });
+        }
+        self.commits.lock().unwrap().push(next_position);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_checkpoint_hook_commits_after_every_batch_and_a_failed_commit_is_visible() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    append_n(&*store, 250, "Deposited").await;
+    let hook = Arc::new(RecordingCheckpoint::default());
+    let (projection, _seen) = counting("hooked", 1);
+    let running = ProjectionRunner::new(store.clone(), projection)
+        .batch_size(100)
+        .checkpoint(hook.clone())
+        .start()
+        .unwrap();
+    caught_up(&running, &*store).await;
+    let commits = hook.commits.lock().unwrap().clone();
+    assert_eq!(&commits[..3], [100, 200, 250], "one commit per batch, after it");
+    assert!(commits.iter().all(|&c| c <= 250));
+
+    hook.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    append_n(&*store, 1, "Deposited").await;
+    let err = running.wait_for(|_| false).await;
+    assert!(matches!(err, Err(annals::consumers::ConsumerError::Stopped)));
+    assert!(running.stats().stopped.unwrap().contains("commit failed"));
+}
