@@ -3,7 +3,7 @@
 //! projection and one that updates an in-memory `HashMap`.
 //!
 //! ```text
-//! cargo run --release -p annals --example consumers_bench -- [--events N] [--messages M] [--runs R]
+//! cargo run --release -p annals --example consumers_bench -- [--events N] [--messages M] [--runs R] [--log DIR]
 //! ```
 //! Defaults: N = 1,000,000 events, M = 100,000 messages, R = 3 runs; each
 //! figure is the median of the runs. Generic over `Arc<dyn Store>`:
@@ -19,8 +19,23 @@ use annals_core::{
     async_trait,
 };
 
-/// The backend under test (the embedded log slots in here later).
+/// The backend under test.
+/// MemoryStore, or the embedded log with `--log DIR` (fresh directory; the
+/// log is closed when the process exits).
 fn open_store() -> Arc<dyn Store> {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(base) = args.iter().position(|a| a == "--log").and_then(|i| args.get(i + 1)) {
+        // Each call gets its own fresh directory (runs must not share data).
+        static OPENED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = OPENED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = format!("{base}/store-{n}");
+        let _ = std::fs::remove_dir_all(&dir);
+        let log = annals_log::LogStore::builder(&dir)
+            .durability(annals_log::Durability::Always)
+            .open()
+            .unwrap_or_else(|e| panic!("cannot open the log in {dir}: {e}"));
+        return Arc::new(log);
+    }
     Arc::new(MemoryStore::new())
 }
 

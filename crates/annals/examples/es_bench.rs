@@ -9,6 +9,7 @@
 //!
 //! Real figures: `cargo run --release -p annals --example es_bench`.
 //! Quick check: `cargo run -p annals --example es_bench -- --events 500 --accounts 50 --samples 10`.
+//! On the embedded log: add `--log DIR` (a fresh directory, removed afterwards).
 //! Runs on `MemoryStore`; [`run`] takes any `Arc<dyn Store>`, so another
 //! backend is one line in `main`.
 
@@ -40,6 +41,9 @@ impl Config {
         let mut args = std::env::args().skip(1);
         while let Some(flag) = args.next() {
             let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
+            if flag == "--log" {
+                continue; // read by main
+            }
             let n: u64 = value.parse().map_err(|_| format!("{flag}: '{value}' is not a number"))?;
             let as_usize = || usize::try_from(n).map_err(|_| format!("{flag} is too large"));
             match flag.as_str() {
@@ -58,6 +62,19 @@ impl Config {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cfg = Config::from_args()?;
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(dir) =
+        args.iter().position(|a| a == "--log").and_then(|i| args.get(i + 1)).map(std::path::PathBuf::from)
+    {
+        // A fresh directory: the figures are for this run's data only.
+        let _ = std::fs::remove_dir_all(&dir);
+        println!("es_bench on the embedded log in {}: {cfg:?}", dir.display());
+        let log = annals_log::LogStore::open(&dir)?;
+        let result = run(Arc::new(log.clone()), cfg).await;
+        tokio::task::spawn_blocking(move || log.close()).await??;
+        let _ = std::fs::remove_dir_all(&dir);
+        return result;
+    }
     println!("es_bench on MemoryStore: {cfg:?}");
     run(Arc::new(MemoryStore::new()), cfg).await
 }
