@@ -291,3 +291,39 @@ async fn a_group_on_one_stream_starting_at_the_end() {
     let stats = wait_stats(&group, |s| s.last_checkpoint == Some(6)).await;
     assert_eq!(stats.lag, 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn checkpoints_are_saved_in_batches_after_an_interval_and_on_stop() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    append(&*store, "job-1", "Do", 12).await;
+    let settings = settings("batched", Filter::all()).checkpoint(5, Duration::from_secs(10));
+    let group = PersistentSubscription::start(store.clone(), settings.clone()).await.unwrap();
+    let mut consumer = group.connect("c", 20);
+    let mut deliveries = Vec::new();
+    for _ in 0..12 {
+        deliveries.push(consumer.next().await.unwrap());
+    }
+    let saved = || async { store.load_checkpoint("$ps-batched").await.unwrap() };
+    // Four settled: below the batch size and before the interval, so only in memory.
+    for d in &deliveries[..4] {
+        consumer.ack(d.id).await.unwrap();
+    }
+    let stats = group.stats().await.unwrap();
+    assert_eq!(stats.last_checkpoint, None);
+    assert_eq!(saved().await, None);
+    // The fifth makes a batch: saved at once.
+    consumer.ack(deliveries[4].id).await.unwrap();
+    wait_stats(&group, |s| s.last_checkpoint == Some(5)).await;
+    assert_eq!(saved().await, Some(5));
+    // One more, then the interval passes: saved without a full batch.
+    consumer.ack(deliveries[5].id).await.unwrap();
+    let before = Instant::now();
+    wait_stats(&group, |s| s.last_checkpoint == Some(6)).await;
+    assert!(before.elapsed() >= Duration::from_secs(10), "saved by the interval, not at once");
+    // Stopping saves whatever was settled since.
+    consumer.ack(deliveries[6].id).await.unwrap();
+    group.stats().await.unwrap();
+    drop(consumer);
+    group.stop().await;
+    assert_eq!(saved().await, Some(7));
+}

@@ -64,6 +64,14 @@ pub struct GroupSettings {
     /// At most this many messages past the checkpoint are held in memory;
     /// reading pauses while the buffer is full.
     pub buffer_size: usize,
+    /// Save the checkpoint once it has moved this many positions past the
+    /// saved one (default 256).
+    pub checkpoint_every: u64,
+    /// Save a checkpoint that moved at most this long ago, even if fewer
+    /// than `checkpoint_every` positions (default 1 s). Stopping the group
+    /// always saves. Only a crash can leave the saved checkpoint behind the
+    /// settled messages, and then they are delivered again (at least once).
+    pub checkpoint_interval: Duration,
 }
 
 impl GroupSettings {
@@ -77,7 +85,19 @@ impl GroupSettings {
             retry: RetryPolicy::default(),
             ack_timeout: Duration::from_secs(30),
             buffer_size: 1_024,
+            checkpoint_every: 256,
+            checkpoint_interval: Duration::from_secs(1),
         }
+    }
+
+    /// Sets how often the checkpoint is saved: after `every` positions, or
+    /// `interval` after it moved, whichever comes first. Each save is a
+    /// durable write on disk-backed stores, so saving per message caps the
+    /// group at the store's fsync rate.
+    pub fn checkpoint(mut self, every: u64, interval: Duration) -> Self {
+        self.checkpoint_every = every.max(1);
+        self.checkpoint_interval = interval;
+        self
     }
 
     /// Sets where a new group starts.
@@ -229,6 +249,9 @@ impl PersistentSubscription {
             retry: settings.retry,
             ack_timeout: settings.ack_timeout,
             buffer_size: settings.buffer_size.max(1),
+            checkpoint_every: settings.checkpoint_every.max(1),
+            checkpoint_interval: settings.checkpoint_interval,
+            unsaved_since: None,
             target: settings.target,
             group: settings.group.clone(),
             dlq: dlq.clone(),
@@ -426,6 +449,10 @@ struct Dispatcher {
     retry: RetryPolicy,
     ack_timeout: Duration,
     buffer_size: usize,
+    checkpoint_every: u64,
+    checkpoint_interval: Duration,
+    /// When the in-memory checkpoint first moved past the saved one.
+    unsaved_since: Option<Instant>,
     target: SubscriptionTarget,
     group: String,
     dlq: DeadLetterQueue,
@@ -483,11 +510,16 @@ impl Dispatcher {
         let mut resubscribe_at: Option<Instant> = None;
         loop {
             self.dispatch();
-            let wake =
-                [self.delayed.first().map(|d| d.0), self.deadlines.first().map(|d| d.0), resubscribe_at]
-                    .into_iter()
-                    .flatten()
-                    .min();
+            let save_at = self.unsaved_since.map(|t| t + self.checkpoint_interval);
+            let wake = [
+                self.delayed.first().map(|d| d.0),
+                self.deadlines.first().map(|d| d.0),
+                resubscribe_at,
+                save_at,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let live = self.entries.len().saturating_sub(self.replaying.len());
             let can_read = subscription.is_some() && live < self.buffer_size;
             tokio::select! {
@@ -517,8 +549,10 @@ impl Dispatcher {
                     }
                 },
             }
-            self.advance_checkpoint().await;
+            self.advance_checkpoint(false).await;
         }
+        // Stopping (or being dropped) saves what was settled.
+        self.advance_checkpoint(true).await;
     }
 
     fn subscribe(&self) -> annals_core::EventStream {
@@ -754,7 +788,9 @@ impl Dispatcher {
         }
     }
 
-    async fn advance_checkpoint(&mut self) {
+    /// Moves the in-memory checkpoint over settled messages and saves it
+    /// when due (see [`GroupSettings::checkpoint_every`]) or when `force`d.
+    async fn advance_checkpoint(&mut self, force: bool) {
         while let Some(entry) = self.entries.range(Key::Live(0)..).next() {
             if !matches!(entry.1.state, State::Done) {
                 break;
@@ -770,10 +806,22 @@ impl Dispatcher {
         if self.saved_checkpoint.is_some_and(|saved| saved >= next)
             || (self.saved_checkpoint.is_none() && next == 0)
         {
+            self.unsaved_since = None;
+            return;
+        }
+        let now = Instant::now();
+        let since = *self.unsaved_since.get_or_insert(now);
+        let due = force
+            || next.saturating_sub(self.saved_checkpoint.unwrap_or(0)) >= self.checkpoint_every
+            || now.saturating_duration_since(since) >= self.checkpoint_interval;
+        if !due {
             return;
         }
         match self.store.save_checkpoint(&self.checkpoint_name, next).await {
-            Ok(()) => self.saved_checkpoint = Some(next),
+            Ok(()) => {
+                self.saved_checkpoint = Some(next);
+                self.unsaved_since = None;
+            }
             // Retried after the next message; a stale checkpoint only widens
             // the at-least-once window.
             Err(error) => tracing::warn!(group = %self.group, %error, "could not save the checkpoint"),
