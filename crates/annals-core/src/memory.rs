@@ -123,37 +123,8 @@ impl Inner {
         let Some(entry) = state.streams.get(stream) else {
             return Err(Error::StreamNotFound { stream: stream.clone() });
         };
-        if entry.state.tombstoned {
-            return Err(Error::StreamDeleted { stream: stream.clone() });
-        }
-        if !entry.state.exists() {
-            return Err(Error::StreamNotFound { stream: stream.clone() });
-        }
-        let first = entry.state.truncate_before;
-        let count = entry.positions.len() as u64;
-        let limit = request.limit;
-        let versions: Box<dyn Iterator<Item = u64>> = match request.direction {
-            Direction::Forward => {
-                let start = match request.from {
-                    ReadFrom::Start => first,
-                    ReadFrom::End => count,
-                    ReadFrom::At(v) => v.max(first),
-                };
-                Box::new(start..count)
-            }
-            Direction::Backward => {
-                let start = match request.from {
-                    ReadFrom::Start | ReadFrom::End => count.checked_sub(1),
-                    ReadFrom::At(v) => Some(v.min(count.saturating_sub(1))),
-                };
-                match start {
-                    Some(s) if s >= first => Box::new((first..=s).rev()),
-                    _ => Box::new(std::iter::empty()),
-                }
-            }
-        };
+        let versions = entry.state.versions_to_read(stream, &request)?;
         Ok(versions
-            .take(limit)
             .filter_map(|v| usize::try_from(v).ok())
             .filter_map(|v| entry.positions.get(v))
             .filter_map(|p| usize::try_from(*p).ok())

@@ -3,7 +3,10 @@
 
 use uuid::Uuid;
 
-use crate::{AppendResult, DeletionState, Error, ExpectedVersion, Result, StreamInfo, StreamName};
+use crate::{
+    AppendResult, DeletionState, Direction, Error, ExpectedVersion, ReadFrom, ReadStream, Result, StreamInfo,
+    StreamName,
+};
 
 /// What a backend knows about one stream, enough to decide an append.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -102,6 +105,47 @@ impl StreamState {
             return Err(Error::WrongExpectedVersion { stream: stream.clone(), expected, actual });
         }
         Ok(AppendDecision::Write { first_version: self.next_version() })
+    }
+
+    /// The versions a stream read visits, in order and at most
+    /// `request.limit` of them, after checking the stream is readable
+    /// (tombstoned → [`Error::StreamDeleted`]; never written or soft-deleted →
+    /// [`Error::StreamNotFound`]). Versions below `truncate_before` are never
+    /// visited. Backends map each version to their own storage.
+    pub fn versions_to_read(
+        &self,
+        stream: &StreamName,
+        request: &ReadStream,
+    ) -> Result<Box<dyn Iterator<Item = u64> + Send>> {
+        if self.tombstoned {
+            return Err(Error::StreamDeleted { stream: stream.clone() });
+        }
+        if !self.exists() {
+            return Err(Error::StreamNotFound { stream: stream.clone() });
+        }
+        let first = self.truncate_before;
+        let count = self.next_version();
+        let versions: Box<dyn Iterator<Item = u64> + Send> = match request.direction {
+            Direction::Forward => {
+                let start = match request.from {
+                    ReadFrom::Start => first,
+                    ReadFrom::End => count,
+                    ReadFrom::At(v) => v.max(first),
+                };
+                Box::new(start..count)
+            }
+            Direction::Backward => {
+                let start = match request.from {
+                    ReadFrom::Start | ReadFrom::End => count.checked_sub(1),
+                    ReadFrom::At(v) => count.checked_sub(1).map(|last| v.min(last)),
+                };
+                match start {
+                    Some(s) if s >= first => Box::new((first..=s).rev()),
+                    _ => Box::new(std::iter::empty()),
+                }
+            }
+        };
+        Ok(Box::new(versions.take(request.limit)))
     }
 
     /// Checks a delete request against this state.

@@ -137,36 +137,8 @@ impl Core {
             let Some(entry) = idx.streams.get(stream) else {
                 return Err(Error::StreamNotFound { stream: stream.clone() });
             };
-            if entry.state.tombstoned {
-                return Err(Error::StreamDeleted { stream: stream.clone() });
-            }
-            if !entry.state.exists() {
-                return Err(Error::StreamNotFound { stream: stream.clone() });
-            }
-            let first = entry.state.truncate_before;
-            let count = entry.positions.len() as u64;
-            let versions: Box<dyn Iterator<Item = u64>> = match request.direction {
-                Direction::Forward => {
-                    let start = match request.from {
-                        ReadFrom::Start => first,
-                        ReadFrom::End => count,
-                        ReadFrom::At(v) => v.max(first),
-                    };
-                    Box::new(start..count)
-                }
-                Direction::Backward => {
-                    let start = match request.from {
-                        ReadFrom::Start | ReadFrom::End => count.checked_sub(1),
-                        ReadFrom::At(v) => Some(v.min(count.saturating_sub(1))),
-                    };
-                    match start {
-                        Some(s) if s >= first && count > 0 => Box::new((first..=s).rev()),
-                        _ => Box::new(std::iter::empty()),
-                    }
-                }
-            };
+            let versions = entry.state.versions_to_read(stream, &request)?;
             versions
-                .take(request.limit)
                 .filter_map(|v| usize::try_from(v).ok().and_then(|v| entry.positions.get(v)))
                 .filter_map(|&p| usize::try_from(p).ok().and_then(|i| idx.locs.get(i)).map(|&l| (p, l)))
                 .collect()
