@@ -25,6 +25,7 @@ pub mod auth;
 pub mod config;
 mod error;
 pub mod extract;
+mod groups;
 mod live;
 pub mod metrics;
 mod openapi;
@@ -74,6 +75,7 @@ struct Shared {
     started: Instant,
     started_at: annals_core::Timestamp,
     shutdown: CancellationToken,
+    groups: groups::Groups,
 }
 
 impl std::fmt::Debug for AppState {
@@ -110,6 +112,7 @@ impl AppState {
                 started: Instant::now(),
                 started_at: annals_core::Timestamp::now(),
                 shutdown: CancellationToken::new(),
+                groups: groups::Groups::default(),
                 config,
             }),
         })
@@ -134,6 +137,12 @@ impl AppState {
     /// watch it to say goodbye.
     pub fn shutdown_token(&self) -> &CancellationToken {
         &self.inner.shutdown
+    }
+
+    /// Stops every running consumer group, saving their checkpoints, and
+    /// refuses new ones. [`run`] calls it once connections have drained.
+    pub async fn stop_groups(&self) {
+        self.inner.groups.stop_all().await;
     }
 }
 
@@ -163,11 +172,16 @@ pub fn app(state: AppState) -> Router {
         .route("/stats", get(routes::ops::stats))
         .route("/info", get(routes::ops::info))
         .route("/openapi.json", get(openapi::serve))
+        .route("/groups", get(groups::list))
+        .route("/groups/{group}", put(groups::create).get(groups::stats).delete(groups::delete))
+        .route("/groups/{group}/parked", get(groups::parked))
+        .route("/groups/{group}/parked/replay", post(groups::replay))
         .layer(middleware::from_fn(move |req: Request, next: Next| timeout(req, next, request_secs)));
     let live = Router::new()
         .route("/streams/{stream}/live", get(live::stream_sse))
         .route("/all/live", get(live::all_sse))
-        .route("/ws", get(live::ws));
+        .route("/ws", get(live::ws))
+        .route("/groups/{group}/ws", get(groups::ws));
     api.merge(live)
         .route_layer(middleware::from_fn_with_state(state.clone(), metrics::track))
         .fallback(not_found)

@@ -3,7 +3,7 @@
 use axum::Json;
 use utoipa::OpenApi;
 
-use crate::{live, routes, wire};
+use crate::{groups, live, routes, wire};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -31,6 +31,13 @@ use crate::{live, routes, wire};
         live::stream_sse,
         live::all_sse,
         live::ws,
+        groups::create,
+        groups::list,
+        groups::stats,
+        groups::delete,
+        groups::parked,
+        groups::replay,
+        groups::ws,
     ),
     components(schemas(
         wire::EventIn,

@@ -86,6 +86,9 @@ pub async fn run(
             "connections still open after the shutdown timeout; closing them"
         );
     }
+    // After the drain, so consumers disconnected first and their unsettled
+    // messages are back in the group when it saves its checkpoint.
+    state.stop_groups().await;
     Ok(())
 }
 

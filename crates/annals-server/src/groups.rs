@@ -1,0 +1,603 @@
+//! Persistent subscriptions (consumer groups) over HTTP and WebSocket.
+//!
+//! The server keeps a registry of running groups ([`Groups`]), created on
+//! demand by `PUT /groups/{group}` and stopped by `DELETE` or on shutdown
+//! (stopping saves the checkpoint). Consumers connect over
+//! `GET /groups/{group}/ws`; each socket is one competing consumer, and
+//! closing it hands its unsettled messages back to the group.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use annals::consumers::{
+    ConsumerError, Delivery, GroupSettings, NackAction, PersistentSubscription, RetryPolicy, StartFrom,
+};
+use annals_core::{StreamName, SubscriptionTarget};
+use axum::{
+    Json,
+    extract::{
+        State,
+        ws::{Message, WebSocket, WebSocketUpgrade},
+    },
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+use crate::{
+    AppState,
+    auth::{Principal, Role},
+    error::ApiError,
+    extract::{ApiJson, ApiPath, ApiQuery},
+    routes::all::FilterQuery,
+    wire::EventOut,
+};
+
+/// Longest accepted ack timeout (a day): longer ones are almost surely a
+/// unit mistake.
+const MAX_ACK_TIMEOUT_MS: u64 = 24 * 60 * 60 * 1000;
+/// Most retries a group may be configured with.
+const MAX_RETRIES: u32 = 10_000;
+/// Most messages one consumer may hold unsettled.
+const MAX_IN_FLIGHT: usize = 10_000;
+
+/// The running groups of one server.
+#[derive(Default)]
+pub(crate) struct Groups {
+    inner: Mutex<Registry>,
+}
+
+#[derive(Default)]
+struct Registry {
+    running: BTreeMap<String, Entry>,
+    /// Set on shutdown: no group may start after the registry was emptied.
+    closed: bool,
+}
+
+#[derive(Clone)]
+struct Entry {
+    spec: GroupSpec,
+    subscription: Arc<PersistentSubscription>,
+}
+
+impl Groups {
+    /// Stops every group (saving checkpoints) and refuses new ones.
+    pub(crate) async fn stop_all(&self) {
+        let entries = {
+            let mut registry = self.inner.lock().await;
+            registry.closed = true;
+            std::mem::take(&mut registry.running)
+        };
+        for (_, entry) in entries {
+            stop(entry.subscription).await;
+        }
+    }
+
+    async fn get(&self, group: &str) -> Result<Entry, ApiError> {
+        self.inner.lock().await.running.get(group).cloned().ok_or_else(|| unknown_group(group))
+    }
+}
+
+/// Stops a group removed from the registry. A request that still holds it
+/// (a stats call in progress) keeps it alive for that call; the last handle
+/// dropped cancels the dispatcher, which saves the checkpoint as it ends.
+async fn stop(subscription: Arc<PersistentSubscription>) {
+    if let Ok(subscription) = Arc::try_unwrap(subscription) {
+        subscription.stop().await;
+    }
+}
+
+fn unknown_group(group: &str) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "group_not_found", format!("no running group '{group}'"))
+        .with_details(json!({ "group": group }))
+}
+
+fn consumer_error(e: ConsumerError) -> ApiError {
+    let message = e.to_string();
+    match e {
+        ConsumerError::Store(e) => ApiError::from(e),
+        ConsumerError::UnknownDelivery { delivery_id } => {
+            ApiError::new(StatusCode::NOT_FOUND, "unknown_delivery", message)
+                .with_details(json!({ "delivery_id": delivery_id }))
+        }
+        ConsumerError::Stopped => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "group_stopped", message),
+        ConsumerError::InvalidName { .. } => ApiError::new(StatusCode::BAD_REQUEST, "invalid_name", message),
+        ConsumerError::OriginalGone { .. } => ApiError::new(StatusCode::GONE, "original_gone", message),
+        _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message),
+    }
+}
+
+/// Same rules as the library (which does not export them), checked first
+/// so a bad name is a 400 before anything touches the store.
+fn validate_group(name: &str) -> Result<(), ApiError> {
+    let bad = |reason: &str| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_name", format!("invalid group name: {reason}"))
+    };
+    if name.is_empty() || name.len() > 200 {
+        return Err(bad("must be 1–200 bytes"));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(bad("contains a control character"));
+    }
+    Ok(())
+}
+
+/// A `$all` filter in a group's settings: the names of the `GET /all`
+/// query parameters.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupFilter {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    stream_prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    category: Option<String>,
+    /// Comma-separated exact event types.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    event_type: Option<String>,
+    /// Comma-separated event type prefixes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    type_prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    correlation_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    after: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    before: Option<String>,
+    #[serde(default)]
+    include_system: bool,
+}
+
+impl GroupFilter {
+    fn to_query(&self) -> FilterQuery {
+        FilterQuery {
+            stream_prefix: self.stream_prefix.clone(),
+            category: self.category.clone(),
+            event_type: self.event_type.clone(),
+            type_prefix: self.type_prefix.clone(),
+            correlation_id: self.correlation_id.clone(),
+            after: self.after.clone(),
+            before: self.before.clone(),
+            include_system: Some(self.include_system.to_string()),
+        }
+    }
+}
+
+/// Body of `PUT /groups/{group}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupIn {
+    /// A stream name, or `$all`.
+    stream: String,
+    /// `$all` only: which events.
+    #[serde(default)]
+    filter: Option<GroupFilter>,
+    /// `start` (default) or `end`: where a group without a checkpoint starts.
+    #[serde(default)]
+    start_from: Option<String>,
+    /// Redeliveries after the first failure before a message is parked.
+    #[serde(default)]
+    max_retries: Option<u32>,
+    /// An unacked delivery is taken back after this long.
+    #[serde(default)]
+    ack_timeout_ms: Option<u64>,
+}
+
+/// A group's settings with defaults filled in: what `PUT` compares for
+/// idempotency and what the listing shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+struct GroupSpec {
+    stream: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    filter: Option<GroupFilter>,
+    start_from: &'static str,
+    max_retries: u32,
+    ack_timeout_ms: u64,
+}
+
+impl GroupSpec {
+    fn parse(body: GroupIn) -> Result<Self, ApiError> {
+        let start_from = match body.start_from.as_deref().map(str::trim) {
+            None | Some("start") => "start",
+            Some("end") => "end",
+            Some(other) => {
+                return Err(ApiError::bad_request(format!(
+                    "`start_from` must be start or end, got '{other}'"
+                )));
+            }
+        };
+        let max_retries = body.max_retries.unwrap_or(RetryPolicy::default().max_attempts.saturating_sub(1));
+        if max_retries > MAX_RETRIES {
+            return Err(ApiError::bad_request(format!("`max_retries` must be at most {MAX_RETRIES}")));
+        }
+        let ack_timeout_ms = body.ack_timeout_ms.unwrap_or(30_000);
+        if ack_timeout_ms == 0 || ack_timeout_ms > MAX_ACK_TIMEOUT_MS {
+            return Err(ApiError::bad_request(format!("`ack_timeout_ms` must be 1..={MAX_ACK_TIMEOUT_MS}")));
+        }
+        if body.stream != "$all" && body.filter.is_some() {
+            return Err(ApiError::bad_request("`filter` applies only to groups over $all"));
+        }
+        let filter = (body.stream == "$all").then(|| body.filter.unwrap_or_default());
+        Ok(GroupSpec { stream: body.stream, filter, start_from, max_retries, ack_timeout_ms })
+    }
+
+    /// The subscription target, checking that `principal` has `role` on it
+    /// (system streams and `include_system` need admin, as for reads).
+    fn target(&self, principal: &Principal, role: Role) -> Result<SubscriptionTarget, ApiError> {
+        match &self.filter {
+            Some(f) => {
+                let query = f.to_query();
+                let filter = query.to_filter()?;
+                let needed = if filter.include_system { Role::Admin } else { role };
+                principal.authorize_all(needed, filter.stream_prefix.as_deref())?;
+                Ok(SubscriptionTarget::All(filter))
+            }
+            None => {
+                let name = StreamName::any(&self.stream).map_err(ApiError::from)?;
+                let needed = if name.is_system() { Role::Admin } else { role };
+                principal.authorize(needed, Some(name.as_str()))?;
+                Ok(SubscriptionTarget::Stream(name))
+            }
+        }
+    }
+
+    fn settings(&self, group: &str, target: SubscriptionTarget) -> GroupSettings {
+        let start = if self.start_from == "end" { StartFrom::End } else { StartFrom::Start };
+        let retry =
+            RetryPolicy { max_attempts: self.max_retries.saturating_add(1), ..RetryPolicy::default() };
+        GroupSettings::new(group, target)
+            .start_from(start)
+            .retry(retry)
+            .ack_timeout(Duration::from_millis(self.ack_timeout_ms))
+    }
+}
+
+fn describe(group: &str, spec: &GroupSpec) -> Value {
+    let mut v = serde_json::to_value(spec).unwrap_or(Value::Null);
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("group".into(), Value::from(group));
+    }
+    v
+}
+
+/// `PUT /groups/{group}`: creates and starts a group, or confirms it runs
+/// with the same settings.
+#[utoipa::path(put, path = "/groups/{group}", tag = "groups",
+    params(("group" = String, Path, description = "Group name (1–200 bytes)")),
+    request_body(content = Object, description = "`{ stream, filter?, start_from?, max_retries?, ack_timeout_ms? }`"),
+    responses((status = 201, description = "Started"), (status = 200, description = "Already running with these settings"),
+        (status = 400), (status = 403), (status = 409, description = "Running with different settings")))]
+pub async fn create(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(group): ApiPath<String>,
+    ApiJson(body): ApiJson<GroupIn>,
+) -> Result<Response, ApiError> {
+    principal.authorize(Role::Writer, None)?;
+    validate_group(&group)?;
+    let spec = GroupSpec::parse(body)?;
+    let target = spec.target(&principal, Role::Writer)?;
+    // Held across the start so two concurrent creates cannot both start it.
+    let mut registry = state.inner.groups.inner.lock().await;
+    if registry.closed {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is shutting down",
+        ));
+    }
+    if let Some(entry) = registry.running.get(&group) {
+        if entry.spec == spec {
+            return Ok((StatusCode::OK, Json(describe(&group, &spec))).into_response());
+        }
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "group_exists",
+            format!("group '{group}' is running with different settings; delete it first"),
+        )
+        .with_details(json!({ "running": describe(&group, &entry.spec) })));
+    }
+    let subscription =
+        PersistentSubscription::start(state.inner.store.clone(), spec.settings(&group, target))
+            .await
+            .map_err(consumer_error)?;
+    let body = describe(&group, &spec);
+    registry.running.insert(group, Entry { spec, subscription: Arc::new(subscription) });
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// `GET /groups`: the running groups this principal may see.
+#[utoipa::path(get, path = "/groups", tag = "groups", responses((status = 200, description = "`{ groups: [settings] }`"), (status = 403)))]
+pub async fn list(State(state): State<AppState>, principal: Principal) -> Result<Json<Value>, ApiError> {
+    principal.authorize(Role::Reader, None)?;
+    let registry = state.inner.groups.inner.lock().await;
+    let groups: Vec<Value> = registry
+        .running
+        .iter()
+        .filter(|(_, e)| e.spec.target(&principal, Role::Reader).is_ok())
+        .map(|(g, e)| describe(g, &e.spec))
+        .collect();
+    Ok(Json(json!({ "groups": groups })))
+}
+
+/// Looks a group up and checks `principal` has `role` on its target.
+async fn authorized(
+    state: &AppState,
+    principal: &Principal,
+    group: &str,
+    role: Role,
+) -> Result<Entry, ApiError> {
+    principal.authorize(role, None)?;
+    validate_group(group)?;
+    let entry = state.inner.groups.get(group).await?;
+    entry.spec.target(principal, role)?;
+    Ok(entry)
+}
+
+/// `GET /groups/{group}`: settings and live statistics.
+#[utoipa::path(get, path = "/groups/{group}", tag = "groups",
+    params(("group" = String, Path, description = "Group name")),
+    responses((status = 200, description = "`{ group, settings, stats }`"), (status = 403), (status = 404)))]
+pub async fn stats(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(group): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    let entry = authorized(&state, &principal, &group, Role::Reader).await?;
+    let s = entry.subscription.stats().await.map_err(consumer_error)?;
+    let consumers: Vec<Value> = s
+        .consumers
+        .iter()
+        .map(|c| json!({ "id": c.id, "in_flight": c.in_flight, "max_in_flight": c.max_in_flight }))
+        .collect();
+    Ok(Json(json!({
+        "group": group,
+        "settings": describe(&group, &entry.spec),
+        "stats": {
+            "consumers": consumers,
+            "in_flight": s.in_flight,
+            "waiting": s.waiting,
+            "parked": s.parked,
+            "last_checkpoint": s.last_checkpoint,
+            "lag": s.lag,
+            "delivered": s.delivered,
+            "acked": s.acked,
+            "retried": s.retried,
+            "timed_out": s.timed_out,
+        },
+    })))
+}
+
+/// `DELETE /groups/{group}`: stops the group (its checkpoint and dead
+/// letters stay in the store; `PUT` resumes it). Connected consumers are
+/// disconnected.
+#[utoipa::path(delete, path = "/groups/{group}", tag = "groups",
+    params(("group" = String, Path, description = "Group name")),
+    responses((status = 204), (status = 403), (status = 404)))]
+pub async fn delete(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(group): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    authorized(&state, &principal, &group, Role::Writer).await?;
+    let removed = state.inner.groups.inner.lock().await.running.remove(&group);
+    match removed {
+        Some(entry) => {
+            stop(entry.subscription).await;
+            Ok(StatusCode::NO_CONTENT)
+        }
+        None => Err(unknown_group(&group)),
+    }
+}
+
+/// `GET /groups/{group}/parked`: the messages parked now.
+#[utoipa::path(get, path = "/groups/{group}/parked", tag = "groups",
+    params(("group" = String, Path, description = "Group name")),
+    responses((status = 200, description = "`{ group, parked: [ParkedMessage] }`"), (status = 403), (status = 404)))]
+pub async fn parked(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(group): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    let entry = authorized(&state, &principal, &group, Role::Reader).await?;
+    let parked = entry.subscription.parked().await.map_err(consumer_error)?;
+    let parked: Vec<Value> = parked
+        .iter()
+        .map(|p| {
+            json!({
+                "event_id": p.event_id,
+                "stream": p.stream.as_str(),
+                "version": p.version,
+                "position": p.position,
+                "type": p.event_type,
+                "reason": p.reason,
+                "attempts": p.attempts,
+                "parked_at": serde_json::to_value(p.parked_at).unwrap_or(Value::Null),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "group": group, "parked": parked })))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayIn {
+    #[serde(default)]
+    positions: Option<Vec<u64>>,
+}
+
+/// `POST /groups/{group}/parked/replay`: delivers parked messages again
+/// (all, or those at `positions`).
+#[utoipa::path(post, path = "/groups/{group}/parked/replay", tag = "groups",
+    params(("group" = String, Path, description = "Group name")),
+    request_body(content = Object, description = "optional `{ positions: [u64] }`"),
+    responses((status = 200, description = "`{ group, queued }`"), (status = 400), (status = 403), (status = 404)))]
+pub async fn replay(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(group): ApiPath<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let entry = authorized(&state, &principal, &group, Role::Writer).await?;
+    // The body is optional, so an empty one (and no content type) is fine.
+    let input: ReplayIn = if body.iter().all(u8::is_ascii_whitespace) {
+        ReplayIn::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("invalid JSON body: {e}"))
+        })?
+    };
+    let queued = entry.subscription.replay_parked(input.positions).await.map_err(consumer_error)?;
+    Ok(Json(json!({ "group": group, "queued": queued })))
+}
+
+/// Query of `GET /groups/{group}/ws`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct ConsumeQuery {
+    /// Consumer id (a label shown in stats; default `ws`).
+    pub consumer: Option<String>,
+    /// Unsettled messages this consumer accepts at a time (default 10).
+    pub max_in_flight: Option<usize>,
+    /// Credential for clients that cannot set headers.
+    #[allow(dead_code, reason = "accepted here so unknown-field checks let it through; auth reads it")]
+    pub access_token: Option<String>,
+}
+
+/// `GET /groups/{group}/ws`: one competing consumer over WebSocket. The
+/// server sends `delivery` messages; the client settles each with `ack` or
+/// `nack` (see `docs/http-api.md`).
+#[utoipa::path(get, path = "/groups/{group}/ws", tag = "groups",
+    params(("group" = String, Path, description = "Group name"), ConsumeQuery),
+    responses((status = 101, description = "WebSocket upgrade"), (status = 400), (status = 403), (status = 404)))]
+pub async fn ws(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(group): ApiPath<String>,
+    ApiQuery(query): ApiQuery<ConsumeQuery>,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let entry = authorized(&state, &principal, &group, Role::Writer).await?;
+    let consumer = query.consumer.unwrap_or_else(|| "ws".to_owned());
+    if consumer.is_empty() || consumer.len() > 200 || consumer.chars().any(char::is_control) {
+        return Err(ApiError::bad_request("`consumer` must be 1–200 bytes without control characters"));
+    }
+    let max_in_flight = query.max_in_flight.unwrap_or(10);
+    if max_in_flight == 0 || max_in_flight > MAX_IN_FLIGHT {
+        return Err(ApiError::bad_request(format!("`max_in_flight` must be 1..={MAX_IN_FLIGHT}")));
+    }
+    let subscription = entry.subscription;
+    Ok(upgrade.max_message_size(64 * 1024).on_upgrade(move |socket| async move {
+        // Connect only once upgraded, so a failed handshake holds nothing.
+        let consumer = subscription.connect(consumer, max_in_flight);
+        // The session must not keep a stopped group alive.
+        drop(subscription);
+        session(state, consumer, socket).await;
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum ClientMessage {
+    Ack {
+        delivery_id: u64,
+    },
+    Nack {
+        delivery_id: u64,
+        action: NackAction,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+}
+
+fn text(v: &Value) -> Message {
+    Message::Text(v.to_string().into())
+}
+
+fn error_message(e: &ApiError, delivery_id: Option<u64>) -> Message {
+    let mut body = json!({ "type": "error", "error": { "code": e.code, "message": e.message } });
+    if let (Some(id), Some(obj)) = (delivery_id, body.as_object_mut()) {
+        obj.insert("delivery_id".into(), Value::from(id));
+    }
+    text(&body)
+}
+
+/// Settles one client message; the answer to send back.
+async fn on_client_message(consumer: &annals::consumers::Consumer, raw: &str) -> Message {
+    let msg: ClientMessage = match serde_json::from_str(raw) {
+        Ok(m) => m,
+        Err(e) => {
+            let e = ApiError::new(StatusCode::BAD_REQUEST, "invalid_message", e.to_string());
+            return error_message(&e, None);
+        }
+    };
+    match msg {
+        ClientMessage::Ack { delivery_id } => match consumer.ack(delivery_id).await {
+            Ok(()) => text(&json!({ "type": "acked", "delivery_id": delivery_id })),
+            Err(e) => error_message(&consumer_error(e), Some(delivery_id)),
+        },
+        ClientMessage::Nack { delivery_id, action, reason } => {
+            let reason = reason.unwrap_or_else(|| "nacked by consumer".to_owned());
+            match consumer.nack(delivery_id, action, reason).await {
+                Ok(()) => text(&json!({ "type": "nacked", "delivery_id": delivery_id, "action": action })),
+                Err(e) => error_message(&consumer_error(e), Some(delivery_id)),
+            }
+        }
+    }
+}
+
+fn delivery_message(d: &Delivery) -> Message {
+    text(&json!({
+        "type": "delivery",
+        "delivery_id": d.id,
+        "attempt": d.attempt,
+        "replay": d.replay,
+        "event": EventOut::from(&d.event),
+    }))
+}
+
+async fn session(state: AppState, mut consumer: annals::consumers::Consumer, socket: WebSocket) {
+    let live = state.inner.config.live.clone();
+    let shutdown = state.inner.shutdown.clone();
+    let (mut sink, mut incoming) = socket.split();
+    // Every send is bounded: a client that stops reading is disconnected,
+    // and dropping its consumer hands its messages to the others.
+    let slow = live.slow_client_timeout();
+    loop {
+        let out = tokio::select! {
+            () = shutdown.cancelled() => {
+                let bye = text(&json!({ "type": "shutdown", "message": "the server is shutting down" }));
+                let _ = tokio::time::timeout(live.disconnect_grace(), sink.send(bye)).await;
+                break;
+            }
+            msg = incoming.next() => match msg {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
+                Some(Ok(Message::Text(t))) => on_client_message(&consumer, t.as_str()).await,
+                Some(Ok(Message::Binary(_))) => {
+                    error_message(&ApiError::new(StatusCode::BAD_REQUEST, "invalid_message", "send text JSON messages"), None)
+                }
+                Some(Ok(_)) => continue,
+            },
+            delivery = consumer.next() => match delivery {
+                Some(d) => delivery_message(&d),
+                None => {
+                    let e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "group_stopped", "the group was stopped");
+                    let _ = tokio::time::timeout(slow, sink.send(error_message(&e, None))).await;
+                    break;
+                }
+            },
+        };
+        match tokio::time::timeout(slow, sink.send(out)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => break,
+            Err(_) => {
+                state.inner.metrics.slow_disconnects.inc();
+                tracing::info!("group consumer too slow; disconnecting it");
+                break;
+            }
+        }
+    }
+    drop(consumer);
+    let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+}

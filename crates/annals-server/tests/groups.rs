@@ -1,0 +1,428 @@
+//! Consumer groups over HTTP and WebSocket: competing consumers, parking
+//! and replay, redelivery on disconnect, shutdown, and the error cases.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use annals_server::{Role, ServerConfig, config::ApiKeyConfig};
+use common::{TestServer, event, open_config, start, within};
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+const READER_KEY: &str = "reader-key-0123456789";
+const WRITER_KEY: &str = "writer-key-0123456789";
+
+async fn call(
+    s: &TestServer,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    key: Option<&str>,
+) -> (u16, Value) {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+    let mut req = s.client.request(method, s.url(path));
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    if let Some(key) = key {
+        req = req.header("authorization", format!("ApiKey {key}"));
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn create(s: &TestServer, group: &str, body: Value) -> (u16, Value) {
+    call(s, "PUT", &format!("/groups/{group}"), Some(body), None).await
+}
+
+async fn consumer(s: &TestServer, group: &str, id: &str, max_in_flight: usize) -> Ws {
+    let url = format!("ws://{}/groups/{group}/ws?consumer={id}&max_in_flight={max_in_flight}", s.addr);
+    let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("ws connect");
+    ws
+}
+
+/// The next JSON message, `None` once the socket closed.
+async fn next_json(ws: &mut Ws) -> Option<Value> {
+    loop {
+        match ws.next().await? {
+            Ok(Message::Text(t)) => {
+                return Some(serde_json::from_str(t.as_str()).expect("server sends JSON"));
+            }
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => continue,
+        }
+    }
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into())).await.expect("ws send");
+}
+
+/// Waits until the group lists `n` connected consumers (connecting happens
+/// after the upgrade, so the socket opening is not enough).
+async fn wait_consumers(s: &TestServer, group: &str, n: usize) {
+    loop {
+        let (status, body) = s.get(&format!("/groups/{group}")).await;
+        assert_eq!(status, 200, "{body}");
+        if body["stats"]["consumers"].as_array().map(Vec::len) == Some(n) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads messages until a delivery; acks/errors in between are returned
+/// through `others`.
+async fn next_delivery(ws: &mut Ws, others: &mut Vec<Value>) -> Value {
+    loop {
+        let msg = next_json(ws).await.expect("socket open");
+        if msg["type"] == "delivery" {
+            return msg;
+        }
+        others.push(msg);
+    }
+}
+
+/// Reads messages until one of type `kind`, skipping deliveries into `skipped`.
+async fn next_of(ws: &mut Ws, kind: &str, skipped: &mut Vec<Value>) -> Value {
+    loop {
+        let msg = next_json(ws).await.expect("socket open");
+        if msg["type"] == kind {
+            return msg;
+        }
+        skipped.push(msg);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_consumers_share_200_events_each_delivered_once() {
+    let s = start(open_config()).await;
+    within(60, async {
+        let (status, body) =
+            create(&s, "billing", json!({ "stream": "orders-1", "start_from": "start" })).await;
+        assert_eq!(status, 201, "{body}");
+        assert_eq!(body["group"], "billing");
+        assert_eq!(body["max_retries"], 4);
+
+        let mut a = consumer(&s, "billing", "a", 5).await;
+        let mut b = consumer(&s, "billing", "b", 5).await;
+        wait_consumers(&s, "billing", 2).await;
+
+        for batch in 0..10 {
+            let events: Vec<Value> =
+                (0..20).map(|i| event("OrderPlaced", json!({ "n": batch * 20 + i }))).collect();
+            let (status, body) = s.append("orders-1", "any", Value::Array(events)).await;
+            assert_eq!(status, 201, "{body}");
+        }
+
+        // Both consumers ack everything they get; together they must see
+        // each of the 200 versions exactly once.
+        let mut seen: BTreeMap<u64, &str> = BTreeMap::new();
+        let mut duplicates = Vec::new();
+        let mut count = BTreeMap::from([("a", 0usize), ("b", 0usize)]);
+        let mut acked = 0;
+        // Until every ack is confirmed too, so closing the sockets below
+        // cannot lose one.
+        while seen.len() < 200 || acked < 200 {
+            let (name, msg) = tokio::select! {
+                m = next_json(&mut a) => ("a", m.expect("a open")),
+                m = next_json(&mut b) => ("b", m.expect("b open")),
+            };
+            match msg["type"].as_str() {
+                Some("delivery") => {
+                    assert_eq!(msg["event"]["stream"], "orders-1");
+                    assert_eq!(msg["event"]["type"], "OrderPlaced");
+                    assert_eq!(msg["replay"], false);
+                    let version = msg["event"]["version"].as_u64().expect("version");
+                    if seen.insert(version, name).is_some() {
+                        duplicates.push(version);
+                    }
+                    *count.entry(name).or_default() += 1;
+                    let ack = json!({ "type": "ack", "delivery_id": msg["delivery_id"] });
+                    send(if name == "a" { &mut a } else { &mut b }, ack).await;
+                }
+                Some("acked") => acked += 1,
+                other => panic!("unexpected message {other:?}: {msg}"),
+            }
+        }
+        assert!(duplicates.is_empty(), "delivered twice: {duplicates:?}");
+        assert_eq!(seen.keys().copied().collect::<Vec<_>>(), (0..200).collect::<Vec<u64>>());
+        assert!(count["a"] > 0 && count["b"] > 0, "both consumers compete: {count:?}");
+
+        let (_, body) = s.get("/groups/billing").await;
+        assert_eq!(body["stats"]["acked"], 200, "{body}");
+        assert_eq!(body["stats"]["in_flight"], 0);
+        assert_eq!(body["stats"]["parked"], 0);
+        drop((a, b));
+
+        let (status, body) = s.get("/groups").await;
+        assert_eq!(status, 200);
+        assert_eq!(body["groups"][0]["group"], "billing");
+        assert_eq!(body["groups"][0]["stream"], "orders-1");
+    })
+    .await;
+    let state = s.state.clone();
+    s.stop().await;
+    // Shutdown stops the group, which saves its checkpoint past everything acked.
+    let saved = state.store().load_checkpoint("$ps-billing").await.expect("load checkpoint");
+    assert_eq!(saved, Some(200));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_message_is_listed_and_replayed() {
+    let s = start(open_config()).await;
+    within(60, async {
+        let (status, _) =
+            create(&s, "audit", json!({ "stream": "$all", "filter": { "stream_prefix": "pay-" } })).await;
+        assert_eq!(status, 201);
+        let mut ws = consumer(&s, "audit", "only", 1).await;
+        s.append("other-1", "any", json!([event("Ignored", json!({}))])).await;
+        s.append("pay-1", "any", json!([event("Paid", json!({ "amount": 5 }))])).await;
+
+        let mut others = Vec::new();
+        let d = next_delivery(&mut ws, &mut others).await;
+        assert_eq!(d["event"]["stream"], "pay-1");
+        assert_eq!(d["attempt"], 1);
+        let position = d["event"]["position"].as_u64().expect("position");
+        send(&mut ws, json!({ "type": "nack", "delivery_id": d["delivery_id"], "action": "park", "reason": "bad amount" }))
+            .await;
+        let nacked = next_of(&mut ws, "nacked", &mut others).await;
+        assert_eq!(nacked["delivery_id"], d["delivery_id"]);
+        assert!(others.is_empty(), "{others:?}");
+
+        let (status, body) = s.get("/groups/audit/parked").await;
+        assert_eq!(status, 200, "{body}");
+        let parked = body["parked"].as_array().expect("array");
+        assert_eq!(parked.len(), 1, "{body}");
+        assert_eq!(parked[0]["position"], position);
+        assert_eq!(parked[0]["stream"], "pay-1");
+        assert_eq!(parked[0]["reason"], "bad amount");
+
+        let (status, body) = call(&s, "POST", "/groups/audit/parked/replay", Some(json!({ "positions": [position] })), None).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["queued"], 1);
+
+        let d = next_delivery(&mut ws, &mut others).await;
+        assert_eq!(d["replay"], true);
+        assert_eq!(d["event"]["position"], position);
+        send(&mut ws, json!({ "type": "ack", "delivery_id": d["delivery_id"] })).await;
+        next_of(&mut ws, "acked", &mut others).await;
+        // Acking the replay resolves the dead letter.
+        loop {
+            let (_, body) = s.get("/groups/audit/parked").await;
+            if body["parked"].as_array().is_some_and(Vec::is_empty) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacked_messages_of_a_disconnected_consumer_go_to_the_other() {
+    let s = start(open_config()).await;
+    within(60, async {
+        // A long ack timeout: redelivery below can only come from the disconnect.
+        let (status, _) = create(&s, "mail", json!({ "stream": "mail-1", "ack_timeout_ms": 600_000 })).await;
+        assert_eq!(status, 201);
+        let mut a = consumer(&s, "mail", "a", 10).await;
+        wait_consumers(&s, "mail", 1).await;
+        let events: Vec<Value> = (0..3).map(|i| event("Send", json!({ "i": i }))).collect();
+        s.append("mail-1", "any", Value::Array(events)).await;
+
+        let mut others = Vec::new();
+        let mut first = BTreeSet::new();
+        for _ in 0..3 {
+            let d = next_delivery(&mut a, &mut others).await;
+            first.insert(d["event"]["id"].as_str().expect("id").to_owned());
+        }
+        a.close(None).await.expect("close");
+        drop(a);
+
+        let mut b = consumer(&s, "mail", "b", 10).await;
+        let mut again = BTreeSet::new();
+        for _ in 0..3 {
+            let d = next_delivery(&mut b, &mut others).await;
+            again.insert(d["event"]["id"].as_str().expect("id").to_owned());
+            send(&mut b, json!({ "type": "ack", "delivery_id": d["delivery_id"] })).await;
+        }
+        assert_eq!(first, again);
+        assert!(others.iter().all(|m| m["type"] == "acked"), "{others:?}");
+    })
+    .await;
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_client_messages_get_errors_and_the_connection_stays() {
+    let s = start(open_config()).await;
+    within(60, async {
+        create(&s, "g", json!({ "stream": "s-1" })).await;
+        let mut ws = consumer(&s, "g", "c", 1).await;
+        let mut skipped = Vec::new();
+        for bad in [
+            "not json".to_owned(),
+            json!({ "type": "dance" }).to_string(),
+            json!({ "type": "nack", "delivery_id": 1, "action": "explode" }).to_string(),
+        ] {
+            ws.send(Message::Text(bad.into())).await.expect("send");
+            let e = next_of(&mut ws, "error", &mut skipped).await;
+            assert_eq!(e["error"]["code"], "invalid_message", "{e}");
+        }
+        ws.send(Message::Binary(vec![1, 2, 3].into())).await.expect("send");
+        let e = next_of(&mut ws, "error", &mut skipped).await;
+        assert_eq!(e["error"]["code"], "invalid_message");
+        send(&mut ws, json!({ "type": "ack", "delivery_id": 999 })).await;
+        let e = next_of(&mut ws, "error", &mut skipped).await;
+        assert_eq!(e["error"]["code"], "unknown_delivery");
+        assert_eq!(e["delivery_id"], 999);
+
+        // Still consuming.
+        s.append("s-1", "any", json!([event("E", json!({}))])).await;
+        let d = next_delivery(&mut ws, &mut skipped).await;
+        assert_eq!(d["event"]["stream"], "s-1");
+        assert!(skipped.is_empty(), "{skipped:?}");
+
+        // Stopping the group tells the consumer and closes the socket.
+        let (status, _) = call(&s, "DELETE", "/groups/g", None, None).await;
+        assert_eq!(status, 204);
+        let e = next_of(&mut ws, "error", &mut skipped).await;
+        assert_eq!(e["error"]["code"], "group_stopped");
+        assert!(next_json(&mut ws).await.is_none());
+    })
+    .await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn http_errors() {
+    let s = start(open_config()).await;
+    within(60, async {
+        for path in ["/groups/nope", "/groups/nope/parked"] {
+            let (status, body) = s.get(path).await;
+            assert_eq!(status, 404, "{path}");
+            assert_eq!(body["error"]["code"], "group_not_found");
+        }
+        let (status, _) = call(&s, "DELETE", "/groups/nope", None, None).await;
+        assert_eq!(status, 404);
+        let (status, _) = call(&s, "POST", "/groups/nope/parked/replay", None, None).await;
+        assert_eq!(status, 404);
+        let err = tokio_tungstenite::connect_async(format!("ws://{}/groups/nope/ws", s.addr)).await;
+        match err {
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status().as_u16(), 404),
+            other => panic!("expected a 404 handshake, got {:?}", other.map(|_| ())),
+        }
+
+        for (body, why) in [
+            (json!({}), "no stream"),
+            (json!({ "stream": "s-1", "start_from": "middle" }), "bad start_from"),
+            (json!({ "stream": "s-1", "extra": 1 }), "unknown field"),
+            (json!({ "stream": "s-1", "filter": { "category": "s" } }), "filter on a stream"),
+            (json!({ "stream": "$all", "filter": { "after": "yesterday" } }), "bad time"),
+            (json!({ "stream": "s-1", "ack_timeout_ms": 0 }), "zero ack timeout"),
+            (json!({ "stream": "" }), "empty stream"),
+        ] {
+            let (status, body) = create(&s, "g", body).await;
+            assert_eq!(status, 400, "{why}: {body}");
+            assert!(body["error"]["code"].is_string());
+        }
+        let resp = s
+            .client
+            .put(s.url("/groups/g"))
+            .header("content-type", "application/json")
+            .body("{not json")
+            .send()
+            .await
+            .expect("put");
+        assert_eq!(resp.status().as_u16(), 400);
+
+        let long = "x".repeat(201);
+        let (status, body) = create(&s, &long, json!({ "stream": "s-1" })).await;
+        assert_eq!(status, 400);
+        assert_eq!(body["error"]["code"], "invalid_name");
+        let (status, _) = create(&s, "bad%01name", json!({ "stream": "s-1" })).await;
+        assert_eq!(status, 400);
+
+        // Idempotent with the same settings, 409 with others.
+        let (status, _) = create(&s, "g", json!({ "stream": "s-1" })).await;
+        assert_eq!(status, 201);
+        let (status, _) =
+            create(&s, "g", json!({ "stream": "s-1", "start_from": "start", "max_retries": 4 })).await;
+        assert_eq!(status, 200);
+        let (status, body) = create(&s, "g", json!({ "stream": "s-2" })).await;
+        assert_eq!(status, 409);
+        assert_eq!(body["error"]["details"]["running"]["stream"], "s-1");
+
+        let (status, _) = call(&s, "POST", "/groups/g/parked/replay", None, None).await;
+        assert_eq!(status, 200);
+        let (status, body) =
+            call(&s, "POST", "/groups/g/parked/replay", Some(json!({ "positions": "all" })), None).await;
+        assert_eq!(status, 400, "{body}");
+        let err =
+            tokio_tungstenite::connect_async(format!("ws://{}/groups/g/ws?max_in_flight=0", s.addr)).await;
+        assert!(matches!(err, Err(tokio_tungstenite::tungstenite::Error::Http(ref r)) if r.status() == 400));
+
+        // Deleting stops it; it can be created again with other settings.
+        let (status, _) = call(&s, "DELETE", "/groups/g", None, None).await;
+        assert_eq!(status, 204);
+        let (status, _) = s.get("/groups/g").await;
+        assert_eq!(status, 404);
+        let (status, _) = create(&s, "g", json!({ "stream": "s-2" })).await;
+        assert_eq!(status, 201);
+    })
+    .await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn roles() {
+    let mut config = ServerConfig::default();
+    config.auth.api_keys = vec![
+        ApiKeyConfig { name: "reader".into(), key: READER_KEY.into(), role: Role::Reader, streams: None },
+        ApiKeyConfig { name: "writer".into(), key: WRITER_KEY.into(), role: Role::Writer, streams: None },
+    ];
+    let s = start(config).await;
+    within(60, async {
+        let body = json!({ "stream": "s-1" });
+        let (status, _) = call(&s, "PUT", "/groups/g", Some(body.clone()), None).await;
+        assert_eq!(status, 401);
+        let (status, b) = call(&s, "PUT", "/groups/g", Some(body.clone()), Some(READER_KEY)).await;
+        assert_eq!(status, 403, "{b}");
+        let (status, _) = call(&s, "PUT", "/groups/g", Some(body.clone()), Some(WRITER_KEY)).await;
+        assert_eq!(status, 201);
+        // A system stream needs admin, as for reads.
+        let (status, _) =
+            call(&s, "PUT", "/groups/sys", Some(json!({ "stream": "$dlq-g" })), Some(WRITER_KEY)).await;
+        assert_eq!(status, 403);
+
+        for path in ["/groups", "/groups/g", "/groups/g/parked"] {
+            let (status, _) = call(&s, "GET", path, None, None).await;
+            assert_eq!(status, 401, "{path}");
+            let (status, b) = call(&s, "GET", path, None, Some(READER_KEY)).await;
+            assert_eq!(status, 200, "{path}: {b}");
+        }
+        let (status, _) = call(&s, "POST", "/groups/g/parked/replay", None, Some(READER_KEY)).await;
+        assert_eq!(status, 403);
+        let (status, _) = call(&s, "DELETE", "/groups/g", None, Some(READER_KEY)).await;
+        assert_eq!(status, 403);
+
+        let ws = |key: &str| format!("ws://{}/groups/g/ws?consumer=x&access_token={key}", s.addr);
+        let err = tokio_tungstenite::connect_async(ws(READER_KEY)).await;
+        assert!(matches!(err, Err(tokio_tungstenite::tungstenite::Error::Http(ref r)) if r.status() == 403));
+        let (mut c, _) = tokio_tungstenite::connect_async(ws(WRITER_KEY)).await.expect("writer consumes");
+        c.close(None).await.expect("close");
+
+        let (status, _) = call(&s, "DELETE", "/groups/g", None, Some(WRITER_KEY)).await;
+        assert_eq!(status, 204);
+    })
+    .await;
+    s.stop().await;
+}
