@@ -6,10 +6,15 @@
 //! `GET /groups/{group}/ws`; each socket is one competing consumer, and
 //! closing it hands its unsettled messages back to the group.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use annals::consumers::{
-    ConsumerError, Delivery, GroupSettings, NackAction, PersistentSubscription, RetryPolicy, StartFrom,
+    Consumer, ConsumerError, Delivery, GroupSettings, NackAction, PersistentSubscription, RetryPolicy,
+    StartFrom,
 };
 use annals_core::{StreamName, SubscriptionTarget};
 use axum::{
@@ -26,6 +31,7 @@ use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     AppState,
@@ -43,6 +49,11 @@ const MAX_ACK_TIMEOUT_MS: u64 = 24 * 60 * 60 * 1000;
 const MAX_RETRIES: u32 = 10_000;
 /// Most messages one consumer may hold unsettled.
 const MAX_IN_FLIGHT: usize = 10_000;
+/// Longest long-poll of `POST /groups/{group}/next`.
+const MAX_WAIT_MS: u64 = 25_000;
+/// A pull consumer idle for the group's ack timeout, but at least this
+/// long, is dropped.
+const PULL_IDLE_MIN: Duration = Duration::from_secs(30);
 
 /// The running groups of one server.
 #[derive(Default)]
@@ -61,6 +72,56 @@ struct Registry {
 struct Entry {
     spec: GroupSpec,
     subscription: Arc<PersistentSubscription>,
+    /// HTTP pull consumers by id; each lives across requests until idle.
+    pulls: Arc<Mutex<BTreeMap<String, Arc<PullConsumer>>>>,
+    /// Cancelled when the group is removed; ends its pull reaper.
+    removed: CancellationToken,
+}
+
+/// One HTTP pull consumer: a library consumer kept between requests.
+struct PullConsumer {
+    consumer: Mutex<Consumer>,
+    last_used: std::sync::Mutex<Instant>,
+}
+
+impl PullConsumer {
+    fn touch(&self) {
+        if let Ok(mut t) = self.last_used.lock() {
+            *t = Instant::now();
+        }
+    }
+
+    fn idle_for(&self) -> Duration {
+        self.last_used.lock().map(|t| t.elapsed()).unwrap_or_default()
+    }
+}
+
+impl Entry {
+    fn new(spec: GroupSpec, subscription: PersistentSubscription) -> Self {
+        let entry = Entry {
+            spec,
+            subscription: Arc::new(subscription),
+            pulls: Arc::default(),
+            removed: CancellationToken::new(),
+        };
+        // An abandoned pull consumer would keep its messages (and keep being
+        // handed new ones) until the ack timeout; dropping it after the same
+        // idle time gives them back to the group.
+        let idle = Duration::from_millis(entry.spec.ack_timeout_ms).max(PULL_IDLE_MIN);
+        let (pulls, removed) = (entry.pulls.clone(), entry.removed.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = removed.cancelled() => break,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {
+                        pulls.lock().await.retain(|_, p| p.idle_for() < idle);
+                    }
+                }
+            }
+            pulls.lock().await.clear();
+        });
+        entry
+    }
 }
 
 impl Groups {
@@ -72,7 +133,7 @@ impl Groups {
             std::mem::take(&mut registry.running)
         };
         for (_, entry) in entries {
-            stop(entry.subscription).await;
+            entry.remove().await;
         }
     }
 
@@ -81,12 +142,17 @@ impl Groups {
     }
 }
 
-/// Stops a group removed from the registry. A request that still holds it
-/// (a stats call in progress) keeps it alive for that call; the last handle
-/// dropped cancels the dispatcher, which saves the checkpoint as it ends.
-async fn stop(subscription: Arc<PersistentSubscription>) {
-    if let Ok(subscription) = Arc::try_unwrap(subscription) {
-        subscription.stop().await;
+impl Entry {
+    /// Stops a group removed from the registry. A request that still holds
+    /// it (a stats call in progress) keeps it alive for that call; the last
+    /// handle dropped cancels the dispatcher, which saves the checkpoint as
+    /// it ends.
+    async fn remove(self) {
+        self.removed.cancel();
+        self.pulls.lock().await.clear();
+        if let Ok(subscription) = Arc::try_unwrap(self.subscription) {
+            subscription.stop().await;
+        }
     }
 }
 
@@ -304,7 +370,7 @@ pub async fn create(
             .await
             .map_err(consumer_error)?;
     let body = describe(&group, &spec);
-    registry.running.insert(group, Entry { spec, subscription: Arc::new(subscription) });
+    registry.running.insert(group, Entry::new(spec, subscription));
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
@@ -385,7 +451,7 @@ pub async fn delete(
     let removed = state.inner.groups.inner.lock().await.running.remove(&group);
     match removed {
         Some(entry) => {
-            stop(entry.subscription).await;
+            entry.remove().await;
             Ok(StatusCode::NO_CONTENT)
         }
         None => Err(unknown_group(&group)),
@@ -480,9 +546,7 @@ pub async fn ws(
 ) -> Result<Response, ApiError> {
     let entry = authorized(&state, &principal, &group, Role::Writer).await?;
     let consumer = query.consumer.unwrap_or_else(|| "ws".to_owned());
-    if consumer.is_empty() || consumer.len() > 200 || consumer.chars().any(char::is_control) {
-        return Err(ApiError::bad_request("`consumer` must be 1–200 bytes without control characters"));
-    }
+    validate_consumer(&consumer)?;
     let max_in_flight = query.max_in_flight.unwrap_or(10);
     if max_in_flight == 0 || max_in_flight > MAX_IN_FLIGHT {
         return Err(ApiError::bad_request(format!("`max_in_flight` must be 1..={MAX_IN_FLIGHT}")));
@@ -524,7 +588,7 @@ fn error_message(e: &ApiError, delivery_id: Option<u64>) -> Message {
 }
 
 /// Settles one client message; the answer to send back.
-async fn on_client_message(consumer: &annals::consumers::Consumer, raw: &str) -> Message {
+async fn on_client_message(consumer: &Consumer, raw: &str) -> Message {
     let msg: ClientMessage = match serde_json::from_str(raw) {
         Ok(m) => m,
         Err(e) => {
@@ -547,17 +611,28 @@ async fn on_client_message(consumer: &annals::consumers::Consumer, raw: &str) ->
     }
 }
 
-fn delivery_message(d: &Delivery) -> Message {
-    text(&json!({
+fn delivery_json(d: &Delivery) -> Value {
+    json!({
         "type": "delivery",
         "delivery_id": d.id,
         "attempt": d.attempt,
         "replay": d.replay,
         "event": EventOut::from(&d.event),
-    }))
+    })
 }
 
-async fn session(state: AppState, mut consumer: annals::consumers::Consumer, socket: WebSocket) {
+fn delivery_message(d: &Delivery) -> Message {
+    text(&delivery_json(d))
+}
+
+fn validate_consumer(consumer: &str) -> Result<(), ApiError> {
+    if consumer.is_empty() || consumer.len() > 200 || consumer.chars().any(char::is_control) {
+        return Err(ApiError::bad_request("`consumer` must be 1–200 bytes without control characters"));
+    }
+    Ok(())
+}
+
+async fn session(state: AppState, mut consumer: Consumer, socket: WebSocket) {
     let live = state.inner.config.live.clone();
     let shutdown = state.inner.shutdown.clone();
     let (mut sink, mut incoming) = socket.split();
@@ -600,4 +675,181 @@ async fn session(state: AppState, mut consumer: annals::consumers::Consumer, soc
     }
     drop(consumer);
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+}
+
+/// Query of `POST /groups/{group}/next`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct PullQuery {
+    /// Consumer id (required: acks must name the consumer that pulled).
+    pub consumer: String,
+    /// Most deliveries to return (default 10, 1–10,000). The first pull of
+    /// a consumer also makes this its `max_in_flight`.
+    pub max: Option<usize>,
+    /// Wait up to this long for a first delivery (default 0, at most
+    /// 25,000).
+    pub wait_ms: Option<u64>,
+    /// Credential for clients that cannot set headers.
+    #[allow(dead_code, reason = "accepted here so unknown-field checks let it through; auth reads it")]
+    pub access_token: Option<String>,
+}
+
+/// `POST /groups/{group}/next`: pulls deliveries for an HTTP consumer.
+#[utoipa::path(post, path = "/groups/{group}/next", tag = "groups",
+    params(("group" = String, Path, description = "Group name"), PullQuery),
+    responses((status = 200, description = "`{ group, consumer, deliveries: [delivery] }`"), (status = 400), (status = 403), (status = 404)))]
+pub async fn pull(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(group): ApiPath<String>,
+    ApiQuery(query): ApiQuery<PullQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let entry = authorized(&state, &principal, &group, Role::Writer).await?;
+    validate_consumer(&query.consumer)?;
+    let max = query.max.unwrap_or(10);
+    if max == 0 || max > MAX_IN_FLIGHT {
+        return Err(ApiError::bad_request(format!("`max` must be 1..={MAX_IN_FLIGHT}")));
+    }
+    let wait = query.wait_ms.unwrap_or(0);
+    if wait > MAX_WAIT_MS {
+        return Err(ApiError::bad_request(format!("`wait_ms` must be at most {MAX_WAIT_MS}")));
+    }
+    let puller = {
+        let mut pulls = entry.pulls.lock().await;
+        if entry.removed.is_cancelled() {
+            return Err(unknown_group(&group));
+        }
+        pulls
+            .entry(query.consumer.clone())
+            .or_insert_with(|| {
+                Arc::new(PullConsumer {
+                    consumer: Mutex::new(entry.subscription.connect(query.consumer.clone(), max)),
+                    last_used: std::sync::Mutex::new(Instant::now()),
+                })
+            })
+            .clone()
+    };
+    puller.touch();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(wait);
+    let mut deliveries = Vec::new();
+    loop {
+        {
+            let mut consumer = puller.consumer.lock().await;
+            while deliveries.len() < max {
+                // Cancel-safe: a delivery not taken stays in the channel.
+                match futures::FutureExt::now_or_never(consumer.next()) {
+                    Some(Some(d)) => deliveries.push(delivery_json(&d)),
+                    Some(None) => return Err(consumer_error(ConsumerError::Stopped)),
+                    None => break,
+                }
+            }
+        }
+        if !deliveries.is_empty() || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        // Short naps instead of holding the consumer across the whole wait,
+        // so acks from the same consumer are not blocked behind a long poll.
+        tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + Duration::from_millis(20))).await;
+    }
+    puller.touch();
+    Ok(Json(json!({ "group": group, "consumer": query.consumer, "deliveries": deliveries })))
+}
+
+/// Query of the pull ack/nack endpoints.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct SettleQuery {
+    /// The consumer that pulled the deliveries.
+    pub consumer: String,
+    /// Credential for clients that cannot set headers.
+    #[allow(dead_code, reason = "accepted here so unknown-field checks let it through; auth reads it")]
+    pub access_token: Option<String>,
+}
+
+/// Body of `POST /groups/{group}/ack` and `/nack`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettleIn {
+    /// Deliveries to settle.
+    delivery_ids: Vec<u64>,
+    /// Nack only: `retry`, `park` or `skip`.
+    #[serde(default)]
+    action: Option<NackAction>,
+    /// Nack only: recorded if the message is parked.
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn settle(
+    state: AppState,
+    principal: Principal,
+    group: String,
+    consumer: String,
+    body: SettleIn,
+    nack: bool,
+) -> Result<Json<Value>, ApiError> {
+    let entry = authorized(&state, &principal, &group, Role::Writer).await?;
+    let action = match (nack, body.action) {
+        (false, None) => None,
+        (false, Some(_)) => return Err(ApiError::bad_request("`action` applies only to nack")),
+        (true, Some(a)) => Some(a),
+        (true, None) => return Err(ApiError::bad_request("nack needs `action`: retry, park or skip")),
+    };
+    if !nack && body.reason.is_some() {
+        return Err(ApiError::bad_request("`reason` applies only to nack"));
+    }
+    let puller = entry.pulls.lock().await.get(&consumer).cloned().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "consumer_not_found",
+            format!("no pull consumer '{consumer}' in group '{group}' (it may have been idle too long)"),
+        )
+    })?;
+    puller.touch();
+    let consumer_guard = puller.consumer.lock().await;
+    let reason = body.reason.unwrap_or_else(|| "nacked by consumer".to_owned());
+    let mut settled = Vec::new();
+    let mut errors = Vec::new();
+    for id in body.delivery_ids {
+        let result = match action {
+            None => consumer_guard.ack(id).await,
+            Some(a) => consumer_guard.nack(id, a, reason.clone()).await,
+        };
+        match result {
+            Ok(()) => settled.push(id),
+            Err(e) => {
+                let e = consumer_error(e);
+                errors.push(json!({ "delivery_id": id, "error": { "code": e.code, "message": e.message } }));
+            }
+        }
+    }
+    Ok(Json(json!({ "settled": settled, "errors": errors })))
+}
+
+/// `POST /groups/{group}/ack`: acks deliveries of a pull consumer.
+#[utoipa::path(post, path = "/groups/{group}/ack", tag = "groups",
+    params(("group" = String, Path, description = "Group name"), SettleQuery),
+    request_body(content = Object, description = "`{ delivery_ids: [u64] }`"),
+    responses((status = 200, description = "`{ settled: [id], errors: [{ delivery_id, error }] }`"), (status = 400), (status = 403), (status = 404)))]
+pub async fn pull_ack(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(group): ApiPath<String>,
+    ApiQuery(query): ApiQuery<SettleQuery>,
+    ApiJson(body): ApiJson<SettleIn>,
+) -> Result<Json<Value>, ApiError> {
+    settle(state, principal, group, query.consumer, body, false).await
+}
+
+/// `POST /groups/{group}/nack`: nacks deliveries of a pull consumer.
+#[utoipa::path(post, path = "/groups/{group}/nack", tag = "groups",
+    params(("group" = String, Path, description = "Group name"), SettleQuery),
+    request_body(content = Object, description = "`{ delivery_ids: [u64], action: retry|park|skip, reason? }`"),
+    responses((status = 200, description = "`{ settled: [id], errors: [{ delivery_id, error }] }`"), (status = 400), (status = 403), (status = 404)))]
+pub async fn pull_nack(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(group): ApiPath<String>,
+    ApiQuery(query): ApiQuery<SettleQuery>,
+    ApiJson(body): ApiJson<SettleIn>,
+) -> Result<Json<Value>, ApiError> {
+    settle(state, principal, group, query.consumer, body, true).await
 }

@@ -176,6 +176,9 @@ pub fn app(state: AppState) -> Router {
         .route("/groups/{group}", put(groups::create).get(groups::stats).delete(groups::delete))
         .route("/groups/{group}/parked", get(groups::parked))
         .route("/groups/{group}/parked/replay", post(groups::replay))
+        .route("/groups/{group}/next", post(groups::pull))
+        .route("/groups/{group}/ack", post(groups::pull_ack))
+        .route("/groups/{group}/nack", post(groups::pull_nack))
         .layer(middleware::from_fn(move |req: Request, next: Next| timeout(req, next, request_secs)));
     let live = Router::new()
         .route("/streams/{stream}/live", get(live::stream_sse))

@@ -38,6 +38,9 @@ use crate::{groups, live, routes, wire};
         groups::parked,
         groups::replay,
         groups::ws,
+        groups::pull,
+        groups::pull_ack,
+        groups::pull_nack,
     ),
     components(schemas(
         wire::EventIn,

@@ -426,3 +426,95 @@ async fn roles() {
     .await;
     s.stop().await;
 }
+
+#[tokio::test]
+async fn http_pull_consumer_acks_and_nacks() {
+    let s = start(open_config()).await;
+    within(60, async {
+        let (status, _) = create(&s, "pull", json!({ "stream": "jobs-1", "ack_timeout_ms": 600_000 })).await;
+        assert_eq!(status, 201);
+        // Nothing yet: a short long-poll returns an empty batch.
+        let (status, body) =
+            call(&s, "POST", "/groups/pull/next?consumer=p&max=3&wait_ms=50", None, None).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["deliveries"], json!([]));
+
+        let events: Vec<Value> = (0..5).map(|i| event("Job", json!({ "i": i }))).collect();
+        s.append("jobs-1", "any", Value::Array(events)).await;
+
+        // At most `max` per call, and never more than max_in_flight unsettled.
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            let (status, body) =
+                call(&s, "POST", "/groups/pull/next?consumer=p&max=3&wait_ms=5000", None, None).await;
+            assert_eq!(status, 200, "{body}");
+            got.extend(body["deliveries"].as_array().expect("array").iter().cloned());
+        }
+        assert_eq!(got.len(), 3);
+        let ids: Vec<u64> = got.iter().map(|d| d["delivery_id"].as_u64().expect("id")).collect();
+        let versions: Vec<u64> =
+            got.iter().map(|d| d["event"]["version"].as_u64().expect("version")).collect();
+        assert_eq!(versions, vec![0, 1, 2]);
+
+        let (status, body) = call(
+            &s,
+            "POST",
+            "/groups/pull/ack?consumer=p",
+            Some(json!({ "delivery_ids": [ids[0], ids[1], 999] })),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["settled"], json!([ids[0], ids[1]]));
+        assert_eq!(body["errors"][0]["delivery_id"], 999);
+        assert_eq!(body["errors"][0]["error"]["code"], "unknown_delivery");
+
+        let (status, body) = call(
+            &s,
+            "POST",
+            "/groups/pull/nack?consumer=p",
+            Some(json!({ "delivery_ids": [ids[2]], "action": "park", "reason": "no worker" })),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["settled"], json!([ids[2]]));
+        let (_, body) = s.get("/groups/pull/parked").await;
+        assert_eq!(body["parked"][0]["reason"], "no worker");
+        assert_eq!(body["parked"][0]["version"], 2);
+
+        let mut rest = Vec::new();
+        while rest.len() < 2 {
+            let (_, body) =
+                call(&s, "POST", "/groups/pull/next?consumer=p&max=10&wait_ms=5000", None, None).await;
+            rest.extend(body["deliveries"].as_array().expect("array").iter().cloned());
+        }
+        let versions: Vec<u64> =
+            rest.iter().map(|d| d["event"]["version"].as_u64().expect("version")).collect();
+        assert_eq!(versions, vec![3, 4]);
+
+        // Error cases.
+        let (status, body) = call(
+            &s,
+            "POST",
+            "/groups/pull/ack?consumer=stranger",
+            Some(json!({ "delivery_ids": [1] })),
+            None,
+        )
+        .await;
+        assert_eq!(status, 404);
+        assert_eq!(body["error"]["code"], "consumer_not_found");
+        let (status, _) =
+            call(&s, "POST", "/groups/pull/nack?consumer=p", Some(json!({ "delivery_ids": [1] })), None)
+                .await;
+        assert_eq!(status, 400, "nack without action");
+        let (status, _) = call(&s, "POST", "/groups/pull/next?max=1", None, None).await;
+        assert_eq!(status, 400, "consumer is required");
+        let (status, _) = call(&s, "POST", "/groups/pull/next?consumer=p&wait_ms=999999", None, None).await;
+        assert_eq!(status, 400);
+        let (status, _) = call(&s, "POST", "/groups/nope/next?consumer=p", None, None).await;
+        assert_eq!(status, 404);
+    })
+    .await;
+    s.stop().await;
+}
