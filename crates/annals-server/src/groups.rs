@@ -108,17 +108,19 @@ impl Entry {
         // handed new ones) until the ack timeout; dropping it after the same
         // idle time gives them back to the group.
         let idle = Duration::from_millis(entry.spec.ack_timeout_ms).max(PULL_IDLE_MIN);
-        let (pulls, removed) = (entry.pulls.clone(), entry.removed.clone());
+        // Weak, so a state dropped without a shutdown (tests driving `app`
+        // directly) does not leave this task running forever.
+        let (pulls, removed) = (Arc::downgrade(&entry.pulls), entry.removed.clone());
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     () = removed.cancelled() => break,
                     () = tokio::time::sleep(Duration::from_secs(1)) => {
+                        let Some(pulls) = pulls.upgrade() else { break };
                         pulls.lock().await.retain(|_, p| p.idle_for() < idle);
                     }
                 }
             }
-            pulls.lock().await.clear();
         });
         entry
     }
