@@ -471,22 +471,42 @@ pub async fn parked(
 ) -> Result<Json<Value>, ApiError> {
     let entry = authorized(&state, &principal, &group, Role::Reader).await?;
     let parked = entry.subscription.parked().await.map_err(consumer_error)?;
-    let parked: Vec<Value> = parked
-        .iter()
-        .map(|p| {
-            json!({
-                "event_id": p.event_id,
-                "stream": p.stream.as_str(),
-                "version": p.version,
-                "position": p.position,
-                "type": p.event_type,
-                "reason": p.reason,
-                "attempts": p.attempts,
-                "parked_at": serde_json::to_value(p.parked_at).unwrap_or(Value::Null),
-            })
-        })
-        .collect();
+    let parked: Vec<Value> = parked.iter().map(parked_json).collect();
     Ok(Json(json!({ "group": group, "parked": parked })))
+}
+
+fn parked_json(p: &annals::consumers::ParkedMessage) -> Value {
+    json!({
+        "event_id": p.event_id,
+        "stream": p.stream.as_str(),
+        "version": p.version,
+        "position": p.position,
+        "type": p.event_type,
+        "reason": p.reason,
+        "attempts": p.attempts,
+        "parked_at": serde_json::to_value(p.parked_at).unwrap_or(Value::Null),
+    })
+}
+
+/// `GET /groups/{group}/parked/{position}`: one parked message, by its
+/// original position.
+#[utoipa::path(get, path = "/groups/{group}/parked/{position}", tag = "groups",
+    params(("group" = String, Path, description = "Group name"), ("position" = u64, Path, description = "Original position")),
+    responses((status = 200, description = "ParkedMessage"), (status = 403), (status = 404)))]
+pub async fn inspect_parked(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath((group, position)): ApiPath<(String, u64)>,
+) -> Result<Json<Value>, ApiError> {
+    let entry = authorized(&state, &principal, &group, Role::Reader).await?;
+    match entry.subscription.inspect_parked(position).await.map_err(consumer_error)? {
+        Some(p) => Ok(Json(parked_json(&p))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "parked_not_found",
+            format!("nothing parked at position {position} in group '{group}'"),
+        )),
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -175,6 +175,7 @@ pub fn app(state: AppState) -> Router {
         .route("/groups", get(groups::list))
         .route("/groups/{group}", put(groups::create).get(groups::stats).delete(groups::delete))
         .route("/groups/{group}/parked", get(groups::parked))
+        .route("/groups/{group}/parked/{position}", get(groups::inspect_parked))
         .route("/groups/{group}/parked/replay", post(groups::replay))
         .route("/groups/{group}/next", post(groups::pull))
         .route("/groups/{group}/ack", post(groups::pull_ack))

@@ -36,6 +36,7 @@ use crate::{groups, live, routes, wire};
         groups::stats,
         groups::delete,
         groups::parked,
+        groups::inspect_parked,
         groups::replay,
         groups::ws,
         groups::pull,

@@ -203,6 +203,14 @@ async fn parked_message_is_listed_and_replayed() {
         assert_eq!(parked[0]["position"], position);
         assert_eq!(parked[0]["stream"], "pay-1");
         assert_eq!(parked[0]["reason"], "bad amount");
+        let (status, one) = s.get(&format!("/groups/audit/parked/{position}")).await;
+        assert_eq!(status, 200, "{one}");
+        assert_eq!(one, parked[0]);
+        let (status, body) = s.get(&format!("/groups/audit/parked/{}", position + 1)).await;
+        assert_eq!(status, 404);
+        assert_eq!(body["error"]["code"], "parked_not_found");
+        let (status, _) = s.get("/groups/audit/parked/minus-one").await;
+        assert_eq!(status, 400);
 
         let (status, body) = call(&s, "POST", "/groups/audit/parked/replay", Some(json!({ "positions": [position] })), None).await;
         assert_eq!(status, 200, "{body}");
