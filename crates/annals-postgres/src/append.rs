@@ -14,18 +14,25 @@
 //! append: it may still commit, exactly as when an acknowledgement is lost.
 //! Re-send it with the same event ids to learn the outcome (idempotency).
 //!
-//! Round trips are pipelined: `BEGIN` travels with the lock statement, and
-//! `COMMIT` with the write (if the write fails, PostgreSQL turns that
-//! `COMMIT` into a rollback).
+//! The common case takes one round trip: `BEGIN`, a call of the
+//! `append_fast` function (migration 0002: lock, check, head, insert,
+//! notify) and `COMMIT` are sent together. The function only writes when
+//! every part is a plain write; anything the rules must decide (a possible
+//! idempotent re-send, a tombstone, a failed expectation) makes it step
+//! aside, and the round runs on the exact path: two pipelined round trips
+//! (`BEGIN` with the lock statement, the write with `COMMIT`; a failed
+//! write turns that `COMMIT` into a rollback), decided in Rust by
+//! `StreamState::decide`.
 
 use std::{collections::HashMap, collections::HashSet, sync::Arc, time::Duration};
 
 use annals_core::{
-    AppendDecision, AppendResult, Error, Result, StreamAppend, StreamName, StreamState, category_of,
+    AppendDecision, AppendResult, Error, ExpectedVersion, Result, StreamAppend, StreamName, StreamState,
+    category_of,
 };
 use deadpool_postgres::{Object, Pool};
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
-use tokio_postgres::types::ToSql;
+use tokio_postgres::{error::SqlState, types::ToSql};
 use uuid::Uuid;
 
 use crate::{
@@ -205,6 +212,9 @@ impl Committer {
         &self,
         requests: &[&[StreamAppend]],
     ) -> Result<Vec<Result<Vec<AppendResult>>>, Failure> {
+        if let Some(outcomes) = self.try_fast(requests).await? {
+            return Ok(outcomes);
+        }
         let mut conn = TxConn(Some(self.pool.get().await?));
         let client = conn.client()?;
         let lock = client.prepare_cached(&self.sql.lock_streams).await?;
@@ -326,6 +336,178 @@ impl Committer {
                 })
             })
             .collect())
+    }
+}
+
+impl Committer {
+    /// The common case in one round trip: `BEGIN`, `append_fast` (migration
+    /// 0002) and `COMMIT` are sent together. The function writes only when
+    /// every part is a plain write that `StreamState::decide` would accept
+    /// at the stream's next version; otherwise it raises [`DECLINED`], the
+    /// pipelined `COMMIT` becomes a rollback, and `Ok(None)` sends the
+    /// round to the exact path. The rules therefore stay written once.
+    async fn try_fast(
+        &self,
+        requests: &[&[StreamAppend]],
+    ) -> Result<Option<Vec<Result<Vec<AppendResult>>>>, Failure> {
+        let Some(args) = FastArgs::new(requests) else { return Ok(None) };
+        let mut conn = TxConn(Some(self.pool.get().await?));
+        let client = conn.client()?;
+        let call = client.prepare_cached(&self.sql.append_fast).await?;
+        let params: [&(dyn ToSql + Sync); 19] = [
+            &args.lock_names,
+            &args.lock_categories,
+            &args.part_streams,
+            &args.part_kinds,
+            &args.part_versions,
+            &args.part_counts,
+            &args.part_last_offsets,
+            &args.part_last_ids,
+            &args.ev_parts,
+            &args.ev_streams,
+            &args.ev_categories,
+            &args.ev_offsets,
+            &args.ev_ids,
+            &args.ev_types,
+            &args.ev_content_types,
+            &args.ev_data,
+            &args.ev_metadata,
+            &args.ev_correlation_ids,
+            &self.sql.channel,
+        ];
+        let (begun, called, committed) = futures::join!(
+            client.batch_execute("BEGIN"),
+            client.query_one(&call, &params),
+            client.batch_execute("COMMIT")
+        );
+        // The transaction is over either way (an error turns the COMMIT
+        // into a rollback).
+        conn.disarm();
+        begun?;
+        let row = match called {
+            Ok(row) => row,
+            Err(e) if e.code().map(SqlState::code) == Some(DECLINED) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        committed?;
+        let first = to_u64(row.try_get(0)?, "position")?;
+        let first_versions: Vec<i64> = row.try_get(1)?;
+        if first_versions.len() != args.part_counts.len() {
+            return Err(Failure::Fail(Error::Backend {
+                message: "append_fast returned a version per part of a different count".into(),
+                source: None,
+            }));
+        }
+        // Published only after commit: the events are readable now.
+        bump(&self.head, first + args.ev_ids.len() as u64);
+
+        let mut part = 0;
+        let mut outcomes = Vec::with_capacity(requests.len());
+        for parts in requests {
+            let mut results = Vec::with_capacity(parts.len());
+            for _ in *parts {
+                let first_version = to_u64(first_versions[part], "version")?;
+                let count = args.part_counts[part] as u64;
+                let last_offset = args.part_last_offsets[part] as u64;
+                results.push(AppendResult {
+                    next_version: first_version + count,
+                    position: first + last_offset,
+                });
+                part += 1;
+            }
+            outcomes.push(Ok(results));
+        }
+        Ok(Some(outcomes))
+    }
+}
+
+/// SQLSTATE raised by `append_fast` when the round needs the exact path.
+const DECLINED: &str = "AN001";
+
+/// The parameters of `append_fast`: the round flattened into arrays.
+struct FastArgs<'a> {
+    lock_names: Vec<&'a str>,
+    lock_categories: Vec<&'a str>,
+    part_streams: Vec<&'a str>,
+    part_kinds: Vec<i16>,
+    part_versions: Vec<i64>,
+    part_counts: Vec<i64>,
+    part_last_offsets: Vec<i64>,
+    part_last_ids: Vec<Uuid>,
+    ev_parts: Vec<i32>,
+    ev_streams: Vec<&'a str>,
+    ev_categories: Vec<&'a str>,
+    ev_offsets: Vec<i64>,
+    ev_ids: Vec<Uuid>,
+    ev_types: Vec<&'a str>,
+    ev_content_types: Vec<i16>,
+    ev_data: Vec<&'a [u8]>,
+    ev_metadata: Vec<&'a str>,
+    ev_correlation_ids: Vec<Option<String>>,
+}
+
+impl<'a> FastArgs<'a> {
+    /// `None` when the round cannot take the fast path (metadata that is
+    /// not UTF-8: the exact path reports it), so the exact path handles it.
+    fn new(requests: &[&'a [StreamAppend]]) -> Option<Self> {
+        let parts = requests.iter().map(|r| r.len()).sum();
+        let events = requests.iter().flat_map(|r| r.iter()).map(|p| p.events.len()).sum();
+        let mut a = FastArgs {
+            lock_names: Vec::with_capacity(parts),
+            lock_categories: Vec::with_capacity(parts),
+            part_streams: Vec::with_capacity(parts),
+            part_kinds: Vec::with_capacity(parts),
+            part_versions: Vec::with_capacity(parts),
+            part_counts: Vec::with_capacity(parts),
+            part_last_offsets: Vec::with_capacity(parts),
+            part_last_ids: Vec::with_capacity(parts),
+            ev_parts: Vec::with_capacity(events),
+            ev_streams: Vec::with_capacity(events),
+            ev_categories: Vec::with_capacity(events),
+            ev_offsets: Vec::with_capacity(events),
+            ev_ids: Vec::with_capacity(events),
+            ev_types: Vec::with_capacity(events),
+            ev_content_types: Vec::with_capacity(events),
+            ev_data: Vec::with_capacity(events),
+            ev_metadata: Vec::with_capacity(events),
+            ev_correlation_ids: Vec::with_capacity(events),
+        };
+        for part in requests.iter().flat_map(|r| r.iter()) {
+            let stream = part.stream.as_str();
+            let (kind, version) = match part.expected {
+                ExpectedVersion::Any => (0, 0),
+                ExpectedVersion::NoStream => (1, 0),
+                ExpectedVersion::StreamExists => (2, 0),
+                ExpectedVersion::Exact(v) => (3, to_i64(v)),
+            };
+            let index = i32::try_from(a.part_streams.len() + 1).ok()?;
+            let last_id = part.events.last()?.id;
+            a.part_streams.push(stream);
+            a.part_kinds.push(kind);
+            a.part_versions.push(version);
+            a.part_counts.push(part.events.len() as i64);
+            a.part_last_ids.push(last_id);
+            for (offset, event) in part.events.iter().enumerate() {
+                a.ev_metadata.push(std::str::from_utf8(event.metadata.as_bytes()).ok()?);
+                a.ev_parts.push(index);
+                a.ev_streams.push(stream);
+                a.ev_categories.push(category_of(stream));
+                a.ev_offsets.push(offset as i64);
+                a.ev_ids.push(event.id);
+                a.ev_types.push(&event.event_type);
+                a.ev_content_types.push(i16::from(event.content_type.code()));
+                a.ev_data.push(&event.data);
+                a.ev_correlation_ids.push(event.metadata.correlation_id());
+            }
+            a.part_last_offsets.push(a.ev_ids.len() as i64 - 1);
+        }
+        // Locked in name order, like the exact path, so that two
+        // transactions over the same streams cannot deadlock.
+        let mut names = a.part_streams.clone();
+        names.sort_unstable();
+        a.lock_categories = names.iter().map(|n| category_of(n)).collect();
+        a.lock_names = names;
+        Some(a)
     }
 }
 

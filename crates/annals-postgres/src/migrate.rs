@@ -17,8 +17,14 @@ struct Migration {
 }
 
 /// Every migration, in order. Append only: never edit a released one.
-const MIGRATIONS: &[Migration] =
-    &[Migration { version: 1, name: "0001_initial.sql", sql: include_str!("../sql/0001_initial.sql") }];
+const MIGRATIONS: &[Migration] = &[
+    Migration { version: 1, name: "0001_initial.sql", sql: include_str!("../sql/0001_initial.sql") },
+    Migration {
+        version: 2,
+        name: "0002_append_function.sql",
+        sql: include_str!("../sql/0002_append_function.sql"),
+    },
+];
 
 /// Advisory-lock class for migrations ("anna" in ASCII), so the key space
 /// does not collide with locks an application takes for itself.

@@ -431,3 +431,45 @@ async fn unknown_database_is_unreachable() {
     let err = PgStore::connect(url).await.unwrap_err();
     assert!(matches!(err, PgError::Unreachable { .. }), "{err:?}");
 }
+
+/// The one-round-trip append function (migration 0002) writes a plain
+/// append, and steps aside with SQLSTATE AN001, writing nothing, for
+/// anything the exact path must decide: a possible re-send and a failed
+/// expectation. Through the store, both still get the exact outcomes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_function_writes_plain_appends_and_steps_aside_otherwise() {
+    let Some((store, guard)) = common::open().await else { return };
+    let first = event(0);
+    let written = store.append(&stream("f-1"), ExpectedVersion::NoStream, vec![first.clone()]).await.unwrap();
+    assert_eq!((written.next_version, written.position), (1, 0));
+    // A re-send is declined by the function and answered by the exact path.
+    let again = store.append(&stream("f-1"), ExpectedVersion::NoStream, vec![first]).await.unwrap();
+    assert_eq!((again.next_version, again.position), (1, 0));
+
+    let admin = admin_client().await;
+    let call = format!(
+        "SELECT first_position, first_versions FROM \"{}\".append_fast(
+             ARRAY['f-1'], ARRAY['f'], ARRAY['f-1'], ARRAY[$1::int2], ARRAY[$2::int8], ARRAY[1::int8],
+             ARRAY[0::int8], ARRAY[$3::uuid], ARRAY[1], ARRAY['f-1'], ARRAY['f'], ARRAY[0::int8], ARRAY[$3::uuid],
+             ARRAY['E'],
+             ARRAY[0::int2], ARRAY['\\x7b7d'::bytea], ARRAY['{{}}'], ARRAY[NULL::text], 'ch')",
+        guard.schema
+    );
+    let fresh = uuid::Uuid::new_v4();
+    // Expected version 0 (kind 3) matches: written at version 1, position 1.
+    let row = admin.query_one(&call, &[&3_i16, &0_i64, &fresh]).await.unwrap();
+    assert_eq!(row.get::<_, i64>(0), 1);
+    assert_eq!(row.get::<_, Vec<i64>>(1), vec![1]);
+    // A possible re-send (same last id) and a wrong expectation step aside.
+    for (kind, version, id) in
+        [(0_i16, 0_i64, fresh), (3, 0, uuid::Uuid::new_v4()), (1, 0, uuid::Uuid::new_v4())]
+    {
+        let err = admin.query_one(&call, &[&kind, &version, &id]).await.unwrap_err();
+        assert_eq!(err.code().map(|c| c.code()), Some("AN001"), "{err}");
+    }
+    assert_eq!(store.next_position().await.unwrap(), 2);
+
+    // Through the store, a failed expectation gets the exact error.
+    let wrong = store.append(&stream("f-1"), ExpectedVersion::Exact(0), vec![event(2)]).await.unwrap_err();
+    assert!(matches!(wrong, Error::WrongExpectedVersion { actual: Some(1), .. }), "{wrong}");
+}
