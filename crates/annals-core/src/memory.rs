@@ -210,17 +210,6 @@ fn tail_ids(log: &[RecordedEvent], positions: &[u64], n: usize) -> Option<(Vec<U
 
 #[async_trait]
 impl Appender for MemoryStore {
-    async fn append(
-        &self,
-        stream: &StreamName,
-        expected: ExpectedVersion,
-        events: Vec<EventData>,
-    ) -> Result<AppendResult> {
-        let mut results =
-            self.inner.append_parts(vec![StreamAppend::new(stream.clone(), expected, events)])?;
-        results.pop().ok_or_else(|| Error::invalid("empty append"))
-    }
-
     async fn append_multi(&self, parts: Vec<StreamAppend>) -> Result<Vec<AppendResult>> {
         self.inner.append_parts(parts)
     }

@@ -32,7 +32,13 @@ pub trait Appender: Send + Sync {
         stream: &StreamName,
         expected: ExpectedVersion,
         events: Vec<EventData>,
-    ) -> Result<AppendResult>;
+    ) -> Result<AppendResult> {
+        // One stream is a one-part transaction: backends implement the rules
+        // once, in `append_multi`.
+        let mut results =
+            self.append_multi(vec![StreamAppend::new(stream.clone(), expected, events)]).await?;
+        results.pop().ok_or_else(|| crate::Error::invalid("an append needs at least one event"))
+    }
 
     /// Appends to several streams atomically, each with its own expectation:
     /// either every part is written (at consecutive global positions, in the

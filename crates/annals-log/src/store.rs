@@ -7,7 +7,7 @@ use std::{
 };
 
 use annals_core::{
-    AllReader, AllSlice, AppendResult, Appender, CheckpointStore, DeleteMode, Error, EventData, EventStream,
+    AllReader, AllSlice, AppendResult, Appender, CheckpointStore, DeleteMode, Error, EventStream,
     ExpectedVersion, Limits, ReadAll, ReadStream, RecordedEvent, Result, Snapshot, SnapshotStore,
     StreamAppend, StreamDeleter, StreamInfo, StreamName, StreamReader, Subscriber, SubscriptionRequest, Uuid,
     async_trait, subscription, validate_checkpoint_name,
@@ -412,16 +412,6 @@ fn check_sizes(parts: &[StreamAppend]) -> Result<()> {
 
 #[async_trait]
 impl Appender for LogStore {
-    async fn append(
-        &self,
-        stream: &StreamName,
-        expected: ExpectedVersion,
-        events: Vec<EventData>,
-    ) -> Result<AppendResult> {
-        let mut r = self.append_parts(vec![StreamAppend::new(stream.clone(), expected, events)]).await?;
-        r.pop().ok_or_else(|| Error::invalid("empty append"))
-    }
-
     async fn append_multi(&self, parts: Vec<StreamAppend>) -> Result<Vec<AppendResult>> {
         self.append_parts(parts).await
     }

@@ -3,7 +3,7 @@
 use std::{sync::Arc, time::Duration};
 
 use annals_core::{
-    AllReader, AllSlice, AppendResult, Appender, CheckpointStore, DeleteMode, Error, EventData, EventStream,
+    AllReader, AllSlice, AppendResult, Appender, CheckpointStore, DeleteMode, Error, EventStream,
     ExpectedVersion, ReadAll, ReadStream, RecordedEvent, Result, Snapshot, SnapshotStore, StreamAppend,
     StreamDeleter, StreamInfo, StreamName, StreamReader, StreamState, Subscriber, SubscriptionRequest,
     async_trait, category_of, subscription, validate_checkpoint_name,
@@ -19,17 +19,6 @@ use crate::{
 
 #[async_trait]
 impl Appender for PgStore {
-    async fn append(
-        &self,
-        stream: &StreamName,
-        expected: ExpectedVersion,
-        events: Vec<EventData>,
-    ) -> Result<AppendResult> {
-        let mut results =
-            self.inner.append_parts(vec![StreamAppend::new(stream.clone(), expected, events)]).await?;
-        results.pop().ok_or_else(|| Error::invalid("empty append"))
-    }
-
     async fn append_multi(&self, parts: Vec<StreamAppend>) -> Result<Vec<AppendResult>> {
         self.inner.append_parts(parts).await
     }
