@@ -107,18 +107,7 @@ pub async fn api_error(resp: Response) -> CliError {
     }
 }
 
-/// Percent-encodes a path segment or query value.
-pub fn enc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+pub use annals_server::wire::enc;
 
 /// Splits a `text/event-stream` body into `(event, id, data)` records.
 #[derive(Debug, Default)]

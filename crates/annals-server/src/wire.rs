@@ -365,6 +365,17 @@ pub fn parse_time(s: &str) -> Option<Timestamp> {
     Some(Timestamp::from_micros(secs.checked_mul(1_000_000)?.checked_add(micros)?))
 }
 
+/// What a URL path segment or query value may keep unescaped: RFC 3986
+/// "unreserved" characters.
+const COMPONENT: &percent_encoding::AsciiSet =
+    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+
+/// Percent-encodes a path segment or query value (used by the server's
+/// paging links and by the CLI's requests).
+pub fn enc(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, COMPONENT).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

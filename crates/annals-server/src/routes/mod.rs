@@ -44,15 +44,4 @@ pub fn parse_from(s: Option<&str>) -> Result<Option<annals_core::ReadFrom>, ApiE
     }
 }
 
-/// Percent-encodes a query value.
-pub fn enc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+pub use crate::wire::enc;
