@@ -9,7 +9,7 @@
 //! | piece | delivery guarantee | state it keeps in the store |
 //! |---|---|---|
 //! | [`PersistentSubscription`] | at least once per group; each message in flight with one consumer at a time | checkpoint `$ps-{group}`, dead letters in `$dlq-{group}` |
-//! | [`ProjectionRunner`] | at least once (exactly once when the [`ProjectionCheckpoint`] commits the projection's writes in the same transaction) | checkpoint `$projection-{name}-v{version}`, dead letters in `$dlq-projection-{name}` |
+//! | [`ProjectionRunner`] | at least once; exactly once on PostgreSQL (feature `postgres`: `ProjectionRunner::exactly_once` commits the projection's writes and its checkpoint in one transaction) | checkpoint `$projection-{name}-v{version}`, dead letters in `$dlq-projection-{name}` |
 //! | [`SagaRunner`] | commands exactly once in effect (deterministic command ids + idempotent repository) | the saga's journal in `saga-{name}-{id}`, checkpoint `$saga-{name}` |
 //! | [`EventBus`] | at least once per handler group (a persistent subscription underneath) | as for persistent subscriptions |
 //!
@@ -18,6 +18,8 @@
 mod bus;
 mod dlq;
 mod persistent;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 mod projection;
 mod retry;
 mod saga;
@@ -30,6 +32,8 @@ pub use persistent::{
     Consumer, ConsumerStats, Delivery, GroupSettings, GroupStats, NackAction, PersistentSubscription,
     StartFrom,
 };
+#[cfg(feature = "postgres")]
+pub use postgres::PgProjection;
 pub use projection::{
     BatchError, CheckpointStoreCheckpoint, Projection, ProjectionCheckpoint, ProjectionRunner,
     ProjectionStats, RunningProjection, active_version, blue_green_switch,

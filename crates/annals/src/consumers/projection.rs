@@ -8,8 +8,10 @@
 //! restart, so handlers must be idempotent: upsert by key, or remember the
 //! last applied position per row and ignore older ones. A backend that can
 //! commit the projection's writes and the checkpoint in one transaction
-//! (PostgreSQL) implements [`ProjectionCheckpoint::commit`] to do exactly
-//! that, which makes the projection exactly once.
+//! (PostgreSQL) implements [`ProjectionCheckpoint::begin`] and
+//! [`ProjectionCheckpoint::commit`] to do exactly that, which makes the
+//! projection exactly once: `ProjectionRunner::exactly_once` (feature
+//! `postgres`).
 //!
 //! # Failures
 //! An event whose handler fails is retried with the runner's
@@ -99,6 +101,18 @@ pub trait ProjectionCheckpoint: Send + Sync + 'static {
     /// The position of the first event not yet processed, if any was saved.
     async fn load(&self, name: &str) -> annals_core::Result<Option<u64>>;
 
+    /// Called before every batch is read, and followed by exactly one
+    /// [`ProjectionCheckpoint::commit`] (unless the runner stops on an
+    /// error). A checkpoint that someone else may move — another instance
+    /// of the same projection on a shared database — returns its current
+    /// value here, held (locked) until the commit, and the runner continues
+    /// from that value instead of its own. The default returns `None`: the
+    /// runner keeps its own position.
+    async fn begin(&self, name: &str) -> annals_core::Result<Option<u64>> {
+        let _ = name;
+        Ok(None)
+    }
+
     /// Records that every event before `next_position` is processed.
     async fn commit(&self, name: &str, next_position: u64) -> annals_core::Result<()>;
 }
@@ -153,7 +167,7 @@ pub struct ProjectionRunner {
 }
 
 /// The checkpoint name of a projection version.
-fn checkpoint_name(name: &str, version: u32) -> String {
+pub(super) fn checkpoint_name(name: &str, version: u32) -> String {
     format!("$projection-{name}-v{version}")
 }
 
@@ -383,6 +397,12 @@ async fn follow(
     stats.send_modify(|s| s.checkpoint = Some(next));
     loop {
         loop {
+            if let Some(current) = config.checkpoint.begin(&checkpoint_name).await?
+                && current != next
+            {
+                tracing::info!(projection = %config.name, from = next, to = current, "checkpoint moved by another instance; following it");
+                next = current;
+            }
             let slice = config
                 .store
                 .read_all(ReadAll {

@@ -1,0 +1,248 @@
+//! Exactly-once projections on PostgreSQL: the read model's writes and the
+//! checkpoint commit together, so a crash, a failing event, a second
+//! instance or a rebuild never applies an event twice — checked with a
+//! read model whose writes are not idempotent (`n = n + 1`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "../../annals-postgres/tests/common/mod.rs"]
+mod common;
+
+use std::{sync::Arc, time::Duration};
+
+use annals::consumers::{HandlerError, PgProjection, ProjectionRunner, RetryPolicy};
+use annals_core::{Appender, CheckpointStore, EventData, ExpectedVersion, RecordedEvent, Store, StreamName};
+use annals_postgres::{PgCheckpointTx, PgStore};
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+const STREAMS: u64 = 10;
+
+/// Counts events per stream (`n = n + 1`) and records every application in
+/// `applied`, which has no unique key: a duplicate shows up as a second row.
+struct Counter {
+    schema: String,
+    /// Stops forever (a hung process) after writing this position, telling
+    /// the test through the channel.
+    hang_at: Option<(u64, mpsc::UnboundedSender<()>)>,
+}
+
+impl Counter {
+    fn new(schema: &str) -> Self {
+        Counter { schema: schema.to_owned(), hang_at: None }
+    }
+}
+
+#[async_trait]
+impl PgProjection for Counter {
+    fn name(&self) -> &str {
+        "counter"
+    }
+
+    async fn handle(&mut self, tx: &PgCheckpointTx, event: &RecordedEvent) -> Result<(), HandlerError> {
+        let s = &self.schema;
+        if event.event_type == "Poison" {
+            // A failing statement aborts the transaction unless the runner
+            // rolls back to its savepoint.
+            tx.execute("SELECT 1 / 0", &[]).await.map_err(|e| HandlerError::permanent(e.to_string()))?;
+        }
+        let position = i64::try_from(event.position).unwrap();
+        tx.execute(&format!("INSERT INTO \"{s}\".applied (position) VALUES ($1)"), &[&position]).await?;
+        tx.execute(
+            &format!(
+                "INSERT INTO \"{s}\".counts (stream, n) VALUES ($1, 1)
+                 ON CONFLICT (stream) DO UPDATE SET n = counts.n + 1"
+            ),
+            &[&event.stream.as_str()],
+        )
+        .await?;
+        if let Some((at, tell)) = &self.hang_at
+            && event.position == *at
+        {
+            let _ = tell.send(());
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+
+    async fn reset(&mut self, tx: &PgCheckpointTx) -> Result<(), HandlerError> {
+        let s = &self.schema;
+        tx.batch_execute(&format!("TRUNCATE \"{s}\".applied, \"{s}\".counts")).await?;
+        Ok(())
+    }
+}
+
+async fn setup() -> Option<(PgStore, common::SchemaGuard)> {
+    let (store, guard) = common::open().await?;
+    let s = &guard.schema;
+    let tx = store.begin_checkpoint_tx("setup").await.unwrap();
+    tx.batch_execute(&format!(
+        "CREATE TABLE \"{s}\".applied (position bigint NOT NULL);
+         CREATE TABLE \"{s}\".counts (stream text PRIMARY KEY, n bigint NOT NULL);"
+    ))
+    .await
+    .unwrap();
+    tx.commit(0).await.unwrap();
+    Some((store, guard))
+}
+
+/// Appends `n` events round-robin over the test streams, in appends of 50.
+async fn append(store: &PgStore, n: u64, event_type: impl Fn(u64) -> &'static str) {
+    let mut i = 0;
+    while i < n {
+        let stream = StreamName::new(format!("acct-{}", i / 50 % STREAMS)).unwrap();
+        let events: Vec<EventData> = (i..(i + 50).min(n))
+            .map(|k| EventData::json(event_type(k), &serde_json::json!({ "k": k })).unwrap())
+            .collect();
+        i += events.len() as u64;
+        store.append(&stream, ExpectedVersion::Any, events).await.unwrap();
+    }
+}
+
+/// (rows in `applied`, distinct positions in it, sum of the counters).
+async fn totals(store: &PgStore, schema: &str) -> (i64, i64, i64) {
+    let tx = store.begin_checkpoint_tx("totals").await.unwrap();
+    let row = tx
+        .query_one(
+            &format!(
+                "SELECT (SELECT count(*) FROM \"{schema}\".applied),
+                        (SELECT count(DISTINCT position) FROM \"{schema}\".applied),
+                        (SELECT coalesce(sum(n), 0)::bigint FROM \"{schema}\".counts)"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let totals = (row.get(0), row.get(1), row.get(2));
+    tx.rollback().await.unwrap();
+    totals
+}
+
+const CHECKPOINT: &str = "$projection-counter-v1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_mid_batch_applies_nothing_twice() {
+    let Some((store, guard)) = setup().await else { return };
+    let schema = guard.schema.clone();
+    append(&store, 2_000, |_| "Deposited").await;
+
+    // First process: hangs after writing position 1,250, in the middle of
+    // the 13th batch of 100, with that batch's writes uncommitted.
+    let (tell, mut hung) = mpsc::unbounded_channel();
+    let mut first = Counter::new(&schema);
+    first.hang_at = Some((1_250, tell));
+    let running = ProjectionRunner::exactly_once(&store, first).batch_size(100).start().unwrap();
+    tokio::time::timeout(Duration::from_secs(60), hung.recv()).await.unwrap().unwrap();
+    assert_eq!(store.load_checkpoint(CHECKPOINT).await.unwrap(), Some(1_200));
+    assert_eq!(totals(&store, &schema).await, (1_200, 1_200, 1_200), "only committed batches are visible");
+
+    // The process dies: its connection goes, PostgreSQL rolls back.
+    drop(running);
+
+    // Second process, a fresh store instance on the same schema.
+    let second = common::reopen(&schema).await;
+    let running =
+        ProjectionRunner::exactly_once(&second, Counter::new(&schema)).batch_size(100).start().unwrap();
+    let store_dyn: Arc<dyn Store> = Arc::new(second.clone());
+    tokio::time::timeout(Duration::from_secs(60), running.wait_until_caught_up(&*store_dyn))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(totals(&second, &schema).await, (2_000, 2_000, 2_000));
+
+    // It follows live appends too, still once each.
+    append(&second, 300, |_| "Deposited").await;
+    tokio::time::timeout(Duration::from_secs(60), running.wait_until_caught_up(&*store_dyn))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(totals(&second, &schema).await, (2_300, 2_300, 2_300));
+    assert_eq!(second.load_checkpoint(CHECKPOINT).await.unwrap(), Some(2_300));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_the_work_without_duplicates() {
+    let Some((store, guard)) = setup().await else { return };
+    let schema = guard.schema.clone();
+    append(&store, 1_000, |_| "Deposited").await;
+
+    let other = common::reopen(&schema).await;
+    let a = ProjectionRunner::exactly_once(&store, Counter::new(&schema)).batch_size(50).start().unwrap();
+    let b = ProjectionRunner::exactly_once(&other, Counter::new(&schema)).batch_size(50).start().unwrap();
+    append(&store, 1_000, |_| "Deposited").await;
+
+    let store_dyn: Arc<dyn Store> = Arc::new(store.clone());
+    let head = 2_000;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while store.load_checkpoint(CHECKPOINT).await.unwrap() != Some(head) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    // Neither instance stopped, and between them every event landed once.
+    assert!(a.stats().stopped.is_none() && b.stats().stopped.is_none());
+    assert_eq!(totals(&store, &schema).await, (2_000, 2_000, 2_000));
+    assert!(store_dyn.next_position().await.unwrap() == head);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_statement_parks_its_event_and_keeps_the_rest_of_the_batch() {
+    let Some((store, guard)) = setup().await else { return };
+    let schema = guard.schema.clone();
+    // Positions 130 and 260 are poison; batches of 100.
+    append(&store, 400, |k| if k == 130 || k == 260 { "Poison" } else { "Deposited" }).await;
+
+    let retry = RetryPolicy {
+        max_attempts: 2,
+        initial_backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(2),
+        ..RetryPolicy::default()
+    };
+    let running = ProjectionRunner::exactly_once(&store, Counter::new(&schema))
+        .batch_size(100)
+        .retry(retry)
+        .start()
+        .unwrap();
+    let store_dyn: Arc<dyn Store> = Arc::new(store.clone());
+    let stats = tokio::time::timeout(Duration::from_secs(60), running.wait_until_caught_up(&*store_dyn))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stats.parked, 2);
+    assert!(stats.stopped.is_none());
+    // Every other event once; nothing of the poison events.
+    assert_eq!(totals(&store, &schema).await, (398, 398, 398));
+    let parked = annals::consumers::DeadLetterQueue::new(store_dyn.clone(), "projection-counter")
+        .unwrap()
+        .list()
+        .await
+        .unwrap();
+    let mut positions: Vec<u64> = parked.iter().map(|p| p.position).collect();
+    positions.sort_unstable();
+    assert_eq!(positions, vec![130, 260]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_resets_the_model_and_the_checkpoint_together() {
+    let Some((store, guard)) = setup().await else { return };
+    let schema = guard.schema.clone();
+    append(&store, 500, |_| "Deposited").await;
+    let store_dyn: Arc<dyn Store> = Arc::new(store.clone());
+
+    let running =
+        ProjectionRunner::exactly_once(&store, Counter::new(&schema)).batch_size(64).start().unwrap();
+    tokio::time::timeout(Duration::from_secs(60), running.wait_until_caught_up(&*store_dyn))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(totals(&store, &schema).await, (500, 500, 500));
+
+    let running = running.rebuild().await.unwrap();
+    append(&store, 100, |_| "Deposited").await;
+    tokio::time::timeout(Duration::from_secs(60), running.wait_until_caught_up(&*store_dyn))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(totals(&store, &schema).await, (600, 600, 600));
+}
