@@ -31,6 +31,10 @@ pub enum ServerError {
     /// TLS material could not be loaded. Check the certificate and key files.
     #[error("TLS error: {0}")]
     Tls(String),
+    /// The store failed while the server started (restoring consumer
+    /// groups); the inner error says whether retrying can help.
+    #[error("store error at start: {0}")]
+    Store(#[from] annals_core::Error),
 }
 
 impl ServerError {

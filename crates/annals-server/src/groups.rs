@@ -2,7 +2,10 @@
 //!
 //! The server keeps a registry of running groups ([`Groups`]), created on
 //! demand by `PUT /groups/{group}` and stopped by `DELETE` or on shutdown
-//! (stopping saves the checkpoint). Consumers connect over
+//! (stopping saves the checkpoint). Definitions are durable: `PUT` and
+//! `DELETE` append to the system stream `$groups`, and [`run`](crate::run)
+//! restarts every defined group before it accepts connections
+//! ([`AppState::restore_groups`]). Consumers connect over
 //! `GET /groups/{group}/ws`; each socket is one competing consumer, and
 //! closing it hands its unsettled messages back to the group.
 
@@ -16,7 +19,9 @@ use annals::consumers::{
     Consumer, ConsumerError, Delivery, GroupSettings, NackAction, PersistentSubscription, RetryPolicy,
     StartFrom,
 };
-use annals_core::{StreamName, SubscriptionTarget};
+use annals_core::{
+    Direction, EventData, ExpectedVersion, ReadFrom, ReadStream, StreamName, SubscriptionTarget,
+};
 use axum::{
     Json,
     extract::{
@@ -155,6 +160,99 @@ impl Entry {
         if let Ok(subscription) = Arc::try_unwrap(self.subscription) {
             subscription.stop().await;
         }
+    }
+}
+
+/// The system stream holding group definitions.
+const GROUPS_STREAM: &str = "$groups";
+/// Event type: a group was defined (`{ group, settings }`).
+const GROUP_SAVED: &str = "$GroupSaved";
+/// Event type: a group was deleted (`{ group }`).
+const GROUP_DELETED: &str = "$GroupDeleted";
+
+fn groups_stream() -> Result<StreamName, ApiError> {
+    StreamName::system(GROUPS_STREAM).map_err(ApiError::from)
+}
+
+/// Appends a definition change to `$groups`.
+async fn record(state: &AppState, event_type: &str, data: Value) -> Result<(), ApiError> {
+    let event = EventData::json(event_type, &data).map_err(ApiError::from)?;
+    state.inner.store.append(&groups_stream()?, ExpectedVersion::Any, vec![event]).await?;
+    Ok(())
+}
+
+/// The groups defined in `$groups` now: the last definition of each group
+/// that was not deleted after it.
+async fn defined_groups(state: &AppState) -> annals_core::Result<BTreeMap<String, Value>> {
+    let stream = StreamName::system(GROUPS_STREAM)?;
+    let mut defined = BTreeMap::new();
+    let mut from = ReadFrom::Start;
+    loop {
+        let page = state
+            .inner
+            .store
+            .read_stream(&stream, ReadStream { from, direction: Direction::Forward, limit: 1_000 })
+            .await;
+        let page = match page {
+            Ok(page) => page,
+            Err(annals_core::Error::StreamNotFound { .. }) => return Ok(defined),
+            Err(e) => return Err(e),
+        };
+        let Some(last) = page.last() else { return Ok(defined) };
+        from = ReadFrom::At(last.version + 1);
+        for event in &page {
+            let Ok(data) = serde_json::from_slice::<Value>(&event.data) else { continue };
+            let Some(group) = data.get("group").and_then(Value::as_str).map(str::to_owned) else { continue };
+            match event.event_type.as_str() {
+                GROUP_SAVED => {
+                    defined.insert(group, data.get("settings").cloned().unwrap_or(Value::Null));
+                }
+                GROUP_DELETED => {
+                    defined.remove(&group);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+impl AppState {
+    /// Starts every consumer group defined in the store (`$groups`) that is
+    /// not running yet; [`run`](crate::run) calls it before accepting
+    /// connections. A definition that cannot start any more is logged and
+    /// skipped. Returns how many groups it started.
+    ///
+    /// Every server process on a shared (PostgreSQL) store restores every
+    /// group; see `docs/operations.md` for running groups on one process.
+    pub async fn restore_groups(&self) -> annals_core::Result<usize> {
+        let defined = defined_groups(self).await?;
+        let mut registry = self.inner.groups.inner.lock().await;
+        let mut started = 0;
+        for (group, settings) in defined {
+            if registry.closed || registry.running.contains_key(&group) {
+                continue;
+            }
+            let spec = serde_json::from_value::<GroupIn>(settings)
+                .map_err(|e| ApiError::bad_request(format!("stored settings do not parse: {e}")))
+                .and_then(GroupSpec::parse);
+            let target = spec.as_ref().map_err(Clone::clone).and_then(GroupSpec::target_unchecked);
+            let (spec, target) = match (spec, target) {
+                (Ok(spec), Ok(target)) => (spec, target),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::error!(%group, error = %e.message, "cannot restore consumer group; skipped");
+                    continue;
+                }
+            };
+            match PersistentSubscription::start(self.inner.store.clone(), spec.settings(&group, target)).await
+            {
+                Ok(subscription) => {
+                    registry.running.insert(group, Entry::new(spec, subscription));
+                    started += 1;
+                }
+                Err(e) => tracing::error!(%group, error = %e, "cannot restore consumer group; skipped"),
+            }
+        }
+        Ok(started)
     }
 }
 
@@ -311,6 +409,15 @@ impl GroupSpec {
         }
     }
 
+    /// The subscription target without an authorization check: for groups
+    /// restored from `$groups`, authorized when they were defined.
+    fn target_unchecked(&self) -> Result<SubscriptionTarget, ApiError> {
+        match &self.filter {
+            Some(f) => Ok(SubscriptionTarget::All(f.to_query().to_filter()?)),
+            None => Ok(SubscriptionTarget::Stream(StreamName::any(&self.stream).map_err(ApiError::from)?)),
+        }
+    }
+
     fn settings(&self, group: &str, target: SubscriptionTarget) -> GroupSettings {
         let start = if self.start_from == "end" { StartFrom::End } else { StartFrom::Start };
         let retry =
@@ -371,6 +478,12 @@ pub async fn create(
         PersistentSubscription::start(state.inner.store.clone(), spec.settings(&group, target))
             .await
             .map_err(consumer_error)?;
+    // Durable before it is reported: a group that was not recorded would
+    // silently be gone after a restart.
+    if let Err(e) = record(&state, GROUP_SAVED, json!({ "group": group, "settings": spec })).await {
+        subscription.stop().await;
+        return Err(e);
+    }
     let body = describe(&group, &spec);
     registry.running.insert(group, Entry::new(spec, subscription));
     Ok((StatusCode::CREATED, Json(body)).into_response())
@@ -450,7 +563,15 @@ pub async fn delete(
     ApiPath(group): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     authorized(&state, &principal, &group, Role::Writer).await?;
-    let removed = state.inner.groups.inner.lock().await.running.remove(&group);
+    let removed = {
+        let mut registry = state.inner.groups.inner.lock().await;
+        if registry.running.contains_key(&group) {
+            // Recorded first: if the store refuses, the group keeps running
+            // and the caller gets the error.
+            record(&state, GROUP_DELETED, json!({ "group": group })).await?;
+        }
+        registry.running.remove(&group)
+    };
     match removed {
         Some(entry) => {
             entry.remove().await;

@@ -40,6 +40,12 @@ pub async fn run(
         Some(tls) => Some(crate::tls::acceptor(tls)?),
         None => None,
     };
+    // Consumer groups defined before a restart run again before the first
+    // consumer can connect.
+    let restored = state.restore_groups().await?;
+    if restored > 0 {
+        tracing::info!(groups = restored, "restored consumer groups");
+    }
     let draining = state.shutdown_token().clone();
     let tracker = TaskTracker::new();
     tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "annals server listening");

@@ -526,3 +526,58 @@ async fn http_pull_consumer_acks_and_nacks() {
     .await;
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_survive_a_restart_and_resume_after_the_last_ack() {
+    let store: std::sync::Arc<dyn annals_core::Store> = std::sync::Arc::new(annals_core::MemoryStore::new());
+    let listen = || async { tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind") };
+
+    // First server: two groups defined, one deleted again; 4 of 10 acked.
+    let s = common::start_with_store(listen().await, store.clone(), open_config()).await;
+    let settings = json!({ "stream": "$all", "filter": { "category": "pay" }, "max_retries": 2, "ack_timeout_ms": 5000 });
+    within(30, async {
+        assert_eq!(create(&s, "payments", settings.clone()).await.0, 201);
+        assert_eq!(create(&s, "scratch", json!({ "stream": "pay-1" })).await.0, 201);
+        assert_eq!(call(&s, "DELETE", "/groups/scratch", None, None).await.0, 204);
+        let events: Vec<Value> = (0..10).map(|n| event("Paid", json!({ "n": n }))).collect();
+        assert_eq!(s.append("pay-1", "any", Value::Array(events)).await.0, 201);
+
+        let mut ws = consumer(&s, "payments", "a", 1).await;
+        let mut others = Vec::new();
+        for expected in 0..4u64 {
+            let d = next_delivery(&mut ws, &mut others).await;
+            assert_eq!(d["event"]["data"]["n"], expected, "{d}");
+            send(&mut ws, json!({ "type": "ack", "delivery_id": d["delivery_id"] })).await;
+            next_of(&mut ws, "acked", &mut others).await;
+        }
+    })
+    .await;
+    s.stop().await;
+
+    // Second server on the same store: the group runs again, with the same
+    // settings, before anyone defines it, and resumes after the acked four
+    // (the fifth was in flight, unacked, at the restart: it comes again).
+    let s = common::start_with_store(listen().await, store.clone(), open_config()).await;
+    within(30, async {
+        let (status, body) = s.get("/groups").await;
+        assert_eq!(status, 200);
+        let groups = body["groups"].as_array().expect("groups");
+        assert_eq!(groups.len(), 1, "only the undeleted group comes back: {body}");
+        assert_eq!(groups[0]["group"], "payments");
+        assert_eq!(groups[0]["filter"]["category"], "pay");
+        assert_eq!(groups[0]["max_retries"], 2);
+        assert_eq!(groups[0]["ack_timeout_ms"], 5000);
+        // Same settings: PUT confirms rather than conflicts.
+        assert_eq!(create(&s, "payments", settings.clone()).await.0, 200);
+
+        let mut ws = consumer(&s, "payments", "b", 10).await;
+        let mut others = Vec::new();
+        for expected in 4..10u64 {
+            let d = next_delivery(&mut ws, &mut others).await;
+            assert_eq!(d["event"]["data"]["n"], expected, "nothing acked comes again: {d}");
+            send(&mut ws, json!({ "type": "ack", "delivery_id": d["delivery_id"] })).await;
+        }
+    })
+    .await;
+    s.stop().await;
+}

@@ -31,8 +31,17 @@ pub async fn start(config: ServerConfig) -> TestServer {
 }
 
 pub async fn start_on(listener: TcpListener, config: ServerConfig) -> TestServer {
+    start_with_store(listener, Arc::new(MemoryStore::new()), config).await
+}
+
+/// A server over `store`; several servers may serve one store in turn
+/// (a restart).
+pub async fn start_with_store(
+    listener: TcpListener,
+    store: Arc<dyn annals_core::Store>,
+    config: ServerConfig,
+) -> TestServer {
     let addr = listener.local_addr().expect("addr");
-    let store: Arc<dyn annals_core::Store> = Arc::new(MemoryStore::new());
     let state = AppState::with_backend(store, config, "memory").expect("config");
     let (tx, rx) = oneshot::channel::<()>();
     let run_state = state.clone();
