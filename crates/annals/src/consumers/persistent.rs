@@ -821,6 +821,13 @@ impl Dispatcher {
             Ok(()) => {
                 self.saved_checkpoint = Some(next);
                 self.unsaved_since = None;
+                // Gauges follow the saved checkpoint (at most every
+                // `checkpoint_every` positions or `checkpoint_interval`), so
+                // /metrics shows a group's state without anyone asking for
+                // its stats.
+                if let Err(error) = self.stats().await {
+                    tracing::debug!(group = %self.group, %error, "could not refresh the group's gauges");
+                }
             }
             // Retried after the next message; a stale checkpoint only widens
             // the at-least-once window.
@@ -836,6 +843,9 @@ impl Dispatcher {
         metrics::gauge!("annals_subscription_lag", &labels).set(lag as f64);
         metrics::gauge!("annals_subscription_in_flight", &labels).set(in_flight as f64);
         metrics::gauge!("annals_dlq_size", &labels).set(self.parked.len() as f64);
+        if let Some(saved) = self.saved_checkpoint {
+            metrics::gauge!("annals_subscription_checkpoint", &labels).set(saved as f64);
+        }
         Ok(GroupStats {
             group: self.group.clone(),
             consumers: self
