@@ -15,8 +15,8 @@
 //! Re-send it with the same event ids to learn the outcome (idempotency).
 //!
 //! The common case takes one round trip: `BEGIN`, a call of the
-//! `append_fast` function (migration 0002: lock, check, head, insert,
-//! notify) and `COMMIT` are sent together. The function only writes when
+//! `append_head_first` function (migration 0003: head, check, insert,
+//! stream upsert, notify) and `COMMIT` are sent together. The function only writes when
 //! every part is a plain write; anything the rules must decide (a possible
 //! idempotent re-send, a tombstone, a failed expectation) makes it step
 //! aside, and the round runs on the exact path: two pipelined round trips
@@ -51,8 +51,8 @@ const MAX_BATCH_REQUESTS: usize = 256;
 /// A request is added to a batch only while the batch stays under this
 /// many events (the first request is always taken).
 const MAX_BATCH_EVENTS: usize = 10_000;
-/// Committer tasks per store: two, so one can lock and decide its batch
-/// while the other holds the head and commits.
+/// Committer tasks per store: two, so one can prepare its batch while the
+/// other holds the head and commits.
 pub(crate) const COMMITTERS: usize = 2;
 
 /// One caller's append waiting for a committer.
@@ -217,18 +217,28 @@ impl Committer {
         }
         let mut conn = TxConn(Some(self.pool.get().await?));
         let client = conn.client()?;
+        let lock_head = client.prepare_cached(&self.sql.lock_head).await?;
         let lock = client.prepare_cached(&self.sql.lock_streams).await?;
         let write = client.prepare_cached(&self.sql.write).await?;
 
-        // Lock every stream row, in name order so that two transactions
-        // over the same streams cannot deadlock.
+        // The head first, like every writer of stream rows (ADR 02): from
+        // here until the commit no other append or delete of the schema can
+        // run, so the stream rows read below stay as read. This holds the
+        // head for two round trips, but only on this rare path. The stream
+        // rows are still locked (in name order) and created when missing,
+        // which the write statement relies on.
         let mut names: Vec<&str> =
             requests.iter().flat_map(|r| r.iter()).map(|p| p.stream.as_str()).collect();
         names.sort_unstable();
         let categories: Vec<&str> = names.iter().map(|n| category_of(n)).collect();
         let lock_params: [&(dyn ToSql + Sync); 2] = [&names, &categories];
-        let (begun, rows) = futures::join!(client.batch_execute("BEGIN"), client.query(&lock, &lock_params));
+        let (begun, headed, rows) = futures::join!(
+            client.batch_execute(BEGIN),
+            client.query_one(&lock_head, &[]),
+            client.query(&lock, &lock_params)
+        );
         begun?;
+        headed?;
         let mut locked = HashMap::with_capacity(names.len());
         for row in rows? {
             let name: String = row.try_get(0)?;
@@ -340,8 +350,8 @@ impl Committer {
 }
 
 impl Committer {
-    /// The common case in one round trip: `BEGIN`, `append_fast` (migration
-    /// 0002) and `COMMIT` are sent together. The function writes only when
+    /// The common case in one round trip: `BEGIN`, `append_head_first`
+    /// (migration 0003) and `COMMIT` are sent together. The function writes only when
     /// every part is a plain write that `StreamState::decide` would accept
     /// at the stream's next version; otherwise it raises [`DECLINED`], the
     /// pipelined `COMMIT` becomes a rollback, and `Ok(None)` sends the
@@ -354,10 +364,9 @@ impl Committer {
         let mut conn = TxConn(Some(self.pool.get().await?));
         let client = conn.client()?;
         let call = client.prepare_cached(&self.sql.append_fast).await?;
-        let params: [&(dyn ToSql + Sync); 19] = [
-            &args.lock_names,
-            &args.lock_categories,
+        let params: [&(dyn ToSql + Sync); 18] = [
             &args.part_streams,
+            &args.part_categories,
             &args.part_kinds,
             &args.part_versions,
             &args.part_counts,
@@ -376,7 +385,7 @@ impl Committer {
             &self.sql.channel,
         ];
         let (begun, called, committed) = futures::join!(
-            client.batch_execute("BEGIN"),
+            client.batch_execute(BEGIN),
             client.query_one(&call, &params),
             client.batch_execute("COMMIT")
         );
@@ -394,7 +403,7 @@ impl Committer {
         let first_versions: Vec<i64> = row.try_get(1)?;
         if first_versions.len() != args.part_counts.len() {
             return Err(Failure::Fail(Error::Backend {
-                message: "append_fast returned a version per part of a different count".into(),
+                message: "append_head_first returned a version per part of a different count".into(),
                 source: None,
             }));
         }
@@ -421,14 +430,19 @@ impl Committer {
     }
 }
 
-/// SQLSTATE raised by `append_fast` when the round needs the exact path.
+/// SQLSTATE raised by `append_head_first` when the round needs the exact
+/// path.
 const DECLINED: &str = "AN001";
 
-/// The parameters of `append_fast`: the round flattened into arrays.
+/// Every append transaction runs in READ COMMITTED whatever the session's
+/// default: the head-first design relies on each statement after the head
+/// lock taking a fresh snapshot that includes the previous holder's commit.
+const BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
+
+/// The parameters of `append_head_first`: the round flattened into arrays.
 struct FastArgs<'a> {
-    lock_names: Vec<&'a str>,
-    lock_categories: Vec<&'a str>,
     part_streams: Vec<&'a str>,
+    part_categories: Vec<&'a str>,
     part_kinds: Vec<i16>,
     part_versions: Vec<i64>,
     part_counts: Vec<i64>,
@@ -453,9 +467,8 @@ impl<'a> FastArgs<'a> {
         let parts = requests.iter().map(|r| r.len()).sum();
         let events = requests.iter().flat_map(|r| r.iter()).map(|p| p.events.len()).sum();
         let mut a = FastArgs {
-            lock_names: Vec::with_capacity(parts),
-            lock_categories: Vec::with_capacity(parts),
             part_streams: Vec::with_capacity(parts),
+            part_categories: Vec::with_capacity(parts),
             part_kinds: Vec::with_capacity(parts),
             part_versions: Vec::with_capacity(parts),
             part_counts: Vec::with_capacity(parts),
@@ -483,6 +496,7 @@ impl<'a> FastArgs<'a> {
             let index = i32::try_from(a.part_streams.len() + 1).ok()?;
             let last_id = part.events.last()?.id;
             a.part_streams.push(stream);
+            a.part_categories.push(category_of(stream));
             a.part_kinds.push(kind);
             a.part_versions.push(version);
             a.part_counts.push(part.events.len() as i64);
@@ -501,12 +515,6 @@ impl<'a> FastArgs<'a> {
             }
             a.part_last_offsets.push(a.ev_ids.len() as i64 - 1);
         }
-        // Locked in name order, like the exact path, so that two
-        // transactions over the same streams cannot deadlock.
-        let mut names = a.part_streams.clone();
-        names.sort_unstable();
-        a.lock_categories = names.iter().map(|n| category_of(n)).collect();
-        a.lock_names = names;
         Some(a)
     }
 }

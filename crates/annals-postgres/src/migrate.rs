@@ -24,6 +24,7 @@ const MIGRATIONS: &[Migration] = &[
         name: "0002_append_function.sql",
         sql: include_str!("../sql/0002_append_function.sql"),
     },
+    Migration { version: 3, name: "0003_head_first.sql", sql: include_str!("../sql/0003_head_first.sql") },
 ];
 
 /// Advisory-lock class for migrations ("anna" in ASCII), so the key space

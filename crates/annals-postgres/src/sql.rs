@@ -23,10 +23,13 @@ pub(crate) struct Statements {
     pub schema: String,
     /// NOTIFY channel carrying the log's next position.
     pub channel: String,
+    /// Takes the head row lock without moving the head: every writer of
+    /// stream rows holds it first (migration 0003, ADR 02).
+    pub lock_head: String,
     pub lock_streams: String,
     pub tail_ids: String,
     pub write: String,
-    /// One-round-trip append of the common case (migration 0002).
+    /// One-round-trip append of the common case (migration 0003).
     pub append_fast: String,
     pub stream_state: String,
     pub read_stream_forward: String,
@@ -47,10 +50,11 @@ impl Statements {
         let s = quote_ident(schema);
         Statements {
             channel: channel_name(schema),
-            // Creating the row when missing makes every append, even to a
-            // new stream, lock a row: concurrent creators queue on it
-            // instead of racing to insert events. `name = name` makes
-            // ON CONFLICT lock and return the existing row.
+            // Exact path and deletes, after the head lock: creates the row
+            // of a new stream (the write statement updates it) and returns
+            // the state. `name = name` makes ON CONFLICT lock and return the
+            // existing row.
+            lock_head: format!("SELECT next_position FROM {s}.head FOR NO KEY UPDATE"),
             lock_streams: format!(
                 "INSERT INTO {s}.streams AS st (name, category)
                  SELECT * FROM unnest($1::text[], $2::text[])
@@ -89,8 +93,8 @@ impl Statements {
                  SELECT h.first, h.recorded_at, pg_notify($15, (h.first + $1)::text) FROM h"
             ),
             append_fast: format!(
-                "SELECT first_position, first_versions FROM {s}.append_fast(
-                     $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)"
+                "SELECT first_position, first_versions FROM {s}.append_head_first(
+                     $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
             ),
             stream_state: format!(
                 "SELECT last_version, last_position, truncate_before, tombstoned FROM {s}.streams WHERE name = $1"

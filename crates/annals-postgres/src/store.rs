@@ -9,6 +9,7 @@ use annals_core::{
     async_trait, category_of, subscription, validate_checkpoint_name,
 };
 use bytes::Bytes;
+use tokio_postgres::IsolationLevel;
 
 use crate::{
     Inner, PgStore,
@@ -117,9 +118,19 @@ impl StreamDeleter for PgStore {
     ) -> Result<()> {
         let sql = &self.inner.sql;
         let mut client = self.inner.client().await?;
-        let tx = client.transaction().await.map_err(db)?;
-        // Same row lock as appends, so a delete and an append to one stream
-        // are decided one after the other.
+        let tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::ReadCommitted)
+            .start()
+            .await
+            .map_err(db)?;
+        // The head first, like every writer of stream rows (ADR 02): appends
+        // read stream rows under the head lock without locking them, so a
+        // delete must not change a row while an append holds the head. It
+        // keeps appends of the whole schema waiting for this transaction;
+        // deletes are rare.
+        let lock_head = tx.prepare_cached(&sql.lock_head).await.map_err(db)?;
+        tx.query_one(&lock_head, &[]).await.map_err(db)?;
         let stmt = tx.prepare_cached(&sql.lock_streams).await.map_err(db)?;
         let row = tx
             .query_one(&stmt, &[&vec![stream.as_str()], &vec![category_of(stream.as_str())]])

@@ -432,10 +432,13 @@ async fn unknown_database_is_unreachable() {
     assert!(matches!(err, PgError::Unreachable { .. }), "{err:?}");
 }
 
-/// The one-round-trip append function (migration 0002) writes a plain
-/// append, and steps aside with SQLSTATE AN001, writing nothing, for
-/// anything the exact path must decide: a possible re-send and a failed
-/// expectation. Through the store, both still get the exact outcomes.
+/// The one-round-trip append function writes a plain append, and steps
+/// aside with SQLSTATE AN001, writing nothing, for anything the exact path
+/// must decide: a possible re-send and a failed expectation. Through the
+/// store, both still get the exact outcomes. Called here through
+/// `append_fast`, the signature of migration 0002 that processes of the
+/// previous version still call during an upgrade; since migration 0003 it
+/// delegates to `append_head_first`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn append_function_writes_plain_appends_and_steps_aside_otherwise() {
     let Some((store, guard)) = common::open().await else { return };
