@@ -69,6 +69,11 @@ impl Client {
         req
     }
 
+    /// The `Authorization` header value sent with every request, if any.
+    pub fn auth_header(&self) -> Option<&str> {
+        self.auth.as_deref()
+    }
+
     /// Sends and turns error statuses into [`CliError::Api`].
     pub async fn send(&self, req: RequestBuilder) -> Result<Response, CliError> {
         let resp = req.send().await.map_err(|e| self.transport(e))?;

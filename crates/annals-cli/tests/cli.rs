@@ -133,6 +133,12 @@ fn streams_stats_and_auth_failures() {
     assert!(annals(&url, &["append", "s-2", "--type", "B"]).status.success());
     let v = stdout_json(&annals(&url, &["streams", "--json"]));
     assert_eq!(v["streams"].as_array().unwrap().len(), 2);
+    // Paging by name.
+    let v = stdout_json(&annals(&url, &["streams", "--json", "--limit", "1"]));
+    assert_eq!((v["streams"][0]["stream"].as_str(), v["next"].as_str()), (Some("s-1"), Some("s-1")));
+    let v = stdout_json(&annals(&url, &["streams", "--json", "--after", "s-1"]));
+    assert_eq!(v["streams"][0]["stream"], "s-2");
+    assert_eq!(v["streams"].as_array().unwrap().len(), 1);
     let out = annals(&url, &["streams"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("s-2"));
     let v = stdout_json(&annals(&url, &["stats", "--json"]));
@@ -366,6 +372,11 @@ fn serve_log(data: &std::path::Path) -> (std::process::Child, BufReader<std::pro
     (child, reader, url)
 }
 
+fn http_get(url: &str) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async { reqwest::get(url).await.unwrap().text().await.unwrap() })
+}
+
 fn stop(child: std::process::Child) {
     let term = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(term.success());
@@ -383,6 +394,18 @@ fn serves_the_embedded_log_and_keeps_data_across_restarts() {
             annals(&url, &["append", "acct-1", "--type", "Deposited", "--data", &format!("{{\"n\":{i}}}")]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
+    // The binary installs the `metrics` facade recorder: the log's fsync
+    // histogram shows up in /metrics with the server's own metrics.
+    let text = http_get(&format!("{url}/metrics"));
+    let fsyncs: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("annals_log_fsync_seconds_count "))
+        .unwrap_or_else(|| panic!("no fsync histogram in {text}"))
+        .parse()
+        .unwrap();
+    assert!(fsyncs >= 3.0, "{text}");
+    assert!(text.contains("annals_appends_total"), "{text}");
+    assert!(text.ends_with("# EOF\n"), "{text}");
     // A second server on the same directory is refused: the lock is exclusive.
     let second = Command::new(BIN)
         .args(["serve", "--data", data.to_str().unwrap(), "--listen", "127.0.0.1:0"])

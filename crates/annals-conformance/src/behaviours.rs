@@ -7,7 +7,7 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use annals_core::{
     ContentType, DeleteMode, DeletionState, Direction, Error, EventData, ExpectedVersion, Filter, LimitKind,
-    ReadAll, ReadFrom, ReadStream, Snapshot, Store, StreamAppend, StreamName, SubscribeFrom,
+    ListStreams, ReadAll, ReadFrom, ReadStream, Snapshot, Store, StreamAppend, StreamName, SubscribeFrom,
     SubscriptionRequest, Timestamp, TypeMatch,
 };
 use futures::StreamExt;
@@ -396,6 +396,33 @@ pub async fn stream_info_reports_lifecycle<S: TestStore>(store: S) {
     assert_eq!(info.truncate_before, 2);
     store.delete_stream(&s, ExpectedVersion::Any, DeleteMode::Hard).await.unwrap();
     assert_eq!(store.stream_info(&s).await.unwrap().deletion, DeletionState::Tombstoned);
+}
+
+pub async fn list_streams_pages_by_name_with_prefix<S: TestStore>(store: S) {
+    // Written out of name order, interleaved, plus a system stream and
+    // names outside the prefix.
+    for (name, n) in [("ls-c", 1), ("other-a", 1), ("ls-a", 2), ("ls-b", 1), ("ls-a", 1), ("ls", 1)] {
+        store.append(&stream(name), ExpectedVersion::Any, events("E", n)).await.unwrap();
+    }
+    store.save_checkpoint("ls-checkpoint", 1).await.unwrap();
+    let names = |infos: &[annals_core::StreamInfo]| -> Vec<String> {
+        infos.iter().map(|i| i.stream.as_str().to_owned()).collect()
+    };
+    let all = store.list_streams(ListStreams::new(100)).await.unwrap();
+    assert_eq!(names(&all), ["ls", "ls-a", "ls-b", "ls-c", "other-a"]);
+    assert!(all.iter().all(|i| !i.stream.is_system()));
+    let a = all.iter().find(|i| i.stream.as_str() == "ls-a").unwrap();
+    assert!(a.exists);
+    // ls-a got versions 0,1 then 2; its last event is the 6th overall.
+    assert_eq!((a.last_version, a.last_position), (Some(2), Some(5)));
+    let page1 = store.list_streams(ListStreams::new(2).prefix("ls-")).await.unwrap();
+    assert_eq!(names(&page1), ["ls-a", "ls-b"]);
+    let page2 = store.list_streams(ListStreams::new(2).prefix("ls-").after("ls-b")).await.unwrap();
+    assert_eq!(names(&page2), ["ls-c"]);
+    let page3 = store.list_streams(ListStreams::new(2).prefix("ls-").after("ls-c")).await.unwrap();
+    assert!(page3.is_empty());
+    assert!(store.list_streams(ListStreams::new(0)).await.unwrap().is_empty());
+    assert!(store.list_streams(ListStreams::new(10).prefix("nope")).await.unwrap().is_empty());
 }
 
 pub async fn soft_deleted_stream_reads_as_not_found<S: TestStore>(store: S) {

@@ -82,6 +82,7 @@ macro_rules! suite {
             filter_by_time_range,
             system_streams_hidden_unless_asked,
             stream_info_reports_lifecycle,
+            list_streams_pages_by_name_with_prefix,
             soft_deleted_stream_reads_as_not_found,
             soft_deleted_stream_recreated_continues_versions,
             soft_delete_checks_expected_version,

@@ -45,15 +45,15 @@ pub use limits::{Limits, validate_event_type};
 pub use memory::MemoryStore;
 pub use metadata::Metadata;
 pub use model::{
-    AllSlice, AppendResult, DeleteMode, DeletionState, Direction, ExpectedVersion, Filter, ReadAll, ReadFrom,
-    ReadStream, Snapshot, StreamAppend, StreamInfo, SubscribeFrom, SubscriptionRequest, SubscriptionTarget,
-    TypeMatch,
+    AllSlice, AppendResult, DeleteMode, DeletionState, Direction, ExpectedVersion, Filter, ListStreams,
+    ReadAll, ReadFrom, ReadStream, Snapshot, StreamAppend, StreamInfo, SubscribeFrom, SubscriptionRequest,
+    SubscriptionTarget, TypeMatch,
 };
 pub use stream_name::{MAX_STREAM_NAME_LEN, StreamName, category_of};
 pub use stream_state::{AppendDecision, StreamState};
 pub use traits::{
     AllReader, Appender, CheckpointStore, EventStore, EventStream, SnapshotStore, Store, StreamDeleter,
-    StreamReader, Subscriber, validate_checkpoint_name,
+    StreamReader, Subscriber, list_streams_by_scan, validate_checkpoint_name,
 };
 
 /// Re-exports for crates implementing backends.

@@ -13,9 +13,10 @@ use uuid::Uuid;
 
 use crate::{
     AllReader, AllSlice, AppendDecision, AppendResult, Appender, CheckpointStore, DeleteMode, Direction,
-    Error, EventData, EventStream, ExpectedVersion, Limits, ReadAll, ReadFrom, ReadStream, RecordedEvent,
-    Result, Snapshot, SnapshotStore, StreamAppend, StreamDeleter, StreamInfo, StreamName, StreamReader,
-    StreamState, Subscriber, SubscriptionRequest, Timestamp, subscription, validate_checkpoint_name,
+    Error, EventData, EventStream, ExpectedVersion, Limits, ListStreams, ReadAll, ReadFrom, ReadStream,
+    RecordedEvent, Result, Snapshot, SnapshotStore, StreamAppend, StreamDeleter, StreamInfo, StreamName,
+    StreamReader, StreamState, Subscriber, SubscriptionRequest, Timestamp, subscription,
+    validate_checkpoint_name,
 };
 
 /// An in-memory event store. Cheap to clone (shared handle); fully
@@ -247,6 +248,22 @@ impl AllReader for MemoryStore {
 
     async fn next_position(&self) -> Result<u64> {
         Ok(self.inner.read()?.log.len() as u64)
+    }
+
+    async fn list_streams(&self, request: ListStreams) -> Result<Vec<StreamInfo>> {
+        let state = self.inner.read()?;
+        let mut found: Vec<(&StreamName, &StreamEntry)> = state
+            .streams
+            .iter()
+            .filter(|(name, e)| e.state.last_version.is_some() && request.matches(name.as_str()))
+            .collect();
+        // Only the page is sorted: select its names first.
+        if found.len() > request.limit {
+            found.select_nth_unstable_by(request.limit, |a, b| a.0.as_str().cmp(b.0.as_str()));
+            found.truncate(request.limit);
+        }
+        found.sort_unstable_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        Ok(found.into_iter().map(|(name, e)| e.state.info(name)).collect())
     }
 }
 

@@ -333,6 +333,55 @@ pub enum DeletionState {
     Tombstoned,
 }
 
+/// A page request of [`crate::AllReader::list_streams`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListStreams {
+    /// Only streams whose name starts with this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// Only streams whose name sorts strictly after this (the last name of
+    /// the previous page).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// At most this many streams.
+    pub limit: usize,
+    /// Include `$`-prefixed system streams (excluded by default).
+    #[serde(default)]
+    pub include_system: bool,
+}
+
+impl ListStreams {
+    /// The first `limit` streams, in name order.
+    pub fn new(limit: usize) -> Self {
+        ListStreams { prefix: None, after: None, limit, include_system: false }
+    }
+
+    /// Only names starting with `prefix`.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = Some(prefix.into());
+        self
+    }
+
+    /// Only names sorting strictly after `name`.
+    pub fn after(mut self, name: impl Into<String>) -> Self {
+        self.after = Some(name.into());
+        self
+    }
+
+    /// Include system streams.
+    pub fn with_system(mut self) -> Self {
+        self.include_system = true;
+        self
+    }
+
+    /// Whether `name` belongs in the listing (ignoring the limit).
+    pub fn matches(&self, name: &str) -> bool {
+        (self.include_system || !name.starts_with('$'))
+            && self.prefix.as_deref().is_none_or(|p| name.starts_with(p))
+            && self.after.as_deref().is_none_or(|a| name > a)
+    }
+}
+
 /// What the store knows about a stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamInfo {

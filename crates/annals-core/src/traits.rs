@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use futures::Stream;
 
 use crate::{
-    AllSlice, AppendResult, DeleteMode, EventData, ExpectedVersion, ReadAll, ReadStream, RecordedEvent,
-    Result, Snapshot, StreamAppend, StreamInfo, StreamName, SubscriptionRequest,
+    AllSlice, AppendResult, DeleteMode, EventData, ExpectedVersion, ListStreams, ReadAll, ReadStream,
+    RecordedEvent, Result, Snapshot, StreamAppend, StreamInfo, StreamName, SubscriptionRequest,
 };
 
 /// A live, in-order stream of recorded events (or the error that ended it).
@@ -47,6 +47,14 @@ pub trait Appender: Send + Sync {
     /// nothing and reports its original result. Results come back in the
     /// order of `parts`. A stream may appear only once.
     async fn append_multi(&self, parts: Vec<StreamAppend>) -> Result<Vec<AppendResult>>;
+
+    /// Whether the store can take writes now: `Err` with the reason when it
+    /// cannot (poisoned after an I/O failure, closed, backend unreachable).
+    /// Readiness probes call it, so it must be cheap and must not write.
+    /// The default says healthy; backends that can know better override it.
+    async fn health(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Reading single streams.
@@ -73,6 +81,73 @@ pub trait AllReader: Send + Sync {
     /// The position the next committed event will get (= number of events
     /// ever committed). `0` for an empty store.
     async fn next_position(&self) -> Result<u64>;
+
+    /// Lists streams that have events (deleted ones included, with their
+    /// state) in byte order of their names: those matching
+    /// `request.prefix`, sorting after `request.after`, at most
+    /// `request.limit` of them. Page on by passing the last name as `after`.
+    ///
+    /// The default scans all of `$all` (cost grows with the number of
+    /// events) and, knowing only what `$all` shows, reports every stream it
+    /// finds as live; backends with a stream index override it.
+    async fn list_streams(&self, request: ListStreams) -> Result<Vec<StreamInfo>> {
+        list_streams_by_scan(self, &request).await
+    }
+}
+
+/// [`AllReader::list_streams`] by scanning `$all`, keeping only the
+/// `request.limit` smallest matching names in memory.
+pub async fn list_streams_by_scan<R: AllReader + ?Sized>(
+    reader: &R,
+    request: &ListStreams,
+) -> Result<Vec<StreamInfo>> {
+    let mut found: std::collections::BTreeMap<String, (StreamName, u64, u64)> = Default::default();
+    if request.limit == 0 {
+        return Ok(Vec::new());
+    }
+    let head = reader.next_position().await?;
+    let filter = crate::Filter {
+        stream_prefix: request.prefix.clone(),
+        include_system: request.include_system,
+        ..Default::default()
+    };
+    let mut from = 0u64;
+    while from < head {
+        let slice =
+            reader.read_all(ReadAll::forward(4096).from_position(from).filter(filter.clone())).await?;
+        for e in slice.events.iter().filter(|e| e.position < head) {
+            let name = e.stream.as_str();
+            if !request.matches(name) {
+                continue;
+            }
+            match found.get_mut(name) {
+                Some(entry) => (entry.1, entry.2) = (e.version, e.position),
+                None => {
+                    found.insert(name.to_owned(), (e.stream.clone(), e.version, e.position));
+                    if found.len() > request.limit {
+                        found.pop_last();
+                    }
+                }
+            }
+        }
+        let next = slice.next.unwrap_or(head);
+        if next <= from {
+            break;
+        }
+        from = next;
+    }
+    Ok(found
+        .into_values()
+        .map(|(stream, version, position)| {
+            crate::StreamState {
+                last_version: Some(version),
+                last_position: Some(position),
+                truncate_before: 0,
+                tombstoned: false,
+            }
+            .info(&stream)
+        })
+        .collect())
 }
 
 /// Catch-up subscriptions.

@@ -8,9 +8,9 @@ use std::{
 
 use annals_core::{
     AllReader, AllSlice, AppendResult, Appender, CheckpointStore, DeleteMode, Error, EventStream,
-    ExpectedVersion, Limits, ReadAll, ReadStream, RecordedEvent, Result, Snapshot, SnapshotStore,
-    StreamAppend, StreamDeleter, StreamInfo, StreamName, StreamReader, Subscriber, SubscriptionRequest, Uuid,
-    async_trait, subscription, validate_checkpoint_name,
+    ExpectedVersion, Limits, ListStreams, ReadAll, ReadStream, RecordedEvent, Result, Snapshot,
+    SnapshotStore, StreamAppend, StreamDeleter, StreamInfo, StreamName, StreamReader, Subscriber,
+    SubscriptionRequest, Uuid, async_trait, subscription, validate_checkpoint_name,
 };
 use tokio::sync::{oneshot, watch};
 
@@ -415,6 +415,12 @@ impl Appender for LogStore {
     async fn append_multi(&self, parts: Vec<StreamAppend>) -> Result<Vec<AppendResult>> {
         self.append_parts(parts).await
     }
+
+    /// Unhealthy once poisoned (a write or fsync failed) or closed.
+    async fn health(&self) -> Result<()> {
+        self.shared.core.check_poison()?;
+        self.sender().map(drop)
+    }
 }
 
 #[async_trait]
@@ -436,6 +442,24 @@ impl AllReader for LogStore {
 
     async fn next_position(&self) -> Result<u64> {
         self.shared.core.next_position().await
+    }
+
+    /// From the in-memory stream index: no event is read.
+    async fn list_streams(&self, request: ListStreams) -> Result<Vec<StreamInfo>> {
+        let idx = self.shared.core.index()?;
+        let by_name = |a: &(&StreamName, _), b: &(&StreamName, _)| a.0.as_str().cmp(b.0.as_str());
+        let mut found: Vec<(&StreamName, &index::StreamEntry)> = idx
+            .streams
+            .iter()
+            .filter(|(name, e)| e.state.last_version.is_some() && request.matches(name.as_str()))
+            .collect();
+        // Only the page is sorted: select its names first.
+        if found.len() > request.limit {
+            found.select_nth_unstable_by(request.limit, by_name);
+            found.truncate(request.limit);
+        }
+        found.sort_unstable_by(by_name);
+        Ok(found.into_iter().map(|(name, e)| e.state.info(name)).collect())
     }
 }
 

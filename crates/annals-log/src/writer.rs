@@ -187,11 +187,21 @@ impl Writer {
     pub(crate) fn run(mut self, rx: mpsc::Receiver<Request>) -> std::result::Result<(), LogError> {
         let _guard = PanicGuard(self.core.clone());
         let mut just_worked = false;
+        let mut spin = SpinPolicy::default();
         loop {
             // A caller acknowledged a moment ago usually sends its next
             // append within microseconds: catching it without sleeping saves
-            // a futex wake-up on the single-writer path.
-            let spun = if just_worked { spin_recv(&rx) } else { None };
+            // a futex wake-up on the single-writer path. Spinning only pays
+            // while it catches something, so `SpinPolicy` backs off after
+            // misses (a miss burns a core that, on a small machine, the
+            // callers need).
+            let spun = if just_worked && spin.should_spin() {
+                let r = spin_recv(&rx);
+                spin.record(r.is_some());
+                r
+            } else {
+                None
+            };
             let first = match (spun, self.unsynced, self.cfg.durability) {
                 (Some(r), _, _) => Some(r),
                 (None, true, Durability::Interval(d)) => {
@@ -289,7 +299,7 @@ impl Writer {
         {
             return;
         }
-        match self.active.file.sync_data() {
+        match timed_sync(&*self.active.file) {
             Ok(()) => {
                 self.unsynced = false;
                 self.last_sync = Instant::now();
@@ -644,7 +654,7 @@ impl Writer {
             }
             if i + 1 == n {
                 if always {
-                    self.active.file.sync_data()?;
+                    timed_sync(&*self.active.file)?;
                     self.last_sync = Instant::now();
                 } else {
                     self.unsynced = true;
@@ -691,6 +701,50 @@ impl Writer {
 
 /// How long the writer polls for the next request before sleeping.
 const SPIN: Duration = Duration::from_micros(50);
+
+/// `fdatasync` of a group (or of an interval's writes), timed into the
+/// `annals_log_fsync_seconds` histogram of the `metrics` facade (a no-op
+/// unless the process installed a recorder, as `annals serve` does).
+fn timed_sync(file: &dyn IoFile) -> std::io::Result<()> {
+    let started = Instant::now();
+    let result = file.sync_data();
+    metrics::histogram!("annals_log_fsync_seconds").record(started.elapsed().as_secs_f64());
+    result
+}
+
+/// Most commits skipped between two spins after consecutive misses.
+const MAX_SPIN_BACKOFF: u32 = 64;
+
+/// When the writer spins after a commit: always while spins catch the next
+/// request (one caller appending in a loop), then, after misses, only every
+/// 2nd, 4th, … up to every [`MAX_SPIN_BACKOFF`]th commit, so a many-caller
+/// or idle workload wastes at most one spin in 64 commits.
+#[derive(Debug, Default)]
+struct SpinPolicy {
+    /// Commits to skip before the next spin.
+    skip: u32,
+    /// Current back-off (0 after a hit).
+    backoff: u32,
+}
+
+impl SpinPolicy {
+    fn should_spin(&mut self) -> bool {
+        if self.skip == 0 {
+            return true;
+        }
+        self.skip -= 1;
+        false
+    }
+
+    fn record(&mut self, hit: bool) {
+        if hit {
+            self.backoff = 0;
+        } else {
+            self.backoff = (self.backoff * 2).clamp(1, MAX_SPIN_BACKOFF);
+        }
+        self.skip = self.backoff;
+    }
+}
 
 fn spin_recv(rx: &mpsc::Receiver<Request>) -> Option<Request> {
     let until = Instant::now() + SPIN;
@@ -740,5 +794,34 @@ pub(crate) fn correlation_of(m: &Metadata) -> Option<String> {
         Ok(o) => o.correlation_id.map(Cow::into_owned),
         // Duplicate keys, non-string values: defer to the exact rule.
         Err(_) => m.correlation_id(),
+    }
+}
+
+#[cfg(test)]
+mod spin_tests {
+    use super::{MAX_SPIN_BACKOFF, SpinPolicy};
+
+    #[test]
+    fn spins_while_hitting_and_backs_off_after_misses() {
+        let mut p = SpinPolicy::default();
+        for _ in 0..10 {
+            assert!(p.should_spin());
+            p.record(true);
+        }
+        // First miss: skip one commit, then spin again.
+        p.record(false);
+        assert!(!p.should_spin());
+        assert!(p.should_spin());
+        // Repeated misses double the gap up to the cap.
+        for _ in 0..20 {
+            p.record(false);
+            while !p.should_spin() {}
+        }
+        p.record(false);
+        let skipped = std::iter::from_fn(|| (!p.should_spin()).then_some(())).count();
+        assert_eq!(skipped as u32, MAX_SPIN_BACKOFF);
+        // One hit restores spinning after every commit.
+        p.record(true);
+        assert!(p.should_spin());
     }
 }

@@ -67,6 +67,7 @@ async fn check_point(fail_sync: bool, k: u64, rounds: u64) -> bool {
 async fn check_point_with(fail_sync: bool, k: u64, rounds: u64, background_fill: bool) -> bool {
     let io = FaultIo::new();
     let store = open_with(&io, background_fill);
+    store.health().await.unwrap();
     let (mut acked, _) = workload(&store, 0, 3).await;
     if fail_sync {
         io.fail_nth_sync(k);
@@ -82,6 +83,9 @@ async fn check_point_with(fail_sync: bool, k: u64, rounds: u64, background_fill:
     let err =
         store.append(&StreamName::new("late-1").unwrap(), ExpectedVersion::Any, batch(0)).await.unwrap_err();
     assert!(matches!(err, Error::Poisoned { .. }), "{err:?}");
+    // Readiness probes see it without writing.
+    let health = store.health().await.unwrap_err();
+    assert!(matches!(health, Error::Poisoned { .. }), "{health:?}");
     assert_eq!(ids_in(&store).await, acked, "reads after poison (k = {k}, sync = {fail_sync})");
     let crashed = io.crash();
     drop(store);

@@ -1,8 +1,22 @@
 //! Prometheus metrics. One registry per [`crate::AppState`] (no global
 //! recorder), so several servers in one process — as in tests — never mix
-//! their numbers.
+//! their numbers. Crates that report through the `metrics` facade (the
+//! event-sourcing layer, the log's fsync histogram) reach `/metrics` through
+//! a [`FacadeRecorder`] that the binary installs and attaches to its state
+//! (see `facade`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+mod facade;
+
+pub use facade::FacadeRecorder;
+
+use std::{
+    borrow::Cow,
+    collections::HashSet,
+    sync::{
+        RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use axum::{
     extract::{MatchedPath, Request, State},
@@ -26,9 +40,9 @@ use crate::AppState;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
     /// HTTP method.
-    pub method: String,
+    pub method: Cow<'static, str>,
     /// Matched route template, e.g. `/streams/{stream}`.
-    pub route: String,
+    pub route: Cow<'static, str>,
     /// Status code.
     pub status: u16,
 }
@@ -146,9 +160,21 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn encode(&self) -> String {
+        self.encode_with(None)
+    }
+
+    /// The text exposition format, with the facade recorder's metrics (if
+    /// any) before the final `# EOF`.
+    pub fn encode_with(&self, facade: Option<&FacadeRecorder>) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
+        }
+        if let Some(facade) = facade {
+            let eof = out.rfind("# EOF").unwrap_or(out.len());
+            let tail = out.split_off(eof);
+            facade.render_into(&mut out);
+            out.push_str(if tail.is_empty() { "# EOF\n" } else { &tail });
         }
         out
     }
@@ -184,13 +210,13 @@ impl Metrics {
     }
 }
 
-/// Middleware counting requests by route and status.
+/// Middleware counting requests by route and status. The labels borrow
+/// `'static` strings (the method's name, an interned route template), so
+/// counting a request allocates nothing once its series exists.
 pub async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let method = request.method().as_str().to_owned();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    let method = method_label(request.method());
+    let route =
+        request.extensions().get::<MatchedPath>().map_or(Cow::Borrowed("unmatched"), |m| intern(m.as_str()));
     let response = next.run(request).await;
     state
         .inner
@@ -199,4 +225,36 @@ pub async fn track(State(state): State<AppState>, request: Request, next: Next) 
         .get_or_create(&HttpLabels { method, route, status: response.status().as_u16() })
         .inc();
     response
+}
+
+fn method_label(m: &axum::http::Method) -> Cow<'static, str> {
+    use axum::http::Method as M;
+    Cow::Borrowed(match *m {
+        M::GET => "GET",
+        M::POST => "POST",
+        M::PUT => "PUT",
+        M::DELETE => "DELETE",
+        M::HEAD => "HEAD",
+        M::OPTIONS => "OPTIONS",
+        M::PATCH => "PATCH",
+        _ => return Cow::Owned(m.as_str().to_owned()),
+    })
+}
+
+/// Route templates seen so far, leaked once each: they come from the
+/// router's own (finite) route table, never from request input.
+static ROUTES: RwLock<Option<HashSet<&'static str>>> = RwLock::new(None);
+
+fn intern(route: &str) -> Cow<'static, str> {
+    if let Some(r) = ROUTES.read().ok().and_then(|set| set.as_ref().and_then(|s| s.get(route).copied())) {
+        return Cow::Borrowed(r);
+    }
+    let Ok(mut guard) = ROUTES.write() else { return Cow::Owned(route.to_owned()) };
+    let set = guard.get_or_insert_with(HashSet::new);
+    if let Some(r) = set.get(route) {
+        return Cow::Borrowed(r);
+    }
+    let leaked: &'static str = Box::leak(route.to_owned().into_boxed_str());
+    set.insert(leaked);
+    Cow::Borrowed(leaked)
 }

@@ -443,10 +443,20 @@ async fn operations_endpoints() {
         let (_, list) = s.get("/streams").await;
         assert_eq!(
             list["streams"][0],
-            json!({ "stream": "ops-1", "events": 2, "last_version": 1, "last_position": 1 })
+            json!({ "stream": "ops-1", "events": 2, "last_version": 1, "last_position": 1,
+                    "exists": true, "deletion": "live" })
         );
         let (_, list) = s.get("/streams?prefix=ops-2").await;
         assert_eq!(list["streams"].as_array().unwrap().len(), 1);
+        // Paging by name: `next` is the `after` of the following page.
+        let (_, page) = s.get("/streams?limit=1").await;
+        assert_eq!(page["streams"][0]["stream"], "ops-1");
+        assert_eq!(page["next"], "ops-1");
+        let (_, page) = s.get("/streams?limit=1&after=ops-1").await;
+        assert_eq!(page["streams"][0]["stream"], "ops-2");
+        assert_eq!(page["next"], Value::Null);
+        let (status, v) = s.get("/streams?limit=abc").await;
+        assert_eq!((status, v["error"]["code"].as_str()), (400, Some("invalid_query")));
 
         assert_eq!(s.metric("annals_appended_events_total").await, 3.0);
         assert_eq!(s.metric("annals_appends_total").await, 2.0);

@@ -18,10 +18,12 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use tower::ServiceExt;
 
-/// A MemoryStore whose appends fail with `Poisoned` while `broken` is set.
+/// A MemoryStore whose appends fail with `Poisoned` while `broken` is set,
+/// and whose health check fails while `unhealthy` is set.
 struct Flaky {
     inner: MemoryStore,
     broken: AtomicBool,
+    unhealthy: AtomicBool,
 }
 
 impl Flaky {
@@ -42,6 +44,12 @@ impl Appender for Flaky {
     async fn append_multi(&self, parts: Vec<StreamAppend>) -> Result<Vec<AppendResult>> {
         self.check()?;
         self.inner.append_multi(parts).await
+    }
+    async fn health(&self) -> Result<()> {
+        if self.unhealthy.load(Ordering::SeqCst) {
+            return Err(Error::Backend { message: "database unreachable (test)".into(), source: None });
+        }
+        Ok(())
     }
 }
 
@@ -116,7 +124,11 @@ async fn call(router: &axum::Router, method: &str, path: &str, body: &str) -> (u
 
 #[tokio::test]
 async fn poisoned_store_answers_503_and_is_not_ready() {
-    let store = Arc::new(Flaky { inner: MemoryStore::new(), broken: AtomicBool::new(false) });
+    let store = Arc::new(Flaky {
+        inner: MemoryStore::new(),
+        broken: AtomicBool::new(false),
+        unhealthy: AtomicBool::new(false),
+    });
     let mut config = ServerConfig::default();
     config.auth.anonymous = Some(Role::Admin);
     let router = app(AppState::new(store.clone(), config).unwrap());
@@ -137,5 +149,25 @@ async fn poisoned_store_answers_503_and_is_not_ready() {
 
     store.broken.store(false, Ordering::SeqCst);
     assert_eq!(call(&router, "POST", "/streams/p-1", event).await.0, 201);
+    assert_eq!(call(&router, "GET", "/health/ready", "").await.0, 200);
+}
+
+#[tokio::test]
+async fn unhealthy_store_is_not_ready_before_any_append() {
+    let store = Arc::new(Flaky {
+        inner: MemoryStore::new(),
+        broken: AtomicBool::new(false),
+        unhealthy: AtomicBool::new(false),
+    });
+    let mut config = ServerConfig::default();
+    config.auth.anonymous = Some(Role::Admin);
+    let router = app(AppState::new(store.clone(), config).unwrap());
+    assert_eq!(call(&router, "GET", "/health/ready", "").await.0, 200);
+    store.unhealthy.store(true, Ordering::SeqCst);
+    let (status, err) = call(&router, "GET", "/health/ready", "").await;
+    assert_eq!(status, 503);
+    assert_eq!(err["error"]["code"], "backend_error");
+    assert_eq!(call(&router, "GET", "/health/live", "").await.0, 200);
+    store.unhealthy.store(false, Ordering::SeqCst);
     assert_eq!(call(&router, "GET", "/health/ready", "").await.0, 200);
 }

@@ -85,6 +85,9 @@ pub struct StreamsArgs {
     /// At most this many.
     #[arg(long, default_value_t = 1000)]
     pub limit: usize,
+    /// Start after this name (the `next` of the previous page).
+    #[arg(long)]
+    pub after: Option<String>,
 }
 
 /// `annals stats`.
@@ -260,12 +263,15 @@ pub async fn streams(args: StreamsArgs, c: &ClientArgs) -> Result<(), CliError> 
     if let Some(p) = &args.prefix {
         path.push_str(&format!("&prefix={}", enc(p)));
     }
+    if let Some(a) = &args.after {
+        path.push_str(&format!("&after={}", enc(a)));
+    }
     let v = client.json(client.request(Method::GET, &path)).await?;
     if c.json {
         print_json(&v);
         return Ok(());
     }
-    let mut t = table(&["stream", "events", "last_version", "last_position"]);
+    let mut t = table(&["stream", "events", "last_version", "last_position", "state"]);
     let list = v["streams"].as_array().cloned().unwrap_or_default();
     for s in &list {
         t.add_row(vec![
@@ -273,14 +279,14 @@ pub async fn streams(args: StreamsArgs, c: &ClientArgs) -> Result<(), CliError> 
             short(&s["events"], 20),
             short(&s["last_version"], 20),
             short(&s["last_position"], 20),
+            short(&s["deletion"], 20),
         ]);
     }
     println!("{t}");
-    println!(
-        "{} stream(s){}",
-        list.len(),
-        if v["complete"] == json!(false) { " (scan limit reached)" } else { "" }
-    );
+    match v["next"].as_str() {
+        Some(next) => println!("{} stream(s); more with --after {next}", list.len()),
+        None => println!("{} stream(s)", list.len()),
+    }
     Ok(())
 }
 

@@ -281,6 +281,11 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     let scheme = if config.tls.is_some() { "https" } else { "http" };
     let anonymous = config.auth.anonymous;
     let state = AppState::with_backend(store, config, backend)?;
+    // Consumers, projections and the log's fsync timings report through the
+    // `metrics` facade; `/metrics` renders them with the server's own.
+    if let Some(recorder) = annals_server::metrics::FacadeRecorder::install() {
+        state.attach_facade_recorder(recorder);
+    }
     let shutdown = shutdown_signal();
     // Tests and scripts read this line to find the port.
     say(&format!("annals listening on {scheme}://{addr} (backend: {backend}, anonymous: {anonymous:?})"));

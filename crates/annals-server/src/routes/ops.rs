@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeMap, sync::atomic::Ordering};
 
-use annals_core::{Filter, validate_checkpoint_name};
+use annals_core::{Filter, ListStreams, validate_checkpoint_name};
 use axum::{
     Json,
     extract::State,
@@ -27,8 +27,9 @@ pub async fn live() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// `GET /health/ready`: the store answers reads, its last append did not
-/// fail on the store side, and the server is not shutting down.
+/// `GET /health/ready`: the server is not shutting down, its last append
+/// did not fail on the store side, the store reports itself healthy
+/// (`Appender::health`: e.g. the log is not poisoned) and answers reads.
 #[utoipa::path(get, path = "/health/ready", tag = "ops", responses((status = 200), (status = 503)))]
 pub async fn ready(State(state): State<AppState>) -> Response {
     if state.inner.shutdown.is_cancelled() {
@@ -47,6 +48,13 @@ pub async fn ready(State(state): State<AppState>) -> Response {
         )
         .into_response();
     }
+    // The store's own view first: a poisoned log or an unreachable
+    // database is not ready even before an append has failed.
+    if let Err(e) = state.inner.store.health().await {
+        let mut err = ApiError::from(e);
+        err.status = StatusCode::SERVICE_UNAVAILABLE;
+        return err.into_response();
+    }
     match state.inner.store.next_position().await {
         Ok(head) => Json(json!({ "status": "ok", "head": head })).into_response(),
         Err(e) => {
@@ -63,7 +71,7 @@ pub async fn metrics(State(state): State<AppState>, principal: Principal) -> Res
     principal.authorize(Role::Reader, None)?;
     Ok((
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        state.inner.metrics.encode(),
+        state.inner.metrics.encode_with(state.inner.facade.get()),
     )
         .into_response())
 }
@@ -74,13 +82,24 @@ pub async fn metrics(State(state): State<AppState>, principal: Principal) -> Res
 pub async fn stats(State(state): State<AppState>, principal: Principal) -> Result<Json<Value>, ApiError> {
     principal.authorize(Role::Reader, None)?;
     let events = state.inner.store.next_position().await?;
-    let mut streams = std::collections::HashSet::new();
+    // Streams from the store's stream index, a page at a time.
+    let mut streams = 0u64;
+    let mut after: Option<String> = None;
+    loop {
+        let mut request = ListStreams::new(10_000).with_system();
+        request.after = after.take();
+        let page = state.inner.store.list_streams(request).await?;
+        let full = page.len() == 10_000;
+        after = page.last().map(|i| i.stream.as_str().to_owned());
+        streams += page.iter().filter(|i| principal.may_see(i.stream.as_str())).count() as u64;
+        if !full {
+            break;
+        }
+    }
+    // Counts by type still need a (bounded) scan of `$all`.
     let mut by_type: BTreeMap<String, u64> = BTreeMap::new();
     let complete = scan_all(&state, Filter::all().with_system(), |e| {
         if principal.may_see(e.stream.as_str()) {
-            if !streams.contains(e.stream.as_str()) {
-                streams.insert(e.stream.as_str().to_owned());
-            }
             *by_type.entry(e.event_type.clone()).or_default() += 1;
         }
     })
@@ -88,7 +107,7 @@ pub async fn stats(State(state): State<AppState>, principal: Principal) -> Resul
     let m = &state.inner.metrics;
     Ok(Json(json!({
         "events": events,
-        "streams": streams.len(),
+        "streams": streams,
         "by_type": by_type,
         "complete": complete,
         "disk_bytes": Value::Null,

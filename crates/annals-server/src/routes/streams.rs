@@ -1,11 +1,11 @@
 //! Stream endpoints: append, read, info, delete, snapshots, transactions,
 //! listing.
 
-use std::{collections::BTreeMap, time::Instant};
+use std::time::Instant;
 
 use annals_core::{
-    DeleteMode, Direction, EventData, ExpectedVersion, ReadAll, ReadFrom, ReadStream, Snapshot, StreamAppend,
-    Timestamp,
+    DeleteMode, Direction, EventData, ExpectedVersion, ListStreams, ReadAll, ReadFrom, ReadStream, Snapshot,
+    StreamAppend, Timestamp,
 };
 use axum::{
     Json,
@@ -13,7 +13,7 @@ use axum::{
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::{correlation_id, enc, parse_from, readable_stream, user_stream};
@@ -330,8 +330,11 @@ pub async fn load_snapshot(
 pub struct ListQuery {
     /// Only streams whose name starts with this.
     pub prefix: Option<String>,
-    /// At most this many streams (default 1000).
+    /// At most this many streams (default 1000, at most 10000).
     pub limit: Option<usize>,
+    /// Only streams whose name sorts after this: pass the previous page's
+    /// `next`.
+    pub after: Option<String>,
     /// Credential for clients that cannot set headers.
     #[allow(dead_code, reason = "accepted here so unknown-field checks let it through; auth reads it")]
     pub access_token: Option<String>,
@@ -371,30 +374,90 @@ pub async fn scan_all(
     }
 }
 
-/// `GET /streams`: lists streams seen in `$all` (a scan bounded by
-/// `limits.max_scan_events`; later backends will answer from an index).
+/// Most streams one `GET /streams` page returns.
+pub const MAX_LIST_LIMIT: usize = 10_000;
+
+/// `GET /streams`: lists streams in name order, one page at a time, from
+/// the store's stream index (`AllReader::list_streams`).
 #[utoipa::path(get, path = "/streams", tag = "streams", params(ListQuery),
-    responses((status = 200, description = "`{ streams: [{ stream, last_version, last_position, events }], complete }`")))]
+    responses((status = 200, body = StreamListOut), (status = 400), (status = 401)))]
 pub async fn list(
     State(state): State<AppState>,
     principal: Principal,
     ApiQuery(query): ApiQuery<ListQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<StreamListOut>, ApiError> {
     principal.authorize(Role::Reader, None)?;
-    let mut streams: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
-    let filter = annals_core::Filter { stream_prefix: query.prefix.clone(), ..Default::default() };
-    let complete = scan_all(&state, filter, |e| {
-        if principal.may_see(e.stream.as_str()) {
-            let entry = streams.entry(e.stream.as_str().to_owned()).or_insert((0, 0, 0));
-            *entry = (e.version, e.position, entry.2 + 1);
+    let limit = query.limit.unwrap_or(1000).clamp(1, MAX_LIST_LIMIT);
+    let mut streams = Vec::new();
+    let mut after = query.after.clone();
+    let mut more = false;
+    // A principal confined to prefixes may see only part of a page: keep
+    // asking until the page is full or the store has no more.
+    loop {
+        let mut request = ListStreams::new(limit - streams.len() + 1);
+        request.prefix = query.prefix.clone();
+        request.after = after.clone();
+        let page = state.inner.store.list_streams(request).await?;
+        let exhausted = page.len() <= limit - streams.len();
+        for info in page {
+            if streams.len() == limit {
+                more = true;
+                break;
+            }
+            after = Some(info.stream.as_str().to_owned());
+            if principal.may_see(info.stream.as_str()) {
+                streams.push(StreamSummaryOut::from(info));
+            }
         }
-    })
-    .await?;
-    let limit = query.limit.unwrap_or(1000);
-    let list: Vec<Value> = streams
-        .into_iter()
-        .take(limit)
-        .map(|(s, (v, p, n))| json!({ "stream": s, "last_version": v, "last_position": p, "events": n }))
-        .collect();
-    Ok(Json(json!({ "streams": list, "complete": complete })))
+        if streams.len() == limit && !exhausted {
+            more = true;
+        }
+        if exhausted || streams.len() == limit {
+            break;
+        }
+    }
+    let next = if more { streams.last().map(|s| s.stream.clone()) } else { None };
+    Ok(Json(StreamListOut { streams, next, complete: true }))
+}
+
+/// One stream in `GET /streams`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StreamSummaryOut {
+    /// Stream name.
+    pub stream: String,
+    /// Events ever written to it (`last_version + 1`; deleted ones included).
+    pub events: u64,
+    /// Version of its last event.
+    pub last_version: Option<u64>,
+    /// Position of its last event.
+    pub last_position: Option<u64>,
+    /// Whether it reads (not deleted).
+    pub exists: bool,
+    /// `live`, `deleted` (soft) or `tombstoned`.
+    #[schema(value_type = String)]
+    pub deletion: annals_core::DeletionState,
+}
+
+impl From<annals_core::StreamInfo> for StreamSummaryOut {
+    fn from(i: annals_core::StreamInfo) -> Self {
+        StreamSummaryOut {
+            stream: i.stream.as_str().to_owned(),
+            events: i.last_version.map_or(0, |v| v + 1),
+            last_version: i.last_version,
+            last_position: i.last_position,
+            exists: i.exists,
+            deletion: i.deletion,
+        }
+    }
+}
+
+/// Body of `GET /streams`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StreamListOut {
+    /// The page, in name order.
+    pub streams: Vec<StreamSummaryOut>,
+    /// Pass as `after` for the next page; `null` on the last page.
+    pub next: Option<String>,
+    /// Always `true` (kept for clients of the earlier, scan-bounded listing).
+    pub complete: bool,
 }
