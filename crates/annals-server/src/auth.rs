@@ -4,6 +4,7 @@
 
 use std::{
     collections::HashMap,
+    net::IpAddr,
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -19,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     AppState,
-    config::{AuthConfig, RateLimitConfig},
+    config::{AuthConfig, IpNet, RateLimitConfig},
     error::{ApiError, ServerError},
     serve::ConnCtl,
 };
@@ -322,6 +323,7 @@ pub struct RateLimiter {
     rate: f64,
     burst: f64,
     buckets: Mutex<HashMap<String, (f64, Instant)>>,
+    trusted: Vec<IpNet>,
 }
 
 /// Buckets kept before idle (full) ones are dropped, bounding memory.
@@ -334,7 +336,36 @@ impl RateLimiter {
             rate: config.requests_per_second,
             burst: f64::from(config.burst.max(1)),
             buckets: Mutex::new(HashMap::new()),
+            // Validated with the configuration.
+            trusted: config.trusted_proxies.iter().filter_map(|p| IpNet::parse(p)).collect(),
         })
+    }
+
+    /// The client address a request is limited by: the peer, or — when the
+    /// peer is a trusted proxy — the nearest address in `X-Forwarded-For`
+    /// that is not a trusted proxy itself (entries are appended left to
+    /// right by each hop, so the right end is the one our proxies wrote).
+    pub fn client_ip(&self, peer: IpAddr, headers: &axum::http::HeaderMap) -> IpAddr {
+        let trusted = |ip: IpAddr| self.trusted.iter().any(|n| n.contains(ip));
+        if !trusted(peer) {
+            return peer;
+        }
+        // Several header lines read as one comma-separated list, in order.
+        let hops: Vec<&str> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|t| t.split(','))
+            .collect();
+        let mut client = peer;
+        for hop in hops.into_iter().rev() {
+            let Ok(ip) = hop.trim().parse::<IpAddr>() else { return client };
+            client = ip;
+            if !trusted(ip) {
+                return ip;
+            }
+        }
+        client
     }
 
     /// Takes one token for `key`, or says how long until one is available.
@@ -380,7 +411,7 @@ pub async fn auth_layer(State(state): State<AppState>, request: Request, next: N
             format!("user:{}", principal.name)
         } else {
             match parts.extensions.get::<ConnCtl>() {
-                Some(ctl) => format!("ip:{}", ctl.remote.ip()),
+                Some(ctl) => format!("ip:{}", limiter.client_ip(ctl.remote.ip(), &parts.headers)),
                 None => "anonymous".to_owned(),
             }
         };

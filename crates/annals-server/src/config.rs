@@ -165,11 +165,60 @@ pub struct RateLimitConfig {
     pub requests_per_second: f64,
     /// Bucket size: requests allowed in a burst.
     pub burst: u32,
+    /// Reverse proxies (addresses like `10.0.0.7` or networks like
+    /// `10.0.0.0/8`) whose `X-Forwarded-For` header is believed: an anonymous
+    /// request arriving from one of them is limited by the nearest
+    /// untrusted address in that header. Empty (the default): the header is
+    /// ignored, since any client can send it.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for RateLimitConfig {
     fn default() -> Self {
-        RateLimitConfig { requests_per_second: 0.0, burst: 100 }
+        RateLimitConfig { requests_per_second: 0.0, burst: 100, trusted_proxies: Vec::new() }
+    }
+}
+
+/// An address or network of `rate_limit.trusted_proxies`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    /// Parses `1.2.3.4`, `10.0.0.0/8`, `::1` or `fd00::/8`.
+    pub fn parse(s: &str) -> Option<IpNet> {
+        let (addr, prefix) = match s.trim().split_once('/') {
+            Some((a, p)) => (a.parse().ok()?, Some(p.parse::<u8>().ok()?)),
+            None => (s.trim().parse().ok()?, None),
+        };
+        let max = match addr {
+            std::net::IpAddr::V4(_) => 32,
+            std::net::IpAddr::V6(_) => 128,
+        };
+        let prefix = prefix.unwrap_or(max);
+        (prefix <= max).then_some(IpNet { addr, prefix })
+    }
+
+    /// Whether `ip` is inside (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
     }
 }
 
@@ -285,6 +334,12 @@ impl ServerConfig {
         let r = &self.rate_limit;
         if !r.requests_per_second.is_finite() || r.requests_per_second < 0.0 {
             return Err(ServerError::config("rate_limit.requests_per_second", "must be a number >= 0"));
+        }
+        if let Some(bad) = r.trusted_proxies.iter().find(|p| IpNet::parse(p).is_none()) {
+            return Err(ServerError::config(
+                "rate_limit.trusted_proxies",
+                format!("'{bad}' is not an IP address or network (e.g. 10.0.0.7 or 10.0.0.0/8)"),
+            ));
         }
         if r.requests_per_second > 0.0 && r.burst == 0 {
             return Err(ServerError::config(

@@ -189,19 +189,24 @@ pub fn app(state: AppState) -> Router {
         .route("/groups/{group}/next", post(groups::pull))
         .route("/groups/{group}/ack", post(groups::pull_ack))
         .route("/groups/{group}/nack", post(groups::pull_nack))
-        .layer(middleware::from_fn(move |req: Request, next: Next| timeout(req, next, request_secs)));
+        .route_layer(middleware::from_fn_with_state(state.clone(), move |st, req, next| {
+            metrics::track_within(st, req, next, request_secs)
+        }));
     let live = Router::new()
         .route("/streams/{stream}/live", get(live::stream_sse))
         .route("/all/live", get(live::all_sse))
         .route("/ws", get(live::ws))
-        .route("/groups/{group}/ws", get(groups::ws));
+        .route("/groups/{group}/ws", get(groups::ws))
+        .route_layer(middleware::from_fn_with_state(state.clone(), metrics::track));
+    // Few middleware layers on purpose: each `from_fn` costs a boxed
+    // service clone and a boxed future per request. Requests metrics and
+    // the timeout share one layer; authentication and the JSON error shape
+    // share another (`gate`).
     api.merge(live)
-        .route_layer(middleware::from_fn_with_state(state.clone(), metrics::track))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(state.clone(), auth::auth_layer))
+        .layer(middleware::from_fn_with_state(state.clone(), gate))
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(middleware::from_fn(json_errors))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -263,16 +268,10 @@ impl MakeRequestId for RequestIds {
     }
 }
 
-async fn timeout(req: Request, next: Next, secs: u64) -> Response {
-    match tokio::time::timeout(std::time::Duration::from_secs(secs), next.run(req)).await {
-        Ok(r) => r,
-        Err(_) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "timeout",
-            format!("the request did not complete within timeouts.request_secs = {secs}"),
-        )
-        .into_response(),
-    }
+/// Authentication and rate limiting (`auth::auth_layer`), then the JSON
+/// error shape for whatever came back.
+async fn gate(state: axum::extract::State<AppState>, req: Request, next: Next) -> Response {
+    json_errors(auth::auth_layer(state, req, next).await).await
 }
 
 async fn not_found(req: Request) -> ApiError {
@@ -289,8 +288,7 @@ async fn method_not_allowed(req: Request) -> ApiError {
 
 /// Turns any error response that is not already JSON (axum's own
 /// rejections, upgrade failures) into the JSON error shape.
-async fn json_errors(req: Request, next: Next) -> Response {
-    let response = next.run(req).await;
+async fn json_errors(response: Response) -> Response {
     let status = response.status();
     if !(status.is_client_error() || status.is_server_error()) {
         return response;

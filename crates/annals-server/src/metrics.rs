@@ -21,7 +21,7 @@ use std::{
 use axum::{
     extract::{MatchedPath, Request, State},
     middleware::Next,
-    response::Response,
+    response::{IntoResponse, Response},
 };
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -214,17 +214,48 @@ impl Metrics {
 /// `'static` strings (the method's name, an interned route template), so
 /// counting a request allocates nothing once its series exists.
 pub async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let (method, route) = labels_of(&request);
+    let response = next.run(request).await;
+    count(&state, method, route, &response);
+    response
+}
+
+/// [`track`] plus the whole-request timeout of plain (not live) routes:
+/// `503 timeout` after `secs`.
+pub async fn track_within(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+    secs: u64,
+) -> Response {
+    let (method, route) = labels_of(&request);
+    let response = match tokio::time::timeout(std::time::Duration::from_secs(secs), next.run(request)).await {
+        Ok(r) => r,
+        Err(_) => crate::ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            format!("the request did not complete within timeouts.request_secs = {secs}"),
+        )
+        .into_response(),
+    };
+    count(&state, method, route, &response);
+    response
+}
+
+fn labels_of(request: &Request) -> (Cow<'static, str>, Cow<'static, str>) {
     let method = method_label(request.method());
     let route =
         request.extensions().get::<MatchedPath>().map_or(Cow::Borrowed("unmatched"), |m| intern(m.as_str()));
-    let response = next.run(request).await;
+    (method, route)
+}
+
+fn count(state: &AppState, method: Cow<'static, str>, route: Cow<'static, str>, response: &Response) {
     state
         .inner
         .metrics
         .requests
         .get_or_create(&HttpLabels { method, route, status: response.status().as_u16() })
         .inc();
-    response
 }
 
 fn method_label(m: &axum::http::Method) -> Cow<'static, str> {

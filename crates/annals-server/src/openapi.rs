@@ -52,6 +52,8 @@ use crate::{groups, live, routes, wire};
         routes::streams::TransactionIn,
         routes::streams::TransactionPart,
         routes::ops::CheckpointIn,
+        routes::streams::StreamListOut,
+        routes::streams::StreamSummaryOut,
     ))
 )]
 struct ApiDoc;

@@ -277,3 +277,48 @@ fn public_bind_without_auth_refuses_unless_insecure() {
     // Loopback is always allowed.
     assert!(ServerConfig::default().check_exposure().is_ok());
 }
+
+#[tokio::test]
+async fn forwarded_for_counts_only_behind_trusted_proxies() {
+    within(60, async {
+        let limited = |trusted: Vec<String>| {
+            let mut c = ServerConfig::default();
+            c.auth.anonymous = Some(Role::Reader);
+            c.rate_limit.requests_per_second = 0.01;
+            c.rate_limit.burst = 1;
+            c.rate_limit.trusted_proxies = trusted;
+            c
+        };
+        // No trusted proxies: the header is ignored, every request is the
+        // peer 127.0.0.1's.
+        let s = start(limited(Vec::new())).await;
+        let get = |xff: &'static str| s.client.get(s.url("/stats")).header("x-forwarded-for", xff).send();
+        assert_eq!(get("203.0.113.1").await.unwrap().status(), 200);
+        assert_eq!(get("203.0.113.2").await.unwrap().status(), 429);
+        s.stop().await;
+
+        // Loopback trusted: each forwarded client has its own bucket; the
+        // nearest untrusted hop (right end, past trusted ones) is the client.
+        let s = start(limited(vec!["127.0.0.0/8".into(), "10.0.0.0/8".into()])).await;
+        let get = |xff: &'static str| s.client.get(s.url("/stats")).header("x-forwarded-for", xff).send();
+        assert_eq!(get("203.0.113.1").await.unwrap().status(), 200);
+        assert_eq!(get("203.0.113.2").await.unwrap().status(), 200);
+        assert_eq!(get("198.51.100.9, 203.0.113.1, 10.1.2.3").await.unwrap().status(), 429);
+        assert_eq!(get("203.0.113.3").await.unwrap().status(), 200);
+        s.stop().await;
+    })
+    .await;
+}
+
+#[test]
+fn trusted_proxies_are_validated() {
+    let mut c = ServerConfig::default();
+    c.rate_limit.trusted_proxies = vec!["10.0.0.0/8".into(), "::1".into(), "not-an-ip".into()];
+    assert!(
+        matches!(c.validate(), Err(ServerError::Config { key, .. }) if key == "rate_limit.trusted_proxies")
+    );
+    c.rate_limit.trusted_proxies = vec!["10.0.0.0/33".into()];
+    assert!(c.validate().is_err());
+    c.rate_limit.trusted_proxies = vec!["10.0.0.0/8".into(), "fd00::/8".into()];
+    assert!(c.validate().is_ok());
+}

@@ -475,6 +475,9 @@ async fn operations_endpoints() {
         {
             assert!(api["paths"].get(path).is_some(), "openapi lacks {path}");
         }
+        for schema in ["StreamListOut", "StreamSummaryOut", "EventIn", "AppendOut"] {
+            assert!(api["components"]["schemas"].get(schema).is_some(), "openapi lacks schema {schema}");
+        }
         s.stop().await;
     })
     .await;
