@@ -236,6 +236,10 @@ pub struct LiveConfig {
     pub disconnect_grace_ms: u64,
     /// SSE keep-alive comment interval, seconds (default 15).
     pub keep_alive_secs: u64,
+    /// WebSocket ping interval, milliseconds (default 20000). A client that
+    /// sends nothing — no pong, no message — for three intervals is told
+    /// `ping_timeout` and disconnected.
+    pub ws_ping_ms: u64,
 }
 
 impl Default for LiveConfig {
@@ -245,6 +249,7 @@ impl Default for LiveConfig {
             slow_client_timeout_ms: 5000,
             disconnect_grace_ms: 5000,
             keep_alive_secs: 15,
+            ws_ping_ms: 20_000,
         }
     }
 }
@@ -253,6 +258,11 @@ impl LiveConfig {
     /// `slow_client_timeout_ms` as a duration.
     pub fn slow_client_timeout(&self) -> Duration {
         Duration::from_millis(self.slow_client_timeout_ms)
+    }
+
+    /// `ws_ping_ms` as a duration (at least 10 ms).
+    pub fn ws_ping(&self) -> Duration {
+        Duration::from_millis(self.ws_ping_ms.max(10))
     }
 
     /// `disconnect_grace_ms` as a duration.

@@ -155,6 +155,16 @@ impl Notice {
         }
     }
 
+    fn ping_timeout(silent: Duration) -> Self {
+        Notice {
+            code: "ping_timeout",
+            message: format!(
+                "no pong or message for {} ms; reconnect from last_position + 1",
+                silent.as_millis()
+            ),
+        }
+    }
+
     fn shutdown() -> Self {
         Notice {
             code: "shutdown",
@@ -469,21 +479,40 @@ async fn ws_session(state: AppState, principal: Principal, mut socket: WebSocket
         }
         ws_json(&body)
     };
+    // Keepalive: a ping every `live.ws_ping_ms`; anything the client sends
+    // (pongs included) proves it is there. Silent for three intervals: gone.
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + live.ws_ping(), live.ws_ping());
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heard = tokio::time::Instant::now();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => {
                 let _ = tokio::time::timeout(live.disconnect_grace(), sink.send(end(&Notice::shutdown(), last))).await;
                 break;
             }
+            _ = ping.tick() => {
+                let silent = heard.elapsed();
+                if silent >= live.ws_ping() * 3 {
+                    tracing::info!(silent_ms = silent.as_millis() as u64, "WebSocket client stopped answering pings");
+                    let notice = end(&Notice::ping_timeout(silent), last);
+                    let _ = tokio::time::timeout(live.disconnect_grace(), sink.send(notice)).await;
+                    break;
+                }
+                let sent = tokio::time::timeout(live.slow_client_timeout(), sink.send(Message::Ping(Default::default())));
+                if !matches!(sent.await, Ok(Ok(()))) {
+                    break;
+                }
+            }
             msg = incoming.next() => match msg {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
                 Some(Ok(Message::Text(_) | Message::Binary(_))) => {
+                    heard = tokio::time::Instant::now();
                     let e = ApiError::bad_request("one subscription per connection; open another socket");
                     if tokio::time::timeout(live.slow_client_timeout(), sink.send(ws_error(&e))).await.is_err() {
                         break;
                     }
                 }
-                Some(Ok(_)) => {}
+                Some(Ok(_)) => heard = tokio::time::Instant::now(),
             },
             next = subscription.next() => match next {
                 Some(Ok(event)) => {

@@ -478,3 +478,62 @@ async fn json_with_carriage_returns_streams_over_sse() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_pings_and_drops_clients_that_stop_answering() {
+    within(60, async {
+        let mut config = open_config();
+        config.live.ws_ping_ms = 100;
+        let s = start(config).await;
+        let subscribe = || {
+            Message::Text(json!({ "type": "subscribe", "stream": "$all", "from": "end" }).to_string().into())
+        };
+
+        // A client that keeps reading answers the pings (tungstenite sends
+        // the pongs) and stays subscribed well past three intervals.
+        let mut alive = ws_connect(&s).await;
+        alive.send(subscribe()).await.unwrap();
+        assert_eq!(ws_next_json(&mut alive).await.unwrap()["type"], "subscribed");
+        let mut pings = 0;
+        let until = tokio::time::Instant::now() + Duration::from_millis(800);
+        while let Ok(Some(msg)) = tokio::time::timeout_at(until, alive.next()).await {
+            match msg.unwrap() {
+                Message::Ping(_) => pings += 1,
+                Message::Close(_) => panic!("a client answering pings was dropped"),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(pings >= 3, "{pings} pings in 800 ms at 100 ms intervals");
+        s.append("ka-1", "any", json!([event("E", json!({}))])).await;
+        let got = ws_next_json(&mut alive).await.unwrap();
+        assert_eq!((got["type"].as_str(), got["event"]["stream"].as_str()), (Some("event"), Some("ka-1")));
+
+        let gauge = s.state.metrics().subscriber_gauge("ws");
+        alive.close(None).await.unwrap();
+        wait_until(|| gauge.get() == 0).await;
+
+        // A client that never reads never pongs: after three silent
+        // intervals the server tells it `ping_timeout` and drops it (the
+        // notice itself may be lost to the reset when the client's queued
+        // pongs hit the closed socket, so the test watches the gauge).
+        let mut silent = ws_connect(&s).await;
+        silent.send(subscribe()).await.unwrap();
+        wait_until(|| gauge.get() == 1).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(gauge.get(), 1, "not dropped before three intervals");
+        wait_until(|| gauge.get() == 0).await;
+        drop(silent);
+        s.stop().await;
+    })
+    .await;
+}
+
+async fn wait_until(mut done: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("condition not reached within 2 s");
+}
