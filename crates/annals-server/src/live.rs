@@ -387,12 +387,20 @@ impl WsFilter {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 enum ClientMessage {
     Subscribe {
+        /// Client-chosen name of the subscription, echoed on its messages;
+        /// needed for a second subscription on the same socket.
+        #[serde(default)]
+        id: Option<String>,
         /// A stream name, or `$all`.
         stream: String,
         #[serde(default)]
         from: Option<Value>,
         #[serde(default)]
-        filter: Option<WsFilter>,
+        filter: Option<Box<WsFilter>>,
+    },
+    Unsubscribe {
+        /// The `id` given when subscribing.
+        id: String,
     },
 }
 
@@ -414,13 +422,23 @@ fn ws_error(e: &ApiError) -> Message {
     ws_json(&json!({ "type": "error", "error": { "code": e.code, "message": e.message } }))
 }
 
-fn parse_subscribe(text: &str, principal: &Principal) -> Result<SubscriptionRequest, ApiError> {
-    let msg: ClientMessage = serde_json::from_str(text)
-        .map_err(|e| ApiError::new(axum::http::StatusCode::BAD_REQUEST, "invalid_message", format!("{e}")))?;
-    let ClientMessage::Subscribe { stream, from, filter } = msg;
+/// Most subscriptions one WebSocket may hold.
+pub const MAX_WS_SUBSCRIPTIONS: usize = 64;
+
+fn parse_message(text: &str) -> Result<ClientMessage, ApiError> {
+    serde_json::from_str(text)
+        .map_err(|e| ApiError::new(axum::http::StatusCode::BAD_REQUEST, "invalid_message", format!("{e}")))
+}
+
+fn parse_subscribe(
+    stream: String,
+    from: Option<Value>,
+    filter: Option<Box<WsFilter>>,
+    principal: &Principal,
+) -> Result<SubscriptionRequest, ApiError> {
     let from = subscribe_from(from.as_ref())?;
     if stream == "$all" {
-        let query = filter.unwrap_or_default().into_query();
+        let query = filter.map(|f| *f).unwrap_or_default().into_query();
         let filter = query.to_filter()?;
         query.authorize(principal, &filter)?;
         Ok(SubscriptionRequest::all(filter, from))
@@ -433,6 +451,31 @@ fn parse_subscribe(text: &str, principal: &Principal) -> Result<SubscriptionRequ
         principal.authorize(needed, Some(name.as_str()))?;
         Ok(SubscriptionRequest::stream(name, from))
     }
+}
+
+/// One subscription of a WebSocket session.
+#[derive(Default)]
+struct WsSub {
+    /// The client's id (`None` for the classic single, unnamed one).
+    id: Option<String>,
+    /// Position and version of the last event delivered.
+    last: Option<(u64, u64)>,
+}
+
+/// Adds the subscription's id (when it has one) to an outgoing message.
+fn tagged(mut body: Value, id: Option<&str>) -> Message {
+    if let (Some(obj), Some(id)) = (body.as_object_mut(), id) {
+        obj.insert("id".into(), Value::from(id));
+    }
+    ws_json(&body)
+}
+
+fn notice_message(n: &Notice, sub: &WsSub) -> Message {
+    let mut body = n.body(sub.last);
+    if let Some(obj) = body.as_object_mut() {
+        obj.insert("type".into(), Value::from(n.code));
+    }
+    tagged(body, sub.id.as_deref())
 }
 
 async fn ws_session(state: AppState, principal: Principal, mut socket: WebSocket) {
@@ -451,51 +494,61 @@ async fn ws_session(state: AppState, principal: Principal, mut socket: WebSocket
             return;
         }
     };
-    let request = match parse_subscribe(text.as_str(), &principal) {
-        Ok(r) => r,
+    // The first message must be a valid subscribe; otherwise the socket is
+    // closed after the error, as before several subscriptions existed.
+    let first = match parse_message(text.as_str()) {
+        Ok(ClientMessage::Subscribe { id, stream, from, filter }) => {
+            parse_subscribe(stream, from, filter, &principal).map(|r| (id, r))
+        }
+        Ok(ClientMessage::Unsubscribe { .. }) => Err(ApiError::bad_request("subscribe first")),
+        Err(e) => Err(e),
+    };
+    let (first_id, request) = match first {
+        Ok(pair) => pair,
         Err(e) => {
             let _ = socket.send(ws_error(&e)).await;
             let _ = socket.close().await;
             return;
         }
     };
-    let target = match &request.target {
-        SubscriptionTarget::All(_) => "$all".to_owned(),
-        SubscriptionTarget::Stream(s) => s.as_str().to_owned(),
+    let _gauge = GaugeGuard::new(state.inner.metrics.subscriber_gauge("ws"));
+    // Subscriptions by key ("" for the unnamed one), polled fairly.
+    let mut streams: tokio_stream::StreamMap<String, EventStream> = tokio_stream::StreamMap::new();
+    let mut subs: std::collections::HashMap<String, WsSub> = std::collections::HashMap::new();
+    let subscribed = |request: &SubscriptionRequest, id: Option<&str>| {
+        let target = match &request.target {
+            SubscriptionTarget::All(_) => "$all".to_owned(),
+            SubscriptionTarget::Stream(s) => s.as_str().to_owned(),
+        };
+        tagged(json!({ "type": "subscribed", "stream": target }), id)
     };
-    if socket.send(ws_json(&json!({ "type": "subscribed", "stream": target }))).await.is_err() {
+    if socket.send(subscribed(&request, first_id.as_deref())).await.is_err() {
         return;
     }
-    let _gauge = GaugeGuard::new(state.inner.metrics.subscriber_gauge("ws"));
-    let mut subscription = state.inner.store.subscribe(request);
+    let key = first_id.clone().unwrap_or_default();
+    streams.insert(key.clone(), state.inner.store.subscribe(request));
+    subs.insert(key, WsSub { id: first_id, last: None });
     let (mut sink, mut incoming) = socket.split();
     let shutdown = state.inner.shutdown.clone();
-    let mut last: Option<(u64, u64)> = None;
     let mut count = 0u64;
-    let end = |n: &Notice, last: Option<(u64, u64)>| {
-        let mut body = n.body(last);
-        if let Some(obj) = body.as_object_mut() {
-            obj.insert("type".into(), Value::from(n.code));
-        }
-        ws_json(&body)
-    };
     // Keepalive: a ping every `live.ws_ping_ms`; anything the client sends
     // (pongs included) proves it is there. Silent for three intervals: gone.
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + live.ws_ping(), live.ws_ping());
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut heard = tokio::time::Instant::now();
+    // Connection-wide endings tell every subscription where it stopped.
+    let mut ending: Option<Notice> = None;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => {
-                let _ = tokio::time::timeout(live.disconnect_grace(), sink.send(end(&Notice::shutdown(), last))).await;
+                ending = Some(Notice::shutdown());
                 break;
             }
             _ = ping.tick() => {
                 let silent = heard.elapsed();
                 if silent >= live.ws_ping() * 3 {
                     tracing::info!(silent_ms = silent.as_millis() as u64, "WebSocket client stopped answering pings");
-                    let notice = end(&Notice::ping_timeout(silent), last);
-                    let _ = tokio::time::timeout(live.disconnect_grace(), sink.send(notice)).await;
+                    ending = Some(Notice::ping_timeout(silent));
                     break;
                 }
                 let sent = tokio::time::timeout(live.slow_client_timeout(), sink.send(Message::Ping(Default::default())));
@@ -505,46 +558,99 @@ async fn ws_session(state: AppState, principal: Principal, mut socket: WebSocket
             }
             msg = incoming.next() => match msg {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
-                Some(Ok(Message::Text(_) | Message::Binary(_))) => {
+                Some(Ok(Message::Text(t))) => {
                     heard = tokio::time::Instant::now();
-                    let e = ApiError::bad_request("one subscription per connection; open another socket");
+                    let reply = match parse_message(t.as_str()) {
+                        Ok(ClientMessage::Subscribe { id: None, .. }) => Err(ApiError::bad_request(
+                            "give each further subscription on this socket an `id`",
+                        )),
+                        Ok(ClientMessage::Subscribe { id: Some(id), stream, from, filter }) => {
+                            if subs.contains_key(&id) {
+                                Err(ApiError::bad_request(format!("subscription `{id}` already exists")))
+                            } else if subs.len() >= MAX_WS_SUBSCRIPTIONS {
+                                Err(ApiError::bad_request(format!(
+                                    "at most {MAX_WS_SUBSCRIPTIONS} subscriptions per socket"
+                                )))
+                            } else {
+                                parse_subscribe(stream, from, filter, &principal).map(|request| {
+                                    let msg = subscribed(&request, Some(&id));
+                                    streams.insert(id.clone(), state.inner.store.subscribe(request));
+                                    subs.insert(id.clone(), WsSub { id: Some(id), last: None });
+                                    msg
+                                })
+                            }
+                        }
+                        Ok(ClientMessage::Unsubscribe { id }) => match subs.remove(&id) {
+                            Some(_) => {
+                                streams.remove(&id);
+                                Ok(tagged(json!({ "type": "unsubscribed" }), Some(&id)))
+                            }
+                            None => Err(ApiError::bad_request(format!("no subscription `{id}`"))),
+                        },
+                        Err(e) => Err(e),
+                    };
+                    let out = reply.unwrap_or_else(|e| ws_error(&e));
+                    if tokio::time::timeout(live.slow_client_timeout(), sink.send(out)).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(Message::Binary(_))) => {
+                    heard = tokio::time::Instant::now();
+                    let e = ApiError::bad_request("send JSON text messages");
                     if tokio::time::timeout(live.slow_client_timeout(), sink.send(ws_error(&e))).await.is_err() {
                         break;
                     }
                 }
                 Some(Ok(_)) => heard = tokio::time::Instant::now(),
             },
-            next = subscription.next() => match next {
-                Some(Ok(event)) => {
+            next = streams.next(), if !streams.is_empty() => match next {
+                Some((key, Ok(event))) => {
                     count += 1;
                     observe_lag(&state, &event, count).await;
-                    let body = json!({ "type": "event", "event": EventOut::from(&event) });
                     let position = (event.position, event.version);
-                    match tokio::time::timeout(live.slow_client_timeout(), sink.send(ws_json(&body))).await {
+                    let Some(sub) = subs.get_mut(&key) else { continue };
+                    let body = tagged(json!({ "type": "event", "event": EventOut::from(&event) }), sub.id.as_deref());
+                    match tokio::time::timeout(live.slow_client_timeout(), sink.send(body)).await {
                         Ok(Ok(())) => {
-                            last = Some(position);
+                            sub.last = Some(position);
                             state.inner.metrics.delivered.inc();
                         }
                         Ok(Err(_)) => break,
                         Err(_) => {
                             // The message is queued in front of the notice,
                             // so a client that reads the notice has it.
-                            last = Some(position);
+                            sub.last = Some(position);
                             state.inner.metrics.slow_disconnects.inc();
                             tracing::info!("WebSocket client too slow; telling it and disconnecting");
-                            let notice = end(&Notice::slow(live.slow_client_timeout()), last);
-                            let _ = tokio::time::timeout(live.disconnect_grace(), sink.send(notice)).await;
+                            ending = Some(Notice::slow(live.slow_client_timeout()));
                             break;
                         }
                     }
                 }
-                Some(Err(e)) => {
-                    let notice = end(&Notice::from_error(e), last);
-                    let _ = tokio::time::timeout(live.slow_client_timeout(), sink.send(notice)).await;
-                    break;
+                Some((key, Err(e))) => {
+                    // This subscription ended (e.g. its stream was
+                    // tombstoned); the others go on.
+                    streams.remove(&key);
+                    let sub = subs.remove(&key).unwrap_or_default();
+                    let notice = notice_message(&Notice::from_error(e), &sub);
+                    let sent = tokio::time::timeout(live.slow_client_timeout(), sink.send(notice)).await;
+                    if subs.is_empty() || !matches!(sent, Ok(Ok(()))) {
+                        break;
+                    }
                 }
                 None => break,
             },
+        }
+    }
+    if let Some(notice) = ending {
+        let mut subs: Vec<&WsSub> = subs.values().collect();
+        subs.sort_by(|a, b| a.id.cmp(&b.id));
+        for sub in subs {
+            let sent =
+                tokio::time::timeout(live.disconnect_grace(), sink.send(notice_message(&notice, sub))).await;
+            if !matches!(sent, Ok(Ok(()))) {
+                break;
+            }
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;

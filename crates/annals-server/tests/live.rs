@@ -537,3 +537,63 @@ async fn wait_until(mut done: impl FnMut() -> bool) {
     }
     panic!("condition not reached within 2 s");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_carries_several_named_subscriptions() {
+    within(60, async {
+        let s = start(open_config()).await;
+        s.append("multi-a", "any", json!([event("A", json!({ "n": 0 }))])).await;
+        let mut ws = ws_connect(&s).await;
+        let send = |v: Value| Message::Text(v.to_string().into());
+        ws.send(send(json!({ "type": "subscribe", "id": "a", "stream": "multi-a", "from": "start" })))
+            .await
+            .unwrap();
+        let m = ws_next_json(&mut ws).await.unwrap();
+        assert_eq!((m["type"].as_str(), m["id"].as_str()), (Some("subscribed"), Some("a")));
+        let m = ws_next_json(&mut ws).await.unwrap();
+        assert_eq!((m["id"].as_str(), m["event"]["version"].as_u64()), (Some("a"), Some(0)));
+        ws.send(send(json!({ "type": "subscribe", "id": "b", "stream": "multi-b", "from": "start" })))
+            .await
+            .unwrap();
+        let m = ws_next_json(&mut ws).await.unwrap();
+        assert_eq!((m["type"].as_str(), m["id"].as_str()), (Some("subscribed"), Some("b")));
+        // A duplicate id, an unnamed second subscription and an unknown
+        // unsubscribe are refused without closing the socket.
+        for bad in [
+            json!({ "type": "subscribe", "id": "a", "stream": "x" }),
+            json!({ "type": "subscribe", "stream": "x" }),
+            json!({ "type": "unsubscribe", "id": "zzz" }),
+        ] {
+            ws.send(send(bad)).await.unwrap();
+            assert_eq!(ws_next_json(&mut ws).await.unwrap()["type"], "error");
+        }
+        // Events of both streams arrive, each tagged with its subscription,
+        // in order per subscription.
+        for n in 1..4 {
+            s.append("multi-a", "any", json!([event("A", json!({ "n": n }))])).await;
+            s.append("multi-b", "any", json!([event("B", json!({ "n": n }))])).await;
+        }
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        while a.len() < 3 || b.len() < 3 {
+            let m = ws_next_json(&mut ws).await.unwrap();
+            assert_eq!(m["type"], "event", "{m}");
+            let v = m["event"]["version"].as_u64().unwrap();
+            match (m["id"].as_str().unwrap(), m["event"]["stream"].as_str().unwrap()) {
+                ("a", "multi-a") => a.push(v),
+                ("b", "multi-b") => b.push(v),
+                other => panic!("mismatched {other:?}"),
+            }
+        }
+        assert_eq!((a, b), (vec![1, 2, 3], vec![0, 1, 2]));
+        // Unsubscribe "a": only "b" keeps receiving.
+        ws.send(send(json!({ "type": "unsubscribe", "id": "a" }))).await.unwrap();
+        let m = ws_next_json(&mut ws).await.unwrap();
+        assert_eq!((m["type"].as_str(), m["id"].as_str()), (Some("unsubscribed"), Some("a")));
+        s.append("multi-a", "any", json!([event("A", json!({}))])).await;
+        s.append("multi-b", "any", json!([event("B", json!({}))])).await;
+        let m = ws_next_json(&mut ws).await.unwrap();
+        assert_eq!((m["id"].as_str(), m["event"]["stream"].as_str()), (Some("b"), Some("multi-b")));
+        s.stop().await;
+    })
+    .await;
+}
