@@ -1,28 +1,32 @@
 //! Appends, with in-process group commit.
 //!
-//! Every append goes through a queue to a small number of committer tasks.
-//! A committer takes whatever is queued (up to a cap) and writes it in one
-//! transaction: lock the streams, decide each request with the shared rules,
-//! write all events in one statement under the head lock, commit. Appends
-//! from many concurrent callers therefore share one head acquisition and
-//! one WAL flush, which is what makes the head-row ordering design (ADR 02)
-//! scale with concurrency. Each request still succeeds or fails on its own:
-//! a request whose expectation fails writes nothing and is answered with
-//! its error while the others in the batch commit.
+//! Every append goes through a queue to the store's committer task. It
+//! takes whatever is queued (up to a cap) and writes it in one transaction:
+//! take the head lock, read and decide the streams, write all events and
+//! stream rows, commit. Appends from many concurrent callers therefore
+//! share one head acquisition and one WAL flush, which is what makes the
+//! head-row ordering design (ADR 02) scale with concurrency. Each request
+//! still succeeds or fails on its own: a request whose expectation fails
+//! writes nothing and is answered with its error while the others in the
+//! batch commit.
+//!
+//! Every writer of stream rows (both paths here, and deletes) takes the
+//! head lock before touching them, so under the head the stream rows can
+//! be read without locking them (migration 0003, ADR 02).
 //!
 //! A caller that stops waiting (its future dropped) does not withdraw its
 //! append: it may still commit, exactly as when an acknowledgement is lost.
 //! Re-send it with the same event ids to learn the outcome (idempotency).
 //!
 //! The common case takes one round trip: `BEGIN`, a call of the
-//! `append_head_first` function (migration 0003: head, check, insert,
-//! stream upsert, notify) and `COMMIT` are sent together. The function only writes when
-//! every part is a plain write; anything the rules must decide (a possible
-//! idempotent re-send, a tombstone, a failed expectation) makes it step
-//! aside, and the round runs on the exact path: two pipelined round trips
-//! (`BEGIN` with the lock statement, the write with `COMMIT`; a failed
-//! write turns that `COMMIT` into a rollback), decided in Rust by
-//! `StreamState::decide`.
+//! `append_head_first` function (migration 0003: head, check, insert and
+//! stream upsert, notify) and `COMMIT` are sent together. The function only
+//! writes when every part is a plain write; anything the rules must decide
+//! (a possible idempotent re-send, a tombstone, a failed expectation) makes
+//! it step aside, and the round runs on the exact path: two pipelined round
+//! trips (`BEGIN` with the head and stream statements, the write with
+//! `COMMIT`; a failed write turns that `COMMIT` into a rollback), decided in
+//! Rust by `StreamState::decide`.
 
 use std::{collections::HashMap, collections::HashSet, sync::Arc, time::Duration};
 
