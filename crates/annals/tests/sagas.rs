@@ -2,6 +2,8 @@
 //! between a command and its journal entry, and deadlines across a restart
 //! (paused time).
 
+mod support;
+
 #[path = "../examples/bank/domain.rs"]
 #[allow(dead_code)]
 mod domain;
@@ -208,5 +210,84 @@ async fn deadlines_survive_a_restart() {
     let status = wait_status(&*store, &saga(&repo), "big", SagaStatus::is_final).await;
     assert_eq!(status, SagaStatus::Compensated { failed_step: 1, reason: "deadline passed".into() });
     assert_eq!((balance(&repo, "alice").await, balance(&repo, "bob").await), (90, 10));
+    runner.stop().await;
+}
+
+#[tokio::test]
+async fn a_lost_journal_ack_restarts_the_runner_which_then_completes_the_saga() {
+    let faulty = support::FaultyStore::default();
+    let store: Arc<dyn Store> = Arc::new(faulty.clone());
+    let repo = Repository::<Account>::new(store.clone());
+    for (id, owner) in [("alice", "Alice"), ("bob", "Bob")] {
+        let open = C::Open { owner: owner.into() };
+        repo.execute(id, &open, &CommandMetadata::new(format!("open-{id}"))).await.unwrap();
+    }
+    repo.execute("alice", &C::Deposit { amount: 100 }, &CommandMetadata::new("dep")).await.unwrap();
+    let runner = SagaRunner::new(store.clone(), saga(&repo)).start().unwrap();
+
+    // The saga's first append (its journal's SagaStarted) commits, but the
+    // runner is told it failed: a transient store error mid-saga.
+    faulty.lose_next_ack.store(true, Ordering::SeqCst);
+    request_transfer(&faulty.inner, &request("t5", 40, false)).await.unwrap();
+
+    let status = tokio::time::timeout(
+        Duration::from_secs(20),
+        wait_status(&*store, &saga(&repo), "t5", SagaStatus::is_final),
+    )
+    .await
+    .expect("the runner restarted and finished the saga");
+    assert_eq!(status, SagaStatus::Completed);
+    assert!(!faulty.lose_next_ack.load(Ordering::SeqCst), "the fault was hit");
+    assert_eq!(runner.stopped(), None);
+    assert_eq!((balance(&repo, "alice").await, balance(&repo, "bob").await), (60, 40));
+    runner.stop().await;
+}
+
+#[tokio::test]
+async fn a_restart_resumes_from_the_oldest_open_journal_not_from_the_start_of_all() {
+    let (store, repo) = bank().await;
+    let runner = SagaRunner::new(store.clone(), saga(&repo)).start().unwrap();
+    // A finished saga, then a long history, then one left waiting.
+    request_transfer(&*store, &request("early", 5, false)).await.unwrap();
+    wait_status(&*store, &saga(&repo), "early", SagaStatus::is_final).await;
+    let noise = annals_core::StreamName::new("noise-1").unwrap();
+    for chunk in 0..30 {
+        let events = (0..100)
+            .map(|i| {
+                annals_core::EventData::json("Noise", &serde_json::json!({ "n": chunk * 100 + i })).unwrap()
+            })
+            .collect();
+        store.append(&noise, annals_core::ExpectedVersion::Any, events).await.unwrap();
+    }
+    request_transfer(&*store, &request("late", 20, true)).await.unwrap();
+    wait_status(&*store, &saga(&repo), "late", |s| matches!(s, SagaStatus::Awaiting { .. })).await;
+    // The runner saves the scan start once it has handled the request.
+    let open_from = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Some(at) = store.load_checkpoint("$saga-transfer-open-from").await.unwrap() {
+                return at;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("scan start saved");
+    runner.stop().await;
+
+    // It moved past the noise but not past the open journal.
+    let late_journal = store
+        .read_stream(
+            &annals_core::StreamName::new("saga-transfer-late").unwrap(),
+            annals_core::ReadStream::forward(),
+        )
+        .await
+        .unwrap();
+    assert!(open_from >= 2_048, "{open_from}");
+    assert!(open_from <= late_journal[0].position, "{open_from} vs {}", late_journal[0].position);
+
+    let runner = SagaRunner::new(store.clone(), saga(&repo)).start().unwrap();
+    approve_transfer(&*store, "late").await.unwrap();
+    assert_eq!(wait_status(&*store, &saga(&repo), "late", SagaStatus::is_final).await, SagaStatus::Completed);
+    assert_eq!((balance(&repo, "alice").await, balance(&repo, "bob").await), (75, 25));
     runner.stop().await;
 }

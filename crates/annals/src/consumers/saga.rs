@@ -46,6 +46,10 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use super::{ConsumerError, ConsumerResult, RESUBSCRIBE_DELAY, RetryPolicy, validate_name};
 use crate::CommandMetadata;
 
+/// How far the resume scan's start must be able to move before it is
+/// saved again (bounds the extra scan after a restart, and the writes).
+const OPEN_FROM_STEP: u64 = 1_024;
+
 /// Namespace of journal event ids.
 const JOURNAL_ID_NAMESPACE: Uuid = Uuid::from_u128(0x3c2f_9a41_77d0_4e8b_a5c6_1f0e_9d8b_2a47);
 
@@ -276,6 +280,8 @@ impl<S> Journal<S> {
 /// One saga instance, folded from its journal.
 struct Instance<S> {
     stream: StreamName,
+    /// Position of the journal's first entry (`SagaStarted`).
+    started_at: u64,
     last_version: Option<u64>,
     trigger: Uuid,
     correlation_id: Option<String>,
@@ -346,6 +352,7 @@ async fn load_instance<S: Serialize + DeserializeOwned + Clone>(
     let _ = id;
     let mut instance = Instance {
         stream: stream.clone(),
+        started_at: records.first().map_or(0, |r| r.position),
         last_version: None,
         trigger: Uuid::nil(),
         correlation_id: None,
@@ -404,27 +411,31 @@ impl<S: Saga> SagaRunner<S> {
             });
         }
         let cancel = CancellationToken::new();
-        let engine = Engine {
+        let mut engine = Engine {
             store: self.store,
             saga: self.saga,
             retry: self.retry,
             clock: self.clock,
             checkpoint_name: format!("$saga-{name}"),
+            open_from_name: format!("$saga-{name}-open-from"),
+            open_from: 0,
             name,
             active: HashMap::new(),
             deadlines: BTreeSet::new(),
         };
         let token = cancel.clone();
+        let (stopped_tx, stopped) = tokio::sync::watch::channel(None);
         let task = tokio::spawn(async move {
             tokio::select! {
                 biased;
                 () = token.cancelled() => {}
-                result = engine.run() => if let Err(error) = result {
-                    tracing::error!(%error, "saga runner stopped");
-                },
+                (saga, error) = engine.run_until_fatal() => {
+                    tracing::error!(%saga, %error, "saga runner stopped");
+                    let _ = stopped_tx.send(Some(error.to_string()));
+                }
             }
         });
-        Ok(RunningSaga { task: Some(task), _guard: cancel.clone().drop_guard(), cancel })
+        Ok(RunningSaga { task: Some(task), stopped, _guard: cancel.clone().drop_guard(), cancel })
     }
 }
 
@@ -432,11 +443,21 @@ impl<S: Saga> SagaRunner<S> {
 /// "crash"); the next start resumes every unfinished instance.
 pub struct RunningSaga {
     task: Option<tokio::task::JoinHandle<()>>,
+    stopped: tokio::sync::watch::Receiver<Option<String>>,
     cancel: CancellationToken,
     _guard: DropGuard,
 }
 
 impl RunningSaga {
+    /// Why the runner stopped on its own, if it did. Transient store
+    /// errors do not stop it (it restarts from its journals after a
+    /// backoff); an error that retrying cannot fix (a journal that does not
+    /// decode, an invalid instance id) does, and is reported here and in
+    /// the `annals_saga_stopped_total` counter.
+    pub fn stopped(&self) -> Option<String> {
+        self.stopped.borrow().clone()
+    }
+
     /// Stops the task and waits for it.
     pub async fn stop(mut self) {
         self.cancel.cancel();
@@ -453,12 +474,44 @@ struct Engine<S: Saga> {
     clock: Arc<dyn Clock>,
     name: String,
     checkpoint_name: String,
+    /// Checkpoint holding where the resume scan starts: no unfinished
+    /// journal begins before it.
+    open_from_name: String,
+    /// Its last saved value.
+    open_from: u64,
     active: HashMap<String, Instance<S::Step>>,
     deadlines: BTreeSet<(Timestamp, String, usize)>,
 }
 
+/// Whether restarting the runner can get past `error`.
+fn is_transient(error: &ConsumerError) -> bool {
+    matches!(error, ConsumerError::Store(e) if e.is_transient())
+}
+
 impl<S: Saga> Engine<S> {
-    async fn run(mut self) -> ConsumerResult<()> {
+    /// Runs, restarting from the journals after transient store errors
+    /// (with the retry policy's backoff); returns the first error a restart
+    /// cannot fix.
+    async fn run_until_fatal(&mut self) -> (String, ConsumerError) {
+        let mut failures = 0;
+        loop {
+            let Err(error) = self.run().await;
+            if !is_transient(&error) {
+                metrics::counter!("annals_saga_stopped_total", "saga" => self.name.clone()).increment(1);
+                return (self.name.clone(), error);
+            }
+            failures += 1;
+            metrics::counter!("annals_saga_restarts_total", "saga" => self.name.clone()).increment(1);
+            let delay = self.retry.delay(failures.min(self.retry.max_attempts.max(1)), u64::from(failures));
+            tracing::warn!(saga = %self.name, %error, attempt = failures, ?delay, "saga runner failed; restarting from the journals");
+            tokio::time::sleep(delay).await;
+            // Everything in memory is rebuilt from the store.
+            self.active.clear();
+            self.deadlines.clear();
+        }
+    }
+
+    async fn run(&mut self) -> ConsumerResult<std::convert::Infallible> {
         self.resume_all().await?;
         let mut next = self.store.load_checkpoint(&self.checkpoint_name).await?.unwrap_or(0);
         loop {
@@ -478,6 +531,7 @@ impl<S: Saga> Engine<S> {
                             self.on_event(event).await?;
                             next = position + 1;
                             self.store.save_checkpoint(&self.checkpoint_name, next).await?;
+                            self.advance_open_from(next).await?;
                         }
                         Some(Err(error)) => {
                             tracing::warn!(saga = %self.name, %error, "subscription failed; resubscribing");
@@ -491,11 +545,29 @@ impl<S: Saga> Engine<S> {
         }
     }
 
+    /// Moves the resume scan's start forward, at most every
+    /// [`OPEN_FROM_STEP`] positions. Every unfinished journal begins at or
+    /// after the oldest active instance's start, and a journal started
+    /// later lands at or after the head, which is past `next`; a value
+    /// saved late is only lower (a longer scan), never wrong.
+    async fn advance_open_from(&mut self, next: u64) -> ConsumerResult<()> {
+        let oldest = self.active.values().map(|i| i.started_at).min().unwrap_or(next).min(next);
+        if oldest >= self.open_from.saturating_add(OPEN_FROM_STEP) {
+            self.store.save_checkpoint(&self.open_from_name, oldest).await?;
+            self.open_from = oldest;
+        }
+        Ok(())
+    }
+
     /// Finds every journal of this saga and continues the unfinished ones.
+    /// The scan starts where the last run said no unfinished journal
+    /// begins earlier, so a restart reads the recent part of `$all`, not
+    /// all of it.
     async fn resume_all(&mut self) -> ConsumerResult<()> {
         let prefix = format!("saga-{}-", self.name);
         let mut streams = BTreeSet::new();
-        let mut from = 0;
+        self.open_from = self.store.load_checkpoint(&self.open_from_name).await?.unwrap_or(0);
+        let mut from = self.open_from;
         loop {
             let slice = self
                 .store
@@ -559,6 +631,8 @@ impl<S: Saga> Engine<S> {
         }
         let mut instance = Instance {
             stream,
+            // Set from the append below; the head is a lower bound until then.
+            started_at: self.store.next_position().await?,
             last_version: None,
             trigger: trigger.id,
             correlation_id: trigger.metadata.correlation_id(),
@@ -594,6 +668,9 @@ impl<S: Saga> Engine<S> {
         let data = EventData::json(entry.event_type(), &entry)?.with_id(event_id).with_metadata(metadata);
         let result = self.store.append(&instance.stream, expected, vec![data]).await?;
         instance.last_version = Some(result.last_version());
+        if matches!(entry, Journal::SagaStarted { .. }) {
+            instance.started_at = result.position;
+        }
         if let Journal::AwaitStarted { index, deadline } = &entry {
             self.deadlines.insert((*deadline, id.to_owned(), *index));
         }
