@@ -18,9 +18,9 @@
 //! append: it may still commit, exactly as when an acknowledgement is lost.
 //! Re-send it with the same event ids to learn the outcome (idempotency).
 //!
-//! The common case takes one round trip: `BEGIN`, a call of the
-//! `append_head_first` function (migration 0003: head, check, insert and
-//! stream upsert, notify) and `COMMIT` are sent together. The function only
+//! The common case takes one request: `CALL append_commit` (migration
+//! 0004), a procedure that runs the `append_head_first` function (0003:
+//! head, check, insert and stream upsert, notify) and commits. The function only
 //! writes when every part is a plain write; anything the rules must decide
 //! (a possible idempotent re-send, a tombstone, a failed expectation) makes
 //! it step aside, and the round runs on the exact path: two pipelined round
@@ -380,12 +380,13 @@ impl Committer {
 }
 
 impl Committer {
-    /// The common case in one round trip: `BEGIN`, `append_head_first`
-    /// (migration 0003) and `COMMIT` are sent together. The function writes only when
-    /// every part is a plain write that `StreamState::decide` would accept
-    /// at the stream's next version; otherwise it raises [`DECLINED`], the
-    /// pipelined `COMMIT` becomes a rollback, and `Ok(None)` sends the
-    /// round to the exact path. The rules therefore stay written once.
+    /// The common case in one request: `CALL append_commit` (migration
+    /// 0004) runs `append_head_first` (0003) and commits. The function
+    /// writes only when every part is a plain write that
+    /// `StreamState::decide` would accept at the stream's next version;
+    /// otherwise it raises [`DECLINED`], the transaction rolls back, and
+    /// `Ok(None)` sends the round to the exact path. The rules therefore
+    /// stay written once.
     async fn try_fast(
         &self,
         requests: &[&[StreamAppend]],
@@ -414,21 +415,18 @@ impl Committer {
             &args.ev_correlation_ids,
             &self.sql.channel,
         ];
-        let (begun, called, committed) = futures::join!(
-            client.batch_execute(BEGIN),
-            client.query_one(&call, &params),
-            client.batch_execute("COMMIT")
-        );
-        // The transaction is over either way (an error turns the COMMIT
-        // into a rollback).
+        // One request: the procedure runs in its own (implicit) transaction
+        // and commits it before producing the row, so a row means committed
+        // and an error means nothing was (or, if the connection broke, may
+        // have been: a re-run then finds an idempotent re-send).
+        let called = client.query_one(&call, &params).await;
+        // No transaction is left open either way.
         conn.disarm();
-        begun?;
         let row = match called {
             Ok(row) => row,
             Err(e) if e.code().map(SqlState::code) == Some(DECLINED) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        committed?;
         let first = to_u64(row.try_get(0)?, "position")?;
         let first_versions: Vec<i64> = row.try_get(1)?;
         if first_versions.len() != args.part_counts.len() {

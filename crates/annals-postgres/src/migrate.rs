@@ -25,6 +25,11 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../sql/0002_append_function.sql"),
     },
     Migration { version: 3, name: "0003_head_first.sql", sql: include_str!("../sql/0003_head_first.sql") },
+    Migration {
+        version: 4,
+        name: "0004_append_commit.sql",
+        sql: include_str!("../sql/0004_append_commit.sql"),
+    },
 ];
 
 /// Advisory-lock class for migrations ("anna" in ASCII), so the key space

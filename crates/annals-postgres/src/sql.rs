@@ -29,7 +29,8 @@ pub(crate) struct Statements {
     pub lock_streams: String,
     pub tail_ids: String,
     pub write: String,
-    /// One-round-trip append of the common case (migration 0003).
+    /// One-request append of the common case, committing itself
+    /// (migration 0004).
     pub append_fast: String,
     pub stream_state: String,
     pub read_stream_forward: String,
@@ -93,8 +94,8 @@ impl Statements {
                  SELECT h.first, h.recorded_at, pg_notify($15, (h.first + $1)::text) FROM h"
             ),
             append_fast: format!(
-                "SELECT first_position, first_versions FROM {s}.append_head_first(
-                     $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
+                "CALL {s}.append_commit(
+                     $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, NULL, NULL)"
             ),
             stream_state: format!(
                 "SELECT last_version, last_position, truncate_before, tombstoned FROM {s}.streams WHERE name = $1"

@@ -475,4 +475,25 @@ async fn append_function_writes_plain_appends_and_steps_aside_otherwise() {
     // Through the store, a failed expectation gets the exact error.
     let wrong = store.append(&stream("f-1"), ExpectedVersion::Exact(0), vec![event(2)]).await.unwrap_err();
     assert!(matches!(wrong, Error::WrongExpectedVersion { actual: Some(1), .. }), "{wrong}");
+
+    // The committing procedure (migration 0004) steps aside outside READ
+    // COMMITTED, which the head-first design relies on, and commits itself
+    // otherwise.
+    let call = format!(
+        "CALL \"{}\".append_commit(
+             ARRAY['f-2'], ARRAY['f'], ARRAY[1::int2], ARRAY[0::int8], ARRAY[1::int8], ARRAY[0::int8],
+             ARRAY[$1::uuid], ARRAY[1], ARRAY['f-2'], ARRAY['f'], ARRAY[0::int8], ARRAY[$1::uuid], ARRAY['E'],
+             ARRAY[0::int2], ARRAY['\\x7b7d'::bytea], ARRAY['{{}}'], ARRAY[NULL::text], 'ch', NULL, NULL)",
+        guard.schema
+    );
+    let id = uuid::Uuid::new_v4();
+    admin.batch_execute("SET default_transaction_isolation = 'repeatable read'").await.unwrap();
+    let err = admin.query_one(&call, &[&id]).await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("AN001"), "{err}");
+    admin.batch_execute("SET default_transaction_isolation = 'read committed'").await.unwrap();
+    let row = admin.query_one(&call, &[&id]).await.unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, Vec<i64>>(1)), (2, vec![0]));
+    let info = store.stream_info(&stream("f-2")).await.unwrap();
+    assert!(info.exists, "{info:?}");
+    assert_eq!(store.next_position().await.unwrap(), 3);
 }
