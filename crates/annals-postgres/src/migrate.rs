@@ -30,6 +30,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "0004_append_commit.sql",
         sql: include_str!("../sql/0004_append_commit.sql"),
     },
+    Migration {
+        version: 5,
+        name: "0005_streams_by_name.sql",
+        sql: include_str!("../sql/0005_streams_by_name.sql"),
+    },
 ];
 
 /// Advisory-lock class for migrations ("anna" in ASCII), so the key space

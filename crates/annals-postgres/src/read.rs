@@ -1,8 +1,8 @@
 //! Reads: single streams, `$all` pages, stream state and the head.
 
 use annals_core::{
-    AllSlice, Direction, Error, ReadAll, ReadFrom, ReadStream, RecordedEvent, Result, StreamInfo, StreamName,
-    StreamState,
+    AllSlice, Direction, Error, ListStreams, ReadAll, ReadFrom, ReadStream, RecordedEvent, Result,
+    StreamInfo, StreamName, StreamState,
 };
 
 use tokio_postgres::types::ToSql;
@@ -36,6 +36,43 @@ impl Inner {
             truncate_before: to_u64(truncate_before, "truncate_before")?,
             tombstoned: row.try_get(3).map_err(db)?,
         })
+    }
+
+    /// Streams by name from the `streams` table (never a scan of events).
+    pub(crate) async fn list_streams(&self, request: &ListStreams) -> Result<Vec<StreamInfo>> {
+        if request.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(&self.sql.list_streams).await.map_err(db)?;
+        let limit = limit_i64(request.limit);
+        let rows = client
+            .query(&stmt, &[&request.prefix, &request.after, &request.include_system, &limit])
+            .await
+            .map_err(db)?;
+        rows.iter()
+            .map(|row| {
+                let name: String = row.try_get(0).map_err(db)?;
+                let stream = StreamName::any(&name)?;
+                let last_version: Option<i64> = row.try_get(1).map_err(db)?;
+                let last_position: Option<i64> = row.try_get(2).map_err(db)?;
+                let truncate_before: i64 = row.try_get(3).map_err(db)?;
+                let state = StreamState {
+                    last_version: last_version.map(|v| to_u64(v, "last_version")).transpose()?,
+                    last_position: last_position.map(|v| to_u64(v, "last_position")).transpose()?,
+                    truncate_before: to_u64(truncate_before, "truncate_before")?,
+                    tombstoned: row.try_get(4).map_err(db)?,
+                };
+                Ok(state.info(&stream))
+            })
+            .collect()
+    }
+
+    /// Whether a pooled connection answers a trivial query.
+    pub(crate) async fn health(&self) -> Result<()> {
+        let client = self.client().await?;
+        client.simple_query("SELECT 1").await.map_err(db)?;
+        Ok(())
     }
 
     pub(crate) async fn stream_info(&self, stream: &StreamName) -> Result<StreamInfo> {

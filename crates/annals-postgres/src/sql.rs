@@ -33,6 +33,8 @@ pub(crate) struct Statements {
     /// (migration 0004).
     pub append_fast: String,
     pub stream_state: String,
+    /// A page of streams by name (byte order), for `list_streams`.
+    pub list_streams: String,
     pub read_stream_forward: String,
     pub read_stream_backward: String,
     pub soft_delete: String,
@@ -99,6 +101,17 @@ impl Statements {
             ),
             stream_state: format!(
                 "SELECT last_version, last_position, truncate_before, tombstoned FROM {s}.streams WHERE name = $1"
+            ),
+            // Byte order (COLLATE "C", index streams_name_bytes from 0005),
+            // whatever the database's collation. $1 prefix or NULL, $2 after
+            // or NULL, $3 include system streams, $4 limit.
+            list_streams: format!(
+                "SELECT name, last_version, last_position, truncate_before, tombstoned FROM {s}.streams
+                 WHERE last_version IS NOT NULL
+                   AND ($1::text IS NULL OR (name COLLATE \"C\") >= $1::text AND starts_with(name, $1::text))
+                   AND ($2::text IS NULL OR (name COLLATE \"C\") > $2::text)
+                   AND ($3::bool OR NOT starts_with(name, '$'))
+                 ORDER BY name COLLATE \"C\" LIMIT $4"
             ),
             read_stream_forward: format!(
                 "SELECT {EVENT_COLUMNS} FROM {s}.events e

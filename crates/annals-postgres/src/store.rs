@@ -4,9 +4,9 @@ use std::{sync::Arc, time::Duration};
 
 use annals_core::{
     AllReader, AllSlice, AppendResult, Appender, CheckpointStore, DeleteMode, Error, EventStream,
-    ExpectedVersion, ReadAll, ReadStream, RecordedEvent, Result, Snapshot, SnapshotStore, StreamAppend,
-    StreamDeleter, StreamInfo, StreamName, StreamReader, StreamState, Subscriber, SubscriptionRequest,
-    async_trait, category_of, subscription, validate_checkpoint_name,
+    ExpectedVersion, ListStreams, ReadAll, ReadStream, RecordedEvent, Result, Snapshot, SnapshotStore,
+    StreamAppend, StreamDeleter, StreamInfo, StreamName, StreamReader, StreamState, Subscriber,
+    SubscriptionRequest, async_trait, category_of, subscription, validate_checkpoint_name,
 };
 use bytes::Bytes;
 use tokio_postgres::IsolationLevel;
@@ -22,6 +22,11 @@ use crate::{
 impl Appender for PgStore {
     async fn append_multi(&self, parts: Vec<StreamAppend>) -> Result<Vec<AppendResult>> {
         self.inner.append_parts(parts).await
+    }
+
+    /// Healthy when a pooled connection answers `SELECT 1`.
+    async fn health(&self) -> Result<()> {
+        self.inner.health().await
     }
 }
 
@@ -44,6 +49,11 @@ impl AllReader for PgStore {
 
     async fn next_position(&self) -> Result<u64> {
         self.inner.next_position().await
+    }
+
+    /// From the `streams` table, by name.
+    async fn list_streams(&self, request: ListStreams) -> Result<Vec<StreamInfo>> {
+        self.inner.list_streams(&request).await
     }
 }
 
