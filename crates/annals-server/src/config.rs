@@ -32,6 +32,25 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
     /// Logging.
     pub log: LogConfig,
+    /// Consumer groups.
+    pub groups: GroupsConfig,
+}
+
+/// Consumer groups (persistent subscriptions served over HTTP/WebSocket).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GroupsConfig {
+    /// Whether this server runs consumer groups (default true). With several
+    /// server processes on one PostgreSQL schema, enable them on one process
+    /// only: each process that has them on restarts every defined group, and
+    /// consumers of different processes would not compete with each other.
+    pub enabled: bool,
+}
+
+impl Default for GroupsConfig {
+    fn default() -> Self {
+        GroupsConfig { enabled: true }
+    }
 }
 
 impl Default for ServerConfig {
@@ -47,6 +66,7 @@ impl Default for ServerConfig {
             timeouts: TimeoutsConfig::default(),
             tls: None,
             log: LogConfig::default(),
+            groups: GroupsConfig::default(),
         }
     }
 }

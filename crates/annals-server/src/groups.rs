@@ -225,6 +225,9 @@ impl AppState {
     /// Every server process on a shared (PostgreSQL) store restores every
     /// group; see `docs/operations.md` for running groups on one process.
     pub async fn restore_groups(&self) -> annals_core::Result<usize> {
+        if !self.inner.config.groups.enabled {
+            return Ok(0);
+        }
         let defined = defined_groups(self).await?;
         let mut registry = self.inner.groups.inner.lock().await;
         let mut started = 0;
@@ -254,6 +257,18 @@ impl AppState {
         }
         Ok(started)
     }
+}
+
+/// Refuses group operations on a server with `groups.enabled = false`.
+fn enabled(state: &AppState) -> Result<(), ApiError> {
+    if state.inner.config.groups.enabled {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "groups_disabled",
+        "consumer groups are disabled on this server (groups.enabled = false); use the server that runs them",
+    ))
 }
 
 fn unknown_group(group: &str) -> ApiError {
@@ -451,6 +466,7 @@ pub async fn create(
     ApiJson(body): ApiJson<GroupIn>,
 ) -> Result<Response, ApiError> {
     principal.authorize(Role::Writer, None)?;
+    enabled(&state)?;
     validate_group(&group)?;
     let spec = GroupSpec::parse(body)?;
     let target = spec.target(&principal, Role::Writer)?;
@@ -493,6 +509,7 @@ pub async fn create(
 #[utoipa::path(get, path = "/groups", tag = "groups", responses((status = 200, description = "`{ groups: [settings] }`"), (status = 403)))]
 pub async fn list(State(state): State<AppState>, principal: Principal) -> Result<Json<Value>, ApiError> {
     principal.authorize(Role::Reader, None)?;
+    enabled(&state)?;
     let registry = state.inner.groups.inner.lock().await;
     let groups: Vec<Value> = registry
         .running
@@ -511,6 +528,7 @@ async fn authorized(
     role: Role,
 ) -> Result<Entry, ApiError> {
     principal.authorize(role, None)?;
+    enabled(state)?;
     validate_group(group)?;
     let entry = state.inner.groups.get(group).await?;
     entry.spec.target(principal, role)?;

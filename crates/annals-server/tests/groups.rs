@@ -581,3 +581,34 @@ async fn groups_survive_a_restart_and_resume_after_the_last_ack() {
     .await;
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_server_with_groups_disabled_neither_runs_nor_restores_them() {
+    let store: std::sync::Arc<dyn annals_core::Store> = std::sync::Arc::new(annals_core::MemoryStore::new());
+    let listen = || async { tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind") };
+    let s = common::start_with_store(listen().await, store.clone(), open_config()).await;
+    assert_eq!(create(&s, "payments", json!({ "stream": "pay-1" })).await.0, 201);
+    s.stop().await;
+
+    // Another process on the same store, with groups off.
+    let mut config = open_config();
+    config.groups.enabled = false;
+    let s = common::start_with_store(listen().await, store.clone(), config).await;
+    for (method, path, body) in [
+        ("PUT", "/groups/payments", Some(json!({ "stream": "pay-1" }))),
+        ("GET", "/groups", None),
+        ("GET", "/groups/payments", None),
+        ("POST", "/groups/payments/next?consumer=a", None),
+    ] {
+        let (status, body) = call(&s, method, path, body, None).await;
+        assert_eq!(status, 503, "{method} {path}: {body}");
+        assert_eq!(body["error"]["code"], "groups_disabled", "{method} {path}: {body}");
+    }
+    s.stop().await;
+
+    // The definition is still there for a server that runs groups.
+    let s = common::start_with_store(listen().await, store, open_config()).await;
+    let (_, body) = s.get("/groups").await;
+    assert_eq!(body["groups"][0]["group"], "payments", "{body}");
+    s.stop().await;
+}

@@ -82,8 +82,19 @@ pub struct ServeArgs {
 
 /// Top-level keys of the configuration; other `ANNALS_*` variables (such
 /// as `ANNALS_URL` for the client commands) are not configuration.
-const TOP_LEVEL_KEYS: &[&str] =
-    &["listen", "insecure", "store", "auth", "limits", "rate_limit", "live", "timeouts", "tls", "log"];
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "listen",
+    "insecure",
+    "store",
+    "auth",
+    "limits",
+    "rate_limit",
+    "live",
+    "timeouts",
+    "tls",
+    "log",
+    "groups",
+];
 
 /// Builds the configuration from every layer and validates it.
 pub fn load_config(args: &ServeArgs) -> Result<ServerConfig, CliError> {
