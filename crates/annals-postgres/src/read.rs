@@ -15,6 +15,20 @@ use crate::{
     sql::{Param, filter_clause},
 };
 
+/// A stream row's state from its columns `last_version, last_position,
+/// truncate_before, tombstoned`, starting at column `first`.
+pub(crate) fn state_from_row(row: &tokio_postgres::Row, first: usize) -> Result<StreamState> {
+    let last_version: Option<i64> = row.try_get(first).map_err(db)?;
+    let last_position: Option<i64> = row.try_get(first + 1).map_err(db)?;
+    let truncate_before: i64 = row.try_get(first + 2).map_err(db)?;
+    Ok(StreamState {
+        last_version: last_version.map(|v| to_u64(v, "last_version")).transpose()?,
+        last_position: last_position.map(|v| to_u64(v, "last_position")).transpose()?,
+        truncate_before: to_u64(truncate_before, "truncate_before")?,
+        tombstoned: row.try_get(first + 3).map_err(db)?,
+    })
+}
+
 impl Inner {
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object> {
         self.pool.get().await.map_err(|e| PgError::from(e).into())
@@ -27,15 +41,7 @@ impl Inner {
         let Some(row) = client.query_opt(&stmt, &[&stream.as_str()]).await.map_err(db)? else {
             return Ok(StreamState::default());
         };
-        let last_version: Option<i64> = row.try_get(0).map_err(db)?;
-        let last_position: Option<i64> = row.try_get(1).map_err(db)?;
-        let truncate_before: i64 = row.try_get(2).map_err(db)?;
-        Ok(StreamState {
-            last_version: last_version.map(|v| to_u64(v, "last_version")).transpose()?,
-            last_position: last_position.map(|v| to_u64(v, "last_position")).transpose()?,
-            truncate_before: to_u64(truncate_before, "truncate_before")?,
-            tombstoned: row.try_get(3).map_err(db)?,
-        })
+        state_from_row(&row, 0)
     }
 
     /// Streams by name from the `streams` table (never a scan of events).
@@ -53,17 +59,7 @@ impl Inner {
         rows.iter()
             .map(|row| {
                 let name: String = row.try_get(0).map_err(db)?;
-                let stream = StreamName::any(&name)?;
-                let last_version: Option<i64> = row.try_get(1).map_err(db)?;
-                let last_position: Option<i64> = row.try_get(2).map_err(db)?;
-                let truncate_before: i64 = row.try_get(3).map_err(db)?;
-                let state = StreamState {
-                    last_version: last_version.map(|v| to_u64(v, "last_version")).transpose()?,
-                    last_position: last_position.map(|v| to_u64(v, "last_position")).transpose()?,
-                    truncate_before: to_u64(truncate_before, "truncate_before")?,
-                    tombstoned: row.try_get(4).map_err(db)?,
-                };
-                Ok(state.info(&stream))
+                Ok(state_from_row(row, 1)?.info(&StreamName::any(&name)?))
             })
             .collect()
     }

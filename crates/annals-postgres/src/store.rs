@@ -5,8 +5,8 @@ use std::{sync::Arc, time::Duration};
 use annals_core::{
     AllReader, AllSlice, AppendResult, Appender, CheckpointStore, DeleteMode, Error, EventStream,
     ExpectedVersion, ListStreams, ReadAll, ReadStream, RecordedEvent, Result, Snapshot, SnapshotStore,
-    StreamAppend, StreamDeleter, StreamInfo, StreamName, StreamReader, StreamState, Subscriber,
-    SubscriptionRequest, async_trait, category_of, subscription, validate_checkpoint_name,
+    StreamAppend, StreamDeleter, StreamInfo, StreamName, StreamReader, Subscriber, SubscriptionRequest,
+    async_trait, category_of, subscription, validate_checkpoint_name,
 };
 use bytes::Bytes;
 use tokio_postgres::IsolationLevel;
@@ -146,14 +146,7 @@ impl StreamDeleter for PgStore {
             .query_one(&stmt, &[&vec![stream.as_str()], &vec![category_of(stream.as_str())]])
             .await
             .map_err(db)?;
-        let last_version: Option<i64> = row.try_get(1).map_err(db)?;
-        let truncate_before: i64 = row.try_get(3).map_err(db)?;
-        let state = StreamState {
-            last_version: last_version.map(|v| to_u64(v, "last_version")).transpose()?,
-            last_position: None,
-            truncate_before: to_u64(truncate_before, "truncate_before")?,
-            tombstoned: row.try_get(4).map_err(db)?,
-        };
+        let state = crate::read::state_from_row(&row, 1)?;
         // On error the transaction is dropped, rolling back the row the
         // lock may have created.
         state.check_delete(stream, expected, mode == DeleteMode::Hard)?;
