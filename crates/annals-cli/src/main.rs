@@ -8,11 +8,16 @@
 mod client;
 mod commands;
 mod error;
+mod local;
 mod output;
 
 use clap::{Parser, Subcommand};
 
-use crate::{client::ClientArgs, error::CliError};
+use crate::{
+    client::ClientArgs,
+    error::CliError,
+    local::{Missing, with_target},
+};
 
 /// Annals — an event store and event-sourcing toolkit.
 #[derive(Debug, Parser)]
@@ -74,13 +79,55 @@ fn main() {
     let result: Result<(), CliError> = runtime.block_on(async move {
         match cli.command {
             Command::Serve(a) => commands::serve::run(*a).await,
-            Command::Append(a) => commands::data::append(a, &cli.client).await,
-            Command::Read(a) => commands::data::read(a, &cli.client).await,
-            Command::Tail(a) => commands::data::tail(a, &cli.client).await,
-            Command::Streams(a) => commands::data::streams(a, &cli.client).await,
-            Command::Stats(a) => commands::data::stats(a, &cli.client).await,
-            Command::Export(a) => commands::transfer::export(a, &cli.client).await,
-            Command::Import(a) => commands::transfer::import(a, &cli.client).await,
+            Command::Append(a) => {
+                let local = a.local.clone();
+                with_target(&local, &cli.client, Missing::Create, |c| async move {
+                    commands::data::append(a, &c).await
+                })
+                .await
+            }
+            Command::Read(a) => {
+                let local = a.local.clone();
+                with_target(&local, &cli.client, Missing::Refuse, |c| async move {
+                    commands::data::read(a, &c).await
+                })
+                .await
+            }
+            Command::Tail(a) => {
+                let local = a.local.clone();
+                with_target(&local, &cli.client, Missing::Refuse, |c| async move {
+                    commands::data::tail(a, &c).await
+                })
+                .await
+            }
+            Command::Streams(a) => {
+                let local = a.local.clone();
+                with_target(&local, &cli.client, Missing::Refuse, |c| async move {
+                    commands::data::streams(a, &c).await
+                })
+                .await
+            }
+            Command::Stats(a) => {
+                let local = a.local.clone();
+                with_target(&local, &cli.client, Missing::Refuse, |c| async move {
+                    commands::data::stats(a, &c).await
+                })
+                .await
+            }
+            Command::Export(a) => {
+                let local = a.local.clone();
+                with_target(&local, &cli.client, Missing::Refuse, |c| async move {
+                    commands::transfer::export(a, &c).await
+                })
+                .await
+            }
+            Command::Import(a) => {
+                let local = a.local.clone();
+                with_target(&local, &cli.client, Missing::Create, |c| async move {
+                    commands::transfer::import(a, &c).await
+                })
+                .await
+            }
             Command::Bench(a) => commands::bench::run(a, &cli.client).await,
             Command::Verify(a) => commands::log::verify(a).await,
             Command::RebuildIndex(a) => commands::log::rebuild_index(a).await,
@@ -90,5 +137,17 @@ fn main() {
     if let Err(e) = result {
         eprintln!("error: {e}");
         std::process::exit(e.exit_code());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Clap checks argument definitions (unique names, valid `requires`)
+    /// only when a command is parsed in a debug build; check all of them.
+    #[test]
+    fn argument_definitions_are_consistent() {
+        super::Cli::command().debug_assert();
     }
 }

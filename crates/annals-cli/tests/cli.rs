@@ -524,3 +524,122 @@ fn two_servers_share_one_postgres_schema() {
         .args([pg.as_str(), "-q", "-c", &format!("DROP SCHEMA IF EXISTS {schema} CASCADE")])
         .output();
 }
+
+/// `annals` with `--data-dir` and no server: `ANNALS_URL` points at a port
+/// nobody listens on, so anything that reaches for a server fails.
+fn annals_local(args: &[&str]) -> Output {
+    annals_stdin("http://127.0.0.1:9", args, None)
+}
+
+#[test]
+fn client_commands_run_directly_on_a_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let d = data.to_str().unwrap();
+
+    // Reading a directory that does not exist is a usage error, and creates nothing.
+    let out = annals_local(&["read", "acct-1", "--data-dir", d]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such directory"));
+    assert!(!data.exists());
+
+    // Appends create the store; expectations and exit codes are the server's.
+    for (i, expected) in ["no_stream", "0", "1"].iter().enumerate() {
+        let payload = format!("{{\"n\":{i}}}");
+        let out = annals_local(&[
+            "append",
+            "acct-1",
+            "--type",
+            "Deposited",
+            "--data",
+            &payload,
+            "-e",
+            expected,
+            "--data-dir",
+            d,
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let conflict = annals_local(&["append", "acct-1", "--type", "Deposited", "-e", "0", "--data-dir", d]);
+    assert_eq!(conflict.status.code(), Some(3), "{}", String::from_utf8_lossy(&conflict.stderr));
+    annals_local(&["append", "other-7", "--type", "Opened", "--data-dir", d]);
+
+    let read = stdout_json(&annals_local(&["read", "acct-1", "--json", "--data-dir", d]));
+    let events = read["events"].as_array().unwrap();
+    let ns: Vec<i64> = events.iter().map(|e| e["data"]["n"].as_i64().unwrap()).collect();
+    assert_eq!(ns, [0, 1, 2]);
+    let all = stdout_json(&annals_local(&["read", "$all", "--category", "acct", "--json", "--data-dir", d]));
+    assert_eq!(all["events"].as_array().unwrap().len(), 3);
+    let streams = stdout_json(&annals_local(&["streams", "--json", "--data-dir", d]));
+    assert_eq!(streams["streams"].as_array().unwrap().len(), 2, "{streams}");
+    let stats = stdout_json(&annals_local(&["stats", "--json", "--data-dir", d]));
+    assert_eq!(stats["events"], 4);
+    assert_eq!(stats["by_type"]["Deposited"], 3);
+    let tail = annals_local(&["tail", "acct-1", "--from", "start", "--count", "3", "--data-dir", d]);
+    assert!(tail.status.success(), "{}", String::from_utf8_lossy(&tail.stderr));
+    assert_eq!(String::from_utf8_lossy(&tail.stdout).matches("Deposited").count(), 3);
+
+    // Export from one directory, import into another.
+    let file = dir.path().join("export.jsonl");
+    let out = annals_local(&["export", "-o", file.to_str().unwrap(), "--json", "--data-dir", d]);
+    assert_eq!(stdout_json(&out)["exported"], 4);
+    let copy = dir.path().join("copy");
+    let out =
+        annals_local(&["import", file.to_str().unwrap(), "--json", "--data-dir", copy.to_str().unwrap()]);
+    assert_eq!(stdout_json(&out)["written"], 4);
+
+    // Every command closed the log cleanly: it verifies, and a server
+    // serves what the commands wrote.
+    let report = stdout_json(&Command::new(BIN).args(["verify", d, "--json"]).output().unwrap());
+    assert_eq!(report["ok"], true);
+    assert_eq!(report["events"], 4);
+    let (child, _out, url) = serve_log(&data);
+    let read = stdout_json(&annals(&url, &["read", "acct-1", "--json"]));
+    assert_eq!(read["events"].as_array().unwrap().len(), 3);
+
+    // While a server holds the directory, a local command is refused
+    // (the log's lock is exclusive) instead of opening it twice.
+    let out = annals_local(&["read", "acct-1", "--data-dir", d]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("locked"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stop(child);
+}
+
+#[test]
+fn bench_loads_an_embedded_store_directly() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("bench");
+    let d = d.to_str().unwrap();
+    let report =
+        stdout_json(&annals_local(&["bench", "--data-dir", d, "-c", "4", "-b", "10", "-d", "0.5", "--json"]));
+    assert_eq!(report["target"], "embedded");
+    assert_eq!(report["errors"], 0);
+    let events = report["events"].as_u64().unwrap();
+    assert!(events >= 10, "{report}");
+    assert!(report["append_latency"]["p99_ms"].as_f64().unwrap() > 0.0, "{report}");
+    // The events are really in the log.
+    let verified = stdout_json(&Command::new(BIN).args(["verify", d, "--json"]).output().unwrap());
+    assert_eq!(verified["events"].as_u64(), Some(events));
+
+    let report = stdout_json(&annals_local(&[
+        "bench",
+        "--data-dir",
+        d,
+        "--mode",
+        "fanout",
+        "-c",
+        "2",
+        "--subscribers",
+        "3",
+        "-d",
+        "0.5",
+        "--json",
+    ]));
+    assert_eq!(report["errors"], 0);
+    assert!(report["delivered"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["delivered"], report["expected_deliveries"], "{report}");
+}

@@ -1,4 +1,6 @@
-//! `annals bench`: a load generator against a running server.
+//! `annals bench`: a load generator against a running server, or (with
+//! `--data-dir DIR`) directly against the embedded log in `DIR`, through the
+//! library API with no HTTP in between.
 //!
 //! `append` mode: `--concurrency` workers each append batches of
 //! `--batch` events of `--event-size` bytes to their own stream for
@@ -15,6 +17,8 @@ use std::{
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
+
+mod embedded;
 
 use clap::{Args, ValueEnum};
 use futures::StreamExt;
@@ -57,6 +61,11 @@ pub struct BenchArgs {
     /// Fan-out mode: number of SSE subscribers.
     #[arg(long, default_value_t = 100)]
     pub subscribers: usize,
+    /// Load the embedded log in this directory directly (library calls, no
+    /// HTTP) instead of a running server; the directory is created when
+    /// missing and must not be in use by a server.
+    #[command(flatten)]
+    pub local: crate::local::LocalArgs,
 }
 
 /// How the append workers reach the server.
@@ -260,12 +269,16 @@ pub async fn run(args: BenchArgs, c: &ClientArgs) -> Result<(), CliError> {
     if args.concurrency == 0 || args.batch == 0 || args.duration.is_nan() || args.duration <= 0.0 {
         return Err(CliError::Usage("--concurrency, --batch and --duration must be positive".into()));
     }
-    let client = Client::new(c)?;
-    client.json(client.request(Method::GET, "/health/ready")).await?;
-    let run_id = uuid::Uuid::new_v4().simple().to_string();
-    let prefix = format!("bench{}-", &run_id[..8]);
     let duration = Duration::try_from_secs_f64(args.duration)
         .map_err(|e| CliError::Usage(format!("--duration {}: {e}", args.duration)))?;
+    let run_id = uuid::Uuid::new_v4().simple().to_string();
+    let prefix = format!("bench{}-", &run_id[..8]);
+    if let Some(dir) = &args.local.data_dir {
+        let outcome = embedded::run(&args, dir, &prefix, duration).await?;
+        return finish(&args, c, outcome);
+    }
+    let client = Client::new(c)?;
+    client.json(client.request(Method::GET, "/health/ready")).await?;
 
     // Fan-out subscribers connect before the load starts.
     let stop = Arc::new(AtomicBool::new(false));
@@ -354,24 +367,10 @@ pub async fn run(args: BenchArgs, c: &ClientArgs) -> Result<(), CliError> {
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let requests = latencies.len() as u64;
-    let events = requests * args.batch as u64;
-    let mut report = json!({
-        "mode": match args.mode { Mode::Append => "append", Mode::Fanout => "fanout" },
-        "concurrency": args.concurrency,
-        "batch": args.batch,
-        "event_size": args.event_size,
-        "seconds": elapsed,
-        "requests": requests,
-        "errors": errors,
-        "events": events,
-        "requests_per_sec": requests as f64 / elapsed,
-        "events_per_sec": events as f64 / elapsed,
-        "append_latency": summary(&mut latencies),
-    });
+    let mut outcome = Outcome { elapsed, latencies, errors, fanout: None };
     if args.mode == Mode::Fanout {
         // Give subscribers a moment to receive the tail of the load.
-        let expected = events * args.subscribers as u64;
+        let expected = outcome.latencies.len() as u64 * args.batch as u64 * args.subscribers as u64;
         let drain_until = Instant::now() + Duration::from_secs(10);
         while delivered.load(Ordering::Relaxed) < expected && Instant::now() < drain_until {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -384,12 +383,56 @@ pub async fn run(args: BenchArgs, c: &ClientArgs) -> Result<(), CliError> {
                 deliveries.extend(l);
             }
         }
+        outcome.fanout = Some(Fanout { expected, elapsed: fan_elapsed, deliveries });
+    }
+    finish(&args, c, outcome)
+}
+
+/// What one benchmark run measured, wherever it ran.
+struct Outcome {
+    /// Seconds the append load ran.
+    elapsed: f64,
+    /// One latency (µs) per successful append request.
+    latencies: Vec<u64>,
+    errors: u64,
+    fanout: Option<Fanout>,
+}
+
+/// Fan-out mode: what the subscribers received.
+struct Fanout {
+    expected: u64,
+    /// Seconds from the start of the load to the last delivery waited for.
+    elapsed: f64,
+    /// One append-to-delivery latency (µs) per delivered event.
+    deliveries: Vec<u64>,
+}
+
+/// Prints the report of `outcome`; fails when no append succeeded.
+fn finish(args: &BenchArgs, c: &ClientArgs, outcome: Outcome) -> Result<(), CliError> {
+    let Outcome { elapsed, mut latencies, errors, fanout } = outcome;
+    let requests = latencies.len() as u64;
+    let events = requests * args.batch as u64;
+    let mut report = json!({
+        "mode": match args.mode { Mode::Append => "append", Mode::Fanout => "fanout" },
+        "target": if args.local.data_dir.is_some() { "embedded" } else { "server" },
+        "concurrency": args.concurrency,
+        "batch": args.batch,
+        "event_size": args.event_size,
+        "seconds": elapsed,
+        "requests": requests,
+        "errors": errors,
+        "events": events,
+        "requests_per_sec": requests as f64 / elapsed,
+        "events_per_sec": events as f64 / elapsed,
+        "append_latency": summary(&mut latencies),
+    });
+    if let Some(Fanout { expected, elapsed, mut deliveries }) = fanout {
         let delivered = deliveries.len() as u64;
         if let Some(obj) = report.as_object_mut() {
             obj.insert("subscribers".into(), json!(args.subscribers));
             obj.insert("delivered".into(), json!(delivered));
             obj.insert("expected_deliveries".into(), json!(expected));
-            obj.insert("delivered_per_sec".into(), json!(delivered as f64 / fan_elapsed));
+            obj.insert("delivered_per_sec".into(), json!(delivered as f64 / elapsed));
             obj.insert("delivery_latency".into(), summary(&mut deliveries));
         }
     }

@@ -30,6 +30,9 @@ pub struct AppendArgs {
     /// Expected version: any, no_stream, stream_exists or a number.
     #[arg(long, short = 'e', default_value = "any")]
     pub expected: String,
+    /// Run on a data directory instead of a server.
+    #[command(flatten)]
+    pub local: crate::local::LocalArgs,
 }
 
 /// `annals read`.
@@ -58,6 +61,9 @@ pub struct ReadArgs {
     /// `$all` only: correlation id.
     #[arg(long)]
     pub correlation_id: Option<String>,
+    /// Run on a data directory instead of a server.
+    #[command(flatten)]
+    pub local: crate::local::LocalArgs,
 }
 
 /// `annals tail`.
@@ -74,6 +80,9 @@ pub struct TailArgs {
     /// `$all` only: stream-name prefix.
     #[arg(long)]
     pub stream_prefix: Option<String>,
+    /// Run on a data directory instead of a server.
+    #[command(flatten)]
+    pub local: crate::local::LocalArgs,
 }
 
 /// `annals streams`.
@@ -88,11 +97,18 @@ pub struct StreamsArgs {
     /// Start after this name (the `next` of the previous page).
     #[arg(long)]
     pub after: Option<String>,
+    /// Run on a data directory instead of a server.
+    #[command(flatten)]
+    pub local: crate::local::LocalArgs,
 }
 
 /// `annals stats`.
 #[derive(Debug, Clone, Args)]
-pub struct StatsArgs {}
+pub struct StatsArgs {
+    /// Run on a data directory instead of a server.
+    #[command(flatten)]
+    pub local: crate::local::LocalArgs,
+}
 
 fn read_input(arg: Option<&str>) -> Result<String, CliError> {
     match arg {

@@ -251,7 +251,7 @@ pub async fn open_store(config: &StoreConfig) -> Result<OpenedStore, CliError> {
     }
     let log = annals_log::LogStore::open(&config.data).map_err(|e| match e {
         annals_log::LogError::Locked { .. } => CliError::Usage(format!(
-            "{e}; another annals process is using it (stop it, or pass a different --data)"
+            "{e}; another annals process is using it (stop it, or use a different data directory)"
         )),
         annals_log::LogError::Corrupt { .. } => CliError::Damaged(format!(
             "{e}; run `annals verify {}` and restore from a backup (or repair explicitly)",

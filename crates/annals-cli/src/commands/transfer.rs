@@ -38,6 +38,9 @@ pub struct ExportArgs {
     /// Events per request.
     #[arg(long, default_value_t = 1000)]
     pub page: usize,
+    /// Run on a data directory instead of a server.
+    #[command(flatten)]
+    pub local: crate::local::LocalArgs,
 }
 
 /// `annals import`.
@@ -48,6 +51,9 @@ pub struct ImportArgs {
     /// Events per append request (per stream).
     #[arg(long, default_value_t = 500)]
     pub batch: usize,
+    /// Run on a data directory instead of a server.
+    #[command(flatten)]
+    pub local: crate::local::LocalArgs,
 }
 
 fn progress(total: u64, what: &str) -> ProgressBar {
