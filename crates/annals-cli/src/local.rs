@@ -47,7 +47,7 @@ pub enum Missing {
 /// Runs `command` with client arguments that reach either the server of
 /// `client` or, with `--data-dir`, an in-process server on that directory.
 pub async fn with_target<F, Fut>(
-    local: &LocalArgs,
+    local: LocalArgs,
     client: &ClientArgs,
     missing: Missing,
     command: F,
@@ -56,11 +56,11 @@ where
     F: FnOnce(ClientArgs) -> Fut,
     Fut: Future<Output = Result<(), CliError>>,
 {
-    let Some(dir) = &local.data_dir else { return command(client.clone()).await };
+    let Some(dir) = local.data_dir else { return command(client.clone()).await };
     if missing == Missing::Refuse && !dir.is_dir() {
         return Err(CliError::Usage(format!("--data-dir {}: no such directory", dir.display())));
     }
-    let local = LocalServer::start(dir.clone()).await?;
+    let local = LocalServer::start(dir).await?;
     let args = ClientArgs {
         url: format!("http://{}", local.addr),
         token: None,

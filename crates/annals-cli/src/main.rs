@@ -76,59 +76,26 @@ fn main() {
             std::process::exit(1);
         }
     };
+    let client = cli.client;
+    // A client command runs against `--url`, or on `--data-dir` (see local.rs).
+    macro_rules! on_target {
+        ($args:expr, $missing:expr, $command:path) => {{
+            let args = $args;
+            with_target(args.local.clone(), &client, $missing, |c| async move { $command(args, &c).await })
+                .await
+        }};
+    }
     let result: Result<(), CliError> = runtime.block_on(async move {
         match cli.command {
             Command::Serve(a) => commands::serve::run(*a).await,
-            Command::Append(a) => {
-                let local = a.local.clone();
-                with_target(&local, &cli.client, Missing::Create, |c| async move {
-                    commands::data::append(a, &c).await
-                })
-                .await
-            }
-            Command::Read(a) => {
-                let local = a.local.clone();
-                with_target(&local, &cli.client, Missing::Refuse, |c| async move {
-                    commands::data::read(a, &c).await
-                })
-                .await
-            }
-            Command::Tail(a) => {
-                let local = a.local.clone();
-                with_target(&local, &cli.client, Missing::Refuse, |c| async move {
-                    commands::data::tail(a, &c).await
-                })
-                .await
-            }
-            Command::Streams(a) => {
-                let local = a.local.clone();
-                with_target(&local, &cli.client, Missing::Refuse, |c| async move {
-                    commands::data::streams(a, &c).await
-                })
-                .await
-            }
-            Command::Stats(a) => {
-                let local = a.local.clone();
-                with_target(&local, &cli.client, Missing::Refuse, |c| async move {
-                    commands::data::stats(a, &c).await
-                })
-                .await
-            }
-            Command::Export(a) => {
-                let local = a.local.clone();
-                with_target(&local, &cli.client, Missing::Refuse, |c| async move {
-                    commands::transfer::export(a, &c).await
-                })
-                .await
-            }
-            Command::Import(a) => {
-                let local = a.local.clone();
-                with_target(&local, &cli.client, Missing::Create, |c| async move {
-                    commands::transfer::import(a, &c).await
-                })
-                .await
-            }
-            Command::Bench(a) => commands::bench::run(a, &cli.client).await,
+            Command::Append(a) => on_target!(a, Missing::Create, commands::data::append),
+            Command::Read(a) => on_target!(a, Missing::Refuse, commands::data::read),
+            Command::Tail(a) => on_target!(a, Missing::Refuse, commands::data::tail),
+            Command::Streams(a) => on_target!(a, Missing::Refuse, commands::data::streams),
+            Command::Stats(a) => on_target!(a, Missing::Refuse, commands::data::stats),
+            Command::Export(a) => on_target!(a, Missing::Refuse, commands::transfer::export),
+            Command::Import(a) => on_target!(a, Missing::Create, commands::transfer::import),
+            Command::Bench(a) => commands::bench::run(a, &client).await,
             Command::Verify(a) => commands::log::verify(a).await,
             Command::RebuildIndex(a) => commands::log::rebuild_index(a).await,
             Command::BenchLog(a) => commands::log::bench_log(a).await,

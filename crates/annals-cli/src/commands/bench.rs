@@ -369,23 +369,34 @@ pub async fn run(args: BenchArgs, c: &ClientArgs) -> Result<(), CliError> {
     let elapsed = started.elapsed().as_secs_f64();
     let mut outcome = Outcome { elapsed, latencies, errors, fanout: None };
     if args.mode == Mode::Fanout {
-        // Give subscribers a moment to receive the tail of the load.
         let expected = outcome.latencies.len() as u64 * args.batch as u64 * args.subscribers as u64;
-        let drain_until = Instant::now() + Duration::from_secs(10);
-        while delivered.load(Ordering::Relaxed) < expected && Instant::now() < drain_until {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let fan_elapsed = started.elapsed().as_secs_f64();
-        stop.store(true, Ordering::Relaxed);
-        let mut deliveries = Vec::new();
-        for s in subscribers {
-            if let Ok(l) = s.await {
-                deliveries.extend(l);
-            }
-        }
-        outcome.fanout = Some(Fanout { expected, elapsed: fan_elapsed, deliveries });
+        outcome.fanout = Some(drain(expected, &delivered, &stop, subscribers, started).await);
     }
     finish(&args, c, outcome)
+}
+
+/// Waits (up to 10 s) until the subscribers have received `expected`
+/// events, then stops them and collects their latencies.
+async fn drain(
+    expected: u64,
+    delivered: &AtomicU64,
+    stop: &AtomicBool,
+    subscribers: Vec<tokio::task::JoinHandle<Vec<u64>>>,
+    started: Instant,
+) -> Fanout {
+    let drain_until = Instant::now() + Duration::from_secs(10);
+    while delivered.load(Ordering::Relaxed) < expected && Instant::now() < drain_until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let mut deliveries = Vec::new();
+    for s in subscribers {
+        if let Ok(l) = s.await {
+            deliveries.extend(l);
+        }
+    }
+    Fanout { expected, elapsed, deliveries }
 }
 
 /// What one benchmark run measured, wherever it ran.

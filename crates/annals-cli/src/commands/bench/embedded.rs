@@ -18,7 +18,7 @@ use annals_core::{
 use bytes::Bytes;
 use futures::StreamExt;
 
-use super::{BenchArgs, Fanout, Mode, Outcome, now_micros};
+use super::{BenchArgs, Mode, Outcome, drain, now_micros};
 use crate::{commands::serve::open_store, error::CliError};
 
 /// Key of the send time (µs since the epoch) in each event's metadata, as
@@ -108,19 +108,7 @@ pub(super) async fn run(
     let mut fanout = None;
     if args.mode == Mode::Fanout {
         let expected = latencies.len() as u64 * args.batch as u64 * args.subscribers as u64;
-        let drain_until = Instant::now() + Duration::from_secs(10);
-        while delivered.load(Ordering::Relaxed) < expected && Instant::now() < drain_until {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let fan_elapsed = started.elapsed().as_secs_f64();
-        stop.store(true, Ordering::Relaxed);
-        let mut deliveries = Vec::new();
-        for s in subscribers {
-            if let Ok(l) = s.await {
-                deliveries.extend(l);
-            }
-        }
-        fanout = Some(Fanout { expected, elapsed: fan_elapsed, deliveries });
+        fanout = Some(drain(expected, &delivered, &stop, subscribers, started).await);
     }
     drop(store);
     opened.close().await?;
