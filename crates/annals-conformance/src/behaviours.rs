@@ -3,7 +3,11 @@
 //! filters, deletes, multi-stream appends, limits and payloads, concurrency,
 //! subscriptions, snapshots and checkpoints.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use annals_core::{
     ContentType, DeleteMode, DeletionState, Direction, Error, EventData, ExpectedVersion, Filter, LimitKind,
@@ -674,6 +678,81 @@ pub async fn next_position_counts_events<S: TestStore>(store: S) {
     assert_eq!(store.next_position().await.unwrap(), 0);
     seeded(&store, "n-1", 4).await;
     assert_eq!(store.next_position().await.unwrap(), 4);
+}
+
+/// Counts by type of a full `$all` scan with system streams: what
+/// `/stats` computed before backends could answer natively.
+async fn scanned_type_counts<S: TestStore>(store: &S) -> BTreeMap<String, u64> {
+    let head = store.next_position().await.unwrap();
+    let mut counts = BTreeMap::new();
+    let mut from = 0;
+    while from < head {
+        let page = store
+            .read_all(ReadAll::forward(7).from_position(from).filter(Filter::all().with_system()))
+            .await
+            .unwrap();
+        for e in &page.events {
+            *counts.entry(e.event_type.clone()).or_default() += 1;
+        }
+        let next = page.next.unwrap();
+        assert!(next > from, "a forward page must move on");
+        from = next;
+    }
+    counts
+}
+
+pub async fn store_stats_agree_with_a_full_scan_of_all<S: TestStore>(store: S) {
+    // Empty store: no types (or nothing known).
+    let empty = store.store_stats().await.unwrap();
+    if let Some(counts) = &empty.events_by_type {
+        assert!(counts.is_empty(), "{counts:?}");
+    }
+    let sys = StreamName::system("$stats-sys").unwrap();
+    store.append(&sys, ExpectedVersion::Any, events("Sys", 2)).await.unwrap();
+    store.append(&stream("stats-live"), ExpectedVersion::Any, events("A", 3)).await.unwrap();
+    store.append(&stream("stats-soft"), ExpectedVersion::Any, events("A", 2)).await.unwrap();
+    store.append(&stream("stats-soft"), ExpectedVersion::Any, events("B", 1)).await.unwrap();
+    store.append(&stream("stats-hard"), ExpectedVersion::Any, events("C", 4)).await.unwrap();
+    store
+        .append_multi(vec![
+            StreamAppend::new(stream("stats-tx-1"), ExpectedVersion::Any, events("B", 1)),
+            StreamAppend::new(stream("stats-tx-2"), ExpectedVersion::Any, events("D", 2)),
+        ])
+        .await
+        .unwrap();
+    let check = |stats: annals_core::StoreStats, scanned: &BTreeMap<String, u64>, head: u64| {
+        if let Some(counts) = stats.events_by_type {
+            assert_eq!(&counts, scanned, "native counts differ from a scan of $all");
+            assert_eq!(counts.values().sum::<u64>(), head, "counts must add up to next_position");
+        }
+    };
+    let before = scanned_type_counts(&store).await;
+    let expected: BTreeMap<String, u64> = [("A", 5), ("B", 2), ("C", 4), ("D", 2), ("Sys", 2)]
+        .into_iter()
+        .map(|(t, n)| (t.to_owned(), n))
+        .collect();
+    assert_eq!(before, expected);
+    check(store.store_stats().await.unwrap(), &before, 15);
+
+    // Deletes hide events from stream reads; whatever `$all` still shows,
+    // the native counts must show too.
+    store.delete_stream(&stream("stats-soft"), ExpectedVersion::Any, DeleteMode::Soft).await.unwrap();
+    store.delete_stream(&stream("stats-hard"), ExpectedVersion::Any, DeleteMode::Hard).await.unwrap();
+    store.delete_stream(&stream("stats-never"), ExpectedVersion::Any, DeleteMode::Hard).await.unwrap();
+    let after = scanned_type_counts(&store).await;
+    let head = store.next_position().await.unwrap();
+    check(store.store_stats().await.unwrap(), &after, head);
+
+    // A soft-deleted stream written again: its new events count too.
+    store.append(&stream("stats-soft"), ExpectedVersion::NoStream, events("E", 1)).await.unwrap();
+    let recreated = scanned_type_counts(&store).await;
+    let head = store.next_position().await.unwrap();
+    assert_eq!(recreated.get("E"), Some(&1));
+    let stats = store.store_stats().await.unwrap();
+    if let Some(bytes) = stats.disk_bytes {
+        assert!(bytes > 0, "a store holding events takes some space");
+    }
+    check(stats, &recreated, head);
 }
 
 // ------------------------------------------------------------ concurrency

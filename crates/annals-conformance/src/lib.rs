@@ -104,6 +104,7 @@ macro_rules! suite {
             binary_content_type_round_trips,
             recorded_at_is_now_and_ordered,
             next_position_counts_events,
+            store_stats_agree_with_a_full_scan_of_all,
             concurrent_exact_appends_have_one_winner_per_version,
             concurrent_appends_to_different_streams_are_gapless,
             subscribe_all_delivers_history_then_live,

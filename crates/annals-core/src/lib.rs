@@ -46,8 +46,8 @@ pub use memory::MemoryStore;
 pub use metadata::Metadata;
 pub use model::{
     AllSlice, AppendResult, DeleteMode, DeletionState, Direction, ExpectedVersion, Filter, ListStreams,
-    ReadAll, ReadFrom, ReadStream, Snapshot, StreamAppend, StreamInfo, SubscribeFrom, SubscriptionRequest,
-    SubscriptionTarget, TypeMatch,
+    ReadAll, ReadFrom, ReadStream, Snapshot, StoreStats, StreamAppend, StreamInfo, SubscribeFrom,
+    SubscriptionRequest, SubscriptionTarget, TypeMatch,
 };
 pub use stream_name::{MAX_STREAM_NAME_LEN, StreamName, category_of};
 pub use stream_state::{AppendDecision, StreamState};

@@ -14,8 +14,8 @@ use uuid::Uuid;
 use crate::{
     AllReader, AllSlice, AppendDecision, AppendResult, Appender, CheckpointStore, DeleteMode, Direction,
     Error, EventData, EventStream, ExpectedVersion, Limits, ListStreams, ReadAll, ReadFrom, ReadStream,
-    RecordedEvent, Result, Snapshot, SnapshotStore, StreamAppend, StreamDeleter, StreamInfo, StreamName,
-    StreamReader, StreamState, Subscriber, SubscriptionRequest, Timestamp, subscription,
+    RecordedEvent, Result, Snapshot, SnapshotStore, StoreStats, StreamAppend, StreamDeleter, StreamInfo,
+    StreamName, StreamReader, StreamState, Subscriber, SubscriptionRequest, Timestamp, subscription,
     validate_checkpoint_name,
 };
 
@@ -38,6 +38,8 @@ struct State {
     streams: HashMap<StreamName, StreamEntry>,
     snapshots: HashMap<StreamName, BTreeMap<u64, Snapshot>>,
     checkpoints: HashMap<String, u64>,
+    /// Events in `log` per event type (deletes never remove events).
+    types: HashMap<String, u64>,
 }
 
 #[derive(Default)]
@@ -99,6 +101,12 @@ impl Inner {
                     let mut position = state.log.len() as u64;
                     let mut written = Vec::with_capacity(part.events.len());
                     for event in part.events {
+                        match state.types.get_mut(&event.event_type) {
+                            Some(n) => *n += 1,
+                            None => {
+                                state.types.insert(event.event_type.clone(), 1);
+                            }
+                        }
                         position = state.log.len() as u64;
                         state.log.push(record(&part.stream, version, position, recorded_at, event));
                         written.push(position);
@@ -264,6 +272,13 @@ impl AllReader for MemoryStore {
         }
         found.sort_unstable_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
         Ok(found.into_iter().map(|(name, e)| e.state.info(name)).collect())
+    }
+
+    /// Counts by type from a map kept on append; no disk, so no disk bytes.
+    async fn store_stats(&self) -> Result<StoreStats> {
+        let state = self.inner.read()?;
+        let counts = state.types.iter().map(|(t, n)| (t.clone(), *n)).collect();
+        Ok(StoreStats::unknown().with_events_by_type(counts))
     }
 }
 

@@ -1,6 +1,6 @@
 //! Requests and answers of the store API: versions, reads, filters, deletes.
 
-use std::fmt;
+use std::{collections::BTreeMap, fmt};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -398,6 +398,47 @@ pub struct StreamInfo {
     pub truncate_before: u64,
     /// Deletion state.
     pub deletion: DeletionState,
+}
+
+/// Figures about the whole store that a backend can give without scanning
+/// `$all` ([`crate::AllReader::store_stats`]). A field is `None` when the
+/// backend cannot answer it cheaply (or it does not apply, such as disk
+/// bytes of a store in memory); callers then fall back to a bounded scan or
+/// report it as unknown.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreStats {
+    /// Events per event type, over every event `$all` holds: system
+    /// streams, soft-deleted and tombstoned streams included (deletes hide
+    /// events from stream reads but do not remove them from `$all`). This
+    /// is exactly what a full scan of `$all` with
+    /// `Filter::all().with_system()` counts, so the counts add up to
+    /// [`crate::AllReader::next_position`] at the moment they were taken.
+    pub events_by_type: Option<BTreeMap<String, u64>>,
+    /// Bytes the store's files occupy (for the embedded log: the sizes of
+    /// the files in its directory, pre-allocated segment space included;
+    /// for a database: its tables with their indexes and TOAST data).
+    pub disk_bytes: Option<u64>,
+}
+
+impl StoreStats {
+    /// Nothing known: what the default [`crate::AllReader::store_stats`]
+    /// returns.
+    pub fn unknown() -> Self {
+        StoreStats::default()
+    }
+
+    /// With the exact counts of events per type.
+    pub fn with_events_by_type(mut self, counts: BTreeMap<String, u64>) -> Self {
+        self.events_by_type = Some(counts);
+        self
+    }
+
+    /// With the store's size on disk.
+    pub fn with_disk_bytes(mut self, bytes: u64) -> Self {
+        self.disk_bytes = Some(bytes);
+        self
+    }
 }
 
 /// How to delete a stream.

@@ -10,7 +10,7 @@ use futures::Stream;
 
 use crate::{
     AllSlice, AppendResult, DeleteMode, EventData, ExpectedVersion, ListStreams, ReadAll, ReadStream,
-    RecordedEvent, Result, Snapshot, StreamAppend, StreamInfo, StreamName, SubscriptionRequest,
+    RecordedEvent, Result, Snapshot, StoreStats, StreamAppend, StreamInfo, StreamName, SubscriptionRequest,
 };
 
 /// A live, in-order stream of recorded events (or the error that ended it).
@@ -92,6 +92,18 @@ pub trait AllReader: Send + Sync {
     /// finds as live; backends with a stream index override it.
     async fn list_streams(&self, request: ListStreams) -> Result<Vec<StreamInfo>> {
         list_streams_by_scan(self, &request).await
+    }
+
+    /// Figures about the whole store that the backend knows without
+    /// scanning `$all`: counts of events by type (with exactly the meaning
+    /// of a full `$all` scan including system streams, see
+    /// [`StoreStats::events_by_type`]) and the size on disk.
+    ///
+    /// Must cost far less than reading every event (an in-memory index, a
+    /// catalogue query); a field the backend cannot answer that way stays
+    /// `None`. The default knows nothing; backends override it.
+    async fn store_stats(&self) -> Result<StoreStats> {
+        Ok(StoreStats::unknown())
     }
 }
 

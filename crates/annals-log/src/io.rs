@@ -58,6 +58,12 @@ pub trait Io: Send + Sync {
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
     /// Takes the exclusive lock on `dir`; released when the guard drops.
     fn lock(&self, dir: &Path) -> Result<Box<dyn Send + Sync>, LogError>;
+    /// Length in bytes of the file at `path`, `0` for something that is
+    /// not a regular file. The default opens the file; file systems that
+    /// can read the size without opening override it.
+    fn file_size(&self, path: &Path) -> io::Result<u64> {
+        self.open(path, false)?.len()
+    }
 }
 
 /// Reads until `buf` is full or EOF; returns the bytes read.
@@ -132,6 +138,11 @@ impl Io for RealIo {
     }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
+    }
+    fn file_size(&self, path: &Path) -> io::Result<u64> {
+        // Not following links: a link in the directory is not store data.
+        let meta = std::fs::symlink_metadata(path)?;
+        Ok(if meta.is_file() { meta.len() } else { 0 })
     }
     fn lock(&self, dir: &Path) -> Result<Box<dyn Send + Sync>, LogError> {
         let f =

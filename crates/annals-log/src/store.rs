@@ -9,7 +9,7 @@ use std::{
 use annals_core::{
     AllReader, AllSlice, AppendResult, Appender, CheckpointStore, DeleteMode, Error, EventStream,
     ExpectedVersion, Limits, ListStreams, ReadAll, ReadStream, RecordedEvent, Result, Snapshot,
-    SnapshotStore, StreamAppend, StreamDeleter, StreamInfo, StreamName, StreamReader, Subscriber,
+    SnapshotStore, StoreStats, StreamAppend, StreamDeleter, StreamInfo, StreamName, StreamReader, Subscriber,
     SubscriptionRequest, Uuid, async_trait, subscription, validate_checkpoint_name,
 };
 use tokio::sync::{oneshot, watch};
@@ -461,6 +461,20 @@ impl AllReader for LogStore {
         found.sort_unstable_by(by_name);
         Ok(found.into_iter().map(|(name, e)| e.state.info(name)).collect())
     }
+
+    /// Counts by type from the in-memory type index (every event ever
+    /// written, as `$all` holds them: deletes only add records), and the
+    /// sizes of the files in the directory (segments with their
+    /// pre-allocated tail, index checkpoint, side store, lock file).
+    async fn store_stats(&self) -> Result<StoreStats> {
+        let counts = {
+            let idx = self.shared.core.index()?;
+            idx.types.iter().map(|(t, positions)| (t.clone(), positions.len() as u64)).collect()
+        };
+        let core = self.shared.core.clone();
+        let disk_bytes = blocking(move || directory_bytes(&*core.io, &core.dir)).await?;
+        Ok(StoreStats::unknown().with_events_by_type(counts).with_disk_bytes(disk_bytes))
+    }
 }
 
 impl Subscriber for LogStore {
@@ -484,6 +498,21 @@ impl StreamDeleter for LogStore {
             .map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)?
     }
+}
+
+/// The summed sizes of the files in `dir`. A file that disappears while
+/// it is being measured (the index checkpoint's temporary file, renamed
+/// into place) counts as empty.
+fn directory_bytes(io: &dyn Io, dir: &Path) -> Result<u64> {
+    let mut total = 0u64;
+    for name in io.list(dir)? {
+        match io.file_size(&dir.join(&name)) {
+            Ok(n) => total = total.saturating_add(n),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(total)
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {

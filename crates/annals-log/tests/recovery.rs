@@ -471,3 +471,33 @@ async fn missing_segments_and_unknown_versions_are_refused() {
     assert!(matches!(err, LogError::Corrupt { segment: 2, .. }), "{err:?}");
     assert!(annals_log::verify(dir.path()).is_err());
 }
+
+#[tokio::test]
+async fn store_stats_come_from_the_index_and_the_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    // No background fill: it would grow the active segment between the
+    // two measurements.
+    let open = || LogStore::builder(dir.path()).segment_size(8192).background_fill(false).open().unwrap();
+    let store = open();
+    for n in 0..60 {
+        store.append(&stream(&format!("s-{}", n % 3)), ExpectedVersion::Any, vec![event(n)]).await.unwrap();
+    }
+    store.delete_stream(&stream("s-1"), ExpectedVersion::Any, DeleteMode::Hard).await.unwrap();
+    assert!(store.stats().segments > 1, "the test wants several segments");
+    let on_disk = |dir: &Path| -> u64 {
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum()
+    };
+    let stats = store.store_stats().await.unwrap();
+    let counts = stats.events_by_type.clone().unwrap();
+    assert_eq!((counts.get("Even"), counts.get("Odd"), counts.len()), (Some(&30), Some(&30), 2));
+    assert_eq!(stats.disk_bytes, Some(on_disk(dir.path())));
+    store.close().unwrap();
+    drop(store);
+
+    // Reopened from the index checkpoint: the same counts.
+    let store = open();
+    assert!(store.stats().index_loaded);
+    let again = store.store_stats().await.unwrap();
+    assert_eq!(again.events_by_type, Some(counts));
+    assert_eq!(again.disk_bytes, Some(on_disk(dir.path())));
+}

@@ -1,8 +1,10 @@
 //! Reads: single streams, `$all` pages, stream state and the head.
 
+use std::collections::BTreeMap;
+
 use annals_core::{
     AllSlice, Direction, Error, ListStreams, ReadAll, ReadFrom, ReadStream, RecordedEvent, Result,
-    StreamInfo, StreamName, StreamState,
+    StoreStats, StreamInfo, StreamName, StreamState,
 };
 
 use tokio_postgres::types::ToSql;
@@ -62,6 +64,24 @@ impl Inner {
                 Ok(state_from_row(row, 1)?.info(&StreamName::any(&name)?))
             })
             .collect()
+    }
+
+    /// Counts by type (one aggregate, O(events): see the statement) and the
+    /// size of the schema's tables.
+    pub(crate) async fn store_stats(&self) -> Result<StoreStats> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(&self.sql.events_by_type).await.map_err(db)?;
+        let rows = client.query(&stmt, &[]).await.map_err(db)?;
+        let mut counts = BTreeMap::new();
+        for row in &rows {
+            let event_type: String = row.try_get(0).map_err(db)?;
+            let n: i64 = row.try_get(1).map_err(db)?;
+            counts.insert(event_type, to_u64(n, "count")?);
+        }
+        let stmt = client.prepare_cached(&self.sql.disk_bytes).await.map_err(db)?;
+        let bytes: i64 =
+            client.query_one(&stmt, &[&self.schema]).await.map_err(db)?.try_get(0).map_err(db)?;
+        Ok(StoreStats::unknown().with_events_by_type(counts).with_disk_bytes(to_u64(bytes, "disk_bytes")?))
     }
 
     /// Whether a pooled connection answers a trivial query.

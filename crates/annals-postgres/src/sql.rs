@@ -40,6 +40,10 @@ pub(crate) struct Statements {
     pub soft_delete: String,
     pub hard_delete: String,
     pub head: String,
+    /// Events per type, for `store_stats`.
+    pub events_by_type: String,
+    /// Bytes of the schema's tables, for `store_stats`: `$1` schema name.
+    pub disk_bytes: String,
     pub save_snapshot: String,
     pub load_snapshot: String,
     pub prune_snapshots: String,
@@ -124,6 +128,23 @@ impl Statements {
             soft_delete: format!("UPDATE {s}.streams SET truncate_before = $2 WHERE name = $1"),
             hard_delete: format!("UPDATE {s}.streams SET tombstoned = true WHERE name = $1"),
             head: format!("SELECT next_position FROM {s}.head"),
+            // One aggregate over every row of `events` (system streams and
+            // deleted streams included: deletes only mark the stream row,
+            // so this is what a full `$all` scan counts). Its cost is
+            // O(events) in PostgreSQL: at best an index-only scan of
+            // `events_type (event_type, position)` feeding a group
+            // aggregate, which reads every index entry (and heap pages not
+            // yet all-visible); at worst a sequential scan of the table. It
+            // saves shipping every event to the server, not the reading.
+            events_by_type: format!(
+                "SELECT event_type, count(*) FROM {s}.events GROUP BY event_type ORDER BY event_type"
+            ),
+            // Tables with their indexes and TOAST data (catalogue lookups,
+            // no table is read).
+            disk_bytes: "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::int8
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'm')"
+                .to_owned(),
             save_snapshot: format!(
                 "INSERT INTO {s}.snapshots (stream, version, schema_version, data, created_at)
                  VALUES ($1, $2, $3, $4, $5)

@@ -5,8 +5,8 @@ use std::{sync::Arc, time::Duration};
 use annals_core::{
     AllReader, AllSlice, AppendResult, Appender, CheckpointStore, DeleteMode, Error, EventStream,
     ExpectedVersion, ListStreams, ReadAll, ReadStream, RecordedEvent, Result, Snapshot, SnapshotStore,
-    StreamAppend, StreamDeleter, StreamInfo, StreamName, StreamReader, Subscriber, SubscriptionRequest,
-    async_trait, category_of, subscription, validate_checkpoint_name,
+    StoreStats, StreamAppend, StreamDeleter, StreamInfo, StreamName, StreamReader, Subscriber,
+    SubscriptionRequest, async_trait, category_of, subscription, validate_checkpoint_name,
 };
 use bytes::Bytes;
 use tokio_postgres::IsolationLevel;
@@ -54,6 +54,13 @@ impl AllReader for PgStore {
     /// From the `streams` table, by name.
     async fn list_streams(&self, request: ListStreams) -> Result<Vec<StreamInfo>> {
         self.inner.list_streams(&request).await
+    }
+
+    /// Counts by type with one aggregate over `events` (O(events) inside
+    /// PostgreSQL, but no event leaves the database) and the schema's
+    /// tables' size from `pg_total_relation_size`.
+    async fn store_stats(&self) -> Result<StoreStats> {
+        self.inner.store_stats().await
     }
 }
 

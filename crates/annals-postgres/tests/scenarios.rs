@@ -497,3 +497,19 @@ async fn append_function_writes_plain_appends_and_steps_aside_otherwise() {
     assert!(info.exists, "{info:?}");
     assert_eq!(store.next_position().await.unwrap(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_stats_count_in_the_database_and_size_the_schema() {
+    let Some((store, _guard)) = common::open().await else { return };
+    let empty = store.store_stats().await.unwrap();
+    assert_eq!(empty.events_by_type, Some(Default::default()));
+    let empty_bytes = empty.disk_bytes.unwrap();
+    assert!(empty_bytes > 0, "the schema's tables and indexes take pages even when empty");
+    for n in 0..200 {
+        store.append(&stream(&format!("st-{}", n % 4)), ExpectedVersion::Any, vec![event(n)]).await.unwrap();
+    }
+    let stats = store.store_stats().await.unwrap();
+    let counts = stats.events_by_type.unwrap();
+    assert_eq!(counts.values().sum::<u64>(), 200);
+    assert!(stats.disk_bytes.unwrap() > empty_bytes, "{:?} vs {empty_bytes}", stats.disk_bytes);
+}
