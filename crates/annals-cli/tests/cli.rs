@@ -143,7 +143,11 @@ fn streams_stats_and_auth_failures() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("s-2"));
     let v = stdout_json(&annals(&url, &["stats", "--json"]));
     assert_eq!(v["events"], 2);
-    assert!(annals(&url, &["stats"]).status.success());
+    assert_eq!(v["disk_bytes"], serde_json::Value::Null);
+    let out = annals(&url, &["stats"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("disk") && text.contains("unknown"), "{text}");
 
     let mut c = ServerConfig::default();
     c.auth.api_keys = vec![ApiKeyConfig {

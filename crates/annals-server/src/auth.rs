@@ -95,6 +95,12 @@ impl Principal {
         Ok(())
     }
 
+    /// Whether this principal may see every stream (no prefix list, or an
+    /// empty prefix in it), so figures about the whole store are its to see.
+    pub fn sees_every_stream(&self) -> bool {
+        self.streams.as_ref().is_none_or(|ps| ps.iter().any(String::is_empty))
+    }
+
     /// Whether this principal may see events of `stream` (used to filter
     /// listings).
     pub fn may_see(&self, stream: &str) -> bool {

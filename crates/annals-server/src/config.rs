@@ -161,7 +161,10 @@ pub struct LimitsConfig {
     pub default_read_limit: usize,
     /// Maximum page size of reads (default 4096).
     pub max_read_limit: usize,
-    /// `/stats` and `GET /streams` scan at most this many events.
+    /// `/stats` scans at most this many events of `$all` when it counts by
+    /// type itself (a backend that cannot count natively, or a principal
+    /// restricted to stream prefixes), and says `complete: false` when the
+    /// scan stopped there.
     pub max_scan_events: u64,
 }
 

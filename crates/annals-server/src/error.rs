@@ -7,6 +7,7 @@ use axum::{
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::wire::expected_to_json;
@@ -162,14 +163,54 @@ impl From<annals_core::Error> for ApiError {
     }
 }
 
+/// The body of every error answer: `{ "error": { "code", "message",
+/// "details"? } }`. One schema for all of them in `/openapi.json`.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ErrorOut {
+    /// What went wrong.
+    pub error: ErrorBody,
+}
+
+/// The inside of an [`ErrorOut`].
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// Stable snake_case code clients can match on (e.g.
+    /// `wrong_expected_version`, `stream_not_found`, `rate_limited`).
+    pub code: String,
+    /// Human-readable explanation.
+    pub message: String,
+    /// Structured extra information, when the error has some (e.g.
+    /// `{ stream, expected, actual }` for a version conflict).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub details: Option<Value>,
+}
+
+/// The same body, borrowed from an [`ApiError`] (serializes exactly like
+/// [`ErrorOut`], without copying the strings).
+#[derive(Serialize)]
+struct ErrorOutRef<'a> {
+    error: ErrorBodyRef<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorBodyRef<'a> {
+    code: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    details: Option<&'a Value>,
+}
+
 impl ApiError {
+    fn out(&self) -> ErrorOutRef<'_> {
+        ErrorOutRef {
+            error: ErrorBodyRef { code: &self.code, message: &self.message, details: self.details.as_ref() },
+        }
+    }
+
     /// The JSON body of this error.
     pub fn body(&self) -> Value {
-        let mut error = json!({ "code": self.code, "message": self.message });
-        if let (Some(details), Some(obj)) = (&self.details, error.as_object_mut()) {
-            obj.insert("details".into(), details.clone());
-        }
-        json!({ "error": error })
+        serde_json::to_value(self.out()).unwrap_or_else(|_| json!({ "error": { "code": self.code } }))
     }
 }
 
@@ -178,7 +219,7 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() {
             tracing::warn!(status = %self.status, code = %self.code, message = %self.message, "request failed");
         }
-        let mut response = (self.status, Json(self.body())).into_response();
+        let mut response = (self.status, Json(self.out())).into_response();
         if let Some(secs) = self.retry_after
             && let Ok(v) = HeaderValue::from_str(&secs.to_string())
         {

@@ -55,7 +55,7 @@ use tower_http::{
 
 pub use auth::{Principal, Role};
 pub use config::ServerConfig;
-pub use error::{ApiError, ServerError};
+pub use error::{ApiError, ErrorBody, ErrorOut, ServerError};
 pub use serve::{ConnCtl, run};
 
 /// Shared state of one server: the store, configuration, verifiers,

@@ -484,6 +484,64 @@ async fn operations_endpoints() {
 }
 
 #[tokio::test]
+async fn stats_count_every_event_past_the_scan_cap_for_an_admin_only() {
+    within(60, async {
+        const BILLING_KEY: &str = "billing-reader-key-0123";
+        let mut config = open_config();
+        // A cap far below the store's size: a scan stops after 4 events.
+        config.limits.max_scan_events = 4;
+        config.auth.api_keys = vec![annals_server::config::ApiKeyConfig {
+            name: "billing".into(),
+            key: BILLING_KEY.into(),
+            role: annals_server::Role::Reader,
+            streams: Some(vec!["billing-".into()]),
+        }];
+        let store = annals_core::MemoryStore::new();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = common::start_with_store(listener, Arc::new(store.clone()), config).await;
+        let two = |t: &str| json!([event(t, json!({})), event(t, json!({}))]);
+        s.append("billing-1", "any", two("Invoiced")).await; // positions 0, 1
+        s.append("ops-1", "any", two("Deployed")).await; // 2, 3
+        s.append("billing-2", "any", two("Paid")).await; // 4, 5: past the cap
+        s.append("ops-2", "any", two("Deployed")).await; // 6, 7
+        let sys = annals_core::StreamName::system("$settings").unwrap();
+        let setting = annals_core::EventData::json("Changed", &json!({})).unwrap();
+        annals_core::Appender::append(&store, &sys, annals_core::ExpectedVersion::Any, vec![setting])
+            .await
+            .unwrap(); // 8
+        // Deletes hide streams from reads, not their events from `$all`.
+        let resp = s.client.delete(s.url("/streams/ops-1?expected=any")).send().await.unwrap();
+        assert_eq!(resp.status(), 204);
+        let resp = s.client.delete(s.url("/streams/billing-1?expected=any&hard=true")).send().await.unwrap();
+        assert_eq!(resp.status(), 204);
+
+        let (status, stats) = s.get("/stats").await;
+        assert_eq!(status, 200, "{stats}");
+        assert_eq!(stats["events"], 9);
+        assert_eq!(stats["complete"], true, "{stats}");
+        assert_eq!(
+            stats["by_type"],
+            json!({ "Changed": 1, "Deployed": 4, "Invoiced": 2, "Paid": 2 }),
+            "every event counted, system and deleted streams included"
+        );
+        assert_eq!(stats["streams"], 5);
+        assert_eq!(stats["disk_bytes"], Value::Null, "a memory store has no disk");
+
+        // Restricted to `billing-`: only its streams, from the bounded scan,
+        // which says it stopped early.
+        let resp = s.client.get(s.url("/stats")).header("x-api-key", BILLING_KEY).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let limited: Value = resp.json().await.unwrap();
+        assert_eq!(limited["by_type"], json!({ "Invoiced": 2 }), "{limited}");
+        assert_eq!(limited["complete"], false);
+        assert_eq!(limited["streams"], 2);
+        assert_eq!(limited["disk_bytes"], Value::Null);
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn oneshot_without_a_socket() {
     let store: Arc<dyn annals_core::Store> = Arc::new(annals_core::MemoryStore::new());
     let state = AppState::new(store, open_config()).unwrap();

@@ -318,6 +318,8 @@ pub async fn stats(_args: StatsArgs, c: &ClientArgs) -> Result<(), CliError> {
     for key in ["events", "streams", "appends_since_start", "complete"] {
         t.add_row(vec![key.to_owned(), short(&v[key], 40)]);
     }
+    let disk = v["disk_bytes"].as_u64().map_or_else(|| "unknown".to_owned(), human_bytes);
+    t.add_row(vec!["disk".to_owned(), disk]);
     t.add_row(vec!["subscribers (sse)".to_owned(), short(&v["subscribers"]["sse"], 20)]);
     t.add_row(vec!["subscribers (ws)".to_owned(), short(&v["subscribers"]["ws"], 20)]);
     println!("{t}");
@@ -331,4 +333,35 @@ pub async fn stats(_args: StatsArgs, c: &ClientArgs) -> Result<(), CliError> {
         println!("{t}");
     }
     Ok(())
+}
+
+/// `1536` → `1.5 KiB (1536 bytes)`; exact bytes below 1 KiB.
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} bytes");
+    }
+    let mut value = bytes as f64;
+    let mut unit = "bytes";
+    for next in UNITS {
+        if value < 1024.0 {
+            break;
+        }
+        value /= 1024.0;
+        unit = next;
+    }
+    format!("{value:.1} {unit} ({bytes} bytes)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_bytes;
+
+    #[test]
+    fn bytes_read_as_binary_units() {
+        assert_eq!(human_bytes(0), "0 bytes");
+        assert_eq!(human_bytes(1023), "1023 bytes");
+        assert_eq!(human_bytes(1536), "1.5 KiB (1536 bytes)");
+        assert_eq!(human_bytes(5 << 30), "5.0 GiB (5368709120 bytes)");
+    }
 }

@@ -2,21 +2,22 @@
 
 use std::{collections::BTreeMap, sync::atomic::Ordering};
 
-use annals_core::{Filter, ListStreams, validate_checkpoint_name};
+use annals_core::{Filter, ListStreams, StoreStats, validate_checkpoint_name};
 use axum::{
     Json,
     extract::State,
     http::{StatusCode, header},
     response::{IntoResponse, Response},
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use utoipa::ToSchema;
 
 use super::streams::scan_all;
 use crate::{
     AppState,
     auth::{Principal, Role},
-    error::ApiError,
+    error::{ApiError, ErrorOut},
     extract::{ApiJson, ApiPath},
     wire::format_rfc3339,
 };
@@ -76,10 +77,53 @@ pub async fn metrics(State(state): State<AppState>, principal: Principal) -> Res
         .into_response())
 }
 
-/// `GET /stats`: counts of events, streams and event types.
+/// Live subscribers by transport, in `/stats`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SubscribersOut {
+    /// Open Server-Sent Events subscriptions.
+    pub sse: i64,
+    /// Open WebSocket subscriptions.
+    pub ws: i64,
+}
+
+/// The body of `GET /stats`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct StatsOut {
+    /// Events in the store (the log's next position), system and deleted
+    /// streams included.
+    pub events: u64,
+    /// Streams with events that the caller may see, system and deleted
+    /// streams included.
+    pub streams: u64,
+    /// Events per type, over the streams the caller may see (system and
+    /// deleted streams included, as `$all` holds them).
+    pub by_type: BTreeMap<String, u64>,
+    /// Whether `by_type` counts every event: `false` when the counts came
+    /// from a scan of `$all` that stopped at `limits.max_scan_events`.
+    pub complete: bool,
+    /// Bytes the store occupies on disk; `null` when the backend cannot
+    /// tell or the caller is restricted to stream prefixes.
+    pub disk_bytes: Option<u64>,
+    /// Appends this server process has answered since it started.
+    pub appends_since_start: u64,
+    /// Live subscribers of this server process.
+    pub subscribers: SubscribersOut,
+}
+
+/// `GET /stats`: counts of events, streams and event types, and the size
+/// on disk.
+///
+/// For a principal that may see every stream, counts by type come from
+/// the store (`AllReader::store_stats`) when it can give them, complete
+/// and exact however large the store is. Otherwise (a backend without
+/// them, or a principal restricted to stream prefixes, whose visibility
+/// cannot be applied to store-wide counts) they come from a scan of `$all`
+/// bounded by `limits.max_scan_events`, and `complete` says whether it
+/// reached the end.
 #[utoipa::path(get, path = "/stats", tag = "ops",
-    responses((status = 200, description = "`{ events, streams, by_type, complete, disk_bytes, appends_since_start, subscribers }`")))]
-pub async fn stats(State(state): State<AppState>, principal: Principal) -> Result<Json<Value>, ApiError> {
+    responses((status = 200, body = StatsOut), (status = 401, body = ErrorOut), (status = 403, body = ErrorOut),
+        (status = 429, body = ErrorOut), (status = 503, body = ErrorOut)))]
+pub async fn stats(State(state): State<AppState>, principal: Principal) -> Result<Json<StatsOut>, ApiError> {
     principal.authorize(Role::Reader, None)?;
     let events = state.inner.store.next_position().await?;
     // Streams from the store's stream index, a page at a time.
@@ -96,24 +140,44 @@ pub async fn stats(State(state): State<AppState>, principal: Principal) -> Resul
             break;
         }
     }
-    // Counts by type still need a (bounded) scan of `$all`.
-    let mut by_type: BTreeMap<String, u64> = BTreeMap::new();
-    let complete = scan_all(&state, Filter::all().with_system(), |e| {
-        if principal.may_see(e.stream.as_str()) {
-            *by_type.entry(e.event_type.clone()).or_default() += 1;
+    // Store-wide figures only for principals they describe: asking for
+    // them costs a full aggregate on some backends.
+    let native = if principal.sees_every_stream() {
+        state.inner.store.store_stats().await?
+    } else {
+        StoreStats::unknown()
+    };
+    let (by_type, complete) = match native.events_by_type {
+        Some(counts) => (counts, true),
+        None => {
+            let mut by_type: BTreeMap<String, u64> = BTreeMap::new();
+            let complete = scan_all(&state, Filter::all().with_system(), |e| {
+                if principal.may_see(e.stream.as_str()) {
+                    match by_type.get_mut(&e.event_type) {
+                        Some(n) => *n += 1,
+                        None => {
+                            by_type.insert(e.event_type.clone(), 1);
+                        }
+                    }
+                }
+            })
+            .await?;
+            (by_type, complete)
         }
-    })
-    .await?;
+    };
     let m = &state.inner.metrics;
-    Ok(Json(json!({
-        "events": events,
-        "streams": streams,
-        "by_type": by_type,
-        "complete": complete,
-        "disk_bytes": Value::Null,
-        "appends_since_start": m.append_count.load(Ordering::Relaxed),
-        "subscribers": { "sse": m.subscriber_gauge("sse").get(), "ws": m.subscriber_gauge("ws").get() },
-    })))
+    Ok(Json(StatsOut {
+        events,
+        streams,
+        by_type,
+        complete,
+        disk_bytes: native.disk_bytes,
+        appends_since_start: m.append_count.load(Ordering::Relaxed),
+        subscribers: SubscribersOut {
+            sse: m.subscriber_gauge("sse").get(),
+            ws: m.subscriber_gauge("ws").get(),
+        },
+    }))
 }
 
 /// `GET /info`: version, backend, uptime.

@@ -340,7 +340,9 @@ pub struct ListQuery {
     pub access_token: Option<String>,
 }
 
-/// Scans `$all` (up to `limits.max_scan_events`) and calls `f` per event.
+/// Scans `$all` from the start and calls `f` per matching event, reading
+/// no page past position `limits.max_scan_events`. Returns whether the scan
+/// reached the head (`false`: it stopped at the cap).
 pub async fn scan_all(
     state: &AppState,
     filter: annals_core::Filter,
@@ -358,10 +360,12 @@ pub async fn scan_all(
         if from >= max {
             return Ok(false);
         }
+        // The last page stops at the cap rather than a whole page later.
+        let page = usize::try_from((max - from).min(4096)).unwrap_or(4096);
         let slice = state
             .inner
             .store
-            .read_all(ReadAll::forward(4096).from_position(from).filter(filter.clone()))
+            .read_all(ReadAll::forward(page).from_position(from).filter(filter.clone()))
             .await?;
         for e in slice.events.iter().filter(|e| e.position < head) {
             f(e);
