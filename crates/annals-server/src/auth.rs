@@ -397,7 +397,8 @@ impl RateLimiter {
 
 /// Paths anyone may call: liveness/readiness probes, version info and the
 /// API description.
-fn is_public(path: &str) -> bool {
+/// Paths served without authentication or rate limiting.
+pub(crate) fn is_public(path: &str) -> bool {
     matches!(path, "/health/live" | "/health/ready" | "/info" | "/openapi.json")
 }
 

@@ -41,10 +41,16 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     AppState,
     auth::{Principal, Role},
-    error::ApiError,
+    error::{ApiError, ErrorBody, ErrorOut},
     extract::{ApiJson, ApiPath, ApiQuery},
     routes::all::FilterQuery,
-    wire::EventOut,
+};
+
+mod wire;
+
+pub use wire::{
+    ConsumerOut, DeliveryOut, GroupCountsOut, GroupListOut, GroupOut, GroupStatsOut, ParkedListOut,
+    ParkedOut, PullOut, ReplayOut, SettleErrorOut, SettleOut,
 };
 
 /// Longest accepted ack timeout (a day): longer ones are almost surely a
@@ -308,7 +314,7 @@ fn validate_group(name: &str) -> Result<(), ApiError> {
 
 /// A `$all` filter in a group's settings: the names of the `GET /all`
 /// query parameters.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GroupFilter {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -347,7 +353,7 @@ impl GroupFilter {
 }
 
 /// Body of `PUT /groups/{group}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GroupIn {
     /// A stream name, or `$all`.
@@ -445,20 +451,20 @@ impl GroupSpec {
 }
 
 fn describe(group: &str, spec: &GroupSpec) -> Value {
-    let mut v = serde_json::to_value(spec).unwrap_or(Value::Null);
-    if let Some(obj) = v.as_object_mut() {
-        obj.insert("group".into(), Value::from(group));
-    }
-    v
+    serde_json::to_value(GroupOut::new(group, spec)).unwrap_or(Value::Null)
 }
 
 /// `PUT /groups/{group}`: creates and starts a group, or confirms it runs
 /// with the same settings.
 #[utoipa::path(put, path = "/groups/{group}", tag = "groups",
     params(("group" = String, Path, description = "Group name (1–200 bytes)")),
-    request_body(content = Object, description = "`{ stream, filter?, start_from?, max_retries?, ack_timeout_ms? }`"),
-    responses((status = 201, description = "Started"), (status = 200, description = "Already running with these settings"),
-        (status = 400), (status = 403), (status = 409, description = "Running with different settings")))]
+    request_body = GroupIn,
+    responses((status = 201, description = "Started", body = GroupOut),
+        (status = 200, description = "Already running with these settings", body = GroupOut),
+        (status = 400, description = "Invalid name or settings", body = ErrorOut),
+        (status = 403, description = "Role below writer on the group's target", body = ErrorOut),
+        (status = 409, description = "`group_exists`: running with different settings (`details.running`)", body = ErrorOut),
+        (status = 503, description = "`groups_disabled` on this server, or `shutting_down`", body = ErrorOut)))]
 pub async fn create(
     State(state): State<AppState>,
     principal: Principal,
@@ -481,7 +487,7 @@ pub async fn create(
     }
     if let Some(entry) = registry.running.get(&group) {
         if entry.spec == spec {
-            return Ok((StatusCode::OK, Json(describe(&group, &spec))).into_response());
+            return Ok((StatusCode::OK, Json(GroupOut::new(&group, &spec))).into_response());
         }
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -500,24 +506,30 @@ pub async fn create(
         subscription.stop().await;
         return Err(e);
     }
-    let body = describe(&group, &spec);
+    let body = GroupOut::new(&group, &spec);
     registry.running.insert(group, Entry::new(spec, subscription));
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
 /// `GET /groups`: the running groups this principal may see.
-#[utoipa::path(get, path = "/groups", tag = "groups", responses((status = 200, description = "`{ groups: [settings] }`"), (status = 403)))]
-pub async fn list(State(state): State<AppState>, principal: Principal) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(get, path = "/groups", tag = "groups",
+    responses((status = 200, description = "Running groups the caller may see", body = GroupListOut),
+        (status = 403, description = "Role below reader", body = ErrorOut),
+        (status = 503, description = "`groups_disabled` on this server", body = ErrorOut)))]
+pub async fn list(
+    State(state): State<AppState>,
+    principal: Principal,
+) -> Result<Json<GroupListOut>, ApiError> {
     principal.authorize(Role::Reader, None)?;
     enabled(&state)?;
     let registry = state.inner.groups.inner.lock().await;
-    let groups: Vec<Value> = registry
+    let groups = registry
         .running
         .iter()
         .filter(|(_, e)| e.spec.target(&principal, Role::Reader).is_ok())
-        .map(|(g, e)| describe(g, &e.spec))
+        .map(|(g, e)| GroupOut::new(g, &e.spec))
         .collect();
-    Ok(Json(json!({ "groups": groups })))
+    Ok(Json(GroupListOut { groups }))
 }
 
 /// Looks a group up and checks `principal` has `role` on its target.
@@ -538,35 +550,19 @@ async fn authorized(
 /// `GET /groups/{group}`: settings and live statistics.
 #[utoipa::path(get, path = "/groups/{group}", tag = "groups",
     params(("group" = String, Path, description = "Group name")),
-    responses((status = 200, description = "`{ group, settings, stats }`"), (status = 403), (status = 404)))]
+    responses((status = 200, description = "Settings and live figures", body = GroupStatsOut),
+        (status = 400, description = "Invalid group name", body = ErrorOut),
+        (status = 403, description = "Role below reader on the group's target", body = ErrorOut),
+        (status = 404, description = "`group_not_found`", body = ErrorOut),
+        (status = 503, description = "`groups_disabled` on this server, or `group_stopped`", body = ErrorOut)))]
 pub async fn stats(
     State(state): State<AppState>,
     principal: Principal,
     ApiPath(group): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<GroupStatsOut>, ApiError> {
     let entry = authorized(&state, &principal, &group, Role::Reader).await?;
     let s = entry.subscription.stats().await.map_err(consumer_error)?;
-    let consumers: Vec<Value> = s
-        .consumers
-        .iter()
-        .map(|c| json!({ "id": c.id, "in_flight": c.in_flight, "max_in_flight": c.max_in_flight }))
-        .collect();
-    Ok(Json(json!({
-        "group": group,
-        "settings": describe(&group, &entry.spec),
-        "stats": {
-            "consumers": consumers,
-            "in_flight": s.in_flight,
-            "waiting": s.waiting,
-            "parked": s.parked,
-            "last_checkpoint": s.last_checkpoint,
-            "lag": s.lag,
-            "delivered": s.delivered,
-            "acked": s.acked,
-            "retried": s.retried,
-            "timed_out": s.timed_out,
-        },
-    })))
+    Ok(Json(GroupStatsOut::new(group, &entry.spec, &s)))
 }
 
 /// `DELETE /groups/{group}`: stops the group (its checkpoint and dead
@@ -574,7 +570,11 @@ pub async fn stats(
 /// disconnected.
 #[utoipa::path(delete, path = "/groups/{group}", tag = "groups",
     params(("group" = String, Path, description = "Group name")),
-    responses((status = 204), (status = 403), (status = 404)))]
+    responses((status = 204, description = "Stopped and forgotten (checkpoint and parked messages stay)"),
+        (status = 400, description = "Invalid group name", body = ErrorOut),
+        (status = 403, description = "Role below writer on the group's target", body = ErrorOut),
+        (status = 404, description = "`group_not_found`", body = ErrorOut),
+        (status = 503, description = "`groups_disabled` on this server", body = ErrorOut)))]
 pub async fn delete(
     State(state): State<AppState>,
     principal: Principal,
@@ -602,44 +602,38 @@ pub async fn delete(
 /// `GET /groups/{group}/parked`: the messages parked now.
 #[utoipa::path(get, path = "/groups/{group}/parked", tag = "groups",
     params(("group" = String, Path, description = "Group name")),
-    responses((status = 200, description = "`{ group, parked: [ParkedMessage] }`"), (status = 403), (status = 404)))]
+    responses((status = 200, description = "The messages parked now", body = ParkedListOut),
+        (status = 400, description = "Invalid group name", body = ErrorOut),
+        (status = 403, description = "Role below reader on the group's target", body = ErrorOut),
+        (status = 404, description = "`group_not_found`", body = ErrorOut),
+        (status = 503, description = "`groups_disabled` on this server, or `group_stopped`", body = ErrorOut)))]
 pub async fn parked(
     State(state): State<AppState>,
     principal: Principal,
     ApiPath(group): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ParkedListOut>, ApiError> {
     let entry = authorized(&state, &principal, &group, Role::Reader).await?;
     let parked = entry.subscription.parked().await.map_err(consumer_error)?;
-    let parked: Vec<Value> = parked.iter().map(parked_json).collect();
-    Ok(Json(json!({ "group": group, "parked": parked })))
-}
-
-fn parked_json(p: &annals::consumers::ParkedMessage) -> Value {
-    json!({
-        "event_id": p.event_id,
-        "stream": p.stream.as_str(),
-        "version": p.version,
-        "position": p.position,
-        "type": p.event_type,
-        "reason": p.reason,
-        "attempts": p.attempts,
-        "parked_at": serde_json::to_value(p.parked_at).unwrap_or(Value::Null),
-    })
+    Ok(Json(ParkedListOut { group, parked: parked.iter().map(ParkedOut::from).collect() }))
 }
 
 /// `GET /groups/{group}/parked/{position}`: one parked message, by its
 /// original position.
 #[utoipa::path(get, path = "/groups/{group}/parked/{position}", tag = "groups",
     params(("group" = String, Path, description = "Group name"), ("position" = u64, Path, description = "Original position")),
-    responses((status = 200, description = "ParkedMessage"), (status = 403), (status = 404)))]
+    responses((status = 200, description = "The parked message", body = ParkedOut),
+        (status = 400, description = "Invalid group name or position", body = ErrorOut),
+        (status = 403, description = "Role below reader on the group's target", body = ErrorOut),
+        (status = 404, description = "`group_not_found` or `parked_not_found`", body = ErrorOut),
+        (status = 503, description = "`groups_disabled` on this server, or `group_stopped`", body = ErrorOut)))]
 pub async fn inspect_parked(
     State(state): State<AppState>,
     principal: Principal,
     ApiPath((group, position)): ApiPath<(String, u64)>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ParkedOut>, ApiError> {
     let entry = authorized(&state, &principal, &group, Role::Reader).await?;
     match entry.subscription.inspect_parked(position).await.map_err(consumer_error)? {
-        Some(p) => Ok(Json(parked_json(&p))),
+        Some(p) => Ok(Json(ParkedOut::from(&p))),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "parked_not_found",
@@ -648,9 +642,11 @@ pub async fn inspect_parked(
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// Body of `POST /groups/{group}/parked/replay` (optional).
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ReplayIn {
+pub struct ReplayIn {
+    /// Original positions of the messages to replay (default: all).
     #[serde(default)]
     positions: Option<Vec<u64>>,
 }
@@ -659,14 +655,19 @@ struct ReplayIn {
 /// (all, or those at `positions`).
 #[utoipa::path(post, path = "/groups/{group}/parked/replay", tag = "groups",
     params(("group" = String, Path, description = "Group name")),
-    request_body(content = Object, description = "optional `{ positions: [u64] }`"),
-    responses((status = 200, description = "`{ group, queued }`"), (status = 400), (status = 403), (status = 404)))]
+    request_body(content = Option<ReplayIn>, description = "Optional (any content type): an empty body replays every parked message"),
+    responses((status = 200, description = "Queued for delivery again", body = ReplayOut),
+        (status = 400, description = "Invalid group name or `invalid_json`", body = ErrorOut),
+        (status = 403, description = "Role below writer on the group's target", body = ErrorOut),
+        (status = 404, description = "`group_not_found`", body = ErrorOut),
+        (status = 410, description = "`original_gone`: a parked message's event is no longer readable", body = ErrorOut),
+        (status = 503, description = "`groups_disabled` on this server, or `group_stopped`", body = ErrorOut)))]
 pub async fn replay(
     State(state): State<AppState>,
     principal: Principal,
     ApiPath(group): ApiPath<String>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ReplayOut>, ApiError> {
     let entry = authorized(&state, &principal, &group, Role::Writer).await?;
     // The body is optional, so an empty one (and no content type) is fine.
     let input: ReplayIn = if body.iter().all(u8::is_ascii_whitespace) {
@@ -677,7 +678,7 @@ pub async fn replay(
         })?
     };
     let queued = entry.subscription.replay_parked(input.positions).await.map_err(consumer_error)?;
-    Ok(Json(json!({ "group": group, "queued": queued })))
+    Ok(Json(ReplayOut { group, queued }))
 }
 
 /// Query of `GET /groups/{group}/ws`.
@@ -697,7 +698,12 @@ pub struct ConsumeQuery {
 /// `nack` (see `docs/http-api.md`).
 #[utoipa::path(get, path = "/groups/{group}/ws", tag = "groups",
     params(("group" = String, Path, description = "Group name"), ConsumeQuery),
-    responses((status = 101, description = "WebSocket upgrade"), (status = 400), (status = 403), (status = 404)))]
+    responses((status = 101, description = "WebSocket upgrade; then `delivery` messages (DeliveryOut)"),
+        (status = 400, description = "Invalid group name, consumer or `max_in_flight`; not a WebSocket request", body = ErrorOut),
+        (status = 403, description = "Role below writer on the group's target", body = ErrorOut),
+        (status = 404, description = "`group_not_found`", body = ErrorOut),
+        (status = 426, description = "`upgrade_required`: the connection cannot be upgraded", body = ErrorOut),
+        (status = 503, description = "`groups_disabled` on this server", body = ErrorOut)))]
 pub async fn ws(
     State(state): State<AppState>,
     principal: Principal,
@@ -772,18 +778,9 @@ async fn on_client_message(consumer: &Consumer, raw: &str) -> Message {
     }
 }
 
-fn delivery_json(d: &Delivery) -> Value {
-    json!({
-        "type": "delivery",
-        "delivery_id": d.id,
-        "attempt": d.attempt,
-        "replay": d.replay,
-        "event": EventOut::from(&d.event),
-    })
-}
-
 fn delivery_message(d: &Delivery) -> Message {
-    text(&delivery_json(d))
+    // Serializing this struct (strings, numbers, raw JSON) cannot fail.
+    Message::Text(serde_json::to_string(&DeliveryOut::from(d)).unwrap_or_default().into())
 }
 
 fn validate_consumer(consumer: &str) -> Result<(), ApiError> {
@@ -857,13 +854,17 @@ pub struct PullQuery {
 /// `POST /groups/{group}/next`: pulls deliveries for an HTTP consumer.
 #[utoipa::path(post, path = "/groups/{group}/next", tag = "groups",
     params(("group" = String, Path, description = "Group name"), PullQuery),
-    responses((status = 200, description = "`{ group, consumer, deliveries: [delivery] }`"), (status = 400), (status = 403), (status = 404)))]
+    responses((status = 200, description = "Deliveries (possibly none)", body = PullOut),
+        (status = 400, description = "Invalid group name, consumer, `max` or `wait_ms`", body = ErrorOut),
+        (status = 403, description = "Role below writer on the group's target", body = ErrorOut),
+        (status = 404, description = "`group_not_found`", body = ErrorOut),
+        (status = 503, description = "`groups_disabled` on this server, or `group_stopped`", body = ErrorOut)))]
 pub async fn pull(
     State(state): State<AppState>,
     principal: Principal,
     ApiPath(group): ApiPath<String>,
     ApiQuery(query): ApiQuery<PullQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<PullOut>, ApiError> {
     let entry = authorized(&state, &principal, &group, Role::Writer).await?;
     validate_consumer(&query.consumer)?;
     let max = query.max.unwrap_or(10);
@@ -898,7 +899,7 @@ pub async fn pull(
             while deliveries.len() < max {
                 // Cancel-safe: a delivery not taken stays in the channel.
                 match futures::FutureExt::now_or_never(consumer.next()) {
-                    Some(Some(d)) => deliveries.push(delivery_json(&d)),
+                    Some(Some(d)) => deliveries.push(DeliveryOut::from(&d)),
                     Some(None) => return Err(consumer_error(ConsumerError::Stopped)),
                     None => break,
                 }
@@ -912,7 +913,7 @@ pub async fn pull(
         tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + Duration::from_millis(20))).await;
     }
     puller.touch();
-    Ok(Json(json!({ "group": group, "consumer": query.consumer, "deliveries": deliveries })))
+    Ok(Json(PullOut { group, consumer: query.consumer, deliveries }))
 }
 
 /// Query of the pull ack/nack endpoints.
@@ -926,13 +927,14 @@ pub struct SettleQuery {
 }
 
 /// Body of `POST /groups/{group}/ack` and `/nack`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SettleIn {
     /// Deliveries to settle.
     delivery_ids: Vec<u64>,
     /// Nack only: `retry`, `park` or `skip`.
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     action: Option<NackAction>,
     /// Nack only: recorded if the message is parked.
     #[serde(default)]
@@ -946,7 +948,7 @@ async fn settle(
     consumer: String,
     body: SettleIn,
     nack: bool,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SettleOut>, ApiError> {
     let entry = authorized(&state, &principal, &group, Role::Writer).await?;
     let action = match (nack, body.action) {
         (false, None) => None,
@@ -978,39 +980,50 @@ async fn settle(
             Ok(()) => settled.push(id),
             Err(e) => {
                 let e = consumer_error(e);
-                errors.push(json!({ "delivery_id": id, "error": { "code": e.code, "message": e.message } }));
+                errors.push(SettleErrorOut {
+                    delivery_id: id,
+                    error: ErrorBody { code: e.code, message: e.message, details: None },
+                });
             }
         }
     }
-    Ok(Json(json!({ "settled": settled, "errors": errors })))
+    Ok(Json(SettleOut { settled, errors }))
 }
 
 /// `POST /groups/{group}/ack`: acks deliveries of a pull consumer.
 #[utoipa::path(post, path = "/groups/{group}/ack", tag = "groups",
     params(("group" = String, Path, description = "Group name"), SettleQuery),
-    request_body(content = Object, description = "`{ delivery_ids: [u64] }`"),
-    responses((status = 200, description = "`{ settled: [id], errors: [{ delivery_id, error }] }`"), (status = 400), (status = 403), (status = 404)))]
+    request_body(content = SettleIn, description = "`{ delivery_ids }` (no `action` or `reason`)"),
+    responses((status = 200, description = "Settled ids, and per delivery the reason it was not", body = SettleOut),
+        (status = 400, description = "Invalid group name or consumer; `action`/`reason` misuse", body = ErrorOut),
+        (status = 403, description = "Role below writer on the group's target", body = ErrorOut),
+        (status = 404, description = "`group_not_found` or `consumer_not_found`", body = ErrorOut),
+        (status = 503, description = "`groups_disabled` on this server", body = ErrorOut)))]
 pub async fn pull_ack(
     State(state): State<AppState>,
     principal: Principal,
     ApiPath(group): ApiPath<String>,
     ApiQuery(query): ApiQuery<SettleQuery>,
     ApiJson(body): ApiJson<SettleIn>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SettleOut>, ApiError> {
     settle(state, principal, group, query.consumer, body, false).await
 }
 
 /// `POST /groups/{group}/nack`: nacks deliveries of a pull consumer.
 #[utoipa::path(post, path = "/groups/{group}/nack", tag = "groups",
     params(("group" = String, Path, description = "Group name"), SettleQuery),
-    request_body(content = Object, description = "`{ delivery_ids: [u64], action: retry|park|skip, reason? }`"),
-    responses((status = 200, description = "`{ settled: [id], errors: [{ delivery_id, error }] }`"), (status = 400), (status = 403), (status = 404)))]
+    request_body(content = SettleIn, description = "`{ delivery_ids, action: retry|park|skip, reason? }`"),
+    responses((status = 200, description = "Settled ids, and per delivery the reason it was not", body = SettleOut),
+        (status = 400, description = "Invalid group name or consumer; `action`/`reason` misuse", body = ErrorOut),
+        (status = 403, description = "Role below writer on the group's target", body = ErrorOut),
+        (status = 404, description = "`group_not_found` or `consumer_not_found`", body = ErrorOut),
+        (status = 503, description = "`groups_disabled` on this server", body = ErrorOut)))]
 pub async fn pull_nack(
     State(state): State<AppState>,
     principal: Principal,
     ApiPath(group): ApiPath<String>,
     ApiQuery(query): ApiQuery<SettleQuery>,
     ApiJson(body): ApiJson<SettleIn>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SettleOut>, ApiError> {
     settle(state, principal, group, query.consumer, body, true).await
 }

@@ -45,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     AppState,
     auth::{Principal, Role},
-    error::ApiError,
+    error::{ApiError, ErrorOut},
     extract::{ApiPath, ApiQuery},
     routes::{all::FilterQuery, readable_stream},
     serve::ConnCtl,
@@ -102,8 +102,10 @@ fn resume_from(headers: &HeaderMap, query_from: Option<&str>) -> Result<Subscrib
 /// `GET /streams/{stream}/live`: one stream as Server-Sent Events.
 #[utoipa::path(get, path = "/streams/{stream}/live", tag = "live",
     params(("stream" = String, Path, description = "Stream name"), LiveQuery),
-    responses((status = 200, content_type = "text/event-stream",
-        description = "`event: event` (id = version, data = EventOut); `event: slow_consumer` / `error` / `shutdown` end the stream")))]
+    responses((status = 200, content_type = "text/event-stream", body = String,
+            description = "`event: event` (id = version, data = EventOut); `event: slow_consumer` / `error` / `shutdown` end the stream"),
+        (status = 400, description = "Invalid stream name, `from` or `Last-Event-ID`", body = ErrorOut),
+        (status = 403, description = "Role below reader (admin for `$` streams), or outside the caller's prefixes", body = ErrorOut)))]
 pub async fn stream_sse(
     State(state): State<AppState>,
     principal: Principal,
@@ -122,8 +124,10 @@ pub async fn stream_sse(
 
 /// `GET /all/live`: the global log (filtered) as Server-Sent Events.
 #[utoipa::path(get, path = "/all/live", tag = "live", params(LiveQuery, FilterQuery),
-    responses((status = 200, content_type = "text/event-stream",
-        description = "`event: event` (id = position, data = EventOut); `event: slow_consumer` / `error` / `shutdown` end the stream")))]
+    responses((status = 200, content_type = "text/event-stream", body = String,
+            description = "`event: event` (id = position, data = EventOut); `event: slow_consumer` / `error` / `shutdown` end the stream"),
+        (status = 400, description = "Invalid `from`, `Last-Event-ID` or filter", body = ErrorOut),
+        (status = 403, description = "Role below reader (admin with `include_system`), or a prefix-restricted caller without a `stream_prefix` inside its prefixes", body = ErrorOut)))]
 pub async fn all_sse(
     State(state): State<AppState>,
     principal: Principal,
@@ -407,7 +411,10 @@ enum ClientMessage {
 /// `GET /ws`: WebSocket. The client sends one
 /// `{"type":"subscribe","stream":"<name>|$all","from":"start"|"end"|n,"filter":{…}}`
 /// and receives `subscribed`, then `event` messages.
-#[utoipa::path(get, path = "/ws", tag = "live", responses((status = 101, description = "WebSocket upgrade")))]
+#[utoipa::path(get, path = "/ws", tag = "live",
+    responses((status = 101, description = "WebSocket upgrade; access is checked per `subscribe` message"),
+        (status = 400, description = "Not a valid WebSocket handshake", body = ErrorOut),
+        (status = 426, description = "`upgrade_required`: the connection cannot be upgraded", body = ErrorOut)))]
 pub async fn ws(State(state): State<AppState>, principal: Principal, upgrade: WebSocketUpgrade) -> Response {
     upgrade
         .max_message_size(64 * 1024)

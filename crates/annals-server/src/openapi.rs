@@ -1,15 +1,29 @@
 //! The OpenAPI description served at `/openapi.json`.
+//!
+//! Each handler's `#[utoipa::path]` declares its success body and the
+//! errors it produces itself. The errors that come from the layers around
+//! every handler (authentication and rate limiting in `gate`, the body
+//! extractor, the request timeout, the panic catcher) are added here, once,
+//! by [`add_layer_responses`], which also gives every error response the
+//! one shared body schema, `ErrorOut`.
 
-use axum::Json;
+use std::sync::OnceLock;
+
+use axum::{
+    http::header,
+    response::{IntoResponse, Response},
+};
+use serde_json::{Map, Value, json};
 use utoipa::OpenApi;
 
-use crate::{groups, live, routes, wire};
+use crate::{auth, error, groups, live, routes, wire};
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "Annals HTTP API",
-        description = "Event store over HTTP/JSON, SSE and WebSocket. See docs/http-api.md."
+        description = "Event store over HTTP/JSON, SSE and WebSocket. See docs/http-api.md. \
+            Every error answer has the body `ErrorOut`: `{ \"error\": { \"code\", \"message\", \"details\"? } }`."
     ),
     paths(
         routes::streams::append,
@@ -44,21 +58,130 @@ use crate::{groups, live, routes, wire};
         groups::pull_nack,
     ),
     components(schemas(
+        error::ErrorOut,
+        error::ErrorBody,
         wire::EventIn,
         wire::EventOut,
         wire::AppendOut,
         wire::SnapshotIn,
         wire::SnapshotOut,
+        wire::SnapshotSavedOut,
+        wire::StreamPageOut,
+        wire::AllPageOut,
+        wire::LinksOut,
+        wire::DirectionOut,
+        wire::TransactionOut,
+        wire::StreamInfoOut,
+        wire::DeletionOut,
         routes::streams::TransactionIn,
         routes::streams::TransactionPart,
-        routes::ops::CheckpointIn,
         routes::streams::StreamListOut,
         routes::streams::StreamSummaryOut,
+        routes::ops::CheckpointIn,
+        routes::ops::CheckpointOut,
+        routes::ops::StatsOut,
+        routes::ops::SubscribersOut,
+        routes::ops::LiveOut,
+        routes::ops::ReadyOut,
+        routes::ops::InfoOut,
+        groups::GroupOut,
+        groups::GroupListOut,
+        groups::GroupStatsOut,
+        groups::GroupCountsOut,
+        groups::ConsumerOut,
+        groups::ParkedOut,
+        groups::ParkedListOut,
+        groups::ReplayOut,
+        groups::DeliveryOut,
+        groups::PullOut,
+        groups::SettleOut,
+        groups::SettleErrorOut,
     ))
 )]
 struct ApiDoc;
 
-/// `GET /openapi.json`.
-pub async fn serve() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+/// Routes that stay open (SSE, WebSocket): no whole-request timeout.
+const LIVE_PATHS: [&str; 4] = ["/streams/{stream}/live", "/all/live", "/ws", "/groups/{group}/ws"];
+
+const METHODS: [&str; 5] = ["get", "put", "post", "delete", "patch"];
+
+/// The document as JSON, with the layers' responses added.
+pub fn document() -> Value {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_else(|_| json!({}));
+    add_layer_responses(&mut doc);
+    doc
+}
+
+/// Adds to every operation the errors of the layers it passes through
+/// (when the handler did not already describe that status), and gives
+/// every 4xx/5xx response the `ErrorOut` body.
+fn add_layer_responses(doc: &mut Value) {
+    let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else { return };
+    for (path, item) in paths.iter_mut() {
+        let public = auth::is_public(path);
+        let live = LIVE_PATHS.contains(&path.as_str());
+        let Some(item) = item.as_object_mut() else { continue };
+        for method in METHODS {
+            let Some(op) = item.get_mut(method).and_then(Value::as_object_mut) else { continue };
+            let has_body = op.contains_key("requestBody");
+            // Required bodies go through `ApiJson`, which checks the media
+            // type; the one optional body is read as bytes.
+            let json_body = op
+                .get("requestBody")
+                .and_then(|b| b.get("required"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            let has_query = op
+                .get("parameters")
+                .and_then(Value::as_array)
+                .is_some_and(|ps| ps.iter().any(|p| p.get("in").and_then(Value::as_str) == Some("query")));
+            let responses = op.entry("responses").or_insert_with(|| json!({}));
+            let Some(responses) = responses.as_object_mut() else { continue };
+            let mut add = |status: &str, description: &str| {
+                responses.entry(status.to_owned()).or_insert_with(|| json!({ "description": description }));
+            };
+            if has_query {
+                add("400", "`invalid_query`: a query parameter is malformed or unknown");
+            }
+            if has_body {
+                add("400", "`invalid_json`: the body is not valid JSON of the expected shape");
+                add("413", "`payload_too_large`: the body is larger than `limits.max_body_bytes`");
+            }
+            if json_body {
+                add("415", "`unsupported_media_type`: send `Content-Type: application/json`");
+            }
+            if !public {
+                add("401", "`unauthenticated`: missing, invalid or expired credentials");
+                add("429", "`rate_limited` (only with `rate_limit` configured); see `Retry-After`");
+            }
+            if !live {
+                add(
+                    "503",
+                    "`timeout` (over `timeouts.request_secs`) or the store is unavailable \
+                     (`store_closed`, `store_poisoned`, `io_error`, `backend_error`)",
+                );
+            }
+            add("500", "`internal` (a bug, logged) or `corrupt` (the store found damaged data)");
+            for (status, response) in responses.iter_mut() {
+                let is_error = status.starts_with('4') || status.starts_with('5');
+                if let (true, Some(response)) = (is_error, response.as_object_mut()) {
+                    response.entry("content").or_insert_with(error_content);
+                }
+            }
+        }
+    }
+}
+
+fn error_content() -> Value {
+    let mut content = Map::new();
+    content
+        .insert("application/json".into(), json!({ "schema": { "$ref": "#/components/schemas/ErrorOut" } }));
+    Value::Object(content)
+}
+
+/// `GET /openapi.json` (built once per process).
+pub async fn serve() -> Response {
+    static DOC: OnceLock<bytes::Bytes> = OnceLock::new();
+    let body = DOC.get_or_init(|| serde_json::to_vec(&document()).unwrap_or_default().into());
+    ([(header::CONTENT_TYPE, "application/json")], body.clone()).into_response()
 }

@@ -26,7 +26,7 @@ pub struct EventIn {
     /// Any JSON value for JSON events (default `{}`); a base64 string for
     /// binary events.
     #[serde(default)]
-    #[schema(value_type = Object)]
+    #[schema(value_type = Value)]
     pub data: Option<Box<RawValue>>,
     /// A JSON object.
     #[serde(default)]
@@ -100,7 +100,7 @@ pub struct EventOut {
     /// MIME type of `data`.
     pub content_type: &'static str,
     /// JSON value for JSON events; base64 string for binary ones.
-    #[schema(value_type = Object)]
+    #[schema(value_type = Value)]
     pub data: Box<RawValue>,
     /// Metadata object.
     #[schema(value_type = Object)]
@@ -178,6 +178,142 @@ impl AppendOut {
     }
 }
 
+/// Which way a page was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DirectionOut {
+    /// Oldest first.
+    Forward,
+    /// Newest first.
+    Backward,
+}
+
+impl DirectionOut {
+    /// The query value (`forward`, `backward`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DirectionOut::Forward => "forward",
+            DirectionOut::Backward => "backward",
+        }
+    }
+}
+
+impl From<annals_core::Direction> for DirectionOut {
+    fn from(d: annals_core::Direction) -> Self {
+        match d {
+            annals_core::Direction::Forward => DirectionOut::Forward,
+            annals_core::Direction::Backward => DirectionOut::Backward,
+        }
+    }
+}
+
+/// Links of a page.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LinksOut {
+    /// The next page in the same direction; `null` on the last page.
+    pub next: Option<String>,
+}
+
+/// The body of `GET /streams/{stream}`: a page of one stream.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StreamPageOut {
+    /// The stream read.
+    pub stream: String,
+    /// The direction read.
+    pub direction: DirectionOut,
+    /// The events, in `direction` order.
+    pub events: Vec<EventOut>,
+    /// Version to pass as `from` for the next page; `null` on the last page.
+    pub next: Option<u64>,
+    /// The next page's URL.
+    pub links: LinksOut,
+}
+
+/// The body of `GET /all`: a page of the global log.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct AllPageOut {
+    /// The direction read.
+    pub direction: DirectionOut,
+    /// The matching events, in `direction` order.
+    pub events: Vec<EventOut>,
+    /// Position to pass as `from` for the next page (inclusive): forward,
+    /// always set (the head when the read reached the end); backward,
+    /// `null` when the read reached position 0.
+    pub next: Option<u64>,
+    /// The log's next position when the page was read.
+    pub head: u64,
+    /// The next page's URL.
+    pub links: LinksOut,
+}
+
+/// The body of `POST /transactions`.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TransactionOut {
+    /// One result per part, in the order given.
+    pub results: Vec<AppendOut>,
+}
+
+/// Whether and how a stream was deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DeletionOut {
+    /// Not deleted.
+    Live,
+    /// Soft-deleted: reads as not found; can be recreated.
+    Deleted,
+    /// Hard-deleted: can never be written again.
+    Tombstoned,
+}
+
+impl From<annals_core::DeletionState> for DeletionOut {
+    fn from(d: annals_core::DeletionState) -> Self {
+        match d {
+            annals_core::DeletionState::Live => DeletionOut::Live,
+            annals_core::DeletionState::Deleted => DeletionOut::Deleted,
+            annals_core::DeletionState::Tombstoned => DeletionOut::Tombstoned,
+        }
+    }
+}
+
+/// The body of `GET /streams/{stream}/info`.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StreamInfoOut {
+    /// The stream.
+    pub stream: String,
+    /// Whether it has readable events (written and not deleted).
+    pub exists: bool,
+    /// Version of its last event ever written (also after a soft delete).
+    pub last_version: Option<u64>,
+    /// Position of its last event.
+    pub last_position: Option<u64>,
+    /// Versions below this are not readable (set by a soft delete).
+    pub truncate_before: u64,
+    /// Deletion state.
+    pub deletion: DeletionOut,
+}
+
+impl From<annals_core::StreamInfo> for StreamInfoOut {
+    fn from(i: annals_core::StreamInfo) -> Self {
+        StreamInfoOut {
+            stream: i.stream.as_str().to_owned(),
+            exists: i.exists,
+            last_version: i.last_version,
+            last_position: i.last_position,
+            truncate_before: i.truncate_before,
+            deletion: i.deletion.into(),
+        }
+    }
+}
+
+/// The body of `PUT /streams/{stream}/snapshot` (201).
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SnapshotSavedOut {
+    /// The stream.
+    pub stream: String,
+    /// The version the snapshot includes.
+    pub version: u64,
+}
+
 /// A snapshot as the API returns it.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SnapshotOut {
@@ -190,7 +326,7 @@ pub struct SnapshotOut {
     /// `json` or `base64` (how `data` is encoded).
     pub encoding: &'static str,
     /// The state.
-    #[schema(value_type = Object)]
+    #[schema(value_type = Value)]
     pub data: Box<RawValue>,
     /// When it was saved (RFC 3339).
     pub created_at: String,
@@ -223,7 +359,7 @@ pub struct SnapshotIn {
     #[serde(default = "one")]
     pub schema_version: u32,
     /// The state, any JSON value.
-    #[schema(value_type = Object)]
+    #[schema(value_type = Value)]
     pub data: Box<RawValue>,
 }
 

@@ -3,15 +3,14 @@
 use annals_core::{Direction, Filter, ReadAll, ReadFrom, TypeMatch};
 use axum::{Json, extract::State};
 use serde::Deserialize;
-use serde_json::{Value, json};
 
 use super::{enc, parse_from, streams::page_limit};
 use crate::{
     AppState,
     auth::{Principal, Role},
-    error::ApiError,
+    error::{ApiError, ErrorOut},
     extract::ApiQuery,
-    wire::{EventOut, parse_time},
+    wire::{AllPageOut, DirectionOut, EventOut, LinksOut, parse_time},
 };
 
 /// Filter parameters shared by `GET /all` and `GET /all/live`.
@@ -132,12 +131,14 @@ pub struct AllQuery {
 
 /// `GET /all`: reads a page of the global log.
 #[utoipa::path(get, path = "/all", tag = "all", params(AllQuery, FilterQuery),
-    responses((status = 200, description = "`{ direction, events: [EventOut], next, head, links }`"), (status = 400), (status = 403)))]
+    responses((status = 200, description = "A page of `$all`", body = AllPageOut),
+        (status = 400, description = "Invalid `from`, time or `include_system`; `invalid_query`", body = ErrorOut),
+        (status = 403, description = "Role below reader (admin with `include_system`), or a prefix-restricted caller without a `stream_prefix` inside its prefixes", body = ErrorOut)))]
 pub async fn read_all(
     State(state): State<AppState>,
     principal: Principal,
     ApiQuery(query): ApiQuery<AllQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AllPageOut>, ApiError> {
     let filter = query.filter.to_filter()?;
     query.filter.authorize(&principal, &filter)?;
     let direction = query.direction.unwrap_or_default();
@@ -148,19 +149,15 @@ pub async fn read_all(
     });
     let slice = state.inner.store.read_all(ReadAll { from, direction, limit, filter }).await?;
     let head = state.inner.store.next_position().await?;
-    let dir = match direction {
-        Direction::Forward => "forward",
-        Direction::Backward => "backward",
-    };
-    let link = slice
-        .next
-        .map(|n| format!("/all?from={n}&direction={dir}&limit={limit}{}", query.filter.query_string()));
-    let events: Vec<EventOut> = slice.events.iter().map(EventOut::from).collect();
-    Ok(Json(json!({
-        "direction": dir,
-        "events": events,
-        "next": slice.next,
-        "head": head,
-        "links": { "next": link },
-    })))
+    let dir = DirectionOut::from(direction);
+    let link = slice.next.map(|n| {
+        format!("/all?from={n}&direction={}&limit={limit}{}", dir.as_str(), query.filter.query_string())
+    });
+    Ok(Json(AllPageOut {
+        direction: dir,
+        events: slice.events.iter().map(EventOut::from).collect(),
+        next: slice.next,
+        head,
+        links: LinksOut { next: link },
+    }))
 }

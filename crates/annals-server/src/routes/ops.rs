@@ -10,7 +10,6 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use super::streams::scan_all;
@@ -22,16 +21,35 @@ use crate::{
     wire::format_rfc3339,
 };
 
+/// The body of `GET /health/live`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LiveOut {
+    /// Always `ok`.
+    pub status: &'static str,
+}
+
+/// The body of `GET /health/ready` (200).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReadyOut {
+    /// Always `ok`.
+    pub status: &'static str,
+    /// The log's next position.
+    pub head: u64,
+}
+
 /// `GET /health/live`: the process is up.
-#[utoipa::path(get, path = "/health/live", tag = "ops", responses((status = 200)))]
-pub async fn live() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+#[utoipa::path(get, path = "/health/live", tag = "ops",
+    responses((status = 200, description = "The process is up", body = LiveOut)))]
+pub async fn live() -> Json<LiveOut> {
+    Json(LiveOut { status: "ok" })
 }
 
 /// `GET /health/ready`: the server is not shutting down, its last append
 /// did not fail on the store side, the store reports itself healthy
 /// (`Appender::health`: e.g. the log is not poisoned) and answers reads.
-#[utoipa::path(get, path = "/health/ready", tag = "ops", responses((status = 200), (status = 503)))]
+#[utoipa::path(get, path = "/health/ready", tag = "ops",
+    responses((status = 200, description = "Ready to take requests", body = ReadyOut),
+        (status = 503, description = "`shutting_down`, `store_not_writable`, or the store's own error", body = ErrorOut)))]
 pub async fn ready(State(state): State<AppState>) -> Response {
     if state.inner.shutdown.is_cancelled() {
         return ApiError::new(
@@ -57,7 +75,7 @@ pub async fn ready(State(state): State<AppState>) -> Response {
         return err.into_response();
     }
     match state.inner.store.next_position().await {
-        Ok(head) => Json(json!({ "status": "ok", "head": head })).into_response(),
+        Ok(head) => Json(ReadyOut { status: "ok", head }).into_response(),
         Err(e) => {
             let mut err = ApiError::from(e);
             err.status = StatusCode::SERVICE_UNAVAILABLE;
@@ -67,7 +85,10 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 }
 
 /// `GET /metrics`: Prometheus text format.
-#[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, content_type = "text/plain")))]
+#[utoipa::path(get, path = "/metrics", tag = "ops",
+    responses((status = 200, description = "Prometheus / OpenMetrics text exposition", body = String,
+            content_type = "application/openmetrics-text"),
+        (status = 403, description = "Role below reader", body = ErrorOut)))]
 pub async fn metrics(State(state): State<AppState>, principal: Principal) -> Result<Response, ApiError> {
     principal.authorize(Role::Reader, None)?;
     Ok((
@@ -121,8 +142,8 @@ pub struct StatsOut {
 /// bounded by `limits.max_scan_events`, and `complete` says whether it
 /// reached the end.
 #[utoipa::path(get, path = "/stats", tag = "ops",
-    responses((status = 200, body = StatsOut), (status = 401, body = ErrorOut), (status = 403, body = ErrorOut),
-        (status = 429, body = ErrorOut), (status = 503, body = ErrorOut)))]
+    responses((status = 200, description = "Counts and sizes", body = StatsOut),
+        (status = 403, description = "Role below reader", body = ErrorOut)))]
 pub async fn stats(State(state): State<AppState>, principal: Principal) -> Result<Json<StatsOut>, ApiError> {
     principal.authorize(Role::Reader, None)?;
     let events = state.inner.store.next_position().await?;
@@ -180,17 +201,35 @@ pub async fn stats(State(state): State<AppState>, principal: Principal) -> Resul
     }))
 }
 
+/// The body of `GET /info`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InfoOut {
+    /// Always `annals`.
+    pub name: &'static str,
+    /// The server's version.
+    pub version: &'static str,
+    /// The backend served: `memory`, `log` or `postgres`.
+    pub backend: String,
+    /// When this process started (RFC 3339).
+    pub started_at: String,
+    /// Seconds since it started.
+    pub uptime_secs: u64,
+    /// Whether it serves TLS.
+    pub tls: bool,
+}
+
 /// `GET /info`: version, backend, uptime.
-#[utoipa::path(get, path = "/info", tag = "ops", responses((status = 200)))]
-pub async fn info(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({
-        "name": "annals",
-        "version": env!("CARGO_PKG_VERSION"),
-        "backend": state.inner.backend,
-        "started_at": format_rfc3339(state.inner.started_at),
-        "uptime_secs": state.inner.started.elapsed().as_secs(),
-        "tls": state.inner.config.tls.is_some(),
-    }))
+#[utoipa::path(get, path = "/info", tag = "ops",
+    responses((status = 200, description = "About this server", body = InfoOut)))]
+pub async fn info(State(state): State<AppState>) -> Json<InfoOut> {
+    Json(InfoOut {
+        name: "annals",
+        version: env!("CARGO_PKG_VERSION"),
+        backend: state.inner.backend.clone(),
+        started_at: format_rfc3339(state.inner.started_at),
+        uptime_secs: state.inner.started.elapsed().as_secs(),
+        tls: state.inner.config.tls.is_some(),
+    })
 }
 
 /// Body of `PUT /checkpoints/{name}`.
@@ -204,7 +243,9 @@ pub struct CheckpointIn {
 /// `PUT /checkpoints/{name}`.
 #[utoipa::path(put, path = "/checkpoints/{name}", tag = "checkpoints",
     params(("name" = String, Path, description = "Checkpoint name")), request_body = CheckpointIn,
-    responses((status = 204)))]
+    responses((status = 204, description = "Saved"),
+        (status = 400, description = "Invalid name (1–256 bytes, no control characters) or body", body = ErrorOut),
+        (status = 403, description = "Role below writer", body = ErrorOut)))]
 pub async fn save_checkpoint(
     State(state): State<AppState>,
     principal: Principal,
@@ -217,19 +258,31 @@ pub async fn save_checkpoint(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The body of `GET /checkpoints/{name}`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CheckpointOut {
+    /// The checkpoint's name.
+    pub name: String,
+    /// The stored position.
+    pub position: u64,
+}
+
 /// `GET /checkpoints/{name}`.
 #[utoipa::path(get, path = "/checkpoints/{name}", tag = "checkpoints",
     params(("name" = String, Path, description = "Checkpoint name")),
-    responses((status = 200, description = "`{ name, position }`"), (status = 404)))]
+    responses((status = 200, description = "The stored position", body = CheckpointOut),
+        (status = 400, description = "Invalid name", body = ErrorOut),
+        (status = 403, description = "Role below reader", body = ErrorOut),
+        (status = 404, description = "`checkpoint_not_found`", body = ErrorOut)))]
 pub async fn load_checkpoint(
     State(state): State<AppState>,
     principal: Principal,
     ApiPath(name): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CheckpointOut>, ApiError> {
     principal.authorize(Role::Reader, None)?;
     validate_checkpoint_name(&name)?;
     match state.inner.store.load_checkpoint(&name).await? {
-        Some(p) => Ok(Json(json!({ "name": name, "position": p }))),
+        Some(position) => Ok(Json(CheckpointOut { name, position })),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "checkpoint_not_found",

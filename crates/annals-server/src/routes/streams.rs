@@ -14,15 +14,18 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::{correlation_id, enc, parse_from, readable_stream, user_stream};
 use crate::{
     AppState,
     auth::{Principal, Role},
-    error::ApiError,
+    error::{ApiError, ErrorOut},
     extract::{ApiJson, ApiPath, ApiQuery},
-    wire::{AppendOut, EventIn, EventOut, SnapshotIn, SnapshotOut, expected_from_json, parse_expected},
+    wire::{
+        AppendOut, DeletionOut, DirectionOut, EventIn, EventOut, LinksOut, SnapshotIn, SnapshotOut,
+        SnapshotSavedOut, StreamInfoOut, StreamPageOut, TransactionOut, expected_from_json, parse_expected,
+    },
 };
 
 /// Header carrying the expected version of an append or delete.
@@ -74,7 +77,12 @@ fn convert_events(events: Vec<EventIn>, headers: &HeaderMap) -> Result<Vec<Event
     params(("stream" = String, Path, description = "Stream name"), WriteQuery,
         ("ES-ExpectedVersion" = Option<String>, Header, description = "any | no_stream | stream_exists | <version>")),
     request_body = Vec<EventIn>,
-    responses((status = 201, body = AppendOut), (status = 400), (status = 401), (status = 403), (status = 409), (status = 410), (status = 413)))]
+    responses((status = 201, description = "Written (or an idempotent re-send of the stream's last events)", body = AppendOut),
+        (status = 400, description = "Invalid stream name, expected version or event", body = ErrorOut),
+        (status = 403, description = "Role below writer, or the stream is outside the caller's prefixes", body = ErrorOut),
+        (status = 409, description = "`wrong_expected_version`, with `details: { stream, expected, actual }`", body = ErrorOut),
+        (status = 410, description = "`stream_deleted`: the stream is tombstoned", body = ErrorOut),
+        (status = 413, description = "`limit_exceeded` (event size, events per append) or body too large", body = ErrorOut)))]
 pub async fn append(
     State(state): State<AppState>,
     principal: Principal,
@@ -109,9 +117,10 @@ pub async fn append(
 pub struct TransactionPart {
     /// Target stream.
     pub stream: String,
-    /// Expected version (default any).
+    /// Expected version (default any): `"any"`, `"no_stream"`,
+    /// `"stream_exists"` or a version number.
     #[serde(default)]
-    #[schema(value_type = Object)]
+    #[schema(value_type = Value)]
     pub expected: Value,
     /// Events for this stream.
     pub events: Vec<EventIn>,
@@ -127,7 +136,12 @@ pub struct TransactionIn {
 
 /// `POST /transactions`: atomic multi-stream append.
 #[utoipa::path(post, path = "/transactions", tag = "streams", request_body = TransactionIn,
-    responses((status = 201, description = "`{ results: [AppendOut] }` in the order given"), (status = 409), (status = 400)))]
+    responses((status = 201, description = "Every part written, results in the order given", body = TransactionOut),
+        (status = 400, description = "Invalid stream name, expected version or event; no parts; a stream twice", body = ErrorOut),
+        (status = 403, description = "Role below writer, or a stream outside the caller's prefixes", body = ErrorOut),
+        (status = 409, description = "`wrong_expected_version` of one part; nothing written", body = ErrorOut),
+        (status = 410, description = "`stream_deleted`: a part's stream is tombstoned", body = ErrorOut),
+        (status = 413, description = "`limit_exceeded` or body too large", body = ErrorOut)))]
 pub async fn transaction(
     State(state): State<AppState>,
     principal: Principal,
@@ -155,7 +169,7 @@ pub async fn transaction(
             state.inner.metrics.record_append(count, bytes, started.elapsed().as_secs_f64());
             let results: Vec<AppendOut> =
                 names.iter().zip(results).map(|(n, r)| AppendOut::new(n, r)).collect();
-            Ok((StatusCode::CREATED, Json(json!({ "results": results }))).into_response())
+            Ok((StatusCode::CREATED, Json(TransactionOut { results })).into_response())
         }
         Err(e) => {
             state.inner.metrics.record_append_error(&e);
@@ -189,13 +203,17 @@ pub fn page_limit(state: &AppState, limit: Option<usize>) -> usize {
 /// `GET /streams/{stream}`: reads a page of one stream.
 #[utoipa::path(get, path = "/streams/{stream}", tag = "streams",
     params(("stream" = String, Path, description = "Stream name"), ReadQuery),
-    responses((status = 200, description = "`{ stream, direction, events: [EventOut], next, links }`"), (status = 404), (status = 410)))]
+    responses((status = 200, description = "A page of the stream", body = StreamPageOut),
+        (status = 400, description = "Invalid stream name or `from`", body = ErrorOut),
+        (status = 403, description = "Role below reader (admin for `$` streams), or outside the caller's prefixes", body = ErrorOut),
+        (status = 404, description = "`stream_not_found`: never written or soft-deleted", body = ErrorOut),
+        (status = 410, description = "`stream_deleted`: tombstoned", body = ErrorOut)))]
 pub async fn read(
     State(state): State<AppState>,
     principal: Principal,
     ApiPath(stream): ApiPath<String>,
     ApiQuery(query): ApiQuery<ReadQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<StreamPageOut>, ApiError> {
     let stream = readable_stream(&stream)?;
     let needed = if stream.is_system() { Role::Admin } else { Role::Reader };
     principal.authorize(needed, Some(stream.as_str()))?;
@@ -213,41 +231,45 @@ pub async fn read(
         }
         _ => None,
     };
-    let dir = match direction {
-        Direction::Forward => "forward",
-        Direction::Backward => "backward",
-    };
-    let link =
-        next.map(|n| format!("/streams/{}?from={n}&direction={dir}&limit={limit}", enc(stream.as_str())));
-    let events: Vec<EventOut> = events.iter().map(EventOut::from).collect();
-    Ok(Json(json!({
-        "stream": stream.as_str(),
-        "direction": dir,
-        "events": events,
-        "next": next,
-        "links": { "next": link },
-    })))
+    let dir = DirectionOut::from(direction);
+    let link = next.map(|n| {
+        format!("/streams/{}?from={n}&direction={}&limit={limit}", enc(stream.as_str()), dir.as_str())
+    });
+    Ok(Json(StreamPageOut {
+        stream: stream.as_str().to_owned(),
+        direction: dir,
+        events: events.iter().map(EventOut::from).collect(),
+        next,
+        links: LinksOut { next: link },
+    }))
 }
 
 /// `GET /streams/{stream}/info`.
 #[utoipa::path(get, path = "/streams/{stream}/info", tag = "streams",
     params(("stream" = String, Path, description = "Stream name")),
-    responses((status = 200, description = "StreamInfo: { stream, exists, last_version, last_position, truncate_before, deletion }")))]
+    responses((status = 200, description = "What the store knows about the stream (also for a stream never written)", body = StreamInfoOut),
+        (status = 400, description = "Invalid stream name", body = ErrorOut),
+        (status = 403, description = "Role below reader (admin for `$` streams), or outside the caller's prefixes", body = ErrorOut)))]
 pub async fn info(
     State(state): State<AppState>,
     principal: Principal,
     ApiPath(stream): ApiPath<String>,
-) -> Result<Json<annals_core::StreamInfo>, ApiError> {
+) -> Result<Json<StreamInfoOut>, ApiError> {
     let stream = readable_stream(&stream)?;
     let needed = if stream.is_system() { Role::Admin } else { Role::Reader };
     principal.authorize(needed, Some(stream.as_str()))?;
-    Ok(Json(state.inner.store.stream_info(&stream).await?))
+    Ok(Json(state.inner.store.stream_info(&stream).await?.into()))
 }
 
 /// `DELETE /streams/{stream}`: soft delete, or tombstone with `?hard=true`.
 #[utoipa::path(delete, path = "/streams/{stream}", tag = "streams",
     params(("stream" = String, Path, description = "Stream name"), WriteQuery),
-    responses((status = 204), (status = 404), (status = 409), (status = 410)))]
+    responses((status = 204, description = "Deleted (soft) or tombstoned (`hard=true`)"),
+        (status = 400, description = "Invalid stream name or expected version", body = ErrorOut),
+        (status = 403, description = "Role below admin, or outside the caller's prefixes", body = ErrorOut),
+        (status = 404, description = "`stream_not_found`: soft delete of a stream that does not exist", body = ErrorOut),
+        (status = 409, description = "`wrong_expected_version`", body = ErrorOut),
+        (status = 410, description = "`stream_deleted`: already tombstoned", body = ErrorOut)))]
 pub async fn delete(
     State(state): State<AppState>,
     principal: Principal,
@@ -266,7 +288,9 @@ pub async fn delete(
 /// `PUT /streams/{stream}/snapshot`: saves a snapshot.
 #[utoipa::path(put, path = "/streams/{stream}/snapshot", tag = "snapshots",
     params(("stream" = String, Path, description = "Stream name")), request_body = SnapshotIn,
-    responses((status = 201)))]
+    responses((status = 201, description = "Saved (replacing one at the same version)", body = SnapshotSavedOut),
+        (status = 400, description = "Invalid stream name or body", body = ErrorOut),
+        (status = 403, description = "Role below writer, or outside the caller's prefixes", body = ErrorOut)))]
 pub async fn save_snapshot(
     State(state): State<AppState>,
     principal: Principal,
@@ -283,7 +307,10 @@ pub async fn save_snapshot(
         created_at: Timestamp::now(),
     };
     state.inner.store.save_snapshot(snapshot).await?;
-    Ok((StatusCode::CREATED, Json(json!({ "stream": stream.as_str(), "version": body.version })))
+    Ok((
+        StatusCode::CREATED,
+        Json(SnapshotSavedOut { stream: stream.as_str().to_owned(), version: body.version }),
+    )
         .into_response())
 }
 
@@ -302,7 +329,10 @@ pub struct SnapshotQuery {
 /// `?version=`).
 #[utoipa::path(get, path = "/streams/{stream}/snapshot", tag = "snapshots",
     params(("stream" = String, Path, description = "Stream name"), SnapshotQuery),
-    responses((status = 200, body = SnapshotOut), (status = 404)))]
+    responses((status = 200, description = "The newest snapshot at or before `version`", body = SnapshotOut),
+        (status = 400, description = "Invalid stream name or query", body = ErrorOut),
+        (status = 403, description = "Role below reader, or outside the caller's prefixes", body = ErrorOut),
+        (status = 404, description = "`snapshot_not_found`", body = ErrorOut)))]
 pub async fn load_snapshot(
     State(state): State<AppState>,
     principal: Principal,
@@ -384,7 +414,9 @@ pub const MAX_LIST_LIMIT: usize = 10_000;
 /// `GET /streams`: lists streams in name order, one page at a time, from
 /// the store's stream index (`AllReader::list_streams`).
 #[utoipa::path(get, path = "/streams", tag = "streams", params(ListQuery),
-    responses((status = 200, body = StreamListOut), (status = 400), (status = 401)))]
+    responses((status = 200, description = "A page of streams the caller may see, in name order", body = StreamListOut),
+        (status = 400, description = "`invalid_query`", body = ErrorOut),
+        (status = 403, description = "Role below reader", body = ErrorOut)))]
 pub async fn list(
     State(state): State<AppState>,
     principal: Principal,
@@ -438,8 +470,7 @@ pub struct StreamSummaryOut {
     /// Whether it reads (not deleted).
     pub exists: bool,
     /// `live`, `deleted` (soft) or `tombstoned`.
-    #[schema(value_type = String)]
-    pub deletion: annals_core::DeletionState,
+    pub deletion: DeletionOut,
 }
 
 impl From<annals_core::StreamInfo> for StreamSummaryOut {
@@ -450,7 +481,7 @@ impl From<annals_core::StreamInfo> for StreamSummaryOut {
             last_version: i.last_version,
             last_position: i.last_position,
             exists: i.exists,
-            deletion: i.deletion,
+            deletion: i.deletion.into(),
         }
     }
 }
