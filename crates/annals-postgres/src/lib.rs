@@ -100,6 +100,8 @@ pub(crate) struct Inner {
     /// How long a subscription keeps retrying reads through a database
     /// outage before it ends with the error.
     subscription_retry: Duration,
+    /// See [`PgStoreBuilder::stats_timeout`].
+    stats_timeout: Duration,
     /// Appends waiting for a committer task (see `append`); the committers
     /// end when this sender is dropped with the store.
     queue: tokio::sync::mpsc::Sender<append::Request>,
@@ -118,6 +120,7 @@ pub struct PgStoreBuilder {
     pool_wait_timeout: Duration,
     poll_interval: Duration,
     subscription_retry: Duration,
+    stats_timeout: Duration,
     limits: Limits,
 }
 
@@ -159,6 +162,15 @@ impl PgStoreBuilder {
     /// connection before it ends with the error (default 60 s).
     pub fn subscription_retry(mut self, limit: Duration) -> Self {
         self.subscription_retry = limit;
+        self
+    }
+
+    /// How long [`annals_core::AllReader::store_stats`] may spend counting
+    /// events by type (one aggregate over the whole events table) before it
+    /// reports the counts as unknown (default 5 s). `/stats` then falls back
+    /// to its bounded scan and says it is incomplete.
+    pub fn stats_timeout(mut self, limit: Duration) -> Self {
+        self.stats_timeout = limit.max(Duration::from_millis(1));
         self
     }
 
@@ -251,6 +263,7 @@ impl PgStoreBuilder {
                 head,
                 listener: stats,
                 subscription_retry: self.subscription_retry,
+                stats_timeout: self.stats_timeout,
                 _listener_guard: cancel.drop_guard(),
             }),
         })
@@ -287,6 +300,7 @@ impl PgStore {
             pool_wait_timeout: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
             subscription_retry: Duration::from_secs(60),
+            stats_timeout: Duration::from_secs(5),
             limits: Limits::default(),
         }
     }

@@ -7,7 +7,7 @@ use annals_core::{
     StoreStats, StreamInfo, StreamName, StreamState,
 };
 
-use tokio_postgres::types::ToSql;
+use tokio_postgres::{error::SqlState, types::ToSql};
 
 use crate::{
     Inner, PgError,
@@ -67,21 +67,55 @@ impl Inner {
     }
 
     /// Counts by type (one aggregate, O(events): see the statement) and the
-    /// size of the schema's tables.
+    /// size of the schema's tables, in one read-only snapshot.
+    ///
+    /// The aggregate may run at most `stats_timeout`: on a store too
+    /// big to count in that time the counts are reported as unknown
+    /// (`/stats` then falls back to its bounded scan and says it is
+    /// incomplete) instead of keeping a connection and a core of the
+    /// database busy for every poll of a dashboard.
     pub(crate) async fn store_stats(&self) -> Result<StoreStats> {
-        let client = self.client().await?;
-        let stmt = client.prepare_cached(&self.sql.events_by_type).await.map_err(db)?;
-        let rows = client.query(&stmt, &[]).await.map_err(db)?;
-        let mut counts = BTreeMap::new();
-        for row in &rows {
-            let event_type: String = row.try_get(0).map_err(db)?;
-            let n: i64 = row.try_get(1).map_err(db)?;
-            counts.insert(event_type, to_u64(n, "count")?);
+        let mut client = self.client().await?;
+        let mut tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(db)?;
+        let timeout_ms = self.stats_timeout.as_millis().clamp(1, i32::MAX as u128);
+        tx.batch_execute(&format!("SET LOCAL statement_timeout = {timeout_ms}")).await.map_err(db)?;
+        // Prepared here, under the timeout: parsing takes the tables' locks
+        // too, and would wait without one behind a lock held elsewhere.
+        let counts = within_timeout(&mut tx, &self.sql.events_by_type, &[], timeout_ms).await?;
+        let counts = match counts {
+            Some(rows) => {
+                let mut counts = BTreeMap::new();
+                for row in &rows {
+                    let event_type: String = row.try_get(0).map_err(db)?;
+                    let n: i64 = row.try_get(1).map_err(db)?;
+                    counts.insert(event_type, to_u64(n, "count")?);
+                }
+                Some(counts)
+            }
+            None => None,
+        };
+        let bytes = match within_timeout(&mut tx, &self.sql.disk_bytes, &[&self.schema], timeout_ms).await? {
+            Some(rows) => match rows.first() {
+                Some(row) => Some(to_u64(row.try_get::<_, i64>(0).map_err(db)?, "disk_bytes")?),
+                None => None,
+            },
+            None => None,
+        };
+        tx.commit().await.map_err(db)?;
+        let mut stats = StoreStats::unknown();
+        if let Some(counts) = counts {
+            stats = stats.with_events_by_type(counts);
         }
-        let stmt = client.prepare_cached(&self.sql.disk_bytes).await.map_err(db)?;
-        let bytes: i64 =
-            client.query_one(&stmt, &[&self.schema]).await.map_err(db)?.try_get(0).map_err(db)?;
-        Ok(StoreStats::unknown().with_events_by_type(counts).with_disk_bytes(to_u64(bytes, "disk_bytes")?))
+        if let Some(bytes) = bytes {
+            stats = stats.with_disk_bytes(bytes);
+        }
+        Ok(stats)
     }
 
     /// Whether a pooled connection answers a trivial query.
@@ -228,5 +262,35 @@ impl Inner {
         let next = to_u64(next, "next_position")?;
         bump(&self.head, next);
         Ok(next)
+    }
+}
+
+/// Runs `sql` under a savepoint of `tx`; `None` when the transaction's
+/// `statement_timeout` cancelled it (the transaction stays usable).
+async fn within_timeout(
+    tx: &mut tokio_postgres::Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+    timeout_ms: u128,
+) -> Result<Option<Vec<tokio_postgres::Row>>> {
+    let sp = tx.savepoint("within_timeout").await.map_err(db)?;
+    let rows = match sp.prepare(sql).await {
+        Ok(stmt) => sp.query(&stmt, params).await,
+        Err(e) => Err(e),
+    };
+    match rows {
+        Ok(rows) => {
+            sp.commit().await.map_err(db)?;
+            Ok(Some(rows))
+        }
+        Err(e) if e.code() == Some(&SqlState::QUERY_CANCELED) => {
+            tracing::warn!(
+                timeout_ms = timeout_ms as u64,
+                "a store statistic took too long; reporting it as unknown"
+            );
+            sp.rollback().await.map_err(db)?;
+            Ok(None)
+        }
+        Err(e) => Err(db(e)),
     }
 }

@@ -513,3 +513,38 @@ async fn store_stats_count_in_the_database_and_size_the_schema() {
     assert_eq!(counts.values().sum::<u64>(), 200);
     assert!(stats.disk_bytes.unwrap() > empty_bytes, "{:?} vs {empty_bytes}", stats.disk_bytes);
 }
+
+/// Statistics that cannot finish in `stats_timeout` (here: blocked by a
+/// lock another session holds on the events table) give up: the call
+/// returns in bounded time with the figures unknown, and the store's
+/// connection is fine for the next call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_stats_give_up_counting_after_the_stats_timeout() {
+    let Some((store, _guard)) = common::open_with(|b| b.stats_timeout(Duration::from_millis(300))).await
+    else {
+        return;
+    };
+    for n in 0..5 {
+        store.append(&stream("slow-1"), ExpectedVersion::Any, vec![event(n)]).await.unwrap();
+    }
+    let (mut locker, conn) = tokio_postgres::connect(&common::url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let tx = locker.transaction().await.unwrap();
+    tx.batch_execute(&format!("LOCK TABLE \"{}\".events IN ACCESS EXCLUSIVE MODE", store.schema()))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let blocked = tokio::time::timeout(Duration::from_secs(10), store.store_stats())
+        .await
+        .expect("store_stats must give up, not wait for the lock")
+        .unwrap();
+    assert_eq!(blocked.events_by_type, None);
+    assert_eq!(blocked.disk_bytes, None, "sizing a locked table waits for its lock too");
+    assert!(started.elapsed() < Duration::from_secs(5), "gave up after {:?}", started.elapsed());
+    tx.rollback().await.unwrap();
+
+    let counted = store.store_stats().await.unwrap();
+    assert_eq!(counted.events_by_type.unwrap().values().sum::<u64>(), 5);
+    assert!(counted.disk_bytes.unwrap() > 0);
+    store.append(&stream("slow-1"), ExpectedVersion::Exact(4), vec![event(5)]).await.unwrap();
+}
