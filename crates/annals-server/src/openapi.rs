@@ -100,9 +100,6 @@ use crate::{auth, error, groups, live, routes, wire};
 )]
 struct ApiDoc;
 
-/// Routes that stay open (SSE, WebSocket): no whole-request timeout.
-const LIVE_PATHS: [&str; 4] = ["/streams/{stream}/live", "/all/live", "/ws", "/groups/{group}/ws"];
-
 const METHODS: [&str; 5] = ["get", "put", "post", "delete", "patch"];
 
 /// The document as JSON, with the layers' responses added.
@@ -112,6 +109,18 @@ pub fn document() -> Value {
     doc
 }
 
+/// Whether an operation stays open (a WebSocket upgrade or a Server-Sent
+/// Events stream), which the router serves without the whole-request
+/// timeout. Read from the operation's own declared responses, so that the
+/// router's list of live routes is not written a second time here.
+fn is_live(op: &Map<String, Value>) -> bool {
+    let Some(responses) = op.get("responses").and_then(Value::as_object) else { return false };
+    responses.contains_key("101")
+        || responses.values().any(|r| {
+            r.get("content").and_then(Value::as_object).is_some_and(|c| c.contains_key("text/event-stream"))
+        })
+}
+
 /// Adds to every operation the errors of the layers it passes through
 /// (when the handler did not already describe that status), and gives
 /// every 4xx/5xx response the `ErrorOut` body.
@@ -119,10 +128,10 @@ fn add_layer_responses(doc: &mut Value) {
     let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else { return };
     for (path, item) in paths.iter_mut() {
         let public = auth::is_public(path);
-        let live = LIVE_PATHS.contains(&path.as_str());
         let Some(item) = item.as_object_mut() else { continue };
         for method in METHODS {
             let Some(op) = item.get_mut(method).and_then(Value::as_object_mut) else { continue };
+            let live = is_live(op);
             let has_body = op.contains_key("requestBody");
             // Required bodies go through `ApiJson`, which checks the media
             // type; the one optional body is read as bytes.
@@ -184,4 +193,35 @@ pub async fn serve() -> Response {
     static DOC: OnceLock<bytes::Bytes> = OnceLock::new();
     let body = DOC.get_or_init(|| serde_json::to_vec(&document()).unwrap_or_default().into());
     ([(header::CONTENT_TYPE, "application/json")], body.clone()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The operations the document treats as live (no whole-request
+    /// timeout, so no 503 `timeout`) are exactly the router's live routes.
+    #[test]
+    fn live_operations_are_the_routers_live_routes() {
+        let doc = ApiDoc::openapi();
+        let doc = serde_json::to_value(doc).unwrap_or_default();
+        let mut live = Vec::new();
+        for (path, item) in doc["paths"].as_object().into_iter().flatten() {
+            for method in METHODS {
+                if let Some(op) = item.get(method).and_then(Value::as_object)
+                    && is_live(op)
+                {
+                    live.push(format!("{method} {path}"));
+                }
+            }
+        }
+        live.sort();
+        assert_eq!(
+            live,
+            ["get /all/live", "get /groups/{group}/ws", "get /streams/{stream}/live", "get /ws"]
+        );
+        let full = document();
+        assert!(full["paths"]["/ws"]["get"]["responses"].get("503").is_none());
+        assert!(full["paths"]["/stats"]["get"]["responses"].get("503").is_some());
+    }
 }
