@@ -28,6 +28,11 @@ pub enum CliError {
     /// `verify` found damaged data; the report names the first bad record.
     #[error("{0}")]
     Damaged(String),
+    /// Stopped by Ctrl-C before it finished (a `--data-dir` command, which
+    /// closes the log cleanly first); exit code 130, as a shell reports a
+    /// command ended by SIGINT.
+    #[error("interrupted")]
+    Interrupted,
     /// Anything else (I/O, server start-up).
     #[error("{0}")]
     Other(String),
@@ -44,6 +49,7 @@ impl CliError {
             CliError::Unreachable { .. } => 6,
             CliError::Usage(_) => 2,
             CliError::Damaged(_) => 7,
+            CliError::Interrupted => 130,
             CliError::Other(_) => 1,
         }
     }

@@ -9,8 +9,8 @@
 //! validates and prints exactly as it does against `annals serve`, with no
 //! second implementation of the API to drift from the first. Consumer groups
 //! are not started (a read must not resume anyone's subscription). When the
-//! command ends, or on Ctrl-C, the in-process server drains and the log is
-//! closed cleanly (synced, index checkpoint written).
+//! command ends, or on Ctrl-C (exit code 130), the in-process server drains
+//! and the log is closed cleanly (synced, index checkpoint written).
 
 use std::{future::Future, path::PathBuf};
 
@@ -19,7 +19,7 @@ use clap::Args;
 
 use crate::{
     client::ClientArgs,
-    commands::serve::{OpenedStore, open_store},
+    commands::serve::{OpenedStore, open_store, shutdown_signal},
     error::CliError,
 };
 
@@ -60,6 +60,9 @@ where
     if missing == Missing::Refuse && !dir.is_dir() {
         return Err(CliError::Usage(format!("--data-dir {}: no such directory", dir.display())));
     }
+    // Handlers for SIGINT / SIGTERM installed before the log is opened, so
+    // that no signal can end the process with the log open.
+    let interrupted = shutdown_signal();
     let local = LocalServer::start(dir).await?;
     let args = ClientArgs {
         url: format!("http://{}", local.addr),
@@ -68,11 +71,12 @@ where
         ca_cert: None,
         json: client.json,
     };
-    // Ctrl-C (e.g. ending `tail`) stops the command, not the process, so
-    // the log is still closed cleanly.
+    // Ctrl-C or SIGTERM (e.g. ending `tail`) stops the command, not the
+    // process, so the log is still closed cleanly; the exit code still says
+    // that the command did not finish.
     let outcome = tokio::select! {
         result = command(args) => result,
-        _ = tokio::signal::ctrl_c() => Ok(()),
+        () = interrupted => Err(CliError::Interrupted),
     };
     let stopped = local.stop().await;
     outcome.and(stopped)

@@ -3,7 +3,8 @@
 //!
 //! Exit codes: 0 success, 1 failure, 2 usage error, 3 conflict (409),
 //! 4 not found or deleted (404/410), 5 unauthorized or forbidden (401/403),
-//! 6 server unreachable, 7 damaged data found by `verify`.
+//! 6 server unreachable, 7 damaged data found by `verify`, 130 interrupted
+//! (Ctrl-C during a `--data-dir` command).
 
 mod client;
 mod commands;

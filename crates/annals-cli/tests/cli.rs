@@ -680,3 +680,36 @@ fn stats_of_a_log_server_show_exact_counts_and_disk_size() {
     let disk = text.lines().find(|l| l.contains("disk")).unwrap_or_default();
     assert!(disk.contains(" bytes)") && disk.contains("iB"), "{text}");
 }
+
+#[test]
+fn ctrl_c_ends_a_local_tail_with_the_log_closed_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let d = data.to_str().unwrap();
+    for t in ["First", "Second"] {
+        assert!(annals_local(&["append", "t-1", "--type", t, "--data-dir", d]).status.success());
+    }
+    // Follows forever (no --count) until interrupted.
+    let mut child = Command::new(BIN)
+        .args(["tail", "t-1", "--from", "start", "--json", "--data-dir", d])
+        .env("ANNALS_URL", "http://127.0.0.1:9")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    for expected in ["First", "Second"] {
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(serde_json::from_str::<Value>(&line).unwrap()["type"], expected, "{line}");
+    }
+    let int = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(int.success());
+    let exited = wait_with_timeout(child, Duration::from_secs(30));
+    assert_eq!(exited.status.code(), Some(130), "{}", String::from_utf8_lossy(&exited.stderr));
+    // Closed, not abandoned: the lock is free, the index checkpoint is
+    // written, and every record verifies.
+    assert!(data.join("index.bin").exists(), "a clean close writes the index checkpoint");
+    let report = stdout_json(&Command::new(BIN).args(["verify", d, "--json"]).output().unwrap());
+    assert_eq!((report["ok"].as_bool(), report["events"].as_u64()), (Some(true), Some(2)));
+}

@@ -319,7 +319,7 @@ fn say(line: &str) {
 /// right after start-up is not lost to the default action) and returns the
 /// future that resolves on either.
 #[cfg(unix)]
-fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
     use tokio::signal::unix::{SignalKind, signal};
     let term = signal(SignalKind::terminate()).ok();
     let int = signal(SignalKind::interrupt()).ok();
@@ -343,7 +343,7 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
 
 /// Ctrl-C elsewhere.
 #[cfg(not(unix))]
-fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
     async {
         let _ = tokio::signal::ctrl_c().await;
     }
