@@ -37,6 +37,12 @@ pub trait IoFile: Send + Sync {
     fn len(&self) -> io::Result<u64>;
     /// Truncates or extends (with zeros).
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Whether the file has been removed from its directory while open
+    /// (no name links to it any more): its bytes then vanish when it is
+    /// closed, so nothing written to it may be acknowledged. Default: never.
+    fn is_unlinked(&self) -> io::Result<bool> {
+        Ok(false)
+    }
 }
 
 /// A file system: opening files and the few directory operations the log
@@ -107,6 +113,10 @@ impl IoFile for RealFile {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.0.set_len(len)
+    }
+    fn is_unlinked(&self) -> io::Result<bool> {
+        use std::os::unix::fs::MetadataExt as _;
+        Ok(self.0.metadata()?.nlink() == 0)
     }
 }
 

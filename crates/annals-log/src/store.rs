@@ -417,8 +417,21 @@ impl Appender for LogStore {
     }
 
     /// Unhealthy once poisoned (a write or fsync failed) or closed.
+    /// Unhealthy when poisoned, closed, or when the active segment has been
+    /// deleted while open (then nothing more can be written safely, so the
+    /// store is poisoned right away rather than at the next write).
     async fn health(&self) -> Result<()> {
-        self.shared.core.check_poison()?;
+        let core = &self.shared.core;
+        core.check_poison()?;
+        if let Some(last) = core.segment_count().checked_sub(1)
+            && core.segment(last as u64)?.is_unlinked().unwrap_or(false)
+        {
+            core.set_poisoned(format!(
+                "the active segment was deleted while the store was open (was the data directory {} removed?)",
+                core.dir.display()
+            ));
+            core.check_poison()?;
+        }
         self.sender().map(drop)
     }
 }

@@ -142,6 +142,8 @@ pub(crate) struct Writer {
     filler: Filler,
     unsynced: bool,
     last_sync: Instant,
+    /// When the active segment was last checked for having been deleted.
+    unlink_checked: Instant,
     checkpointed_at: u64,
     _lock: Box<dyn Send + Sync>,
 }
@@ -178,6 +180,7 @@ impl Writer {
             filler,
             unsynced: false,
             last_sync: Instant::now(),
+            unlink_checked: Instant::now(),
             checkpointed_at: tail.next_position,
             _lock: lock,
         }
@@ -659,6 +662,24 @@ impl Writer {
                 } else {
                     self.unsynced = true;
                 }
+                // A segment removed while open (the data directory deleted
+                // under a running store) still takes writes and syncs, but
+                // its bytes are gone once it is closed: stop acknowledging
+                // them. Checked at most every UNLINK_CHECK_EVERY, not per
+                // group: an fstat right after the fdatasync measured about
+                // 45 µs here, a quarter of a one-writer append.
+                if self.unlink_checked.elapsed() >= UNLINK_CHECK_EVERY && {
+                    self.unlink_checked = Instant::now();
+                    self.active.file.is_unlinked()?
+                } {
+                    return Err(LogError::Poisoned {
+                        reason: format!(
+                            "segment {} was deleted while the store was open (was the data directory {} removed?)",
+                            segment_file_name(self.active.index),
+                            self.core.dir.display()
+                        ),
+                    });
+                }
             }
         }
         Ok(())
@@ -698,6 +719,11 @@ impl Writer {
         }
     }
 }
+
+/// How often the writer checks that its active segment still has a name
+/// (see `write_group`): at most this long of acknowledged appends can go to
+/// a data directory that was deleted under the store.
+const UNLINK_CHECK_EVERY: Duration = Duration::from_millis(100);
 
 /// How long the writer polls for the next request before sleeping.
 const SPIN: Duration = Duration::from_micros(50);

@@ -131,3 +131,50 @@ async fn failures_with_the_zero_fill_thread_also_poison_and_lose_nothing() {
         assert!(check_point_with(true, k, 200, true).await, "sync failure {k} never surfaced");
     }
 }
+
+/// The data directory removed under an open store (an operator's `rm -rf`
+/// on the real file system): the open segment still takes writes and
+/// syncs, but its bytes vanish at close, so no append may be acknowledged
+/// and health must say so before the first write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_a_removed_data_directory_and_poisons_the_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let store = LogStore::open(&dir).unwrap();
+    let s = StreamName::new("gone-1").unwrap();
+    store.append(&s, ExpectedVersion::Any, batch(0)).await.unwrap();
+    store.health().await.unwrap();
+
+    std::fs::remove_dir_all(&dir).unwrap();
+    let health = store.health().await;
+    assert!(matches!(&health, Err(Error::Poisoned { reason }) if reason.contains("deleted")), "{health:?}");
+    let append = store.append(&s, ExpectedVersion::Any, batch(1)).await;
+    assert!(matches!(append, Err(Error::Poisoned { .. })), "{append:?}");
+    // What was acknowledged before is still readable from the open file.
+    let all = store.read_all(ReadAll::forward(100)).await.unwrap();
+    assert_eq!(all.events.len(), batch(0).len());
+}
+
+/// Without a health check in between, the writer notices on its own
+/// within its check interval (100 ms) and refuses every write from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_after_the_directory_is_removed_are_refused_within_the_check_interval() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let store = LogStore::open(&dir).unwrap();
+    let s = StreamName::new("gone-2").unwrap();
+    store.append(&s, ExpectedVersion::Any, batch(0)).await.unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let removed = std::time::Instant::now();
+    let refused = loop {
+        match store.append(&s, ExpectedVersion::Any, batch(1)).await {
+            Ok(_) => {
+                assert!(removed.elapsed() < std::time::Duration::from_secs(2), "still acknowledged after 2 s")
+            }
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(&refused, Error::Poisoned { reason } if reason.contains("deleted")), "{refused:?}");
+    let later = store.append(&s, ExpectedVersion::Any, batch(2)).await;
+    assert!(matches!(later, Err(Error::Poisoned { .. })), "{later:?}");
+}
