@@ -652,22 +652,12 @@ fn bench_loads_an_embedded_store_directly() {
 fn stats_of_a_log_server_show_exact_counts_and_disk_size() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let mut child = Command::new(BIN)
-        .args(["serve", "--data", data.to_str().unwrap(), "--listen", "127.0.0.1:0", "--log-format", "json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    let mut reader = BufReader::new(child.stdout.take().unwrap());
-    reader.read_line(&mut line).unwrap();
-    let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().to_owned();
+    let (child, _out, url) = serve_log(&data);
     let appended =
         ["A", "A", "B"].iter().all(|t| annals(&url, &["append", "log-1", "--type", t]).status.success());
     let json = annals(&url, &["stats", "--json"]);
     let table = annals(&url, &["stats"]);
-    let _ = child.kill();
-    let _ = wait_with_timeout(child, Duration::from_secs(30));
+    stop(child);
     assert!(appended);
     let v = stdout_json(&json);
     assert_eq!(v["by_type"], serde_json::json!({ "A": 2, "B": 1 }));
