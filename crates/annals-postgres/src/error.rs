@@ -57,7 +57,7 @@ pub enum PgError {
 
     /// A schema migration failed; nothing of it was applied (it runs in one
     /// transaction). Read the cause, fix the database, and reopen.
-    #[error("migration {version} ({name}) failed: {source}")]
+    #[error("migration {version} ({name}) failed: {}", describe(source))]
     Migration {
         /// The migration's number.
         version: i32,
@@ -71,7 +71,7 @@ pub enum PgError {
     /// PostgreSQL answered a statement with an error (or the connection
     /// broke mid-statement). Retry with backoff when [`PgError::is_transient`]
     /// says so; otherwise check the cause.
-    #[error("PostgreSQL error: {0}")]
+    #[error("PostgreSQL error: {}", describe(.0))]
     Database(#[from] tokio_postgres::Error),
 
     /// The store was opened outside a Tokio runtime; it needs one for its
@@ -133,15 +133,31 @@ impl From<deadpool_postgres::PoolError> for PgError {
     }
 }
 
-/// Wraps a failed connection attempt.
-pub(crate) fn unreachable_from(e: tokio_postgres::Error) -> PgError {
-    // `Display` of a connect error names the cause (refused, auth, unknown
-    // database) and never includes the password.
-    let message = match std::error::Error::source(&e) {
+/// What PostgreSQL said: `tokio_postgres::Error`'s own `Display` is only
+/// "db error" for every server error, so the message, SQLSTATE, detail and
+/// hint are spelled out here; other errors get their cause appended.
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut out = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+        if let Some(detail) = db.detail() {
+            out.push_str(&format!(" (detail: {detail})"));
+        }
+        if let Some(hint) = db.hint() {
+            out.push_str(&format!(" (hint: {hint})"));
+        }
+        return out;
+    }
+    match std::error::Error::source(e) {
         Some(cause) => format!("{e}: {cause}"),
         None => e.to_string(),
-    };
-    PgError::Unreachable { message, source: Some(e) }
+    }
+}
+
+/// Wraps a failed connection attempt.
+pub(crate) fn unreachable_from(e: tokio_postgres::Error) -> PgError {
+    // The cause of a connect error names what failed (refused, auth,
+    // unknown database) and never includes the password.
+    PgError::Unreachable { message: describe(&e), source: Some(e) }
 }
 
 impl From<PgError> for annals_core::Error {
