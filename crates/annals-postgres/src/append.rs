@@ -18,10 +18,11 @@
 //! append: it may still commit, exactly as when an acknowledgement is lost.
 //! Re-send it with the same event ids to learn the outcome (idempotency).
 //!
-//! The common case takes one request: `CALL append_commit` (migration
-//! 0004), a procedure that runs the `append_head_first` function (0003:
-//! head, check, insert and stream upsert, notify) and commits. The function only
-//! writes when every part is a plain write; anything the rules must decide
+//! The common case takes one request: a function selected in an implicit
+//! transaction (migration 0006), `append_part` for a round of one part (a
+//! lone writer's every append) and `append_head_first` for several (0003:
+//! head, check, insert and stream upsert, notify). The functions only
+//! write when every part is a plain write; anything the rules must decide
 //! (a possible idempotent re-send, a tombstone, a failed expectation) makes
 //! it step aside, and the round runs on the exact path: two pipelined round
 //! trips (`BEGIN` with the head and stream statements, the write with
@@ -380,46 +381,66 @@ impl Committer {
 }
 
 impl Committer {
-    /// The common case in one request: `CALL append_commit` (migration
-    /// 0004) runs `append_head_first` (0003) and commits. The function
-    /// writes only when every part is a plain write that
-    /// `StreamState::decide` would accept at the stream's next version;
-    /// otherwise it raises [`DECLINED`], the transaction rolls back, and
-    /// `Ok(None)` sends the round to the exact path. The rules therefore
-    /// stay written once.
+    /// The common case in one request, selected in an implicit
+    /// transaction: `append_part` (migration 0006) for a round of one part,
+    /// `append_head_first` (0003, 0006) for several. The functions write
+    /// only when every part is a plain write that `StreamState::decide`
+    /// would accept at the stream's next version; otherwise they raise
+    /// [`DECLINED`], the transaction rolls back, and `Ok(None)` sends the
+    /// round to the exact path. The rules therefore stay written once.
     async fn try_fast(
         &self,
         requests: &[&[StreamAppend]],
     ) -> Result<Option<Vec<Result<Vec<AppendResult>>>>, Failure> {
         let Some(args) = FastArgs::new(requests) else { return Ok(None) };
+        let one_part = args.part_streams.len() == 1;
         let mut conn = TxConn(Some(self.pool.get().await?));
         let client = conn.client()?;
-        let call = client.prepare_cached(&self.sql.append_fast).await?;
-        let params: [&(dyn ToSql + Sync); 18] = [
-            &args.part_streams,
-            &args.part_categories,
-            &args.part_kinds,
-            &args.part_versions,
-            &args.part_counts,
-            &args.part_last_offsets,
-            &args.part_last_ids,
-            &args.ev_parts,
-            &args.ev_streams,
-            &args.ev_categories,
-            &args.ev_offsets,
-            &args.ev_ids,
-            &args.ev_types,
-            &args.ev_content_types,
-            &args.ev_data,
-            &args.ev_metadata,
-            &args.ev_correlation_ids,
-            &self.sql.channel,
-        ];
-        // One request: the procedure runs in its own (implicit) transaction
-        // and commits it before producing the row, so a row means committed
-        // and an error means nothing was (or, if the connection broke, may
-        // have been: a re-run then finds an idempotent re-send).
-        let called = client.query_one(&call, &params).await;
+        // No BEGIN: the implicit transaction commits at the Sync that ends
+        // the request, and `query_one` reads up to the ReadyForQuery after
+        // it, so a row and no error means committed, and an error means
+        // nothing was (or, if the connection broke, may have been: a re-run
+        // then finds an idempotent re-send).
+        let called = if one_part {
+            let statement = client.prepare_cached(&self.sql.append_part).await?;
+            let params: [&(dyn ToSql + Sync); 11] = [
+                &args.part_streams[0],
+                &args.part_categories[0],
+                &args.part_kinds[0],
+                &args.part_versions[0],
+                &args.ev_ids,
+                &args.ev_types,
+                &args.ev_content_types,
+                &args.ev_data,
+                &args.ev_metadata,
+                &args.ev_correlation_ids,
+                &self.sql.channel,
+            ];
+            client.query_one(&statement, &params).await
+        } else {
+            let statement = client.prepare_cached(&self.sql.append_fast).await?;
+            let params: [&(dyn ToSql + Sync); 18] = [
+                &args.part_streams,
+                &args.part_categories,
+                &args.part_kinds,
+                &args.part_versions,
+                &args.part_counts,
+                &args.part_last_offsets,
+                &args.part_last_ids,
+                &args.ev_parts,
+                &args.ev_streams,
+                &args.ev_categories,
+                &args.ev_offsets,
+                &args.ev_ids,
+                &args.ev_types,
+                &args.ev_content_types,
+                &args.ev_data,
+                &args.ev_metadata,
+                &args.ev_correlation_ids,
+                &self.sql.channel,
+            ];
+            client.query_one(&statement, &params).await
+        };
         // No transaction is left open either way.
         conn.disarm();
         let row = match called {
@@ -428,10 +449,10 @@ impl Committer {
             Err(e) => return Err(e.into()),
         };
         let first = to_u64(row.try_get(0)?, "position")?;
-        let first_versions: Vec<i64> = row.try_get(1)?;
+        let first_versions: Vec<i64> = if one_part { vec![row.try_get(1)?] } else { row.try_get(1)? };
         if first_versions.len() != args.part_counts.len() {
             return Err(Failure::Fail(Error::Backend {
-                message: "append_head_first returned a version per part of a different count".into(),
+                message: "the append function returned a version per part of a different count".into(),
                 source: None,
             }));
         }
@@ -458,7 +479,7 @@ impl Committer {
     }
 }
 
-/// SQLSTATE raised by `append_head_first` when the round needs the exact
+/// SQLSTATE raised by the append functions when the round needs the exact
 /// path.
 const DECLINED: &str = "AN001";
 
@@ -467,7 +488,8 @@ const DECLINED: &str = "AN001";
 /// lock taking a fresh snapshot that includes the previous holder's commit.
 const BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
 
-/// The parameters of `append_head_first`: the round flattened into arrays.
+/// The parameters of `append_head_first`: the round flattened into arrays
+/// (`append_part` takes its first part's scalars and the event arrays).
 struct FastArgs<'a> {
     part_streams: Vec<&'a str>,
     part_categories: Vec<&'a str>,

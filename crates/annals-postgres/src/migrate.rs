@@ -35,6 +35,7 @@ const MIGRATIONS: &[Migration] = &[
         name: "0005_streams_by_name.sql",
         sql: include_str!("../sql/0005_streams_by_name.sql"),
     },
+    Migration { version: 6, name: "0006_append_part.sql", sql: include_str!("../sql/0006_append_part.sql") },
 ];
 
 /// Advisory-lock class for migrations ("anna" in ASCII), so the key space

@@ -29,9 +29,11 @@ pub(crate) struct Statements {
     pub lock_streams: String,
     pub tail_ids: String,
     pub write: String,
-    /// One-request append of the common case, committing itself
-    /// (migration 0004).
+    /// The common case of a round of several parts, selected in an implicit
+    /// transaction (migrations 0003 and 0006).
     pub append_fast: String,
+    /// The common case of a round of one part (migration 0006).
+    pub append_part: String,
     pub stream_state: String,
     /// A page of streams by name (byte order), for `list_streams`.
     pub list_streams: String,
@@ -100,8 +102,12 @@ impl Statements {
                  SELECT h.first, h.recorded_at, pg_notify($15, (h.first + $1)::text) FROM h"
             ),
             append_fast: format!(
-                "CALL {s}.append_commit(
-                     $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, NULL, NULL)"
+                "SELECT first_position, first_versions FROM {s}.append_head_first(
+                     $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
+            ),
+            append_part: format!(
+                "SELECT first_position, first_version FROM {s}.append_part(
+                     $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
             ),
             stream_state: format!(
                 "SELECT last_version, last_position, truncate_before, tombstoned FROM {s}.streams WHERE name = $1"

@@ -7,8 +7,9 @@ mod common;
 use std::{collections::HashSet, time::Duration};
 
 use annals_core::{
-    AllReader, Appender, CheckpointStore, Error, EventData, EventStream, ExpectedVersion, Filter, ReadAll,
-    RecordedEvent, StreamName, StreamReader, SubscribeFrom, Subscriber, SubscriptionRequest,
+    AllReader, Appender, CheckpointStore, DeleteMode, Error, EventData, EventStream, ExpectedVersion, Filter,
+    ReadAll, ReadStream, RecordedEvent, StreamAppend, StreamDeleter, StreamName, StreamReader, SubscribeFrom,
+    Subscriber, SubscriptionRequest,
 };
 use annals_postgres::{PgError, PgStore};
 use futures::StreamExt;
@@ -496,6 +497,127 @@ async fn append_function_writes_plain_appends_and_steps_aside_otherwise() {
     let info = store.stream_info(&stream("f-2")).await.unwrap();
     assert!(info.exists, "{info:?}");
     assert_eq!(store.next_position().await.unwrap(), 3);
+}
+
+/// `append_part` (migration 0006), the one-part fast path: its WHERE clause
+/// is the plain-write condition, checked here case by case against what
+/// the exact path (`StreamState::decide`) would do; every other case steps
+/// aside with AN001 and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_part_writes_plain_appends_and_steps_aside_otherwise() {
+    let Some((store, guard)) = common::open().await else { return };
+    let admin = admin_client().await;
+    let call = admin
+        .prepare(&format!(
+            "SELECT first_position, first_version FROM \"{}\".append_part(
+                 $1, 'p', $2, $3, $4::uuid[], ARRAY['E'], ARRAY[0::int2], ARRAY['\\x7b7d'::bytea], ARRAY['{{}}'],
+                 ARRAY[NULL::text], 'ch')",
+            guard.schema
+        ))
+        .await
+        .unwrap();
+    let one = |kind: i16, version: i64, stream: &'static str, id: uuid::Uuid| {
+        let (call, admin) = (call.clone(), &admin);
+        async move {
+            let ids = vec![id];
+            admin.query_one(&call, &[&stream, &kind, &version, &ids]).await.map(|r| (r.get(0), r.get(1)))
+        }
+    };
+    let declined = |r: Result<(i64, i64), tokio_postgres::Error>| {
+        let err = r.expect_err("expected the function to step aside");
+        assert_eq!(err.code().map(|c| c.code()), Some("AN001"), "{err}");
+    };
+    let new_id = uuid::Uuid::new_v4;
+
+    // Plain writes: a new stream under "no stream", then each expectation
+    // that holds. Results are (first position, first version).
+    assert_eq!(one(1, 0, "p-1", new_id()).await.unwrap(), (0, 0));
+    assert_eq!(one(3, 0, "p-1", new_id()).await.unwrap(), (1, 1));
+    assert_eq!(one(2, 0, "p-1", new_id()).await.unwrap(), (2, 2));
+    let last = new_id();
+    assert_eq!(one(0, 0, "p-1", last).await.unwrap(), (3, 3));
+    assert_eq!(one(0, 0, "p-2", new_id()).await.unwrap(), (4, 0), "a new stream under \"any\"");
+
+    // Steps aside: failed expectations on an existing stream and on a
+    // missing one, a possible re-send (the stream's last event id).
+    declined(one(1, 0, "p-1", new_id()).await);
+    declined(one(3, 2, "p-1", new_id()).await);
+    declined(one(3, 4, "p-1", new_id()).await);
+    declined(one(2, 0, "p-3", new_id()).await);
+    declined(one(3, 0, "p-3", new_id()).await);
+    declined(one(0, 0, "p-1", last).await);
+    // No events at all.
+    let empty: Vec<uuid::Uuid> = Vec::new();
+    let err = admin.query_one(&call, &[&"p-1", &0_i16, &0_i64, &empty]).await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("AN001"), "{err}");
+    // Outside READ COMMITTED.
+    admin.batch_execute("SET default_transaction_isolation = 'repeatable read'").await.unwrap();
+    declined(one(0, 0, "p-1", new_id()).await);
+    admin.batch_execute("SET default_transaction_isolation = 'read committed'").await.unwrap();
+    assert_eq!(store.next_position().await.unwrap(), 5, "declined calls wrote nothing");
+
+    // Deleted streams: a tombstone always steps aside; a soft-deleted
+    // stream accepts "no stream" and continues its numbering, and no
+    // longer satisfies "stream exists".
+    store.delete_stream(&stream("p-2"), ExpectedVersion::Any, DeleteMode::Hard).await.unwrap();
+    declined(one(0, 0, "p-2", new_id()).await);
+    store.delete_stream(&stream("p-1"), ExpectedVersion::Exact(3), DeleteMode::Soft).await.unwrap();
+    declined(one(2, 0, "p-1", new_id()).await);
+    declined(one(3, 3, "p-1", new_id()).await);
+    assert_eq!(one(1, 0, "p-1", new_id()).await.unwrap(), (5, 4));
+
+    // The store agrees with what the function wrote.
+    let info = store.stream_info(&stream("p-1")).await.unwrap();
+    assert_eq!(info.last_version, Some(4), "{info:?}");
+    let written = store.append(&stream("p-1"), ExpectedVersion::Exact(4), vec![event(9)]).await.unwrap();
+    assert_eq!((written.next_version, written.position), (6, 6));
+    let versions: Vec<u64> = store
+        .read_stream(&stream("p-1"), ReadStream::forward())
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.version)
+        .collect();
+    assert_eq!(versions, vec![4, 5]);
+}
+
+/// The fast paths run in an implicit transaction that commits after the
+/// function has returned its row: an error raised by that commit must
+/// still fail the append (here a deferred constraint trigger raises it), on
+/// the one-part and the several-part path alike, and nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_at_commit_fails_the_append() {
+    let Some((store, guard)) = common::open().await else { return };
+    let admin = admin_client().await;
+    let s = &guard.schema;
+    admin
+        .batch_execute(&format!(
+            "CREATE FUNCTION \"{s}\".refuse() RETURNS trigger LANGUAGE plpgsql AS
+                 $$BEGIN RAISE EXCEPTION 'refused at commit' USING ERRCODE = 'AN999'; END$$;
+             CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON \"{s}\".events
+                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION \"{s}\".refuse();"
+        ))
+        .await
+        .unwrap();
+    let err = store.append(&stream("c-1"), ExpectedVersion::Any, vec![event(0)]).await.unwrap_err();
+    assert!(err.to_string().contains("refused at commit"), "{err}");
+    let parts = vec![
+        StreamAppend::new(stream("c-1"), ExpectedVersion::Any, vec![event(1)]),
+        StreamAppend::new(stream("c-2"), ExpectedVersion::Any, vec![event(2), event(3)]),
+    ];
+    let err = store.append_multi(parts.clone()).await.unwrap_err();
+    assert!(err.to_string().contains("refused at commit"), "{err}");
+    assert_eq!(store.next_position().await.unwrap(), 0);
+    assert!(!store.stream_info(&stream("c-1")).await.unwrap().exists);
+
+    admin.batch_execute(&format!("DROP TRIGGER refuse ON \"{s}\".events")).await.unwrap();
+    let written = store.append(&stream("c-1"), ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
+    assert_eq!((written.next_version, written.position), (1, 0));
+    let written = store.append_multi(parts).await.unwrap();
+    assert_eq!(
+        written.iter().map(|r| (r.next_version, r.position)).collect::<Vec<_>>(),
+        vec![(2, 1), (2, 3)]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
