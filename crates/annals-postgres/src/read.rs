@@ -14,7 +14,7 @@ use crate::{
     error::db,
     listener::bump,
     row::{event_from_row_cached, limit_i64, to_i64, to_u64},
-    sql::{Param, filter_clause},
+    sql::{ALL_PAGE_HEAD_COLUMN, Param, filter_clause},
 };
 
 /// A stream row's state from its columns `last_version, last_position,
@@ -199,15 +199,20 @@ impl Inner {
                 params.extend(filter_params);
                 let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| &**p as _).collect();
                 let rows = client.query(&stmt, &refs).await.map_err(db)?;
-                let mut head = 0;
+                let mut head = None;
                 let mut events = Vec::with_capacity(rows.len());
                 let mut last = None;
                 for row in &rows {
-                    head = to_u64(row.try_get(0).map_err(db)?, "next_position")?;
-                    if row.try_get::<_, Option<i64>>(1).map_err(db)?.is_some() {
-                        events.push(event_from_row_cached(row, 1, &mut last)?);
+                    if row.try_get::<_, Option<i64>>(0).map_err(db)?.is_some() {
+                        events.push(event_from_row_cached(row, 0, &mut last)?);
+                    } else {
+                        head = Some(to_u64(row.try_get(ALL_PAGE_HEAD_COLUMN).map_err(db)?, "next_position")?);
                     }
                 }
+                let head = head.ok_or_else(|| PgError::Corrupt("the head row is missing".into()))?;
+                // UNION ALL does not promise to keep the page's order; it
+                // does in practice, and sorting sorted input is linear.
+                events.sort_by_key(|e| e.position);
                 bump(&self.head, head);
                 let next = if events.len() as i64 >= limit {
                     events.last().map_or(head, |e| e.position + 1)

