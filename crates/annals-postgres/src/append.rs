@@ -401,25 +401,19 @@ impl Committer {
         // it, so a row and no error means committed, and an error means
         // nothing was (or, if the connection broke, may have been: a re-run
         // then finds an idempotent re-send).
-        let called = if one_part {
-            let statement = client.prepare_cached(&self.sql.append_part).await?;
-            let params: [&(dyn ToSql + Sync); 11] = [
+        let (sql, params): (&str, Vec<&(dyn ToSql + Sync)>) = if one_part {
+            let stream: [&(dyn ToSql + Sync); 4] = [
                 &args.part_streams[0],
                 &args.part_categories[0],
                 &args.part_kinds[0],
                 &args.part_versions[0],
-                &args.ev_ids,
-                &args.ev_types,
-                &args.ev_content_types,
-                &args.ev_data,
-                &args.ev_metadata,
-                &args.ev_correlation_ids,
-                &self.sql.channel,
             ];
-            client.query_one(&statement, &params).await
+            (
+                &self.sql.append_part,
+                stream.into_iter().chain(args.event_params()).chain([&self.sql.channel as _]).collect(),
+            )
         } else {
-            let statement = client.prepare_cached(&self.sql.append_fast).await?;
-            let params: [&(dyn ToSql + Sync); 18] = [
+            let parts: [&(dyn ToSql + Sync); 11] = [
                 &args.part_streams,
                 &args.part_categories,
                 &args.part_kinds,
@@ -431,16 +425,14 @@ impl Committer {
                 &args.ev_streams,
                 &args.ev_categories,
                 &args.ev_offsets,
-                &args.ev_ids,
-                &args.ev_types,
-                &args.ev_content_types,
-                &args.ev_data,
-                &args.ev_metadata,
-                &args.ev_correlation_ids,
-                &self.sql.channel,
             ];
-            client.query_one(&statement, &params).await
+            (
+                &self.sql.append_fast,
+                parts.into_iter().chain(args.event_params()).chain([&self.sql.channel as _]).collect(),
+            )
         };
+        let statement = client.prepare_cached(sql).await?;
+        let called = client.query_one(&statement, &params).await;
         // No transaction is left open either way.
         conn.disarm();
         let row = match called {
@@ -511,6 +503,18 @@ struct FastArgs<'a> {
 }
 
 impl<'a> FastArgs<'a> {
+    /// The event columns both functions take, in their order.
+    fn event_params(&self) -> [&(dyn ToSql + Sync); 6] {
+        [
+            &self.ev_ids,
+            &self.ev_types,
+            &self.ev_content_types,
+            &self.ev_data,
+            &self.ev_metadata,
+            &self.ev_correlation_ids,
+        ]
+    }
+
     /// `None` when the round cannot take the fast path (metadata that is
     /// not UTF-8: the exact path reports it), so the exact path handles it.
     fn new(requests: &[&'a [StreamAppend]]) -> Option<Self> {
