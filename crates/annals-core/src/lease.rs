@@ -1,0 +1,122 @@
+//! Named leases: at most one holder at a time among every process that
+//! shares a store.
+//!
+//! A server process uses a lease to decide which of several processes on
+//! one shared (PostgreSQL) store runs work that must run once, such as the
+//! consumer groups. A store that only one process can open (the embedded
+//! log, which locks its directory; the in-memory store) needs none: the
+//! caller is the only process by construction.
+//!
+//! A lease is held until it is dropped or until the backend can no longer
+//! vouch for it (the connection that holds it ended). [`Lease::lost`]
+//! resolves then; the holder must stop the work it guards, because another
+//! process may take the lease right away.
+
+use std::future::Future;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use crate::{Error, Result};
+
+/// Longest accepted lease name, in bytes.
+pub const MAX_LEASE_NAME_LEN: usize = 200;
+
+/// Taking named leases shared by every process on the store.
+#[async_trait]
+pub trait Leases: Send + Sync {
+    /// Takes the lease `name` when nobody holds it: `Ok(None)` when another
+    /// holder (in this process or another) has it. Names are 1 to
+    /// [`MAX_LEASE_NAME_LEN`] bytes ([`Error::InvalidInput`] otherwise).
+    async fn try_lease(&self, name: &str) -> Result<Option<Lease>>;
+}
+
+/// A held lease. Dropping it releases it.
+#[must_use = "a lease is released as soon as it is dropped"]
+pub struct Lease {
+    name: String,
+    lost: watch::Receiver<bool>,
+    /// Whatever keeps the lease held (a connection, a task); dropped with
+    /// the lease, which releases it.
+    _hold: Box<dyn Send + Sync>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease").field("name", &self.name).field("lost", &self.is_lost()).finish()
+    }
+}
+
+impl Lease {
+    /// For backends: a lease named `name`, held while `hold` lives and
+    /// until `lost` turns `true` (or its sender is dropped).
+    pub fn new(
+        name: impl Into<String>,
+        lost: watch::Receiver<bool>,
+        hold: impl Send + Sync + 'static,
+    ) -> Self {
+        Lease { name: name.into(), lost, _hold: Box::new(hold) }
+    }
+
+    /// The lease's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the backend stopped vouching for the lease.
+    pub fn is_lost(&self) -> bool {
+        *self.lost.borrow() || self.lost.has_changed().is_err()
+    }
+
+    /// Resolves once the lease is lost; never while it is held. The future
+    /// does not borrow the lease, so it can be awaited beside other work.
+    pub fn lost(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut lost = self.lost.clone();
+        async move {
+            // Err: the sender is gone, which also means nobody vouches.
+            let _ = lost.wait_for(|lost| *lost).await;
+        }
+    }
+}
+
+/// Checks a lease name (for backends).
+pub fn validate_lease_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > MAX_LEASE_NAME_LEN {
+        return Err(Error::invalid(format!(
+            "a lease name is 1 to {MAX_LEASE_NAME_LEN} bytes, not {}",
+            name.len()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn lost_resolves_when_the_backend_says_so_or_goes_away() {
+        let (tx, rx) = watch::channel(false);
+        let lease = Lease::new("a", rx, ());
+        assert!(!lease.is_lost());
+        let waiting = tokio::spawn(lease.lost());
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        tx.send(true).unwrap();
+        waiting.await.unwrap();
+        assert!(lease.is_lost());
+
+        let (tx, rx) = watch::channel(false);
+        let lease = Lease::new("b", rx, ());
+        drop(tx);
+        assert!(lease.is_lost());
+        lease.lost().await;
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_lease_name("consumer-groups").is_ok());
+        assert!(validate_lease_name("").is_err());
+        assert!(validate_lease_name(&"x".repeat(MAX_LEASE_NAME_LEN + 1)).is_err());
+    }
+}
