@@ -39,6 +39,7 @@
 mod append;
 mod checkpoint;
 mod error;
+mod lease;
 mod listener;
 mod migrate;
 mod read;
@@ -61,6 +62,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 pub use checkpoint::PgCheckpointTx;
 pub use error::PgError;
+pub use lease::{PING as LEASE_PING, PING_TIMEOUT as LEASE_PING_TIMEOUT};
 pub use migrate::latest_version as latest_migration;
 /// The PostgreSQL driver this crate uses, for code that runs its own SQL in
 /// a [`PgCheckpointTx`].
@@ -97,6 +99,8 @@ pub(crate) struct Inner {
     /// subscriptions. Fed by own commits, NOTIFY and the fallback poll.
     head: Arc<watch::Sender<u64>>,
     listener: Arc<ListenerStats>,
+    /// Connection settings of lease connections (see `lease`).
+    lease_config: tokio_postgres::Config,
     /// How long a subscription keeps retrying reads through a database
     /// outage before it ends with the error.
     subscription_retry: Duration,
@@ -206,6 +210,8 @@ impl PgStoreBuilder {
         config.options(options);
         let mut pool_config = config.clone();
         pool_config.application_name(format!("annals {}", self.schema));
+        let mut lease_config = config.clone();
+        lease_config.application_name(format!("annals-lease {}", self.schema));
         let mut listen_config = config;
         listen_config.application_name(format!("annals-listen {}", self.schema));
 
@@ -262,6 +268,7 @@ impl PgStoreBuilder {
                 limits: self.limits,
                 head,
                 listener: stats,
+                lease_config,
                 subscription_retry: self.subscription_retry,
                 stats_timeout: self.stats_timeout,
                 _listener_guard: cancel.drop_guard(),

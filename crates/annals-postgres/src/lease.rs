@@ -1,0 +1,109 @@
+//! Named leases ([`annals_core::Leases`]) as session-level advisory locks.
+//!
+//! A lease is `pg_try_advisory_lock(LEASE_CLASS, hashtext('{schema}/{name}'))`
+//! taken on a connection of its own. PostgreSQL releases a session lock
+//! when the session ends, so a holder that dies, or whose connection is
+//! cut, frees the lease for the next process without anyone cleaning up.
+//!
+//! The holder pings its connection every [`PING`]. The lease is reported
+//! lost as soon as the connection ends (a terminated backend is noticed at
+//! once), or when a ping fails or takes longer than [`PING_TIMEOUT`]; the
+//! connection is then closed, so the server lets go too. The two sides
+//! can disagree only in the safe direction (nobody holds it for a moment)
+//! except for one case: the server ended the session but this process has
+//! not noticed yet, which lasts until the socket reports it (usually at
+//! once) or the next ping, i.e. at most about [`PING`].
+//!
+//! Two names whose hashes collide contend for one lock: a lease may then
+//! look taken when it is free, but one name never has two holders.
+
+use std::time::Duration;
+
+use annals_core::{Lease, Leases, Result, async_trait, validate_lease_name};
+use tokio::{sync::watch, task::JoinHandle};
+use tokio_postgres::{Client, NoTls};
+
+use crate::{
+    PgStore,
+    error::{db, unreachable_from},
+};
+
+/// Advisory-lock class of leases ("anlz"; migrations use another class).
+const LEASE_CLASS: i32 = 0x616e_6c7a;
+/// How often a holder checks its connection.
+pub const PING: Duration = Duration::from_secs(1);
+/// A ping slower than this loses the lease.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[async_trait]
+impl Leases for PgStore {
+    async fn try_lease(&self, name: &str) -> Result<Option<Lease>> {
+        validate_lease_name(name)?;
+        let (client, connection) = self.inner.lease_config.connect(NoTls).await.map_err(unreachable_from)?;
+        let driver = tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "annals-postgres lease connection ended");
+            }
+        });
+        let key = format!("{}/{name}", self.inner.schema);
+        let taken = client
+            .query_one("SELECT pg_try_advisory_lock($1, hashtext($2))", &[&LEASE_CLASS, &key])
+            .await
+            .and_then(|row| row.try_get::<_, bool>(0));
+        let taken = match taken {
+            Ok(taken) => taken,
+            Err(e) => {
+                driver.abort();
+                return Err(db(e));
+            }
+        };
+        if !taken {
+            // Dropping the client closes the session.
+            return Ok(None);
+        }
+        let (lost, lost_rx) = watch::channel(false);
+        let keeper = tokio::spawn(keep(client, driver, lost, key));
+        Ok(Some(Lease::new(name, lost_rx, Hold(keeper))))
+    }
+}
+
+/// Holds the lease while it lives: dropping it ends the keeper, which drops
+/// the client, which closes the session (and the server releases the lock).
+struct Hold(JoinHandle<()>);
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Watches the lease's connection until it fails, then reports the lease
+/// lost and closes the connection.
+async fn keep(client: Client, mut driver: JoinHandle<()>, lost: watch::Sender<bool>, key: String) {
+    let mut tick = tokio::time::interval(PING);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut driver => {
+                tracing::warn!(lease = %key, "lease connection ended; lease lost");
+                break;
+            }
+            _ = tick.tick() => match tokio::time::timeout(PING_TIMEOUT, client.simple_query("SELECT 1")).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(lease = %key, error = %crate::error::describe(&e), "lease ping failed; lease lost");
+                    break;
+                }
+                Err(_) => {
+                    tracing::warn!(lease = %key, "lease ping timed out; lease lost");
+                    break;
+                }
+            },
+        }
+    }
+    let _ = lost.send(true);
+    // The session may still be open (a slow ping): close it, so the server
+    // releases the lock rather than keeping it for a holder that stopped.
+    driver.abort();
+    drop(client);
+}
