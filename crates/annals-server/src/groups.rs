@@ -11,7 +11,12 @@
 
 use std::{
     collections::BTreeMap,
-    sync::Arc,
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -20,7 +25,8 @@ use annals::consumers::{
     StartFrom,
 };
 use annals_core::{
-    Direction, EventData, ExpectedVersion, ReadFrom, ReadStream, StreamName, SubscriptionTarget,
+    Direction, EventData, ExpectedVersion, Lease, Leases, ReadFrom, ReadStream, StreamName,
+    SubscriptionTarget,
 };
 use axum::{
     Json,
@@ -66,10 +72,25 @@ const MAX_WAIT_MS: u64 = 25_000;
 /// long, is dropped.
 const PULL_IDLE_MIN: Duration = Duration::from_secs(30);
 
+/// The lease that elects the one server process of a shared store that
+/// runs the consumer groups.
+pub(crate) const GROUPS_LEASE: &str = "consumer-groups";
+/// How often a process that does not run the groups tries to take over.
+pub(crate) const LEASE_RETRY: Duration = Duration::from_secs(2);
+
 /// The running groups of one server.
-#[derive(Default)]
 pub(crate) struct Groups {
     inner: Mutex<Registry>,
+    /// Whether this process runs the groups: always when it is the store's
+    /// only process (no leases attached), otherwise while it holds
+    /// [`GROUPS_LEASE`].
+    leading: AtomicBool,
+}
+
+impl Default for Groups {
+    fn default() -> Self {
+        Groups { inner: Mutex::default(), leading: AtomicBool::new(true) }
+    }
 }
 
 #[derive(Default)]
@@ -77,7 +98,13 @@ struct Registry {
     running: BTreeMap<String, Entry>,
     /// Set on shutdown: no group may start after the registry was emptied.
     closed: bool,
+    /// The groups lease, while this process holds it; released after the
+    /// groups have stopped and saved their checkpoints.
+    lease: Option<Lease>,
 }
+
+/// Resolves when the groups lease is lost.
+type LeaseLost = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 #[derive(Clone)]
 struct Entry {
@@ -138,16 +165,43 @@ impl Entry {
 }
 
 impl Groups {
-    /// Stops every group (saving checkpoints) and refuses new ones.
+    /// Stops every group (saving checkpoints) and refuses new ones; then
+    /// releases the groups lease, so the process taking over starts from
+    /// those checkpoints.
     pub(crate) async fn stop_all(&self) {
-        let entries = {
+        let (entries, lease) = {
             let mut registry = self.inner.lock().await;
             registry.closed = true;
-            std::mem::take(&mut registry.running)
+            (std::mem::take(&mut registry.running), registry.lease.take())
         };
         for (_, entry) in entries {
             entry.remove().await;
         }
+        drop(lease);
+    }
+
+    /// Until the lease is taken, on a shared store.
+    pub(crate) fn set_follower(&self) {
+        self.leading.store(false, Ordering::Release);
+    }
+
+    pub(crate) fn leading(&self) -> bool {
+        self.leading.load(Ordering::Acquire)
+    }
+
+    /// Stops running the groups here: group requests are refused from now
+    /// on, the running groups stop (saving their checkpoints) and the lease
+    /// is released. The registry stays open for a later take-over.
+    async fn step_down(&self) {
+        self.leading.store(false, Ordering::Release);
+        let (entries, lease) = {
+            let mut registry = self.inner.lock().await;
+            (std::mem::take(&mut registry.running), registry.lease.take())
+        };
+        for (_, entry) in entries {
+            entry.remove().await;
+        }
+        drop(lease);
     }
 
     async fn get(&self, group: &str) -> Result<Entry, ApiError> {
@@ -228,8 +282,9 @@ impl AppState {
     /// connections. A definition that cannot start any more is logged and
     /// skipped. Returns how many groups it started.
     ///
-    /// Every server process on a shared (PostgreSQL) store restores every
-    /// group; see `docs/operations.md` for running groups on one process.
+    /// On a shared store (leases attached, see
+    /// [`AppState::attach_leases`]) [`run`](crate::run) calls it only on the
+    /// process that took the groups lease.
     pub async fn restore_groups(&self) -> annals_core::Result<usize> {
         if !self.inner.config.groups.enabled {
             return Ok(0);
@@ -265,16 +320,95 @@ impl AppState {
     }
 }
 
-/// Refuses group operations on a server with `groups.enabled = false`.
-fn enabled(state: &AppState) -> Result<(), ApiError> {
-    if state.inner.config.groups.enabled {
-        return Ok(());
+/// One attempt to run the groups here: takes the groups lease if it is
+/// free and restores the defined groups under it. Returns what resolves
+/// when the lease is lost, or `None` when another process holds it (or the
+/// attempt failed, which is logged).
+pub(crate) async fn try_lead(state: &AppState, leases: &dyn Leases) -> Option<LeaseLost> {
+    let lease = match leases.try_lease(GROUPS_LEASE).await {
+        Ok(Some(lease)) => lease,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot ask for the consumer-groups lease; trying again later");
+            return None;
+        }
+    };
+    let lost = Box::pin(lease.lost());
+    {
+        let mut registry = state.inner.groups.inner.lock().await;
+        if registry.closed {
+            return None;
+        }
+        registry.lease = Some(lease);
     }
-    Err(ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "groups_disabled",
-        "consumer groups are disabled on this server (groups.enabled = false); use the server that runs them",
-    ))
+    match state.restore_groups().await {
+        Ok(restored) => {
+            state.inner.groups.leading.store(true, Ordering::Release);
+            tracing::info!(groups = restored, "this process runs the consumer groups");
+            Some(lost)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot restore the consumer groups; releasing their lease");
+            state.inner.groups.step_down().await;
+            None
+        }
+    }
+}
+
+/// Keeps the groups on exactly one process of a shared store: while this
+/// process leads, waits for the lease to be lost and then stops its
+/// groups; while it does not, tries to take the lease every
+/// [`LEASE_RETRY`]. Returns when `stop` is cancelled (shutdown, after which
+/// [`Groups::stop_all`] stops the groups and releases the lease).
+pub(crate) async fn keep_leading(
+    state: AppState,
+    leases: Arc<dyn Leases>,
+    mut lost: Option<LeaseLost>,
+    stop: CancellationToken,
+) {
+    loop {
+        match lost.take() {
+            Some(lease_lost) => {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = lease_lost => {
+                        tracing::warn!(
+                            "lost the consumer-groups lease; stopping the groups here (the process that takes it over continues them)"
+                        );
+                        state.inner.groups.step_down().await;
+                    }
+                }
+            }
+            None => {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(LEASE_RETRY) => {}
+                }
+                lost = try_lead(&state, &*leases).await;
+            }
+        }
+    }
+}
+
+/// Refuses group operations on a server with `groups.enabled = false`, and
+/// on a process that does not run the groups of its shared store.
+fn enabled(state: &AppState) -> Result<(), ApiError> {
+    if !state.inner.config.groups.enabled {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "groups_disabled",
+            "consumer groups are disabled on this server (groups.enabled = false); use the server that runs them",
+        ));
+    }
+    if !state.inner.groups.leading() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "groups_elsewhere",
+            "the consumer groups of this store run on another server process now; send group requests \
+             there, or retry: this process takes them over within seconds if that one stops",
+        ));
+    }
+    Ok(())
 }
 
 fn unknown_group(group: &str) -> ApiError {
@@ -464,7 +598,7 @@ fn describe(group: &str, spec: &GroupSpec) -> Value {
         (status = 400, description = "Invalid name or settings", body = ErrorOut),
         (status = 403, description = "Role below writer on the group's target", body = ErrorOut),
         (status = 409, description = "`group_exists`: running with different settings (`details.running`)", body = ErrorOut),
-        (status = 503, description = "`groups_disabled` on this server, or `shutting_down`", body = ErrorOut)))]
+        (status = 503, description = "`groups_disabled` on this server, `groups_elsewhere` (another process runs them), or `shutting_down`", body = ErrorOut)))]
 pub async fn create(
     State(state): State<AppState>,
     principal: Principal,
@@ -515,7 +649,7 @@ pub async fn create(
 #[utoipa::path(get, path = "/groups", tag = "groups",
     responses((status = 200, description = "Running groups the caller may see", body = GroupListOut),
         (status = 403, description = "Role below reader", body = ErrorOut),
-        (status = 503, description = "`groups_disabled` on this server", body = ErrorOut)))]
+        (status = 503, description = "`groups_disabled` on this server, `groups_elsewhere` (another process runs them)", body = ErrorOut)))]
 pub async fn list(
     State(state): State<AppState>,
     principal: Principal,
@@ -554,7 +688,7 @@ async fn authorized(
         (status = 400, description = "Invalid group name", body = ErrorOut),
         (status = 403, description = "Role below reader on the group's target", body = ErrorOut),
         (status = 404, description = "`group_not_found`", body = ErrorOut),
-        (status = 503, description = "`groups_disabled` on this server, or `group_stopped`", body = ErrorOut)))]
+        (status = 503, description = "`groups_disabled` on this server, `groups_elsewhere` (another process runs them), or `group_stopped`", body = ErrorOut)))]
 pub async fn stats(
     State(state): State<AppState>,
     principal: Principal,
@@ -574,7 +708,7 @@ pub async fn stats(
         (status = 400, description = "Invalid group name", body = ErrorOut),
         (status = 403, description = "Role below writer on the group's target", body = ErrorOut),
         (status = 404, description = "`group_not_found`", body = ErrorOut),
-        (status = 503, description = "`groups_disabled` on this server", body = ErrorOut)))]
+        (status = 503, description = "`groups_disabled` on this server, `groups_elsewhere` (another process runs them)", body = ErrorOut)))]
 pub async fn delete(
     State(state): State<AppState>,
     principal: Principal,
@@ -606,7 +740,7 @@ pub async fn delete(
         (status = 400, description = "Invalid group name", body = ErrorOut),
         (status = 403, description = "Role below reader on the group's target", body = ErrorOut),
         (status = 404, description = "`group_not_found`", body = ErrorOut),
-        (status = 503, description = "`groups_disabled` on this server, or `group_stopped`", body = ErrorOut)))]
+        (status = 503, description = "`groups_disabled` on this server, `groups_elsewhere` (another process runs them), or `group_stopped`", body = ErrorOut)))]
 pub async fn parked(
     State(state): State<AppState>,
     principal: Principal,
@@ -625,7 +759,7 @@ pub async fn parked(
         (status = 400, description = "Invalid group name or position", body = ErrorOut),
         (status = 403, description = "Role below reader on the group's target", body = ErrorOut),
         (status = 404, description = "`group_not_found` or `parked_not_found`", body = ErrorOut),
-        (status = 503, description = "`groups_disabled` on this server, or `group_stopped`", body = ErrorOut)))]
+        (status = 503, description = "`groups_disabled` on this server, `groups_elsewhere` (another process runs them), or `group_stopped`", body = ErrorOut)))]
 pub async fn inspect_parked(
     State(state): State<AppState>,
     principal: Principal,
@@ -661,7 +795,7 @@ pub struct ReplayIn {
         (status = 403, description = "Role below writer on the group's target", body = ErrorOut),
         (status = 404, description = "`group_not_found`", body = ErrorOut),
         (status = 410, description = "`original_gone`: a parked message's event is no longer readable", body = ErrorOut),
-        (status = 503, description = "`groups_disabled` on this server, or `group_stopped`", body = ErrorOut)))]
+        (status = 503, description = "`groups_disabled` on this server, `groups_elsewhere` (another process runs them), or `group_stopped`", body = ErrorOut)))]
 pub async fn replay(
     State(state): State<AppState>,
     principal: Principal,
@@ -703,7 +837,7 @@ pub struct ConsumeQuery {
         (status = 403, description = "Role below writer on the group's target", body = ErrorOut),
         (status = 404, description = "`group_not_found`", body = ErrorOut),
         (status = 426, description = "`upgrade_required`: the connection cannot be upgraded", body = ErrorOut),
-        (status = 503, description = "`groups_disabled` on this server", body = ErrorOut)))]
+        (status = 503, description = "`groups_disabled` on this server, `groups_elsewhere` (another process runs them)", body = ErrorOut)))]
 pub async fn ws(
     State(state): State<AppState>,
     principal: Principal,
@@ -858,7 +992,7 @@ pub struct PullQuery {
         (status = 400, description = "Invalid group name, consumer, `max` or `wait_ms`", body = ErrorOut),
         (status = 403, description = "Role below writer on the group's target", body = ErrorOut),
         (status = 404, description = "`group_not_found`", body = ErrorOut),
-        (status = 503, description = "`groups_disabled` on this server, or `group_stopped`", body = ErrorOut)))]
+        (status = 503, description = "`groups_disabled` on this server, `groups_elsewhere` (another process runs them), or `group_stopped`", body = ErrorOut)))]
 pub async fn pull(
     State(state): State<AppState>,
     principal: Principal,
@@ -998,7 +1132,7 @@ async fn settle(
         (status = 400, description = "Invalid group name or consumer; `action`/`reason` misuse", body = ErrorOut),
         (status = 403, description = "Role below writer on the group's target", body = ErrorOut),
         (status = 404, description = "`group_not_found` or `consumer_not_found`", body = ErrorOut),
-        (status = 503, description = "`groups_disabled` on this server", body = ErrorOut)))]
+        (status = 503, description = "`groups_disabled` on this server, `groups_elsewhere` (another process runs them)", body = ErrorOut)))]
 pub async fn pull_ack(
     State(state): State<AppState>,
     principal: Principal,
@@ -1017,7 +1151,7 @@ pub async fn pull_ack(
         (status = 400, description = "Invalid group name or consumer; `action`/`reason` misuse", body = ErrorOut),
         (status = 403, description = "Role below writer on the group's target", body = ErrorOut),
         (status = 404, description = "`group_not_found` or `consumer_not_found`", body = ErrorOut),
-        (status = 503, description = "`groups_disabled` on this server", body = ErrorOut)))]
+        (status = 503, description = "`groups_disabled` on this server, `groups_elsewhere` (another process runs them)", body = ErrorOut)))]
 pub async fn pull_nack(
     State(state): State<AppState>,
     principal: Principal,

@@ -77,6 +77,9 @@ struct Shared {
     shutdown: CancellationToken,
     groups: groups::Groups,
     facade: std::sync::OnceLock<metrics::FacadeRecorder>,
+    /// Set when several processes may share the store (PostgreSQL): the
+    /// consumer groups then run on the process holding their lease.
+    leases: std::sync::OnceLock<Arc<dyn annals_core::Leases>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -115,6 +118,7 @@ impl AppState {
                 shutdown: CancellationToken::new(),
                 groups: groups::Groups::default(),
                 facade: std::sync::OnceLock::new(),
+                leases: std::sync::OnceLock::new(),
                 config,
             }),
         })
@@ -140,6 +144,27 @@ impl AppState {
     /// first call has an effect.
     pub fn attach_facade_recorder(&self, recorder: metrics::FacadeRecorder) {
         let _ = self.inner.facade.set(recorder);
+    }
+
+    /// Declares that other server processes may share the store (the
+    /// PostgreSQL backend), with `leases` to decide between them: the
+    /// consumer groups then run on whichever process holds their lease,
+    /// the others answer group requests with `503 groups_elsewhere` and
+    /// take over when the holder stops or loses its connection. Call it
+    /// before [`run`]; later calls are ignored. Without it the server
+    /// assumes it is the store's only process (the embedded log locks its
+    /// directory) and always runs the groups.
+    pub fn attach_leases(&self, leases: Arc<dyn annals_core::Leases>) {
+        if self.inner.leases.set(leases).is_ok() {
+            // Until [`run`] has taken the lease.
+            self.inner.groups.set_follower();
+        }
+    }
+
+    /// Whether this process runs the consumer groups now (see
+    /// [`AppState::attach_leases`]); `false` also when groups are disabled.
+    pub fn leads_groups(&self) -> bool {
+        self.inner.config.groups.enabled && self.inner.groups.leading()
     }
 
     /// Cancelled when the server starts shutting down; live connections

@@ -40,13 +40,26 @@ pub async fn run(
         Some(tls) => Some(crate::tls::acceptor(tls)?),
         None => None,
     };
-    // Consumer groups defined before a restart run again before the first
-    // consumer can connect.
-    let restored = state.restore_groups().await?;
-    if restored > 0 {
-        tracing::info!(groups = restored, "restored consumer groups");
-    }
     let draining = state.shutdown_token().clone();
+    // Consumer groups defined before a restart run again before the first
+    // consumer can connect. On a shared store only the process holding the
+    // groups lease runs them; the others keep trying to take over.
+    let leadership = match state.inner.leases.get().cloned() {
+        Some(leases) if config.groups.enabled => {
+            let lost = crate::groups::try_lead(&state, &*leases).await;
+            if lost.is_none() {
+                tracing::info!("another server process runs the consumer groups of this store");
+            }
+            Some(tokio::spawn(crate::groups::keep_leading(state.clone(), leases, lost, draining.clone())))
+        }
+        _ => {
+            let restored = state.restore_groups().await?;
+            if restored > 0 {
+                tracing::info!(groups = restored, "restored consumer groups");
+            }
+            None
+        }
+    };
     let tracker = TaskTracker::new();
     tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "annals server listening");
     tokio::pin!(shutdown);
@@ -92,8 +105,12 @@ pub async fn run(
             "connections still open after the shutdown timeout; closing them"
         );
     }
+    if let Some(leadership) = leadership {
+        let _ = leadership.await;
+    }
     // After the drain, so consumers disconnected first and their unsettled
-    // messages are back in the group when it saves its checkpoint.
+    // messages are back in the group when it saves its checkpoint; the
+    // groups lease (if any) goes last.
     state.stop_groups().await;
     Ok(())
 }

@@ -203,6 +203,8 @@ pub struct OpenedStore {
     pub store: Arc<dyn Store>,
     /// Backend name for `/info` and logs.
     pub backend: &'static str,
+    /// Leases, for a store several processes may share (PostgreSQL).
+    pub leases: Option<Arc<dyn annals_core::Leases>>,
     /// The embedded log, kept to close it explicitly (sync + index
     /// checkpoint) after the server has drained.
     log: Option<annals_log::LogStore>,
@@ -244,10 +246,20 @@ pub async fn open_store(config: &StoreConfig) -> Result<OpenedStore, CliError> {
                 }
                 other => CliError::Other(format!("cannot open the PostgreSQL store: {other}")),
             })?;
-        return Ok(OpenedStore { store: Arc::new(store), backend: "postgres", log: None });
+        return Ok(OpenedStore {
+            store: Arc::new(store.clone()),
+            backend: "postgres",
+            leases: Some(Arc::new(store)),
+            log: None,
+        });
     }
     if config.memory {
-        return Ok(OpenedStore { store: Arc::new(MemoryStore::new()), backend: "memory", log: None });
+        return Ok(OpenedStore {
+            store: Arc::new(MemoryStore::new()),
+            backend: "memory",
+            leases: None,
+            log: None,
+        });
     }
     let log = annals_log::LogStore::open(&config.data).map_err(|e| match e {
         annals_log::LogError::Locked { .. } => CliError::Usage(format!(
@@ -261,7 +273,7 @@ pub async fn open_store(config: &StoreConfig) -> Result<OpenedStore, CliError> {
             CliError::Other(format!("cannot open the data directory {}: {other}", config.data.display()))
         }
     })?;
-    Ok(OpenedStore { store: Arc::new(log.clone()), backend: "log", log: Some(log) })
+    Ok(OpenedStore { store: Arc::new(log.clone()), backend: "log", leases: None, log: Some(log) })
 }
 
 fn init_logging(config: &ServerConfig) -> Result<(), CliError> {
@@ -292,6 +304,9 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     let scheme = if config.tls.is_some() { "https" } else { "http" };
     let anonymous = config.auth.anonymous;
     let state = AppState::with_backend(store, config, backend)?;
+    if let Some(leases) = opened.leases.clone() {
+        state.attach_leases(leases);
+    }
     // Consumers, projections and the log's fsync timings report through the
     // `metrics` facade; `/metrics` renders them with the server's own.
     if let Some(recorder) = annals_server::metrics::FacadeRecorder::install() {

@@ -41,8 +41,13 @@ pub async fn start_with_store(
     store: Arc<dyn annals_core::Store>,
     config: ServerConfig,
 ) -> TestServer {
-    let addr = listener.local_addr().expect("addr");
     let state = AppState::with_backend(store, config, "memory").expect("config");
+    start_state(listener, state).await
+}
+
+/// A server over a prepared `state` (e.g. with leases attached).
+pub async fn start_state(listener: TcpListener, state: AppState) -> TestServer {
+    let addr = listener.local_addr().expect("addr");
     let (tx, rx) = oneshot::channel::<()>();
     let run_state = state.clone();
     let handle = tokio::spawn(async move {
