@@ -401,12 +401,14 @@ fn enabled(state: &AppState) -> Result<(), ApiError> {
         ));
     }
     if !state.inner.groups.leading() {
-        return Err(ApiError::new(
+        let mut e = ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "groups_elsewhere",
             "the consumer groups of this store run on another server process now; send group requests \
              there, or retry: this process takes them over within seconds if that one stops",
-        ));
+        );
+        e.retry_after = Some(LEASE_RETRY.as_secs());
+        return Err(e);
     }
     Ok(())
 }

@@ -73,6 +73,16 @@ async fn serve(store: &PgStore) -> TestServer {
 }
 
 async fn call(s: &TestServer, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let (status, _, body) = call_with_headers(s, method, path, body).await;
+    (status, body)
+}
+
+async fn call_with_headers(
+    s: &TestServer,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, reqwest::header::HeaderMap, Value) {
     let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
     let mut req = s.client.request(method, s.url(path));
     if let Some(body) = body {
@@ -80,7 +90,8 @@ async fn call(s: &TestServer, method: &str, path: &str, body: Option<Value>) -> 
     }
     let resp = req.send().await.expect("request");
     let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
+    let headers = resp.headers().clone();
+    (status, headers, resp.json().await.unwrap_or(Value::Null))
 }
 
 async fn until(what: &str, mut done: impl FnMut() -> bool) {
@@ -131,6 +142,8 @@ async fn groups_run_on_one_process_and_move_when_it_stops() {
         assert_elsewhere(call(&second, "PUT", "/groups/payments", Some(json!({ "stream": "pay-1" }))).await);
         assert_elsewhere(call(&second, "GET", "/groups", None).await);
         assert_elsewhere(call(&second, "POST", "/groups/payments/next?consumer=p", None).await);
+        let (_, headers, _) = call_with_headers(&second, "GET", "/groups/payments", None).await;
+        assert_eq!(headers.get("retry-after").map(|v| v.to_str().unwrap_or("")), Some("2"));
 
         let settings = json!({ "stream": "pay-1", "ack_timeout_ms": 600_000 });
         assert_eq!(call(&first, "PUT", "/groups/payments", Some(settings)).await.0, 201);
