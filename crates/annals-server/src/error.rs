@@ -216,7 +216,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if self.status.is_server_error() {
+        // A follower of a shared store answers every group request with
+        // `groups_elsewhere`: routine, not worth a warning each time.
+        if self.code == "groups_elsewhere" {
+            tracing::debug!(status = %self.status, code = %self.code, "request for groups run elsewhere");
+        } else if self.status.is_server_error() {
             tracing::warn!(status = %self.status, code = %self.code, message = %self.message, "request failed");
         }
         let mut response = (self.status, Json(self.out())).into_response();

@@ -247,10 +247,27 @@ pub fn app(state: AppState) -> Router {
             // "finished" line is DEBUG (at INFO it cost a formatted, flushed
             // stderr line per request, the largest single item in a profile
             // of small appends). Server errors are still logged by
-            // `on_failure` at ERROR.
+            // `on_failure` at ERROR, except 503: those are answers the
+            // server chose (shutting down, groups elsewhere or disabled, the
+            // store unavailable), already logged at WARN with their code by
+            // `ApiError`, and a follower of a shared store gives them for
+            // every group request.
             TraceLayer::new_for_http()
                 .on_response(
                     DefaultOnResponse::new().level(tracing::Level::DEBUG).latency_unit(LatencyUnit::Micros),
+                )
+                .on_failure(
+                    |class: tower_http::classify::ServerErrorsFailureClass,
+                     latency: std::time::Duration,
+                     _span: &tracing::Span| {
+                        let latency_us = latency.as_micros();
+                        match class {
+                            tower_http::classify::ServerErrorsFailureClass::StatusCode(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                            ) => {}
+                            class => tracing::error!(%class, latency_us, "response failed"),
+                        }
+                    },
                 )
                 .make_span_with(|req: &Request| {
                     let header =
