@@ -47,8 +47,11 @@ pub(crate) async fn migrate(client: &mut Client, schema: &str) -> Result<(), PgE
     let quoted = quote_ident(schema);
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", &[&LOCK_CLASS, &schema]).await?;
+    // `IF NOT EXISTS` on every open would otherwise log two "already
+    // exists, skipping" notices per process start.
     tx.batch_execute(&format!(
-        "CREATE SCHEMA IF NOT EXISTS {quoted};
+        "SET LOCAL client_min_messages = warning;
+         CREATE SCHEMA IF NOT EXISTS {quoted};
          CREATE TABLE IF NOT EXISTS {quoted}.schema_migrations (
              version    integer PRIMARY KEY,
              name       text NOT NULL,
