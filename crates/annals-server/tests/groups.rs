@@ -604,6 +604,7 @@ async fn a_server_with_groups_disabled_neither_runs_nor_restores_them() {
         assert_eq!(status, 503, "{method} {path}: {body}");
         assert_eq!(body["error"]["code"], "groups_disabled", "{method} {path}: {body}");
     }
+    assert_eq!(s.get("/info").await.1["groups"], "disabled");
     s.stop().await;
 
     // The definition is still there for a server that runs groups.

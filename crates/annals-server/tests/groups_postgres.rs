@@ -139,6 +139,8 @@ async fn groups_run_on_one_process_and_move_when_it_stops() {
         // The second process stays a follower and says where groups are.
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!second.state.leads_groups());
+        assert_eq!(second.get("/info").await.1["groups"], "elsewhere");
+        assert_eq!(first.get("/info").await.1["groups"], "here");
         assert_elsewhere(call(&second, "PUT", "/groups/payments", Some(json!({ "stream": "pay-1" }))).await);
         assert_elsewhere(call(&second, "GET", "/groups", None).await);
         assert_elsewhere(call(&second, "POST", "/groups/payments/next?consumer=p", None).await);

@@ -436,6 +436,7 @@ async fn operations_endpoints() {
         let (_, info) = s.get("/info").await;
         assert_eq!(info["backend"], "memory");
         assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));
+        assert_eq!(info["groups"], "here", "the only process of its store runs the groups");
         let (_, stats) = s.get("/stats").await;
         assert_eq!(stats["events"], 3);
         assert_eq!(stats["streams"], 2);

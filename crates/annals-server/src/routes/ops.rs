@@ -221,6 +221,11 @@ pub struct InfoOut {
     pub uptime_secs: u64,
     /// Whether it serves TLS.
     pub tls: bool,
+    /// Where the consumer groups of this store run: `here`, `elsewhere`
+    /// (another process of a shared store holds their lease; this one
+    /// takes over if it stops) or `disabled` (`groups.enabled = false`).
+    /// A load balancer can route `/groups` to the process saying `here`.
+    pub groups: &'static str,
 }
 
 /// `GET /info`: version, backend, uptime.
@@ -234,6 +239,13 @@ pub async fn info(State(state): State<AppState>) -> Json<InfoOut> {
         started_at: format_rfc3339(state.inner.started_at),
         uptime_secs: state.inner.started.elapsed().as_secs(),
         tls: state.inner.config.tls.is_some(),
+        groups: if !state.inner.config.groups.enabled {
+            "disabled"
+        } else if state.leads_groups() {
+            "here"
+        } else {
+            "elsewhere"
+        },
     })
 }
 
