@@ -10,9 +10,9 @@ use std::{
 };
 
 use annals_core::{
-    ContentType, DeleteMode, DeletionState, Direction, Error, EventData, ExpectedVersion, Filter, LimitKind,
-    ListStreams, ReadAll, ReadFrom, ReadStream, Snapshot, Store, StreamAppend, StreamName, SubscribeFrom,
-    SubscriptionRequest, Timestamp, TypeMatch,
+    ContentType, DeleteMode, DeletionState, Direction, Error, EventData, ExpectedVersion, Filter, Leases,
+    LimitKind, ListStreams, ReadAll, ReadFrom, ReadStream, Snapshot, Store, StreamAppend, StreamName,
+    SubscribeFrom, SubscriptionRequest, Timestamp, TypeMatch,
 };
 use futures::StreamExt;
 use serde_json::json;
@@ -20,8 +20,8 @@ use serde_json::json;
 use crate::support::*;
 
 /// Bound every behaviour's store type must satisfy.
-pub trait TestStore: Store + Clone + 'static {}
-impl<T: Store + Clone + 'static> TestStore for T {}
+pub trait TestStore: Store + Leases + Clone + 'static {}
+impl<T: Store + Leases + Clone + 'static> TestStore for T {}
 
 // ---------------------------------------------------------------- appends
 
@@ -1021,4 +1021,41 @@ pub async fn checkpoints_round_trip<S: TestStore>(store: S) {
     }
     let _ = Direction::Forward;
     let _ = ReadFrom::Start;
+}
+
+// ---------------------------------------------------------------- leases
+
+/// Takes `name`, retrying for a while: a backend may free a dropped lease a
+/// moment later (PostgreSQL ends the holder's session asynchronously).
+async fn lease_soon<S: TestStore>(store: &S, name: &str) -> annals_core::Lease {
+    for _ in 0..400 {
+        if let Some(lease) = store.try_lease(name).await.unwrap() {
+            return lease;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("lease '{name}' was not free within 10 s");
+}
+
+pub async fn leases_have_one_holder_per_name_until_dropped<S: TestStore>(store: S) {
+    let held = store.try_lease("consumer-groups").await.unwrap().expect("free at first");
+    assert_eq!(held.name(), "consumer-groups");
+    assert!(!held.is_lost());
+    assert!(store.try_lease("consumer-groups").await.unwrap().is_none(), "held: not again");
+    assert!(store.clone().try_lease("consumer-groups").await.unwrap().is_none(), "not through a clone");
+    let other = store.try_lease("projections").await.unwrap().expect("another name is independent");
+    drop(held);
+    let again = lease_soon(&store, "consumer-groups").await;
+    assert!(!again.is_lost());
+    assert!(store.try_lease("projections").await.unwrap().is_none(), "the other one is still held");
+    drop((again, other));
+}
+
+pub async fn lease_names_are_validated<S: TestStore>(store: S) {
+    for bad in [String::new(), "x".repeat(annals_core::MAX_LEASE_NAME_LEN + 1)] {
+        let err = store.try_lease(&bad).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidInput { .. }), "{err:?}");
+    }
+    let longest = "x".repeat(annals_core::MAX_LEASE_NAME_LEN);
+    assert!(store.try_lease(&longest).await.unwrap().is_some());
 }

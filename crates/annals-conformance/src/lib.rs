@@ -119,6 +119,8 @@ macro_rules! suite {
             snapshots_load_latest_and_by_version,
             snapshots_prune_keeps_newest,
             checkpoints_round_trip,
+            leases_have_one_holder_per_name_until_dropped,
+            lease_names_are_validated,
         );
     };
 }

@@ -12,7 +12,11 @@
 //! resolves then; the holder must stop the work it guards, because another
 //! process may take the lease right away.
 
-use std::future::Future;
+use std::{
+    collections::HashSet,
+    future::Future,
+    sync::{Arc, Mutex},
+};
 
 use async_trait::async_trait;
 use tokio::sync::watch;
@@ -76,6 +80,50 @@ impl Lease {
             // Err: the sender is gone, which also means nobody vouches.
             let _ = lost.wait_for(|lost| *lost).await;
         }
+    }
+}
+
+/// Leases that only this process sees: right for stores one process opens
+/// at a time (the embedded log locks its directory; the in-memory store
+/// lives in one process), where holding a name here holds it everywhere.
+/// Clones share the held names. A lease is never lost, only dropped.
+#[derive(Debug, Clone, Default)]
+pub struct LocalLeases {
+    held: Arc<Mutex<HashSet<String>>>,
+}
+
+impl LocalLeases {
+    /// No lease held.
+    pub fn new() -> Self {
+        LocalLeases::default()
+    }
+}
+
+#[async_trait]
+impl Leases for LocalLeases {
+    async fn try_lease(&self, name: &str) -> Result<Option<Lease>> {
+        validate_lease_name(name)?;
+        let mut held = self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !held.insert(name.to_owned()) {
+            return Ok(None);
+        }
+        let (vouch, lost) = watch::channel(false);
+        let hold = LocalHold { name: name.to_owned(), held: self.held.clone(), _vouch: vouch };
+        Ok(Some(Lease::new(name, lost, hold)))
+    }
+}
+
+/// Releases a local lease when dropped; its sender keeps the lease from
+/// reading as lost until then.
+struct LocalHold {
+    name: String,
+    held: Arc<Mutex<HashSet<String>>>,
+    _vouch: watch::Sender<bool>,
+}
+
+impl Drop for LocalHold {
+    fn drop(&mut self) {
+        self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&self.name);
     }
 }
 

@@ -30,6 +30,7 @@ struct Inner {
     state: RwLock<State>,
     head: watch::Sender<u64>,
     limits: Limits,
+    leases: crate::LocalLeases,
 }
 
 #[derive(Default)]
@@ -64,7 +65,14 @@ impl MemoryStore {
     /// An empty store with the given limits.
     pub fn with_limits(limits: Limits) -> Self {
         let (head, _) = watch::channel(0);
-        MemoryStore { inner: Arc::new(Inner { state: RwLock::new(State::default()), head, limits }) }
+        MemoryStore {
+            inner: Arc::new(Inner {
+                state: RwLock::new(State::default()),
+                head,
+                limits,
+                leases: crate::LocalLeases::new(),
+            }),
+        }
     }
 }
 
@@ -362,5 +370,13 @@ impl CheckpointStore for MemoryStore {
         validate_checkpoint_name(name)?;
         self.inner.write()?.checkpoints.insert(name.to_owned(), position);
         Ok(())
+    }
+}
+
+/// The store lives in one process: leases are local ([`crate::LocalLeases`]).
+#[async_trait]
+impl crate::Leases for MemoryStore {
+    async fn try_lease(&self, name: &str) -> Result<Option<crate::Lease>> {
+        self.inner.leases.try_lease(name).await
     }
 }

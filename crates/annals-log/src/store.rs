@@ -181,6 +181,7 @@ impl LogStoreBuilder {
                 head: head_rx,
                 stats,
                 dir,
+                leases: annals_core::LocalLeases::new(),
             }),
         })
     }
@@ -297,6 +298,8 @@ struct Shared {
     head: watch::Receiver<u64>,
     stats: OpenStats,
     dir: PathBuf,
+    /// One process holds the directory lock, so local leases are global.
+    leases: annals_core::LocalLeases,
 }
 
 impl Shared {
@@ -551,6 +554,15 @@ impl SnapshotStore for LogStore {
         let kv = self.shared.kv.clone();
         let stream = stream.clone();
         blocking(move || kv.prune_snapshots(&stream, keep_last)).await
+    }
+}
+
+/// The directory lock keeps every other process out, so the leases of this
+/// process are the store's ([`annals_core::LocalLeases`]).
+#[async_trait]
+impl annals_core::Leases for LogStore {
+    async fn try_lease(&self, name: &str) -> Result<Option<annals_core::Lease>> {
+        self.shared.leases.try_lease(name).await
     }
 }
 
