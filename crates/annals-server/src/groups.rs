@@ -401,16 +401,20 @@ fn enabled(state: &AppState) -> Result<(), ApiError> {
         ));
     }
     if !state.inner.groups.leading() {
-        let mut e = ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "groups_elsewhere",
-            "the consumer groups of this store run on another server process now; send group requests \
-             there, or retry: this process takes them over within seconds if that one stops",
-        );
-        e.retry_after = Some(LEASE_RETRY.as_secs());
-        return Err(e);
+        return Err(elsewhere());
     }
     Ok(())
+}
+
+fn elsewhere() -> ApiError {
+    let mut e = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "groups_elsewhere",
+        "the consumer groups of this store run on another server process now; send group requests \
+         there, or retry: this process takes them over within seconds if that one stops",
+    );
+    e.retry_after = Some(LEASE_RETRY.as_secs());
+    e
 }
 
 fn unknown_group(group: &str) -> ApiError {
@@ -620,6 +624,11 @@ pub async fn create(
             "shutting_down",
             "the server is shutting down",
         ));
+    }
+    // Again under the registry lock: a step-down that began after the
+    // check above has emptied the registry, and must not miss this group.
+    if !state.inner.groups.leading() {
+        return Err(elsewhere());
     }
     if let Some(entry) = registry.running.get(&group) {
         if entry.spec == spec {
