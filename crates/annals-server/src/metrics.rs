@@ -80,6 +80,8 @@ pub struct Metrics {
     pub slow_disconnects: Counter,
     /// Requests refused by the rate limiter.
     pub rate_limited: Counter,
+    /// 1 while this process runs the consumer groups (set when scraped).
+    pub groups_leader: Gauge,
     /// Appends completed since start (for `/stats`).
     pub append_count: AtomicU64,
     /// Set when the last append failed because the store could not write
@@ -140,8 +142,15 @@ impl Metrics {
             "Requests refused by the rate limiter",
             rate_limited.clone(),
         );
+        let groups_leader = Gauge::default();
+        registry.register(
+            "groups_leader",
+            "1 while this process runs the consumer groups (on a shared store: holds their lease), else 0",
+            groups_leader.clone(),
+        );
         Metrics {
             registry,
+            groups_leader,
             requests,
             appends,
             appended_events,

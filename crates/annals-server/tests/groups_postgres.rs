@@ -130,6 +130,8 @@ async fn groups_run_on_one_process_and_move_when_it_stops() {
         assert!(!second.state.leads_groups());
         assert_eq!(second.get("/info").await.1["groups"], "elsewhere");
         assert_eq!(first.get("/info").await.1["groups"], "here");
+        assert_eq!(first.metric("annals_groups_leader").await, 1.0);
+        assert_eq!(second.metric("annals_groups_leader").await, 0.0);
         assert_elsewhere(call(&second, "PUT", "/groups/payments", Some(json!({ "stream": "pay-1" }))).await);
         assert_elsewhere(call(&second, "GET", "/groups", None).await);
         assert_elsewhere(call(&second, "POST", "/groups/payments/next?consumer=p", None).await);

@@ -91,6 +91,7 @@ pub async fn ready(State(state): State<AppState>) -> Response {
         (status = 403, description = "Role below reader", body = ErrorOut)))]
 pub async fn metrics(State(state): State<AppState>, principal: Principal) -> Result<Response, ApiError> {
     principal.authorize(Role::Reader, None)?;
+    state.inner.metrics.groups_leader.set(i64::from(state.leads_groups()));
     Ok((
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         state.inner.metrics.encode_with(state.inner.facade.get()),
