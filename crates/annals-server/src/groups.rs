@@ -169,15 +169,7 @@ impl Groups {
     /// releases the groups lease, so the process taking over starts from
     /// those checkpoints.
     pub(crate) async fn stop_all(&self) {
-        let (entries, lease) = {
-            let mut registry = self.inner.lock().await;
-            registry.closed = true;
-            (std::mem::take(&mut registry.running), registry.lease.take())
-        };
-        for (_, entry) in entries {
-            entry.remove().await;
-        }
-        drop(lease);
+        self.stop_running(true).await;
     }
 
     /// Until the lease is taken, on a shared store.
@@ -194,8 +186,15 @@ impl Groups {
     /// is released. The registry stays open for a later take-over.
     async fn step_down(&self) {
         self.leading.store(false, Ordering::Release);
+        self.stop_running(false).await;
+    }
+
+    /// Empties the registry (closing it for good when `close`), stops the
+    /// groups it held, then releases the lease.
+    async fn stop_running(&self, close: bool) {
         let (entries, lease) = {
             let mut registry = self.inner.lock().await;
+            registry.closed |= close;
             (std::mem::take(&mut registry.running), registry.lease.take())
         };
         for (_, entry) in entries {
