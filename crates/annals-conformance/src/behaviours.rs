@@ -1058,4 +1058,38 @@ pub async fn lease_names_are_validated<S: TestStore>(store: S) {
     }
     let longest = "x".repeat(annals_core::MAX_LEASE_NAME_LEN);
     assert!(store.try_lease(&longest).await.unwrap().is_some());
+    for bad in ["x".repeat(annals_core::MAX_LEASE_HOLDER_LEN + 1), "two\nlines".to_owned()] {
+        let err = store.try_lease_as("holder-check", &bad).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidInput { .. }), "{err:?}");
+    }
+    assert!(matches!(store.holder("").await, Err(Error::InvalidInput { .. })));
+    // A refused holder took nothing.
+    assert!(store.holder("holder-check").await.unwrap().is_none());
+}
+
+pub async fn lease_holders_are_published_while_held<S: TestStore>(store: S) {
+    assert_eq!(store.holder("consumer-groups").await.unwrap(), None, "never taken");
+    let url = "http://10.0.0.7:7070";
+    let held = store.try_lease_as("consumer-groups", url).await.unwrap().expect("free at first");
+    assert_eq!(store.holder("consumer-groups").await.unwrap().as_deref(), Some(url));
+    assert_eq!(store.clone().holder("consumer-groups").await.unwrap().as_deref(), Some(url), "any handle");
+    assert_eq!(store.holder("projections").await.unwrap(), None, "names are independent");
+    // A second taker publishes nothing while the first holds the lease.
+    assert!(store.try_lease_as("consumer-groups", "http://other:1").await.unwrap().is_none());
+    assert_eq!(store.holder("consumer-groups").await.unwrap().as_deref(), Some(url));
+    let anonymous = store.try_lease("projections").await.unwrap().expect("free");
+    assert_eq!(store.holder("projections").await.unwrap().as_deref(), Some(""), "held without a description");
+    drop(held);
+    let mut freed = false;
+    for _ in 0..400 {
+        if store.holder("consumer-groups").await.unwrap().is_none() {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(freed, "a released lease must stop naming its holder within 10 s");
+    let next = lease_soon(&store, "consumer-groups").await;
+    assert_eq!(store.holder("consumer-groups").await.unwrap().as_deref(), Some(""), "the new holder's");
+    drop((next, anonymous));
 }

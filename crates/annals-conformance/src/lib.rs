@@ -121,6 +121,7 @@ macro_rules! suite {
             checkpoints_round_trip,
             leases_have_one_holder_per_name_until_dropped,
             lease_names_are_validated,
+            lease_holders_are_published_while_held,
         );
     };
 }

@@ -13,7 +13,7 @@
 //! process may take the lease right away.
 
 use std::{
-    collections::HashSet,
+    collections::HashMap,
     future::Future,
     sync::{Arc, Mutex},
 };
@@ -26,13 +26,32 @@ use crate::{Error, Result};
 /// Longest accepted lease name, in bytes.
 pub const MAX_LEASE_NAME_LEN: usize = 200;
 
+/// Longest accepted holder description, in bytes.
+pub const MAX_LEASE_HOLDER_LEN: usize = 1000;
+
 /// Taking named leases shared by every process on the store.
 #[async_trait]
 pub trait Leases: Send + Sync {
-    /// Takes the lease `name` when nobody holds it: `Ok(None)` when another
-    /// holder (in this process or another) has it. Names are 1 to
-    /// [`MAX_LEASE_NAME_LEN`] bytes ([`Error::InvalidInput`] otherwise).
-    async fn try_lease(&self, name: &str) -> Result<Option<Lease>>;
+    /// Takes the lease `name` when nobody holds it, publishing `holder` (a
+    /// description of the holder, such as the URL other processes should
+    /// send its work to; may be empty) for [`Leases::holder`] to report:
+    /// `Ok(None)` when another holder (in this process or another) has it.
+    /// Names are 1 to [`MAX_LEASE_NAME_LEN`] bytes, holders at most
+    /// [`MAX_LEASE_HOLDER_LEN`] bytes without control characters
+    /// ([`Error::InvalidInput`] otherwise).
+    async fn try_lease_as(&self, name: &str, holder: &str) -> Result<Option<Lease>>;
+
+    /// Takes the lease `name` with an empty holder description (see
+    /// [`Leases::try_lease_as`]).
+    async fn try_lease(&self, name: &str) -> Result<Option<Lease>> {
+        self.try_lease_as(name, "").await
+    }
+
+    /// The holder description of the lease `name` as published by the
+    /// process holding it now, or `None` when nobody holds it (or the
+    /// holder has not published yet: a lease taken a moment ago may read
+    /// as free for that moment). Any process may ask.
+    async fn holder(&self, name: &str) -> Result<Option<String>>;
 }
 
 /// A held lease. Dropping it releases it.
@@ -89,7 +108,8 @@ impl Lease {
 /// Clones share the held names. A lease is never lost, only dropped.
 #[derive(Debug, Clone, Default)]
 pub struct LocalLeases {
-    held: Arc<Mutex<HashSet<String>>>,
+    /// Held names and their holder descriptions.
+    held: Arc<Mutex<HashMap<String, String>>>,
 }
 
 impl LocalLeases {
@@ -101,15 +121,22 @@ impl LocalLeases {
 
 #[async_trait]
 impl Leases for LocalLeases {
-    async fn try_lease(&self, name: &str) -> Result<Option<Lease>> {
+    async fn try_lease_as(&self, name: &str, holder: &str) -> Result<Option<Lease>> {
         validate_lease_name(name)?;
+        validate_lease_holder(holder)?;
         let mut held = self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !held.insert(name.to_owned()) {
+        if held.contains_key(name) {
             return Ok(None);
         }
+        held.insert(name.to_owned(), holder.to_owned());
         let (vouch, lost) = watch::channel(false);
         let hold = LocalHold { name: name.to_owned(), held: self.held.clone(), _vouch: vouch };
         Ok(Some(Lease::new(name, lost, hold)))
+    }
+
+    async fn holder(&self, name: &str) -> Result<Option<String>> {
+        validate_lease_name(name)?;
+        Ok(self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).cloned())
     }
 }
 
@@ -117,7 +144,7 @@ impl Leases for LocalLeases {
 /// reading as lost until then.
 struct LocalHold {
     name: String,
-    held: Arc<Mutex<HashSet<String>>>,
+    held: Arc<Mutex<HashMap<String, String>>>,
     _vouch: watch::Sender<bool>,
 }
 
@@ -134,6 +161,20 @@ pub fn validate_lease_name(name: &str) -> Result<()> {
             "a lease name is 1 to {MAX_LEASE_NAME_LEN} bytes, not {}",
             name.len()
         )));
+    }
+    Ok(())
+}
+
+/// Checks a holder description (for backends).
+pub fn validate_lease_holder(holder: &str) -> Result<()> {
+    if holder.len() > MAX_LEASE_HOLDER_LEN {
+        return Err(Error::invalid(format!(
+            "a lease holder description is at most {MAX_LEASE_HOLDER_LEN} bytes, not {}",
+            holder.len()
+        )));
+    }
+    if holder.chars().any(char::is_control) {
+        return Err(Error::invalid("a lease holder description must not contain control characters"));
     }
     Ok(())
 }
@@ -166,5 +207,9 @@ mod tests {
         assert!(validate_lease_name("consumer-groups").is_ok());
         assert!(validate_lease_name("").is_err());
         assert!(validate_lease_name(&"x".repeat(MAX_LEASE_NAME_LEN + 1)).is_err());
+        assert!(validate_lease_holder("").is_ok());
+        assert!(validate_lease_holder(&"x".repeat(MAX_LEASE_HOLDER_LEN)).is_ok());
+        assert!(validate_lease_holder(&"x".repeat(MAX_LEASE_HOLDER_LEN + 1)).is_err());
+        assert!(validate_lease_holder("a\nb").is_err());
     }
 }

@@ -42,7 +42,10 @@ mod traits;
 
 pub use error::{Error, LimitKind, Result};
 pub use event::{ContentType, EventData, MAX_EVENT_TYPE_LEN, RecordedEvent, Timestamp};
-pub use lease::{Lease, Leases, LocalLeases, MAX_LEASE_NAME_LEN, validate_lease_name};
+pub use lease::{
+    Lease, Leases, LocalLeases, MAX_LEASE_HOLDER_LEN, MAX_LEASE_NAME_LEN, validate_lease_holder,
+    validate_lease_name,
+};
 pub use limits::{Limits, validate_event_type};
 pub use memory::MemoryStore;
 pub use metadata::Metadata;

@@ -376,7 +376,11 @@ impl CheckpointStore for MemoryStore {
 /// The store lives in one process: leases are local ([`crate::LocalLeases`]).
 #[async_trait]
 impl crate::Leases for MemoryStore {
-    async fn try_lease(&self, name: &str) -> Result<Option<crate::Lease>> {
-        self.inner.leases.try_lease(name).await
+    async fn try_lease_as(&self, name: &str, holder: &str) -> Result<Option<crate::Lease>> {
+        self.inner.leases.try_lease_as(name, holder).await
+    }
+
+    async fn holder(&self, name: &str) -> Result<Option<String>> {
+        self.inner.leases.holder(name).await
     }
 }

@@ -561,8 +561,12 @@ impl SnapshotStore for LogStore {
 /// process are the store's ([`annals_core::LocalLeases`]).
 #[async_trait]
 impl annals_core::Leases for LogStore {
-    async fn try_lease(&self, name: &str) -> Result<Option<annals_core::Lease>> {
-        self.shared.leases.try_lease(name).await
+    async fn try_lease_as(&self, name: &str, holder: &str) -> Result<Option<annals_core::Lease>> {
+        self.shared.leases.try_lease_as(name, holder).await
+    }
+
+    async fn holder(&self, name: &str) -> Result<Option<String>> {
+        self.shared.leases.holder(name).await
     }
 }
 

@@ -16,10 +16,16 @@
 //!
 //! Two names whose hashes collide contend for one lock: a lease may then
 //! look taken when it is free, but one name never has two holders.
+//!
+//! **Holders.** Right after taking the lock the holder writes its
+//! description and its backend pid to `lease_holders` (migration 0007) on
+//! the same connection. [`Leases::holder`] believes a row only while that
+//! pid still holds the lock in `pg_locks`, so the row of a holder that died
+//! is ignored without anyone deleting it.
 
 use std::time::Duration;
 
-use annals_core::{Lease, Leases, Result, async_trait, validate_lease_name};
+use annals_core::{Lease, Leases, Result, async_trait, validate_lease_holder, validate_lease_name};
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_postgres::{Client, NoTls};
 
@@ -37,8 +43,9 @@ pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[async_trait]
 impl Leases for PgStore {
-    async fn try_lease(&self, name: &str) -> Result<Option<Lease>> {
+    async fn try_lease_as(&self, name: &str, holder: &str) -> Result<Option<Lease>> {
         validate_lease_name(name)?;
+        validate_lease_holder(holder)?;
         let (client, connection) = self.inner.lease_config.connect(NoTls).await.map_err(unreachable_from)?;
         let driver = tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -61,9 +68,26 @@ impl Leases for PgStore {
             // Dropping the client closes the session.
             return Ok(None);
         }
+        if let Err(e) = client.execute(self.inner.sql.publish_lease_holder.as_str(), &[&name, &holder]).await
+        {
+            // Closing the session releases the lock again.
+            driver.abort();
+            return Err(db(e));
+        }
         let (lost, lost_rx) = watch::channel(false);
         let keeper = tokio::spawn(keep(client, driver, lost, key));
         Ok(Some(Lease::new(name, lost_rx, Hold(keeper))))
+    }
+
+    async fn holder(&self, name: &str) -> Result<Option<String>> {
+        validate_lease_name(name)?;
+        let key = format!("{}/{name}", self.inner.schema);
+        let client = self.inner.client().await?;
+        let row = client
+            .query_opt(self.inner.sql.lease_holder.as_str(), &[&name, &i64::from(LEASE_CLASS), &key])
+            .await
+            .map_err(db)?;
+        row.map(|row| row.try_get::<_, String>(0)).transpose().map_err(db)
     }
 }
 

@@ -36,6 +36,11 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../sql/0005_streams_by_name.sql"),
     },
     Migration { version: 6, name: "0006_append_part.sql", sql: include_str!("../sql/0006_append_part.sql") },
+    Migration {
+        version: 7,
+        name: "0007_lease_holders.sql",
+        sql: include_str!("../sql/0007_lease_holders.sql"),
+    },
 ];
 
 /// Advisory-lock class for migrations ("anna" in ASCII), so the key space

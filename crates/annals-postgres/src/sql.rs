@@ -55,6 +55,12 @@ pub(crate) struct Statements {
     pub load_checkpoint: String,
     pub save_checkpoint: String,
     pub lock_checkpoint: String,
+    /// On a lease's connection, right after taking its lock: `$1` name,
+    /// `$2` holder description (migration 0007).
+    pub publish_lease_holder: String,
+    /// The published holder of a lease, if that holder's backend still
+    /// holds the lease's lock: `$1` name, `$2` lock class, `$3` lock key.
+    pub lease_holder: String,
 }
 
 impl Statements {
@@ -103,6 +109,24 @@ impl Statements {
                     WHERE st.name = u.name
                  )
                  SELECT h.first, h.recorded_at, pg_notify($15, (h.first + $1)::text) FROM h"
+            ),
+            publish_lease_holder: format!(
+                "INSERT INTO {s}.lease_holders (name, holder, pid, taken_at)
+                 VALUES ($1, $2, pg_backend_pid(), now())
+                 ON CONFLICT (name) DO UPDATE
+                    SET holder = excluded.holder, pid = excluded.pid, taken_at = excluded.taken_at"
+            ),
+            // pg_locks shows a two-key advisory lock as classid = first
+            // key, objid = second key (as an unsigned oid), objsubid = 2.
+            lease_holder: format!(
+                "SELECT h.holder FROM {s}.lease_holders h
+                 WHERE h.name = $1
+                   AND EXISTS (SELECT 1 FROM pg_locks l
+                               WHERE l.locktype = 'advisory' AND l.granted AND l.pid = h.pid
+                                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                                 AND l.classid = $2::int8::oid
+                                 AND l.objid = (hashtext($3)::int8 & 4294967295)::oid
+                                 AND l.objsubid = 2)"
             ),
             append_fast: format!(
                 "SELECT first_position, first_versions FROM {s}.append_head_first(

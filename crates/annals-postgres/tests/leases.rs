@@ -1,5 +1,7 @@
 //! Leases on PostgreSQL: one holder per name across store instances
-//! (processes), released on drop, lost when the holder's session ends.
+//! (processes), released on drop, lost when the holder's session ends, and
+//! the holder's description visible to every instance while (and only
+//! while) it holds the lease.
 
 mod common;
 
@@ -54,8 +56,9 @@ async fn one_holder_per_name_across_instances_until_dropped() {
 async fn a_terminated_session_loses_the_lease_and_frees_it() {
     let Some((a, guard)) = common::open().await else { return };
     let b = common::reopen(&guard.schema).await;
-    let held = a.try_lease("consumer-groups").await.unwrap().expect("free at first");
+    let held = a.try_lease_as("consumer-groups", "http://a:7070").await.unwrap().expect("free at first");
     let lost = tokio::spawn(held.lost());
+    assert_eq!(b.holder("consumer-groups").await.unwrap().as_deref(), Some("http://a:7070"));
 
     let admin = admin_client().await;
     let terminated = admin
@@ -70,10 +73,17 @@ async fn a_terminated_session_loses_the_lease_and_frees_it() {
 
     tokio::time::timeout(PATIENCE, lost).await.expect("the holder learns it lost the lease").unwrap();
     assert!(held.is_lost());
+    // Its row is still there, but its backend holds no lock any more.
+    let start = Instant::now();
+    while b.holder("consumer-groups").await.unwrap().is_some() {
+        assert!(start.elapsed() < PATIENCE, "a dead holder is still reported");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Freed on the server: the other instance takes it while the first
     // still has its (lost) lease object.
     let next = lease_eventually(&b, "consumer-groups").await;
     assert!(!next.is_lost());
+    assert_eq!(a.holder("consumer-groups").await.unwrap().as_deref(), Some(""), "the new holder's");
     drop(held);
 }
 
