@@ -307,6 +307,7 @@ fn serve_starts_and_validates_configuration() {
     let out = Command::new(BIN)
         .args(["serve", "--memory", "--config", cfg.to_str().unwrap(), "--rate-burst", "7", "--check-config"])
         .env("ANNALS_RATE_LIMIT__REQUESTS_PER_SECOND", "60")
+        .env("ANNALS_ADVERTISE_URL", "http://annals-2.internal:2113")
         .env("ANNALS_URL", "http://ignored")
         .output()
         .unwrap();
@@ -314,6 +315,7 @@ fn serve_starts_and_validates_configuration() {
     assert_eq!(v["listen"], "127.0.0.1:9999");
     assert_eq!(v["rate_limit"]["requests_per_second"], 60.0);
     assert_eq!(v["rate_limit"]["burst"], 7);
+    assert_eq!(v["advertise_url"], "http://annals-2.internal:2113");
     assert_eq!(v["auth"]["anonymous"], "admin", "loopback without credentials defaults to anonymous admin");
 
     // A real in-memory server on a free port.

@@ -14,6 +14,13 @@ use crate::{auth::Role, error::ServerError};
 pub struct ServerConfig {
     /// Address to listen on (default `127.0.0.1:2113`).
     pub listen: SocketAddr,
+    /// The URL other processes and clients reach this server at (e.g.
+    /// `http://annals-2.internal:2113`). On a shared store the process that
+    /// runs the consumer groups publishes it, and the others name it in
+    /// their `groups_elsewhere` answers and in `/info`. Default: the
+    /// listen address when it is a specific one, none for a wildcard
+    /// (`0.0.0.0`, `[::]`).
+    pub advertise_url: Option<String>,
     /// Allow a non-loopback bind without authentication.
     pub insecure: bool,
     /// Which store to serve (used by the CLI to open it).
@@ -41,9 +48,9 @@ pub struct ServerConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct GroupsConfig {
     /// Whether this server runs consumer groups (default true). With several
-    /// server processes on one PostgreSQL schema, enable them on one process
-    /// only: each process that has them on restarts every defined group, and
-    /// consumers of different processes would not compete with each other.
+    /// server processes on one PostgreSQL schema, the groups run on one of
+    /// the processes that have them enabled (the holder of their lease);
+    /// `false` keeps a process out of that election altogether.
     pub enabled: bool,
 }
 
@@ -57,6 +64,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 2113)),
+            advertise_url: None,
             insecure: false,
             store: StoreConfig::default(),
             auth: AuthConfig::default(),
@@ -351,6 +359,23 @@ pub enum LogFormat {
 impl ServerConfig {
     /// Checks every value; the error names the first bad key.
     pub fn validate(&self) -> Result<(), ServerError> {
+        if let Some(url) = &self.advertise_url {
+            let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
+            if !rest.is_some_and(|host| !host.is_empty() && !host.starts_with('/')) {
+                return Err(ServerError::config(
+                    "advertise_url",
+                    "must be an http:// or https:// URL with a host, e.g. http://annals-2.internal:2113",
+                ));
+            }
+            if url.len() > annals_core::MAX_LEASE_HOLDER_LEN
+                || url.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(ServerError::config(
+                    "advertise_url",
+                    format!("must be at most {} bytes without spaces", annals_core::MAX_LEASE_HOLDER_LEN),
+                ));
+            }
+        }
         let l = &self.limits;
         if l.max_body_bytes < 1024 {
             return Err(ServerError::config("limits.max_body_bytes", "must be at least 1024"));

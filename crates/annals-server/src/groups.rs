@@ -15,7 +15,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -77,6 +77,9 @@ const PULL_IDLE_MIN: Duration = Duration::from_secs(30);
 pub(crate) const GROUPS_LEASE: &str = "consumer-groups";
 /// How often a process that does not run the groups tries to take over.
 pub(crate) const LEASE_RETRY: Duration = Duration::from_secs(2);
+/// While the lease cannot be asked for, every this many failed attempts
+/// (about a minute) is logged as a WARN; the others at DEBUG.
+const LEASE_WARN_EVERY: u32 = 30;
 
 /// The running groups of one server.
 pub(crate) struct Groups {
@@ -85,11 +88,22 @@ pub(crate) struct Groups {
     /// only process (no leases attached), otherwise while it holds
     /// [`GROUPS_LEASE`].
     leading: AtomicBool,
+    /// While another process leads: the URL it published with the lease,
+    /// as this process last read it (refreshed on every take-over attempt).
+    leader: std::sync::Mutex<Option<String>>,
+    /// Take-over attempts that failed in a row (the store could not be
+    /// asked); only the first of a run, and then one a minute, is a WARN.
+    lease_failures: AtomicU32,
 }
 
 impl Default for Groups {
     fn default() -> Self {
-        Groups { inner: Mutex::default(), leading: AtomicBool::new(true) }
+        Groups {
+            inner: Mutex::default(),
+            leading: AtomicBool::new(true),
+            leader: std::sync::Mutex::new(None),
+            lease_failures: AtomicU32::new(0),
+        }
     }
 }
 
@@ -179,6 +193,19 @@ impl Groups {
 
     pub(crate) fn leading(&self) -> bool {
         self.leading.load(Ordering::Acquire)
+    }
+
+    /// The URL the leading process published, when another one leads and
+    /// it published one.
+    pub(crate) fn leader(&self) -> Option<String> {
+        if self.leading() {
+            return None;
+        }
+        self.leader.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    fn set_leader(&self, url: Option<String>) {
+        *self.leader.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = url;
     }
 
     /// Stops running the groups here: group requests are refused from now
@@ -282,14 +309,19 @@ impl AppState {
     /// skipped. Returns how many groups it started.
     ///
     /// On a shared store (leases attached, see
-    /// [`AppState::attach_leases`]) [`run`](crate::run) calls it only on the
-    /// process that took the groups lease.
+    /// [`AppState::attach_leases`]) it starts nothing (and returns 0) unless
+    /// this process holds the groups lease: [`run`](crate::run) takes the
+    /// lease and then calls it.
     pub async fn restore_groups(&self) -> annals_core::Result<usize> {
         if !self.inner.config.groups.enabled {
             return Ok(0);
         }
         let defined = defined_groups(self).await?;
         let mut registry = self.inner.groups.inner.lock().await;
+        if self.inner.leases.get().is_some() && registry.lease.is_none() {
+            tracing::debug!("not restoring the consumer groups: another process holds their lease");
+            return Ok(0);
+        }
         let mut started = 0;
         for (group, settings) in defined {
             if registry.closed || registry.running.contains_key(&group) {
@@ -320,18 +352,37 @@ impl AppState {
 }
 
 /// One attempt to run the groups here: takes the groups lease if it is
-/// free and restores the defined groups under it. Returns what resolves
-/// when the lease is lost, or `None` when another process holds it (or the
-/// attempt failed, which is logged).
-pub(crate) async fn try_lead(state: &AppState, leases: &dyn Leases) -> Option<LeaseLost> {
-    let lease = match leases.try_lease(GROUPS_LEASE).await {
+/// free, publishing `advertise` (this process's URL, or empty) with it, and
+/// restores the defined groups under it. Returns what resolves when the
+/// lease is lost, or `None` when another process holds it (whose published
+/// URL is then remembered for `groups_elsewhere` answers) or the attempt
+/// failed (logged).
+pub(crate) async fn try_lead(state: &AppState, leases: &dyn Leases, advertise: &str) -> Option<LeaseLost> {
+    let groups = &state.inner.groups;
+    let lease = match leases.try_lease_as(GROUPS_LEASE, advertise).await {
         Ok(Some(lease)) => lease,
-        Ok(None) => return None,
+        Ok(None) => {
+            groups.lease_failures.store(0, Ordering::Relaxed);
+            match leases.holder(GROUPS_LEASE).await {
+                Ok(leader) => groups.set_leader(leader.filter(|url| !url.is_empty())),
+                Err(e) => tracing::debug!(error = %e, "cannot read who holds the consumer-groups lease"),
+            }
+            return None;
+        }
         Err(e) => {
-            tracing::warn!(error = %e, "cannot ask for the consumer-groups lease; trying again later");
+            // Every LEASE_RETRY while the store is unreachable: say it once,
+            // then once a minute.
+            let failures = groups.lease_failures.fetch_add(1, Ordering::Relaxed);
+            if failures.is_multiple_of(LEASE_WARN_EVERY) {
+                tracing::warn!(error = %e, failures = failures + 1, "cannot ask for the consumer-groups lease; trying again every {}s", LEASE_RETRY.as_secs());
+            } else {
+                tracing::debug!(error = %e, failures = failures + 1, "cannot ask for the consumer-groups lease");
+            }
             return None;
         }
     };
+    groups.lease_failures.store(0, Ordering::Relaxed);
+    groups.set_leader(None);
     let lost = Box::pin(lease.lost());
     {
         let mut registry = state.inner.groups.inner.lock().await;
@@ -362,6 +413,7 @@ pub(crate) async fn try_lead(state: &AppState, leases: &dyn Leases) -> Option<Le
 pub(crate) async fn keep_leading(
     state: AppState,
     leases: Arc<dyn Leases>,
+    advertise: String,
     mut lost: Option<LeaseLost>,
     stop: CancellationToken,
 ) {
@@ -383,7 +435,7 @@ pub(crate) async fn keep_leading(
                     () = stop.cancelled() => return,
                     () = tokio::time::sleep(LEASE_RETRY) => {}
                 }
-                lost = try_lead(&state, &*leases).await;
+                lost = try_lead(&state, &*leases, &advertise).await;
             }
         }
     }
@@ -400,18 +452,30 @@ fn enabled(state: &AppState) -> Result<(), ApiError> {
         ));
     }
     if !state.inner.groups.leading() {
-        return Err(elsewhere());
+        return Err(elsewhere(state));
     }
     Ok(())
 }
 
-fn elsewhere() -> ApiError {
+/// `503 groups_elsewhere`, naming the leading process's URL (`details.leader`)
+/// when it published one (`advertise_url`).
+fn elsewhere(state: &AppState) -> ApiError {
+    let leader = state.inner.groups.leader();
+    let there = match &leader {
+        Some(url) => format!("send group requests to {url}"),
+        None => "send group requests there (it published no advertise_url)".to_owned(),
+    };
     let mut e = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "groups_elsewhere",
-        "the consumer groups of this store run on another server process now; send group requests \
-         there, or retry: this process takes them over within seconds if that one stops",
+        format!(
+            "the consumer groups of this store run on another server process now; {there}, or retry: \
+             this process takes them over within seconds if that one stops"
+        ),
     );
+    if let Some(url) = leader {
+        e = e.with_details(json!({ "leader": url }));
+    }
     e.retry_after = Some(LEASE_RETRY.as_secs());
     e
 }
@@ -627,7 +691,7 @@ pub async fn create(
     // Again under the registry lock: a step-down that began after the
     // check above has emptied the registry, and must not miss this group.
     if !state.inner.groups.leading() {
-        return Err(elsewhere());
+        return Err(elsewhere(&state));
     }
     if let Some(entry) = registry.running.get(&group) {
         if entry.spec == spec {

@@ -46,11 +46,21 @@ pub async fn run(
     // groups lease runs them; the others keep trying to take over.
     let leadership = match state.inner.leases.get().cloned() {
         Some(leases) if config.groups.enabled => {
-            let lost = crate::groups::try_lead(&state, &*leases).await;
+            let advertise = advertised_url(&config, listener.local_addr()?);
+            let lost = crate::groups::try_lead(&state, &*leases, &advertise).await;
             if lost.is_none() {
-                tracing::info!("another server process runs the consumer groups of this store");
+                tracing::info!(
+                    leader = state.inner.groups.leader().as_deref().unwrap_or("unknown"),
+                    "another server process runs the consumer groups of this store"
+                );
             }
-            Some(tokio::spawn(crate::groups::keep_leading(state.clone(), leases, lost, draining.clone())))
+            Some(tokio::spawn(crate::groups::keep_leading(
+                state.clone(),
+                leases,
+                advertise,
+                lost,
+                draining.clone(),
+            )))
         }
         _ => {
             let restored = state.restore_groups().await?;
@@ -113,6 +123,21 @@ pub async fn run(
     // groups lease (if any) goes last.
     state.stop_groups().await;
     Ok(())
+}
+
+/// The URL other processes give out for this one (published with the
+/// groups lease): `advertise_url` when set, else this listener's own
+/// address when it is a specific one, else nothing (`""`: a wildcard
+/// address names no host that others could reach).
+fn advertised_url(config: &crate::ServerConfig, local: SocketAddr) -> String {
+    if let Some(url) = &config.advertise_url {
+        return url.clone();
+    }
+    if local.ip().is_unspecified() {
+        return String::new();
+    }
+    let scheme = if config.tls.is_some() { "https" } else { "http" };
+    format!("{scheme}://{local}")
 }
 
 async fn serve_connection<I>(

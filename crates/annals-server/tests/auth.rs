@@ -322,3 +322,21 @@ fn trusted_proxies_are_validated() {
     c.rate_limit.trusted_proxies = vec!["10.0.0.0/8".into(), "fd00::/8".into()];
     assert!(c.validate().is_ok());
 }
+
+#[test]
+fn advertise_url_is_validated() {
+    let mut c = ServerConfig::default();
+    for bad in ["annals-2:2113", "ftp://host", "http://", "http:///path", "http://a b", "http://a\n"] {
+        c.advertise_url = Some(bad.to_owned());
+        assert!(
+            matches!(c.validate(), Err(ServerError::Config { ref key, .. }) if key == "advertise_url"),
+            "{bad} must be refused"
+        );
+    }
+    c.advertise_url = Some(format!("http://{}", "h".repeat(annals_core::MAX_LEASE_HOLDER_LEN)));
+    assert!(c.validate().is_err(), "too long to publish");
+    for good in ["http://annals-2.internal:2113", "https://[fd00::7]:2113/", "https://events.example.com"] {
+        c.advertise_url = Some(good.to_owned());
+        assert!(c.validate().is_ok(), "{good}");
+    }
+}

@@ -55,7 +55,15 @@ async fn two_stores() -> Option<(PgStore, PgStore, Schema)> {
 
 /// A server over `store` that knows other processes may share it.
 async fn serve(store: &PgStore) -> TestServer {
-    let state = AppState::with_backend(Arc::new(store.clone()), open_config(), "postgres").expect("config");
+    serve_advertising(store, None).await
+}
+
+/// The same, with `advertise_url` set (otherwise the listen address, a
+/// specific one here, is what the leader publishes).
+async fn serve_advertising(store: &PgStore, advertise_url: Option<&str>) -> TestServer {
+    let mut config = open_config();
+    config.advertise_url = advertise_url.map(str::to_owned);
+    let state = AppState::with_backend(Arc::new(store.clone()), config, "postgres").expect("config");
     state.attach_leases(Arc::new(store.clone()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     common::start_state(listener, state).await
@@ -118,10 +126,28 @@ fn assert_elsewhere((status, body): (u16, Value)) {
     assert_eq!(body["error"]["code"], "groups_elsewhere", "{body}");
 }
 
+/// Waits until `follower` names `leader` in its `groups_elsewhere` answers
+/// and in `/info` (it learns the leader on its next take-over attempt).
+async fn until_names_leader(follower: &TestServer, leader: &str) {
+    for _ in 0..600 {
+        let (status, body) = call(follower, "GET", "/groups", None).await;
+        assert_eq!(status, 503, "{body}");
+        if body["error"]["details"]["leader"] == leader {
+            assert!(body["error"]["message"].as_str().unwrap_or("").contains(leader), "{body}");
+            let info = follower.get("/info").await.1;
+            assert_eq!(info["groups"], "elsewhere", "{info}");
+            assert_eq!(info["groups_leader"], leader, "{info}");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the follower never named {leader} as the leader");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn groups_run_on_one_process_and_move_when_it_stops() {
     let Some((a, b, schema)) = two_stores().await else { return };
-    let first = serve(&a).await;
+    let first = serve_advertising(&a, Some("http://leader.example:2113")).await;
     within(60, until("the first server runs the groups", || first.state.leads_groups())).await;
     let second = serve(&b).await;
     within(60, async {
@@ -129,7 +155,16 @@ async fn groups_run_on_one_process_and_move_when_it_stops() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!second.state.leads_groups());
         assert_eq!(second.get("/info").await.1["groups"], "elsewhere");
-        assert_eq!(first.get("/info").await.1["groups"], "here");
+        // Known from its first attempt at startup.
+        let (status, body) = call(&second, "GET", "/groups", None).await;
+        assert_eq!(
+            (status, &body["error"]["details"]["leader"]),
+            (503, &json!("http://leader.example:2113"))
+        );
+        until_names_leader(&second, "http://leader.example:2113").await;
+        let info = first.get("/info").await.1;
+        assert_eq!(info["groups"], "here");
+        assert!(info.get("groups_leader").is_none(), "the leader names no other process: {info}");
         assert_eq!(first.metric("annals_groups_leader").await, 1.0);
         assert_eq!(second.metric("annals_groups_leader").await, 0.0);
         assert_elsewhere(call(&second, "PUT", "/groups/payments", Some(json!({ "stream": "pay-1" }))).await);
@@ -153,6 +188,7 @@ async fn groups_run_on_one_process_and_move_when_it_stops() {
 
     within(60, async {
         until("the second server takes the groups over", || second.state.leads_groups()).await;
+        assert!(second.get("/info").await.1.get("groups_leader").is_none());
         let (status, body) = call(&second, "GET", "/groups", None).await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["groups"][0]["group"], "payments", "{body}");
@@ -203,6 +239,8 @@ async fn a_process_that_loses_its_lease_stops_running_the_groups() {
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["groups"][0]["group"], "payments", "{body}");
         assert_elsewhere(call(follower, "GET", "/groups", None).await);
+        // Without advertise_url the leader publishes its listen address.
+        until_names_leader(follower, &leader.url("")).await;
     })
     .await;
     first.stop().await;

@@ -29,6 +29,10 @@ pub struct ServeArgs {
     /// Address to listen on (default 127.0.0.1:2113; port 0 picks a free one).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// The URL other processes and clients reach this server at; on a
+    /// shared store, group requests sent to another process name it.
+    #[arg(long)]
+    pub advertise_url: Option<String>,
     /// Serve an in-memory store (nothing persists).
     #[arg(long)]
     pub memory: bool,
@@ -84,6 +88,7 @@ pub struct ServeArgs {
 /// as `ANNALS_URL` for the client commands) are not configuration.
 const TOP_LEVEL_KEYS: &[&str] = &[
     "listen",
+    "advertise_url",
     "insecure",
     "store",
     "auth",
@@ -129,6 +134,9 @@ fn apply_flags(config: &mut ServerConfig, args: &ServeArgs) -> Result<(), CliErr
     }
     if let Some(l) = args.listen {
         config.listen = l;
+    }
+    if let Some(url) = &args.advertise_url {
+        config.advertise_url = Some(url.clone());
     }
     if args.memory {
         config.store.memory = true;

@@ -227,6 +227,10 @@ pub struct InfoOut {
     /// takes over if it stops) or `disabled` (`groups.enabled = false`).
     /// A load balancer can route `/groups` to the process saying `here`.
     pub groups: &'static str,
+    /// When `groups` is `elsewhere`: the URL the process running them
+    /// published (its `advertise_url`), if it published one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub groups_leader: Option<String>,
 }
 
 /// `GET /info`: version, backend, uptime.
@@ -247,6 +251,7 @@ pub async fn info(State(state): State<AppState>) -> Json<InfoOut> {
         } else {
             "elsewhere"
         },
+        groups_leader: if state.inner.config.groups.enabled { state.inner.groups.leader() } else { None },
     })
 }
 
