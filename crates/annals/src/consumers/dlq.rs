@@ -17,6 +17,9 @@ use super::{ConsumerError, ConsumerResult};
 const PARKED: &str = "Parked";
 const RESOLVED: &str = "Resolved";
 const PAGE: usize = 1_024;
+/// Namespace of the ids of `Parked` records (see [`DeadLetterQueue::park`]).
+const PARKED_ID_NAMESPACE: annals_core::Uuid =
+    annals_core::Uuid::from_u128(0x45cc_7539_274f_4e3f_a5b3_ec81_81f1_9bc9);
 
 /// A message parked after it kept failing: a reference to the original
 /// event and the reason. The original stays where it is; replaying reads it
@@ -130,8 +133,24 @@ impl DeadLetterQueue {
     }
 
     /// Parks a message (durably, before returning).
+    ///
+    /// The record's event id is derived from the dead-letter stream and the
+    /// message (position, original id, reason, attempts; not the time), so
+    /// parking the same message again right after, as a consumer does when
+    /// it replays a batch after a crash between parking and saving its
+    /// checkpoint, is an idempotent re-send that writes nothing. A message
+    /// parked again after other records (say, a failed replay after
+    /// another message was parked) gets a record again.
     pub async fn park(&self, message: &ParkedMessage) -> ConsumerResult<()> {
-        let event = EventData::json(PARKED, message)?;
+        let id = annals_core::Uuid::new_v5(
+            &PARKED_ID_NAMESPACE,
+            format!(
+                "{}\n{}\n{}\n{}\n{}",
+                self.stream, message.position, message.event_id, message.attempts, message.reason
+            )
+            .as_bytes(),
+        );
+        let event = EventData::json(PARKED, message)?.with_id(id);
         self.store.append(&self.stream, ExpectedVersion::Any, vec![event]).await?;
         metrics::counter!("annals_dead_letters_total", "stream" => self.stream.to_string()).increment(1);
         Ok(())
@@ -164,4 +183,53 @@ impl DeadLetterQueue {
 
 fn decode_error(e: annals_core::Error) -> ConsumerError {
     ConsumerError::Decode { reason: e.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use annals_core::{Appender, ContentType, MemoryStore, StreamReader};
+
+    use super::*;
+
+    async fn recorded(store: &MemoryStore, i: u64) -> RecordedEvent {
+        let stream = StreamName::new(format!("order-{i}")).unwrap();
+        store
+            .append(
+                &stream,
+                ExpectedVersion::Any,
+                vec![EventData::raw("Placed", b"{}".to_vec(), ContentType::Json)],
+            )
+            .await
+            .unwrap();
+        store.read_stream(&stream, ReadStream::forward()).await.unwrap().remove(0)
+    }
+
+    #[tokio::test]
+    async fn parking_the_same_message_twice_in_a_row_writes_one_record() {
+        let store = MemoryStore::new();
+        let dlq = DeadLetterQueue::new(Arc::new(store.clone()), "billing").unwrap();
+        let (first, second) = (recorded(&store, 1).await, recorded(&store, 2).await);
+        let mut message = ParkedMessage::of(&first, "bad order", 3);
+        dlq.park(&message).await.unwrap();
+        // A replay after a crash parks it again, a moment later.
+        message.parked_at = Timestamp::now();
+        dlq.park(&message).await.unwrap();
+        let records = || store.read_stream(dlq.stream(), ReadStream::forward());
+        assert_eq!(records().await.unwrap().len(), 1);
+
+        // Another failure of the same message is a new record.
+        dlq.park(&ParkedMessage::of(&first, "bad order, again", 4)).await.unwrap();
+        assert_eq!(records().await.unwrap().len(), 2);
+        // So is the same message parked again after other records.
+        dlq.park(&ParkedMessage::of(&second, "bad order", 3)).await.unwrap();
+        dlq.park(&message).await.unwrap();
+        assert_eq!(records().await.unwrap().len(), 4);
+        let parked = dlq.list().await.unwrap();
+        assert_eq!(parked.iter().map(|p| (p.position, p.attempts)).collect::<Vec<_>>(), [(0, 3), (1, 3)]);
+
+        // Another queue parking the same message writes its own record.
+        let other = DeadLetterQueue::new(Arc::new(store.clone()), "shipping").unwrap();
+        other.park(&message).await.unwrap();
+        assert_eq!(store.read_stream(other.stream(), ReadStream::forward()).await.unwrap().len(), 1);
+    }
 }

@@ -22,9 +22,11 @@
 //! retry of a single event) runs under a savepoint, rolled back on failure,
 //! so the events before the failing one stay applied and the failing one
 //! follows the runner's retry → park policy. Parking appends to the
-//! dead-letter stream outside the transaction: a crash between parking and
-//! the commit parks that event a second time on replay (the read model is
-//! still changed once).
+//! dead-letter stream outside the transaction; a crash between parking and
+//! the commit parks that event again on replay, which the dead-letter
+//! stream absorbs (the record's id is derived from the message, so the
+//! second append is an idempotent re-send, see
+//! [`DeadLetterQueue::park`](super::DeadLetterQueue::park)).
 
 use std::sync::Arc;
 
