@@ -42,7 +42,7 @@ use uuid::Uuid;
 
 use crate::{
     Inner, PgError,
-    error::{db, is_retryable_state},
+    error::{breaks_connection, db, is_retryable_state},
     listener::bump,
     row::{to_i64, to_u64},
     sql::Statements,
@@ -138,6 +138,14 @@ impl TxConn {
     /// The transaction is over; the connection may return to the pool.
     fn disarm(&mut self) {
         self.0.take();
+    }
+
+    /// The transaction is over: the connection returns to the pool, unless
+    /// one of `results` says it broke (then dropping `self` discards it).
+    fn disarm_unless_broken(&mut self, results: &[Option<&tokio_postgres::Error>]) {
+        if !results.iter().flatten().any(|e| breaks_connection(e)) {
+            self.disarm();
+        }
     }
 }
 
@@ -351,7 +359,7 @@ impl Committer {
             futures::join!(client.query_one(&write, &write_params), client.batch_execute("COMMIT"));
         // Either way the transaction is over (a failed write turns the
         // COMMIT into a rollback; a failed COMMIT ends it too).
-        conn.disarm();
+        conn.disarm_unless_broken(&[written.as_ref().err(), committed.as_ref().err()]);
         let row = written?;
         committed?;
         let first = to_u64(row.try_get(0)?, "position")?;
@@ -434,7 +442,7 @@ impl Committer {
         let statement = client.prepare_cached(sql).await?;
         let called = client.query_one(&statement, &params).await;
         // No transaction is left open either way.
-        conn.disarm();
+        conn.disarm_unless_broken(&[called.as_ref().err()]);
         let row = match called {
             Ok(row) => row,
             Err(e) if e.code().map(SqlState::code) == Some(DECLINED) => return Ok(None),

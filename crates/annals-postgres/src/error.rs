@@ -153,6 +153,21 @@ pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// Whether `e` leaves its connection unusable: closed, or a FATAL/PANIC
+/// from the server (a terminated backend, a server shutting down), whose
+/// session ends with it. Such a connection must not go back to the pool:
+/// the client may not have seen the socket close yet, and the next
+/// borrower would fail with "connection closed".
+pub(crate) fn breaks_connection(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::Severity;
+    e.is_closed()
+        || e.as_db_error().is_some_and(|db| {
+            matches!(db.parsed_severity(), Some(Severity::Fatal | Severity::Panic))
+                || db.code().code().starts_with("08")
+                || db.code().code().starts_with("57P")
+        })
+}
+
 /// Wraps a failed connection attempt.
 pub(crate) fn unreachable_from(e: tokio_postgres::Error) -> PgError {
     // The cause of a connect error names what failed (refused, auth,

@@ -223,6 +223,60 @@ async fn subscription_survives_terminated_connections() {
     assert_eq!(take(&mut sub, 1).await[0].position, 20);
 }
 
+/// The connection of an append in flight is terminated (as by a failover or
+/// a DBA) while the append waits for the head: the caller gets a transient
+/// backend error, re-sending the same events (same ids) writes them exactly
+/// once, and the store carries on with fresh connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_whose_connection_dies_fails_transiently_and_a_resend_writes_once() {
+    let Some((store, guard)) = common::open().await else { return };
+    let s = stream("cut-1");
+    store.append(&s, ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
+
+    // Hold the head so the next append waits on it, on a known backend.
+    let blocker = admin_client().await;
+    blocker
+        .batch_execute(&format!("BEGIN; SELECT * FROM \"{}\".head FOR UPDATE", guard.schema))
+        .await
+        .unwrap();
+    let pending = event(1);
+    let appending = {
+        let (store, s, pending) = (store.clone(), s.clone(), pending.clone());
+        tokio::spawn(async move { store.append(&s, ExpectedVersion::Exact(0), vec![pending]).await })
+    };
+    let admin = admin_client().await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let waiting = loop {
+        let rows = admin
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                &[&format!("annals {}", guard.schema)],
+            )
+            .await
+            .unwrap();
+        if let Some(row) = rows.first() {
+            break row.get::<_, i32>(0);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the append never waited for the head");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    admin.execute("SELECT pg_terminate_backend($1)", &[&waiting]).await.unwrap();
+    let err = tokio::time::timeout(PATIENCE, appending).await.unwrap().unwrap().unwrap_err();
+    assert!(err.is_transient(), "{err:?}");
+    assert!(matches!(err, Error::Backend { .. }), "{err:?}");
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+
+    // The outcome was open for the caller; re-sending the same event
+    // settles it, and a second re-send is recognised as one.
+    let first = store.append(&s, ExpectedVersion::Exact(0), vec![pending.clone()]).await.unwrap();
+    let again = store.append(&s, ExpectedVersion::Exact(0), vec![pending.clone()]).await.unwrap();
+    assert_eq!(first, again);
+    store.append(&s, ExpectedVersion::Exact(1), vec![event(2)]).await.unwrap();
+    let read = store.read_stream(&s, ReadStream::forward()).await.unwrap();
+    assert_eq!(read.iter().map(|e| e.version).collect::<Vec<_>>(), [0, 1, 2]);
+    assert_eq!(read[1].id, pending.id);
+}
+
 async fn admin_client() -> tokio_postgres::Client {
     let (client, conn) = tokio_postgres::connect(&common::url(), tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
