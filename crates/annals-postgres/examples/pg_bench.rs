@@ -9,8 +9,11 @@
 //! For each writer count it measures, from that many connections:
 //! - raw single-row `INSERT`s in autocommit into a bare table with the
 //!   events table's columns (primary key only);
-//! - raw 100-row multi-row `INSERT`s into the same table;
+//! - raw 100-row multi-row `INSERT`s into the same table (the issue's
+//!   baseline: four bound parameters a row, the other columns constants);
 //! - `PgStore` appends of one event each, and of 100 events each;
+//! - for comparison only, the 100-row `INSERT`s with every column an append
+//!   supplies bound (nine a row), printed below the table;
 //!
 //! then the `$all` read rate (forward pages of 1,000). Everything runs in a
 //! fresh schema that is dropped at the end.
@@ -152,6 +155,82 @@ async fn raw_batch(url: &str, schema: &str, writers: usize, events: usize, run: 
     .await
 }
 
+/// Like `raw_batch`, but every column an append supplies per event is a
+/// bound parameter (as in an application's own insert of varied events):
+/// 9 per row, `recorded_at` from `now()`.
+async fn raw_batch_bound(url: &str, schema: &str, writers: usize, events: usize, run: usize) -> f64 {
+    const BATCH: usize = 100;
+    let batches = (events / writers / BATCH).max(1);
+    let mut clients = Vec::new();
+    for _ in 0..writers {
+        clients.push(std::sync::Arc::new(connect(url).await));
+    }
+    let values: Vec<String> = (0..BATCH)
+        .map(|r| {
+            let b = r * 9;
+            format!(
+                "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}::text::json, ${}, now())",
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5,
+                b + 6,
+                b + 7,
+                b + 8,
+                b + 9
+            )
+        })
+        .collect();
+    let sql = format!("INSERT INTO \"{schema}\".raw_events ({RAW_COLUMNS}) VALUES {}", values.join(", "));
+    timed(writers, batches * BATCH * writers, |w| {
+        let client = clients[w].clone();
+        let sql = sql.clone();
+        async move {
+            let stmt = client.prepare(&sql).await.unwrap();
+            let stream = format!("rawf-{run}-{w}");
+            for b in 0..batches {
+                type Row = (String, i64, uuid::Uuid, String, String, i16, Vec<u8>, String, Option<String>);
+                let rows: Vec<Row> = (0..BATCH)
+                    .map(|r| {
+                        let i = b * BATCH + r;
+                        let meta = "{}".to_owned();
+                        (
+                            stream.clone(),
+                            i as i64,
+                            uuid::Uuid::new_v4(),
+                            "E".into(),
+                            "rawf".into(),
+                            0,
+                            payload(i),
+                            meta,
+                            None,
+                        )
+                    })
+                    .collect();
+                let params: Vec<&(dyn ToSql + Sync)> = rows
+                    .iter()
+                    .flat_map(|(s, v, id, t, c, ct, d, m, corr)| {
+                        [
+                            s as &(dyn ToSql + Sync),
+                            v as &(dyn ToSql + Sync),
+                            id,
+                            t,
+                            c,
+                            ct,
+                            d as &(dyn ToSql + Sync),
+                            m,
+                            corr,
+                        ]
+                    })
+                    .collect();
+                client.execute(&stmt, &params).await.unwrap();
+            }
+        }
+    })
+    .await
+}
+
 fn event(i: usize) -> EventData {
     EventData::raw("E", payload(i), annals_core::ContentType::Json)
 }
@@ -216,20 +295,29 @@ async fn main() {
         "{:>7} | {:>12} {:>12} {:>6} | {:>13} {:>13} {:>6}",
         "writers", "raw 1-row/s", "append 1/s", "ratio", "raw 100-row/s", "append 100/s", "ratio"
     );
+    let mut bound = Vec::new();
     for &writers in &args.writers {
         let (mut raw1, mut raw100, mut ours1, mut ours100) = (vec![], vec![], vec![], vec![]);
+        let mut bound100 = vec![];
         for run in 0..args.runs {
             raw1.push(raw_single(&args.url, &schema, writers, args.events, run).await);
             ours1.push(store_appends(&store, writers, args.events, 1, run).await);
             raw100.push(raw_batch(&args.url, &schema, writers, args.events, run).await);
             ours100.push(store_appends(&store, writers, args.events, 100, run).await);
+            bound100.push(raw_batch_bound(&args.url, &schema, writers, args.events, run).await);
         }
+        let bound100 = median(bound100);
         let (raw1, ours1, raw100, ours100) = (median(raw1), median(ours1), median(raw100), median(ours100));
         println!(
             "{writers:>7} | {raw1:>12.0} {ours1:>12.0} {:>6.2} | {raw100:>13.0} {ours100:>13.0} {:>6.2}",
             ours1 / raw1,
             ours100 / raw100
         );
+        bound.push((writers, bound100, ours100 / bound100));
+    }
+    println!("raw 100-row INSERTs with every per-event column bound (9 parameters a row, not 4):");
+    for (writers, rate, ratio) in &bound {
+        println!("{writers:>7} | {rate:>13.0} rows/s, append 100 at {ratio:.2} of it");
     }
     let mut reads = Vec::new();
     let mut total = 0;
