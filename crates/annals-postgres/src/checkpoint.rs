@@ -34,7 +34,7 @@ use crate::{
 /// # }
 /// ```
 pub struct PgCheckpointTx {
-    client: Option<deadpool_postgres::Object>,
+    client: Option<crate::pooled::Pooled>,
     inner: Arc<Inner>,
     name: String,
     checkpoint: Option<u64>,
@@ -55,7 +55,8 @@ impl PgStore {
     pub async fn begin_checkpoint_tx(&self, name: &str) -> Result<PgCheckpointTx> {
         validate_checkpoint_name(name)?;
         let client = self.inner.client().await?;
-        client.batch_execute("BEGIN").await.map_err(db)?;
+        let broken = client.broken();
+        client.batch_execute("BEGIN").await.map_err(crate::pooled::marking(&broken))?;
         // Built before the lock so that a failure below still rolls back.
         let mut tx = PgCheckpointTx {
             client: Some(client),
@@ -84,7 +85,7 @@ impl PgCheckpointTx {
 
     /// The connection, inside the transaction, for any other driver call.
     pub fn client(&self) -> Result<&tokio_postgres::Client> {
-        self.client.as_ref().map(|c| &***c).ok_or(Error::Closed)
+        self.client.as_ref().map(|c| &****c).ok_or(Error::Closed)
     }
 
     /// Runs a statement in the transaction; returns the rows affected.
@@ -132,7 +133,7 @@ impl Drop for PgCheckpointTx {
             // Still inside the transaction (not committed, or a statement
             // failed): detach the connection from the pool and close it, so
             // the server rolls back and nobody reuses it mid-transaction.
-            drop(deadpool_postgres::Object::take(client));
+            client.discard();
         }
     }
 }

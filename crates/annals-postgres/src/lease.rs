@@ -32,6 +32,7 @@ use tokio_postgres::{Client, NoTls};
 use crate::{
     PgStore,
     error::{db, unreachable_from},
+    pooled::marking,
 };
 
 /// Advisory-lock class of leases ("anlz"; migrations use another class).
@@ -83,6 +84,8 @@ impl Leases for PgStore {
         validate_lease_name(name)?;
         let key = format!("{}/{name}", self.inner.schema);
         let client = self.inner.client().await?;
+        let broken = client.broken();
+        let db = marking(&broken);
         let row = client
             .query_opt(self.inner.sql.lease_holder.as_str(), &[&name, &i64::from(LEASE_CLASS), &key])
             .await

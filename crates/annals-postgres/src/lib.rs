@@ -42,6 +42,7 @@ mod error;
 mod lease;
 mod listener;
 mod migrate;
+mod pooled;
 mod read;
 mod row;
 mod sql;

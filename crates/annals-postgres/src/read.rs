@@ -13,6 +13,7 @@ use crate::{
     Inner, PgError,
     error::db,
     listener::bump,
+    pooled::{Pooled, marking},
     row::{event_from_row_cached, limit_i64, to_i64, to_u64},
     sql::{ALL_PAGE_HEAD_COLUMN, Param, filter_clause},
 };
@@ -32,13 +33,17 @@ pub(crate) fn state_from_row(row: &tokio_postgres::Row, first: usize) -> Result<
 }
 
 impl Inner {
-    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object> {
-        self.pool.get().await.map_err(|e| PgError::from(e).into())
+    /// A pooled connection; see [`crate::pooled`] for why operations map
+    /// their errors through `marking`.
+    pub(crate) async fn client(&self) -> Result<Pooled> {
+        self.pool.get().await.map(Pooled::new).map_err(|e| PgError::from(e).into())
     }
 
     /// The stream's row, or the default state when it has none.
     pub(crate) async fn stream_state(&self, stream: &StreamName) -> Result<StreamState> {
         let client = self.client().await?;
+        let broken = client.broken();
+        let db = marking(&broken);
         let stmt = client.prepare_cached(&self.sql.stream_state).await.map_err(db)?;
         let Some(row) = client.query_opt(&stmt, &[&stream.as_str()]).await.map_err(db)? else {
             return Ok(StreamState::default());
@@ -52,6 +57,8 @@ impl Inner {
             return Ok(Vec::new());
         }
         let client = self.client().await?;
+        let broken = client.broken();
+        let db = marking(&broken);
         let stmt = client.prepare_cached(&self.sql.list_streams).await.map_err(db)?;
         let limit = limit_i64(request.limit);
         let rows = client
@@ -76,6 +83,8 @@ impl Inner {
     /// database busy for every poll of a dashboard.
     pub(crate) async fn store_stats(&self) -> Result<StoreStats> {
         let mut client = self.client().await?;
+        let broken = client.broken();
+        let db = marking(&broken);
         let mut tx = client
             .build_transaction()
             .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
@@ -121,6 +130,8 @@ impl Inner {
     /// Whether a pooled connection answers a trivial query.
     pub(crate) async fn health(&self) -> Result<()> {
         let client = self.client().await?;
+        let broken = client.broken();
+        let db = marking(&broken);
         client.simple_query("SELECT 1").await.map_err(db)?;
         Ok(())
     }
@@ -147,6 +158,8 @@ impl Inner {
             return Ok(Vec::new());
         }
         let client = self.client().await?;
+        let broken = client.broken();
+        let db = marking(&broken);
         let rows = match request.direction {
             Direction::Forward => {
                 let start = match request.from {
@@ -185,6 +198,8 @@ impl Inner {
             return self.empty_page(request).await;
         }
         let client = self.client().await?;
+        let broken = client.broken();
+        let db = marking(&broken);
         let (clause, filter_params) = filter_clause(&request.filter, 3);
         match request.direction {
             Direction::Forward => {
@@ -262,6 +277,8 @@ impl Inner {
 
     pub(crate) async fn next_position(&self) -> Result<u64> {
         let client = self.client().await?;
+        let broken = client.broken();
+        let db = marking(&broken);
         let stmt = client.prepare_cached(&self.sql.head).await.map_err(db)?;
         let next: i64 = client.query_one(&stmt, &[]).await.map_err(db)?.try_get(0).map_err(db)?;
         let next = to_u64(next, "next_position")?;

@@ -13,7 +13,7 @@ use tokio_postgres::IsolationLevel;
 
 use crate::{
     Inner, PgStore,
-    error::db,
+    pooled::marking,
     row::{stream_name, to_i64, to_u64},
     timestamp::PgTimestamp,
 };
@@ -135,6 +135,8 @@ impl StreamDeleter for PgStore {
     ) -> Result<()> {
         let sql = &self.inner.sql;
         let mut client = self.inner.client().await?;
+        let broken = client.broken();
+        let db = marking(&broken);
         let tx = client
             .build_transaction()
             .isolation_level(IsolationLevel::ReadCommitted)
@@ -181,6 +183,8 @@ impl StreamDeleter for PgStore {
 impl SnapshotStore for PgStore {
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
         let client = self.inner.client().await?;
+        let broken = client.broken();
+        let db = marking(&broken);
         let stmt = client.prepare_cached(&self.inner.sql.save_snapshot).await.map_err(db)?;
         client
             .execute(
@@ -204,6 +208,8 @@ impl SnapshotStore for PgStore {
         at_or_before: Option<u64>,
     ) -> Result<Option<Snapshot>> {
         let client = self.inner.client().await?;
+        let broken = client.broken();
+        let db = marking(&broken);
         let stmt = client.prepare_cached(&self.inner.sql.load_snapshot).await.map_err(db)?;
         let at = at_or_before.map_or(i64::MAX, to_i64);
         let Some(row) = client.query_opt(&stmt, &[&stream.as_str(), &at]).await.map_err(db)? else {
@@ -226,6 +232,8 @@ impl SnapshotStore for PgStore {
 
     async fn prune_snapshots(&self, stream: &StreamName, keep_last: usize) -> Result<usize> {
         let client = self.inner.client().await?;
+        let broken = client.broken();
+        let db = marking(&broken);
         let stmt = client.prepare_cached(&self.inner.sql.prune_snapshots).await.map_err(db)?;
         let keep = i64::try_from(keep_last).unwrap_or(i64::MAX);
         let deleted = client.execute(&stmt, &[&stream.as_str(), &keep]).await.map_err(db)?;
@@ -238,6 +246,8 @@ impl CheckpointStore for PgStore {
     async fn load_checkpoint(&self, name: &str) -> Result<Option<u64>> {
         validate_checkpoint_name(name)?;
         let client = self.inner.client().await?;
+        let broken = client.broken();
+        let db = marking(&broken);
         let stmt = client.prepare_cached(&self.inner.sql.load_checkpoint).await.map_err(db)?;
         let Some(row) = client.query_opt(&stmt, &[&name]).await.map_err(db)? else { return Ok(None) };
         let position: Option<i64> = row.try_get(0).map_err(db)?;
@@ -247,6 +257,8 @@ impl CheckpointStore for PgStore {
     async fn save_checkpoint(&self, name: &str, position: u64) -> Result<()> {
         validate_checkpoint_name(name)?;
         let client = self.inner.client().await?;
+        let broken = client.broken();
+        let db = marking(&broken);
         let stmt = client.prepare_cached(&self.inner.sql.save_checkpoint).await.map_err(db)?;
         client.execute(&stmt, &[&name, &to_i64(position)]).await.map_err(db)?;
         Ok(())
