@@ -526,8 +526,10 @@ impl<'a> FastArgs<'a> {
     /// `None` when the round cannot take the fast path (metadata that is
     /// not UTF-8: the exact path reports it), so the exact path handles it.
     fn new(requests: &[&'a [StreamAppend]]) -> Option<Self> {
-        let parts = requests.iter().map(|r| r.len()).sum();
+        let parts: usize = requests.iter().map(|r| r.len()).sum();
+        let several = parts > 1;
         let events = requests.iter().flat_map(|r| r.iter()).map(|p| p.events.len()).sum();
+        let per_event_of_parts = if several { events } else { 0 };
         let mut a = FastArgs {
             part_streams: Vec::with_capacity(parts),
             part_categories: Vec::with_capacity(parts),
@@ -536,10 +538,10 @@ impl<'a> FastArgs<'a> {
             part_counts: Vec::with_capacity(parts),
             part_last_offsets: Vec::with_capacity(parts),
             part_last_ids: Vec::with_capacity(parts),
-            ev_parts: Vec::with_capacity(events),
-            ev_streams: Vec::with_capacity(events),
-            ev_categories: Vec::with_capacity(events),
-            ev_offsets: Vec::with_capacity(events),
+            ev_parts: Vec::with_capacity(per_event_of_parts),
+            ev_streams: Vec::with_capacity(per_event_of_parts),
+            ev_categories: Vec::with_capacity(per_event_of_parts),
+            ev_offsets: Vec::with_capacity(per_event_of_parts),
             ev_ids: Vec::with_capacity(events),
             ev_types: Vec::with_capacity(events),
             ev_content_types: Vec::with_capacity(events),
@@ -565,10 +567,14 @@ impl<'a> FastArgs<'a> {
             a.part_last_ids.push(last_id);
             for (offset, event) in part.events.iter().enumerate() {
                 a.ev_metadata.push(std::str::from_utf8(event.metadata.as_bytes()).ok()?);
-                a.ev_parts.push(index);
-                a.ev_streams.push(stream);
-                a.ev_categories.push(category_of(stream));
-                a.ev_offsets.push(offset as i64);
+                if several {
+                    // Only append_head_first takes these (append_part has
+                    // the part's scalars).
+                    a.ev_parts.push(index);
+                    a.ev_streams.push(stream);
+                    a.ev_categories.push(category_of(stream));
+                    a.ev_offsets.push(offset as i64);
+                }
                 a.ev_ids.push(event.id);
                 a.ev_types.push(&event.event_type);
                 a.ev_content_types.push(i16::from(event.content_type.code()));
