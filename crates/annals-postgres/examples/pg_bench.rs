@@ -3,8 +3,12 @@
 //!
 //! ```text
 //! cargo run --release -p annals-postgres --example pg_bench -- \
-//!     [--url postgres://postgres@127.0.0.1:5432/test] [--events 20000] [--runs 3] [--writers 1,8,32]
+//!     [--url postgres://postgres@127.0.0.1:5432/test] [--events 20000] [--runs 3] [--writers 1,8,32] \
+//!     [--store-sslmode disable]
 //! ```
+//!
+//! The raw baselines connect without TLS; so does the store unless
+//! `--store-sslmode` says otherwise (e.g. `require`, to see what TLS costs).
 //!
 //! For each writer count it measures, from that many connections:
 //! - raw single-row `INSERT`s in autocommit into a bare table with the
@@ -28,6 +32,7 @@ use tokio_postgres::{Client, NoTls, types::ToSql};
 
 struct Args {
     url: String,
+    store_sslmode: String,
     events: usize,
     runs: usize,
     writers: Vec<usize>,
@@ -37,6 +42,7 @@ fn args() -> Args {
     let mut a = Args {
         url: std::env::var("ANNALS_POSTGRES_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned()),
+        store_sslmode: "disable".to_owned(),
         events: 20_000,
         runs: 3,
         writers: vec![1, 8, 32],
@@ -46,6 +52,7 @@ fn args() -> Args {
         let value = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
         match flag.as_str() {
             "--url" => a.url = value,
+            "--store-sslmode" => a.store_sslmode = value,
             "--events" => a.events = value.parse().expect("--events N"),
             "--runs" => a.runs = value.parse().expect("--runs N"),
             "--writers" => {
@@ -270,7 +277,9 @@ async fn main() {
     let args = args();
     let schema = format!("annals_bench_{}", uuid::Uuid::new_v4().simple());
     let max_writers = args.writers.iter().copied().max().unwrap_or(1);
-    let store = PgStore::builder(&args.url)
+    let sep = if args.url.contains('?') { '&' } else { '?' };
+    let store_url = format!("{}{sep}sslmode={}", args.url, args.store_sslmode);
+    let store = PgStore::builder(&store_url)
         .schema(&schema)
         .max_connections(max_writers)
         .open()
@@ -288,8 +297,8 @@ async fn main() {
         .await
         .unwrap();
     println!(
-        "pg_bench: {} events per measurement, median of {} runs, schema {schema}",
-        args.events, args.runs
+        "pg_bench: {} events per measurement, median of {} runs, schema {schema}; store sslmode={}, raw without TLS",
+        args.events, args.runs, args.store_sslmode
     );
     println!(
         "{:>7} | {:>12} {:>12} {:>6} | {:>13} {:>13} {:>6}",

@@ -16,6 +16,15 @@ pub enum PgError {
         reason: String,
     },
 
+    /// The TLS settings of the connection URL (`sslmode`, `sslrootcert`)
+    /// cannot be used: an unknown mode, a missing or unreadable root
+    /// certificate file, or an unsupported option such as client
+    /// certificates. Fix the URL; retrying will not help.
+    #[error("invalid PostgreSQL TLS settings: {reason}")]
+    InvalidTls {
+        /// What is wrong.
+        reason: String,
+    },
     /// The schema name is not usable. Use 1–56 characters of `a-z`, `0-9`
     /// and `_`, starting with a letter or `_`.
     #[error("invalid schema name '{name}': use 1-56 characters of a-z, 0-9 and _, not starting with a digit")]
@@ -178,9 +187,10 @@ pub(crate) fn unreachable_from(e: tokio_postgres::Error) -> PgError {
 impl From<PgError> for annals_core::Error {
     fn from(e: PgError) -> Self {
         match e {
-            PgError::InvalidUrl { .. } | PgError::InvalidSchemaName { .. } | PgError::NoRuntime => {
-                annals_core::Error::invalid(e.to_string())
-            }
+            PgError::InvalidUrl { .. }
+            | PgError::InvalidTls { .. }
+            | PgError::InvalidSchemaName { .. }
+            | PgError::NoRuntime => annals_core::Error::invalid(e.to_string()),
             PgError::Corrupt(details) => annals_core::Error::Corrupt { details },
             other => annals_core::Error::backend(other.to_string(), other),
         }

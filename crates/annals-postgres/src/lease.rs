@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use annals_core::{Lease, Leases, Result, async_trait, validate_lease_holder, validate_lease_name};
 use tokio::{sync::watch, task::JoinHandle};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::{
     PgStore,
@@ -47,7 +47,8 @@ impl Leases for PgStore {
     async fn try_lease_as(&self, name: &str, holder: &str) -> Result<Option<Lease>> {
         validate_lease_name(name)?;
         validate_lease_holder(holder)?;
-        let (client, connection) = self.inner.lease_config.connect(NoTls).await.map_err(unreachable_from)?;
+        let (client, connection) =
+            self.inner.lease_config.connect(self.inner.tls.clone()).await.map_err(unreachable_from)?;
         let driver = tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "annals-postgres lease connection ended");

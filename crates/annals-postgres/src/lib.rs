@@ -48,6 +48,7 @@ mod row;
 mod sql;
 mod store;
 mod timestamp;
+mod tls;
 
 use std::{
     str::FromStr,
@@ -58,7 +59,6 @@ use std::{
 use annals_core::Limits;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::watch;
-use tokio_postgres::NoTls;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 pub use checkpoint::PgCheckpointTx;
@@ -102,6 +102,8 @@ pub(crate) struct Inner {
     listener: Arc<ListenerStats>,
     /// Connection settings of lease connections (see `lease`).
     lease_config: tokio_postgres::Config,
+    /// Makes the TLS side of every connection (see `tls`).
+    tls: tls::Connector,
     /// How long a subscription keeps retrying reads through a database
     /// outage before it ends with the error.
     subscription_retry: Duration,
@@ -196,8 +198,10 @@ impl PgStoreBuilder {
             return Err(PgError::NoRuntime);
         }
         validate_schema(&self.schema)?;
-        let mut config = tokio_postgres::Config::from_str(&self.url)
+        let (url, tls) = tls::split_url(&self.url)?;
+        let mut config = tokio_postgres::Config::from_str(&url)
             .map_err(|e| PgError::InvalidUrl { reason: e.to_string() })?;
+        let connector = tls.apply(&mut config)?;
         config.connect_timeout(self.connect_timeout);
         // JIT off for our sessions: the generic plans of our prepared
         // statements carry inflated cost estimates that trigger JIT
@@ -218,7 +222,7 @@ impl PgStoreBuilder {
 
         let manager = Manager::from_config(
             pool_config,
-            NoTls,
+            connector.clone(),
             ManagerConfig { recycling_method: RecyclingMethod::Fast },
         );
         let pool = Pool::builder(manager)
@@ -238,11 +242,12 @@ impl PgStoreBuilder {
         let (head, _) = watch::channel(u64::try_from(next).unwrap_or(0));
         let head = Arc::new(head);
         let stats = Arc::new(ListenerStats::default());
-        let first = listener::connect(&listen_config, &sql, &head, &stats).await?;
+        let dial = listener::Dial { config: listen_config, tls: connector.clone() };
+        let first = listener::connect(&dial, &sql, &head, &stats).await?;
         let cancel = CancellationToken::new();
         tokio::spawn(listener::run(
             first,
-            listen_config,
+            dial,
             sql.clone(),
             head.clone(),
             stats.clone(),
@@ -270,6 +275,7 @@ impl PgStoreBuilder {
                 head,
                 listener: stats,
                 lease_config,
+                tls: connector,
                 subscription_retry: self.subscription_retry,
                 stats_timeout: self.stats_timeout,
                 _listener_guard: cancel.drop_guard(),

@@ -19,13 +19,14 @@ use std::{
 
 use futures::StreamExt;
 use tokio::{sync::watch, task::JoinHandle};
-use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
+use tokio_postgres::{AsyncMessage, Client, Config};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     PgError,
     error::unreachable_from,
     sql::{Statements, quote_ident},
+    tls::Connector,
 };
 
 /// Counters about the listener, for tests and operators.
@@ -55,14 +56,20 @@ pub(crate) struct Connected {
     driver: JoinHandle<()>,
 }
 
+/// How to open the listener's connection.
+pub(crate) struct Dial {
+    pub config: Config,
+    pub tls: Connector,
+}
+
 /// Connects and issues `LISTEN`.
 pub(crate) async fn connect(
-    config: &Config,
+    dial: &Dial,
     sql: &Statements,
     head: &Arc<watch::Sender<u64>>,
     stats: &Arc<ListenerStats>,
 ) -> Result<Connected, PgError> {
-    let (client, mut connection) = config.connect(NoTls).await.map_err(unreachable_from)?;
+    let (client, mut connection) = dial.config.connect(dial.tls.clone()).await.map_err(unreachable_from)?;
     let head = head.clone();
     let stats = stats.clone();
     let driver = tokio::spawn(async move {
@@ -91,7 +98,7 @@ pub(crate) async fn connect(
 /// Runs the listener until `cancel` fires.
 pub(crate) async fn run(
     first: Connected,
-    config: Config,
+    dial: Dial,
     sql: Arc<Statements>,
     head: Arc<watch::Sender<u64>>,
     stats: Arc<ListenerStats>,
@@ -106,7 +113,7 @@ pub(crate) async fn run(
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(backoff) => {}
             }
-            match connect(&config, &sql, &head, &stats).await {
+            match connect(&dial, &sql, &head, &stats).await {
                 Ok(c) => {
                     stats.reconnects.fetch_add(1, Ordering::Relaxed);
                     backoff = Duration::from_millis(50);

@@ -249,6 +249,7 @@ pub async fn open_store(config: &StoreConfig) -> Result<OpenedStore, CliError> {
             .await
             .map_err(|e| match e {
                 annals_postgres::PgError::InvalidUrl { .. }
+                | annals_postgres::PgError::InvalidTls { .. }
                 | annals_postgres::PgError::InvalidSchemaName { .. } => {
                     CliError::Usage(format!("invalid configuration `store.postgres`: {e}"))
                 }

@@ -28,6 +28,7 @@ pub fn fresh_schema() -> String {
 
 /// Drops its schema when dropped (best effort: a leftover schema has a
 /// unique name and harms nothing).
+#[derive(Debug)]
 pub struct SchemaGuard {
     pub schema: String,
 }
