@@ -117,11 +117,16 @@ impl PgError {
 /// SQLSTATEs after which the whole transaction can simply be run again:
 /// unique violations (a concurrent writer got there first; re-deciding
 /// under the lock gives the right answer), deadlocks, serialization
-/// failures.
+/// failures, and writes refused by a read-only server.
 pub(crate) fn is_retryable_state(state: &SqlState) -> bool {
     *state == SqlState::UNIQUE_VIOLATION
         || *state == SqlState::T_R_DEADLOCK_DETECTED
         || *state == SqlState::T_R_SERIALIZATION_FAILURE
+        // The connection reaches a server that takes no writes (a primary
+        // that became a standby in a failover): nothing was written, and
+        // the connection is dropped (see `breaks_connection`), so the run
+        // again gets a new one, which may reach the new primary.
+        || *state == SqlState::READ_ONLY_SQL_TRANSACTION
 }
 
 impl From<deadpool_postgres::PoolError> for PgError {
@@ -164,7 +169,7 @@ pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
 
 /// Whether `e` leaves its connection unusable: closed, or a FATAL/PANIC
 /// from the server (a terminated backend, a server shutting down), whose
-/// session ends with it. Such a connection must not go back to the pool:
+/// session ends with it, or a refused write on a read-only server. Such a connection must not go back to the pool:
 /// the client may not have seen the socket close yet, and the next
 /// borrower would fail with "connection closed".
 pub(crate) fn breaks_connection(e: &tokio_postgres::Error) -> bool {
@@ -174,6 +179,9 @@ pub(crate) fn breaks_connection(e: &tokio_postgres::Error) -> bool {
             matches!(db.parsed_severity(), Some(Severity::Fatal | Severity::Panic))
                 || db.code().code().starts_with("08")
                 || db.code().code().starts_with("57P")
+                // A read-only server: keeping the connection would keep
+                // every later write on the old host after a failover.
+                || *db.code() == SqlState::READ_ONLY_SQL_TRANSACTION
         })
 }
 

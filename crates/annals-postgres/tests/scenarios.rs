@@ -299,6 +299,32 @@ async fn a_read_whose_connection_dies_fails_transiently_and_the_next_read_works(
     }
 }
 
+/// After a failover the pool may hold connections to the old primary, now
+/// read-only. An append that meets one does not fail: the connection is
+/// dropped and the append runs again on a new one (nothing was written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_on_a_read_only_connection_moves_to_a_new_one() {
+    let Some((store, _guard)) = common::open_with(|b| b.max_connections(1)).await else { return };
+    let s = stream("ro-1");
+    store.append(&s, ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
+    for round in 1..=3u64 {
+        // The pool's one connection turns read-only, as a demoted primary's
+        // sessions do.
+        {
+            let conn = store.pool().get().await.unwrap();
+            conn.batch_execute("SET default_transaction_read_only = on").await.unwrap();
+        }
+        let written = store.append(&s, ExpectedVersion::Exact(round - 1), vec![event(round)]).await.unwrap();
+        assert_eq!(written.next_version, round + 1);
+        let conn = store.pool().get().await.unwrap();
+        let ro: String = conn.query_one("SHOW default_transaction_read_only", &[]).await.unwrap().get(0);
+        assert_eq!(ro, "off", "the read-only connection went back to the pool");
+    }
+    let versions: Vec<u64> =
+        store.read_stream(&s, ReadStream::forward()).await.unwrap().iter().map(|e| e.version).collect();
+    assert_eq!(versions, [0, 1, 2, 3]);
+}
+
 /// The pid of this schema's pooled connection that waits for a lock.
 async fn waiting_backend(schema: &str) -> i32 {
     let admin = admin_client().await;
