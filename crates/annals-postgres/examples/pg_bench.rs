@@ -79,6 +79,15 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs.get(xs.len() / 2).copied().unwrap_or(0.0)
 }
 
+/// One raw connection per writer.
+async fn clients(url: &str, writers: usize) -> Vec<std::sync::Arc<Client>> {
+    let mut clients = Vec::with_capacity(writers);
+    for _ in 0..writers {
+        clients.push(std::sync::Arc::new(connect(url).await));
+    }
+    clients
+}
+
 /// Runs `work(writer)` on `writers` tasks; returns events per second.
 async fn timed<F, Fut>(writers: usize, events: usize, work: F) -> f64
 where
@@ -99,10 +108,7 @@ const RAW_COLUMNS: &str =
 
 async fn raw_single(url: &str, schema: &str, writers: usize, events: usize, run: usize) -> f64 {
     let per = events / writers;
-    let mut clients = Vec::new();
-    for _ in 0..writers {
-        clients.push(std::sync::Arc::new(connect(url).await));
-    }
+    let clients = clients(url, writers).await;
     let sql = format!(
         "INSERT INTO \"{schema}\".raw_events ({RAW_COLUMNS})
          VALUES ($1, $2, $3, 'E', 'raw', 0, $4, '{{}}', NULL, now())"
@@ -125,10 +131,7 @@ async fn raw_single(url: &str, schema: &str, writers: usize, events: usize, run:
 async fn raw_batch(url: &str, schema: &str, writers: usize, events: usize, run: usize) -> f64 {
     const BATCH: usize = 100;
     let batches = (events / writers / BATCH).max(1);
-    let mut clients = Vec::new();
-    for _ in 0..writers {
-        clients.push(std::sync::Arc::new(connect(url).await));
-    }
+    let clients = clients(url, writers).await;
     let values: Vec<String> = (0..BATCH)
         .map(|r| {
             let b = r * 4;
@@ -168,10 +171,7 @@ async fn raw_batch(url: &str, schema: &str, writers: usize, events: usize, run: 
 async fn raw_batch_bound(url: &str, schema: &str, writers: usize, events: usize, run: usize) -> f64 {
     const BATCH: usize = 100;
     let batches = (events / writers / BATCH).max(1);
-    let mut clients = Vec::new();
-    for _ in 0..writers {
-        clients.push(std::sync::Arc::new(connect(url).await));
-    }
+    let clients = clients(url, writers).await;
     let values: Vec<String> = (0..BATCH)
         .map(|r| {
             let b = r * 9;
