@@ -308,6 +308,7 @@ fn serve_starts_and_validates_configuration() {
         .args(["serve", "--memory", "--config", cfg.to_str().unwrap(), "--rate-burst", "7", "--check-config"])
         .env("ANNALS_RATE_LIMIT__REQUESTS_PER_SECOND", "60")
         .env("ANNALS_ADVERTISE_URL", "http://annals-2.internal:2113")
+        .env("ANNALS_STORE__POSTGRES_MAX_CONNECTIONS", "40")
         .env("ANNALS_URL", "http://ignored")
         .output()
         .unwrap();
@@ -316,6 +317,7 @@ fn serve_starts_and_validates_configuration() {
     assert_eq!(v["rate_limit"]["requests_per_second"], 60.0);
     assert_eq!(v["rate_limit"]["burst"], 7);
     assert_eq!(v["advertise_url"], "http://annals-2.internal:2113");
+    assert_eq!(v["store"]["postgres_max_connections"], 40);
     assert_eq!(v["auth"]["anonymous"], "admin", "loopback without credentials defaults to anonymous admin");
 
     // A real in-memory server on a free port.

@@ -92,6 +92,14 @@ pub struct StoreConfig {
     /// PostgreSQL schema holding the store's tables (several stores can
     /// share one database under different schemas).
     pub postgres_schema: String,
+    /// Connections in the PostgreSQL pool (default 16, 1 to 1000). Each
+    /// process also holds one `LISTEN` connection and, while it runs the
+    /// consumer groups, one lease connection: budget `max_connections + 2`
+    /// per process against the server's `max_connections`.
+    pub postgres_max_connections: usize,
+    /// How long one PostgreSQL connection attempt may take, in seconds
+    /// (default 5).
+    pub postgres_connect_timeout_secs: u64,
 }
 
 impl Default for StoreConfig {
@@ -101,6 +109,8 @@ impl Default for StoreConfig {
             memory: false,
             postgres: None,
             postgres_schema: "annals".to_owned(),
+            postgres_max_connections: 16,
+            postgres_connect_timeout_secs: 5,
         }
     }
 }
@@ -375,6 +385,15 @@ impl ServerConfig {
                     format!("must be at most {} bytes without spaces", annals_core::MAX_LEASE_HOLDER_LEN),
                 ));
             }
+        }
+        if !(1..=1000).contains(&self.store.postgres_max_connections) {
+            return Err(ServerError::config("store.postgres_max_connections", "must be between 1 and 1000"));
+        }
+        if !(1..=300).contains(&self.store.postgres_connect_timeout_secs) {
+            return Err(ServerError::config(
+                "store.postgres_connect_timeout_secs",
+                "must be between 1 and 300",
+            ));
         }
         let l = &self.limits;
         if l.max_body_bytes < 1024 {

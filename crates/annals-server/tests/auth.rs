@@ -340,3 +340,24 @@ fn advertise_url_is_validated() {
         assert!(c.validate().is_ok(), "{good}");
     }
 }
+
+#[test]
+fn postgres_pool_settings_are_validated() {
+    let mut c = ServerConfig::default();
+    assert_eq!((c.store.postgres_max_connections, c.store.postgres_connect_timeout_secs), (16, 5));
+    for (n, ok) in [(0, false), (1, true), (1000, true), (1001, false)] {
+        c.store.postgres_max_connections = n;
+        let got = c.validate();
+        assert_eq!(got.is_ok(), ok, "{n}: {got:?}");
+        if !ok {
+            assert!(
+                matches!(got, Err(ServerError::Config { ref key, .. }) if key == "store.postgres_max_connections")
+            );
+        }
+    }
+    c.store.postgres_max_connections = 16;
+    c.store.postgres_connect_timeout_secs = 0;
+    assert!(
+        matches!(c.validate(), Err(ServerError::Config { ref key, .. }) if key == "store.postgres_connect_timeout_secs")
+    );
+}

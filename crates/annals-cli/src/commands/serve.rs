@@ -43,6 +43,9 @@ pub struct ServeArgs {
     /// PostgreSQL schema for the store's tables (default `annals`).
     #[arg(long)]
     pub postgres_schema: Option<String>,
+    /// Connections in the PostgreSQL pool (default 16).
+    #[arg(long)]
+    pub postgres_max_connections: Option<usize>,
     /// Allow a non-loopback address without authentication.
     #[arg(long)]
     pub insecure: bool,
@@ -147,6 +150,9 @@ fn apply_flags(config: &mut ServerConfig, args: &ServeArgs) -> Result<(), CliErr
     if let Some(s) = &args.postgres_schema {
         config.store.postgres_schema = s.clone();
     }
+    if let Some(n) = args.postgres_max_connections {
+        config.store.postgres_max_connections = n;
+    }
     if args.insecure {
         config.insecure = true;
     }
@@ -245,6 +251,8 @@ pub async fn open_store(config: &StoreConfig) -> Result<OpenedStore, CliError> {
         }
         let store = annals_postgres::PgStore::builder(url.clone())
             .schema(config.postgres_schema.clone())
+            .max_connections(config.postgres_max_connections)
+            .connect_timeout(std::time::Duration::from_secs(config.postgres_connect_timeout_secs))
             .open()
             .await
             .map_err(|e| match e {
