@@ -97,6 +97,14 @@ pub(crate) fn split_url(url: &str) -> Result<(String, TlsSettings), PgError> {
         let decode = |s: &str| percent_decode_str(s).decode_utf8_lossy().into_owned();
         match decode(key).as_str() {
             "sslmode" => settings.mode = Some(Mode::parse(&decode(value))?),
+            "sslrootcert" if decode(value) == "system" => {
+                return Err(PgError::InvalidTls {
+                    reason:
+                        "sslrootcert=system (the operating system's roots) is not supported; name a PEM file \
+                             of CA certificates instead"
+                            .to_owned(),
+                });
+            }
             "sslrootcert" => settings.root_cert = Some(PathBuf::from(decode(value))),
             k @ ("sslcert" | "sslkey" | "sslpassword" | "sslcrl" | "sslcrldir") => {
                 return Err(PgError::InvalidTls {
