@@ -526,6 +526,19 @@ fn two_servers_share_one_postgres_schema() {
     let a_at = text.find("FromA").expect("A's event");
     let b_at = text.find("FromB").expect("B's event");
     assert!(a_at < b_at, "{text}");
+    // The store's pool gauges reach /metrics through the facade recorder
+    // (sampled every second).
+    let wanted = format!("annals_pg_pool_max_connections{{schema=\"{schema}\"}} 16");
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        metrics = http_get(&format!("{url_a}/metrics"));
+        if metrics.contains(&wanted) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(metrics.contains(&wanted), "{wanted} not in {metrics}");
+    assert!(metrics.contains(&format!("annals_pg_pool_connections{{schema=\"{schema}\"}}")), "{metrics}");
     stop(a);
     stop(b);
     let _ = Command::new("psql")

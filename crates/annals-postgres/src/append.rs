@@ -44,6 +44,7 @@ use crate::{
     Inner, PgError,
     error::{breaks_connection, db, is_retryable_state},
     listener::bump,
+    pooled::count_discarded,
     row::{to_i64, to_u64},
     sql::Statements,
 };
@@ -128,9 +129,9 @@ impl From<deadpool_postgres::PoolError> for Failure {
 /// dropped while still armed (an error or a cancelled future left the
 /// transaction open), the connection is detached from the pool and closed,
 /// so the server rolls back and nobody reuses it mid-transaction.
-struct TxConn(Option<Object>);
+struct TxConn<'a>(Option<Object>, &'a str);
 
-impl TxConn {
+impl TxConn<'_> {
     fn client(&self) -> Result<&deadpool_postgres::ClientWrapper, Failure> {
         self.0.as_deref().ok_or(Failure::Fail(Error::Closed))
     }
@@ -149,10 +150,11 @@ impl TxConn {
     }
 }
 
-impl Drop for TxConn {
+impl Drop for TxConn<'_> {
     fn drop(&mut self) {
         if let Some(client) = self.0.take() {
             drop(Object::take(client));
+            count_discarded(self.1);
         }
     }
 }
@@ -219,6 +221,11 @@ impl Committer {
                 }
                 Err(Failure::Retry(e)) if attempt < MAX_ATTEMPTS => {
                     tracing::debug!(error = %e, attempt, "append raced another transaction; retrying");
+                    let reason = e.code().map_or("other", |c| c.code()).to_owned();
+                    metrics::counter!(
+                        "annals_pg_append_retries_total", "schema" => self.sql.name.clone(), "sqlstate" => reason
+                    )
+                    .increment(1);
                     tokio::time::sleep(Duration::from_millis(u64::from(attempt) * 5)).await;
                     attempt += 1;
                 }
@@ -254,7 +261,7 @@ impl Committer {
         if let Some(outcomes) = self.try_fast(requests).await? {
             return Ok(outcomes);
         }
-        let mut conn = TxConn(Some(self.pool.get().await?));
+        let mut conn = TxConn(Some(self.pool.get().await?), &self.sql.name);
         let client = conn.client()?;
         let lock_head = client.prepare_cached(&self.sql.lock_head).await?;
         let lock = client.prepare_cached(&self.sql.lock_streams).await?;
@@ -402,7 +409,7 @@ impl Committer {
     ) -> Result<Option<Vec<Result<Vec<AppendResult>>>>, Failure> {
         let Some(args) = FastArgs::new(requests) else { return Ok(None) };
         let one_part = args.part_streams.len() == 1;
-        let mut conn = TxConn(Some(self.pool.get().await?));
+        let mut conn = TxConn(Some(self.pool.get().await?), &self.sql.name);
         let client = conn.client()?;
         // No BEGIN: the implicit transaction commits at the Sync that ends
         // the request, and `query_one` reads up to the ReadyForQuery after

@@ -100,6 +100,8 @@ pub(crate) struct Inner {
     /// subscriptions. Fed by own commits, NOTIFY and the fallback poll.
     head: Arc<watch::Sender<u64>>,
     listener: Arc<ListenerStats>,
+    /// The schema name, shared with pooled connections (metric label).
+    schema_label: Arc<str>,
     /// Connection settings of lease connections (see `lease`).
     lease_config: tokio_postgres::Config,
     /// Makes the TLS side of every connection (see `tls`).
@@ -254,6 +256,7 @@ impl PgStoreBuilder {
             self.poll_interval,
             cancel.clone(),
         ));
+        tokio::spawn(sample_pool(pool.clone(), self.schema.clone(), cancel.clone()));
         let (queue, receiver) = tokio::sync::mpsc::channel(4096);
         let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
         for _ in 0..append::COMMITTERS {
@@ -269,6 +272,7 @@ impl PgStoreBuilder {
             inner: Arc::new(Inner {
                 queue,
                 pool,
+                schema_label: Arc::from(self.schema.as_str()),
                 schema: self.schema,
                 sql,
                 limits: self.limits,
@@ -281,6 +285,29 @@ impl PgStoreBuilder {
                 _listener_guard: cancel.drop_guard(),
             }),
         })
+    }
+}
+
+/// Every second until the store is dropped: the pool's size, idle
+/// connections and waiting callers as gauges (`annals_pg_pool_*`, label
+/// `schema`), for the process's `metrics` recorder.
+async fn sample_pool(pool: Pool, schema: String, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {
+                let status = pool.status();
+                let gauge = |name: &'static str, value: usize| {
+                    metrics::gauge!(name, "schema" => schema.clone()).set(value as f64);
+                };
+                gauge("annals_pg_pool_connections", status.size);
+                gauge("annals_pg_pool_max_connections", status.max_size);
+                gauge("annals_pg_pool_idle", status.available);
+                gauge("annals_pg_pool_waiting", status.waiting);
+            }
+        }
     }
 }
 

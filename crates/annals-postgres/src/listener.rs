@@ -116,6 +116,8 @@ pub(crate) async fn run(
             match connect(&dial, &sql, &head, &stats).await {
                 Ok(c) => {
                     stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("annals_pg_listener_reconnects_total", "schema" => sql.name.clone())
+                        .increment(1);
                     backoff = Duration::from_millis(50);
                     connected = Some(c);
                 }

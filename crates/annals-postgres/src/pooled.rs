@@ -26,11 +26,13 @@ use crate::error::{breaks_connection, db};
 pub(crate) struct Pooled {
     object: Option<Object>,
     broken: Arc<AtomicBool>,
+    /// The store's schema, for the metric.
+    schema: Arc<str>,
 }
 
 impl Pooled {
-    pub(crate) fn new(object: Object) -> Self {
-        Pooled { object: Some(object), broken: Arc::default() }
+    pub(crate) fn new(object: Object, schema: Arc<str>) -> Self {
+        Pooled { object: Some(object), broken: Arc::default(), schema }
     }
 
     /// Discards the connection when dropped (it is mid-transaction, or
@@ -67,8 +69,15 @@ impl Drop for Pooled {
             && self.broken.load(Ordering::Relaxed)
         {
             drop(Object::take(object));
+            count_discarded(&self.schema);
         }
     }
+}
+
+/// Counts a connection taken out of the pool because it broke (or was
+/// left mid-transaction): `annals_pg_connections_discarded_total`.
+pub(crate) fn count_discarded(schema: &str) {
+    metrics::counter!("annals_pg_connections_discarded_total", "schema" => schema.to_owned()).increment(1);
 }
 
 /// Like [`db`], and marks `broken` when the error ends the session. Copy,

@@ -36,7 +36,10 @@ impl Inner {
     /// A pooled connection; see [`crate::pooled`] for why operations map
     /// their errors through `marking`.
     pub(crate) async fn client(&self) -> Result<Pooled> {
-        self.pool.get().await.map(Pooled::new).map_err(|e| PgError::from(e).into())
+        match self.pool.get().await {
+            Ok(object) => Ok(Pooled::new(object, self.schema_label.clone())),
+            Err(e) => Err(PgError::from(e).into()),
+        }
     }
 
     /// The stream's row, or the default state when it has none.

@@ -24,6 +24,8 @@ pub(crate) const ALL_PAGE_HEAD_COLUMN: usize = 9;
 pub(crate) struct Statements {
     /// Quoted schema name.
     pub schema: String,
+    /// The schema name as given: the `schema` label of the crate's metrics.
+    pub name: String,
     /// NOTIFY channel carrying the log's next position.
     pub channel: String,
     /// Takes the head row lock without moving the head: every writer of
@@ -204,6 +206,7 @@ impl Statements {
                  RETURNING c.position"
             ),
             schema: s,
+            name: schema.to_owned(),
         }
     }
 
