@@ -463,7 +463,9 @@ fn elsewhere(state: &AppState) -> ApiError {
     let leader = state.inner.groups.leader();
     let there = match &leader {
         Some(url) => format!("send group requests to {url}"),
-        None => "send group requests there (it published no advertise_url)".to_owned(),
+        None => "send group requests there (its address is not known here: give every process an \
+                 advertise_url)"
+            .to_owned(),
     };
     let mut e = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
