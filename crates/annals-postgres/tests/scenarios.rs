@@ -325,6 +325,111 @@ async fn an_append_on_a_read_only_connection_moves_to_a_new_one() {
     assert_eq!(versions, [0, 1, 2, 3]);
 }
 
+/// Chaos: while writers append and a live `$all` subscriber follows, every
+/// pooled and listener connection of the store is terminated again and
+/// again. Writers treat a transient error as "outcome unknown" and re-send
+/// the same event (same id, same expectation), as the API asks. In the
+/// end every stream holds each event exactly once and in order, and the
+/// subscriber saw every event exactly once, in position order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn appends_and_a_subscriber_come_through_repeated_connection_kills_exactly_once() {
+    const WRITERS: u64 = 4;
+    const PER_WRITER: u64 = 250;
+    const TOTAL: usize = (WRITERS * PER_WRITER) as usize;
+    let Some((store, guard)) = common::open_with(|b| {
+        b.max_connections(4).poll_interval(Duration::from_millis(100)).subscription_retry(PATIENCE)
+    })
+    .await
+    else {
+        return;
+    };
+    let mut sub = store.subscribe(SubscriptionRequest::all(Filter::all(), SubscribeFrom::Start));
+    let follower = tokio::spawn(async move {
+        let got = take(&mut sub, TOTAL).await;
+        assert_quiet(&mut sub).await;
+        got
+    });
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let killer = {
+        let (stop, schema) = (stop.clone(), guard.schema.clone());
+        tokio::spawn(async move {
+            let admin = admin_client().await;
+            let mut kills = 0usize;
+            while !stop.is_cancelled() {
+                kills += admin
+                    .query(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                         WHERE application_name IN ($1, $2)",
+                        &[&format!("annals {schema}"), &format!("annals-listen {schema}")],
+                    )
+                    .await
+                    .unwrap()
+                    .len();
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            kills
+        })
+    };
+
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let s = stream(&format!("chaos-{w}"));
+                let (mut ids, mut resends) = (Vec::new(), 0u32);
+                for i in 0..PER_WRITER {
+                    let e = event(i);
+                    ids.push(e.id);
+                    let expected =
+                        if i == 0 { ExpectedVersion::NoStream } else { ExpectedVersion::Exact(i - 1) };
+                    let deadline = tokio::time::Instant::now() + PATIENCE;
+                    loop {
+                        match store.append(&s, expected, vec![e.clone()]).await {
+                            Ok(r) => {
+                                assert_eq!(r.next_version, i + 1);
+                                break;
+                            }
+                            Err(err) if err.is_transient() && tokio::time::Instant::now() < deadline => {
+                                resends += 1;
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                            Err(err) => panic!("writer {w}, event {i}: {err}"),
+                        }
+                    }
+                }
+                (s, ids, resends)
+            })
+        })
+        .collect();
+    let mut done = Vec::new();
+    for w in writers {
+        done.push(w.await.unwrap());
+    }
+    // The chaos ends before the checks: reads are not retried.
+    stop.cancel();
+    let kills = killer.await.unwrap();
+    let mut all_ids = HashSet::new();
+    let mut resends = 0;
+    for (s, ids, r) in done {
+        resends += r;
+        let read = store.read_stream(&s, ReadStream::forward()).await;
+        let read = match read {
+            Ok(read) => read,
+            // At most one read can meet a connection killed just before.
+            Err(e) if e.is_transient() => store.read_stream(&s, ReadStream::forward()).await.unwrap(),
+            Err(e) => panic!("{s}: {e}"),
+        };
+        assert_eq!(read.iter().map(|e| e.id).collect::<Vec<_>>(), ids, "{s}: each event once, in order");
+        all_ids.extend(ids);
+    }
+    let got = follower.await.unwrap();
+    assert_eq!(got.iter().map(|e| e.position).collect::<Vec<_>>(), (0..TOTAL as u64).collect::<Vec<_>>());
+    assert_eq!(got.iter().map(|e| e.id).collect::<HashSet<_>>(), all_ids);
+    assert!(kills > 0, "the chaos never hit a connection");
+    eprintln!("chaos: {kills} backends terminated, {resends} re-sends");
+}
+
 /// The pid of this schema's pooled connection that waits for a lock.
 async fn waiting_backend(schema: &str) -> i32 {
     let admin = admin_client().await;
