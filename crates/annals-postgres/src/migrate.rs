@@ -41,6 +41,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "0007_lease_holders.sql",
         sql: include_str!("../sql/0007_lease_holders.sql"),
     },
+    Migration {
+        version: 8,
+        name: "0008_head_lock_only.sql",
+        sql: include_str!("../sql/0008_head_lock_only.sql"),
+    },
 ];
 
 /// Advisory-lock class for migrations ("anna" in ASCII), so the key space

@@ -74,7 +74,9 @@ impl Statements {
             // of a new stream (the write statement updates it) and returns
             // the state. `name = name` makes ON CONFLICT lock and return the
             // existing row.
-            lock_head: format!("SELECT next_position FROM {s}.head FOR NO KEY UPDATE"),
+            // The row only (migration 0008): no new version for an old
+            // snapshot to pin.
+            lock_head: format!("SELECT 1 FROM {s}.head_row FOR NO KEY UPDATE"),
             lock_streams: format!(
                 "INSERT INTO {s}.streams AS st (name, category)
                  SELECT * FROM unnest($1::text[], $2::text[])
@@ -90,9 +92,12 @@ impl Statements {
             // the streams, and queue the notification (sent on commit).
             write: format!(
                 "WITH h AS (
-                    UPDATE {s}.head SET next_position = next_position + $1,
-                                        recorded_at = greatest(date_trunc('microseconds', clock_timestamp()), recorded_at)
-                    RETURNING next_position - $1 AS first, recorded_at
+                    SELECT greatest(r.next_position, coalesce(t.position + 1, 0)) AS first,
+                           greatest(date_trunc('microseconds', clock_timestamp()), r.recorded_at, t.recorded_at)
+                               AS recorded_at
+                    FROM {s}.head_row r
+                    LEFT JOIN LATERAL (SELECT e.position, e.recorded_at FROM {s}.events e
+                                        ORDER BY e.position DESC LIMIT 1) t ON true
                  ), ins AS (
                     INSERT INTO {s}.events (position, stream, version, id, event_type, category, content_type,
                                             data, metadata, correlation_id, recorded_at)
@@ -162,6 +167,7 @@ impl Statements {
             ),
             soft_delete: format!("UPDATE {s}.streams SET truncate_before = $2 WHERE name = $1"),
             hard_delete: format!("UPDATE {s}.streams SET tombstoned = true WHERE name = $1"),
+            // A view since migration 0008: one past the last event.
             head: format!("SELECT next_position FROM {s}.head"),
             // One aggregate over every row of `events` (system streams and
             // deleted streams included: deletes only mark the stream row,

@@ -430,6 +430,106 @@ async fn appends_and_a_subscriber_come_through_repeated_connection_kills_exactly
     eprintln!("chaos: {kills} backends terminated, {resends} re-sends");
 }
 
+/// While another session holds an old snapshot (a long report, pg_dump),
+/// no row version that appends leave behind can be pruned. Appends take the
+/// head row's lock without updating it (migration 0008), so however many
+/// appends run meanwhile, the head table stays one page and positions stay
+/// gapless and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_under_an_old_snapshot_leave_the_head_row_alone() {
+    let Some((store, guard)) = common::open().await else { return };
+    let holder = admin_client().await;
+    holder
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM pg_class")
+        .await
+        .unwrap();
+    for i in 0..1500u64 {
+        let s = stream(&format!("snap-{}", i % 50));
+        let r = store.append(&s, ExpectedVersion::Any, vec![event(i)]).await.unwrap();
+        assert_eq!(r.position, i);
+    }
+    let admin = admin_client().await;
+    let size: i64 = admin
+        .query_one(&format!("SELECT pg_relation_size('\"{}\".head_row')", guard.schema), &[])
+        .await
+        .unwrap()
+        .get(0);
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(size, 8192, "the head table grew: appends updated its row");
+    assert_eq!(store.next_position().await.unwrap(), 1500);
+    let page = store.read_all(ReadAll::forward(2000)).await.unwrap();
+    assert_eq!(page.events.iter().map(|e| e.position).collect::<Vec<_>>(), (0..1500).collect::<Vec<_>>());
+    assert_eq!(page.next, Some(1500));
+}
+
+/// Processes of the previous version keep running during an upgrade to
+/// migration 0008 and still read, lock and move the head their way: a
+/// `head` table. These are their statements, verbatim in effect; against
+/// the view they must lock the same row, see the computed head, and get the
+/// right first position from their `UPDATE … RETURNING` without writing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_of_the_previous_version_stay_correct_on_the_head_view() {
+    let Some((store, guard)) = common::open().await else { return };
+    let s = stream("old-new-1");
+    store.append(&s, ExpectedVersion::NoStream, (0..5).map(event).collect()).await.unwrap();
+    let q = format!("\"{}\"", guard.schema);
+    let old = admin_client().await;
+    let head: i64 = old.query_one(&format!("SELECT next_position FROM {q}.head"), &[]).await.unwrap().get(0);
+    assert_eq!(head, 5, "the old head read");
+    let xmin_before: String =
+        old.query_one(&format!("SELECT xmin::text FROM {q}.head_row"), &[]).await.unwrap().get(0);
+
+    // The old exact path: lock through the view, then move the head.
+    old.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED").await.unwrap();
+    old.query_one(&format!("SELECT next_position FROM {q}.head FOR NO KEY UPDATE"), &[]).await.unwrap();
+    // The lock is the new appenders' lock too: an append waits for it.
+    let waiting = {
+        let (store, s) = (store.clone(), s.clone());
+        tokio::spawn(async move { store.append(&s, ExpectedVersion::Exact(6), vec![event(7)]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiting.is_finished(), "a new append ran while an old process held the head");
+    let row = old
+        .query_one(
+            &format!(
+                "UPDATE {q}.head SET next_position = next_position + $1::int8,
+                                recorded_at = greatest(date_trunc('microseconds', clock_timestamp()), recorded_at)
+                 RETURNING next_position - $1::int8 AS first, recorded_at"
+            ),
+            &[&2i64],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 5, "the old exact path's first position");
+    // It then inserts at that position (as its write statement does).
+    old.execute(
+        &format!(
+            "INSERT INTO {q}.events (position, stream, version, id, event_type, category, content_type, data,
+                                     metadata, correlation_id, recorded_at)
+             SELECT 5 + g, 'old-new-1', 5 + g, gen_random_uuid(), 'E', 'old', 0, '\\x7b7d', '{{}}', NULL, now()
+               FROM generate_series(0, 1) g"
+        ),
+        &[],
+    )
+    .await
+    .unwrap();
+    old.execute(
+        &format!("UPDATE {q}.streams SET last_version = 6, last_position = 6, last_event_id = NULL WHERE name = 'old-new-1'"),
+        &[],
+    )
+    .await
+    .unwrap();
+    old.batch_execute("COMMIT").await.unwrap();
+    let after = tokio::time::timeout(PATIENCE, waiting).await.unwrap().unwrap().unwrap();
+    assert_eq!(after.position, 7, "the new append follows the old process's events");
+    let xmin_after: String =
+        old.query_one(&format!("SELECT xmin::text FROM {q}.head_row"), &[]).await.unwrap().get(0);
+    assert_eq!(xmin_after, xmin_before, "nobody wrote a new version of the head row");
+    let all = store.read_all(ReadAll::forward(100)).await.unwrap();
+    assert_eq!(all.events.iter().map(|e| e.position).collect::<Vec<_>>(), (0..8).collect::<Vec<_>>());
+    assert_eq!(all.next, Some(8));
+}
+
 /// The pid of this schema's pooled connection that waits for a lock.
 async fn waiting_backend(schema: &str) -> i32 {
     let admin = admin_client().await;
