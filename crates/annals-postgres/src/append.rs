@@ -35,7 +35,7 @@ use annals_core::{
     AppendDecision, AppendResult, Error, ExpectedVersion, Result, StreamAppend, StreamName, StreamState,
     category_of,
 };
-use deadpool_postgres::{Object, Pool};
+use deadpool_postgres::Pool;
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio_postgres::{error::SqlState, types::ToSql};
 use uuid::Uuid;
@@ -44,7 +44,7 @@ use crate::{
     Inner, PgError,
     error::{breaks_connection, db, is_retryable_state},
     listener::bump,
-    pooled::count_discarded,
+    pooled::Pooled,
     row::{to_i64, to_u64},
     sql::Statements,
 };
@@ -84,6 +84,8 @@ pub(crate) struct Request {
 /// What a committer needs from the store.
 pub(crate) struct Committer {
     pub pool: Pool,
+    /// The schema name (metric label of discarded connections).
+    pub schema: Arc<str>,
     pub sql: Arc<Statements>,
     pub head: Arc<watch::Sender<u64>>,
     pub queue: Arc<Mutex<mpsc::Receiver<Request>>>,
@@ -125,37 +127,11 @@ impl From<deadpool_postgres::PoolError> for Failure {
     }
 }
 
-/// A pooled connection inside a manually begun transaction. If it is
-/// dropped while still armed (an error or a cancelled future left the
-/// transaction open), the connection is detached from the pool and closed,
-/// so the server rolls back and nobody reuses it mid-transaction.
-struct TxConn<'a>(Option<Object>, &'a str);
-
-impl TxConn<'_> {
-    fn client(&self) -> Result<&deadpool_postgres::ClientWrapper, Failure> {
-        self.0.as_deref().ok_or(Failure::Fail(Error::Closed))
-    }
-
-    /// The transaction is over; the connection may return to the pool.
-    fn disarm(&mut self) {
-        self.0.take();
-    }
-
-    /// The transaction is over: the connection returns to the pool, unless
-    /// one of `results` says it broke (then dropping `self` discards it).
-    fn disarm_unless_broken(&mut self, results: &[Option<&tokio_postgres::Error>]) {
-        if !results.iter().flatten().any(|e| breaks_connection(e)) {
-            self.disarm();
-        }
-    }
-}
-
-impl Drop for TxConn<'_> {
-    fn drop(&mut self) {
-        if let Some(client) = self.0.take() {
-            drop(Object::take(client));
-            count_discarded(self.1);
-        }
+/// The transaction is over: the connection may go back to the pool, unless
+/// one of `results` says it broke (then dropping it discards it).
+fn keep_unless_broken(conn: &Pooled, results: &[Option<&tokio_postgres::Error>]) {
+    if !results.iter().flatten().any(|e| breaks_connection(e)) {
+        conn.keep();
     }
 }
 
@@ -261,8 +237,10 @@ impl Committer {
         if let Some(outcomes) = self.try_fast(requests).await? {
             return Ok(outcomes);
         }
-        let mut conn = TxConn(Some(self.pool.get().await?), &self.sql.name);
-        let client = conn.client()?;
+        // Discarded unless kept: an error or a cancelled future that leaves
+        // the transaction open must not hand it to the next borrower.
+        let conn = Pooled::discarded_unless_kept(self.pool.get().await?, self.schema.clone());
+        let client: &deadpool_postgres::ClientWrapper = &conn;
         let lock_head = client.prepare_cached(&self.sql.lock_head).await?;
         let lock = client.prepare_cached(&self.sql.lock_streams).await?;
         let write = client.prepare_cached(&self.sql.write).await?;
@@ -338,7 +316,7 @@ impl Committer {
         if batch.total == 0 {
             // Nothing to write (failures and idempotent re-sends only).
             client.batch_execute("ROLLBACK").await?;
-            conn.disarm();
+            conn.keep();
             return Ok(decided
                 .into_iter()
                 .map(|d| d.map(|ds| ds.iter().map(already_written).collect()))
@@ -366,7 +344,7 @@ impl Committer {
             futures::join!(client.query_one(&write, &write_params), client.batch_execute("COMMIT"));
         // Either way the transaction is over (a failed write turns the
         // COMMIT into a rollback; a failed COMMIT ends it too).
-        conn.disarm_unless_broken(&[written.as_ref().err(), committed.as_ref().err()]);
+        keep_unless_broken(&conn, &[written.as_ref().err(), committed.as_ref().err()]);
         let row = written?;
         committed?;
         let first = to_u64(row.try_get(0)?, "position")?;
@@ -409,8 +387,8 @@ impl Committer {
     ) -> Result<Option<Vec<Result<Vec<AppendResult>>>>, Failure> {
         let Some(args) = FastArgs::new(requests) else { return Ok(None) };
         let one_part = args.part_streams.len() == 1;
-        let mut conn = TxConn(Some(self.pool.get().await?), &self.sql.name);
-        let client = conn.client()?;
+        let conn = Pooled::discarded_unless_kept(self.pool.get().await?, self.schema.clone());
+        let client: &deadpool_postgres::ClientWrapper = &conn;
         // No BEGIN: the implicit transaction commits at the Sync that ends
         // the request, and `query_one` reads up to the ReadyForQuery after
         // it, so a row and no error means committed, and an error means
@@ -449,7 +427,7 @@ impl Committer {
         let statement = client.prepare_cached(sql).await?;
         let called = client.query_one(&statement, &params).await;
         // No transaction is left open either way.
-        conn.disarm_unless_broken(&[called.as_ref().err()]);
+        keep_unless_broken(&conn, &[called.as_ref().err()]);
         let row = match called {
             Ok(row) => row,
             Err(e) if e.code().map(SqlState::code) == Some(DECLINED) => return Ok(None),

@@ -262,6 +262,7 @@ impl PgStoreBuilder {
         for _ in 0..append::COMMITTERS {
             let committer = append::Committer {
                 pool: pool.clone(),
+                schema: Arc::from(self.schema.as_str()),
                 sql: sql.clone(),
                 head: head.clone(),
                 queue: receiver.clone(),

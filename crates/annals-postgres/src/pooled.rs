@@ -35,10 +35,23 @@ impl Pooled {
         Pooled { object: Some(object), broken: Arc::default(), schema }
     }
 
+    /// A connection about to run a transaction by hand: discarded when
+    /// dropped unless [`Pooled::keep`] says the transaction is over.
+    pub(crate) fn discarded_unless_kept(object: Object, schema: Arc<str>) -> Self {
+        let conn = Pooled::new(object, schema);
+        conn.discard();
+        conn
+    }
+
     /// Discards the connection when dropped (it is mid-transaction, or
     /// otherwise not fit for the next borrower).
     pub(crate) fn discard(&self) {
         self.broken.store(true, Ordering::Relaxed);
+    }
+
+    /// Returns the connection to the pool when dropped after all.
+    pub(crate) fn keep(&self) {
+        self.broken.store(false, Ordering::Relaxed);
     }
 
     /// The flag [`marking`] sets; held apart from the connection so errors
