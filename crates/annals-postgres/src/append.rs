@@ -18,6 +18,13 @@
 //! append: it may still commit, exactly as when an acknowledgement is lost.
 //! Re-send it with the same event ids to learn the outcome (idempotency).
 //!
+//! When the connection breaks under a round, the round may have committed
+//! with its answer lost, so it is not simply run again: the committer takes
+//! the head on a new connection (which waits out any transaction of the
+//! broken attempt still on the server) and looks the round's event ids up
+//! among the events committed since the attempt began; what is found is
+//! answered from the log, the rest runs again (`settle_round`).
+//!
 //! The common case takes one request: a function selected in an implicit
 //! transaction (migration 0006), `append_part` for a round of one part (a
 //! lone writer's every append) and `append_head_first` for several (0003:
@@ -42,7 +49,7 @@ use uuid::Uuid;
 
 use crate::{
     Inner, PgError,
-    error::{breaks_connection, db, is_retryable_state},
+    error::{breaks_connection, db, describe, is_retryable_state},
     listener::bump,
     pooled::Pooled,
     row::{to_i64, to_u64},
@@ -103,15 +110,26 @@ impl Inner {
 
 /// Why one transaction attempt failed.
 enum Failure {
-    /// Run the whole transaction again (the database said so by SQLSTATE).
+    /// Run the whole transaction again (the database said so by SQLSTATE:
+    /// nothing was written).
     Retry(tokio_postgres::Error),
-    /// Final.
+    /// The connection broke: the attempt may or may not have committed
+    /// (the commit can succeed on the server while its answer is lost).
+    /// Settled from the log before anything runs again.
+    Unknown(tokio_postgres::Error),
+    /// Final: nothing was written.
     Fail(Error),
 }
 
 impl From<tokio_postgres::Error> for Failure {
     fn from(e: tokio_postgres::Error) -> Self {
-        if e.code().is_some_and(is_retryable_state) { Failure::Retry(e) } else { Failure::Fail(db(e)) }
+        if e.code().is_some_and(is_retryable_state) {
+            Failure::Retry(e)
+        } else if breaks_connection(&e) {
+            Failure::Unknown(e)
+        } else {
+            Failure::Fail(db(e))
+        }
     }
 }
 
@@ -183,11 +201,27 @@ impl Committer {
     }
 
     /// Commits one round, answering every request in it.
-    async fn run_round(&self, round: Vec<Request>) {
+    async fn run_round(&self, mut round: Vec<Request>) {
         let mut attempt = 1;
         loop {
+            // Whatever this attempt writes lands at or after the head known
+            // now (positions only grow, and ours come after every commit
+            // seen so far).
+            let since = *self.head.borrow();
             let parts: Vec<&[StreamAppend]> = round.iter().map(|r| r.parts.as_slice()).collect();
-            match self.try_round(&parts).await {
+            let tried = self.try_round(&parts).await;
+            if let Err(Failure::Unknown(e)) = tried {
+                // Settled before anything else runs again: re-running a
+                // round that did commit would write an `Any` part twice when
+                // another process appended to its stream meanwhile (the
+                // idempotency check only sees the stream's tail), and would
+                // fail an `Exact` part that was in fact written.
+                let Some(rest) = self.settle_round(round, &e, since, attempt).await else { return };
+                round = rest;
+                attempt += 1;
+                continue;
+            }
+            match tried {
                 Ok(outcomes) => {
                     for (request, outcome) in round.into_iter().zip(outcomes) {
                         // The caller may have gone away; nothing to do then.
@@ -215,7 +249,7 @@ impl Committer {
                         return;
                     }
                     let error = match failure {
-                        Failure::Retry(e) => db(e),
+                        Failure::Retry(e) | Failure::Unknown(e) => db(e),
                         Failure::Fail(e) => e,
                     };
                     if let Some(request) = round.into_iter().next() {
@@ -225,6 +259,139 @@ impl Committer {
                 }
             }
         }
+    }
+
+    /// After attempt number `attempt` of `round` lost its connection
+    /// (`broke`): answers every request the attempt wrote, from the log,
+    /// and returns the others to run again (`None` when nothing is left to
+    /// run, every request having been answered).
+    async fn settle_round(
+        &self,
+        round: Vec<Request>,
+        broke: &tokio_postgres::Error,
+        since: u64,
+        attempt: u32,
+    ) -> Option<Vec<Request>> {
+        let requests: Vec<&[StreamAppend]> = round.iter().map(|r| r.parts.as_slice()).collect();
+        let settled = self.find_written(&requests, since).await;
+        // Per request.
+        let counter = |outcome: &'static str, requests: usize| {
+            metrics::counter!(
+                "annals_pg_append_outcomes_settled_total", "schema" => self.sql.name.clone(), "outcome" => outcome
+            )
+            .increment(requests as u64);
+        };
+        let settled = match settled {
+            Ok(settled) => settled,
+            Err(e) => {
+                // Cannot tell: the callers must re-send (same event ids),
+                // which settles it once the database is back.
+                counter("unknown", round.len());
+                tracing::warn!(error = %e, broke = %describe(broke),
+                    "an append's connection broke and its outcome cannot be read back; answering it as unknown");
+                for request in round {
+                    let _ = request.reply.send(Err(outcome_unknown(broke)));
+                }
+                return None;
+            }
+        };
+        let mut rest = Vec::new();
+        for (request, written) in round.into_iter().zip(settled) {
+            match written {
+                Some(results) => {
+                    counter("written", 1);
+                    let _ = request.reply.send(Ok(results));
+                }
+                None => rest.push(request),
+            }
+        }
+        if rest.is_empty() {
+            return None;
+        }
+        counter("not_written", rest.len());
+        if attempt >= MAX_ATTEMPTS {
+            for request in rest {
+                let _ = request.reply.send(Err(outcome_unknown(broke)));
+            }
+            return None;
+        }
+        tracing::debug!(broke = %describe(broke), attempt, "an append's connection broke before it committed; running it again");
+        Some(rest)
+    }
+
+    /// For each request, its results if the log holds all its events at or
+    /// after position `since` (it was written), else `None` (it was not:
+    /// a round is one transaction, so no request is half written).
+    ///
+    /// Takes the head lock first: a transaction of the broken attempt that
+    /// is still alive on the server holds it (every append takes it before
+    /// writing), so once it is granted that transaction has committed or
+    /// rolled back, and what is read here stays true.
+    async fn find_written(
+        &self,
+        requests: &[&[StreamAppend]],
+        since: u64,
+    ) -> Result<Vec<Option<Vec<AppendResult>>>, Error> {
+        let conn =
+            Pooled::discarded_unless_kept(self.pool.get().await.map_err(PgError::from)?, self.schema.clone());
+        let client: &deadpool_postgres::ClientWrapper = &conn;
+        let ids: Vec<Uuid> =
+            requests.iter().flat_map(|r| r.iter()).flat_map(|p| p.events.iter().map(|e| e.id)).collect();
+        let lock_head = client.prepare_cached(&self.sql.lock_head).await.map_err(db)?;
+        let find = client.prepare_cached(&self.sql.find_written).await.map_err(db)?;
+        let since_param = to_i64(since);
+        let find_params: [&(dyn ToSql + Sync); 2] = [&since_param, &ids];
+        let (begun, headed, rows, ended) = futures::join!(
+            client.batch_execute(BEGIN),
+            client.query_one(&lock_head, &[]),
+            client.query(&find, &find_params),
+            client.batch_execute("ROLLBACK")
+        );
+        keep_unless_broken(
+            &conn,
+            &[begun.as_ref().err(), headed.as_ref().err(), rows.as_ref().err(), ended.as_ref().err()],
+        );
+        begun.map_err(db)?;
+        headed.map_err(db)?;
+        ended.map_err(db)?;
+        let mut found: HashMap<(String, Uuid), (u64, u64)> = HashMap::new();
+        for row in rows.map_err(db)? {
+            let stream: String = row.try_get(0).map_err(db)?;
+            let id: Uuid = row.try_get(1).map_err(db)?;
+            let version = to_u64(row.try_get(2).map_err(db)?, "version")?;
+            let position = to_u64(row.try_get(3).map_err(db)?, "position")?;
+            // The first occurrence from `since` on (ids may repeat across
+            // appends; a part's events are consecutive in any case).
+            found.entry((stream, id)).or_insert((version, position));
+        }
+        let mut next = since;
+        let settled = requests
+            .iter()
+            .map(|parts| {
+                let mut results = Vec::with_capacity(parts.len());
+                for part in *parts {
+                    let mut last: Option<(u64, u64)> = None;
+                    for event in &part.events {
+                        let &(version, position) = found.get(&(part.stream.to_string(), event.id))?;
+                        // Consecutive in the stream and in the log, as one
+                        // append writes them.
+                        if let Some((v, p)) = last
+                            && (version != v + 1 || position != p + 1)
+                        {
+                            return None;
+                        }
+                        last = Some((version, position));
+                    }
+                    let (version, position) = last?;
+                    next = next.max(position + 1);
+                    results.push(AppendResult { next_version: version + 1, position });
+                }
+                Some(results)
+            })
+            .collect();
+        // Committed, so readable: as after our own commit.
+        bump(&self.head, next);
+        Ok(settled)
     }
 
     /// One transaction over `requests`, whose streams are disjoint.
@@ -461,6 +628,20 @@ impl Committer {
             outcomes.push(Ok(results));
         }
         Ok(Some(outcomes))
+    }
+}
+
+/// The answer to an append whose connection broke when what it did cannot
+/// be read back: transient, so callers re-send it with the same event ids
+/// (idempotency then settles it).
+fn outcome_unknown(broke: &tokio_postgres::Error) -> Error {
+    Error::Backend {
+        message: format!(
+            "the connection broke during the append and whether it was written could not be read back \
+             ({}); re-send it with the same event ids",
+            describe(broke)
+        ),
+        source: None,
     }
 }
 

@@ -33,6 +33,9 @@ pub(crate) struct Statements {
     pub lock_head: String,
     pub lock_streams: String,
     pub tail_ids: String,
+    /// After a connection broke mid-append: the events among `$2` (ids) at
+    /// or after position `$1`, to learn whether the attempt committed.
+    pub find_written: String,
     pub write: String,
     /// The common case of a round of several parts, selected in an implicit
     /// transaction (migrations 0003 and 0006).
@@ -134,6 +137,12 @@ impl Statements {
                                  AND l.classid = $2::int8::oid
                                  AND l.objid = (hashtext($3)::int8 & 4294967295)::oid
                                  AND l.objsubid = 2)"
+            ),
+            // A range of the primary key from a position the attempt cannot
+            // precede: only events committed since are looked at.
+            find_written: format!(
+                "SELECT stream, id, version, position FROM {s}.events
+                 WHERE position >= $1 AND id = ANY($2) ORDER BY position"
             ),
             append_fast: format!(
                 "SELECT first_position, first_versions FROM {s}.append_head_first(

@@ -8,6 +8,8 @@ use std::time::Duration;
 use annals_conformance::Fixture;
 use annals_postgres::PgStore;
 
+pub mod proxy;
+
 /// Where the tests' PostgreSQL is (CI sets `ANNALS_POSTGRES_URL`).
 pub fn url() -> String {
     std::env::var("ANNALS_POSTGRES_URL")
@@ -67,9 +69,26 @@ pub async fn open() -> Option<(PgStore, SchemaGuard)> {
 pub async fn open_with(
     configure: impl FnOnce(annals_postgres::PgStoreBuilder) -> annals_postgres::PgStoreBuilder,
 ) -> Option<(PgStore, SchemaGuard)> {
+    open_url_with(url(), configure).await
+}
+
+/// The tests' URL on plain TCP (`sslmode=disable`): for tests about
+/// connections coming and going, where a TLS handshake in a debug build
+/// costs more than the rest.
+pub fn plain_url() -> String {
+    let base = url();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{sep}sslmode=disable")
+}
+
+/// Like [`open_with`], connecting to `url`.
+pub async fn open_url_with(
+    at: String,
+    configure: impl FnOnce(annals_postgres::PgStoreBuilder) -> annals_postgres::PgStoreBuilder,
+) -> Option<(PgStore, SchemaGuard)> {
     let schema = fresh_schema();
     let guard = SchemaGuard { schema: schema.clone() };
-    let builder = PgStore::builder(url()).schema(&schema).max_connections(4);
+    let builder = PgStore::builder(at).schema(&schema).max_connections(4);
     match configure(builder).open().await {
         Ok(store) => Some((store, guard)),
         Err(e @ annals_postgres::PgError::Unreachable { .. }) => {

@@ -1,0 +1,139 @@
+//! A TCP proxy in front of the tests' PostgreSQL that can lose an answer:
+//! the request is delivered, the server executes it (and commits), and the
+//! client sees its connection close instead of the reply. That is what a
+//! failover, a network cut or a killed pod does to an append in flight, at
+//! the one moment a store cannot tell from an error alone.
+
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
+};
+
+/// Runs once the server has answered the doomed request, before the
+/// client's connection is cut.
+pub type Hook = Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send>;
+
+struct Doom {
+    marker: Vec<u8>,
+    hook: Hook,
+}
+
+/// The proxy; stops accepting when dropped.
+pub struct Proxy {
+    /// A connection URL through the proxy (plain TCP: the proxy must see
+    /// the bytes).
+    pub url: String,
+    armed: Arc<Mutex<Option<Doom>>>,
+    fired: Arc<Mutex<bool>>,
+    accept: JoinHandle<()>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+impl Proxy {
+    /// Listens on a free loopback port and forwards to the tests' server.
+    pub async fn start() -> Proxy {
+        let upstream: tokio_postgres::Config = super::url().parse().expect("test URL");
+        let host = match &upstream.get_hosts()[0] {
+            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            #[allow(unreachable_patterns)]
+            other => panic!("the proxy needs a TCP host, not {other:?}"),
+        };
+        let port = upstream.get_ports().first().copied().unwrap_or(5432);
+        let user = upstream.get_user().unwrap_or("postgres").to_owned();
+        let dbname = upstream.get_dbname().unwrap_or(&user).to_owned();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let local = listener.local_addr().unwrap();
+        let armed: Arc<Mutex<Option<Doom>>> = Arc::default();
+        let fired: Arc<Mutex<bool>> = Arc::default();
+        let accept = {
+            let (armed, fired) = (armed.clone(), fired.clone());
+            tokio::spawn(async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let Ok(server) = TcpStream::connect((host.as_str(), port)).await else { continue };
+                    tokio::spawn(pump(client, server, armed.clone(), fired.clone()));
+                }
+            })
+        };
+        Proxy { url: format!("postgres://{user}@{local}/{dbname}?sslmode=disable"), armed, fired, accept }
+    }
+
+    /// The next request that carries `marker` (e.g. an event id's bytes)
+    /// reaches the server, but its answer does not reach the client: once
+    /// the server has replied, `hook` runs, then the connection is cut.
+    pub fn lose_answer_to(&self, marker: &[u8], hook: Hook) {
+        *self.armed.lock().unwrap() = Some(Doom { marker: marker.to_vec(), hook });
+    }
+
+    /// Whether an answer has been lost.
+    pub fn fired(&self) -> bool {
+        *self.fired.lock().unwrap()
+    }
+}
+
+async fn pump(
+    client: TcpStream,
+    server: TcpStream,
+    armed: Arc<Mutex<Option<Doom>>>,
+    fired: Arc<Mutex<bool>>,
+) {
+    let (mut from_client, mut to_client) = client.into_split();
+    let (mut from_server, mut to_server) = server.into_split();
+    let doomed: Arc<Mutex<Option<Hook>>> = Arc::default();
+    let upstream = {
+        let doomed = doomed.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match from_client.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                {
+                    let mut armed = armed.lock().unwrap();
+                    let hit = armed
+                        .as_ref()
+                        .is_some_and(|d| buf[..n].windows(d.marker.len()).any(|w| w == d.marker.as_slice()));
+                    if hit {
+                        // Set before the request is forwarded, so before
+                        // any of its answer can come back.
+                        *doomed.lock().unwrap() = armed.take().map(|d| d.hook);
+                    }
+                }
+                if to_server.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from_server.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let hook = doomed.lock().unwrap().take();
+        if let Some(hook) = hook {
+            // The server flushes its reply at the request's Sync, after the
+            // commit: the request is done on the server.
+            hook().await;
+            *fired.lock().unwrap() = true;
+            break;
+        }
+        if to_client.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    // Cut both ways: the client sees the connection close, the server
+    // sees its client go.
+    upstream.abort();
+    drop(to_client);
+}
