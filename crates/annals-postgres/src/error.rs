@@ -185,6 +185,17 @@ pub(crate) fn breaks_connection(e: &tokio_postgres::Error) -> bool {
         })
 }
 
+/// Whether a core error returned by this crate stands for a statement whose
+/// connection's session ended ([`breaks_connection`]).
+pub(crate) fn broke_connection(e: &annals_core::Error) -> bool {
+    match e {
+        annals_core::Error::Backend { source: Some(source), .. } => source
+            .downcast_ref::<PgError>()
+            .is_some_and(|p| matches!(p, PgError::Database(e) if breaks_connection(e))),
+        _ => false,
+    }
+}
+
 /// Wraps a failed connection attempt.
 pub(crate) fn unreachable_from(e: tokio_postgres::Error) -> PgError {
     // The cause of a connect error names what failed (refused, auth,

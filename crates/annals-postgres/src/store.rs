@@ -13,6 +13,7 @@ use tokio_postgres::IsolationLevel;
 
 use crate::{
     Inner, PgStore,
+    error::broke_connection,
     pooled::marking,
     row::{stream_name, to_i64, to_u64},
     timestamp::PgTimestamp,
@@ -33,27 +34,27 @@ impl Appender for PgStore {
 #[async_trait]
 impl StreamReader for PgStore {
     async fn read_stream(&self, stream: &StreamName, request: ReadStream) -> Result<Vec<RecordedEvent>> {
-        self.inner.read_stream(stream, request).await
+        reading(|| self.inner.read_stream(stream, request)).await
     }
 
     async fn stream_info(&self, stream: &StreamName) -> Result<StreamInfo> {
-        self.inner.stream_info(stream).await
+        reading(|| self.inner.stream_info(stream)).await
     }
 }
 
 #[async_trait]
 impl AllReader for PgStore {
     async fn read_all(&self, request: ReadAll) -> Result<AllSlice> {
-        self.inner.read_all(&request).await
+        reading(|| self.inner.read_all(&request)).await
     }
 
     async fn next_position(&self) -> Result<u64> {
-        self.inner.next_position().await
+        reading(|| self.inner.next_position()).await
     }
 
     /// From the `streams` table, by name.
     async fn list_streams(&self, request: ListStreams) -> Result<Vec<StreamInfo>> {
-        self.inner.list_streams(&request).await
+        reading(|| self.inner.list_streams(&request)).await
     }
 
     /// Counts by type with one aggregate over `events` (O(events) inside
@@ -61,6 +62,32 @@ impl AllReader for PgStore {
     /// tables' size from `pg_total_relation_size`.
     async fn store_stats(&self) -> Result<StoreStats> {
         self.inner.store_stats().await
+    }
+}
+
+/// Reads, counting the first: a read that met a connection whose session
+/// had ended runs again on another.
+const READ_ATTEMPTS: u32 = 3;
+
+/// Runs a read, again on a fresh connection when it failed because its
+/// connection's session had ended (a failover, a terminated backend, a
+/// server restart; the pool may still hold several such connections, each
+/// discarded as it is met). Reads change nothing, so running one again is
+/// always safe; any other error is returned as it is.
+async fn reading<T, F, Fut>(mut op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let mut attempt = 1;
+    loop {
+        match op().await {
+            Err(e) if attempt < READ_ATTEMPTS && broke_connection(&e) => {
+                tracing::debug!(error = %e, attempt, "read met a broken connection; running it again");
+                attempt += 1;
+            }
+            other => return other,
+        }
     }
 }
 
@@ -207,6 +234,26 @@ impl SnapshotStore for PgStore {
         stream: &StreamName,
         at_or_before: Option<u64>,
     ) -> Result<Option<Snapshot>> {
+        reading(|| self.load_snapshot_once(stream, at_or_before)).await
+    }
+
+    async fn prune_snapshots(&self, stream: &StreamName, keep_last: usize) -> Result<usize> {
+        let client = self.inner.client().await?;
+        let broken = client.broken();
+        let db = marking(&broken);
+        let stmt = client.prepare_cached(&self.inner.sql.prune_snapshots).await.map_err(db)?;
+        let keep = i64::try_from(keep_last).unwrap_or(i64::MAX);
+        let deleted = client.execute(&stmt, &[&stream.as_str(), &keep]).await.map_err(db)?;
+        Ok(usize::try_from(deleted).unwrap_or(usize::MAX))
+    }
+}
+
+impl PgStore {
+    async fn load_snapshot_once(
+        &self,
+        stream: &StreamName,
+        at_or_before: Option<u64>,
+    ) -> Result<Option<Snapshot>> {
         let client = self.inner.client().await?;
         let broken = client.broken();
         let db = marking(&broken);
@@ -230,21 +277,7 @@ impl SnapshotStore for PgStore {
         }))
     }
 
-    async fn prune_snapshots(&self, stream: &StreamName, keep_last: usize) -> Result<usize> {
-        let client = self.inner.client().await?;
-        let broken = client.broken();
-        let db = marking(&broken);
-        let stmt = client.prepare_cached(&self.inner.sql.prune_snapshots).await.map_err(db)?;
-        let keep = i64::try_from(keep_last).unwrap_or(i64::MAX);
-        let deleted = client.execute(&stmt, &[&stream.as_str(), &keep]).await.map_err(db)?;
-        Ok(usize::try_from(deleted).unwrap_or(usize::MAX))
-    }
-}
-
-#[async_trait]
-impl CheckpointStore for PgStore {
-    async fn load_checkpoint(&self, name: &str) -> Result<Option<u64>> {
-        validate_checkpoint_name(name)?;
+    async fn load_checkpoint_once(&self, name: &str) -> Result<Option<u64>> {
         let client = self.inner.client().await?;
         let broken = client.broken();
         let db = marking(&broken);
@@ -252,6 +285,14 @@ impl CheckpointStore for PgStore {
         let Some(row) = client.query_opt(&stmt, &[&name]).await.map_err(db)? else { return Ok(None) };
         let position: Option<i64> = row.try_get(0).map_err(db)?;
         position.map(|p| to_u64(p, "checkpoint")).transpose()
+    }
+}
+
+#[async_trait]
+impl CheckpointStore for PgStore {
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<u64>> {
+        validate_checkpoint_name(name)?;
+        reading(|| self.load_checkpoint_once(name)).await
     }
 
     async fn save_checkpoint(&self, name: &str, position: u64) -> Result<()> {
