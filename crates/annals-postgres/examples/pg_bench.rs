@@ -4,18 +4,24 @@
 //! ```text
 //! cargo run --release -p annals-postgres --example pg_bench -- \
 //!     [--url postgres://postgres@127.0.0.1:5432/test] [--events 20000] [--runs 3] [--writers 1,8,32] \
-//!     [--store-sslmode disable]
+//!     [--store-sslmode disable] [--types 1]
 //! ```
+//!
+//! `--types N` cycles the store's events through N event types (event *i*
+//! has type `E{i mod N}`): with 100, every event of a batch has its own
+//! type, so a batch is 100 runs (rows) instead of one.
 //!
 //! The raw baselines connect without TLS; so does the store unless
 //! `--store-sslmode` says otherwise (e.g. `require`, to see what TLS costs).
 //!
 //! For each writer count it measures, from that many connections:
-//! - raw single-row `INSERT`s in autocommit into a bare table with the
-//!   events table's columns (primary key only);
+//! - raw single-row `INSERT`s in autocommit into a bare table with an
+//!   event's columns, a row per event (primary key only; the store keeps
+//!   runs of events since migration 0009);
 //! - raw 100-row multi-row `INSERT`s into the same table (the issue's
 //!   baseline: four bound parameters a row, the other columns constants);
-//! - `PgStore` appends of one event each, and of 100 events each;
+//! - `PgStore` appends of one event each, and of 100 events each (all of
+//!   one type: one run of 100);
 //! - for comparison only, the 100-row `INSERT`s with every column an append
 //!   supplies bound (nine a row), printed below the table;
 //!
@@ -36,6 +42,7 @@ struct Args {
     events: usize,
     runs: usize,
     writers: Vec<usize>,
+    types: usize,
 }
 
 fn args() -> Args {
@@ -46,6 +53,7 @@ fn args() -> Args {
         events: 20_000,
         runs: 3,
         writers: vec![1, 8, 32],
+        types: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -55,6 +63,7 @@ fn args() -> Args {
             "--store-sslmode" => a.store_sslmode = value,
             "--events" => a.events = value.parse().expect("--events N"),
             "--runs" => a.runs = value.parse().expect("--runs N"),
+            "--types" => a.types = value.parse::<usize>().expect("--types N").max(1),
             "--writers" => {
                 a.writers = value.split(',').map(|w| w.parse().expect("--writers 1,8,32")).collect()
             }
@@ -238,18 +247,26 @@ async fn raw_batch_bound(url: &str, schema: &str, writers: usize, events: usize,
     .await
 }
 
-fn event(i: usize) -> EventData {
-    EventData::raw("E", payload(i), annals_core::ContentType::Json)
+fn event(i: usize, types: usize) -> EventData {
+    let event_type = if types == 1 { "E".to_owned() } else { format!("E{}", i % types) };
+    EventData::raw(event_type, payload(i), annals_core::ContentType::Json)
 }
 
-async fn store_appends(store: &PgStore, writers: usize, events: usize, batch: usize, run: usize) -> f64 {
+async fn store_appends(
+    store: &PgStore,
+    writers: usize,
+    events: usize,
+    batch: usize,
+    run: usize,
+    types: usize,
+) -> f64 {
     let appends = (events / writers / batch).max(1);
     timed(writers, appends * batch * writers, |w| {
         let store = store.clone();
         async move {
             let s = StreamName::new(format!("bench{batch}-{run}-{w}")).unwrap();
             for a in 0..appends {
-                let events = (0..batch).map(|i| event(a * batch + i)).collect();
+                let events = (0..batch).map(|i| event(a * batch + i, types)).collect();
                 store.append(&s, ExpectedVersion::Any, events).await.unwrap();
             }
         }
@@ -297,8 +314,8 @@ async fn main() {
         .await
         .unwrap();
     println!(
-        "pg_bench: {} events per measurement, median of {} runs, schema {schema}; store sslmode={}, raw without TLS",
-        args.events, args.runs, args.store_sslmode
+        "pg_bench: {} events per measurement, median of {} runs, schema {schema}; store sslmode={}, raw without TLS; {} event type(s)",
+        args.events, args.runs, args.store_sslmode, args.types
     );
     println!(
         "{:>7} | {:>12} {:>12} {:>6} | {:>13} {:>13} {:>6}",
@@ -310,9 +327,9 @@ async fn main() {
         let mut bound100 = vec![];
         for run in 0..args.runs {
             raw1.push(raw_single(&args.url, &schema, writers, args.events, run).await);
-            ours1.push(store_appends(&store, writers, args.events, 1, run).await);
+            ours1.push(store_appends(&store, writers, args.events, 1, run, args.types).await);
             raw100.push(raw_batch(&args.url, &schema, writers, args.events, run).await);
-            ours100.push(store_appends(&store, writers, args.events, 100, run).await);
+            ours100.push(store_appends(&store, writers, args.events, 100, run, args.types).await);
             bound100.push(raw_batch_bound(&args.url, &schema, writers, args.events, run).await);
         }
         let bound100 = median(bound100);

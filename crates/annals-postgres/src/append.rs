@@ -39,8 +39,8 @@
 use std::{collections::HashMap, collections::HashSet, sync::Arc, time::Duration};
 
 use annals_core::{
-    AppendDecision, AppendResult, Error, ExpectedVersion, Result, StreamAppend, StreamName, StreamState,
-    category_of,
+    AppendDecision, AppendResult, Error, EventData, ExpectedVersion, Result, StreamAppend, StreamName,
+    StreamState, category_of,
 };
 use deadpool_postgres::Pool;
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
@@ -490,17 +490,19 @@ impl Committer {
                 .collect());
         }
 
-        let write_params: [&(dyn ToSql + Sync); 15] = [
+        let write_params: [&(dyn ToSql + Sync); 17] = [
             &batch.total,
-            &batch.streams,
-            &batch.versions,
+            &batch.run_streams,
+            &batch.run_versions,
+            &batch.run_offsets,
+            &batch.run_counts,
+            &batch.run_types,
+            &batch.run_categories,
+            &batch.run_correlation_ids,
             &batch.ids,
-            &batch.types,
-            &batch.categories,
             &batch.content_types,
             &batch.data,
             &batch.metadata,
-            &batch.correlation_ids,
             &batch.updated,
             &batch.last_versions,
             &batch.last_offsets,
@@ -562,18 +564,22 @@ impl Committer {
         // nothing was (or, if the connection broke, may have been: a re-run
         // then finds an idempotent re-send).
         let (sql, params): (&str, Vec<&(dyn ToSql + Sync)>) = if one_part {
-            let stream: [&(dyn ToSql + Sync); 4] = [
+            let stream: [&(dyn ToSql + Sync); 8] = [
                 &args.part_streams[0],
                 &args.part_categories[0],
                 &args.part_kinds[0],
                 &args.part_versions[0],
+                &args.run_offsets,
+                &args.run_counts,
+                &args.run_types,
+                &args.run_correlation_ids,
             ];
             (
                 &self.sql.append_part,
                 stream.into_iter().chain(args.event_params()).chain([&self.sql.channel as _]).collect(),
             )
         } else {
-            let parts: [&(dyn ToSql + Sync); 11] = [
+            let parts: [&(dyn ToSql + Sync); 13] = [
                 &args.part_streams,
                 &args.part_categories,
                 &args.part_kinds,
@@ -581,10 +587,12 @@ impl Committer {
                 &args.part_counts,
                 &args.part_last_offsets,
                 &args.part_last_ids,
-                &args.ev_parts,
-                &args.ev_streams,
-                &args.ev_categories,
-                &args.ev_offsets,
+                &args.run_parts,
+                &args.run_offsets,
+                &args.run_version_offsets,
+                &args.run_counts,
+                &args.run_types,
+                &args.run_correlation_ids,
             ];
             (
                 &self.sql.append_fast,
@@ -654,8 +662,43 @@ const DECLINED: &str = "AN001";
 /// lock taking a fresh snapshot that includes the previous holder's commit.
 const BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
 
+/// At most this many events go into one run (one row, migration 0009).
+/// Bounds what a read that starts inside a run unpacks and skips.
+pub(crate) const RUN_MAX_EVENTS: usize = 100;
+/// A run is also cut before its events' data would pass this many bytes
+/// (a run of large events is one row of many TOAST chunks, read whole).
+pub(crate) const RUN_MAX_BYTES: usize = 64 * 1024;
+
+/// Splits a part's events into runs (migration 0009): maximal sequences of
+/// consecutive events with the same type and correlation id, cut at
+/// [`RUN_MAX_EVENTS`] events and [`RUN_MAX_BYTES`] of data. Calls `run`
+/// with each run's first index, count, type and correlation id, in order.
+fn for_each_run<'a>(events: &'a [EventData], mut run: impl FnMut(usize, usize, &'a str, Option<String>)) {
+    let mut start = 0;
+    while start < events.len() {
+        let first = &events[start];
+        let correlation_id = first.metadata.correlation_id();
+        let mut bytes = first.data.len();
+        let mut end = start + 1;
+        while end < events.len() && end - start < RUN_MAX_EVENTS {
+            let next = &events[end];
+            if next.event_type != first.event_type
+                || bytes + next.data.len() > RUN_MAX_BYTES
+                || next.metadata.correlation_id() != correlation_id
+            {
+                break;
+            }
+            bytes += next.data.len();
+            end += 1;
+        }
+        run(start, end - start, &first.event_type, correlation_id);
+        start = end;
+    }
+}
+
 /// The parameters of `append_head_first`: the round flattened into arrays
-/// (`append_part` takes its first part's scalars and the event arrays).
+/// (`append_part` takes its first part's scalars, the run arrays but the
+/// part and version offset, and the event arrays).
 struct FastArgs<'a> {
     part_streams: Vec<&'a str>,
     part_categories: Vec<&'a str>,
@@ -664,38 +707,32 @@ struct FastArgs<'a> {
     part_counts: Vec<i64>,
     part_last_offsets: Vec<i64>,
     part_last_ids: Vec<Uuid>,
-    ev_parts: Vec<i32>,
-    ev_streams: Vec<&'a str>,
-    ev_categories: Vec<&'a str>,
-    ev_offsets: Vec<i64>,
+    /// Per run: its part (1-based), first event (1-based, in the event
+    /// arrays), first event's offset in its part, count, type, correlation id.
+    run_parts: Vec<i32>,
+    run_offsets: Vec<i32>,
+    run_version_offsets: Vec<i64>,
+    run_counts: Vec<i32>,
+    run_types: Vec<&'a str>,
+    run_correlation_ids: Vec<Option<String>>,
     ev_ids: Vec<Uuid>,
-    ev_types: Vec<&'a str>,
     ev_content_types: Vec<i16>,
     ev_data: Vec<&'a [u8]>,
     ev_metadata: Vec<&'a str>,
-    ev_correlation_ids: Vec<Option<String>>,
 }
 
 impl<'a> FastArgs<'a> {
     /// The event columns both functions take, in their order.
-    fn event_params(&self) -> [&(dyn ToSql + Sync); 6] {
-        [
-            &self.ev_ids,
-            &self.ev_types,
-            &self.ev_content_types,
-            &self.ev_data,
-            &self.ev_metadata,
-            &self.ev_correlation_ids,
-        ]
+    fn event_params(&self) -> [&(dyn ToSql + Sync); 4] {
+        [&self.ev_ids, &self.ev_content_types, &self.ev_data, &self.ev_metadata]
     }
 
     /// `None` when the round cannot take the fast path (metadata that is
-    /// not UTF-8: the exact path reports it), so the exact path handles it.
+    /// not UTF-8: the exact path reports it; more events than the run
+    /// offsets can count), so the exact path handles it.
     fn new(requests: &[&'a [StreamAppend]]) -> Option<Self> {
         let parts: usize = requests.iter().map(|r| r.len()).sum();
-        let several = parts > 1;
         let events = requests.iter().flat_map(|r| r.iter()).map(|p| p.events.len()).sum();
-        let per_event_of_parts = if several { events } else { 0 };
         let mut a = FastArgs {
             part_streams: Vec::with_capacity(parts),
             part_categories: Vec::with_capacity(parts),
@@ -704,16 +741,16 @@ impl<'a> FastArgs<'a> {
             part_counts: Vec::with_capacity(parts),
             part_last_offsets: Vec::with_capacity(parts),
             part_last_ids: Vec::with_capacity(parts),
-            ev_parts: Vec::with_capacity(per_event_of_parts),
-            ev_streams: Vec::with_capacity(per_event_of_parts),
-            ev_categories: Vec::with_capacity(per_event_of_parts),
-            ev_offsets: Vec::with_capacity(per_event_of_parts),
+            run_parts: Vec::new(),
+            run_offsets: Vec::new(),
+            run_version_offsets: Vec::new(),
+            run_counts: Vec::new(),
+            run_types: Vec::new(),
+            run_correlation_ids: Vec::new(),
             ev_ids: Vec::with_capacity(events),
-            ev_types: Vec::with_capacity(events),
             ev_content_types: Vec::with_capacity(events),
             ev_data: Vec::with_capacity(events),
             ev_metadata: Vec::with_capacity(events),
-            ev_correlation_ids: Vec::with_capacity(events),
         };
         for part in requests.iter().flat_map(|r| r.iter()) {
             let stream = part.stream.as_str();
@@ -731,21 +768,28 @@ impl<'a> FastArgs<'a> {
             a.part_versions.push(version);
             a.part_counts.push(part.events.len() as i64);
             a.part_last_ids.push(last_id);
-            for (offset, event) in part.events.iter().enumerate() {
+            let base = a.ev_ids.len();
+            let mut fits = true;
+            for_each_run(&part.events, |first, count, event_type, correlation_id| {
+                let (Ok(offset), Ok(count)) = (i32::try_from(base + first + 1), i32::try_from(count)) else {
+                    fits = false;
+                    return;
+                };
+                a.run_parts.push(index);
+                a.run_offsets.push(offset);
+                a.run_version_offsets.push(first as i64);
+                a.run_counts.push(count);
+                a.run_types.push(event_type);
+                a.run_correlation_ids.push(correlation_id);
+            });
+            if !fits {
+                return None;
+            }
+            for event in &part.events {
                 a.ev_metadata.push(std::str::from_utf8(event.metadata.as_bytes()).ok()?);
-                if several {
-                    // Only append_head_first takes these (append_part has
-                    // the part's scalars).
-                    a.ev_parts.push(index);
-                    a.ev_streams.push(stream);
-                    a.ev_categories.push(category_of(stream));
-                    a.ev_offsets.push(offset as i64);
-                }
                 a.ev_ids.push(event.id);
-                a.ev_types.push(&event.event_type);
                 a.ev_content_types.push(i16::from(event.content_type.code()));
                 a.ev_data.push(&event.data);
-                a.ev_correlation_ids.push(event.metadata.correlation_id());
             }
             a.part_last_offsets.push(a.ev_ids.len() as i64 - 1);
         }
@@ -813,19 +857,24 @@ fn already_written(d: &AppendDecision) -> AppendResult {
     }
 }
 
-/// The events to insert, as column arrays for `unnest`.
+/// The events to insert: runs (migration 0009) and per-event columns, as
+/// arrays for `unnest` and slicing.
 #[derive(Default)]
 struct Batch<'a> {
     total: i64,
-    streams: Vec<&'a str>,
-    versions: Vec<i64>,
+    /// Per run: stream, first version, first event (1-based, in the event
+    /// arrays), count, type, category, correlation id.
+    run_streams: Vec<&'a str>,
+    run_versions: Vec<i64>,
+    run_offsets: Vec<i32>,
+    run_counts: Vec<i32>,
+    run_types: Vec<&'a str>,
+    run_categories: Vec<&'a str>,
+    run_correlation_ids: Vec<Option<String>>,
     ids: Vec<Uuid>,
-    types: Vec<&'a str>,
-    categories: Vec<&'a str>,
     content_types: Vec<i16>,
     data: Vec<&'a [u8]>,
     metadata: Vec<&'a str>,
-    correlation_ids: Vec<Option<String>>,
     /// Per written stream: name, last version, offset of its last event,
     /// its last event id.
     updated: Vec<&'a str>,
@@ -839,21 +888,32 @@ struct Batch<'a> {
 impl<'a> Batch<'a> {
     fn add(&mut self, part: &'a StreamAppend, first_version: u64) -> Result<()> {
         let stream = part.stream.as_str();
-        let mut version = first_version;
+        let base = self.ids.len();
+        let mut runs = Vec::new();
+        for_each_run(&part.events, |first, count, event_type, correlation_id| {
+            runs.push((first, count, event_type, correlation_id));
+        });
+        for (first, count, event_type, correlation_id) in runs {
+            let (Ok(offset), Ok(count)) = (i32::try_from(base + first + 1), i32::try_from(count)) else {
+                return Err(Error::invalid("too many events in one round"));
+            };
+            self.run_streams.push(stream);
+            self.run_versions.push(to_i64(first_version + first as u64));
+            self.run_offsets.push(offset);
+            self.run_counts.push(count);
+            self.run_types.push(event_type);
+            self.run_categories.push(category_of(stream));
+            self.run_correlation_ids.push(correlation_id);
+        }
         for event in &part.events {
             let metadata = std::str::from_utf8(event.metadata.as_bytes())
                 .map_err(|_| Error::invalid(format!("metadata of event {} is not UTF-8", event.id)))?;
-            self.streams.push(stream);
-            self.versions.push(to_i64(version));
             self.ids.push(event.id);
-            self.types.push(&event.event_type);
-            self.categories.push(category_of(stream));
             self.content_types.push(i16::from(event.content_type.code()));
             self.data.push(&event.data);
             self.metadata.push(metadata);
-            self.correlation_ids.push(event.metadata.correlation_id());
-            version += 1;
         }
+        let version = first_version + part.events.len() as u64;
         self.total += part.events.len() as i64;
         let last_offset = self.total - 1;
         let last_id = part.events.last().map(|e| e.id).unwrap_or_default();

@@ -31,6 +31,9 @@
 //!   appends are group-committed (one transaction, one head acquisition,
 //!   one WAL flush for many appends), each still decided on its own. See
 //!   `docs/adr/02-postgres-ordering.md`.
+//! - **Runs**: events are stored as runs, one row per run of an append's
+//!   consecutive events sharing type and correlation id (migration 0009),
+//!   so a batch costs one row and one entry per index; reads unpack them.
 //! - **Subscriptions**: woken by `LISTEN/NOTIFY` with a bounded fallback
 //!   poll; they read committed rows, so a lost connection delays them but
 //!   never loses or repeats an event.
@@ -175,7 +178,7 @@ impl PgStoreBuilder {
     }
 
     /// How long [`annals_core::AllReader::store_stats`] may spend counting
-    /// events by type (one aggregate over the whole events table) before it
+    /// events by type (one aggregate over the whole runs table) before it
     /// reports the counts as unknown (default 5 s). `/stats` then falls back
     /// to its bounded scan and says it is incomplete.
     pub fn stats_timeout(mut self, limit: Duration) -> Self {

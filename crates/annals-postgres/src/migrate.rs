@@ -46,6 +46,7 @@ const MIGRATIONS: &[Migration] = &[
         name: "0008_head_lock_only.sql",
         sql: include_str!("../sql/0008_head_lock_only.sql"),
     },
+    Migration { version: 9, name: "0009_runs.sql", sql: include_str!("../sql/0009_runs.sql") },
 ];
 
 /// Advisory-lock class for migrations ("anna" in ASCII), so the key space

@@ -14,7 +14,7 @@ use crate::{
     error::db,
     listener::bump,
     pooled::{Pooled, marking},
-    row::{event_from_row_cached, limit_i64, to_i64, to_u64},
+    row::{RunRow, limit_i64, to_i64, to_u64},
     sql::{ALL_PAGE_HEAD_COLUMN, Param, filter_clause},
 };
 
@@ -163,7 +163,10 @@ impl Inner {
         let client = self.client().await?;
         let broken = client.broken();
         let db = marking(&broken);
-        let rows = match request.direction {
+        let take = usize::try_from(limit).unwrap_or(usize::MAX);
+        let mut events = Vec::new();
+        let mut name = None;
+        match request.direction {
             Direction::Forward => {
                 let start = match request.from {
                     ReadFrom::Start => first,
@@ -174,7 +177,14 @@ impl Inner {
                     return Ok(Vec::new());
                 }
                 let stmt = client.prepare_cached(&self.sql.read_stream_forward).await.map_err(db)?;
-                client.query(&stmt, &[&stream.as_str(), &to_i64(start), &limit]).await.map_err(db)?
+                let rows =
+                    client.query(&stmt, &[&stream.as_str(), &to_i64(start), &limit]).await.map_err(db)?;
+                for row in &rows {
+                    let run = RunRow::decode(row, &mut name)?;
+                    let skip = start.saturating_sub(run.first_version()) as usize;
+                    let want = take.saturating_sub(events.len());
+                    run.events(skip, want, false, &mut events)?;
+                }
             }
             Direction::Backward => {
                 let start = match request.from {
@@ -185,25 +195,48 @@ impl Inner {
                     return Ok(Vec::new());
                 }
                 let stmt = client.prepare_cached(&self.sql.read_stream_backward).await.map_err(db)?;
-                client
+                let rows = client
                     .query(&stmt, &[&stream.as_str(), &to_i64(start), &to_i64(first), &limit])
                     .await
-                    .map_err(db)?
+                    .map_err(db)?;
+                for row in &rows {
+                    let run = RunRow::decode(row, &mut name)?;
+                    let newest = run.first_version() + run.len() as u64 - 1;
+                    let skip = newest.saturating_sub(start) as usize;
+                    let want = take.saturating_sub(events.len());
+                    run.events(skip, want, true, &mut events)?;
+                }
+                // The oldest run may reach below a soft delete's truncation.
+                events.retain(|e| e.version >= first);
             }
-        };
-        let mut last = None;
-        rows.iter().map(|row| event_from_row_cached(row, 0, &mut last)).collect()
+        }
+        Ok(events)
     }
 
+    /// A `$all` page. Positions are dense, so when the filter selects
+    /// (nearly) everything, the page is first read as the position range it
+    /// would cover, which needs no counting; only if that range held events
+    /// the filter leaves out (system streams) is the rest read by counting
+    /// events run by run (the statements of [`Statements::read_all_forward`]
+    /// and `read_all_backward`), as every other filter is from the start.
     pub(crate) async fn read_all(&self, request: &ReadAll) -> Result<AllSlice> {
         let limit = limit_i64(request.limit);
         if limit == 0 {
             return self.empty_page(request).await;
         }
+        // The counting statements look at `$2 + 1` runs.
+        let limit = limit.min(i64::MAX - 1);
+        let take = usize::try_from(limit).unwrap_or(usize::MAX);
         let client = self.client().await?;
         let broken = client.broken();
-        let db = marking(&broken);
-        let (clause, filter_params) = filter_clause(&request.filter, 3);
+        let filter = &request.filter;
+        let dense = filter.stream_prefix.is_none()
+            && filter.category.is_none()
+            && filter.event_types.is_empty()
+            && filter.correlation_id.is_none()
+            && filter.recorded_after.is_none()
+            && filter.recorded_before.is_none();
+        let mut events = Vec::new();
         match request.direction {
             Direction::Forward => {
                 let from = match request.from {
@@ -211,32 +244,30 @@ impl Inner {
                     ReadFrom::End => i64::MAX,
                     ReadFrom::At(p) => to_i64(p),
                 };
-                let sql = self.sql.read_all_forward(&clause);
-                let stmt = client.prepare_cached(&sql).await.map_err(db)?;
-                let mut params: Vec<Param> = vec![Box::new(from), Box::new(limit)];
-                params.extend(filter_params);
-                let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| &**p as _).collect();
-                let rows = client.query(&stmt, &refs).await.map_err(db)?;
-                let mut head = None;
-                let mut events = Vec::with_capacity(rows.len());
-                let mut last = None;
-                for row in &rows {
-                    if row.try_get::<_, Option<i64>>(0).map_err(db)?.is_some() {
-                        events.push(event_from_row_cached(row, 0, &mut last)?);
-                    } else {
-                        head = Some(to_u64(row.try_get(ALL_PAGE_HEAD_COLUMN).map_err(db)?, "next_position")?);
-                    }
-                }
-                let head = head.ok_or_else(|| PgError::Corrupt("the head row is missing".into()))?;
-                // UNION ALL does not promise to keep the page's order; it
-                // does in practice, and sorting sorted input is linear.
-                events.sort_by_key(|e| e.position);
-                bump(&self.head, head);
-                let next = if events.len() as i64 >= limit {
-                    events.last().map_or(head, |e| e.position + 1)
+                let (clause, params) = filter_clause(filter, 3);
+                let sql = if dense {
+                    self.sql.read_all_forward_range(&clause)
                 } else {
-                    head
+                    self.sql.read_all_forward(&clause)
                 };
+                let (mut head, covered) = self
+                    .all_runs(&client, &broken, &sql, from, limit, params, take, false, &mut events)
+                    .await?;
+                // Past the range and past every run read (the last may
+                // reach beyond the range; it must not be read twice).
+                let end = from.saturating_add(limit).max(covered.map_or(0, |(_, end)| to_i64(end)));
+                if dense && events.len() < take && u64::try_from(end).is_ok_and(|end| end < head) {
+                    let (clause, params) = filter_clause(filter, 3);
+                    let sql = self.sql.read_all_forward(&clause);
+                    let rest = (take - events.len()) as i64;
+                    let (later, _) = self
+                        .all_runs(&client, &broken, &sql, end, rest, params, take, false, &mut events)
+                        .await?;
+                    head = head.max(later);
+                }
+                bump(&self.head, head);
+                let next =
+                    if events.len() >= take { events.last().map_or(head, |e| e.position + 1) } else { head };
                 Ok(AllSlice { events, next: Some(next) })
             }
             Direction::Backward => {
@@ -244,18 +275,27 @@ impl Inner {
                     ReadFrom::Start | ReadFrom::End => i64::MAX,
                     ReadFrom::At(p) => to_i64(p),
                 };
-                let sql = self.sql.read_all_backward(&clause);
-                let stmt = client.prepare_cached(&sql).await.map_err(db)?;
-                let mut params: Vec<Param> = vec![Box::new(from), Box::new(limit)];
-                params.extend(filter_params);
-                let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| &**p as _).collect();
-                let rows = client.query(&stmt, &refs).await.map_err(db)?;
-                let mut last = None;
-                let events = rows
-                    .iter()
-                    .map(|row| event_from_row_cached(row, 0, &mut last))
-                    .collect::<Result<Vec<_>>>()?;
-                let next = if events.len() as i64 >= limit {
+                let (clause, params) = filter_clause(filter, 3);
+                let sql = if dense {
+                    self.sql.read_all_backward_range(&clause)
+                } else {
+                    self.sql.read_all_backward(&clause)
+                };
+                let (_, covered) = self
+                    .all_runs(&client, &broken, &sql, from, limit, params, take, true, &mut events)
+                    .await?;
+                // The range held (from - limit, from]; what the filter left
+                // out there is made up from below it, and below every run
+                // read (the oldest may reach below the range).
+                let low =
+                    from.saturating_sub(limit).min(covered.map_or(i64::MAX, |(first, _)| to_i64(first)) - 1);
+                if dense && events.len() < take && low >= 0 {
+                    let (clause, params) = filter_clause(filter, 3);
+                    let sql = self.sql.read_all_backward(&clause);
+                    let rest = (take - events.len()) as i64;
+                    self.all_runs(&client, &broken, &sql, low, rest, params, take, true, &mut events).await?;
+                }
+                let next = if events.len() >= take {
                     events.last().and_then(|e| e.position.checked_sub(1))
                 } else {
                     None
@@ -263,6 +303,68 @@ impl Inner {
                 Ok(AllSlice { events, next })
             }
         }
+    }
+
+    /// Runs one `$all` page statement (`$1` from, `$2` limit, the filter's
+    /// parameters) and unpacks its runs into `events`, from `from` on (or
+    /// down), until `events` holds `take`. Returns the head a forward page
+    /// carries (0 for a backward one) and the positions its runs covered
+    /// (first position of the oldest, one past the newest's last event).
+    #[allow(clippy::too_many_arguments)]
+    async fn all_runs(
+        &self,
+        client: &Pooled,
+        broken: &std::sync::atomic::AtomicBool,
+        sql: &str,
+        from: i64,
+        limit: i64,
+        filter_params: Vec<Param>,
+        take: usize,
+        backward: bool,
+        events: &mut Vec<RecordedEvent>,
+    ) -> Result<(u64, Option<(u64, u64)>)> {
+        let db = marking(broken);
+        let stmt = client.prepare_cached(sql).await.map_err(db)?;
+        let mut params: Vec<Param> = vec![Box::new(from), Box::new(limit)];
+        params.extend(filter_params);
+        let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| &**p as _).collect();
+        let rows = client.query(&stmt, &refs).await.map_err(db)?;
+        let mut head = if backward { Some(0) } else { None };
+        let mut runs = Vec::with_capacity(rows.len());
+        let mut name = None;
+        for row in &rows {
+            if backward || row.try_get::<_, Option<i64>>(0).map_err(db)?.is_some() {
+                runs.push(RunRow::decode(row, &mut name)?);
+            } else {
+                head = Some(to_u64(row.try_get(ALL_PAGE_HEAD_COLUMN).map_err(db)?, "next_position")?);
+            }
+        }
+        let head = head.ok_or_else(|| PgError::Corrupt("the head row is missing".into()))?;
+        let covered = runs.iter().fold(None, |acc: Option<(u64, u64)>, r| {
+            let (first, end) = (r.first_position(), r.first_position() + r.len() as u64);
+            Some(acc.map_or((first, end), |(a, b)| (a.min(first), b.max(end))))
+        });
+        let from = u64::try_from(from).unwrap_or(u64::MAX);
+        if backward {
+            // Newest first, as selected.
+            runs.sort_by_key(|r| std::cmp::Reverse(r.first_position()));
+            for run in runs {
+                let newest = run.first_position() + run.len() as u64 - 1;
+                let skip = newest.saturating_sub(from) as usize;
+                let want = take.saturating_sub(events.len());
+                run.events(skip, want, true, events)?;
+            }
+        } else {
+            // UNION ALL does not promise to keep the page's order; it does
+            // in practice, and sorting sorted input is linear.
+            runs.sort_by_key(|r| r.first_position());
+            for run in runs {
+                let skip = from.saturating_sub(run.first_position()) as usize;
+                let want = take.saturating_sub(events.len());
+                run.events(skip, want, false, events)?;
+            }
+        }
+        Ok((head, covered))
     }
 
     /// A zero-limit page: no events, `next` where the scan would start.

@@ -31,44 +31,119 @@ pub(crate) fn stream_name(name: &str) -> Result<StreamName> {
         .map_err(|e| PgError::Corrupt(format!("stored stream name '{name}' is invalid: {e}")).into())
 }
 
-/// Decodes the columns of [`crate::sql::EVENT_COLUMNS`] starting at `at`,
-/// re-using `last` when the row's stream is the same (pages are often runs
-/// of one stream: no new allocation then).
-pub(crate) fn event_from_row_cached(
-    row: &Row,
-    at: usize,
-    last: &mut Option<StreamName>,
-) -> Result<RecordedEvent> {
-    let get = |e: tokio_postgres::Error| crate::error::db(e);
-    let position: i64 = row.try_get(at).map_err(get)?;
-    let stream: &str = row.try_get(at + 1).map_err(get)?;
-    let version: i64 = row.try_get(at + 2).map_err(get)?;
-    let id: Uuid = row.try_get(at + 3).map_err(get)?;
-    let event_type: String = row.try_get(at + 4).map_err(get)?;
-    let content_type: i16 = row.try_get(at + 5).map_err(get)?;
-    let data: Vec<u8> = row.try_get(at + 6).map_err(get)?;
-    let metadata: String = row.try_get(at + 7).map_err(get)?;
-    let recorded_at: PgTimestamp = row.try_get(at + 8).map_err(get)?;
-    let content_type = u8::try_from(content_type).ok().and_then(ContentType::from_code).ok_or_else(|| {
-        PgError::Corrupt(format!("event at position {position}: content type {content_type}"))
-    })?;
-    Ok(RecordedEvent {
-        stream: match last {
+/// One run (migration 0009) as read by [`crate::sql::RUN_COLUMNS`]: the
+/// columns its events share, and theirs as arrays.
+pub(crate) struct RunRow {
+    first_position: u64,
+    stream: StreamName,
+    first_version: u64,
+    event_type: String,
+    recorded_at: annals_core::Timestamp,
+    ids: Vec<Uuid>,
+    content_types: Vec<i16>,
+    data: Vec<Vec<u8>>,
+    metadata: Vec<String>,
+}
+
+impl RunRow {
+    /// Decodes a row of [`crate::sql::RUN_COLUMNS`], re-using `last` when
+    /// the run's stream is the same as the previous one's.
+    pub(crate) fn decode(row: &Row, last: &mut Option<StreamName>) -> Result<Self> {
+        let get = |e: tokio_postgres::Error| crate::error::db(e);
+        let first_position = to_u64(row.try_get(0).map_err(get)?, "position")?;
+        let stream: &str = row.try_get(1).map_err(get)?;
+        let stream = match last {
             Some(name) if name.as_str() == stream => name.clone(),
             _ => {
                 let name = stream_name(stream)?;
                 *last = Some(name.clone());
                 name
             }
-        },
-        version: to_u64(version, "version")?,
-        position: to_u64(position, "position")?,
-        id,
-        event_type,
-        data: Bytes::from(data),
-        content_type,
-        // Written by this store from validated metadata.
-        metadata: Metadata::from_trusted_json(Bytes::from(metadata)),
-        recorded_at: recorded_at.0,
-    })
+        };
+        let run = RunRow {
+            first_position,
+            stream,
+            first_version: to_u64(row.try_get(2).map_err(get)?, "version")?,
+            event_type: row.try_get(3).map_err(get)?,
+            recorded_at: row.try_get::<_, PgTimestamp>(4).map_err(get)?.0,
+            ids: row.try_get(5).map_err(get)?,
+            content_types: row.try_get(6).map_err(get)?,
+            data: row.try_get(7).map_err(get)?,
+            metadata: row.try_get(8).map_err(get)?,
+        };
+        let n = run.ids.len();
+        if n == 0 || run.content_types.len() != n || run.data.len() != n || run.metadata.len() != n {
+            return Err(PgError::Corrupt(format!(
+                "run at position {first_position}: arrays of unequal length"
+            ))
+            .into());
+        }
+        Ok(run)
+    }
+
+    /// Its events, oldest first, from offset `skip`, at most `take`; with
+    /// `backward`, newest first instead, from the newest but `skip`.
+    pub(crate) fn events(
+        self,
+        skip: usize,
+        take: usize,
+        backward: bool,
+        out: &mut Vec<RecordedEvent>,
+    ) -> Result<()> {
+        let n = self.ids.len();
+        let RunRow {
+            first_position,
+            stream,
+            first_version,
+            event_type,
+            recorded_at,
+            ids,
+            content_types,
+            data,
+            metadata,
+        } = self;
+        let events = ids.into_iter().zip(content_types).zip(data).zip(metadata).enumerate().map(
+            |(i, (((id, content_type), data), metadata))| -> Result<RecordedEvent> {
+                let position = first_position + i as u64;
+                let content_type =
+                    u8::try_from(content_type).ok().and_then(ContentType::from_code).ok_or_else(|| {
+                        PgError::Corrupt(format!("event at position {position}: content type {content_type}"))
+                    })?;
+                Ok(RecordedEvent {
+                    stream: stream.clone(),
+                    version: first_version + i as u64,
+                    position,
+                    id,
+                    event_type: event_type.clone(),
+                    data: Bytes::from(data),
+                    content_type,
+                    // Written by this store from validated metadata.
+                    metadata: Metadata::from_trusted_json(Bytes::from(metadata)),
+                    recorded_at,
+                })
+            },
+        );
+        if backward {
+            // Offsets from the newest event.
+            let keep: Vec<RecordedEvent> = events.take(n.saturating_sub(skip)).collect::<Result<Vec<_>>>()?;
+            out.extend(keep.into_iter().rev().take(take));
+        } else {
+            for event in events.skip(skip).take(take) {
+                out.push(event?);
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn first_position(&self) -> u64 {
+        self.first_position
+    }
+
+    pub(crate) fn first_version(&self) -> u64 {
+        self.first_version
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.ids.len()
+    }
 }

@@ -583,72 +583,260 @@ async fn appends_under_an_old_snapshot_leave_the_head_row_alone() {
     assert_eq!(page.next, Some(1500));
 }
 
-/// Processes of the previous version keep running during an upgrade to
-/// migration 0008 and still read, lock and move the head their way: a
-/// `head` table. These are their statements, verbatim in effect; against
-/// the view they must lock the same row, see the computed head, and get the
-/// right first position from their `UPDATE … RETURNING` without writing.
+/// Migration 0009 stores events in runs and removes what processes of
+/// earlier versions write through (see its header: they must be stopped
+/// first). Should one still run, its writes fail and write nothing, and
+/// its reads (through the `events` view) stay correct. These are its
+/// statements, verbatim in effect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn statements_of_the_previous_version_stay_correct_on_the_head_view() {
+async fn processes_of_earlier_versions_cannot_write_after_the_runs_migration() {
     let Some((store, guard)) = common::open().await else { return };
-    let s = stream("old-new-1");
+    let s = stream("old-1");
     store.append(&s, ExpectedVersion::NoStream, (0..5).map(event).collect()).await.unwrap();
     let q = format!("\"{}\"", guard.schema);
     let old = admin_client().await;
-    let head: i64 = old.query_one(&format!("SELECT next_position FROM {q}.head"), &[]).await.unwrap().get(0);
-    assert_eq!(head, 5, "the old head read");
-    let xmin_before: String =
-        old.query_one(&format!("SELECT xmin::text FROM {q}.head_row"), &[]).await.unwrap().get(0);
 
-    // The old exact path: lock through the view, then move the head.
-    old.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED").await.unwrap();
-    old.query_one(&format!("SELECT next_position FROM {q}.head FOR NO KEY UPDATE"), &[]).await.unwrap();
-    // The lock is the new appenders' lock too: an append waits for it.
-    let waiting = {
-        let (store, s) = (store.clone(), s.clone());
-        tokio::spawn(async move { store.append(&s, ExpectedVersion::Exact(6), vec![event(7)]).await })
-    };
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!waiting.is_finished(), "a new append ran while an old process held the head");
-    let row = old
+    // Its fast path (0008's append_part) is gone.
+    let err = old
         .query_one(
             &format!(
-                "UPDATE {q}.head SET next_position = next_position + $1::int8,
-                                recorded_at = greatest(date_trunc('microseconds', clock_timestamp()), recorded_at)
-                 RETURNING next_position - $1::int8 AS first, recorded_at"
+                "SELECT first_position, first_version FROM {q}.append_part(
+                     'old-1', 'old', 0::int2, 0::int8, ARRAY[gen_random_uuid()], ARRAY['E'], ARRAY[0::int2],
+                     ARRAY['\\x7b7d'::bytea], ARRAY['{{}}'], ARRAY[NULL::text], 'ch')"
             ),
-            &[&2i64],
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("42883"), "{err}");
+    // Its exact path locks the head, moves it (a no-op since 0008), and
+    // inserts into `events`, now a view: refused, and rolled back.
+    old.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED").await.unwrap();
+    old.query_one(&format!("SELECT next_position FROM {q}.head FOR NO KEY UPDATE"), &[]).await.unwrap();
+    let err = old
+        .execute(
+            &format!(
+                "INSERT INTO {q}.events (position, stream, version, id, event_type, category, content_type, data,
+                                         metadata, correlation_id, recorded_at)
+                 VALUES (5, 'old-1', 5, gen_random_uuid(), 'E', 'old', 0, '\\x7b7d', '{{}}', NULL, now())"
+            ),
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert!(err.code().is_some(), "{err}");
+    old.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(store.next_position().await.unwrap(), 5, "nothing was written");
+
+    // Its reads see every event, one row each, in order.
+    let rows = old
+        .query(
+            &format!(
+                "SELECT e.position, e.version, e.id FROM {q}.events e
+                 WHERE e.position >= $1 ORDER BY e.position LIMIT $2"
+            ),
+            &[&1_i64, &10_i64],
         )
         .await
         .unwrap();
-    assert_eq!(row.get::<_, i64>(0), 5, "the old exact path's first position");
-    // It then inserts at that position (as its write statement does).
-    old.execute(
-        &format!(
-            "INSERT INTO {q}.events (position, stream, version, id, event_type, category, content_type, data,
-                                     metadata, correlation_id, recorded_at)
-             SELECT 5 + g, 'old-new-1', 5 + g, gen_random_uuid(), 'E', 'old', 0, '\\x7b7d', '{{}}', NULL, now()
-               FROM generate_series(0, 1) g"
-        ),
-        &[],
-    )
-    .await
-    .unwrap();
-    old.execute(
-        &format!("UPDATE {q}.streams SET last_version = 6, last_position = 6, last_event_id = NULL WHERE name = 'old-new-1'"),
-        &[],
-    )
-    .await
-    .unwrap();
-    old.batch_execute("COMMIT").await.unwrap();
-    let after = tokio::time::timeout(PATIENCE, waiting).await.unwrap().unwrap().unwrap();
-    assert_eq!(after.position, 7, "the new append follows the old process's events");
-    let xmin_after: String =
-        old.query_one(&format!("SELECT xmin::text FROM {q}.head_row"), &[]).await.unwrap().get(0);
-    assert_eq!(xmin_after, xmin_before, "nobody wrote a new version of the head row");
-    let all = store.read_all(ReadAll::forward(100)).await.unwrap();
-    assert_eq!(all.events.iter().map(|e| e.position).collect::<Vec<_>>(), (0..8).collect::<Vec<_>>());
-    assert_eq!(all.next, Some(8));
+    let read = store.read_stream(&s, ReadStream::forward()).await.unwrap();
+    let got: Vec<(i64, i64, uuid::Uuid)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    let want: Vec<(i64, i64, uuid::Uuid)> =
+        read[1..].iter().map(|e| (e.position as i64, e.version as i64, e.id)).collect();
+    assert_eq!(got, want);
+    let head: i64 = old.query_one(&format!("SELECT next_position FROM {q}.head"), &[]).await.unwrap().get(0);
+    assert_eq!(head, 5);
+}
+
+/// An expected event: (stream, version, position, id, type).
+type Expected = (String, u64, u64, uuid::Uuid, String);
+
+fn summary(events: &[RecordedEvent]) -> Vec<Expected> {
+    events.iter().map(|e| (e.stream.to_string(), e.version, e.position, e.id, e.event_type.clone())).collect()
+}
+
+/// `$all` pages over runs of user and system streams (system streams are
+/// left out by default, which the page's first, position-range read cannot
+/// know in advance): from every position, forward and backward, with and
+/// without system streams, each page holds exactly the events a
+/// row-per-event log would, and `next` continues without a gap or repeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_pages_over_system_runs_lose_and_repeat_nothing() {
+    let Some((store, _guard)) = common::open().await else { return };
+    let sys = StreamName::system("$sys-1").unwrap();
+    let (u1, u2) = (stream("u-1"), stream("u-2"));
+    let appends: Vec<(&StreamName, usize)> =
+        vec![(&u1, 3), (&sys, 4), (&u1, 1), (&sys, 150), (&u2, 120), (&sys, 1), (&u1, 1), (&sys, 2)];
+    // (position, system?, id) of every event, in log order.
+    let mut log: Vec<(u64, bool, uuid::Uuid)> = Vec::new();
+    for (s, n) in appends {
+        let batch: Vec<EventData> = (0..n).map(|i| event(i as u64)).collect();
+        store.append(s, ExpectedVersion::Any, batch.clone()).await.unwrap();
+        for e in batch {
+            log.push((log.len() as u64, s.as_str().starts_with('$'), e.id));
+        }
+    }
+    let head = log.len() as u64;
+    for include_system in [false, true] {
+        let filter = Filter { include_system, ..Filter::all() };
+        let visible: Vec<(u64, uuid::Uuid)> = log
+            .iter()
+            .filter(|(_, system, _)| include_system || !system)
+            .map(|(p, _, id)| (*p, *id))
+            .collect();
+        for limit in [1usize, 3, 200] {
+            for from in 0..=head {
+                let page = store
+                    .read_all(ReadAll::forward(limit).from_position(from).filter(filter.clone()))
+                    .await
+                    .unwrap();
+                let want: Vec<(u64, uuid::Uuid)> =
+                    visible.iter().filter(|(p, _)| *p >= from).take(limit).copied().collect();
+                let got: Vec<(u64, uuid::Uuid)> = page.events.iter().map(|e| (e.position, e.id)).collect();
+                assert_eq!(got, want, "forward from {from}, limit {limit}, system {include_system}");
+                let next = if want.len() == limit { want[limit - 1].0 + 1 } else { head };
+                assert_eq!(page.next, Some(next), "forward next from {from}, limit {limit}");
+
+                let page = store
+                    .read_all(ReadAll::backward(limit).from_position(from).filter(filter.clone()))
+                    .await
+                    .unwrap();
+                let want: Vec<(u64, uuid::Uuid)> =
+                    visible.iter().rev().filter(|(p, _)| *p <= from).take(limit).copied().collect();
+                let got: Vec<(u64, uuid::Uuid)> = page.events.iter().map(|e| (e.position, e.id)).collect();
+                assert_eq!(got, want, "backward from {from}, limit {limit}, system {include_system}");
+            }
+        }
+    }
+}
+
+/// Runs (migration 0009): one append is cut into rows at every change of
+/// type or correlation id, at 100 events and at 64 KiB of data, and every
+/// read that starts inside a run (stream forward and backward, `$all`
+/// forward and backward, filtered by type, with a truncated stream) returns
+/// exactly the events a row-per-event log would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_split_where_they_must_and_reads_start_anywhere_in_them() {
+    let Some((store, guard)) = common::open().await else { return };
+    let s = stream("runs-1");
+    let other = stream("other-1");
+    store.append(&other, ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
+    // 130 of A (runs of 100 + 30), 1 of B, 5 of A under correlation id c1,
+    // 5 more of A without, then 3 of A of 30 KiB each (the run is cut by
+    // bytes before the third).
+    let mut batch: Vec<EventData> =
+        (0..130).map(|i| EventData::json("A", &json!({ "i": i })).unwrap()).collect();
+    batch.push(EventData::json("B", &json!({ "b": 1 })).unwrap());
+    for i in 0..5 {
+        let meta = annals_core::Metadata::from_value(json!({ "correlation_id": "c1" })).unwrap();
+        batch.push(EventData::json("A", &json!({ "c": i })).unwrap().with_metadata(meta));
+    }
+    batch.extend((0..5).map(|i| EventData::json("A", &json!({ "d": i })).unwrap()));
+    batch.extend(
+        (0..3).map(|i| EventData::raw("A", vec![b'x'; 30 * 1024 + i], annals_core::ContentType::Binary)),
+    );
+    let total = batch.len() as u64;
+    let written = store.append(&s, ExpectedVersion::NoStream, batch.clone()).await.unwrap();
+    assert_eq!((written.next_version, written.position), (total, total));
+    store.append(&other, ExpectedVersion::Exact(0), vec![event(1)]).await.unwrap();
+
+    let admin = admin_client().await;
+    let runs: Vec<(i64, i32, String, Option<String>)> = admin
+        .query(
+            &format!(
+                "SELECT first_version, n, event_type, correlation_id FROM \"{}\".runs
+                 WHERE stream = 'runs-1' ORDER BY first_version",
+                guard.schema
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let c1 = Some("c1".to_owned());
+    assert_eq!(
+        runs,
+        vec![
+            (0, 100, "A".into(), None),
+            (100, 30, "A".into(), None),
+            (130, 1, "B".into(), None),
+            (131, 5, "A".into(), c1),
+            // The five plain ones and two 30 KiB ones; the third would
+            // pass 64 KiB.
+            (136, 7, "A".into(), None),
+            (143, 1, "A".into(), None),
+        ]
+    );
+
+    // The log as a row per event would hold it.
+    let mut log: Vec<Expected> = vec![("other-1".into(), 0, 0, uuid::Uuid::nil(), "E".into())];
+    for (i, e) in batch.iter().enumerate() {
+        log.push(("runs-1".into(), i as u64, 1 + i as u64, e.id, e.event_type.clone()));
+    }
+    log.push(("other-1".into(), 1, total + 1, uuid::Uuid::nil(), "E".into()));
+    let all = store.read_all(ReadAll::forward(1000)).await.unwrap();
+    log[0].3 = all.events[0].id;
+    let last = log.len() - 1;
+    log[last].3 = all.events[all.events.len() - 1].id;
+    assert_eq!(summary(&all.events), log);
+    let mine: Vec<Expected> = log.iter().filter(|e| e.0 == "runs-1").cloned().collect();
+
+    for from in 0..total {
+        let f = from as usize;
+        let page = store.read_stream(&s, ReadStream::forward().from_version(from).limit(3)).await.unwrap();
+        assert_eq!(summary(&page), mine[f..(f + 3).min(mine.len())], "stream forward from {from}");
+        let page = store.read_stream(&s, ReadStream::backward().from_version(from).limit(3)).await.unwrap();
+        let want: Vec<Expected> = mine[f.saturating_sub(2)..=f].iter().rev().cloned().collect();
+        assert_eq!(summary(&page), want, "stream backward from {from}");
+    }
+    for from in 0..log.len() as u64 {
+        let f = from as usize;
+        let page = store.read_all(ReadAll::forward(2).from_position(from)).await.unwrap();
+        assert_eq!(summary(&page.events), log[f..(f + 2).min(log.len())], "$all forward from {from}");
+        let page = store.read_all(ReadAll::backward(2).from_position(from)).await.unwrap();
+        let want: Vec<Expected> = log[f.saturating_sub(1)..=f].iter().rev().cloned().collect();
+        assert_eq!(summary(&page.events), want, "$all backward from {from}");
+    }
+    // Filtered by type: every B and the A after it, from inside the runs.
+    let only_b = Filter { event_types: vec![annals_core::TypeMatch::Exact("B".into())], ..Filter::all() };
+    for from in [0, 50, 131] {
+        let page =
+            store.read_all(ReadAll::forward(10).from_position(from).filter(only_b.clone())).await.unwrap();
+        assert_eq!(page.events.iter().map(|e| e.position).collect::<Vec<_>>(), [131], "type B from {from}");
+    }
+    let page = store.read_all(ReadAll::forward(10).from_position(132).filter(only_b)).await.unwrap();
+    assert!(page.events.is_empty());
+    // Correlation id: the five, from anywhere before or inside them.
+    for from in [0, 133] {
+        let by = Filter { correlation_id: Some("c1".into()), ..Filter::all() };
+        let page = store.read_all(ReadAll::forward(10).from_position(from).filter(by)).await.unwrap();
+        let want: Vec<u64> = (132.max(from)..137).collect();
+        assert_eq!(page.events.iter().map(|e| e.position).collect::<Vec<_>>(), want, "c1 from {from}");
+    }
+
+    // A re-send of the whole batch, or of its last events, is recognised.
+    let again = store.append(&s, ExpectedVersion::NoStream, batch.clone()).await.unwrap();
+    assert_eq!(again, written);
+    let tail = batch[batch.len() - 3..].to_vec();
+    let again = store.append(&s, ExpectedVersion::Exact(total - 4), tail).await.unwrap();
+    assert_eq!(again, written);
+
+    // Truncated inside a run: reads start at the first visible version.
+    store.delete_stream(&s, ExpectedVersion::Exact(total - 1), DeleteMode::Soft).await.unwrap();
+    let more: Vec<EventData> = (0..150).map(|i| EventData::json("A", &json!({ "m": i })).unwrap()).collect();
+    store.append(&s, ExpectedVersion::NoStream, more.clone()).await.unwrap();
+    let read = store.read_stream(&s, ReadStream::forward()).await.unwrap();
+    assert_eq!(read.iter().map(|e| e.id).collect::<Vec<_>>(), more.iter().map(|e| e.id).collect::<Vec<_>>());
+    assert_eq!(read[0].version, total);
+    let back = store.read_stream(&s, ReadStream::backward()).await.unwrap();
+    assert_eq!(back.len(), 150);
+    assert_eq!(back.last().map(|e| e.version), Some(total));
+    let stats = store.store_stats().await.unwrap();
+    let counts = stats.events_by_type.unwrap();
+    assert_eq!(counts.get("A").copied(), Some(total - 1 + 150));
+    assert_eq!(counts.get("B").copied(), Some(1));
 }
 
 /// The pid of this schema's pooled connection that waits for a lock.
@@ -774,6 +962,114 @@ async fn migrations_are_idempotent_and_safe_concurrently() {
     assert_eq!(applied, i64::from(annals_postgres::latest_migration()));
 }
 
+/// A schema written by the previous version (migrations 1 to 8, events
+/// one row each, with soft-deleted and system streams, metadata and
+/// correlation ids) is upgraded on open to runs (0009): every event reads
+/// back as it was, the head and stream states carry over, and appends
+/// continue the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_of_the_previous_version_upgrades_to_runs_with_every_event() {
+    const PREVIOUS: [&str; 8] = [
+        include_str!("../sql/0001_initial.sql"),
+        include_str!("../sql/0002_append_function.sql"),
+        include_str!("../sql/0003_head_first.sql"),
+        include_str!("../sql/0004_append_commit.sql"),
+        include_str!("../sql/0005_streams_by_name.sql"),
+        include_str!("../sql/0006_append_part.sql"),
+        include_str!("../sql/0007_lease_holders.sql"),
+        include_str!("../sql/0008_head_lock_only.sql"),
+    ];
+    let Some((_probe, _probe_guard)) = common::open().await else { return };
+    let schema = common::fresh_schema();
+    let guard = common::SchemaGuard { schema: schema.clone() };
+    let q = format!("\"{schema}\"");
+    let admin = admin_client().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE SCHEMA {q};
+             CREATE TABLE {q}.schema_migrations (version integer PRIMARY KEY, name text NOT NULL,
+                                                  applied_at timestamptz NOT NULL DEFAULT now());"
+        ))
+        .await
+        .unwrap();
+    for (i, sql) in PREVIOUS.iter().enumerate() {
+        admin.batch_execute(&sql.replace("{schema}", &q)).await.unwrap();
+        admin
+            .execute(
+                &format!("INSERT INTO {q}.schema_migrations (version, name) VALUES ($1, 'old')"),
+                &[&(i as i32 + 1)],
+            )
+            .await
+            .unwrap();
+    }
+    // Events written the previous version's way: its append_part, one call
+    // per append (a few events each), then a soft delete.
+    let call = format!(
+        "SELECT first_position FROM {q}.append_part($1, $2, 0::int2, 0::int8, $3::uuid[], $4::text[],
+             $5::int2[], $6::bytea[], $7::text[], $8::text[], 'ch')"
+    );
+    let mut written: Vec<(String, uuid::Uuid, String, Vec<u8>, String)> = Vec::new();
+    for (i, name) in ["acct-1", "acct-2", "$sys-1", "acct-1", "acct-1"].iter().enumerate() {
+        let ids: Vec<uuid::Uuid> = (0..3).map(|_| uuid::Uuid::now_v7()).collect();
+        let types: Vec<String> = (0..3).map(|j| format!("T{}", (i + j) % 2)).collect();
+        let data: Vec<Vec<u8>> = (0..3).map(|j| format!("{{\"i\":{i},\"j\":{j}}}").into_bytes()).collect();
+        let metadata: Vec<String> =
+            (0..3).map(|j| format!("{{\"correlation_id\":\"c{}\"}}", (i + j) % 3)).collect();
+        let correlation: Vec<Option<String>> = (0..3).map(|j| Some(format!("c{}", (i + j) % 3))).collect();
+        let content: Vec<i16> = vec![0; 3];
+        let category = name.split('-').next().unwrap().to_owned();
+        admin
+            .query_one(&call, &[name, &category, &ids, &types, &content, &data, &metadata, &correlation])
+            .await
+            .unwrap();
+        for j in 0..3 {
+            written.push((name.to_string(), ids[j], types[j].clone(), data[j].clone(), metadata[j].clone()));
+        }
+    }
+    admin
+        .batch_execute(&format!("UPDATE {q}.streams SET truncate_before = 3 WHERE name = 'acct-2'"))
+        .await
+        .unwrap();
+
+    let store = common::reopen(&schema).await;
+    let applied: i32 = admin
+        .query_one(&format!("SELECT max(version) FROM {q}.schema_migrations"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(applied, annals_postgres::latest_migration());
+    let all = store
+        .read_all(ReadAll::forward(100).filter(Filter { include_system: true, ..Filter::all() }))
+        .await
+        .unwrap();
+    let got: Vec<(String, uuid::Uuid, String, Vec<u8>, String)> = all
+        .events
+        .iter()
+        .map(|e| {
+            let meta = String::from_utf8(e.metadata.as_bytes().to_vec()).unwrap();
+            (e.stream.to_string(), e.id, e.event_type.clone(), e.data.to_vec(), meta)
+        })
+        .collect();
+    assert_eq!(got, written);
+    assert_eq!(all.events.iter().map(|e| e.position).collect::<Vec<_>>(), (0..15).collect::<Vec<_>>());
+    assert_eq!(all.next, Some(15));
+    let by_correlation = Filter { correlation_id: Some("c1".into()), include_system: true, ..Filter::all() };
+    let c1 = store.read_all(ReadAll::forward(100).filter(by_correlation)).await.unwrap();
+    assert_eq!(c1.events.len(), written.iter().filter(|w| w.4.contains("\"c1\"")).count());
+    let acct1 = store.read_stream(&stream("acct-1"), ReadStream::forward()).await.unwrap();
+    assert_eq!(acct1.iter().map(|e| e.version).collect::<Vec<_>>(), (0..9).collect::<Vec<_>>());
+    // The soft delete carried over; the stream continues its numbering.
+    assert!(matches!(
+        store.read_stream(&stream("acct-2"), ReadStream::forward()).await,
+        Err(Error::StreamNotFound { .. })
+    ));
+    let next = store.append(&stream("acct-2"), ExpectedVersion::NoStream, vec![event(9)]).await.unwrap();
+    assert_eq!((next.next_version, next.position), (4, 15));
+    let next = store.append(&stream("acct-1"), ExpectedVersion::Exact(8), vec![event(10)]).await.unwrap();
+    assert_eq!((next.next_version, next.position), (10, 16));
+    drop(guard);
+}
+
 /// Concurrent appends share transactions (group commit) but are decided
 /// one by one: failures do not take others down, and a request sent twice
 /// at once (a client retry racing its original) is written once.
@@ -881,13 +1177,11 @@ async fn unknown_database_is_unreachable() {
     assert!(matches!(err, PgError::Unreachable { .. }), "{err:?}");
 }
 
-/// The one-round-trip append function writes a plain append, and steps
-/// aside with SQLSTATE AN001, writing nothing, for anything the exact path
-/// must decide: a possible re-send and a failed expectation. Through the
-/// store, both still get the exact outcomes. Called here through
-/// `append_fast`, the signature of migration 0002 that processes of the
-/// previous version still call during an upgrade; since migration 0003 it
-/// delegates to `append_head_first`.
+/// The several-part fast path (`append_head_first`, migration 0009's
+/// signature) writes a plain append, and steps aside with SQLSTATE AN001,
+/// writing nothing, for anything the exact path must decide: a possible
+/// re-send, a failed expectation, a session outside READ COMMITTED.
+/// Through the store, all still get the exact outcomes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn append_function_writes_plain_appends_and_steps_aside_otherwise() {
     let Some((store, guard)) = common::open().await else { return };
@@ -899,55 +1193,47 @@ async fn append_function_writes_plain_appends_and_steps_aside_otherwise() {
     assert_eq!((again.next_version, again.position), (1, 0));
 
     let admin = admin_client().await;
+    // Two parts: f-1 under the given expectation, and a new stream.
     let call = format!(
-        "SELECT first_position, first_versions FROM \"{}\".append_fast(
-             ARRAY['f-1'], ARRAY['f'], ARRAY['f-1'], ARRAY[$1::int2], ARRAY[$2::int8], ARRAY[1::int8],
-             ARRAY[0::int8], ARRAY[$3::uuid], ARRAY[1], ARRAY['f-1'], ARRAY['f'], ARRAY[0::int8], ARRAY[$3::uuid],
-             ARRAY['E'],
-             ARRAY[0::int2], ARRAY['\\x7b7d'::bytea], ARRAY['{{}}'], ARRAY[NULL::text], 'ch')",
+        "SELECT first_position, first_versions FROM \"{}\".append_head_first(
+             ARRAY['f-1', $4], ARRAY['f', 'f'], ARRAY[$1::int2, 1::int2], ARRAY[$2::int8, 0::int8],
+             ARRAY[1::int8, 1::int8], ARRAY[0::int8, 1::int8], ARRAY[$3::uuid, $5::uuid],
+             ARRAY[1, 2], ARRAY[1, 2], ARRAY[0::int8, 0::int8], ARRAY[1, 1], ARRAY['E', 'E'],
+             ARRAY[NULL::text, NULL::text],
+             ARRAY[$3::uuid, $5::uuid], ARRAY[0::int2, 0::int2], ARRAY['\\x7b7d'::bytea, '\\x7b7d'::bytea],
+             ARRAY['{{}}', '{{}}'], 'ch')",
         guard.schema
     );
-    let fresh = uuid::Uuid::new_v4();
+    let (fresh, other) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
     // Expected version 0 (kind 3) matches: written at version 1, position 1.
-    let row = admin.query_one(&call, &[&3_i16, &0_i64, &fresh]).await.unwrap();
+    let row = admin.query_one(&call, &[&3_i16, &0_i64, &fresh, &"f-2", &other]).await.unwrap();
     assert_eq!(row.get::<_, i64>(0), 1);
-    assert_eq!(row.get::<_, Vec<i64>>(1), vec![1]);
-    // A possible re-send (same last id) and a wrong expectation step aside.
+    assert_eq!(row.get::<_, Vec<i64>>(1), vec![1, 0]);
+    let read = store.read_stream(&stream("f-2"), ReadStream::forward()).await.unwrap();
+    assert_eq!(read.iter().map(|e| (e.id, e.version, e.position)).collect::<Vec<_>>(), [(other, 0, 2)]);
+    // A possible re-send (same last id) and wrong expectations step aside.
     for (kind, version, id) in
         [(0_i16, 0_i64, fresh), (3, 0, uuid::Uuid::new_v4()), (1, 0, uuid::Uuid::new_v4())]
     {
-        let err = admin.query_one(&call, &[&kind, &version, &id]).await.unwrap_err();
+        let err =
+            admin.query_one(&call, &[&kind, &version, &id, &"f-3", &uuid::Uuid::new_v4()]).await.unwrap_err();
         assert_eq!(err.code().map(|c| c.code()), Some("AN001"), "{err}");
     }
-    assert_eq!(store.next_position().await.unwrap(), 2);
+    // Outside READ COMMITTED, which the head-first design relies on.
+    admin.batch_execute("SET default_transaction_isolation = 'repeatable read'").await.unwrap();
+    let err = admin
+        .query_one(&call, &[&3_i16, &1_i64, &uuid::Uuid::new_v4(), &"f-4", &uuid::Uuid::new_v4()])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("AN001"), "{err}");
+    assert_eq!(store.next_position().await.unwrap(), 3, "declined calls wrote nothing");
 
     // Through the store, a failed expectation gets the exact error.
     let wrong = store.append(&stream("f-1"), ExpectedVersion::Exact(0), vec![event(2)]).await.unwrap_err();
     assert!(matches!(wrong, Error::WrongExpectedVersion { actual: Some(1), .. }), "{wrong}");
-
-    // The committing procedure (migration 0004) steps aside outside READ
-    // COMMITTED, which the head-first design relies on, and commits itself
-    // otherwise.
-    let call = format!(
-        "CALL \"{}\".append_commit(
-             ARRAY['f-2'], ARRAY['f'], ARRAY[1::int2], ARRAY[0::int8], ARRAY[1::int8], ARRAY[0::int8],
-             ARRAY[$1::uuid], ARRAY[1], ARRAY['f-2'], ARRAY['f'], ARRAY[0::int8], ARRAY[$1::uuid], ARRAY['E'],
-             ARRAY[0::int2], ARRAY['\\x7b7d'::bytea], ARRAY['{{}}'], ARRAY[NULL::text], 'ch', NULL, NULL)",
-        guard.schema
-    );
-    let id = uuid::Uuid::new_v4();
-    admin.batch_execute("SET default_transaction_isolation = 'repeatable read'").await.unwrap();
-    let err = admin.query_one(&call, &[&id]).await.unwrap_err();
-    assert_eq!(err.code().map(|c| c.code()), Some("AN001"), "{err}");
-    admin.batch_execute("SET default_transaction_isolation = 'read committed'").await.unwrap();
-    let row = admin.query_one(&call, &[&id]).await.unwrap();
-    assert_eq!((row.get::<_, i64>(0), row.get::<_, Vec<i64>>(1)), (2, vec![0]));
-    let info = store.stream_info(&stream("f-2")).await.unwrap();
-    assert!(info.exists, "{info:?}");
-    assert_eq!(store.next_position().await.unwrap(), 3);
 }
 
-/// `append_part` (migration 0006), the one-part fast path: its WHERE clause
+/// `append_part` (migrations 0006, 0009), the one-part fast path: its WHERE clause
 /// is the plain-write condition, checked here case by case against what
 /// the exact path (`StreamState::decide`) would do; every other case steps
 /// aside with AN001 and writes nothing.
@@ -958,8 +1244,8 @@ async fn append_part_writes_plain_appends_and_steps_aside_otherwise() {
     let call = admin
         .prepare(&format!(
             "SELECT first_position, first_version FROM \"{}\".append_part(
-                 $1, 'p', $2, $3, $4::uuid[], ARRAY['E'], ARRAY[0::int2], ARRAY['\\x7b7d'::bytea], ARRAY['{{}}'],
-                 ARRAY[NULL::text], 'ch')",
+                 $1, 'p', $2, $3, ARRAY[1], ARRAY[1], ARRAY['E'], ARRAY[NULL::text],
+                 $4::uuid[], ARRAY[0::int2], ARRAY['\\x7b7d'::bytea], ARRAY['{{}}'], 'ch')",
             guard.schema
         ))
         .await
@@ -1042,7 +1328,7 @@ async fn an_error_at_commit_fails_the_append() {
         .batch_execute(&format!(
             "CREATE FUNCTION \"{s}\".refuse() RETURNS trigger LANGUAGE plpgsql AS
                  $$BEGIN RAISE EXCEPTION 'refused at commit' USING ERRCODE = 'AN999'; END$$;
-             CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON \"{s}\".events
+             CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON \"{s}\".runs
                  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION \"{s}\".refuse();"
         ))
         .await
@@ -1058,7 +1344,7 @@ async fn an_error_at_commit_fails_the_append() {
     assert_eq!(store.next_position().await.unwrap(), 0);
     assert!(!store.stream_info(&stream("c-1")).await.unwrap().exists);
 
-    admin.batch_execute(&format!("DROP TRIGGER refuse ON \"{s}\".events")).await.unwrap();
+    admin.batch_execute(&format!("DROP TRIGGER refuse ON \"{s}\".runs")).await.unwrap();
     let written = store.append(&stream("c-1"), ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
     assert_eq!((written.next_version, written.position), (1, 0));
     let written = store.append_multi(parts).await.unwrap();
@@ -1100,7 +1386,7 @@ async fn store_stats_give_up_counting_after_the_stats_timeout() {
     let (mut locker, conn) = tokio_postgres::connect(&common::url(), tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
     let tx = locker.transaction().await.unwrap();
-    tx.batch_execute(&format!("LOCK TABLE \"{}\".events IN ACCESS EXCLUSIVE MODE", store.schema()))
+    tx.batch_execute(&format!("LOCK TABLE \"{}\".runs IN ACCESS EXCLUSIVE MODE", store.schema()))
         .await
         .unwrap();
     let started = std::time::Instant::now();
