@@ -274,9 +274,8 @@ impl Statements {
     /// like this.)
     pub(crate) fn read_all_forward(&self, filter: &str) -> String {
         let s = &self.schema;
-        let nulls = ["NULL"; ALL_PAGE_HEAD_COLUMN].join(", ");
-        format!(
-            "(SELECT {RUN_COLUMNS}, NULL::int8 FROM (
+        self.with_head(&format!(
+            "SELECT {RUN_COLUMNS}, NULL::int8 FROM (
                   SELECT e.*, greatest(0, e.n - greatest(0, $1::int8 - e.first_position))::int8 AS mine,
                          sum(greatest(0, e.n - greatest(0, $1::int8 - e.first_position)))
                              OVER (ORDER BY e.first_position ROWS UNBOUNDED PRECEDING)::int8 AS upto
@@ -284,11 +283,17 @@ impl Statements {
                    WHERE e.first_position >= {from} {filter}
                    ORDER BY e.first_position LIMIT $2::int8 + 1) e
               WHERE e.upto - e.mine < $2::int8
-              ORDER BY e.first_position)
-             UNION ALL
-             SELECT {nulls}, next_position FROM {s}.head",
+              ORDER BY e.first_position",
             from = run_at_position(s, "$1")
-        )
+        ))
+    }
+
+    /// `page` (run rows with a NULL last column) followed by one row, all
+    /// NULL but the last column, carrying the head: one statement, so one
+    /// snapshot for both.
+    fn with_head(&self, page: &str) -> String {
+        let nulls = ["NULL"; ALL_PAGE_HEAD_COLUMN].join(", ");
+        format!("({page}) UNION ALL SELECT {nulls}, next_position FROM {}.head", self.schema)
     }
 
     /// A forward `$all` page read as the position range `$1 .. $1 + $2`
@@ -297,16 +302,13 @@ impl Statements {
     /// counting. With `$1` inside a run, that run is included.
     pub(crate) fn read_all_forward_range(&self, filter: &str) -> String {
         let s = &self.schema;
-        let nulls = ["NULL"; ALL_PAGE_HEAD_COLUMN].join(", ");
-        format!(
-            "(SELECT {RUN_COLUMNS}, NULL::int8 FROM {s}.runs e
+        self.with_head(&format!(
+            "SELECT {RUN_COLUMNS}, NULL::int8 FROM {s}.runs e
               WHERE e.first_position >= {from}
                 AND e.first_position < least($1::int8, 9223372036854775807 - $2::int8) + $2::int8 {filter}
-              ORDER BY e.first_position)
-             UNION ALL
-             SELECT {nulls}, next_position FROM {s}.head",
+              ORDER BY e.first_position",
             from = run_at_position(s, "$1")
-        )
+        ))
     }
 
     /// A backward `$all` page read as the position range `$1 - $2 + 1 ..
@@ -433,8 +435,11 @@ mod tests {
     #[test]
     fn the_head_column_follows_the_event_columns() {
         assert_eq!(RUN_COLUMNS.split(',').count(), ALL_PAGE_HEAD_COLUMN);
-        let sql = Statements::new("s").read_all_forward("");
-        assert_eq!(sql.matches("NULL").count(), ALL_PAGE_HEAD_COLUMN + 1, "{sql}");
+        for sql in
+            [Statements::new("s").read_all_forward(""), Statements::new("s").read_all_forward_range("")]
+        {
+            assert_eq!(sql.matches("NULL").count(), ALL_PAGE_HEAD_COLUMN + 1, "{sql}");
+        }
     }
 
     #[test]
