@@ -47,6 +47,7 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../sql/0008_head_lock_only.sql"),
     },
     Migration { version: 9, name: "0009_runs.sql", sql: include_str!("../sql/0009_runs.sql") },
+    Migration { version: 10, name: "0010_runs_lz4.sql", sql: include_str!("../sql/0010_runs_lz4.sql") },
 ];
 
 /// Advisory-lock class for migrations ("anna" in ASCII), so the key space

@@ -770,6 +770,24 @@ async fn runs_split_where_they_must_and_reads_start_anywhere_in_them() {
         ]
     );
 
+    // Runs over the TOAST threshold are compressed with lz4 (migration
+    // 0010) where the server has it.
+    if admin.batch_execute("SET default_toast_compression = lz4").await.is_ok() {
+        let method: Option<String> = admin
+            .query_one(
+                &format!(
+                    "SELECT pg_column_compression(data) FROM \"{}\".runs
+                     WHERE stream = 'runs-1' AND first_version = 0",
+                    guard.schema
+                ),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(method.as_deref(), Some("lz4"));
+    }
+
     // The log as a row per event would hold it.
     let mut log: Vec<Expected> = vec![("other-1".into(), 0, 0, uuid::Uuid::nil(), "E".into())];
     for (i, e) in batch.iter().enumerate() {
