@@ -181,9 +181,7 @@ impl Inner {
                     client.query(&stmt, &[&stream.as_str(), &to_i64(start), &limit]).await.map_err(db)?;
                 for row in &rows {
                     let run = RunRow::decode(row, &mut name)?;
-                    let skip = start.saturating_sub(run.first_version()) as usize;
-                    let want = take.saturating_sub(events.len());
-                    run.events(skip, want, false, &mut events)?;
+                    run.unpack(start, true, false, take, &mut events)?;
                 }
             }
             Direction::Backward => {
@@ -201,10 +199,7 @@ impl Inner {
                     .map_err(db)?;
                 for row in &rows {
                     let run = RunRow::decode(row, &mut name)?;
-                    let newest = run.first_version() + run.len() as u64 - 1;
-                    let skip = newest.saturating_sub(start) as usize;
-                    let want = take.saturating_sub(events.len());
-                    run.events(skip, want, true, &mut events)?;
+                    run.unpack(start, true, true, take, &mut events)?;
                 }
                 // The oldest run may reach below a soft delete's truncation.
                 events.retain(|e| e.version >= first);
@@ -337,19 +332,14 @@ impl Inner {
             // Newest first, as selected.
             runs.sort_by_key(|r| std::cmp::Reverse(r.first_position()));
             for run in runs {
-                let newest = run.first_position() + run.len() as u64 - 1;
-                let skip = newest.saturating_sub(from) as usize;
-                let want = take.saturating_sub(events.len());
-                run.events(skip, want, true, events)?;
+                run.unpack(from, false, true, take, events)?;
             }
         } else {
             // UNION ALL does not promise to keep the page's order; it does
             // in practice, and sorting sorted input is linear.
             runs.sort_by_key(|r| r.first_position());
             for run in runs {
-                let skip = from.saturating_sub(run.first_position()) as usize;
-                let want = take.saturating_sub(events.len());
-                run.events(skip, want, false, events)?;
+                run.unpack(from, false, false, take, events)?;
             }
         }
         Ok((head, covered))

@@ -81,16 +81,23 @@ impl RunRow {
         Ok(run)
     }
 
-    /// Its events, oldest first, from offset `skip`, at most `take`; with
-    /// `backward`, newest first instead, from the newest but `skip`.
-    pub(crate) fn events(
+    /// Appends its events to `out` until `out` holds `take`: oldest first
+    /// from `from` on, or with `backward` newest first from `from` down,
+    /// where `from` is a version (`by_version`) or a position.
+    pub(crate) fn unpack(
         self,
-        skip: usize,
-        take: usize,
+        from: u64,
+        by_version: bool,
         backward: bool,
+        take: usize,
         out: &mut Vec<RecordedEvent>,
     ) -> Result<()> {
         let n = self.ids.len();
+        let first = if by_version { self.first_version } else { self.first_position };
+        let skip =
+            if backward { (first + n as u64 - 1).saturating_sub(from) } else { from.saturating_sub(first) };
+        let skip = usize::try_from(skip).unwrap_or(usize::MAX);
+        let take = take.saturating_sub(out.len());
         let RunRow {
             first_position,
             stream,
@@ -137,10 +144,6 @@ impl RunRow {
 
     pub(crate) fn first_position(&self) -> u64 {
         self.first_position
-    }
-
-    pub(crate) fn first_version(&self) -> u64 {
-        self.first_version
     }
 
     pub(crate) fn len(&self) -> usize {
