@@ -2,8 +2,8 @@
 //! `pg_dump`, a session left idle in a transaction): one writer appends
 //! single events for `--secs` seconds; from second 10 to second 35 a second
 //! connection holds a REPEATABLE READ snapshot open. Prints appends per
-//! second for every 5 s window, and the sizes of the head and streams
-//! tables at the end.
+//! second for every 5 s window, and the sizes of the head and stream-row
+//! tables at the end (`streams` before migration 0011).
 //!
 //! ```text
 //! cargo run --release -p annals-postgres --example pg_old_snapshot -- \
@@ -74,7 +74,7 @@ async fn main() {
     let sizes = admin
         .query_one(
             &format!(
-                "SELECT pg_relation_size('\"{schema}\".head_row'), pg_relation_size('\"{schema}\".streams')"
+                "SELECT pg_relation_size('\"{schema}\".head_row'), pg_relation_size(coalesce(to_regclass('\"{schema}\".stream_rows'), '\"{schema}\".streams'))"
             ),
             &[],
         )

@@ -153,8 +153,8 @@ fn keep_unless_broken(conn: &Pooled, results: &[Option<&tokio_postgres::Error>])
     }
 }
 
-/// A stream's row as locked by the transaction.
-struct Locked {
+/// A stream as read under the head lock: its row and its last run.
+struct Read {
     state: StreamState,
     last_event_id: Option<Uuid>,
 }
@@ -409,28 +409,31 @@ impl Committer {
         let conn = Pooled::discarded_unless_kept(self.pool.get().await?, self.schema.clone());
         let client: &deadpool_postgres::ClientWrapper = &conn;
         let lock_head = client.prepare_cached(&self.sql.lock_head).await?;
-        let lock = client.prepare_cached(&self.sql.lock_streams).await?;
+        let ensure = client.prepare_cached(&self.sql.ensure_streams).await?;
+        let read = client.prepare_cached(&self.sql.read_streams).await?;
         let write = client.prepare_cached(&self.sql.write).await?;
 
-        // The head first, like every writer of stream rows (ADR 02): from
-        // here until the commit no other append or delete of the schema can
-        // run, so the stream rows read below stay as read. This holds the
-        // head for two round trips, but only on this rare path. The stream
-        // rows are still locked (in name order) and created when missing,
-        // which the write statement relies on.
+        // The head first, like every writer of runs and stream rows (ADR
+        // 02): from here until the commit no other append or delete of the
+        // schema can run, so the streams read below stay as read. This holds
+        // the head for two round trips, but only on this rare path. Streams
+        // without a row get one (rolled back if nothing is written).
         let mut names: Vec<&str> =
             requests.iter().flat_map(|r| r.iter()).map(|p| p.stream.as_str()).collect();
         names.sort_unstable();
         let categories: Vec<&str> = names.iter().map(|n| category_of(n)).collect();
-        let lock_params: [&(dyn ToSql + Sync); 2] = [&names, &categories];
-        let (begun, headed, rows) = futures::join!(
+        let ensure_params: [&(dyn ToSql + Sync); 2] = [&names, &categories];
+        let read_params: [&(dyn ToSql + Sync); 1] = [&names];
+        let (begun, headed, ensured, rows) = futures::join!(
             client.batch_execute(BEGIN),
             client.query_one(&lock_head, &[]),
-            client.query(&lock, &lock_params)
+            client.execute(&ensure, &ensure_params),
+            client.query(&read, &read_params)
         );
         begun?;
         headed?;
-        let mut locked = HashMap::with_capacity(names.len());
+        ensured?;
+        let mut read_states = HashMap::with_capacity(names.len());
         for row in rows? {
             let name: String = row.try_get(0)?;
             let last_version: Option<i64> = row.try_get(1)?;
@@ -442,7 +445,7 @@ impl Committer {
                 truncate_before: to_u64(truncate_before, "truncate_before")?,
                 tombstoned: row.try_get(4)?,
             };
-            locked.insert(name, Locked { state, last_event_id: row.try_get(5)? });
+            read_states.insert(name, Read { state, last_event_id: row.try_get(5)? });
         }
 
         // Decide each request; a failed decision fails only its request.
@@ -451,9 +454,9 @@ impl Committer {
             let mut decisions = Vec::with_capacity(parts.len());
             let mut failed = None;
             for part in *parts {
-                let Some(Locked { state, last_event_id }) = locked.get(part.stream.as_str()) else {
+                let Some(Read { state, last_event_id }) = read_states.get(part.stream.as_str()) else {
                     return Err(Failure::Fail(Error::Backend {
-                        message: format!("stream row '{}' was not locked", part.stream),
+                        message: format!("stream row '{}' was not read", part.stream),
                         source: None,
                     }));
                 };
@@ -490,7 +493,7 @@ impl Committer {
                 .collect());
         }
 
-        let write_params: [&(dyn ToSql + Sync); 17] = [
+        let write_params: [&(dyn ToSql + Sync); 13] = [
             &batch.total,
             &batch.run_streams,
             &batch.run_versions,
@@ -503,10 +506,6 @@ impl Committer {
             &batch.content_types,
             &batch.data,
             &batch.metadata,
-            &batch.updated,
-            &batch.last_versions,
-            &batch.last_offsets,
-            &batch.last_ids,
             &self.sql.channel,
         ];
         let (written, committed) =
@@ -875,12 +874,6 @@ struct Batch<'a> {
     content_types: Vec<i16>,
     data: Vec<&'a [u8]>,
     metadata: Vec<&'a str>,
-    /// Per written stream: name, last version, offset of its last event,
-    /// its last event id.
-    updated: Vec<&'a str>,
-    last_versions: Vec<i64>,
-    last_offsets: Vec<i64>,
-    last_ids: Vec<Uuid>,
     /// Per written part, in order: (next version, offset of its last event).
     part_offsets: Vec<(u64, u64)>,
 }
@@ -916,11 +909,6 @@ impl<'a> Batch<'a> {
         let version = first_version + part.events.len() as u64;
         self.total += part.events.len() as i64;
         let last_offset = self.total - 1;
-        let last_id = part.events.last().map(|e| e.id).unwrap_or_default();
-        self.updated.push(stream);
-        self.last_versions.push(to_i64(version - 1));
-        self.last_offsets.push(last_offset);
-        self.last_ids.push(last_id);
         self.part_offsets.push((version, last_offset as u64));
         Ok(())
     }

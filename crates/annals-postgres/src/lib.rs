@@ -25,15 +25,19 @@
 //!   created and migrated on open by embedded, versioned SQL files
 //!   (`sql/NNNN_*.sql`) under an advisory lock, so several stores share one
 //!   database and concurrent opens are safe.
-//! - **Ordering**: positions are handed out by a one-row head table updated
-//!   inside each append transaction, so they are gapless and commit in
-//!   position order; readers never pass over a late commit. Concurrent
+//! - **Ordering**: positions are handed out under a one-row head table's
+//!   lock, taken by each append transaction and held to its commit, so they
+//!   are gapless and commit in position order; readers never pass over a
+//!   late commit. Concurrent
 //!   appends are group-committed (one transaction, one head acquisition,
 //!   one WAL flush for many appends), each still decided on its own. See
 //!   `docs/adr/02-postgres-ordering.md`.
 //! - **Runs**: events are stored as runs, one row per run of an append's
 //!   consecutive events sharing type and correlation id (migration 0009),
 //!   so a batch costs one row and one entry per index; reads unpack them.
+//!   Appends only insert: a stream's last version is its last run's, and
+//!   its row is written when it is created and by deletes (migration
+//!   0011), so an old snapshot elsewhere on the database slows nothing.
 //! - **Subscriptions**: woken by `LISTEN/NOTIFY` with a bounded fallback
 //!   poll; they read committed rows, so a lost connection delays them but
 //!   never loses or repeats an event.

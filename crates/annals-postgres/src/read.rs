@@ -54,7 +54,8 @@ impl Inner {
         state_from_row(&row, 0)
     }
 
-    /// Streams by name from the `streams` table (never a scan of events).
+    /// Streams by name from the `streams` view: stream rows with their last
+    /// runs (never a scan of events).
     pub(crate) async fn list_streams(&self, request: &ListStreams) -> Result<Vec<StreamInfo>> {
         if request.limit == 0 {
             return Ok(Vec::new());

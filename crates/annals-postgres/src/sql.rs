@@ -51,7 +51,13 @@ pub(crate) struct Statements {
     /// Takes the head row lock without moving the head: every writer of
     /// stream rows holds it first (migration 0003, ADR 02).
     pub lock_head: String,
-    pub lock_streams: String,
+    /// Exact path and deletes, after the head lock: creates the rows of
+    /// streams that have none (`$1` names, `$2` categories); rolled back
+    /// with the transaction when nothing is written.
+    pub ensure_streams: String,
+    /// Exact path and deletes, after `ensure_streams`: the state of each
+    /// stream in `$1`, from its row and its last run (migration 0011).
+    pub read_streams: String,
     pub tail_ids: String,
     /// After a connection broke mid-append: the events among `$2` (ids) at
     /// or after position `$1`, to learn whether the attempt committed.
@@ -93,19 +99,29 @@ impl Statements {
         let s = quote_ident(schema);
         Statements {
             channel: channel_name(schema),
-            // Exact path and deletes, after the head lock: creates the row
-            // of a new stream (the write statement updates it) and returns
-            // the state. `name = name` makes ON CONFLICT lock and return the
-            // existing row.
             // The row only (migration 0008): no new version for an old
             // snapshot to pin.
             lock_head: format!("SELECT 1 FROM {s}.head_row FOR NO KEY UPDATE"),
-            lock_streams: format!(
-                "INSERT INTO {s}.streams AS st (name, category)
+            // Nothing changes an existing row (migration 0011): an old
+            // snapshot pins no row version of a hot stream.
+            ensure_streams: format!(
+                "INSERT INTO {s}.stream_rows (name, category)
                  SELECT * FROM unnest($1::text[], $2::text[])
-                 ON CONFLICT (name) DO UPDATE SET name = excluded.name
-                 RETURNING st.name, st.last_version, st.last_position, st.truncate_before, st.tombstoned,
-                           st.last_event_id"
+                 ON CONFLICT (name) DO NOTHING"
+            ),
+            // Not locked: every writer of runs and stream rows holds the
+            // head lock, taken before this statement (its snapshot is newer
+            // than every commit that held the head before).
+            read_streams: format!(
+                "SELECT st.name, t.last_version, t.last_position, st.truncate_before, st.tombstoned, t.last_event_id
+                   FROM unnest($1::text[]) AS p(name)
+                   JOIN {s}.stream_rows st ON st.name = p.name
+                   LEFT JOIN LATERAL (SELECT e.first_version + e.n - 1 AS last_version,
+                                             e.first_position + e.n - 1 AS last_position,
+                                             e.ids[e.n] AS last_event_id
+                                        FROM {s}.runs e
+                                       WHERE e.stream = st.name
+                                       ORDER BY e.first_version DESC LIMIT 1) t ON true"
             ),
             tail_ids: format!(
                 "SELECT u.id, e.first_position + u.o - 1 FROM {s}.runs e
@@ -114,9 +130,9 @@ impl Statements {
                  ORDER BY e.first_version, u.o",
                 from = run_at_version(&s, "$1", "$2")
             ),
-            // One statement: take the head (the global lock that orders
-            // commits), insert the events at consecutive positions, advance
-            // the streams, and queue the notification (sent on commit).
+            // One statement, after the head lock and `ensure_streams`: insert
+            // the events at consecutive positions and queue the notification
+            // (sent on commit). Stream rows are not touched (migration 0011).
             write: format!(
                 "WITH h AS (
                     SELECT greatest(r.next_position, coalesce(t.next, 0)) AS first,
@@ -134,15 +150,8 @@ impl Statements {
                     FROM h, unnest($2::text[], $3::int8[], $4::int4[], $5::int4[], $6::text[], $7::text[],
                                    $8::text[])
                          AS r(stream, version, off, cnt, typ, cat, corr)
-                 ), upd AS (
-                    UPDATE {s}.streams st SET last_version = u.last_version,
-                                             last_position = h.first + u.last_offset,
-                                             last_event_id = u.last_id
-                    FROM h, unnest($13::text[], $14::int8[], $15::int8[], $16::uuid[])
-                         AS u(name, last_version, last_offset, last_id)
-                    WHERE st.name = u.name
                  )
-                 SELECT h.first, h.recorded_at, pg_notify($17, (h.first + $1)::text) FROM h"
+                 SELECT h.first, h.recorded_at, pg_notify($13, (h.first + $1)::text) FROM h"
             ),
             publish_lease_holder: format!(
                 "INSERT INTO {s}.lease_holders (name, holder, pid, taken_at)
@@ -211,8 +220,8 @@ impl Statements {
                  ORDER BY e.first_version DESC",
                 lowest = run_at_version(&s, "$1", "greatest($3::int8, $2::int8 - $4::int8 + 1)")
             ),
-            soft_delete: format!("UPDATE {s}.streams SET truncate_before = $2 WHERE name = $1"),
-            hard_delete: format!("UPDATE {s}.streams SET tombstoned = true WHERE name = $1"),
+            soft_delete: format!("UPDATE {s}.stream_rows SET truncate_before = $2 WHERE name = $1"),
+            hard_delete: format!("UPDATE {s}.stream_rows SET tombstoned = true WHERE name = $1"),
             // A view since migration 0008: one past the last event.
             head: format!("SELECT next_position FROM {s}.head"),
             // One aggregate over every run (system streams and deleted

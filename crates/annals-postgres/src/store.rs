@@ -177,11 +177,12 @@ impl StreamDeleter for PgStore {
         // deletes are rare.
         let lock_head = tx.prepare_cached(&sql.lock_head).await.map_err(db)?;
         tx.query_one(&lock_head, &[]).await.map_err(db)?;
-        let stmt = tx.prepare_cached(&sql.lock_streams).await.map_err(db)?;
-        let row = tx
-            .query_one(&stmt, &[&vec![stream.as_str()], &vec![category_of(stream.as_str())]])
+        let ensure = tx.prepare_cached(&sql.ensure_streams).await.map_err(db)?;
+        tx.execute(&ensure, &[&vec![stream.as_str()], &vec![category_of(stream.as_str())]])
             .await
             .map_err(db)?;
+        let stmt = tx.prepare_cached(&sql.read_streams).await.map_err(db)?;
+        let row = tx.query_one(&stmt, &[&vec![stream.as_str()]]).await.map_err(db)?;
         let state = crate::read::state_from_row(&row, 1)?;
         // On error the transaction is dropped, rolling back the row the
         // lock may have created.

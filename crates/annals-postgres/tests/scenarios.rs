@@ -8,8 +8,8 @@ use std::{collections::HashSet, time::Duration};
 
 use annals_core::{
     AllReader, Appender, CheckpointStore, DeleteMode, Error, EventData, EventStream, ExpectedVersion, Filter,
-    ReadAll, ReadStream, RecordedEvent, StreamAppend, StreamDeleter, StreamName, StreamReader, SubscribeFrom,
-    Subscriber, SubscriptionRequest,
+    ListStreams, ReadAll, ReadStream, RecordedEvent, StreamAppend, StreamDeleter, StreamName, StreamReader,
+    SubscribeFrom, Subscriber, SubscriptionRequest,
 };
 use annals_postgres::{PgError, PgStore};
 use futures::StreamExt;
@@ -583,6 +583,71 @@ async fn appends_under_an_old_snapshot_leave_the_head_row_alone() {
     assert_eq!(page.next, Some(1500));
 }
 
+/// The same for stream rows (migration 0011): appends to one hot stream
+/// under an old snapshot create no row version of its stream row, whose
+/// last version, position and event id are read from its last run. The
+/// row is written when the stream is created and by deletes only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_to_a_hot_stream_under_an_old_snapshot_leave_its_row_alone() {
+    let Some((store, guard)) = common::open().await else { return };
+    let q = format!("\"{}\"", guard.schema);
+    let s = stream("hot-1");
+    let first = store.append(&s, ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
+    assert_eq!((first.next_version, first.position), (1, 0));
+    let admin = admin_client().await;
+    let row_version = format!("SELECT xmin::text, ctid::text FROM {q}.stream_rows WHERE name = 'hot-1'");
+    let created: (String, String) =
+        admin.query_one(&row_version, &[]).await.map(|r| (r.get(0), r.get(1))).unwrap();
+    let holder = admin_client().await;
+    holder
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM pg_class")
+        .await
+        .unwrap();
+    let mut last = None;
+    for i in 1..1500u64 {
+        // Every expectation the fast path decides, and a batch now and then.
+        let expected = match i % 3 {
+            0 => ExpectedVersion::Any,
+            1 => ExpectedVersion::Exact(i - 1),
+            _ => ExpectedVersion::StreamExists,
+        };
+        let r = store.append(&s, expected, vec![event(i)]).await.unwrap();
+        assert_eq!((r.next_version, r.position), (i + 1, i));
+        last = Some(r);
+    }
+    let after: (String, String) =
+        admin.query_one(&row_version, &[]).await.map(|r| (r.get(0), r.get(1))).unwrap();
+    let size: i64 =
+        admin.query_one(&format!("SELECT pg_relation_size('{q}.stream_rows')"), &[]).await.unwrap().get(0);
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(after, created, "an append wrote the stream row");
+    assert_eq!(size, 8192, "the stream rows table grew");
+    let info = store.stream_info(&s).await.unwrap();
+    assert_eq!((info.last_version, info.last_position), (Some(1499), Some(1499)));
+    // The state read from the last run decides expectations and re-sends.
+    let stale = store.append(&s, ExpectedVersion::Exact(1000), vec![event(1)]).await.unwrap_err();
+    assert!(matches!(stale, Error::WrongExpectedVersion { .. }), "{stale:?}");
+    assert!(matches!(
+        store.append(&s, ExpectedVersion::NoStream, vec![event(1)]).await,
+        Err(Error::WrongExpectedVersion { .. })
+    ));
+    let resent = store.read_stream(&s, ReadStream::backward().limit(1)).await.unwrap();
+    let again = store
+        .append(&s, ExpectedVersion::Any, vec![EventData { id: resent[0].id, ..event(1499) }])
+        .await
+        .unwrap();
+    assert_eq!(Some(again), last, "the re-send of the last append was not recognised");
+    // A delete still writes the row; the next append continues after it.
+    store.delete_stream(&s, ExpectedVersion::Exact(1499), DeleteMode::Soft).await.unwrap();
+    let next = store.append(&s, ExpectedVersion::NoStream, vec![event(1500)]).await.unwrap();
+    assert_eq!((next.next_version, next.position), (1501, 1500));
+    let streams = store.list_streams(ListStreams::new(10)).await.unwrap();
+    assert_eq!(
+        streams.iter().map(|i| (i.stream.as_str(), i.last_version)).collect::<Vec<_>>(),
+        [("hot-1", Some(1500))]
+    );
+}
+
 /// Migration 0009 stores events in runs and removes what processes of
 /// earlier versions write through (see its header: they must be stopped
 /// first). Should one still run, its writes fail and write nothing, and
@@ -646,6 +711,75 @@ async fn processes_of_earlier_versions_cannot_write_after_the_runs_migration() {
     assert_eq!(got, want);
     let head: i64 = old.query_one(&format!("SELECT next_position FROM {q}.head"), &[]).await.unwrap().get(0);
     assert_eq!(head, 5);
+}
+
+/// Migration 0011 turns `streams` into a view over `stream_rows` and the
+/// streams' last runs (see its header). A process of version 10 still
+/// running meanwhile: its fast path calls the replaced functions and
+/// stays right; its reads of `streams` see the computed state; its exact
+/// path and deletes write `streams` and fail, writing nothing. These are
+/// its statements, verbatim in effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_of_the_previous_version_stay_correct_after_the_stream_rows_migration() {
+    let Some((store, guard)) = common::open().await else { return };
+    let s = stream("prev-1");
+    store.append(&s, ExpectedVersion::NoStream, (0..3).map(event).collect()).await.unwrap();
+    let q = format!("\"{}\"", guard.schema);
+    let old = admin_client().await;
+
+    // Its fast path: the same call, now the new function.
+    let call = format!(
+        "SELECT first_position, first_version FROM {q}.append_part(
+             $1, 'prev', 0::int2, 0::int8, ARRAY[1], ARRAY[1], ARRAY['E'], ARRAY[NULL::text],
+             ARRAY[gen_random_uuid()], ARRAY[0::int2], ARRAY['\\x7b7d'::bytea], ARRAY['{{}}'], 'ch')"
+    );
+    let row = old.query_one(&call, &[&"prev-1"]).await.unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (3, 3));
+    let row = old.query_one(&call, &[&"prev-2"]).await.unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (4, 0));
+
+    // Its reads of the stream state.
+    let state = format!(
+        "SELECT last_version, last_position, truncate_before, tombstoned, last_event_id FROM {q}.streams
+         WHERE name = $1"
+    );
+    let last = store.read_stream(&s, ReadStream::backward().limit(1)).await.unwrap();
+    let row = old.query_one(&state, &[&"prev-1"]).await.unwrap();
+    let got: (Option<i64>, Option<i64>, i64, bool, Option<uuid::Uuid>) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    assert_eq!(got, (Some(3), Some(3), 0, false, Some(last[0].id)));
+
+    // Its exact path: head, then the stream rows through `streams`.
+    old.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED").await.unwrap();
+    old.query_one(&format!("SELECT 1 FROM {q}.head_row FOR NO KEY UPDATE"), &[]).await.unwrap();
+    let err = old
+        .query(
+            &format!(
+                "INSERT INTO {q}.streams AS st (name, category)
+                 SELECT * FROM unnest($1::text[], $2::text[])
+                 ON CONFLICT (name) DO UPDATE SET name = excluded.name
+                 RETURNING st.name, st.last_version, st.last_position, st.truncate_before, st.tombstoned,
+                           st.last_event_id"
+            ),
+            &[&vec!["prev-1", "prev-3"], &vec!["prev", "prev"]],
+        )
+        .await
+        .unwrap_err();
+    // "cannot insert into / update view".
+    assert_eq!(err.code().map(|c| c.code()), Some("55000"), "{err}");
+    old.batch_execute("ROLLBACK").await.unwrap();
+    // Its deletes.
+    for delete in [
+        format!("UPDATE {q}.streams SET truncate_before = 4 WHERE name = 'prev-1'"),
+        format!("UPDATE {q}.streams SET tombstoned = true WHERE name = 'prev-1'"),
+    ] {
+        let err = old.batch_execute(&delete).await.unwrap_err();
+        // "cannot insert into / update view".
+        assert_eq!(err.code().map(|c| c.code()), Some("55000"), "{err}");
+    }
+    let info = store.stream_info(&s).await.unwrap();
+    assert!(info.exists && info.last_version == Some(3), "{info:?}");
+    assert_eq!(store.next_position().await.unwrap(), 5, "nothing else was written");
 }
 
 /// An expected event: (stream, version, position, id, type).
@@ -1076,6 +1210,11 @@ async fn a_schema_of_the_previous_version_upgrades_to_runs_with_every_event() {
     assert_eq!(c1.events.len(), written.iter().filter(|w| w.4.contains("\"c1\"")).count());
     let acct1 = store.read_stream(&stream("acct-1"), ReadStream::forward()).await.unwrap();
     assert_eq!(acct1.iter().map(|e| e.version).collect::<Vec<_>>(), (0..9).collect::<Vec<_>>());
+    // Stream states come from the last runs since 0011.
+    let info = store.stream_info(&stream("acct-1")).await.unwrap();
+    assert_eq!((info.exists, info.last_version, info.last_position), (true, Some(8), Some(14)));
+    let info = store.stream_info(&stream("acct-2")).await.unwrap();
+    assert_eq!((info.exists, info.last_version, info.last_position), (false, Some(2), Some(5)));
     // The soft delete carried over; the stream continues its numbering.
     assert!(matches!(
         store.read_stream(&stream("acct-2"), ReadStream::forward()).await,
