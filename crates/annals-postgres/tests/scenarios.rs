@@ -782,6 +782,112 @@ async fn processes_of_the_previous_version_stay_correct_after_the_stream_rows_mi
     assert_eq!(store.next_position().await.unwrap(), 5, "nothing else was written");
 }
 
+/// The same, for a process of version 10 that is running while the first
+/// process of this version opens the schema: the statements it prepared
+/// before the migration are planned again by name, against the view and
+/// the replaced functions, so its appends and reads stay right and its
+/// stream-row writes fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_prepared_before_the_stream_rows_migration_are_planned_again() {
+    const VERSION_10: [&str; 10] = [
+        include_str!("../sql/0001_initial.sql"),
+        include_str!("../sql/0002_append_function.sql"),
+        include_str!("../sql/0003_head_first.sql"),
+        include_str!("../sql/0004_append_commit.sql"),
+        include_str!("../sql/0005_streams_by_name.sql"),
+        include_str!("../sql/0006_append_part.sql"),
+        include_str!("../sql/0007_lease_holders.sql"),
+        include_str!("../sql/0008_head_lock_only.sql"),
+        include_str!("../sql/0009_runs.sql"),
+        include_str!("../sql/0010_runs_lz4.sql"),
+    ];
+    let Some((_probe, _probe_guard)) = common::open().await else { return };
+    let schema = common::fresh_schema();
+    let guard = common::SchemaGuard { schema: schema.clone() };
+    let q = format!("\"{schema}\"");
+    let old = admin_client().await;
+    old.batch_execute(&format!(
+        "SET client_min_messages = warning;
+         CREATE SCHEMA {q};
+         CREATE TABLE {q}.schema_migrations (version integer PRIMARY KEY, name text NOT NULL,
+                                              applied_at timestamptz NOT NULL DEFAULT now());"
+    ))
+    .await
+    .unwrap();
+    for (i, sql) in VERSION_10.iter().enumerate() {
+        old.batch_execute(&sql.replace("{schema}", &q)).await.unwrap();
+        old.execute(
+            &format!("INSERT INTO {q}.schema_migrations (version, name) VALUES ($1, 'old')"),
+            &[&(i as i32 + 1)],
+        )
+        .await
+        .unwrap();
+    }
+    // Version 10's statements, prepared and run once (plans cached).
+    let append = old
+        .prepare(&format!(
+            "SELECT first_position, first_version FROM {q}.append_part(
+                 $1, 'roll', 0::int2, 0::int8, ARRAY[1], ARRAY[1], ARRAY['E'], ARRAY[NULL::text],
+                 ARRAY[gen_random_uuid()], ARRAY[0::int2], ARRAY['\\x7b7d'::bytea], ARRAY['{{}}'], 'ch')"
+        ))
+        .await
+        .unwrap();
+    let state = old
+        .prepare(&format!(
+            "SELECT last_version, last_position, truncate_before, tombstoned FROM {q}.streams WHERE name = $1"
+        ))
+        .await
+        .unwrap();
+    let lock_streams = old
+        .prepare(&format!(
+            "INSERT INTO {q}.streams AS st (name, category)
+             SELECT * FROM unnest($1::text[], $2::text[])
+             ON CONFLICT (name) DO UPDATE SET name = excluded.name
+             RETURNING st.name, st.last_version, st.last_position, st.truncate_before, st.tombstoned,
+                       st.last_event_id"
+        ))
+        .await
+        .unwrap();
+    let soft_delete =
+        old.prepare(&format!("UPDATE {q}.streams SET truncate_before = $2 WHERE name = $1")).await.unwrap();
+    for v in 0..2i64 {
+        let row = old.query_one(&append, &[&"roll-1"]).await.unwrap();
+        assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (v, v));
+    }
+    let row = old.query_one(&state, &[&"roll-1"]).await.unwrap();
+    assert_eq!((row.get::<_, Option<i64>>(0), row.get::<_, Option<i64>>(1)), (Some(1), Some(1)));
+    old.batch_execute("BEGIN").await.unwrap();
+    old.query(&lock_streams, &[&vec!["roll-2"], &vec!["roll"]]).await.unwrap();
+    old.batch_execute("ROLLBACK").await.unwrap();
+
+    // A process of this version opens the schema: migration 11.
+    let store = common::reopen(&schema).await;
+    let r = store.append(&stream("roll-1"), ExpectedVersion::Exact(1), vec![event(2)]).await.unwrap();
+    assert_eq!((r.next_version, r.position), (3, 2));
+
+    // The old process's prepared statements, again.
+    let row = old.query_one(&append, &[&"roll-1"]).await.unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (3, 3));
+    let row = old.query_one(&state, &[&"roll-1"]).await.unwrap();
+    assert_eq!((row.get::<_, Option<i64>>(0), row.get::<_, Option<i64>>(1)), (Some(3), Some(3)));
+    old.batch_execute("BEGIN").await.unwrap();
+    let err = old.query(&lock_streams, &[&vec!["roll-1"], &vec!["roll"]]).await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("55000"), "{err}");
+    old.batch_execute("ROLLBACK").await.unwrap();
+    let err = old.execute(&soft_delete, &[&"roll-1", &4i64]).await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("55000"), "{err}");
+
+    let read = store.read_stream(&stream("roll-1"), ReadStream::forward()).await.unwrap();
+    assert_eq!(
+        read.iter().map(|e| (e.version, e.position)).collect::<Vec<_>>(),
+        [(0, 0), (1, 1), (2, 2), (3, 3)]
+    );
+    let info = store.stream_info(&stream("roll-1")).await.unwrap();
+    assert!(info.exists && info.last_version == Some(3), "{info:?}");
+    drop(store);
+    drop(guard);
+}
+
 /// An expected event: (stream, version, position, id, type).
 type Expected = (String, u64, u64, uuid::Uuid, String);
 
