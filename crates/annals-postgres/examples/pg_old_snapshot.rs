@@ -7,23 +7,25 @@
 //!
 //! ```text
 //! cargo run --release -p annals-postgres --example pg_old_snapshot -- \
-//!     [--url postgres://postgres@127.0.0.1:5432/test] [--secs 45] [--streams 1]
+//!     [--url postgres://postgres@127.0.0.1:5432/test] [--secs 45] [--streams 1] [--checkpoints 0]
 //! ```
 //!
 //! `--streams N` spreads the appends over N streams (round robin).
+//! `--checkpoints N` saves checkpoints instead (`CheckpointStore`, one of
+//! N names in turn; every fifth save through a checkpoint transaction).
 
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::time::{Duration, Instant};
 
-use annals_core::{Appender, ContentType, EventData, ExpectedVersion, StreamName};
+use annals_core::{Appender, CheckpointStore, ContentType, EventData, ExpectedVersion, StreamName};
 use annals_postgres::PgStore;
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let mut url = std::env::var("ANNALS_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    let (mut secs, mut streams) = (45u64, 1usize);
+    let (mut secs, mut streams, mut checkpoints) = (45u64, 1usize, 0usize);
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let value = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -31,6 +33,7 @@ async fn main() {
             "--url" => url = value,
             "--secs" => secs = value.parse().expect("--secs N"),
             "--streams" => streams = value.parse().expect("--streams N"),
+            "--checkpoints" => checkpoints = value.parse().expect("--checkpoints N"),
             other => panic!("unknown flag {other}"),
         }
     }
@@ -57,15 +60,26 @@ async fn main() {
     let start = Instant::now();
     let (mut window, mut n, mut i) = (Instant::now(), 0u64, 0usize);
     while start.elapsed() < Duration::from_secs(secs) {
-        let event = EventData::raw("E", b"{\"n\":1}".to_vec(), ContentType::Json);
-        store.append(&names[i % streams], ExpectedVersion::Any, vec![event]).await.unwrap();
+        if checkpoints > 0 {
+            let name = format!("proj-{}", i % checkpoints);
+            if i % 5 == 0 {
+                let tx = store.begin_checkpoint_tx(&name).await.unwrap();
+                tx.commit(i as u64).await.unwrap();
+            } else {
+                store.save_checkpoint(&name, i as u64).await.unwrap();
+            }
+        } else {
+            let event = EventData::raw("E", b"{\"n\":1}".to_vec(), ContentType::Json);
+            store.append(&names[i % streams], ExpectedVersion::Any, vec![event]).await.unwrap();
+        }
         i += 1;
         n += 1;
         if window.elapsed() >= Duration::from_secs(5) {
             println!(
-                "t={:>3}s {:>7.0} appends/s",
+                "t={:>3}s {:>7.0} {}/s",
                 start.elapsed().as_secs(),
-                n as f64 / window.elapsed().as_secs_f64()
+                n as f64 / window.elapsed().as_secs_f64(),
+                if checkpoints > 0 { "saves" } else { "appends" }
             );
             (n, window) = (0, Instant::now());
         }

@@ -12,11 +12,12 @@ use crate::{
     row::{to_i64, to_u64},
 };
 
-/// An open transaction holding a projection's checkpoint row locked.
+/// An open transaction holding a projection's checkpoint locked.
 ///
 /// Run the projection's writes through it, then [`PgCheckpointTx::commit`]
 /// with the position of the last event they reflect: both land, or neither
-/// does. Because the checkpoint row stays locked until then, a second
+/// does. Because the checkpoint stays locked until then (a transaction-level
+/// advisory lock on its name, migration 0012), a second
 /// instance of the same projection waits in [`PgStore::begin_checkpoint_tx`]
 /// and then sees the new checkpoint, so no event is applied twice.
 ///
@@ -50,13 +51,19 @@ impl std::fmt::Debug for PgCheckpointTx {
 }
 
 impl PgStore {
-    /// Begins a transaction that locks checkpoint `name` (creating it,
-    /// unset, if missing). See [`PgCheckpointTx`].
+    /// Begins a READ COMMITTED transaction that locks checkpoint `name`.
+    /// See [`PgCheckpointTx`].
     pub async fn begin_checkpoint_tx(&self, name: &str) -> Result<PgCheckpointTx> {
         validate_checkpoint_name(name)?;
         let client = self.inner.client().await?;
         let broken = client.broken();
-        client.batch_execute("BEGIN").await.map_err(crate::pooled::marking(&broken))?;
+        // READ COMMITTED whatever the database's default: the lock function
+        // reads the latest save in a statement after taking the lock, which
+        // sees the previous holder's save only with a fresh snapshot.
+        client
+            .batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+            .await
+            .map_err(crate::pooled::marking(&broken))?;
         // Built before the lock so that a failure below still rolls back.
         let mut tx = PgCheckpointTx {
             client: Some(client),
@@ -112,7 +119,7 @@ impl PgCheckpointTx {
     /// everything run through this transaction.
     pub async fn commit(mut self, position: u64) -> Result<()> {
         let sql = self.inner.sql.save_checkpoint.clone();
-        self.execute(&sql, &[&self.name, &to_i64(position)]).await?;
+        self.query_one(&sql, &[&self.name, &to_i64(position)]).await?;
         self.batch_execute("COMMIT").await?;
         // Committed: the connection is clean and can go back to the pool.
         self.client.take();

@@ -49,6 +49,11 @@ const MIGRATIONS: &[Migration] = &[
     Migration { version: 9, name: "0009_runs.sql", sql: include_str!("../sql/0009_runs.sql") },
     Migration { version: 10, name: "0010_runs_lz4.sql", sql: include_str!("../sql/0010_runs_lz4.sql") },
     Migration { version: 11, name: "0011_stream_rows.sql", sql: include_str!("../sql/0011_stream_rows.sql") },
+    Migration {
+        version: 12,
+        name: "0012_checkpoint_saves.sql",
+        sql: include_str!("../sql/0012_checkpoint_saves.sql"),
+    },
 ];
 
 /// Advisory-lock class for migrations ("anna" in ASCII), so the key space

@@ -254,16 +254,16 @@ impl Statements {
                 "DELETE FROM {s}.snapshots WHERE stream = $1 AND version NOT IN (
                      SELECT version FROM {s}.snapshots WHERE stream = $1 ORDER BY version DESC LIMIT $2)"
             ),
-            load_checkpoint: format!("SELECT position FROM {s}.checkpoints WHERE name = $1"),
-            save_checkpoint: format!(
-                "INSERT INTO {s}.checkpoints (name, position, updated_at) VALUES ($1, $2, now())
-                 ON CONFLICT (name) DO UPDATE SET position = excluded.position, updated_at = now()"
+            // The latest save: one backward step of checkpoint_saves' key
+            // (migration 0012), whatever dead saves an old snapshot keeps.
+            load_checkpoint: format!(
+                "SELECT position FROM {s}.checkpoint_saves WHERE name = $1 ORDER BY seq DESC LIMIT 1"
             ),
-            lock_checkpoint: format!(
-                "INSERT INTO {s}.checkpoints AS c (name) VALUES ($1)
-                 ON CONFLICT (name) DO UPDATE SET name = excluded.name
-                 RETURNING c.position"
-            ),
+            // Inside a READ COMMITTED transaction (0012): takes the name's
+            // lock and replaces its latest save.
+            save_checkpoint: format!("SELECT {s}.save_checkpoint($1, $2)"),
+            // Likewise: takes the name's lock, then reads its latest save.
+            lock_checkpoint: format!("SELECT last_position FROM {s}.lock_checkpoint($1)"),
             schema: s,
             name: schema.to_owned(),
         }

@@ -9,12 +9,12 @@ use annals_core::{
     SubscriptionRequest, async_trait, category_of, subscription, validate_checkpoint_name,
 };
 use bytes::Bytes;
-use tokio_postgres::IsolationLevel;
+use tokio_postgres::{IsolationLevel, error::SqlState, types::ToSql};
 
 use crate::{
-    Inner, PgStore,
-    error::broke_connection,
-    pooled::marking,
+    Inner, PgError, PgStore,
+    error::{breaks_connection, broke_connection},
+    pooled::{Pooled, marking},
     row::{stream_name, to_i64, to_u64},
     timestamp::PgTimestamp,
 };
@@ -289,6 +289,10 @@ impl PgStore {
     }
 }
 
+/// SQLSTATE raised by the checkpoint functions outside READ COMMITTED
+/// (migration 0012).
+const NOT_READ_COMMITTED: &str = "AN002";
+
 #[async_trait]
 impl CheckpointStore for PgStore {
     async fn load_checkpoint(&self, name: &str) -> Result<Option<u64>> {
@@ -296,13 +300,46 @@ impl CheckpointStore for PgStore {
         reading(|| self.load_checkpoint_once(name)).await
     }
 
+    /// One statement in an implicit transaction (migration 0012's
+    /// function), or, when the session's default isolation is not READ
+    /// COMMITTED (the function then refuses, SQLSTATE `AN002`), the same
+    /// inside `BEGIN ISOLATION LEVEL READ COMMITTED` … `COMMIT`, pipelined.
     async fn save_checkpoint(&self, name: &str, position: u64) -> Result<()> {
         validate_checkpoint_name(name)?;
-        let client = self.inner.client().await?;
+        let position = to_i64(position);
+        let params: [&(dyn ToSql + Sync); 2] = [&name, &position];
+        {
+            let client = self.inner.client().await?;
+            let broken = client.broken();
+            let db = marking(&broken);
+            let stmt = client.prepare_cached(&self.inner.sql.save_checkpoint).await.map_err(db)?;
+            match client.execute(&stmt, &params).await {
+                Ok(_) => return Ok(()),
+                Err(e) if e.code().map(SqlState::code) == Some(NOT_READ_COMMITTED) => {}
+                Err(e) => return Err(db(e)),
+            }
+        }
+        let object = self.inner.pool.get().await.map_err(PgError::from)?;
+        // Discarded unless kept: a cancelled future must not hand an open
+        // transaction to the next borrower.
+        let client = Pooled::discarded_unless_kept(object, self.inner.schema_label.clone());
         let broken = client.broken();
         let db = marking(&broken);
         let stmt = client.prepare_cached(&self.inner.sql.save_checkpoint).await.map_err(db)?;
-        client.execute(&stmt, &[&name, &to_i64(position)]).await.map_err(db)?;
+        let (begun, saved, committed) = futures::join!(
+            client.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED"),
+            client.execute(&stmt, &params),
+            client.batch_execute("COMMIT")
+        );
+        // A failed statement turns the COMMIT into a rollback: the
+        // transaction is over unless the connection broke.
+        let failed = [begun.as_ref().err(), saved.as_ref().err(), committed.as_ref().err()];
+        if !failed.iter().flatten().any(|e| breaks_connection(e)) {
+            client.keep();
+        }
+        begun.map_err(db)?;
+        saved.map_err(db)?;
+        committed.map_err(db)?;
         Ok(())
     }
 }

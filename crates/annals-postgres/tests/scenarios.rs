@@ -648,6 +648,112 @@ async fn appends_to_a_hot_stream_under_an_old_snapshot_leave_its_row_alone() {
     );
 }
 
+/// Checkpoints under an old snapshot (migration 0012): every save inserts
+/// a row and deletes the previous one, nothing is updated, so however many
+/// saves an old snapshot keeps from being vacuumed, finding the latest one
+/// reads the same few pages. (With a row updated per save, the lookup
+/// walked every version the snapshot kept: 2,588 -> 1,217 saves/s in 25 s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_saves_under_an_old_snapshot_find_the_latest_in_a_few_pages() {
+    let Some((store, guard)) = common::open().await else { return };
+    let q = format!("\"{}\"", guard.schema);
+    let admin = admin_client().await;
+    let holder = admin_client().await;
+    holder
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM pg_class")
+        .await
+        .unwrap();
+    for i in 0..1500u64 {
+        if i % 5 == 0 {
+            let tx = store.begin_checkpoint_tx("proj").await.unwrap();
+            assert_eq!(tx.checkpoint(), i.checked_sub(1));
+            tx.commit(i).await.unwrap();
+        } else {
+            store.save_checkpoint("proj", i).await.unwrap();
+        }
+        store.save_checkpoint(&format!("other-{}", i % 3), i).await.unwrap();
+    }
+    // The simple protocol: EXPLAIN's json comes back as text.
+    let explained = admin
+        .simple_query(&format!(
+            "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)
+             SELECT position FROM {q}.checkpoint_saves WHERE name = 'proj' ORDER BY seq DESC LIMIT 1"
+        ))
+        .await
+        .unwrap();
+    let plan: serde_json::Value = explained
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => {
+                row.get(0).map(|t| serde_json::from_str(t).unwrap())
+            }
+            _ => None,
+        })
+        .unwrap();
+    holder.batch_execute("COMMIT").await.unwrap();
+    let top = &plan[0]["Plan"];
+    let pages = top["Shared Hit Blocks"].as_i64().unwrap() + top["Shared Read Blocks"].as_i64().unwrap();
+    assert!(pages <= 6, "finding the latest save read {pages} pages: {plan}");
+    assert_eq!(store.load_checkpoint("proj").await.unwrap(), Some(1499));
+    assert_eq!(store.load_checkpoint("other-2").await.unwrap(), Some(1499));
+    let live: i64 =
+        admin.query_one(&format!("SELECT count(*) FROM {q}.checkpoint_saves"), &[]).await.unwrap().get(0);
+    assert_eq!(live, 4, "one save per name");
+}
+
+/// Checkpoints need READ COMMITTED (the latest save is read after the
+/// lock): with a database whose default isolation is SERIALIZABLE, saves
+/// run in an explicit READ COMMITTED transaction instead, checkpoint
+/// transactions begin in one, and they still take turns on a name, see
+/// each other's saves and leave one save per name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_are_exact_whatever_the_default_isolation() {
+    let base = common::url();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{sep}options=-c%20default_transaction_isolation%3Dserializable");
+    let Some((store, guard)) = common::open_url_with(url, |b| b).await else { return };
+    let isolation: String =
+        store.pool().get().await.unwrap().query_one("SHOW transaction_isolation", &[]).await.unwrap().get(0);
+    assert_eq!(isolation, "serializable", "the URL's options did not apply");
+    for i in 0..5 {
+        store.save_checkpoint("p", i).await.unwrap();
+    }
+    assert_eq!(store.load_checkpoint("p").await.unwrap(), Some(4));
+    let first = store.begin_checkpoint_tx("p").await.unwrap();
+    assert_eq!(first.checkpoint(), Some(4));
+    let second = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let tx = store.begin_checkpoint_tx("p").await.unwrap();
+            let seen = tx.checkpoint();
+            tx.commit(9).await.unwrap();
+            seen
+        })
+    };
+    let saving = {
+        let store = store.clone();
+        tokio::spawn(async move { store.save_checkpoint("p", 8).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!second.is_finished() && !saving.is_finished(), "they must wait for the lock");
+    first.commit(7).await.unwrap();
+    let seen = second.await.unwrap();
+    saving.await.unwrap().unwrap();
+    // The transaction and the save ran one after the other, in either order.
+    let last = store.load_checkpoint("p").await.unwrap();
+    assert!(matches!((seen, last), (Some(7), Some(8)) | (Some(8), Some(9))), "{seen:?} then {last:?}");
+    let rows: i64 = store
+        .pool()
+        .get()
+        .await
+        .unwrap()
+        .query_one(&format!("SELECT count(*) FROM \"{}\".checkpoint_saves", guard.schema), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1, "every save replaced the one before");
+}
+
 /// Migration 0009 stores events in runs and removes what processes of
 /// earlier versions write through (see its header: they must be stopped
 /// first). Should one still run, its writes fail and write nothing, and
@@ -783,12 +889,12 @@ async fn processes_of_the_previous_version_stay_correct_after_the_stream_rows_mi
 }
 
 /// The same, for a process of version 10 that is running while the first
-/// process of this version opens the schema: the statements it prepared
-/// before the migration are planned again by name, against the view and
-/// the replaced functions, so its appends and reads stay right and its
-/// stream-row writes fail.
+/// process of this version opens the schema (migrations 0011 and 0012):
+/// the statements it prepared before the migration are planned again by
+/// name, against the views and the replaced functions, so its appends and
+/// reads stay right and its writes of stream rows and checkpoints fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn statements_prepared_before_the_stream_rows_migration_are_planned_again() {
+async fn statements_prepared_by_the_previous_version_are_planned_again_after_upgrading() {
     const VERSION_10: [&str; 10] = [
         include_str!("../sql/0001_initial.sql"),
         include_str!("../sql/0002_append_function.sql"),
@@ -850,6 +956,30 @@ async fn statements_prepared_before_the_stream_rows_migration_are_planned_again(
         .unwrap();
     let soft_delete =
         old.prepare(&format!("UPDATE {q}.streams SET truncate_before = $2 WHERE name = $1")).await.unwrap();
+    // Its checkpoint statements (unchanged from version 1 to 11).
+    let load_checkpoint =
+        old.prepare(&format!("SELECT position FROM {q}.checkpoints WHERE name = $1")).await.unwrap();
+    let save_checkpoint = old
+        .prepare(&format!(
+            "INSERT INTO {q}.checkpoints (name, position, updated_at) VALUES ($1, $2, now())
+             ON CONFLICT (name) DO UPDATE SET position = excluded.position, updated_at = now()"
+        ))
+        .await
+        .unwrap();
+    let lock_checkpoint = old
+        .prepare(&format!(
+            "INSERT INTO {q}.checkpoints AS c (name) VALUES ($1)
+             ON CONFLICT (name) DO UPDATE SET name = excluded.name
+             RETURNING c.position"
+        ))
+        .await
+        .unwrap();
+    old.execute(&save_checkpoint, &[&"proj", &1i64]).await.unwrap();
+    let row = old.query_one(&load_checkpoint, &[&"proj"]).await.unwrap();
+    assert_eq!(row.get::<_, Option<i64>>(0), Some(1));
+    old.batch_execute("BEGIN").await.unwrap();
+    old.query_one(&lock_checkpoint, &[&"proj"]).await.unwrap();
+    old.batch_execute("ROLLBACK").await.unwrap();
     for v in 0..2i64 {
         let row = old.query_one(&append, &[&"roll-1"]).await.unwrap();
         assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (v, v));
@@ -876,6 +1006,19 @@ async fn statements_prepared_before_the_stream_rows_migration_are_planned_again(
     old.batch_execute("ROLLBACK").await.unwrap();
     let err = old.execute(&soft_delete, &[&"roll-1", &4i64]).await.unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("55000"), "{err}");
+    // Checkpoints (migration 0012): the saved one carried over; the old
+    // process reads the latest save, and its writes fail.
+    assert_eq!(store.load_checkpoint("proj").await.unwrap(), Some(1));
+    store.save_checkpoint("proj", 2).await.unwrap();
+    let row = old.query_one(&load_checkpoint, &[&"proj"]).await.unwrap();
+    assert_eq!(row.get::<_, Option<i64>>(0), Some(2));
+    let err = old.execute(&save_checkpoint, &[&"proj", &3i64]).await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("55000"), "{err}");
+    old.batch_execute("BEGIN").await.unwrap();
+    let err = old.query_one(&lock_checkpoint, &[&"proj"]).await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("55000"), "{err}");
+    old.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(store.load_checkpoint("proj").await.unwrap(), Some(2));
 
     let read = store.read_stream(&stream("roll-1"), ReadStream::forward()).await.unwrap();
     assert_eq!(
@@ -1289,7 +1432,16 @@ async fn a_schema_of_the_previous_version_upgrades_to_runs_with_every_event() {
         .await
         .unwrap();
 
+    admin
+        .batch_execute(&format!(
+            "INSERT INTO {q}.checkpoints (name, position) VALUES ('proj', 14), ('unset', NULL)"
+        ))
+        .await
+        .unwrap();
+
     let store = common::reopen(&schema).await;
+    assert_eq!(store.load_checkpoint("proj").await.unwrap(), Some(14));
+    assert_eq!(store.load_checkpoint("unset").await.unwrap(), None);
     let applied: i32 = admin
         .query_one(&format!("SELECT max(version) FROM {q}.schema_migrations"), &[])
         .await
