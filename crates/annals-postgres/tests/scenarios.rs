@@ -895,40 +895,9 @@ async fn processes_of_the_previous_version_stay_correct_after_the_stream_rows_mi
 /// reads stay right and its writes of stream rows and checkpoints fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statements_prepared_by_the_previous_version_are_planned_again_after_upgrading() {
-    const VERSION_10: [&str; 10] = [
-        include_str!("../sql/0001_initial.sql"),
-        include_str!("../sql/0002_append_function.sql"),
-        include_str!("../sql/0003_head_first.sql"),
-        include_str!("../sql/0004_append_commit.sql"),
-        include_str!("../sql/0005_streams_by_name.sql"),
-        include_str!("../sql/0006_append_part.sql"),
-        include_str!("../sql/0007_lease_holders.sql"),
-        include_str!("../sql/0008_head_lock_only.sql"),
-        include_str!("../sql/0009_runs.sql"),
-        include_str!("../sql/0010_runs_lz4.sql"),
-    ];
     let Some((_probe, _probe_guard)) = common::open().await else { return };
-    let schema = common::fresh_schema();
-    let guard = common::SchemaGuard { schema: schema.clone() };
-    let q = format!("\"{schema}\"");
-    let old = admin_client().await;
-    old.batch_execute(&format!(
-        "SET client_min_messages = warning;
-         CREATE SCHEMA {q};
-         CREATE TABLE {q}.schema_migrations (version integer PRIMARY KEY, name text NOT NULL,
-                                              applied_at timestamptz NOT NULL DEFAULT now());"
-    ))
-    .await
-    .unwrap();
-    for (i, sql) in VERSION_10.iter().enumerate() {
-        old.batch_execute(&sql.replace("{schema}", &q)).await.unwrap();
-        old.execute(
-            &format!("INSERT INTO {q}.schema_migrations (version, name) VALUES ($1, 'old')"),
-            &[&(i as i32 + 1)],
-        )
-        .await
-        .unwrap();
-    }
+    let (guard, old, q) = schema_at_version(10).await;
+    let schema = guard.schema.clone();
     // Version 10's statements, prepared and run once (plans cached).
     let append = old
         .prepare(&format!(
@@ -1029,6 +998,49 @@ async fn statements_prepared_by_the_previous_version_are_planned_again_after_upg
     assert!(info.exists && info.last_version == Some(3), "{info:?}");
     drop(store);
     drop(guard);
+}
+
+/// The migration files up to version 10, in order, as released.
+const MIGRATIONS_TO_10: [&str; 10] = [
+    include_str!("../sql/0001_initial.sql"),
+    include_str!("../sql/0002_append_function.sql"),
+    include_str!("../sql/0003_head_first.sql"),
+    include_str!("../sql/0004_append_commit.sql"),
+    include_str!("../sql/0005_streams_by_name.sql"),
+    include_str!("../sql/0006_append_part.sql"),
+    include_str!("../sql/0007_lease_holders.sql"),
+    include_str!("../sql/0008_head_lock_only.sql"),
+    include_str!("../sql/0009_runs.sql"),
+    include_str!("../sql/0010_runs_lz4.sql"),
+];
+
+/// A fresh schema migrated by hand to `version` (as a process of that
+/// version would have left it), with the admin connection that did it and
+/// the quoted schema name.
+async fn schema_at_version(version: usize) -> (common::SchemaGuard, tokio_postgres::Client, String) {
+    let guard = common::SchemaGuard { schema: common::fresh_schema() };
+    let q = format!("\"{}\"", guard.schema);
+    let admin = admin_client().await;
+    admin
+        .batch_execute(&format!(
+            "SET client_min_messages = warning;
+             CREATE SCHEMA {q};
+             CREATE TABLE {q}.schema_migrations (version integer PRIMARY KEY, name text NOT NULL,
+                                                  applied_at timestamptz NOT NULL DEFAULT now());"
+        ))
+        .await
+        .unwrap();
+    for (i, sql) in MIGRATIONS_TO_10[..version].iter().enumerate() {
+        admin.batch_execute(&sql.replace("{schema}", &q)).await.unwrap();
+        admin
+            .execute(
+                &format!("INSERT INTO {q}.schema_migrations (version, name) VALUES ($1, 'old')"),
+                &[&(i as i32 + 1)],
+            )
+            .await
+            .unwrap();
+    }
+    (guard, admin, q)
 }
 
 /// An expected event: (stream, version, position, id, type).
@@ -1370,39 +1382,9 @@ async fn migrations_are_idempotent_and_safe_concurrently() {
 /// continue the log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_schema_of_the_previous_version_upgrades_to_runs_with_every_event() {
-    const PREVIOUS: [&str; 8] = [
-        include_str!("../sql/0001_initial.sql"),
-        include_str!("../sql/0002_append_function.sql"),
-        include_str!("../sql/0003_head_first.sql"),
-        include_str!("../sql/0004_append_commit.sql"),
-        include_str!("../sql/0005_streams_by_name.sql"),
-        include_str!("../sql/0006_append_part.sql"),
-        include_str!("../sql/0007_lease_holders.sql"),
-        include_str!("../sql/0008_head_lock_only.sql"),
-    ];
     let Some((_probe, _probe_guard)) = common::open().await else { return };
-    let schema = common::fresh_schema();
-    let guard = common::SchemaGuard { schema: schema.clone() };
-    let q = format!("\"{schema}\"");
-    let admin = admin_client().await;
-    admin
-        .batch_execute(&format!(
-            "CREATE SCHEMA {q};
-             CREATE TABLE {q}.schema_migrations (version integer PRIMARY KEY, name text NOT NULL,
-                                                  applied_at timestamptz NOT NULL DEFAULT now());"
-        ))
-        .await
-        .unwrap();
-    for (i, sql) in PREVIOUS.iter().enumerate() {
-        admin.batch_execute(&sql.replace("{schema}", &q)).await.unwrap();
-        admin
-            .execute(
-                &format!("INSERT INTO {q}.schema_migrations (version, name) VALUES ($1, 'old')"),
-                &[&(i as i32 + 1)],
-            )
-            .await
-            .unwrap();
-    }
+    let (guard, admin, q) = schema_at_version(8).await;
+    let schema = guard.schema.clone();
     // Events written the previous version's way: its append_part, one call
     // per append (a few events each), then a soft delete.
     let call = format!(
