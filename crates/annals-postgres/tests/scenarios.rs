@@ -551,6 +551,17 @@ async fn appends_and_a_subscriber_come_through_repeated_connection_kills_exactly
     eprintln!("chaos: {kills} backends terminated, {resends} re-sends");
 }
 
+/// A session holding an old snapshot (as a long report or `pg_dump`
+/// would) until `COMMIT` is sent on it.
+async fn old_snapshot() -> tokio_postgres::Client {
+    let holder = admin_client().await;
+    holder
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM pg_class")
+        .await
+        .unwrap();
+    holder
+}
+
 /// While another session holds an old snapshot (a long report, pg_dump),
 /// no row version that appends leave behind can be pruned. Appends take the
 /// head row's lock without updating it (migration 0008), so however many
@@ -559,11 +570,7 @@ async fn appends_and_a_subscriber_come_through_repeated_connection_kills_exactly
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_under_an_old_snapshot_leave_the_head_row_alone() {
     let Some((store, guard)) = common::open().await else { return };
-    let holder = admin_client().await;
-    holder
-        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM pg_class")
-        .await
-        .unwrap();
+    let holder = old_snapshot().await;
     for i in 0..1500u64 {
         let s = stream(&format!("snap-{}", i % 50));
         let r = store.append(&s, ExpectedVersion::Any, vec![event(i)]).await.unwrap();
@@ -598,11 +605,7 @@ async fn appends_to_a_hot_stream_under_an_old_snapshot_leave_its_row_alone() {
     let row_version = format!("SELECT xmin::text, ctid::text FROM {q}.stream_rows WHERE name = 'hot-1'");
     let created: (String, String) =
         admin.query_one(&row_version, &[]).await.map(|r| (r.get(0), r.get(1))).unwrap();
-    let holder = admin_client().await;
-    holder
-        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM pg_class")
-        .await
-        .unwrap();
+    let holder = old_snapshot().await;
     let mut last = None;
     for i in 1..1500u64 {
         // Every expectation the fast path decides, and a batch now and then.
@@ -658,11 +661,7 @@ async fn checkpoint_saves_under_an_old_snapshot_find_the_latest_in_a_few_pages()
     let Some((store, guard)) = common::open().await else { return };
     let q = format!("\"{}\"", guard.schema);
     let admin = admin_client().await;
-    let holder = admin_client().await;
-    holder
-        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM pg_class")
-        .await
-        .unwrap();
+    let holder = old_snapshot().await;
     for i in 0..1500u64 {
         if i % 5 == 0 {
             let tx = store.begin_checkpoint_tx("proj").await.unwrap();
