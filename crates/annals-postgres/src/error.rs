@@ -200,7 +200,41 @@ pub(crate) fn broke_connection(e: &annals_core::Error) -> bool {
 pub(crate) fn unreachable_from(e: tokio_postgres::Error) -> PgError {
     // The cause of a connect error names what failed (refused, auth,
     // unknown database) and never includes the password.
-    PgError::Unreachable { message: describe(&e), source: Some(e) }
+    let mut message = describe(&e);
+    if client_certificate_refused(&e) {
+        message.push_str(
+            " (the server refused this client's certificate, or wants one: check sslcert and sslkey, and that \
+             the server's ssl_ca_file holds the CA that signed it)",
+        );
+    }
+    PgError::Unreachable { message, source: Some(e) }
+}
+
+/// Whether the TLS handshake ended with an alert from the server about the
+/// client's certificate (missing, unknown CA, expired, …).
+fn client_certificate_refused(e: &tokio_postgres::Error) -> bool {
+    use rustls::AlertDescription as A;
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let tls = c
+            .downcast_ref::<rustls::Error>()
+            .or_else(|| c.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()?.downcast_ref()));
+        if let Some(rustls::Error::AlertReceived(alert)) = tls {
+            return matches!(
+                alert,
+                A::UnknownCA
+                    | A::BadCertificate
+                    | A::CertificateRequired
+                    | A::CertificateUnknown
+                    | A::CertificateExpired
+                    | A::CertificateRevoked
+                    | A::UnsupportedCertificate
+                    | A::AccessDenied
+            );
+        }
+        cause = c.source();
+    }
+    false
 }
 
 impl From<PgError> for annals_core::Error {

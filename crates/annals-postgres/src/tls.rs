@@ -15,8 +15,13 @@
 //! | `verify-ca` | always | chain to `sslrootcert` |
 //! | `verify-full` | always | chain to `sslrootcert` and the host name |
 //!
-//! Client certificates (`sslcert`, `sslkey`) are refused with
-//! [`PgError::InvalidTls`], not ignored.
+//! `sslcert` and `sslkey` (both, PEM: the certificate chain and its private
+//! key, PKCS#8, PKCS#1 or SEC1) give a client certificate, presented when
+//! the server asks for one (`cert` authentication, or `clientcert=` in
+//! `pg_hba.conf`). `sslpassword` (encrypted keys), `sslcrl` and `sslcrldir`
+//! are refused with [`PgError::InvalidTls`], not ignored; so is one of
+//! `sslcert`/`sslkey` without the other (libpq would look in
+//! `~/.postgresql/` for the missing one; name both instead).
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -28,7 +33,7 @@ use rustls::{
         danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     },
     crypto::{WebPkiSupportedAlgorithms, verify_tls12_signature, verify_tls13_signature},
-    pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject},
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
 };
 use tokio_postgres::config::SslMode;
 pub(crate) use tokio_postgres_rustls::MakeRustlsConnect as Connector;
@@ -79,6 +84,9 @@ pub(crate) struct TlsSettings {
     /// `key=value` connection string may set `sslmode` itself) stands.
     mode: Option<Mode>,
     root_cert: Option<PathBuf>,
+    /// `sslcert`, `sslkey`.
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
 }
 
 /// Takes the TLS parameters out of a URL-form connection string; returns
@@ -106,14 +114,24 @@ pub(crate) fn split_url(url: &str) -> Result<(String, TlsSettings), PgError> {
                 });
             }
             "sslrootcert" => settings.root_cert = Some(PathBuf::from(decode(value))),
-            k @ ("sslcert" | "sslkey" | "sslpassword" | "sslcrl" | "sslcrldir") => {
+            "sslcert" => settings.client_cert = Some(PathBuf::from(decode(value))),
+            "sslkey" => settings.client_key = Some(PathBuf::from(decode(value))),
+            k @ ("sslpassword" | "sslcrl" | "sslcrldir") => {
                 return Err(PgError::InvalidTls {
-                    reason: format!("'{k}' is not supported (no client certificates or CRLs); remove it"),
+                    reason: format!(
+                        "'{k}' is not supported (no encrypted client keys or CRLs); remove it{}",
+                        if k == "sslpassword" { " and give an unencrypted sslkey" } else { "" }
+                    ),
                 });
             }
             // Everything else as written: tokio-postgres decodes it.
             _ => kept.push(pair),
         }
+    }
+    if settings.client_cert.is_some() != settings.client_key.is_some() {
+        return Err(PgError::InvalidTls {
+            reason: "sslcert and sslkey go together: name the client certificate and its private key".into(),
+        });
     }
     let rest = if kept.is_empty() { base.to_owned() } else { format!("{base}?{}", kept.join("&")) };
     Ok((rest, settings))
@@ -137,13 +155,12 @@ impl TlsSettings {
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| PgError::InvalidTls { reason: e.to_string() })?;
-        let config = match mode {
-            Mode::Disable | Mode::Prefer | Mode::Require => builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(EncryptOnly(
+        let wants_client_cert = match mode {
+            Mode::Disable | Mode::Prefer | Mode::Require => {
+                builder.dangerous().with_custom_certificate_verifier(Arc::new(EncryptOnly(
                     provider.signature_verification_algorithms,
                 )))
-                .with_no_client_auth(),
+            }
             Mode::VerifyCa | Mode::VerifyFull => {
                 let Some(path) = &self.root_cert else {
                     return Err(PgError::InvalidTls {
@@ -157,17 +174,47 @@ impl TlsSettings {
                     .build()
                     .map_err(|e| PgError::InvalidTls { reason: e.to_string() })?;
                 if mode == Mode::VerifyFull {
-                    builder.with_webpki_verifier(verifier).with_no_client_auth()
+                    builder.with_webpki_verifier(verifier)
                 } else {
-                    builder
-                        .dangerous()
-                        .with_custom_certificate_verifier(Arc::new(ChainOnly(verifier)))
-                        .with_no_client_auth()
+                    builder.dangerous().with_custom_certificate_verifier(Arc::new(ChainOnly(verifier)))
                 }
             }
         };
+        let config = match (&self.client_cert, &self.client_key) {
+            (Some(cert_path), Some(key_path)) => {
+                let (chain, key) = client_identity(cert_path, key_path)?;
+                wants_client_cert.with_client_auth_cert(chain, key).map_err(|e| PgError::InvalidTls {
+                    reason: format!(
+                        "sslcert {} and sslkey {} do not make a client identity: {e}",
+                        cert_path.display(),
+                        key_path.display()
+                    ),
+                })?
+            }
+            _ => wants_client_cert.with_no_client_auth(),
+        };
         Ok(Connector::new(config))
     }
+}
+
+/// The client certificate chain (`sslcert`, PEM, leaf first) and its
+/// private key (`sslkey`, PEM), read when the store opens.
+fn client_identity(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), PgError> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| PgError::InvalidTls { reason: format!("sslcert {}: {e}", cert.display()) })?;
+    if chain.is_empty() {
+        return Err(PgError::InvalidTls {
+            reason: format!("sslcert {}: no certificate in it", cert.display()),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| PgError::InvalidTls {
+        reason: format!("sslkey {}: {e} (an unencrypted PEM private key is needed)", key.display()),
+    })?;
+    Ok((chain, key))
 }
 
 /// The CA certificates in a PEM file.
@@ -300,15 +347,31 @@ mod tests {
             "postgres://h/db?sslmode=sometimes",
             "postgres://h/db?sslcert=/c.pem",
             "postgres://h/db?sslkey=k",
+            "postgres://h/db?sslcert=/c.pem&sslkey=/k.pem&sslpassword=secret",
+            "postgres://h/db?sslcrl=/crl.pem",
         ] {
             assert!(matches!(split_url(bad), Err(PgError::InvalidTls { .. })), "{bad}");
         }
-        let needs_root = TlsSettings { mode: Some(Mode::VerifyFull), root_cert: None };
+        let needs_root = TlsSettings { mode: Some(Mode::VerifyFull), ..TlsSettings::default() };
         let mut config = tokio_postgres::Config::new();
         assert!(matches!(needs_root.apply(&mut config), Err(PgError::InvalidTls { .. })));
-        let missing =
-            TlsSettings { mode: Some(Mode::VerifyCa), root_cert: Some("/nonexistent/ca.pem".into()) };
+        let missing = TlsSettings {
+            mode: Some(Mode::VerifyCa),
+            root_cert: Some("/nonexistent/ca.pem".into()),
+            ..TlsSettings::default()
+        };
         assert!(matches!(missing.apply(&mut config), Err(PgError::InvalidTls { .. })));
+        let (_, both) =
+            split_url("postgres://h/db?sslcert=%2Fnonexistent%2Fc.pem&sslkey=/nonexistent/k.pem").unwrap();
+        assert_eq!(
+            (both.client_cert.as_deref(), both.client_key.as_deref()),
+            (
+                Some(std::path::Path::new("/nonexistent/c.pem")),
+                Some(std::path::Path::new("/nonexistent/k.pem"))
+            )
+        );
+        let Err(err) = both.apply(&mut config) else { panic!("missing client certificate files accepted") };
+        assert!(matches!(&err, PgError::InvalidTls { reason } if reason.contains("sslcert")), "{err:?}");
     }
 
     #[test]
@@ -319,7 +382,7 @@ mod tests {
             (Mode::Require, SslMode::Require),
         ] {
             let mut config = tokio_postgres::Config::new();
-            TlsSettings { mode: Some(mode), root_cert: None }.apply(&mut config).unwrap();
+            TlsSettings { mode: Some(mode), ..TlsSettings::default() }.apply(&mut config).unwrap();
             assert_eq!(config.get_ssl_mode(), expected);
         }
         // A key=value string's own sslmode stands when the URL had none.

@@ -19,7 +19,7 @@ pub fn url() -> String {
 }
 
 /// Whether a missing database must fail the test rather than skip it.
-fn required() -> bool {
+pub fn required() -> bool {
     std::env::var("ANNALS_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
 }
 
