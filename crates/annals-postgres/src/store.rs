@@ -184,8 +184,8 @@ impl StreamDeleter for PgStore {
         let stmt = tx.prepare_cached(&sql.read_streams).await.map_err(db)?;
         let row = tx.query_one(&stmt, &[&vec![stream.as_str()]]).await.map_err(db)?;
         let state = crate::read::state_from_row(&row, 1)?;
-        // On error the transaction is dropped, rolling back the row the
-        // lock may have created.
+        // On error the transaction is dropped, rolling back the row `ensure_streams`
+        // may have created.
         state.check_delete(stream, expected, mode == DeleteMode::Hard)?;
         match mode {
             DeleteMode::Soft => {

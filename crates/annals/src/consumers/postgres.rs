@@ -1,10 +1,10 @@
 //! Exactly-once projections into PostgreSQL (feature `postgres`).
 //!
 //! A [`PgProjection`] writes its read model with SQL inside a transaction
-//! that also holds the projection's checkpoint row
+//! that also holds the projection's checkpoint locked
 //! ([`annals_postgres::PgCheckpointTx`]). For every batch the runner:
 //!
-//! 1. begins the transaction, which locks the checkpoint row and reads it
+//! 1. begins the transaction, which locks the checkpoint and reads it
 //!    (so a second instance of the same projection waits here, then
 //!    continues from wherever the first one got to);
 //! 2. reads the next events from that checkpoint;

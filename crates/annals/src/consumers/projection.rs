@@ -95,7 +95,7 @@ pub trait Projection: Send + 'static {
 /// checkpoints. A transactional backend implements this trait on a type
 /// that shares a transaction with the projection: the projection writes
 /// into the open transaction in `handle_batch`, and `commit` writes the
-/// checkpoint row into the same transaction and commits it.
+/// checkpoint into the same transaction and commits it.
 #[async_trait]
 pub trait ProjectionCheckpoint: Send + Sync + 'static {
     /// The position of the first event not yet processed, if any was saved.
