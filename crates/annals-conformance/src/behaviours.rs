@@ -10,8 +10,8 @@ use std::{
 };
 
 use annals_core::{
-    ContentType, DeleteMode, DeletionState, Direction, Error, EventData, ExpectedVersion, Filter, Leases,
-    LimitKind, ListStreams, ReadAll, ReadFrom, ReadStream, Snapshot, Store, StreamAppend, StreamName,
+    Bytes, ContentType, DeleteMode, DeletionState, Direction, Error, EventData, ExpectedVersion, Filter,
+    Leases, LimitKind, ListStreams, ReadAll, ReadFrom, ReadStream, Snapshot, Store, StreamAppend, StreamName,
     SubscribeFrom, SubscriptionRequest, Timestamp, TypeMatch,
 };
 use futures::StreamExt;
@@ -612,6 +612,114 @@ pub async fn invalid_event_type_is_rejected<S: TestStore>(store: S) {
     }
     let e = EventData::raw("x".repeat(256), b"{}".to_vec(), ContentType::Json);
     store.append(&stream("t-1"), ExpectedVersion::Any, vec![e]).await.unwrap();
+}
+
+pub async fn invalid_correlation_id_is_rejected<S: TestStore>(store: S) {
+    let s = stream("corr-1");
+    let long = "c".repeat(annals_core::MAX_CORRELATION_ID_LEN + 1);
+    for bad in ["a\u{0}b", "tab\there", long.as_str()] {
+        let e = with_correlation(event("E", 0), bad);
+        let err = store.append(&s, ExpectedVersion::Any, vec![event("E", 1), e]).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidInput { .. }), "{bad:?}: {err:?}");
+    }
+    assert!(matches!(store.read_stream(&s, ReadStream::forward()).await, Err(Error::StreamNotFound { .. })));
+    // The longest accepted id, made of varied characters (a run of one
+    // character would compress into any index), is stored and found.
+    let longest: String = (0..annals_core::MAX_CORRELATION_ID_LEN / 32)
+        .map(|i| {
+            format!("{:032x}", u128::from(i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c834))
+        })
+        .collect();
+    assert_eq!(longest.len(), annals_core::MAX_CORRELATION_ID_LEN);
+    store
+        .append(&s, ExpectedVersion::NoStream, vec![with_correlation(event("E", 2), &longest)])
+        .await
+        .unwrap();
+    // Non-string values are not correlation ids, so not checked.
+    let numeric = event("E", 3).with_metadata(meta(json!({ "correlation_id": 42 })));
+    store.append(&s, ExpectedVersion::Exact(0), vec![numeric]).await.unwrap();
+    let got = filter_positions(&store, Filter::correlation_id(longest)).await;
+    assert_eq!(got, vec![("corr-1".into(), "E".into())]);
+}
+
+pub async fn filters_with_control_characters_are_rejected<S: TestStore>(store: S) {
+    seeded(&store, "ctl-1", 2).await;
+    let bad = [
+        Filter::stream_prefix("ctl\u{0}"),
+        Filter::category("ctl\u{7}"),
+        Filter::event_type("E\u{0}"),
+        Filter::event_type_prefix("\u{1b}"),
+        Filter::correlation_id("c\u{0}1"),
+        // An empty id counts as none (not indexed), so it cannot be asked for.
+        Filter::correlation_id(""),
+    ];
+    for filter in bad {
+        let err = store.read_all(ReadAll::forward(10).filter(filter.clone())).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidInput { .. }), "{filter:?}: {err:?}");
+        let err = store.read_all(ReadAll::backward(10).filter(filter.clone())).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidInput { .. }), "{filter:?}: {err:?}");
+        // A subscription with it ends with the same error.
+        let mut sub = store.subscribe(SubscriptionRequest::all(filter.clone(), SubscribeFrom::Start));
+        match tokio::time::timeout(PATIENCE, sub.next()).await {
+            Ok(Some(Err(Error::InvalidInput { .. }))) => {}
+            other => panic!("{filter:?}: subscription gave {other:?}"),
+        }
+    }
+    for list in [ListStreams::new(10).prefix("c\u{0}"), ListStreams::new(10).after("ctl\n")] {
+        let err = store.list_streams(list.clone()).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidInput { .. }), "{list:?}: {err:?}");
+    }
+    // Unicode is fine, and the store still answers.
+    assert!(filter_positions(&store, Filter::stream_prefix("ctl-\u{e9}")).await.is_empty());
+    assert_eq!(filter_positions(&store, Filter::stream_prefix("ctl-")).await.len(), 2);
+}
+
+pub async fn numbers_beyond_the_stored_range_are_refused_not_clamped<S: TestStore>(store: S) {
+    let s = seeded(&store, "n-1", 2).await;
+    let top = annals_core::MAX_STORED_NUMBER;
+    store.save_checkpoint("n", 7).await.unwrap();
+    for bad in [top + 1, u64::MAX] {
+        let err = store.save_checkpoint("n", bad).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidInput { .. }), "{bad}: {err:?}");
+        assert_eq!(store.load_checkpoint("n").await.unwrap(), Some(7));
+        let snapshot = Snapshot {
+            stream: s.clone(),
+            version: bad,
+            schema_version: 1,
+            data: Bytes::from_static(b"{}"),
+            created_at: Timestamp::now(),
+        };
+        let err = store.save_snapshot(snapshot).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidInput { .. }), "{bad}: {err:?}");
+        assert!(store.load_snapshot(&s, None).await.unwrap().is_none());
+        // As read positions and expectations they are merely past the end.
+        let page = store.read_all(ReadAll::forward(10).from_position(bad)).await.unwrap();
+        assert!(page.events.is_empty());
+        let page = store.read_all(ReadAll::backward(10).from_position(bad)).await.unwrap();
+        assert_eq!(page.events.len(), 2);
+        assert!(store.read_stream(&s, ReadStream::forward().from_version(bad)).await.unwrap().is_empty());
+        assert_eq!(read_versions_backward_from(&store, &s, bad).await, vec![1, 0]);
+        let err = store.append(&s, ExpectedVersion::Exact(bad), events("E", 1)).await.unwrap_err();
+        assert!(matches!(err, Error::WrongExpectedVersion { actual: Some(1), .. }), "{bad}: {err:?}");
+    }
+    // The largest kept number is kept exactly.
+    store.save_checkpoint("n", top).await.unwrap();
+    assert_eq!(store.load_checkpoint("n").await.unwrap(), Some(top));
+    let snapshot = Snapshot {
+        stream: s.clone(),
+        version: top,
+        schema_version: u32::MAX,
+        data: Bytes::from_static(b"{}"),
+        created_at: Timestamp::now(),
+    };
+    store.save_snapshot(snapshot).await.unwrap();
+    let got = store.load_snapshot(&s, None).await.unwrap().unwrap();
+    assert_eq!((got.version, got.schema_version), (top, u32::MAX));
+}
+
+async fn read_versions_backward_from<S: TestStore>(store: &S, s: &StreamName, from: u64) -> Vec<u64> {
+    let events = store.read_stream(s, ReadStream::backward().from_version(from)).await.unwrap();
+    events.iter().map(|e| e.version).collect()
 }
 
 pub async fn metadata_round_trips<S: TestStore>(store: S) {

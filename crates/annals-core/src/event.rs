@@ -9,6 +9,11 @@ use crate::{Error, Metadata, Result, StreamName};
 /// Maximum length of an event type, in bytes of UTF-8.
 pub const MAX_EVENT_TYPE_LEN: usize = 256;
 
+/// Maximum length of an event's correlation id (metadata key
+/// `correlation_id`), in bytes of UTF-8. Backends index it, and an index
+/// entry has to fit in a fraction of a page (about 2.7 KB in PostgreSQL).
+pub const MAX_CORRELATION_ID_LEN: usize = 1024;
+
 /// How an event's `data` is encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -41,12 +41,14 @@ pub mod subscription;
 mod traits;
 
 pub use error::{Error, LimitKind, Result};
-pub use event::{ContentType, EventData, MAX_EVENT_TYPE_LEN, RecordedEvent, Timestamp};
+pub use event::{
+    ContentType, EventData, MAX_CORRELATION_ID_LEN, MAX_EVENT_TYPE_LEN, RecordedEvent, Timestamp,
+};
 pub use lease::{
     Lease, Leases, LocalLeases, MAX_LEASE_HOLDER_LEN, MAX_LEASE_NAME_LEN, validate_lease_holder,
     validate_lease_name,
 };
-pub use limits::{Limits, validate_event_type};
+pub use limits::{Limits, validate_correlation_id, validate_event_type};
 pub use memory::MemoryStore;
 pub use metadata::Metadata;
 pub use model::{
@@ -57,8 +59,9 @@ pub use model::{
 pub use stream_name::{MAX_STREAM_NAME_LEN, StreamName, category_of};
 pub use stream_state::{AppendDecision, StreamState};
 pub use traits::{
-    AllReader, Appender, CheckpointStore, EventStore, EventStream, SnapshotStore, Store, StreamDeleter,
-    StreamReader, Subscriber, list_streams_by_scan, validate_checkpoint_name,
+    AllReader, Appender, CheckpointStore, EventStore, EventStream, MAX_STORED_NUMBER, SnapshotStore, Store,
+    StreamDeleter, StreamReader, Subscriber, list_streams_by_scan, validate_checkpoint_name,
+    validate_stored_number,
 };
 
 /// Re-exports for crates implementing backends.

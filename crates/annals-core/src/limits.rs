@@ -3,7 +3,10 @@
 
 use std::collections::HashSet;
 
-use crate::{ContentType, Error, EventData, LimitKind, Result, StreamAppend, event::MAX_EVENT_TYPE_LEN};
+use crate::{
+    ContentType, Error, EventData, LimitKind, Result, StreamAppend,
+    event::{MAX_CORRELATION_ID_LEN, MAX_EVENT_TYPE_LEN},
+};
 
 /// Limits enforced on appends. Backends take one in their configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +49,9 @@ impl Limits {
         }
         if event.metadata.len() > self.max_metadata_size {
             return Err(exceeded(LimitKind::MetadataSize, self.max_metadata_size, event.metadata.len()));
+        }
+        if let Some(problem) = event.metadata.correlation_id().as_deref().and_then(correlation_id_problem) {
+            return Err(Error::invalid(format!("event {} ({}): {problem}", event.id, event.event_type)));
         }
         if event.content_type == ContentType::Json {
             serde_json::from_slice::<serde::de::IgnoredAny>(&event.data).map_err(|e| {
@@ -102,6 +108,24 @@ impl Limits {
         }
         Ok(())
     }
+}
+
+/// Validates a correlation id (metadata key `correlation_id`, when it is a
+/// string): at most [`MAX_CORRELATION_ID_LEN`] bytes, no control
+/// characters. Backends index it; PostgreSQL text cannot hold NUL.
+pub fn validate_correlation_id(id: &str) -> Result<()> {
+    correlation_id_problem(id).map_or(Ok(()), |problem| Err(Error::invalid(problem)))
+}
+
+fn correlation_id_problem(id: &str) -> Option<String> {
+    if id.len() > MAX_CORRELATION_ID_LEN {
+        return Some(format!(
+            "metadata correlation_id is {} bytes, the maximum is {MAX_CORRELATION_ID_LEN}",
+            id.len()
+        ));
+    }
+    let c = id.chars().find(|c| c.is_control())?;
+    Some(format!("metadata correlation_id contains control character U+{:04X}", c as u32))
 }
 
 /// Validates an event type: 1–256 bytes, no control characters.

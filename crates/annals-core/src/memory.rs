@@ -16,7 +16,7 @@ use crate::{
     Error, EventData, EventStream, ExpectedVersion, Limits, ListStreams, ReadAll, ReadFrom, ReadStream,
     RecordedEvent, Result, Snapshot, SnapshotStore, StoreStats, StreamAppend, StreamDeleter, StreamInfo,
     StreamName, StreamReader, StreamState, Subscriber, SubscriptionRequest, Timestamp, subscription,
-    validate_checkpoint_name,
+    validate_checkpoint_name, validate_stored_number,
 };
 
 /// An in-memory event store. Cheap to clone (shared handle); fully
@@ -150,6 +150,7 @@ impl Inner {
     }
 
     fn read_all(&self, request: &ReadAll) -> Result<AllSlice> {
+        request.filter.validate()?;
         let state = self.read()?;
         let len = state.log.len() as u64;
         let mut events = Vec::new();
@@ -267,6 +268,7 @@ impl AllReader for MemoryStore {
     }
 
     async fn list_streams(&self, request: ListStreams) -> Result<Vec<StreamInfo>> {
+        request.validate()?;
         let state = self.inner.read()?;
         let mut found: Vec<(&StreamName, &StreamEntry)> = state
             .streams
@@ -329,6 +331,7 @@ impl StreamDeleter for MemoryStore {
 #[async_trait]
 impl SnapshotStore for MemoryStore {
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
+        validate_stored_number("snapshot version", snapshot.version)?;
         let mut state = self.inner.write()?;
         state.snapshots.entry(snapshot.stream.clone()).or_default().insert(snapshot.version, snapshot);
         Ok(())
@@ -368,6 +371,7 @@ impl CheckpointStore for MemoryStore {
 
     async fn save_checkpoint(&self, name: &str, position: u64) -> Result<()> {
         validate_checkpoint_name(name)?;
+        validate_stored_number("checkpoint position", position)?;
         self.inner.write()?.checkpoints.insert(name.to_owned(), position);
         Ok(())
     }

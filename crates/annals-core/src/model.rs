@@ -227,6 +227,30 @@ impl Filter {
         self
     }
 
+    /// Refuses criteria no event can meet because of how they are written:
+    /// a control character in a prefix, category, type or correlation id
+    /// (stream names, event types and correlation ids never contain one,
+    /// and PostgreSQL cannot even take NUL as a parameter), or an empty
+    /// correlation id (one set to `""` counts as none). Every backend
+    /// checks this before reading, so they all answer the same
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput).
+    pub fn validate(&self) -> crate::Result<()> {
+        no_control("filter stream_prefix", self.stream_prefix.as_deref())?;
+        no_control("filter category", self.category.as_deref())?;
+        for t in &self.event_types {
+            let (TypeMatch::Exact(v) | TypeMatch::Prefix(v)) = t;
+            no_control("filter event type", Some(v))?;
+        }
+        if self.correlation_id.as_deref() == Some("") {
+            // Backends index no empty id (the log format stores "" for
+            // none), so nothing could match: say so rather than differ.
+            return Err(crate::Error::invalid(
+                "filter correlation_id is empty; an empty correlation id counts as none, leave the criterion out",
+            ));
+        }
+        no_control("filter correlation_id", self.correlation_id.as_deref())
+    }
+
     /// Whether the filter selects every user event (no criteria).
     pub fn is_unfiltered(&self) -> bool {
         self.stream_prefix.is_none()
@@ -374,11 +398,29 @@ impl ListStreams {
         self
     }
 
+    /// Refuses a prefix or `after` name with a control character (no
+    /// stream name has one), as [`Filter::validate`] does.
+    pub fn validate(&self) -> crate::Result<()> {
+        no_control("list prefix", self.prefix.as_deref())?;
+        no_control("list after", self.after.as_deref())
+    }
+
     /// Whether `name` belongs in the listing (ignoring the limit).
     pub fn matches(&self, name: &str) -> bool {
         (self.include_system || !name.starts_with('$'))
             && self.prefix.as_deref().is_none_or(|p| name.starts_with(p))
             && self.after.as_deref().is_none_or(|a| name > a)
+    }
+}
+
+/// `Err` naming `what` when `value` holds a control character.
+fn no_control(what: &str, value: Option<&str>) -> crate::Result<()> {
+    match value.and_then(|v| v.chars().find(|c| c.is_control())) {
+        Some(c) => Err(crate::Error::invalid(format!(
+            "{what} contains control character U+{:04X}, which no stored value can contain",
+            c as u32
+        ))),
+        None => Ok(()),
     }
 }
 

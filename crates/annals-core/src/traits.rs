@@ -113,6 +113,7 @@ pub async fn list_streams_by_scan<R: AllReader + ?Sized>(
     reader: &R,
     request: &ListStreams,
 ) -> Result<Vec<StreamInfo>> {
+    request.validate()?;
     let mut found: std::collections::BTreeMap<String, (StreamName, u64, u64)> = Default::default();
     if request.limit == 0 {
         return Ok(Vec::new());
@@ -209,6 +210,8 @@ pub trait CheckpointStore: Send + Sync {
     async fn load_checkpoint(&self, name: &str) -> Result<Option<u64>>;
 
     /// Stores `position` under `name` (1–256 bytes, no control characters).
+    /// A position above [`MAX_STORED_NUMBER`] is refused
+    /// ([`Error::InvalidInput`](crate::Error::InvalidInput)), never clamped.
     async fn save_checkpoint(&self, name: &str, position: u64) -> Result<()>;
 }
 
@@ -220,6 +223,22 @@ impl<T: Appender + StreamReader + AllReader + Subscriber + StreamDeleter + ?Size
 /// implements this and passes `annals-conformance`.
 pub trait Store: EventStore + SnapshotStore + CheckpointStore {}
 impl<T: EventStore + SnapshotStore + CheckpointStore + ?Sized> Store for T {}
+
+/// The largest position or version a store keeps: 2^63 − 1, PostgreSQL's
+/// `bigint`, so that every backend keeps the same numbers. No log comes
+/// near it; a checkpoint or snapshot naming a larger one is refused.
+pub const MAX_STORED_NUMBER: u64 = i64::MAX as u64;
+
+/// Refuses `value` above [`MAX_STORED_NUMBER`]; `what` names it in the
+/// error (shared by backends, before anything is written).
+pub fn validate_stored_number(what: &str, value: u64) -> Result<()> {
+    if value > MAX_STORED_NUMBER {
+        return Err(crate::Error::invalid(format!(
+            "{what} {value} is above {MAX_STORED_NUMBER}, the largest a store keeps"
+        )));
+    }
+    Ok(())
+}
 
 /// Validates a checkpoint name (shared by backends).
 pub fn validate_checkpoint_name(name: &str) -> Result<()> {

@@ -473,6 +473,7 @@ impl StreamReader for Core {
 #[async_trait]
 impl AllReader for Core {
     async fn read_all(&self, request: ReadAll) -> Result<AllSlice> {
+        request.filter.validate()?;
         self.read_all_sync(&request)
     }
 

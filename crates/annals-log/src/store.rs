@@ -10,7 +10,7 @@ use annals_core::{
     AllReader, AllSlice, AppendResult, Appender, CheckpointStore, DeleteMode, Error, EventStream,
     ExpectedVersion, Limits, ListStreams, ReadAll, ReadStream, RecordedEvent, Result, Snapshot,
     SnapshotStore, StoreStats, StreamAppend, StreamDeleter, StreamInfo, StreamName, StreamReader, Subscriber,
-    SubscriptionRequest, Uuid, async_trait, subscription, validate_checkpoint_name,
+    SubscriptionRequest, Uuid, async_trait, subscription, validate_checkpoint_name, validate_stored_number,
 };
 use tokio::sync::{oneshot, watch};
 
@@ -462,6 +462,7 @@ impl AllReader for LogStore {
 
     /// From the in-memory stream index: no event is read.
     async fn list_streams(&self, request: ListStreams) -> Result<Vec<StreamInfo>> {
+        request.validate()?;
         let idx = self.shared.core.index()?;
         let by_name = |a: &(&StreamName, _), b: &(&StreamName, _)| a.0.as_str().cmp(b.0.as_str());
         let mut found: Vec<(&StreamName, &index::StreamEntry)> = idx
@@ -538,6 +539,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 #[async_trait]
 impl SnapshotStore for LogStore {
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
+        validate_stored_number("snapshot version", snapshot.version)?;
         let kv = self.shared.kv.clone();
         blocking(move || kv.save_snapshot(snapshot)).await
     }
@@ -579,6 +581,7 @@ impl CheckpointStore for LogStore {
 
     async fn save_checkpoint(&self, name: &str, position: u64) -> Result<()> {
         validate_checkpoint_name(name)?;
+        validate_stored_number("checkpoint position", position)?;
         let kv = self.shared.kv.clone();
         let name = name.to_owned();
         blocking(move || kv.save_checkpoint(&name, position)).await

@@ -676,14 +676,15 @@ fn for_each_run<'a>(events: &'a [EventData], mut run: impl FnMut(usize, usize, &
     let mut start = 0;
     while start < events.len() {
         let first = &events[start];
-        let correlation_id = first.metadata.correlation_id();
+        // "" counts as none, as in the log format (no index entry).
+        let correlation_id = first.metadata.correlation_id().filter(|c| !c.is_empty());
         let mut bytes = first.data.len();
         let mut end = start + 1;
         while end < events.len() && end - start < RUN_MAX_EVENTS {
             let next = &events[end];
             if next.event_type != first.event_type
                 || bytes + next.data.len() > RUN_MAX_BYTES
-                || next.metadata.correlation_id() != correlation_id
+                || next.metadata.correlation_id().filter(|c| !c.is_empty()) != correlation_id
             {
                 break;
             }

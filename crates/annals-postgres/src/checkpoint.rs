@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use annals_core::{Error, Result, validate_checkpoint_name};
+use annals_core::{Error, Result, validate_checkpoint_name, validate_stored_number};
 use tokio_postgres::{Row, types::ToSql};
 
 use crate::{
@@ -116,8 +116,11 @@ impl PgCheckpointTx {
     }
 
     /// Stores `position` as the checkpoint and commits it together with
-    /// everything run through this transaction.
+    /// everything run through this transaction. A position above
+    /// [`annals_core::MAX_STORED_NUMBER`] is refused and everything rolled
+    /// back.
     pub async fn commit(mut self, position: u64) -> Result<()> {
+        validate_stored_number("checkpoint position", position)?;
         let sql = self.inner.sql.save_checkpoint.clone();
         self.query_one(&sql, &[&self.name, &to_i64(position)]).await?;
         self.batch_execute("COMMIT").await?;

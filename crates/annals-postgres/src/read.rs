@@ -57,6 +57,7 @@ impl Inner {
     /// Streams by name from the `streams` view: stream rows with their last
     /// runs (never a scan of events).
     pub(crate) async fn list_streams(&self, request: &ListStreams) -> Result<Vec<StreamInfo>> {
+        request.validate()?;
         if request.limit == 0 {
             return Ok(Vec::new());
         }
@@ -218,6 +219,7 @@ impl Inner {
     /// that selects most events thus costs one statement per page, a
     /// selective one two.
     pub(crate) async fn read_all(&self, request: &ReadAll) -> Result<AllSlice> {
+        request.filter.validate()?;
         let limit = limit_i64(request.limit);
         if limit == 0 {
             return self.empty_page(request).await;

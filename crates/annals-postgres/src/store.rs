@@ -7,6 +7,7 @@ use annals_core::{
     ExpectedVersion, ListStreams, ReadAll, ReadStream, RecordedEvent, Result, Snapshot, SnapshotStore,
     StoreStats, StreamAppend, StreamDeleter, StreamInfo, StreamName, StreamReader, Subscriber,
     SubscriptionRequest, async_trait, category_of, subscription, validate_checkpoint_name,
+    validate_stored_number,
 };
 use bytes::Bytes;
 use tokio_postgres::{IsolationLevel, error::SqlState, types::ToSql};
@@ -210,6 +211,7 @@ impl StreamDeleter for PgStore {
 #[async_trait]
 impl SnapshotStore for PgStore {
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
+        validate_stored_number("snapshot version", snapshot.version)?;
         let client = self.inner.client().await?;
         let broken = client.broken();
         let db = marking(&broken);
@@ -306,6 +308,7 @@ impl CheckpointStore for PgStore {
     /// inside `BEGIN ISOLATION LEVEL READ COMMITTED` … `COMMIT`, pipelined.
     async fn save_checkpoint(&self, name: &str, position: u64) -> Result<()> {
         validate_checkpoint_name(name)?;
+        validate_stored_number("checkpoint position", position)?;
         let position = to_i64(position);
         let params: [&(dyn ToSql + Sync); 2] = [&name, &position];
         {

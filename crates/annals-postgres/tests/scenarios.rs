@@ -1319,6 +1319,12 @@ async fn checkpoint_transaction_is_exactly_once() {
     assert!(tx.execute("SELECT * FROM no_such_table", &[]).await.is_err());
     assert!(tx.commit(99).await.is_err());
     assert_eq!(store.load_checkpoint("balances").await.unwrap(), Some(2));
+    // A position no bigint holds: refused (not clamped), all rolled back.
+    let tx = store.begin_checkpoint_tx("balances").await.unwrap();
+    tx.execute(&upsert, &[&"acct-0", &1000_i64]).await.unwrap();
+    let err = tx.commit(u64::MAX).await.unwrap_err();
+    assert!(matches!(err, annals_core::Error::InvalidInput { .. }), "{err:?}");
+    assert_eq!(store.load_checkpoint("balances").await.unwrap(), Some(2));
 
     // Resume after the checkpoint: every event applied exactly once.
     let tx = store.begin_checkpoint_tx("balances").await.unwrap();

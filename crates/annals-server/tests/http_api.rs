@@ -395,6 +395,25 @@ async fn malformed_oversized_and_invalid_requests_get_json_errors() {
             "bad_request",
         )
         .await;
+        // A correlation id no backend can index.
+        check(
+            post(
+                "/streams/a-1",
+                Some("application/json"),
+                br#"[{"type":"X","metadata":{"correlation_id":"a\u0000b"}}]"#.to_vec(),
+            )
+            .await
+            .unwrap(),
+            400,
+            "invalid_input",
+        )
+        .await;
+        // Filters that can match nothing because of a control character.
+        for query in
+            ["/all?type=X%00", "/all?correlation_id=%0A", "/all?stream_prefix=a%01", "/streams?prefix=%00"]
+        {
+            check(s.client.get(s.url(query)).send().await.unwrap(), 400, "invalid_input").await;
+        }
         check(s.client.get(s.url("/no/such/route")).send().await.unwrap(), 404, "not_found").await;
         check(s.client.patch(s.url("/streams/a-1")).send().await.unwrap(), 405, "method_not_allowed").await;
         // A WebSocket route hit without an upgrade is still a JSON error.
