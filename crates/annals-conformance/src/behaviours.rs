@@ -585,6 +585,35 @@ pub async fn event_size_limit_is_enforced<S: TestStore>(store: S) {
     assert_eq!(store.next_position().await.unwrap(), 0);
 }
 
+pub async fn append_size_limit_is_enforced<S: TestStore>(store: S) {
+    const MIB: usize = 1024 * 1024;
+    let max = annals_core::Limits::default().max_append_size;
+    assert_eq!(max, 64 * MIB);
+    // One byte over, counting data and metadata ("{}" per event).
+    let mut over: Vec<EventData> = (0..63).map(|i| binary("Big", vec![i as u8; MIB])).collect();
+    let sized = |events: &[EventData]| events.iter().map(|e| e.data.len() + e.metadata.len()).sum::<usize>();
+    over.push(binary("Big", vec![1u8; max - sized(&over) - 2 + 1]));
+    let actual = sized(&over);
+    assert_eq!(actual, max + 1);
+    let err = store.append(&stream("size-1"), ExpectedVersion::Any, over).await.unwrap_err();
+    assert!(
+        matches!(err, Error::LimitExceeded { what: LimitKind::AppendSize, max: m, actual: a }
+            if m == max as u64 && a == actual as u64),
+        "{err:?}"
+    );
+    // Summed over the streams of a multi-stream append.
+    let half = |name: &str| {
+        StreamAppend::new(
+            stream(name),
+            ExpectedVersion::Any,
+            (0..33).map(|i| binary("Big", vec![i; MIB])).collect(),
+        )
+    };
+    let err = store.append_multi(vec![half("size-2"), half("size-3")]).await.unwrap_err();
+    assert!(matches!(err, Error::LimitExceeded { what: LimitKind::AppendSize, .. }), "{err:?}");
+    assert_eq!(store.next_position().await.unwrap(), 0);
+}
+
 pub async fn events_per_append_limit_is_enforced<S: TestStore>(store: S) {
     let err = store.append(&stream("many-1"), ExpectedVersion::Any, events("E", 10_001)).await.unwrap_err();
     assert!(

@@ -96,6 +96,7 @@ macro_rules! suite {
             multi_append_idempotent_resend,
             event_size_limit_is_enforced,
             events_per_append_limit_is_enforced,
+            append_size_limit_is_enforced,
             invalid_json_data_is_rejected,
             invalid_event_type_is_rejected,
             invalid_correlation_id_is_rejected,

@@ -121,6 +121,8 @@ pub enum LimitKind {
     EventsPerAppend,
     /// Number of streams in one multi-stream append.
     StreamsPerTransaction,
+    /// Bytes of data plus metadata of all events in one append.
+    AppendSize,
 }
 
 impl std::fmt::Display for LimitKind {
@@ -130,6 +132,7 @@ impl std::fmt::Display for LimitKind {
             LimitKind::MetadataSize => "event metadata size (bytes)",
             LimitKind::EventsPerAppend => "events per append",
             LimitKind::StreamsPerTransaction => "streams per transaction",
+            LimitKind::AppendSize => "append size (bytes of data and metadata)",
         })
     }
 }

@@ -20,7 +20,18 @@ pub struct Limits {
     pub max_events_per_append: usize,
     /// Maximum streams in one multi-stream append (default 1,000).
     pub max_streams_per_transaction: usize,
+    /// Maximum bytes of data plus metadata of all events in one append,
+    /// summed over a multi-stream append (default 64 MiB). An append is
+    /// one transaction held in memory whole; PostgreSQL takes at most
+    /// [`MAX_APPEND_SIZE_POSTGRES`] in one.
+    pub max_append_size: usize,
 }
+
+/// The largest `max_append_size` the PostgreSQL backend accepts: one
+/// statement carries the whole append, and PostgreSQL refuses a protocol
+/// message or array value of 1 GiB or more (512 MiB leaves room for the
+/// other columns and the server's copies).
+pub const MAX_APPEND_SIZE_POSTGRES: usize = 512 * 1024 * 1024;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -29,6 +40,7 @@ impl Default for Limits {
             max_metadata_size: 64 * 1024,
             max_events_per_append: 10_000,
             max_streams_per_transaction: 1_000,
+            max_append_size: 64 * 1024 * 1024,
         }
     }
 }
@@ -80,6 +92,10 @@ impl Limits {
         let total: usize = parts.iter().map(|p| p.events.len()).sum();
         if total > self.max_events_per_append {
             return Err(exceeded(LimitKind::EventsPerAppend, self.max_events_per_append, total));
+        }
+        let size = parts.iter().flat_map(|p| &p.events).map(|e| e.data.len() + e.metadata.len()).sum();
+        if size > self.max_append_size {
+            return Err(exceeded(LimitKind::AppendSize, self.max_append_size, size));
         }
         let mut streams = HashSet::with_capacity(parts.len());
         let mut ids = HashSet::with_capacity(total);

@@ -25,6 +25,14 @@ pub enum PgError {
         /// What is wrong.
         reason: String,
     },
+    /// The configured [`annals_core::Limits`] allow appends PostgreSQL
+    /// cannot take (`max_append_size` above
+    /// [`annals_core::MAX_APPEND_SIZE_POSTGRES`]). Lower the limit.
+    #[error("limits PostgreSQL cannot meet: {reason}")]
+    InvalidLimits {
+        /// What is wrong.
+        reason: String,
+    },
     /// The schema name is not usable. Use 1–56 characters of `a-z`, `0-9`
     /// and `_`, starting with a letter or `_`.
     #[error("invalid schema name '{name}': use 1-56 characters of a-z, 0-9 and _, not starting with a digit")]
@@ -243,6 +251,7 @@ impl From<PgError> for annals_core::Error {
             PgError::InvalidUrl { .. }
             | PgError::InvalidTls { .. }
             | PgError::InvalidSchemaName { .. }
+            | PgError::InvalidLimits { .. }
             | PgError::NoRuntime => annals_core::Error::invalid(e.to_string()),
             PgError::Corrupt(details) => annals_core::Error::Corrupt { details },
             other => annals_core::Error::backend(other.to_string(), other),

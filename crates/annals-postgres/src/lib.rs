@@ -199,6 +199,7 @@ impl PgStoreBuilder {
     /// Connects, applies migrations, starts the listener.
     ///
     /// Fails with [`PgError::NoRuntime`], [`PgError::InvalidUrl`], [`PgError::InvalidSchemaName`],
+    /// [`PgError::InvalidLimits`],
     /// [`PgError::Unreachable`] (server down, wrong credentials, unknown
     /// database), [`PgError::SchemaTooNew`] or [`PgError::Migration`].
     pub async fn open(self) -> Result<PgStore, PgError> {
@@ -207,6 +208,15 @@ impl PgStoreBuilder {
             return Err(PgError::NoRuntime);
         }
         validate_schema(&self.schema)?;
+        if self.limits.max_append_size > annals_core::MAX_APPEND_SIZE_POSTGRES {
+            return Err(PgError::InvalidLimits {
+                reason: format!(
+                    "max_append_size is {} bytes; one append is one statement, at most {} bytes here",
+                    self.limits.max_append_size,
+                    annals_core::MAX_APPEND_SIZE_POSTGRES
+                ),
+            });
+        }
         let (url, tls) = tls::split_url(&self.url)?;
         let mut config = tokio_postgres::Config::from_str(&url)
             .map_err(|e| PgError::InvalidUrl { reason: e.to_string() })?;

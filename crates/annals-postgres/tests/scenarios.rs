@@ -1557,6 +1557,36 @@ async fn bad_schema_name_is_a_typed_error() {
     }
 }
 
+/// An append is one statement: limits that would let one outgrow what
+/// PostgreSQL takes are refused when the store opens, and an append over
+/// the limit is refused before anything is sent (a 1.1 GB append used to
+/// break the connection and come back as "outcome unknown, re-send it").
+#[tokio::test]
+async fn append_size_beyond_what_postgres_takes_is_refused() {
+    let limits = annals_core::Limits {
+        max_append_size: annals_core::MAX_APPEND_SIZE_POSTGRES + 1,
+        ..annals_core::Limits::default()
+    };
+    let err = PgStore::builder(common::url()).schema(common::fresh_schema()).limits(limits).open().await;
+    assert!(matches!(err, Err(PgError::InvalidLimits { .. })), "{err:?}");
+    let err: Error = err.unwrap_err().into();
+    assert!(matches!(err, Error::InvalidInput { .. }), "{err:?}");
+
+    let limits = annals_core::Limits { max_append_size: 1024, ..annals_core::Limits::default() };
+    let Some((store, _guard)) = common::open_with(|b| b.limits(limits)).await else { return };
+    let big = EventData::raw("E", vec![0u8; 1024], annals_core::ContentType::Binary);
+    let err = store.append(&stream("size-1"), ExpectedVersion::Any, vec![big]).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::LimitExceeded { what: annals_core::LimitKind::AppendSize, max: 1024, actual: 1026 }
+        ),
+        "{err:?}"
+    );
+    let fits = EventData::raw("E", vec![0u8; 1022], annals_core::ContentType::Binary);
+    store.append(&stream("size-1"), ExpectedVersion::NoStream, vec![fits]).await.unwrap();
+}
+
 #[tokio::test]
 async fn unreachable_database_is_a_typed_error() {
     // Port 1 on loopback: nothing listens there, the connection is refused.
