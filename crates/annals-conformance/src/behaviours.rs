@@ -371,6 +371,16 @@ pub async fn filter_by_time_range<S: TestStore>(store: S) {
     assert!(got.iter().all(|(s, _)| s == "t-2"));
     let before = Filter { recorded_before: Some(middle), ..Filter::default() };
     assert_eq!(filter_positions(&store, before).await.len(), 2);
+    // Bounds far outside any clock (PostgreSQL's timestamps end at 4714 BC)
+    // select all or nothing, never fail.
+    for far in [i64::MIN, i64::MIN + 1, -(1 << 62), i64::MAX] {
+        let t = Timestamp::from_micros(far);
+        let (after, before) = if far < 0 { (5, 0) } else { (0, 5) };
+        let f = Filter { recorded_after: Some(t), ..Filter::default() };
+        assert_eq!(filter_positions(&store, f).await.len(), after, "after {far}");
+        let f = Filter { recorded_before: Some(t), ..Filter::default() };
+        assert_eq!(filter_positions(&store, f).await.len(), before, "before {far}");
+    }
 }
 
 pub async fn system_streams_hidden_unless_asked<S: TestStore>(store: S) {

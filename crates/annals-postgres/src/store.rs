@@ -212,6 +212,12 @@ impl StreamDeleter for PgStore {
 impl SnapshotStore for PgStore {
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
         validate_stored_number("snapshot version", snapshot.version)?;
+        if !crate::timestamp::storable(snapshot.created_at) {
+            return Err(Error::invalid(format!(
+                "snapshot created_at {} µs since 1970 is before 4714 BC, which PostgreSQL cannot store",
+                snapshot.created_at.as_micros()
+            )));
+        }
         let client = self.inner.client().await?;
         let broken = client.broken();
         let db = marking(&broken);

@@ -8,8 +8,8 @@ use std::{collections::HashSet, time::Duration};
 
 use annals_core::{
     AllReader, Appender, CheckpointStore, DeleteMode, Error, EventData, EventStream, ExpectedVersion, Filter,
-    ListStreams, ReadAll, ReadStream, RecordedEvent, StreamAppend, StreamDeleter, StreamName, StreamReader,
-    SubscribeFrom, Subscriber, SubscriptionRequest,
+    ListStreams, ReadAll, ReadStream, RecordedEvent, SnapshotStore, StreamAppend, StreamDeleter, StreamName,
+    StreamReader, SubscribeFrom, Subscriber, SubscriptionRequest,
 };
 use annals_postgres::{PgError, PgStore};
 use futures::StreamExt;
@@ -1585,6 +1585,33 @@ async fn append_size_beyond_what_postgres_takes_is_refused() {
     );
     let fits = EventData::raw("E", vec![0u8; 1022], annals_core::ContentType::Binary);
     store.append(&stream("size-1"), ExpectedVersion::NoStream, vec![fits]).await.unwrap();
+}
+
+/// PostgreSQL's timestamps start in 4714 BC: an earlier snapshot time is
+/// refused rather than stored as `-infinity` (and read back altered); as a
+/// filter bound it selects what it would anyway (the conformance suite's
+/// `filter_by_time_range`).
+#[tokio::test]
+async fn snapshots_dated_before_what_postgres_stores_are_refused_not_altered() {
+    let Some((store, _guard)) = common::open().await else { return };
+    let s = stream("old-1");
+    store.append(&s, ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
+    let at = |micros| annals_core::Snapshot {
+        stream: s.clone(),
+        version: 0,
+        schema_version: 1,
+        data: annals_core::Bytes::from_static(b"{}"),
+        created_at: annals_core::Timestamp::from_micros(micros),
+    };
+    for bad in [i64::MIN, -(1 << 62)] {
+        let err = store.save_snapshot(at(bad)).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidInput { .. }), "{bad}: {err:?}");
+    }
+    assert!(store.load_snapshot(&s, None).await.unwrap().is_none());
+    // The first instant PostgreSQL has (4714-11-24 BC) is kept exactly.
+    let first = -210_866_803_200_000_000;
+    store.save_snapshot(at(first)).await.unwrap();
+    assert_eq!(store.load_snapshot(&s, None).await.unwrap().unwrap().created_at.as_micros(), first);
 }
 
 #[tokio::test]
