@@ -129,9 +129,27 @@ impl Metadata {
         Self::from_map(map)
     }
 
-    /// `correlation_id`, if set and a string.
+    /// `correlation_id`, if set and a string. Read without building a map
+    /// in the common cases (it runs for every event an append validates
+    /// and indexes).
     pub fn correlation_id(&self) -> Option<String> {
-        self.get_str(keys::CORRELATION_ID)
+        #[derive(Deserialize)]
+        struct Only<'a> {
+            #[serde(borrow, default)]
+            correlation_id: Option<std::borrow::Cow<'a, str>>,
+        }
+        // The key can only be there if its name is, literally or with a
+        // `\u` escape (the short escapes stand for characters it lacks):
+        // most metadata without one is never parsed.
+        let b = self.0.as_ref();
+        if b == EMPTY || !(contains(b, b"correlation_id") || contains(b, b"\\u")) {
+            return None;
+        }
+        match serde_json::from_slice::<Only<'_>>(&self.0) {
+            Ok(only) => only.correlation_id.map(std::borrow::Cow::into_owned),
+            // Duplicate keys, a value that is not a string: the exact rule.
+            Err(_) => self.get_str(keys::CORRELATION_ID),
+        }
     }
 
     /// `causation_id`, if set and a string.
@@ -143,6 +161,10 @@ impl Metadata {
     pub fn schema_version(&self) -> Option<u32> {
         self.get(keys::SCHEMA_VERSION).and_then(|v| v.as_u64()).and_then(|v| u32::try_from(v).ok())
     }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 fn json_kind(v: &Value) -> &'static str {
@@ -203,5 +225,33 @@ mod tests {
         assert_eq!(m.causation_id(), None);
         assert!(Metadata::new().is_empty());
         assert!(!m.is_empty());
+    }
+
+    #[test]
+    fn correlation_id_reads_as_the_map_does() {
+        let cases: [&[u8]; 11] = [
+            b"{}",
+            br#"{"correlation_id":"c-1","actor":"ada"}"#,
+            br#"{"correlation_id":42}"#,
+            br#"{"correlation_id":null}"#,
+            br#"{"correlation_id":"a","correlation_id":"b"}"#,
+            br#"{"correlation\u005fid":"escaped key"}"#,
+            br#"{"correlation_id":"quote \" and \u00e9"}"#,
+            br#"{"nested":{"correlation_id":"no"}}"#,
+            br#"{ "correlation_id" : "" }"#,
+            br#"{"actor":"ada","note":"\u00e9"}"#,
+            br#"{"actor":"ada"}"#,
+        ];
+        for bytes in cases {
+            let m = Metadata::from_json(bytes.to_vec()).unwrap();
+            assert_eq!(
+                m.correlation_id(),
+                m.get_str(keys::CORRELATION_ID),
+                "{}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+        let dup = Metadata::from_json(br#"{"correlation_id":"a","correlation_id":"b"}"#.to_vec()).unwrap();
+        assert_eq!(dup.correlation_id().as_deref(), Some("b"));
     }
 }

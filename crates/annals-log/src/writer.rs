@@ -8,15 +8,14 @@
 //! the new head position, and only then acknowledges the callers.
 
 use std::{
-    borrow::Cow,
     collections::HashMap,
     sync::{Arc, mpsc},
     time::{Duration, Instant},
 };
 
 use annals_core::{
-    AppendDecision, AppendResult, DeleteMode, Error, EventData, ExpectedVersion, Metadata, Result,
-    StreamAppend, StreamName, StreamState, Timestamp, Uuid,
+    AppendDecision, AppendResult, DeleteMode, Error, EventData, ExpectedVersion, Result, StreamAppend,
+    StreamName, StreamState, Timestamp, Uuid,
 };
 use tokio::sync::{oneshot, watch};
 
@@ -504,7 +503,7 @@ impl Writer {
             for event in part.events {
                 position = group.tail.next_position;
                 let EventData { id, event_type, data, content_type, metadata } = event;
-                let correlation = correlation_of(&metadata);
+                let correlation = metadata.correlation_id();
                 let fields = EventFields {
                     position,
                     version,
@@ -801,26 +800,6 @@ fn state_of(idx: &Index, group: &Group, stream: &StreamName) -> (StreamState, Uu
         return (p.state, p.last_id);
     }
     idx.streams.get(stream).map(|e| (e.state, e.last_id)).unwrap_or_default()
-}
-
-/// The correlation id the index keys an event under: exactly what
-/// [`Metadata::correlation_id`] returns, computed without building a map in
-/// the common cases.
-pub(crate) fn correlation_of(m: &Metadata) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Only<'a> {
-        #[serde(borrow, default)]
-        correlation_id: Option<Cow<'a, str>>,
-    }
-    let b = m.as_bytes();
-    if b.as_ref() == b"{}" {
-        return None;
-    }
-    match serde_json::from_slice::<Only<'_>>(b) {
-        Ok(o) => o.correlation_id.map(Cow::into_owned),
-        // Duplicate keys, non-string values: defer to the exact rule.
-        Err(_) => m.correlation_id(),
-    }
 }
 
 #[cfg(test)]
