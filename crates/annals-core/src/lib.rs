@@ -48,7 +48,7 @@ pub use lease::{
     Lease, Leases, LocalLeases, MAX_LEASE_HOLDER_LEN, MAX_LEASE_NAME_LEN, validate_lease_holder,
     validate_lease_name,
 };
-pub use limits::{Limits, MAX_APPEND_SIZE_POSTGRES, validate_correlation_id, validate_event_type};
+pub use limits::{Limits, validate_correlation_id, validate_event_type};
 pub use memory::MemoryStore;
 pub use metadata::Metadata;
 pub use model::{

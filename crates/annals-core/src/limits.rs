@@ -22,16 +22,10 @@ pub struct Limits {
     pub max_streams_per_transaction: usize,
     /// Maximum bytes of data plus metadata of all events in one append,
     /// summed over a multi-stream append (default 64 MiB). An append is
-    /// one transaction held in memory whole; PostgreSQL takes at most
-    /// [`MAX_APPEND_SIZE_POSTGRES`] in one.
+    /// one transaction held in memory whole; a backend may cap it lower
+    /// (`annals_postgres::MAX_APPEND_SIZE`).
     pub max_append_size: usize,
 }
-
-/// The largest `max_append_size` the PostgreSQL backend accepts: one
-/// statement carries the whole append, and PostgreSQL refuses a protocol
-/// message or array value of 1 GiB or more (512 MiB leaves room for the
-/// other columns and the server's copies).
-pub const MAX_APPEND_SIZE_POSTGRES: usize = 512 * 1024 * 1024;
 
 impl Default for Limits {
     fn default() -> Self {

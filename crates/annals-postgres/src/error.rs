@@ -27,7 +27,7 @@ pub enum PgError {
     },
     /// The configured [`annals_core::Limits`] allow appends PostgreSQL
     /// cannot take (`max_append_size` above
-    /// [`annals_core::MAX_APPEND_SIZE_POSTGRES`]). Lower the limit.
+    /// [`crate::MAX_APPEND_SIZE`]). Lower the limit.
     #[error("limits PostgreSQL cannot meet: {reason}")]
     InvalidLimits {
         /// What is wrong.

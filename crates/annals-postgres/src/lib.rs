@@ -78,6 +78,12 @@ pub use tokio_postgres;
 
 use crate::{listener::ListenerStats, sql::Statements};
 
+/// The largest [`Limits::max_append_size`] this backend accepts (512 MiB):
+/// one statement carries the whole append, and PostgreSQL refuses a
+/// protocol message or array value of 1 GiB or more (the margin leaves
+/// room for the other columns and the server's copies).
+pub const MAX_APPEND_SIZE: usize = 512 * 1024 * 1024;
+
 /// The schema used when none is configured.
 pub const DEFAULT_SCHEMA: &str = "annals";
 
@@ -208,12 +214,11 @@ impl PgStoreBuilder {
             return Err(PgError::NoRuntime);
         }
         validate_schema(&self.schema)?;
-        if self.limits.max_append_size > annals_core::MAX_APPEND_SIZE_POSTGRES {
+        if self.limits.max_append_size > MAX_APPEND_SIZE {
             return Err(PgError::InvalidLimits {
                 reason: format!(
                     "max_append_size is {} bytes; one append is one statement, at most {} bytes here",
-                    self.limits.max_append_size,
-                    annals_core::MAX_APPEND_SIZE_POSTGRES
+                    self.limits.max_append_size, MAX_APPEND_SIZE
                 ),
             });
         }

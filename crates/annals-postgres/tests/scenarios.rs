@@ -1564,7 +1564,7 @@ async fn bad_schema_name_is_a_typed_error() {
 #[tokio::test]
 async fn append_size_beyond_what_postgres_takes_is_refused() {
     let limits = annals_core::Limits {
-        max_append_size: annals_core::MAX_APPEND_SIZE_POSTGRES + 1,
+        max_append_size: annals_postgres::MAX_APPEND_SIZE + 1,
         ..annals_core::Limits::default()
     };
     let err = PgStore::builder(common::url()).schema(common::fresh_schema()).limits(limits).open().await;
