@@ -34,7 +34,10 @@
 //! it step aside, and the round runs on the exact path: two pipelined round
 //! trips (`BEGIN` with the head and stream statements, the write with
 //! `COMMIT`; a failed write turns that `COMMIT` into a rollback), decided in
-//! Rust by `StreamState::decide`.
+//! Rust by `StreamState::decide`. Where the sessions default to another
+//! isolation than READ COMMITTED, the function call is wrapped in an
+//! explicit READ COMMITTED transaction, still one round trip
+//! (`ExplicitReadCommitted`).
 
 use std::{collections::HashMap, collections::HashSet, sync::Arc, time::Duration};
 
@@ -48,7 +51,7 @@ use tokio_postgres::{error::SqlState, types::ToSql};
 use uuid::Uuid;
 
 use crate::{
-    Inner, PgError,
+    ExplicitReadCommitted, Inner, PgError,
     error::{breaks_connection, db, describe, is_retryable_state},
     listener::bump,
     pooled::Pooled,
@@ -96,6 +99,11 @@ pub(crate) struct Committer {
     pub sql: Arc<Statements>,
     pub head: Arc<watch::Sender<u64>>,
     pub queue: Arc<Mutex<mpsc::Receiver<Request>>>,
+    /// The fast path's call goes inside an explicit READ COMMITTED
+    /// transaction (the sessions default to another isolation).
+    pub explicit_rc: ExplicitReadCommitted,
+    /// Rounds that ran on the exact path (see [`crate::PgStore::exact_append_rounds`]).
+    pub exact_rounds: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Inner {
@@ -404,6 +412,9 @@ impl Committer {
         if let Some(outcomes) = self.try_fast(requests).await? {
             return Ok(outcomes);
         }
+        self.exact_rounds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        metrics::counter!("annals_pg_append_exact_rounds_total", "schema" => self.sql.name.clone())
+            .increment(1);
         // Discarded unless kept: an error or a cancelled future that leaves
         // the transaction open must not hand it to the next borrower.
         let conn = Pooled::discarded_unless_kept(self.pool.get().await?, self.schema.clone());
@@ -599,13 +610,38 @@ impl Committer {
             )
         };
         let statement = client.prepare_cached(sql).await?;
-        let called = client.query_one(&statement, &params).await;
-        // No transaction is left open either way.
-        keep_unless_broken(&conn, &[called.as_ref().err()]);
-        let row = match called {
-            Ok(row) => row,
-            Err(e) if e.code().map(SqlState::code) == Some(DECLINED) => return Ok(None),
-            Err(e) => return Err(e.into()),
+        let row = if self.explicit_rc.get() {
+            // The sessions default to another isolation, under which the
+            // function would decline every call: the same call inside an
+            // explicit READ COMMITTED transaction, pipelined (one round
+            // trip). A failed call turns the COMMIT into a rollback; a row
+            // and a completed COMMIT mean committed.
+            let (begun, called, committed) = futures::join!(
+                client.batch_execute(BEGIN),
+                client.query_one(&statement, &params),
+                client.batch_execute("COMMIT")
+            );
+            keep_unless_broken(
+                &conn,
+                &[begun.as_ref().err(), called.as_ref().err(), committed.as_ref().err()],
+            );
+            begun?;
+            let row = match called {
+                Ok(row) => row,
+                Err(e) if e.code().map(SqlState::code) == Some(DECLINED) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            committed?;
+            row
+        } else {
+            let called = client.query_one(&statement, &params).await;
+            // No transaction is left open either way.
+            keep_unless_broken(&conn, &[called.as_ref().err()]);
+            match called {
+                Ok(row) => row,
+                Err(e) if e.code().map(SqlState::code) == Some(DECLINED) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
         };
         let first = to_u64(row.try_get(0)?, "position")?;
         let first_versions: Vec<i64> = if one_part { vec![row.try_get(1)?] } else { row.try_get(1)? };

@@ -127,6 +127,11 @@ pub(crate) struct Inner {
     /// Appends waiting for a committer task (see `append`); the committers
     /// end when this sender is dropped with the store.
     queue: tokio::sync::mpsc::Sender<append::Request>,
+    /// Set when the sessions' default isolation is not READ COMMITTED (see
+    /// [`ExplicitReadCommitted`]).
+    explicit_rc: ExplicitReadCommitted,
+    /// See [`PgStore::exact_append_rounds`].
+    exact_rounds: Arc<std::sync::atomic::AtomicU64>,
     /// Stops the listener task when the last handle goes.
     _listener_guard: DropGuard,
 }
@@ -261,6 +266,11 @@ impl PgStoreBuilder {
         migrate::migrate(&mut client, &self.schema).await?;
         let sql = Arc::new(Statements::new(&self.schema));
         let next: i64 = client.query_one(sql.head.as_str(), &[]).await?.get(0);
+        let explicit_rc = ExplicitReadCommitted::default();
+        let isolation: String = client.query_one("SHOW transaction_isolation", &[]).await?.get(0);
+        if isolation != "read committed" {
+            explicit_rc.set();
+        }
         drop(client);
 
         let (head, _) = watch::channel(u64::try_from(next).unwrap_or(0));
@@ -279,6 +289,7 @@ impl PgStoreBuilder {
             cancel.clone(),
         ));
         tokio::spawn(sample_pool(pool.clone(), self.schema.clone(), cancel.clone()));
+        let exact_rounds = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (queue, receiver) = tokio::sync::mpsc::channel(4096);
         let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
         for _ in 0..append::COMMITTERS {
@@ -288,6 +299,8 @@ impl PgStoreBuilder {
                 sql: sql.clone(),
                 head: head.clone(),
                 queue: receiver.clone(),
+                explicit_rc: explicit_rc.clone(),
+                exact_rounds: exact_rounds.clone(),
             };
             tokio::spawn(committer.run());
         }
@@ -305,9 +318,34 @@ impl PgStoreBuilder {
                 tls: connector,
                 subscription_retry: self.subscription_retry,
                 stats_timeout: self.stats_timeout,
+                explicit_rc,
+                exact_rounds,
                 _listener_guard: cancel.drop_guard(),
             }),
         })
+    }
+}
+
+/// Whether the store's sessions default to an isolation other than READ
+/// COMMITTED (the URL's `options`, or `ALTER DATABASE`/`ALTER ROLE … SET
+/// default_transaction_isolation`). The append and checkpoint functions
+/// need READ COMMITTED and refuse anything else; in an implicit
+/// transaction they would then fail on every call (one round trip lost and
+/// one `ERROR` in the server's log each time) before running again inside
+/// an explicit `BEGIN ISOLATION LEVEL READ COMMITTED`. Read once at open
+/// and set again by the first refusal seen (a default changed later for new
+/// connections), it sends every later call straight to the explicit form,
+/// pipelined in the same single round trip.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ExplicitReadCommitted(Arc<std::sync::atomic::AtomicBool>);
+
+impl ExplicitReadCommitted {
+    pub(crate) fn get(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn set(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -388,6 +426,17 @@ impl PgStore {
     /// How many notifications the listener has received.
     pub fn notifications_received(&self) -> u64 {
         self.inner.listener.notifications.load(Ordering::Relaxed)
+    }
+
+    /// How many append rounds (one transaction each, one or more appends)
+    /// ran on the exact path rather than in the single call of the fast
+    /// path: the rounds with an idempotent re-send, a tombstoned stream, a
+    /// failed expectation or events the functions cannot take (also counted
+    /// as `annals_pg_append_exact_rounds_total`). Each costs two more round
+    /// trips while it holds the head; a steady share of them in normal
+    /// traffic points at clients re-sending or racing on streams.
+    pub fn exact_append_rounds(&self) -> u64 {
+        self.inner.exact_rounds.load(Ordering::Relaxed)
     }
 
     /// The connection pool, for running other SQL against the same

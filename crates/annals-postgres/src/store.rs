@@ -309,22 +309,25 @@ impl CheckpointStore for PgStore {
     }
 
     /// One statement in an implicit transaction (migration 0012's
-    /// function), or, when the session's default isolation is not READ
+    /// function), or, when the sessions' default isolation is not READ
     /// COMMITTED (the function then refuses, SQLSTATE `AN002`), the same
-    /// inside `BEGIN ISOLATION LEVEL READ COMMITTED` … `COMMIT`, pipelined.
+    /// inside `BEGIN ISOLATION LEVEL READ COMMITTED` … `COMMIT`, pipelined:
+    /// straight away once the store knows it (`ExplicitReadCommitted`).
     async fn save_checkpoint(&self, name: &str, position: u64) -> Result<()> {
         validate_checkpoint_name(name)?;
         validate_stored_number("checkpoint position", position)?;
         let position = to_i64(position);
         let params: [&(dyn ToSql + Sync); 2] = [&name, &position];
-        {
+        if !self.inner.explicit_rc.get() {
             let client = self.inner.client().await?;
             let broken = client.broken();
             let db = marking(&broken);
             let stmt = client.prepare_cached(&self.inner.sql.save_checkpoint).await.map_err(db)?;
             match client.execute(&stmt, &params).await {
                 Ok(_) => return Ok(()),
-                Err(e) if e.code().map(SqlState::code) == Some(NOT_READ_COMMITTED) => {}
+                Err(e) if e.code().map(SqlState::code) == Some(NOT_READ_COMMITTED) => {
+                    self.inner.explicit_rc.set();
+                }
                 Err(e) => return Err(db(e)),
             }
         }

@@ -753,6 +753,70 @@ async fn checkpoints_are_exact_whatever_the_default_isolation() {
     assert_eq!(rows, 1, "every save replaced the one before");
 }
 
+/// The append functions need READ COMMITTED too. With a database whose
+/// default isolation is SERIALIZABLE, plain appends (one stream, several
+/// streams, concurrent callers sharing rounds) still take the fast path, in
+/// an explicit READ COMMITTED transaction, instead of being declined by the
+/// function and run again on the exact path every time; the exact path
+/// still decides what it must (a failed expectation, an idempotent
+/// re-send).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_take_the_fast_path_whatever_the_default_isolation() {
+    let base = common::url();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{sep}options=-c%20default_transaction_isolation%3Dserializable");
+    let Some((store, _guard)) = common::open_url_with(url, |b| b).await else { return };
+    let isolation: String =
+        store.pool().get().await.unwrap().query_one("SHOW transaction_isolation", &[]).await.unwrap().get(0);
+    assert_eq!(isolation, "serializable", "the URL's options did not apply");
+
+    let a = stream("iso-a");
+    let b = stream("iso-b");
+    for n in 0..10 {
+        let expected = if n == 0 { ExpectedVersion::NoStream } else { ExpectedVersion::Exact(n - 1) };
+        store.append(&a, expected, vec![event(n)]).await.unwrap();
+    }
+    store
+        .append_multi(vec![
+            StreamAppend::new(a.clone(), ExpectedVersion::Exact(9), vec![event(10)]),
+            StreamAppend::new(b.clone(), ExpectedVersion::Any, vec![event(0), event(1)]),
+        ])
+        .await
+        .unwrap();
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let s = stream(&format!("iso-w{w}"));
+                for n in 0..20 {
+                    store.append(&s, ExpectedVersion::Any, vec![event(n)]).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert_eq!(store.exact_append_rounds(), 0, "plain appends went to the exact path");
+
+    // What only the exact path decides is still decided there.
+    let err = store.append(&a, ExpectedVersion::Exact(3), vec![event(99)]).await.unwrap_err();
+    assert!(matches!(err, Error::WrongExpectedVersion { .. }), "{err:?}");
+    let again = EventData::json("E", &json!({ "n": 11 })).unwrap();
+    let first = store.append(&a, ExpectedVersion::Exact(10), vec![again.clone()]).await.unwrap();
+    let resent = store.append(&a, ExpectedVersion::Exact(10), vec![again]).await.unwrap();
+    assert_eq!(first, resent, "an idempotent re-send is answered with the first outcome");
+    assert_eq!(store.exact_append_rounds(), 2);
+
+    let read = store.read_stream(&a, ReadStream::forward()).await.unwrap();
+    let ns: Vec<u64> =
+        read.iter().map(|e| e.decode::<serde_json::Value>().unwrap()["n"].as_u64().unwrap()).collect();
+    assert_eq!(ns, (0..12).collect::<Vec<_>>());
+    let all = store.read_all(ReadAll::forward(1000)).await.unwrap();
+    assert_eq!(all.events.len(), 11 + 1 + 2 + 8 * 20);
+    assert!(all.events.windows(2).all(|w| w[1].position == w[0].position + 1), "gapless");
+}
+
 /// Migration 0009 stores events in runs and removes what processes of
 /// earlier versions write through (see its header: they must be stopped
 /// first). Should one still run, its writes fail and write nothing, and
