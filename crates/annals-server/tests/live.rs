@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestServer, event, open_config, start, start_on, within};
+use common::{Sse, TestServer, event, open_config, read_sse, start, start_on, within};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::{
@@ -13,54 +13,6 @@ use tokio::{
     net::{TcpSocket, TcpStream},
 };
 use tokio_tungstenite::tungstenite::Message;
-
-/// A minimal `text/event-stream` parser: (event, id, data) per record.
-#[derive(Default)]
-struct Sse {
-    buf: String,
-}
-
-impl Sse {
-    fn push(&mut self, bytes: &[u8]) -> Vec<(String, Option<String>, String)> {
-        self.buf.push_str(&String::from_utf8_lossy(bytes));
-        let mut out = Vec::new();
-        while let Some(end) = self.buf.find("\n\n") {
-            let record: String = self.buf.drain(..end + 2).collect();
-            let (mut ev, mut id, mut data) = (String::new(), None, String::new());
-            for line in record.lines() {
-                if let Some(v) = line.strip_prefix("event: ") {
-                    ev = v.to_owned();
-                } else if let Some(v) = line.strip_prefix("id: ") {
-                    id = Some(v.to_owned());
-                } else if let Some(v) = line.strip_prefix("data: ") {
-                    data.push_str(v);
-                }
-            }
-            if !ev.is_empty() {
-                out.push((ev, id, data));
-            }
-        }
-        out
-    }
-}
-
-/// Reads SSE records until `done` says stop or the stream ends.
-async fn read_sse(
-    resp: reqwest::Response,
-    mut done: impl FnMut(&[(String, Option<String>, String)]) -> bool,
-) -> Vec<(String, Option<String>, String)> {
-    let mut body = resp.bytes_stream();
-    let mut parser = Sse::default();
-    let mut all = Vec::new();
-    while let Some(chunk) = body.next().await {
-        let Ok(chunk) = chunk else { break };
-        all.extend(parser.push(&chunk));
-        if done(&all) {
-            break;
-        }
-    }
-    all
-}
 
 /// `writers` tasks each append `per_writer` single-event requests to their
 /// own stream, concurrently.

@@ -123,3 +123,52 @@ pub fn event(t: &str, data: Value) -> Value {
 pub async fn within<F: std::future::Future>(secs: u64, f: F) -> F::Output {
     tokio::time::timeout(Duration::from_secs(secs), f).await.expect("test step timed out")
 }
+
+/// A minimal `text/event-stream` parser: (event, id, data) per record.
+#[derive(Default)]
+pub struct Sse {
+    buf: String,
+}
+
+impl Sse {
+    pub fn push(&mut self, bytes: &[u8]) -> Vec<(String, Option<String>, String)> {
+        self.buf.push_str(&String::from_utf8_lossy(bytes));
+        let mut out = Vec::new();
+        while let Some(end) = self.buf.find("\n\n") {
+            let record: String = self.buf.drain(..end + 2).collect();
+            let (mut ev, mut id, mut data) = (String::new(), None, String::new());
+            for line in record.lines() {
+                if let Some(v) = line.strip_prefix("event: ") {
+                    ev = v.to_owned();
+                } else if let Some(v) = line.strip_prefix("id: ") {
+                    id = Some(v.to_owned());
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    data.push_str(v);
+                }
+            }
+            if !ev.is_empty() {
+                out.push((ev, id, data));
+            }
+        }
+        out
+    }
+}
+
+/// Reads SSE records until `done` says stop or the stream ends.
+pub async fn read_sse(
+    resp: reqwest::Response,
+    mut done: impl FnMut(&[(String, Option<String>, String)]) -> bool,
+) -> Vec<(String, Option<String>, String)> {
+    use futures::StreamExt;
+    let mut body = resp.bytes_stream();
+    let mut parser = Sse::default();
+    let mut all = Vec::new();
+    while let Some(chunk) = body.next().await {
+        let Ok(chunk) = chunk else { break };
+        all.extend(parser.push(&chunk));
+        if done(&all) {
+            break;
+        }
+    }
+    all
+}
