@@ -238,10 +238,11 @@ impl PgStoreBuilder {
         // a millisecond, which made `$all` paging ~20x slower. User-supplied
         // `options` in the URL are kept.
         let options = match config.get_options() {
-            Some(user) if !user.trim().is_empty() => format!("{user} -c jit=off"),
-            _ => "-c jit=off".to_owned(),
+            Some(user) if !user.trim().is_empty() => format!("{SERVER_KEEPALIVES} {user} -c jit=off"),
+            _ => format!("{SERVER_KEEPALIVES} -c jit=off"),
         };
         config.options(options);
+        detect_dead_peers(&mut config);
         let mut pool_config = config.clone();
         pool_config.application_name(format!("annals {}", self.schema));
         let mut lease_config = config.clone();
@@ -276,8 +277,12 @@ impl PgStoreBuilder {
         let (head, _) = watch::channel(u64::try_from(next).unwrap_or(0));
         let head = Arc::new(head);
         let stats = Arc::new(ListenerStats::default());
-        let dial = listener::Dial { config: listen_config, tls: connector.clone() };
-        let first = listener::connect(&dial, &sql, &head, &stats).await?;
+        let dial = listener::Dial {
+            config: listen_config,
+            tls: connector.clone(),
+            answer_within: self.connect_timeout,
+        };
+        let first = listener::connect_within(&dial, &sql, &head, &stats).await?;
         let cancel = CancellationToken::new();
         tokio::spawn(listener::run(
             first,
@@ -325,6 +330,47 @@ impl PgStoreBuilder {
         })
     }
 }
+
+/// How long a connection may go without any sign of life from the other
+/// end before it counts as dead, on both sides, unless the URL says
+/// otherwise. Without it a connection whose peer vanished without closing
+/// it (a failover that moves the address, a network cut, a NAT or load
+/// balancer forgetting an idle flow) is trusted for as long as the kernel's
+/// defaults allow: two hours idle, about fifteen minutes with data unacknowledged.
+/// Meanwhile an append, read or notification wait on it hangs, and on the
+/// server a transaction of a dead client keeps its locks (the head, a
+/// checkpoint, a lease) and blocks the whole schema's appends.
+///
+/// Client side (the URL's `keepalives_idle`, `keepalives_interval`,
+/// `keepalives_retries` and `tcp_user_timeout` win): a probe after 15 s of
+/// silence, then every 5 s, dead after 3 unanswered (about 30 s), and sent
+/// data unacknowledged for 30 s ends the connection.
+fn detect_dead_peers(config: &mut tokio_postgres::Config) {
+    /// tokio-postgres's default: not set by the URL.
+    const LIBRARY_DEFAULT_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
+    if !config.get_keepalives() {
+        return;
+    }
+    if config.get_keepalives_idle() == LIBRARY_DEFAULT_IDLE {
+        config.keepalives_idle(Duration::from_secs(15));
+    }
+    if config.get_keepalives_interval().is_none() {
+        config.keepalives_interval(Duration::from_secs(5));
+    }
+    if config.get_keepalives_retries().is_none() {
+        config.keepalives_retries(3);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(Duration::from_secs(30));
+    }
+}
+
+/// The server side of [`detect_dead_peers`]: the same probes from the
+/// server, so a session whose client vanished ends (and its transaction
+/// rolls back, releasing its locks) within about 30 s. Put before the URL's
+/// own `options`, whose settings therefore win.
+const SERVER_KEEPALIVES: &str =
+    "-c tcp_keepalives_idle=15 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3";
 
 /// Whether the store's sessions default to an isolation other than READ
 /// COMMITTED (the URL's `options`, or `ALTER DATABASE`/`ALTER ROLE … SET
@@ -449,6 +495,31 @@ impl PgStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dead_peers_are_detected_unless_the_url_says_otherwise() {
+        let mut config: tokio_postgres::Config = "postgres://u@h/db".parse().unwrap();
+        detect_dead_peers(&mut config);
+        assert_eq!(config.get_keepalives_idle(), Duration::from_secs(15));
+        assert_eq!(config.get_keepalives_interval(), Some(Duration::from_secs(5)));
+        assert_eq!(config.get_keepalives_retries(), Some(3));
+        assert_eq!(config.get_tcp_user_timeout(), Some(&Duration::from_secs(30)));
+
+        let mut config: tokio_postgres::Config =
+            "postgres://u@h/db?keepalives_idle=600&keepalives_interval=60&keepalives_retries=9&tcp_user_timeout=120"
+                .parse()
+                .unwrap();
+        detect_dead_peers(&mut config);
+        assert_eq!(config.get_keepalives_idle(), Duration::from_secs(600));
+        assert_eq!(config.get_keepalives_interval(), Some(Duration::from_secs(60)));
+        assert_eq!(config.get_keepalives_retries(), Some(9));
+        assert_eq!(config.get_tcp_user_timeout(), Some(&Duration::from_secs(120)));
+
+        let mut config: tokio_postgres::Config = "postgres://u@h/db?keepalives=0".parse().unwrap();
+        detect_dead_peers(&mut config);
+        assert!(!config.get_keepalives());
+        assert_eq!(config.get_tcp_user_timeout(), None);
+    }
 
     #[test]
     fn schema_names_are_checked() {

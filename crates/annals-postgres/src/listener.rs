@@ -56,10 +56,24 @@ pub(crate) struct Connected {
     driver: JoinHandle<()>,
 }
 
+impl Drop for Connected {
+    /// The driver goes with the client (an attempt given up halfway, a
+    /// connection replaced), never left running on its own.
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
 /// How to open the listener's connection.
 pub(crate) struct Dial {
     pub config: Config,
     pub tls: Connector,
+    /// How long connecting (with `LISTEN`) or one poll of the head may take
+    /// before the connection counts as dead (the store's connect timeout).
+    /// A server that accepts but never answers, or a connection whose
+    /// answers stopped, would otherwise stall the listener, and with it
+    /// every wake-up from other processes, until the kernel gives up.
+    pub answer_within: Duration,
 }
 
 /// Connects and issues `LISTEN`.
@@ -95,6 +109,22 @@ pub(crate) async fn connect(
     Ok(connected)
 }
 
+/// [`connect`], given up after `dial.answer_within`.
+pub(crate) async fn connect_within(
+    dial: &Dial,
+    sql: &Statements,
+    head: &Arc<watch::Sender<u64>>,
+    stats: &Arc<ListenerStats>,
+) -> Result<Connected, PgError> {
+    match tokio::time::timeout(dial.answer_within, connect(dial, sql, head, stats)).await {
+        Ok(connected) => connected,
+        Err(_) => Err(PgError::Unreachable {
+            message: format!("no answer from the server within {:?}", dial.answer_within),
+            source: None,
+        }),
+    }
+}
+
 /// Runs the listener until `cancel` fires.
 pub(crate) async fn run(
     first: Connected,
@@ -113,7 +143,7 @@ pub(crate) async fn run(
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(backoff) => {}
             }
-            match connect(&dial, &sql, &head, &stats).await {
+            match connect_within(&dial, &sql, &head, &stats).await {
                 Ok(c) => {
                     stats.reconnects.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("annals_pg_listener_reconnects_total", "schema" => sql.name.clone())
@@ -136,17 +166,25 @@ pub(crate) async fn run(
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = &mut conn.driver => break,
-                _ = ticker.tick() => match conn.client.query_one(sql.head.as_str(), &[]).await {
-                    Ok(row) => {
-                        if let Some(next) = row.try_get::<_, i64>(0).ok().and_then(|v| u64::try_from(v).ok()) {
-                            bump(&head, next);
+                _ = ticker.tick() => {
+                    let polled = tokio::time::timeout(dial.answer_within, conn.client.query_one(sql.head.as_str(), &[]));
+                    match polled.await {
+                        Ok(Ok(row)) => {
+                            if let Some(next) = row.try_get::<_, i64>(0).ok().and_then(|v| u64::try_from(v).ok()) {
+                                bump(&head, next);
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "annals-postgres listener poll failed; reconnecting");
+                            break;
+                        }
+                        Err(_) => {
+                            tracing::warn!(waited = ?dial.answer_within,
+                                "annals-postgres listener connection stopped answering; reconnecting");
+                            break;
                         }
                     }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "annals-postgres listener poll failed; reconnecting");
-                        break;
-                    }
-                },
+                }
             }
         }
         conn.driver.abort();

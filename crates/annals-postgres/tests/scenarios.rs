@@ -1678,6 +1678,74 @@ async fn snapshots_dated_before_what_postgres_stores_are_refused_not_altered() {
     assert_eq!(store.load_snapshot(&s, None).await.unwrap().unwrap().created_at.as_micros(), first);
 }
 
+/// A listener connection that goes silent (a cut that leaves it open:
+/// nothing closes it, nothing comes back) is given up after the connect
+/// timeout and replaced, and reconnect attempts that get no answer are
+/// given up too; wake-ups from other processes then resume. Before, the
+/// poll waited on the dead connection for as long as the kernel kept it,
+/// and live subscriptions saw nothing from other processes meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_connection_that_goes_silent_is_replaced() {
+    let Some((writer, guard)) = common::open().await else { return };
+    let proxy = common::proxy::Proxy::start().await;
+    let reader = PgStore::builder(proxy.url.clone())
+        .schema(&guard.schema)
+        .max_connections(4)
+        .connect_timeout(Duration::from_millis(500))
+        .poll_interval(Duration::from_millis(100))
+        .open()
+        .await
+        .unwrap();
+    let s = stream("silent-1");
+    let mut sub = reader.subscribe(SubscriptionRequest::all(Filter::all(), SubscribeFrom::Start));
+    writer.append(&s, ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
+    assert_eq!(take(&mut sub, 1).await[0].position, 0);
+    // Caught up: from here it waits for the head to move.
+    assert_quiet(&mut sub).await;
+
+    // The listener's connection (and any new one) swallowed; the pool's
+    // connections still work.
+    proxy.blackhole(b"annals-listen");
+    writer.append(&s, ExpectedVersion::Exact(0), vec![event(1)]).await.unwrap();
+    let early = tokio::time::timeout(Duration::from_millis(1500), sub.next()).await;
+    assert!(
+        early.is_err(),
+        "delivered while the listener was cut off: {:?}",
+        early.map(|e| e.map(|e| e.map(|e| e.position)))
+    );
+    assert_eq!(reader.listener_reconnects(), 0, "no attempt can have got through");
+    proxy.restore();
+    let next = tokio::time::timeout(Duration::from_secs(15), take(&mut sub, 1))
+        .await
+        .expect("the event from the other process never arrived: the listener is stuck");
+    assert_eq!(next[0].position, 1);
+    assert!(reader.listener_reconnects() >= 1);
+    assert_eq!(reader.read_all(ReadAll::forward(10)).await.unwrap().events.len(), 2);
+}
+
+/// The server probes the store's sessions too (a session whose client
+/// vanished ends within about 30 s, releasing its locks), unless the URL's
+/// `options` choose otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_probed_from_the_server_unless_the_url_says_otherwise() {
+    let show = |store: PgStore| async move {
+        let client = store.pool().get().await.unwrap();
+        let mut got = Vec::new();
+        for setting in ["tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count", "jit"] {
+            got.push(client.query_one(&format!("SHOW {setting}"), &[]).await.unwrap().get::<_, String>(0));
+        }
+        got
+    };
+    let Some((store, _guard)) = common::open().await else { return };
+    assert_eq!(show(store).await, ["15", "5", "3", "off"]);
+
+    let base = common::url();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{sep}options=-c%20tcp_keepalives_idle%3D600");
+    let Some((store, _guard)) = common::open_url_with(url, |b| b).await else { return };
+    assert_eq!(show(store).await, ["600", "5", "3", "off"]);
+}
+
 #[tokio::test]
 async fn unreachable_database_is_a_typed_error() {
     // Port 1 on loopback: nothing listens there, the connection is refused.

@@ -3,8 +3,15 @@
 //! client sees its connection close instead of the reply. That is what a
 //! failover, a network cut or a killed pod does to an append in flight, at
 //! the one moment a store cannot tell from an error alone.
+//!
+//! It can also swallow connections whole (`blackhole`): nothing closes
+//! them and nothing they send arrives or is answered, as with a cut that
+//! leaves both ends open.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicBool, Ordering},
+};
 
 use futures::future::BoxFuture;
 use tokio::{
@@ -29,8 +36,12 @@ pub struct Proxy {
     pub url: String,
     armed: Arc<Mutex<Option<Doom>>>,
     fired: Arc<Mutex<bool>>,
+    hole: Hole,
     accept: JoinHandle<()>,
 }
+
+/// The startup-message marker of connections to swallow, if any.
+type Hole = Arc<Mutex<Option<Vec<u8>>>>;
 
 impl Drop for Proxy {
     fn drop(&mut self) {
@@ -54,16 +65,35 @@ impl Proxy {
         let local = listener.local_addr().unwrap();
         let armed: Arc<Mutex<Option<Doom>>> = Arc::default();
         let fired: Arc<Mutex<bool>> = Arc::default();
+        let hole: Hole = Arc::default();
         let accept = {
-            let (armed, fired) = (armed.clone(), fired.clone());
+            let (armed, fired, hole) = (armed.clone(), fired.clone(), hole.clone());
             tokio::spawn(async move {
                 while let Ok((client, _)) = listener.accept().await {
                     let Ok(server) = TcpStream::connect((host.as_str(), port)).await else { continue };
-                    tokio::spawn(pump(client, server, armed.clone(), fired.clone()));
+                    tokio::spawn(pump(client, server, armed.clone(), fired.clone(), hole.clone()));
                 }
             })
         };
-        Proxy { url: format!("postgres://{user}@{local}/{dbname}?sslmode=disable"), armed, fired, accept }
+        Proxy {
+            url: format!("postgres://{user}@{local}/{dbname}?sslmode=disable"),
+            armed,
+            fired,
+            hole,
+            accept,
+        }
+    }
+
+    /// From now on, every connection whose startup message contains
+    /// `marker` (e.g. an `application_name`), open or new, goes silent for
+    /// good: what either side sends is dropped, and nothing is closed.
+    pub fn blackhole(&self, marker: &[u8]) {
+        *self.hole.lock().unwrap() = Some(marker.to_vec());
+    }
+
+    /// New connections get through again; swallowed ones stay swallowed.
+    pub fn restore(&self) {
+        *self.hole.lock().unwrap() = None;
     }
 
     /// The next request that carries `marker` (e.g. an event id's bytes)
@@ -79,24 +109,55 @@ impl Proxy {
     }
 }
 
+/// A connection's startup message and whether it has been swallowed.
+#[derive(Default)]
+struct Swallow {
+    startup: Mutex<Vec<u8>>,
+    gone: AtomicBool,
+}
+
+impl Swallow {
+    /// Whether this connection is (now) in the hole.
+    fn gone(&self, hole: &Hole) -> bool {
+        if !self.gone.load(Ordering::SeqCst) {
+            let hole = hole.lock().unwrap();
+            let startup = self.startup.lock().unwrap();
+            if hole.as_ref().is_some_and(|m| startup.windows(m.len()).any(|w| w == m.as_slice())) {
+                self.gone.store(true, Ordering::SeqCst);
+            }
+        }
+        self.gone.load(Ordering::SeqCst)
+    }
+}
+
 async fn pump(
     client: TcpStream,
     server: TcpStream,
     armed: Arc<Mutex<Option<Doom>>>,
     fired: Arc<Mutex<bool>>,
+    hole: Hole,
 ) {
     let (mut from_client, mut to_client) = client.into_split();
     let (mut from_server, mut to_server) = server.into_split();
     let doomed: Arc<Mutex<Option<Hook>>> = Arc::default();
+    let swallow = Arc::new(Swallow::default());
     let upstream = {
         let doomed = doomed.clone();
+        let (swallow, hole) = (swallow.clone(), hole.clone());
         tokio::spawn(async move {
             let mut buf = vec![0u8; 64 * 1024];
+            let mut first = true;
             loop {
                 let n = match from_client.read(&mut buf).await {
                     Ok(0) | Err(_) => return,
                     Ok(n) => n,
                 };
+                if std::mem::take(&mut first) {
+                    *swallow.startup.lock().unwrap() = buf[..n].to_vec();
+                }
+                if swallow.gone(&hole) {
+                    continue;
+                }
                 {
                     let mut armed = armed.lock().unwrap();
                     let hit = armed
@@ -120,6 +181,9 @@ async fn pump(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if swallow.gone(&hole) {
+            continue;
+        }
         let hook = doomed.lock().unwrap().take();
         if let Some(hook) = hook {
             // The server flushes its reply at the request's Sync, after the
