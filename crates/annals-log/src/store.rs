@@ -182,6 +182,7 @@ impl LogStoreBuilder {
                 stats,
                 dir,
                 leases: annals_core::LocalLeases::new(),
+                tail: Arc::default(),
             }),
         })
     }
@@ -300,6 +301,8 @@ struct Shared {
     dir: PathBuf,
     /// One process holds the directory lock, so local leases are global.
     leases: annals_core::LocalLeases,
+    /// Recent events read once for all live `$all` subscriptions.
+    tail: Arc<subscription::Tail>,
 }
 
 impl Shared {
@@ -496,7 +499,12 @@ impl AllReader for LogStore {
 
 impl Subscriber for LogStore {
     fn subscribe(&self, request: SubscriptionRequest) -> EventStream {
-        subscription::catch_up(self.shared.core.clone(), self.shared.head.clone(), request)
+        subscription::catch_up_with_tail(
+            self.shared.core.clone(),
+            self.shared.head.clone(),
+            self.shared.tail.clone(),
+            request,
+        )
     }
 }
 

@@ -132,6 +132,8 @@ pub(crate) struct Inner {
     explicit_rc: ExplicitReadCommitted,
     /// See [`PgStore::exact_append_rounds`].
     exact_rounds: Arc<std::sync::atomic::AtomicU64>,
+    /// Recent events read once for all live `$all` subscriptions.
+    tail: Arc<annals_core::subscription::Tail>,
     /// Stops the listener task when the last handle goes.
     _listener_guard: DropGuard,
 }
@@ -325,6 +327,7 @@ impl PgStoreBuilder {
                 stats_timeout: self.stats_timeout,
                 explicit_rc,
                 exact_rounds,
+                tail: Arc::default(),
                 _listener_guard: cancel.drop_guard(),
             }),
         })

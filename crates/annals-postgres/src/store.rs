@@ -149,7 +149,12 @@ impl Subscriber for PgStore {
     /// [`crate::PgStoreBuilder::subscription_retry`]) without loss or
     /// duplication.
     fn subscribe(&self, request: SubscriptionRequest) -> EventStream {
-        subscription::catch_up(Arc::new(Resilient(self.inner.clone())), self.inner.head.subscribe(), request)
+        subscription::catch_up_with_tail(
+            Arc::new(Resilient(self.inner.clone())),
+            self.inner.head.subscribe(),
+            self.inner.tail.clone(),
+            request,
+        )
     }
 }
 
