@@ -9,7 +9,11 @@
 
 use std::{
     collections::VecDeque,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use futures::stream;
@@ -44,6 +48,15 @@ struct State {
     cursor: Cursor,
     buffer: VecDeque<RecordedEvent>,
     done: bool,
+    /// The head as seen just before the current fetch.
+    seen_head: u64,
+    /// Stream subscriptions with a tail: a position below which every
+    /// event of the stream has been delivered (or buffered), known once a
+    /// read of the stream found nothing more. From there the stream's new
+    /// events are taken from the tail, without reading the stream.
+    watermark: Option<u64>,
+    /// When the stream was last read, and the tail's deletion count then.
+    last_read: (Instant, u64),
 }
 
 /// Builds a catch-up subscription over `source`, woken by `head`, which
@@ -83,8 +96,18 @@ fn subscribe(
         (SubscriptionTarget::Stream(_), SubscribeFrom::After(v)) => Cursor::Stream(v.saturating_add(1)),
         (SubscriptionTarget::Stream(_), SubscribeFrom::End) => Cursor::StreamFromPosition(now),
     };
-    let state =
-        State { source, head, tail, target: request.target, cursor, buffer: VecDeque::new(), done: false };
+    let state = State {
+        source,
+        head,
+        tail,
+        target: request.target,
+        cursor,
+        buffer: VecDeque::new(),
+        done: false,
+        seen_head: now,
+        watermark: None,
+        last_read: (Instant::now(), 0),
+    };
     Box::pin(stream::unfold(state, |mut st| async move {
         loop {
             if let Some(event) = st.buffer.pop_front() {
@@ -95,7 +118,7 @@ fn subscribe(
             }
             // Mark the current head as seen *before* reading, so a commit
             // that lands during the read still wakes us afterwards.
-            st.head.borrow_and_update();
+            st.seen_head = *st.head.borrow_and_update();
             match fetch(&mut st).await {
                 Ok(true) => continue,
                 Ok(false) => {
@@ -171,6 +194,31 @@ async fn fetch(st: &mut State) -> Result<bool> {
             let Cursor::Stream(next) = cursor else {
                 return Err(Error::invalid("subscription cursor out of step with its target"));
             };
+            // Read the stream anyway after a deletion in this process, and
+            // at least every `STREAM_RECHECK` (a deletion elsewhere): it is
+            // the read that reports a tombstone.
+            let served = st.tail.clone().filter(|tail| {
+                tail.deletions() == st.last_read.1 && st.last_read.0.elapsed() < STREAM_RECHECK
+            });
+            if let (Some(tail), Some(mut mark)) = (served, st.watermark) {
+                loop {
+                    match tail.serve_stream(stream, mark, next, &mut st.buffer) {
+                        StreamServed::Gap | StreamServed::Behind => break,
+                        StreamServed::Upto(scanned) => {
+                            mark = scanned;
+                            st.watermark = Some(mark);
+                            if !st.buffer.is_empty() {
+                                return Ok(true);
+                            }
+                        }
+                        StreamServed::Ahead => {}
+                    }
+                    if mark >= *st.head.borrow() || !tail.fill(&*st.source, mark).await? {
+                        return Ok(false);
+                    }
+                }
+            }
+            st.last_read = (Instant::now(), st.tail.as_ref().map_or(0, |t| t.deletions()));
             let events = match st
                 .source
                 .read_stream(
@@ -190,6 +238,9 @@ async fn fetch(st: &mut State) -> Result<bool> {
             if let Some(last) = events.last() {
                 *next = last.version + 1;
             }
+            // Fewer than asked: everything committed before the read began
+            // (below the head seen then) is in hand.
+            st.watermark = (events.len() < SUBSCRIPTION_BATCH).then_some(st.seen_head);
             st.buffer.extend(events);
             Ok(!st.buffer.is_empty())
         }
@@ -211,7 +262,8 @@ pub const TAIL_BYTES: usize = 32 * 1024 * 1024;
 /// writers' appends from ~12,000/s to ~1,000/s (`pg_fanout`), the reads
 /// taking the database's time. With it, the first subscription to find the
 /// head past the tail reads the new events (unfiltered, one read, the others
-/// wait for it), and each then filters them in memory.
+/// wait for it), and each then filters them in memory: `$all` subscriptions
+/// by their filter, caught-up stream subscriptions by stream and version.
 ///
 /// It holds a contiguous range `[start, end)` of positions: every event
 /// of the log in that range (as a forward read of `$all` returned it;
@@ -226,6 +278,8 @@ pub struct Tail {
     filling: tokio::sync::Mutex<()>,
     max_events: usize,
     max_bytes: usize,
+    /// Streams deleted through this store (see [`Tail::note_deletion`]).
+    deletions: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -234,6 +288,28 @@ struct TailBuf {
     end: u64,
     events: VecDeque<RecordedEvent>,
     bytes: usize,
+}
+
+/// How often a caught-up stream subscription with a tail reads its stream
+/// instead of taking its events from the tail, to learn of a deletion made
+/// by another process (the read reports a tombstone, or a soft delete's
+/// new start; a deletion is not an event of `$all`). Only checked when the
+/// subscription wakes. Deletions through the same store are seen at once
+/// ([`Tail::note_deletion`]).
+pub const STREAM_RECHECK: Duration = Duration::from_secs(1);
+
+/// What [`Tail::serve_stream`] did.
+enum StreamServed {
+    /// The stream's events from the tail are in the buffer (possibly
+    /// none); continue from this position.
+    Upto(u64),
+    /// The stream's next event in the tail is not the version expected
+    /// (nothing was served): its own read must decide.
+    Gap,
+    /// The position is older than what the tail holds.
+    Behind,
+    /// The position is at or past the tail's end.
+    Ahead,
 }
 
 /// What [`Tail::serve`] did.
@@ -261,7 +337,60 @@ impl Tail {
             filling: tokio::sync::Mutex::new(()),
             max_events: max_events.max(1),
             max_bytes: max_bytes.max(1),
+            deletions: AtomicU64::new(0),
         }
+    }
+
+    /// Tells the store's stream subscriptions that a stream was deleted
+    /// (soft or hard): each reads its stream at its next wake-up. Backends
+    /// call it after a deletion commits.
+    pub fn note_deletion(&self) {
+        self.deletions.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn deletions(&self) -> u64 {
+        self.deletions.load(Ordering::SeqCst)
+    }
+
+    /// Moves the events of `stream` from position `position` on into
+    /// `out`, up to a subscription batch, provided they continue from
+    /// version `*version` (which then moves past them); earlier versions
+    /// are skipped as delivered.
+    fn serve_stream(
+        &self,
+        stream: &crate::StreamName,
+        position: u64,
+        version: &mut u64,
+        out: &mut VecDeque<RecordedEvent>,
+    ) -> StreamServed {
+        let buf = self.buf.lock().unwrap_or_else(PoisonError::into_inner);
+        if position < buf.start {
+            return StreamServed::Behind;
+        }
+        if position >= buf.end {
+            return StreamServed::Ahead;
+        }
+        let first = buf.events.partition_point(|e| e.position < position);
+        let mut expected = *version;
+        let mut taken = Vec::new();
+        let mut scanned = buf.end;
+        for event in buf.events.range(first..) {
+            if event.version < expected || event.stream != *stream {
+                continue;
+            }
+            if event.version != expected {
+                return StreamServed::Gap;
+            }
+            taken.push(event.clone());
+            expected += 1;
+            if taken.len() >= SUBSCRIPTION_BATCH {
+                scanned = event.position + 1;
+                break;
+            }
+        }
+        *version = expected;
+        out.extend(taken);
+        StreamServed::Upto(scanned)
     }
 
     /// The range of positions held, `[start, end)`.

@@ -12,9 +12,9 @@ use std::{
 };
 
 use annals_core::{
-    AllReader, AllSlice, Appender, EventData, EventStream, ExpectedVersion, Filter, MemoryStore, ReadAll,
-    ReadStream, RecordedEvent, Result, StreamInfo, StreamName, StreamReader, SubscribeFrom,
-    SubscriptionRequest, async_trait,
+    AllReader, AllSlice, Appender, DeleteMode, Error, EventData, EventStream, ExpectedVersion, Filter,
+    MemoryStore, ReadAll, ReadStream, RecordedEvent, Result, StreamDeleter, StreamInfo, StreamName,
+    StreamReader, SubscribeFrom, SubscriptionRequest, async_trait,
     subscription::{Tail, catch_up_with_tail},
 };
 use futures::StreamExt;
@@ -24,11 +24,13 @@ use tokio::sync::watch;
 struct Counting {
     store: MemoryStore,
     all_reads: AtomicUsize,
+    stream_reads: AtomicUsize,
 }
 
 #[async_trait]
 impl StreamReader for Counting {
     async fn read_stream(&self, stream: &StreamName, request: ReadStream) -> Result<Vec<RecordedEvent>> {
+        self.stream_reads.fetch_add(1, Ordering::SeqCst);
         self.store.read_stream(stream, request).await
     }
 
@@ -57,7 +59,11 @@ struct Fixture {
 
 impl Fixture {
     fn new(tail: Tail) -> Self {
-        let source = Arc::new(Counting { store: MemoryStore::new(), all_reads: AtomicUsize::new(0) });
+        let source = Arc::new(Counting {
+            store: MemoryStore::new(),
+            all_reads: AtomicUsize::new(0),
+            stream_reads: AtomicUsize::new(0),
+        });
         Fixture { source, head: Arc::new(watch::channel(0).0), tail: Arc::new(tail) }
     }
 
@@ -67,6 +73,15 @@ impl Fixture {
             self.head.subscribe(),
             self.tail.clone(),
             SubscriptionRequest::all(filter, from),
+        )
+    }
+
+    fn subscribe_stream(&self, stream: &str) -> EventStream {
+        catch_up_with_tail(
+            self.source.clone(),
+            self.head.subscribe(),
+            self.tail.clone(),
+            SubscriptionRequest::stream(StreamName::new(stream).unwrap(), SubscribeFrom::Start),
         )
     }
 
@@ -189,4 +204,88 @@ async fn subscriptions_behind_the_tail_read_their_way_back_into_it() {
     for sub in [&mut live, &mut live_b, &mut slow, &mut from_start] {
         assert_quiet(sub).await;
     }
+}
+
+/// Stream subscriptions once caught up take their stream's new events
+/// from the tail: forty live ones, on four streams, woken by every one of
+/// 60 commits, deliver exactly their streams' events and hardly read
+/// (without the tail: 2,400 reads, one per wake-up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caught_up_stream_subscriptions_are_served_from_the_tail() {
+    let f = Fixture::new(Tail::default());
+    // a-0 and b-0 get ten events each; the other commits go to b-1, b-2.
+    let watched = ["a-0", "a-1", "a-2", "b-0"];
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let mut sub = f.subscribe_stream(watched[i % 4]);
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                while let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(500), sub.next()).await
+                {
+                    got.push(event.unwrap().position);
+                }
+                got
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let before = f.source.stream_reads.load(Ordering::SeqCst);
+    const COMMITS: u64 = 60;
+    for n in 0..COMMITS {
+        f.append(if n % 6 == 0 { "a" } else { "b" }, n).await;
+        // Let every subscription wake for this commit.
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let mut deliveries = 0;
+    for (i, task) in tasks.into_iter().enumerate() {
+        let got = task.await.unwrap();
+        let name = StreamName::new(watched[i % 4]).unwrap();
+        let all = f.source.store.read_stream(&name, ReadStream::forward()).await;
+        let positions: Vec<u64> = all.map(|v| v.iter().map(|e| e.position).collect()).unwrap_or_default();
+        assert_eq!(got, positions, "subscription {i} on {name}");
+        deliveries += got.len();
+    }
+    assert_eq!(deliveries, 200);
+    let reads = f.source.stream_reads.load(Ordering::SeqCst) - before;
+    // At most one `STREAM_RECHECK` read each (the run takes well under two).
+    assert!(reads <= 40, "{reads} stream reads for {deliveries} deliveries to 40 subscriptions");
+}
+
+/// A stream subscription served by the tail still ends with the tombstone:
+/// at once after a deletion through this store (the backend notes it), and
+/// within `STREAM_RECHECK` of a wake-up for one it cannot know about (made
+/// by another process: here, on the store behind the tail's back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_subscriptions_on_a_tail_still_see_tombstones() {
+    let f = Fixture::new(Tail::default());
+    f.append("a", 0).await;
+    f.append("a", 1).await;
+    let mut here = f.subscribe_stream("a-0");
+    let mut elsewhere = f.subscribe_stream("a-1");
+    assert_eq!(take(&mut here, 1).await, [0]);
+    assert_eq!(take(&mut elsewhere, 1).await, [1]);
+    // Caught up, and a commit elsewhere read into the tail.
+    f.append("b", 2).await;
+    assert_quiet(&mut here).await;
+    assert_quiet(&mut elsewhere).await;
+
+    let deleted = |s: &str| StreamName::new(s).unwrap();
+    let ended = |item: Option<Option<Result<RecordedEvent>>>| {
+        matches!(item, Some(Some(Err(Error::StreamDeleted { .. }))))
+    };
+    f.source.store.delete_stream(&deleted("a-0"), ExpectedVersion::Any, DeleteMode::Hard).await.unwrap();
+    f.tail.note_deletion();
+    f.append("b", 3).await;
+    assert!(ended(tokio::time::timeout(Duration::from_secs(5), here.next()).await.ok()));
+    // The other one read its stream at that wake-up too: still live.
+    assert_quiet(&mut elsewhere).await;
+
+    // Deleted behind the tail's back: the next wake-up is served from the
+    // tail, the first one after `STREAM_RECHECK` reads and reports it.
+    f.source.store.delete_stream(&deleted("a-1"), ExpectedVersion::Any, DeleteMode::Hard).await.unwrap();
+    f.append("b", 4).await;
+    assert_quiet(&mut elsewhere).await;
+    tokio::time::sleep(annals_core::subscription::STREAM_RECHECK).await;
+    f.append("b", 5).await;
+    assert!(ended(tokio::time::timeout(Duration::from_secs(5), elsewhere.next()).await.ok()));
 }

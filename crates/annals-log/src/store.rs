@@ -521,7 +521,11 @@ impl StreamDeleter for LogStore {
         self.sender()?
             .send(Request::Delete { stream: stream.clone(), expected, mode, reply })
             .map_err(|_| Error::Closed)?;
-        rx.await.map_err(|_| Error::Closed)?
+        let deleted = rx.await.map_err(|_| Error::Closed)?;
+        if deleted.is_ok() {
+            self.shared.tail.note_deletion();
+        }
+        deleted
     }
 }
 

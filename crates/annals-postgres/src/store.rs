@@ -204,6 +204,7 @@ impl StreamDeleter for PgStore {
             }
         }
         tx.commit().await.map_err(db)?;
+        self.inner.tail.note_deletion();
         if mode == DeleteMode::Hard {
             // Wake subscribers of the stream so they see the tombstone.
             let head = *self.inner.head.borrow();
