@@ -11,17 +11,18 @@ use std::{
     collections::VecDeque,
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use futures::stream;
 use tokio::sync::watch;
 
 use crate::{
-    AllReader, Direction, Error, EventStream, Filter, ReadAll, ReadFrom, ReadStream, RecordedEvent, Result,
-    StreamReader, SubscribeFrom, SubscriptionRequest, SubscriptionTarget,
+    AllReader, Direction, Error, EventStream, Filter, Metadata, ReadAll, ReadFrom, ReadStream, RecordedEvent,
+    Result, StreamReader, SubscribeFrom, SubscriptionRequest, SubscriptionTarget,
 };
 
 /// Events fetched per read while catching up.
@@ -274,8 +275,10 @@ pub const TAIL_BYTES: usize = 32 * 1024 * 1024;
 #[derive(Debug)]
 pub struct Tail {
     buf: Mutex<TailBuf>,
-    /// Held by the one subscription reading for the others.
-    filling: tokio::sync::Mutex<()>,
+    /// Set while one subscription reads for the others.
+    filling: AtomicBool,
+    /// Wakes the others when that read ends.
+    filled: tokio::sync::Notify,
     max_events: usize,
     max_bytes: usize,
     /// Streams deleted through this store (see [`Tail::note_deletion`]).
@@ -334,7 +337,8 @@ impl Tail {
     pub fn new(max_events: usize, max_bytes: usize) -> Self {
         Tail {
             buf: Mutex::default(),
-            filling: tokio::sync::Mutex::new(()),
+            filling: AtomicBool::new(false),
+            filled: tokio::sync::Notify::new(),
             max_events: max_events.max(1),
             max_bytes: max_bytes.max(1),
             deletions: AtomicU64::new(0),
@@ -426,11 +430,22 @@ impl Tail {
     /// past the end (the tail idle for a while, or a new subscription from
     /// the end) starts the tail again at `from`.
     async fn fill(&self, source: &dyn SubscriptionSource, from: u64) -> Result<bool> {
-        let _reading = self.filling.lock().await;
+        // One subscription reads; the others wait for its read to end (all
+        // woken at once) and most find what they need in it.
+        let _reading = loop {
+            let mut finished = std::pin::pin!(self.filled.notified());
+            finished.as_mut().enable();
+            if self.buf.lock().unwrap_or_else(PoisonError::into_inner).end > from {
+                return Ok(true);
+            }
+            if self.filling.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+                break Reading(self);
+            }
+            finished.await;
+        };
         let read_from = {
             let mut buf = self.buf.lock().unwrap_or_else(PoisonError::into_inner);
             if buf.end > from {
-                // Another subscription read it while this one waited.
                 return Ok(true);
             }
             if buf.events.is_empty() || from - buf.end > (SUBSCRIPTION_BATCH * 4) as u64 {
@@ -454,7 +469,12 @@ impl Tail {
         if end <= buf.end {
             return Ok(false);
         }
-        for event in slice.events {
+        for mut event in slice.events {
+            // Own copies: a backend may hand out slices of a larger buffer
+            // (the log reads 256 KiB windows), which the tail would
+            // otherwise keep alive whole, one per event in the worst case.
+            event.data = Bytes::copy_from_slice(&event.data);
+            event.metadata = Metadata::from_trusted_json(Bytes::copy_from_slice(event.metadata.as_bytes()));
             buf.bytes += footprint(&event);
             buf.events.push_back(event);
         }
@@ -465,6 +485,17 @@ impl Tail {
             buf.start = oldest.position + 1;
         }
         Ok(true)
+    }
+}
+
+/// The right to read for a tail; on release (the read done, failed or
+/// abandoned) the waiting subscriptions are woken.
+struct Reading<'a>(&'a Tail);
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        self.0.filling.store(false, Ordering::SeqCst);
+        self.0.filled.notify_waiters();
     }
 }
 

@@ -289,3 +289,70 @@ async fn stream_subscriptions_on_a_tail_still_see_tombstones() {
     f.append("b", 5).await;
     assert!(ended(tokio::time::timeout(Duration::from_secs(5), elsewhere.next()).await.ok()));
 }
+
+/// A backend whose events are slices of one large read buffer (the log
+/// reads in windows of up to 256 KiB).
+struct Windowed {
+    store: MemoryStore,
+    last_window: std::sync::Mutex<Option<bytes::Bytes>>,
+}
+
+#[async_trait]
+impl StreamReader for Windowed {
+    async fn read_stream(&self, stream: &StreamName, request: ReadStream) -> Result<Vec<RecordedEvent>> {
+        self.store.read_stream(stream, request).await
+    }
+
+    async fn stream_info(&self, stream: &StreamName) -> Result<StreamInfo> {
+        self.store.stream_info(stream).await
+    }
+}
+
+#[async_trait]
+impl AllReader for Windowed {
+    async fn read_all(&self, request: ReadAll) -> Result<AllSlice> {
+        let mut slice = self.store.read_all(request).await?;
+        let mut window = vec![0u8; 1 << 20];
+        let mut at = 0;
+        for e in &slice.events {
+            window[at..at + e.data.len()].copy_from_slice(&e.data);
+            at += e.data.len();
+        }
+        let window = bytes::Bytes::from(window);
+        let mut at = 0;
+        for e in &mut slice.events {
+            let len = e.data.len();
+            e.data = window.slice(at..at + len);
+            at += len;
+        }
+        *self.last_window.lock().unwrap() = Some(window);
+        Ok(slice)
+    }
+
+    async fn next_position(&self) -> Result<u64> {
+        self.store.next_position().await
+    }
+}
+
+/// The tail keeps its own copies of what it holds: events that are slices
+/// of a backend's large read buffer would otherwise keep each buffer alive
+/// (up to 8,192 of them, one per read, in the worst case).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tail_does_not_keep_the_backends_read_buffers() {
+    let source = Arc::new(Windowed { store: MemoryStore::new(), last_window: std::sync::Mutex::new(None) });
+    let head = watch::channel(0).0;
+    let tail = Arc::new(Tail::default());
+    let request = SubscriptionRequest::all(Filter::all(), SubscribeFrom::End);
+    let mut sub = catch_up_with_tail(source.clone(), head.subscribe(), tail.clone(), request);
+    assert_quiet(&mut sub).await;
+    let s = StreamName::new("w-1").unwrap();
+    let events: Vec<EventData> =
+        (0..3).map(|n| EventData::json("E", &serde_json::json!({ "n": n })).unwrap()).collect();
+    source.store.append(&s, ExpectedVersion::Any, events).await.unwrap();
+    head.send_replace(3);
+    let got = take(&mut sub, 3).await;
+    assert_eq!(got, [0, 1, 2]);
+    assert_eq!(tail.range(), (0, 3));
+    let window = source.last_window.lock().unwrap().take().expect("the tail read through the source");
+    assert!(window.is_unique(), "the tail still holds slices of the source's 1 MiB read buffer");
+}
