@@ -183,6 +183,11 @@ impl Core {
     fn read_all_scan(&self, request: &ReadAll, start: u64, end: u64, forward: bool) -> Result<AllSlice> {
         let mut events = Vec::new();
         let mut reader = RecordReader::new(self, SCAN_WINDOW);
+        // Read after `end`, so it covers every record below it.
+        reader.written = {
+            let idx = self.index()?;
+            Some((idx.tail.segment, idx.tail.end))
+        };
         let filter = &request.filter;
         if forward {
             let mut pos = start;
@@ -348,11 +353,16 @@ pub(crate) struct RecordReader<'c> {
     window: Option<(u64, u64, Bytes)>,
     size: usize,
     last_stream: Option<StreamName>,
+    /// The active segment and the offset past its last record, when known:
+    /// windows stop there. The active segment is preallocated (zeros), so a
+    /// window past its end reads (and page-faults in) bytes it throws away:
+    /// a live subscriber reading the newest event read 256 KiB for it.
+    written: Option<(u64, u64)>,
 }
 
 impl<'c> RecordReader<'c> {
     pub(crate) fn new(core: &'c Core, size: usize) -> Self {
-        RecordReader { core, window: None, size, last_stream: None }
+        RecordReader { core, window: None, size, last_stream: None, written: None }
     }
 
     fn fill(&mut self, segment: u64, start: u64, len: usize) -> Result<()> {
@@ -394,7 +404,13 @@ impl<'c> RecordReader<'c> {
         } else {
             offset
         };
-        let len = self.size.max(POINT_WINDOW) + usize::try_from(offset - start).unwrap_or(0);
+        let mut len = self.size.max(POINT_WINDOW) + usize::try_from(offset - start).unwrap_or(0);
+        if let Some((active, end)) = self.written
+            && active == segment
+            && end > offset
+        {
+            len = len.min(usize::try_from(end - start).unwrap_or(len));
+        }
         self.fill(segment, start, len)?;
         if let Some(hit) = self.window_frame(segment, offset) {
             return Ok((hit, segment, offset));
