@@ -159,7 +159,15 @@ async fn fetch(st: &mut State) -> Result<bool> {
                     // Everything the tail holds is scanned: caught up, or
                     // the tail reads on (one read for every subscription
                     // at this point) and serves again.
-                    if *next >= *st.head.borrow() || !tail.fill(&*st.source, *next).await? {
+                    let head = *st.head.borrow();
+                    if *next >= head {
+                        return Ok(false);
+                    }
+                    if !tail.near(*next, head) {
+                        // Far behind: its own (filtered, indexed) reads.
+                        break;
+                    }
+                    if !tail.fill(&*st.source, *next).await? {
                         return Ok(false);
                     }
                 }
@@ -214,8 +222,14 @@ async fn fetch(st: &mut State) -> Result<bool> {
                         }
                         StreamServed::Ahead => {}
                     }
-                    if mark >= *st.head.borrow() || !tail.fill(&*st.source, mark).await? {
+                    let head = *st.head.borrow();
+                    if mark >= head {
                         return Ok(false);
+                    }
+                    // Far behind, one read of the stream beats the tail
+                    // reading all of `$all` up to the head.
+                    if !tail.near(mark, head) || !tail.fill(&*st.source, mark).await? {
+                        break;
                     }
                 }
             }
@@ -401,6 +415,15 @@ impl Tail {
     pub fn range(&self) -> (u64, u64) {
         let buf = self.buf.lock().unwrap_or_else(PoisonError::into_inner);
         (buf.start, buf.end)
+    }
+
+    /// Whether a subscription at `next` is near enough to `head` for the
+    /// tail to read for it: within half the tail. One further behind (a
+    /// catch-up from the start, a filtered one over a long history, a large
+    /// burst) reads for itself, as its own reads can use the backend's
+    /// indexes where the tail reads every event.
+    fn near(&self, next: u64, head: u64) -> bool {
+        head.saturating_sub(next) <= (self.max_events / 2) as u64
     }
 
     /// Moves the events matching `filter` from position `next` on into

@@ -25,6 +25,8 @@ struct Counting {
     store: MemoryStore,
     all_reads: AtomicUsize,
     stream_reads: AtomicUsize,
+    /// Reads of everything, system streams included: the tail's.
+    tail_reads: AtomicUsize,
 }
 
 #[async_trait]
@@ -43,6 +45,9 @@ impl StreamReader for Counting {
 impl AllReader for Counting {
     async fn read_all(&self, request: ReadAll) -> Result<AllSlice> {
         self.all_reads.fetch_add(1, Ordering::SeqCst);
+        if request.filter.include_system {
+            self.tail_reads.fetch_add(1, Ordering::SeqCst);
+        }
         self.store.read_all(request).await
     }
 
@@ -63,6 +68,7 @@ impl Fixture {
             store: MemoryStore::new(),
             all_reads: AtomicUsize::new(0),
             stream_reads: AtomicUsize::new(0),
+            tail_reads: AtomicUsize::new(0),
         });
         Fixture { source, head: Arc::new(watch::channel(0).0), tail: Arc::new(tail) }
     }
@@ -161,10 +167,11 @@ async fn live_subscriptions_share_the_reads_of_new_events() {
     futures::future::join_all(subs.iter_mut().map(|(_, sub)| assert_quiet(sub))).await;
 }
 
-/// With a tail of 16 events: a subscription that stops taking while 200
+/// With a tail of 16 events: a subscription that stops taking while 400
 /// events go by falls behind the tail, reads the backend, and rejoins the
-/// tail; one from the start of a long log reads its way up. Both deliver
-/// everything once, in order, and so do the live ones.
+/// tail; one from the start of a long log reads its way up; live ones that
+/// fall more than half a tail behind read for themselves until they are
+/// near again. All deliver everything once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriptions_behind_the_tail_read_their_way_back_into_it() {
     let f = Fixture::new(Tail::new(16, usize::MAX));
@@ -193,10 +200,13 @@ async fn subscriptions_behind_the_tail_read_their_way_back_into_it() {
     let live_got = take(&mut live, 400).await;
     writer.await.unwrap();
     assert_eq!(live_got, (300..700).collect::<Vec<_>>());
+    // Caught up, the live one is served by the tail again.
+    f.append("a", 700).await;
+    assert_eq!(take(&mut live, 1).await, [700]);
     let (start, end) = f.tail.range();
-    assert_eq!(end, 700);
-    assert!(start > 600, "the tail kept {start}..{end}");
-    assert_eq!(take(&mut slow, 690).await, (10..700).collect::<Vec<_>>());
+    assert_eq!(end, 701);
+    assert!(start > 680, "the tail kept {start}..{end}");
+    assert_eq!(take(&mut slow, 691).await, (10..701).collect::<Vec<_>>());
     let b: Vec<u64> = f.expected(&Filter::category("b")).await;
     assert_eq!(take(&mut live_b, b.len()).await, b);
     let t1 = f.expected(&Filter::event_type("T1")).await;
@@ -288,6 +298,40 @@ async fn stream_subscriptions_on_a_tail_still_see_tombstones() {
     tokio::time::sleep(annals_core::subscription::STREAM_RECHECK).await;
     f.append("b", 5).await;
     assert!(ended(tokio::time::timeout(Duration::from_secs(5), elsewhere.next()).await.ok()));
+}
+
+/// A filtered subscription far behind the head catches up with its own
+/// filtered reads (which backends answer from their indexes), not through
+/// the tail, which would read every event of the history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filtered_catch_up_far_behind_reads_for_itself() {
+    let f = Fixture::new(Tail::default());
+    let s = StreamName::new("h-1").unwrap();
+    for chunk in 0..20u64 {
+        let events: Vec<EventData> = (0..1000u64)
+            .map(|i| {
+                let ty = if i % 100 == 0 { "Rare" } else { "Common" };
+                EventData::json(ty, &serde_json::json!({ "n": chunk * 1000 + i })).unwrap()
+            })
+            .collect();
+        f.source.store.append(&s, ExpectedVersion::Any, events).await.unwrap();
+    }
+    f.head.send_replace(20_000);
+    let mut sub = f.subscribe(Filter::event_type("Rare"), SubscribeFrom::Start);
+    let got = take(&mut sub, 200).await;
+    assert_eq!(got, (0..200).map(|k| k * 100).collect::<Vec<_>>());
+    assert_quiet(&mut sub).await;
+    assert_eq!(f.source.tail_reads.load(Ordering::SeqCst), 0, "the tail read the history");
+    // Near the head it is served by the tail.
+    f.append("x", 0).await;
+    f.source
+        .store
+        .append(&s, ExpectedVersion::Any, vec![EventData::json("Rare", &1).unwrap()])
+        .await
+        .unwrap();
+    f.head.send_replace(20_002);
+    assert_eq!(take(&mut sub, 1).await, [20_001]);
+    assert!(f.source.tail_reads.load(Ordering::SeqCst) > 0);
 }
 
 /// A backend whose events are slices of one large read buffer (the log
