@@ -18,6 +18,7 @@
 use std::any::Any;
 
 pub mod behaviours;
+pub mod model;
 mod support;
 
 /// A fresh store for one test, plus whatever must live as long as it.

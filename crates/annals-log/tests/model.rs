@@ -5,32 +5,13 @@
 
 use std::{path::Path, sync::Arc};
 
+use annals_conformance::model::{Exp, exp, name, norm, seen, slice};
 use annals_core::{
-    AllReader, AllSlice, Appender, DeleteMode, Error, EventData, ExpectedVersion, Filter, MemoryStore,
-    Metadata, ReadAll, ReadFrom, ReadStream, RecordedEvent, Result, StreamAppend, StreamDeleter, StreamName,
-    StreamReader, Uuid,
+    AllReader, Appender, DeleteMode, EventData, Filter, MemoryStore, Metadata, ReadAll, ReadFrom, ReadStream,
+    StreamAppend, StreamDeleter, StreamReader, Uuid,
 };
 use annals_log::{LogStore, io::FaultIo};
 use proptest::prelude::*;
-
-#[derive(Debug, Clone, Copy)]
-enum Exp {
-    Any,
-    NoStream,
-    Exists,
-    Exact(u8),
-}
-
-impl Exp {
-    fn get(self) -> ExpectedVersion {
-        match self {
-            Exp::Any => ExpectedVersion::Any,
-            Exp::NoStream => ExpectedVersion::NoStream,
-            Exp::Exists => ExpectedVersion::StreamExists,
-            Exp::Exact(v) => ExpectedVersion::Exact(u64::from(v)),
-        }
-    }
-}
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -41,10 +22,6 @@ enum Op {
     ReadAll { backward: bool, from: Option<u8>, limit: u8, filter: u8 },
     Reopen,
     Crash,
-}
-
-fn exp() -> impl Strategy<Value = Exp> {
-    prop_oneof![Just(Exp::Any), Just(Exp::NoStream), Just(Exp::Exists), (0u8..6).prop_map(Exp::Exact)]
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -60,44 +37,6 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Reopen),
         1 => Just(Op::Crash),
     ]
-}
-
-fn name(i: u8) -> StreamName {
-    StreamName::new(format!("s{}-{}", i % 2, i)).unwrap()
-}
-
-/// Everything but `recorded_at`, which differs between two stores.
-type Seen = (String, u64, u64, Uuid, String, Vec<u8>, Vec<u8>);
-
-fn seen(e: &RecordedEvent) -> Seen {
-    (
-        e.stream.to_string(),
-        e.version,
-        e.position,
-        e.id,
-        e.event_type.clone(),
-        e.data.to_vec(),
-        e.metadata.as_bytes().to_vec(),
-    )
-}
-
-fn norm<T, U: PartialEq + std::fmt::Debug>(
-    r: Result<T>,
-    f: impl Fn(T) -> U,
-) -> std::result::Result<U, String> {
-    r.map(f).map_err(|e| match e {
-        Error::WrongExpectedVersion { stream, expected, actual } => {
-            format!("wev {stream} {expected} {actual:?}")
-        }
-        Error::StreamNotFound { stream } => format!("notfound {stream}"),
-        Error::StreamDeleted { stream } => format!("deleted {stream}"),
-        Error::InvalidInput { .. } => "invalid".to_owned(),
-        other => panic!("unexpected error {other:?}"),
-    })
-}
-
-fn slice(s: AllSlice) -> (Vec<Seen>, Option<u64>) {
-    (s.events.iter().map(seen).collect(), s.next)
 }
 
 struct Run {

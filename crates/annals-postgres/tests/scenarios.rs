@@ -707,9 +707,7 @@ async fn checkpoint_saves_under_an_old_snapshot_find_the_latest_in_a_few_pages()
 /// each other's saves and leave one save per name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoints_are_exact_whatever_the_default_isolation() {
-    let base = common::url();
-    let sep = if base.contains('?') { '&' } else { '?' };
-    let url = format!("{base}{sep}options=-c%20default_transaction_isolation%3Dserializable");
+    let url = common::url_with_options("-c%20default_transaction_isolation%3Dserializable");
     let Some((store, guard)) = common::open_url_with(url, |b| b).await else { return };
     let isolation: String =
         store.pool().get().await.unwrap().query_one("SHOW transaction_isolation", &[]).await.unwrap().get(0);
@@ -762,9 +760,7 @@ async fn checkpoints_are_exact_whatever_the_default_isolation() {
 /// re-send).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_take_the_fast_path_whatever_the_default_isolation() {
-    let base = common::url();
-    let sep = if base.contains('?') { '&' } else { '?' };
-    let url = format!("{base}{sep}options=-c%20default_transaction_isolation%3Dserializable");
+    let url = common::url_with_options("-c%20default_transaction_isolation%3Dserializable");
     let Some((store, _guard)) = common::open_url_with(url, |b| b).await else { return };
     let isolation: String =
         store.pool().get().await.unwrap().query_one("SHOW transaction_isolation", &[]).await.unwrap().get(0);
@@ -1739,9 +1735,7 @@ async fn sessions_are_probed_from_the_server_unless_the_url_says_otherwise() {
     let Some((store, _guard)) = common::open().await else { return };
     assert_eq!(show(store).await, ["15", "5", "3", "off"]);
 
-    let base = common::url();
-    let sep = if base.contains('?') { '&' } else { '?' };
-    let url = format!("{base}{sep}options=-c%20tcp_keepalives_idle%3D600");
+    let url = common::url_with_options("-c%20tcp_keepalives_idle%3D600");
     let Some((store, _guard)) = common::open_url_with(url, |b| b).await else { return };
     assert_eq!(show(store).await, ["600", "5", "3", "off"]);
 }

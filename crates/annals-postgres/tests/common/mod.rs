@@ -58,6 +58,14 @@ impl Drop for SchemaGuard {
     }
 }
 
+/// The tests' URL with `options` (percent-encoded) added, e.g.
+/// `-c%20default_transaction_isolation%3Dserializable`.
+pub fn url_with_options(encoded: &str) -> String {
+    let base = url();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{sep}options={encoded}")
+}
+
 /// Opens a store in a fresh schema with a small pool. `None` (after a skip
 /// notice) when the database is unreachable and not required; panics with a
 /// clear message when it is required.
