@@ -4,7 +4,10 @@
 //! operation mix; what an expectation, an event as seen, and an answer
 //! compared mean is written here once.
 
-use annals_core::{AllSlice, Error, ExpectedVersion, RecordedEvent, Result, StreamName, Uuid};
+use annals_core::{
+    AllReader, AllSlice, Error, ExpectedVersion, Filter, ReadAll, ReadFrom, ReadStream, RecordedEvent,
+    Result, StreamName, StreamReader, Uuid,
+};
 use proptest::prelude::*;
 
 /// An expected version, small enough that conflicts are common.
@@ -73,4 +76,57 @@ pub fn norm<T, U: PartialEq + std::fmt::Debug>(
 /// A page of `$all` as compared.
 pub fn slice(s: AllSlice) -> (Vec<Seen>, Option<u64>) {
     (s.events.iter().map(seen).collect(), s.next)
+}
+
+/// Reads stream `s` from `model` and `store` (backward or forward, from
+/// version `from` or the end, at most `limit` events) and requires the same
+/// events, and the same stream info.
+pub async fn same_stream_read(
+    model: &dyn StreamReader,
+    store: &dyn StreamReader,
+    s: &StreamName,
+    backward: bool,
+    from: Option<u64>,
+    limit: usize,
+) {
+    let mut req = if backward { ReadStream::backward() } else { ReadStream::forward() };
+    if let Some(v) = from {
+        req.from = ReadFrom::At(v);
+    }
+    req.limit = limit;
+    let events = |v: Vec<RecordedEvent>| v.iter().map(seen).collect::<Vec<_>>();
+    let x = norm(model.read_stream(s, req).await, events);
+    let y = norm(store.read_stream(s, req).await, events);
+    assert_eq!(x, y, "read_stream");
+    let x = norm(model.stream_info(s).await, |i| i);
+    let y = norm(store.stream_info(s).await, |i| i);
+    assert_eq!(x, y, "stream_info");
+}
+
+/// Reads a page of `$all` from `model` and `store` (backward or forward,
+/// from position `from` or the end, at most `limit` events, filter number
+/// `filter`: all, category `s1`, type `B`, correlation id `c-1`, or type
+/// prefix `A`) and requires the same page.
+pub async fn same_all_read(
+    model: &dyn AllReader,
+    store: &dyn AllReader,
+    backward: bool,
+    from: Option<u64>,
+    limit: usize,
+    filter: u8,
+) {
+    let mut req = if backward { ReadAll::backward(limit) } else { ReadAll::forward(limit) };
+    if let Some(p) = from {
+        req.from = ReadFrom::At(p);
+    }
+    req.filter = match filter {
+        0 => Filter::all(),
+        1 => Filter::category("s1"),
+        2 => Filter::event_type("B"),
+        3 => Filter::correlation_id("c-1"),
+        _ => Filter::event_type_prefix("A"),
+    };
+    let x = norm(model.read_all(req.clone()).await, slice);
+    let y = norm(store.read_all(req).await, slice);
+    assert_eq!(x, y, "read_all");
 }

@@ -14,10 +14,9 @@
 
 mod common;
 
-use annals_conformance::model::{Exp, exp, name, norm, seen, slice};
+use annals_conformance::model::{Exp, exp, name, norm, same_all_read, same_stream_read};
 use annals_core::{
-    AllReader, Appender, DeleteMode, EventData, Filter, MemoryStore, Metadata, ReadAll, ReadFrom, ReadStream,
-    StreamAppend, StreamDeleter, StreamReader, Uuid,
+    AllReader, Appender, DeleteMode, EventData, MemoryStore, Metadata, StreamAppend, StreamDeleter, Uuid,
 };
 use annals_postgres::PgStore;
 use proptest::prelude::*;
@@ -135,40 +134,26 @@ impl Run {
                 assert_eq!(x, y, "delete");
             }
             Op::ReadStream { stream, backward, from, limit, other } => {
-                let mut req = if backward { ReadStream::backward() } else { ReadStream::forward() };
-                if let Some(v) = from {
-                    req.from = ReadFrom::At(u64::from(v));
-                }
-                req.limit = usize::from(limit);
-                let s = name(stream);
-                let store = self.store(other);
-                let x =
-                    norm(self.model.read_stream(&s, req).await, |v| v.iter().map(seen).collect::<Vec<_>>());
-                let y = norm(store.read_stream(&s, req).await, |v| v.iter().map(seen).collect::<Vec<_>>());
-                assert_eq!(x, y, "read_stream");
-                let x = norm(self.model.stream_info(&s).await, |i| i);
-                let y = norm(store.stream_info(&s).await, |i| i);
-                assert_eq!(x, y, "stream_info");
+                same_stream_read(
+                    &self.model,
+                    self.store(other),
+                    &name(stream),
+                    backward,
+                    from.map(u64::from),
+                    usize::from(limit),
+                )
+                .await;
             }
             Op::ReadAll { backward, from, limit, filter, other } => {
-                let mut req = if backward {
-                    ReadAll::backward(usize::from(limit))
-                } else {
-                    ReadAll::forward(usize::from(limit))
-                };
-                if let Some(p) = from {
-                    req.from = ReadFrom::At(u64::from(p));
-                }
-                req.filter = match filter {
-                    0 => Filter::all(),
-                    1 => Filter::category("s1"),
-                    2 => Filter::event_type("B"),
-                    3 => Filter::correlation_id("c-1"),
-                    _ => Filter::event_type_prefix("A"),
-                };
-                let x = norm(self.model.read_all(req.clone()).await, slice);
-                let y = norm(self.store(other).read_all(req).await, slice);
-                assert_eq!(x, y, "read_all");
+                same_all_read(
+                    &self.model,
+                    self.store(other),
+                    backward,
+                    from.map(u64::from),
+                    usize::from(limit),
+                    filter,
+                )
+                .await;
             }
         }
         let model = self.model.next_position().await.unwrap();
