@@ -167,8 +167,9 @@ async fn fetch(st: &mut State) -> Result<bool> {
                         // Far behind: its own (filtered, indexed) reads.
                         break;
                     }
-                    if !tail.fill(&*st.source, *next).await? {
-                        return Ok(false);
+                    if !tail.fill(&st.source, *next).await {
+                        // Nothing new, or the read failed: its own read says which.
+                        break;
                     }
                 }
             }
@@ -228,7 +229,7 @@ async fn fetch(st: &mut State) -> Result<bool> {
                     }
                     // Far behind, one read of the stream beats the tail
                     // reading all of `$all` up to the head.
-                    if !tail.near(mark, head) || !tail.fill(&*st.source, mark).await? {
+                    if !tail.near(mark, head) || !tail.fill(&st.source, mark).await {
                         break;
                     }
                 }
@@ -448,28 +449,53 @@ impl Tail {
         Served::Upto(buf.end)
     }
 
-    /// Reads on from the tail's end for a subscription at `from` (at or
-    /// past the end). Returns whether the tail grew. A subscription far
-    /// past the end (the tail idle for a while, or a new subscription from
-    /// the end) starts the tail again at `from`.
-    async fn fill(&self, source: &dyn SubscriptionSource, from: u64) -> Result<bool> {
-        // One subscription reads; the others wait for its read to end (all
-        // woken at once) and most find what they need in it.
-        let _reading = loop {
+    /// Has the tail read on from its end for a subscription at `from` (at
+    /// or past the end), or waits for the read another subscription
+    /// started. `true` when the tail now reaches past `from`; `false` when
+    /// the read found nothing new or failed, and the subscription should
+    /// read for itself (its own read reports an error).
+    ///
+    /// The read runs on a task of its own: a subscription whose consumer
+    /// stops polling it (an SSE client with a full socket) must not hold up
+    /// every other subscription waiting for the read it started. A
+    /// subscription far past the end (the tail idle for a while, or a new
+    /// one from the end) starts the tail again at `from`.
+    async fn fill(self: &Arc<Self>, source: &Arc<dyn SubscriptionSource>, from: u64) -> bool {
+        let mut waited = false;
+        loop {
             let mut finished = std::pin::pin!(self.filled.notified());
             finished.as_mut().enable();
-            if self.buf.lock().unwrap_or_else(PoisonError::into_inner).end > from {
-                return Ok(true);
+            if self.range().1 > from {
+                return true;
+            }
+            if waited {
+                return false;
             }
             if self.filling.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
-                break Reading(self);
+                let reading = Reading(self.clone());
+                let source = source.clone();
+                let read = async move {
+                    // Errors are the waiting subscriptions' to meet, each
+                    // through its own read.
+                    let _ = reading.0.read_on(&*source, from).await;
+                    drop(reading);
+                };
+                match tokio::runtime::Handle::try_current() {
+                    Ok(runtime) => drop(runtime.spawn(read)),
+                    Err(_) => read.await,
+                }
             }
             finished.await;
-        };
+            waited = true;
+        }
+    }
+
+    /// One read of `$all` from the tail's end (see [`Tail::fill`]).
+    async fn read_on(&self, source: &dyn SubscriptionSource, from: u64) -> Result<()> {
         let read_from = {
             let mut buf = self.buf.lock().unwrap_or_else(PoisonError::into_inner);
             if buf.end > from {
-                return Ok(true);
+                return Ok(());
             }
             if buf.events.is_empty() || from - buf.end > (SUBSCRIPTION_BATCH * 4) as u64 {
                 *buf = TailBuf { start: from, end: from, events: VecDeque::new(), bytes: 0 };
@@ -490,7 +516,7 @@ impl Tail {
         }
         let mut buf = self.buf.lock().unwrap_or_else(PoisonError::into_inner);
         if end <= buf.end {
-            return Ok(false);
+            return Ok(());
         }
         for mut event in slice.events {
             // Own copies: a backend may hand out slices of a larger buffer
@@ -507,15 +533,15 @@ impl Tail {
             buf.bytes -= footprint(&oldest);
             buf.start = oldest.position + 1;
         }
-        Ok(true)
+        Ok(())
     }
 }
 
 /// The right to read for a tail; on release (the read done, failed or
 /// abandoned) the waiting subscriptions are woken.
-struct Reading<'a>(&'a Tail);
+struct Reading(Arc<Tail>);
 
-impl Drop for Reading<'_> {
+impl Drop for Reading {
     fn drop(&mut self) {
         self.0.filling.store(false, Ordering::SeqCst);
         self.0.filled.notify_waiters();

@@ -400,3 +400,58 @@ async fn the_tail_does_not_keep_the_backends_read_buffers() {
     let window = source.last_window.lock().unwrap().take().expect("the tail read through the source");
     assert!(window.is_unique(), "the tail still holds slices of the source's 1 MiB read buffer");
 }
+
+/// A backend whose reads for the tail (all events, system streams
+/// included) take a while.
+struct Slow {
+    store: MemoryStore,
+}
+
+#[async_trait]
+impl StreamReader for Slow {
+    async fn read_stream(&self, stream: &StreamName, request: ReadStream) -> Result<Vec<RecordedEvent>> {
+        self.store.read_stream(stream, request).await
+    }
+
+    async fn stream_info(&self, stream: &StreamName) -> Result<StreamInfo> {
+        self.store.stream_info(stream).await
+    }
+}
+
+#[async_trait]
+impl AllReader for Slow {
+    async fn read_all(&self, request: ReadAll) -> Result<AllSlice> {
+        if request.filter.include_system {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        self.store.read_all(request).await
+    }
+
+    async fn next_position(&self) -> Result<u64> {
+        self.store.next_position().await
+    }
+}
+
+/// The subscription that starts the tail's read may stop being polled
+/// (its consumer busy, an SSE client with a full socket): the read goes on
+/// without it, and the others get their events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_that_stops_polling_mid_read_holds_up_no_other() {
+    let source = Arc::new(Slow { store: MemoryStore::new() });
+    let head = watch::channel(0).0;
+    let tail = Arc::new(Tail::default());
+    let subscribe = || {
+        let request = SubscriptionRequest::all(Filter::all(), SubscribeFrom::End);
+        catch_up_with_tail(source.clone(), head.subscribe(), tail.clone(), request)
+    };
+    let (mut stalled, mut other) = (subscribe(), subscribe());
+    assert_quiet(&mut stalled).await;
+    assert_quiet(&mut other).await;
+    let s = StreamName::new("slow-1").unwrap();
+    source.store.append(&s, ExpectedVersion::Any, vec![EventData::json("E", &1).unwrap()]).await.unwrap();
+    head.send_replace(1);
+    // It wakes first and starts the read, then is not polled again for now.
+    assert!(tokio::time::timeout(Duration::from_millis(20), stalled.next()).await.is_err());
+    assert_eq!(take(&mut other, 1).await, [0]);
+    assert_eq!(take(&mut stalled, 1).await, [0]);
+}
