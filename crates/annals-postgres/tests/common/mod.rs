@@ -46,6 +46,16 @@ impl Drop for SchemaGuard {
                     return;
                 };
                 let driver = tokio::spawn(conn);
+                // The store's own sessions first (their application_name
+                // names the schema): this drop runs on a thread the test's
+                // runtime waits for, so a task of the store still on that
+                // runtime (a subscription tail's read, mid-transaction) cannot
+                // finish and would hold its locks past the lock timeout.
+                let terminate = format!(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid()
+                       AND application_name IN ('annals {schema}', 'annals-listen {schema}', 'annals-lease {schema}')"
+                );
+                let _ = tokio::time::timeout(Duration::from_secs(10), client.batch_execute(&terminate)).await;
                 // Bounded: a lock held by a leaked connection must not hang
                 // the test run; a leftover schema is harmless.
                 let sql = format!("SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS \"{schema}\" CASCADE");
