@@ -153,7 +153,7 @@ async fn fetch(st: &mut State) -> Result<bool> {
                             }
                         }
                         // Older than what the tail holds: read it below.
-                        Served::Behind => break,
+                        Served::Behind | Served::Gap => break,
                         Served::Ahead => {}
                     }
                     // Everything the tail holds is scanned: caught up, or
@@ -213,15 +213,15 @@ async fn fetch(st: &mut State) -> Result<bool> {
             if let (Some(tail), Some(mut mark)) = (served, st.watermark) {
                 loop {
                     match tail.serve_stream(stream, mark, next, &mut st.buffer) {
-                        StreamServed::Gap | StreamServed::Behind => break,
-                        StreamServed::Upto(scanned) => {
+                        Served::Gap | Served::Behind => break,
+                        Served::Upto(scanned) => {
                             mark = scanned;
                             st.watermark = Some(mark);
                             if !st.buffer.is_empty() {
                                 return Ok(true);
                             }
                         }
-                        StreamServed::Ahead => {}
+                        Served::Ahead => {}
                     }
                     let head = *st.head.borrow();
                     if mark >= head {
@@ -316,13 +316,13 @@ struct TailBuf {
 /// ([`Tail::note_deletion`]).
 pub const STREAM_RECHECK: Duration = Duration::from_secs(1);
 
-/// What [`Tail::serve_stream`] did.
-enum StreamServed {
-    /// The stream's events from the tail are in the buffer (possibly
-    /// none); continue from this position.
+/// What [`Tail::serve`] and [`Tail::serve_stream`] did.
+enum Served {
+    /// Matching events from the tail are in the buffer (possibly none);
+    /// continue from this position.
     Upto(u64),
-    /// The stream's next event in the tail is not the version expected
-    /// (nothing was served): its own read must decide.
+    /// Stream subscriptions: the stream's next event in the tail is not the
+    /// version expected (nothing was served): its own read must decide.
     Gap,
     /// The position is older than what the tail holds.
     Behind,
@@ -330,15 +330,18 @@ enum StreamServed {
     Ahead,
 }
 
-/// What [`Tail::serve`] did.
-enum Served {
-    /// Matching events from the tail are in the buffer (possibly none);
-    /// continue from this position.
-    Upto(u64),
-    /// The position is older than what the tail holds.
-    Behind,
-    /// The position is at or past the tail's end.
-    Ahead,
+impl TailBuf {
+    /// The index of the first event at or after `position`, or why the
+    /// tail cannot serve from there.
+    fn locate(&self, position: u64) -> Result<usize, Served> {
+        if position < self.start {
+            return Err(Served::Behind);
+        }
+        if position >= self.end {
+            return Err(Served::Ahead);
+        }
+        Ok(self.events.partition_point(|e| e.position < position))
+    }
 }
 
 impl Default for Tail {
@@ -381,15 +384,12 @@ impl Tail {
         position: u64,
         version: &mut u64,
         out: &mut VecDeque<RecordedEvent>,
-    ) -> StreamServed {
+    ) -> Served {
         let buf = self.buf.lock().unwrap_or_else(PoisonError::into_inner);
-        if position < buf.start {
-            return StreamServed::Behind;
-        }
-        if position >= buf.end {
-            return StreamServed::Ahead;
-        }
-        let first = buf.events.partition_point(|e| e.position < position);
+        let first = match buf.locate(position) {
+            Ok(first) => first,
+            Err(other) => return other,
+        };
         let mut expected = *version;
         let mut taken = Vec::new();
         let mut scanned = buf.end;
@@ -398,7 +398,7 @@ impl Tail {
                 continue;
             }
             if event.version != expected {
-                return StreamServed::Gap;
+                return Served::Gap;
             }
             taken.push(event.clone());
             expected += 1;
@@ -409,7 +409,7 @@ impl Tail {
         }
         *version = expected;
         out.extend(taken);
-        StreamServed::Upto(scanned)
+        Served::Upto(scanned)
     }
 
     /// The range of positions held, `[start, end)`.
@@ -431,13 +431,10 @@ impl Tail {
     /// `out`, up to a subscription batch.
     fn serve(&self, next: u64, filter: &Filter, out: &mut VecDeque<RecordedEvent>) -> Served {
         let buf = self.buf.lock().unwrap_or_else(PoisonError::into_inner);
-        if next < buf.start {
-            return Served::Behind;
-        }
-        if next >= buf.end {
-            return Served::Ahead;
-        }
-        let first = buf.events.partition_point(|e| e.position < next);
+        let first = match buf.locate(next) {
+            Ok(first) => first,
+            Err(other) => return other,
+        };
         for event in buf.events.range(first..) {
             if filter.matches(event) {
                 out.push_back(event.clone());
