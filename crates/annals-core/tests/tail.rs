@@ -20,17 +20,32 @@ use annals_core::{
 use futures::StreamExt;
 use tokio::sync::watch;
 
-/// The memory store, counting the `$all` reads made on it.
-struct Counting {
+/// How the test backend answers reads of `$all`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reads {
+    /// As the memory store does.
+    Plain,
+    /// With events that are slices of one 1 MiB read buffer (the log reads
+    /// in windows of up to 256 KiB); the last buffer is kept in
+    /// `last_window`.
+    Windowed,
+    /// The tail's reads (everything, system streams included) take 200 ms.
+    SlowForTheTail,
+}
+
+/// The memory store, counting the reads made on it.
+struct Source {
     store: MemoryStore,
+    reads: Reads,
     all_reads: AtomicUsize,
     stream_reads: AtomicUsize,
     /// Reads of everything, system streams included: the tail's.
     tail_reads: AtomicUsize,
+    last_window: std::sync::Mutex<Option<bytes::Bytes>>,
 }
 
 #[async_trait]
-impl StreamReader for Counting {
+impl StreamReader for Source {
     async fn read_stream(&self, stream: &StreamName, request: ReadStream) -> Result<Vec<RecordedEvent>> {
         self.stream_reads.fetch_add(1, Ordering::SeqCst);
         self.store.read_stream(stream, request).await
@@ -42,13 +57,33 @@ impl StreamReader for Counting {
 }
 
 #[async_trait]
-impl AllReader for Counting {
+impl AllReader for Source {
     async fn read_all(&self, request: ReadAll) -> Result<AllSlice> {
         self.all_reads.fetch_add(1, Ordering::SeqCst);
         if request.filter.include_system {
             self.tail_reads.fetch_add(1, Ordering::SeqCst);
+            if self.reads == Reads::SlowForTheTail {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         }
-        self.store.read_all(request).await
+        let mut slice = self.store.read_all(request).await?;
+        if self.reads == Reads::Windowed {
+            let mut window = vec![0u8; 1 << 20];
+            let mut at = 0;
+            for e in &slice.events {
+                window[at..at + e.data.len()].copy_from_slice(&e.data);
+                at += e.data.len();
+            }
+            let window = bytes::Bytes::from(window);
+            let mut at = 0;
+            for e in &mut slice.events {
+                let len = e.data.len();
+                e.data = window.slice(at..at + len);
+                at += len;
+            }
+            *self.last_window.lock().unwrap() = Some(window);
+        }
+        Ok(slice)
     }
 
     async fn next_position(&self) -> Result<u64> {
@@ -57,18 +92,24 @@ impl AllReader for Counting {
 }
 
 struct Fixture {
-    source: Arc<Counting>,
+    source: Arc<Source>,
     head: Arc<watch::Sender<u64>>,
     tail: Arc<Tail>,
 }
 
 impl Fixture {
     fn new(tail: Tail) -> Self {
-        let source = Arc::new(Counting {
+        Self::reading(tail, Reads::Plain)
+    }
+
+    fn reading(tail: Tail, reads: Reads) -> Self {
+        let source = Arc::new(Source {
             store: MemoryStore::new(),
+            reads,
             all_reads: AtomicUsize::new(0),
             stream_reads: AtomicUsize::new(0),
             tail_reads: AtomicUsize::new(0),
+            last_window: std::sync::Mutex::new(None),
         });
         Fixture { source, head: Arc::new(watch::channel(0).0), tail: Arc::new(tail) }
     }
@@ -334,102 +375,24 @@ async fn a_filtered_catch_up_far_behind_reads_for_itself() {
     assert!(f.source.tail_reads.load(Ordering::SeqCst) > 0);
 }
 
-/// A backend whose events are slices of one large read buffer (the log
-/// reads in windows of up to 256 KiB).
-struct Windowed {
-    store: MemoryStore,
-    last_window: std::sync::Mutex<Option<bytes::Bytes>>,
-}
-
-#[async_trait]
-impl StreamReader for Windowed {
-    async fn read_stream(&self, stream: &StreamName, request: ReadStream) -> Result<Vec<RecordedEvent>> {
-        self.store.read_stream(stream, request).await
-    }
-
-    async fn stream_info(&self, stream: &StreamName) -> Result<StreamInfo> {
-        self.store.stream_info(stream).await
-    }
-}
-
-#[async_trait]
-impl AllReader for Windowed {
-    async fn read_all(&self, request: ReadAll) -> Result<AllSlice> {
-        let mut slice = self.store.read_all(request).await?;
-        let mut window = vec![0u8; 1 << 20];
-        let mut at = 0;
-        for e in &slice.events {
-            window[at..at + e.data.len()].copy_from_slice(&e.data);
-            at += e.data.len();
-        }
-        let window = bytes::Bytes::from(window);
-        let mut at = 0;
-        for e in &mut slice.events {
-            let len = e.data.len();
-            e.data = window.slice(at..at + len);
-            at += len;
-        }
-        *self.last_window.lock().unwrap() = Some(window);
-        Ok(slice)
-    }
-
-    async fn next_position(&self) -> Result<u64> {
-        self.store.next_position().await
-    }
-}
-
 /// The tail keeps its own copies of what it holds: events that are slices
 /// of a backend's large read buffer would otherwise keep each buffer alive
 /// (up to 8,192 of them, one per read, in the worst case).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tail_does_not_keep_the_backends_read_buffers() {
-    let source = Arc::new(Windowed { store: MemoryStore::new(), last_window: std::sync::Mutex::new(None) });
-    let head = watch::channel(0).0;
-    let tail = Arc::new(Tail::default());
-    let request = SubscriptionRequest::all(Filter::all(), SubscribeFrom::End);
-    let mut sub = catch_up_with_tail(source.clone(), head.subscribe(), tail.clone(), request);
+    let f = Fixture::reading(Tail::default(), Reads::Windowed);
+    let mut sub = f.subscribe(Filter::all(), SubscribeFrom::End);
     assert_quiet(&mut sub).await;
     let s = StreamName::new("w-1").unwrap();
     let events: Vec<EventData> =
         (0..3).map(|n| EventData::json("E", &serde_json::json!({ "n": n })).unwrap()).collect();
-    source.store.append(&s, ExpectedVersion::Any, events).await.unwrap();
-    head.send_replace(3);
+    f.source.store.append(&s, ExpectedVersion::Any, events).await.unwrap();
+    f.head.send_replace(3);
     let got = take(&mut sub, 3).await;
     assert_eq!(got, [0, 1, 2]);
-    assert_eq!(tail.range(), (0, 3));
-    let window = source.last_window.lock().unwrap().take().expect("the tail read through the source");
+    assert_eq!(f.tail.range(), (0, 3));
+    let window = f.source.last_window.lock().unwrap().take().expect("the tail read through the source");
     assert!(window.is_unique(), "the tail still holds slices of the source's 1 MiB read buffer");
-}
-
-/// A backend whose reads for the tail (all events, system streams
-/// included) take a while.
-struct Slow {
-    store: MemoryStore,
-}
-
-#[async_trait]
-impl StreamReader for Slow {
-    async fn read_stream(&self, stream: &StreamName, request: ReadStream) -> Result<Vec<RecordedEvent>> {
-        self.store.read_stream(stream, request).await
-    }
-
-    async fn stream_info(&self, stream: &StreamName) -> Result<StreamInfo> {
-        self.store.stream_info(stream).await
-    }
-}
-
-#[async_trait]
-impl AllReader for Slow {
-    async fn read_all(&self, request: ReadAll) -> Result<AllSlice> {
-        if request.filter.include_system {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        self.store.read_all(request).await
-    }
-
-    async fn next_position(&self) -> Result<u64> {
-        self.store.next_position().await
-    }
 }
 
 /// The subscription that starts the tail's read may stop being polled
@@ -437,19 +400,14 @@ impl AllReader for Slow {
 /// without it, and the others get their events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_that_stops_polling_mid_read_holds_up_no_other() {
-    let source = Arc::new(Slow { store: MemoryStore::new() });
-    let head = watch::channel(0).0;
-    let tail = Arc::new(Tail::default());
-    let subscribe = || {
-        let request = SubscriptionRequest::all(Filter::all(), SubscribeFrom::End);
-        catch_up_with_tail(source.clone(), head.subscribe(), tail.clone(), request)
-    };
-    let (mut stalled, mut other) = (subscribe(), subscribe());
+    let f = Fixture::reading(Tail::default(), Reads::SlowForTheTail);
+    let mut stalled = f.subscribe(Filter::all(), SubscribeFrom::End);
+    let mut other = f.subscribe(Filter::all(), SubscribeFrom::End);
     assert_quiet(&mut stalled).await;
     assert_quiet(&mut other).await;
     let s = StreamName::new("slow-1").unwrap();
-    source.store.append(&s, ExpectedVersion::Any, vec![EventData::json("E", &1).unwrap()]).await.unwrap();
-    head.send_replace(1);
+    f.source.store.append(&s, ExpectedVersion::Any, vec![EventData::json("E", &1).unwrap()]).await.unwrap();
+    f.head.send_replace(1);
     // It wakes first and starts the read, then is not polled again for now.
     assert!(tokio::time::timeout(Duration::from_millis(20), stalled.next()).await.is_err());
     assert_eq!(take(&mut other, 1).await, [0]);
