@@ -54,7 +54,7 @@ use crate::{
     ExplicitReadCommitted, Inner, PgError,
     error::{breaks_connection, db, describe, is_retryable_state},
     listener::bump,
-    pooled::Pooled,
+    pooled::{Answer, NoAnswer, Pooled},
     row::{to_i64, to_u64},
     sql::Statements,
 };
@@ -104,6 +104,8 @@ pub(crate) struct Committer {
     pub explicit_rc: ExplicitReadCommitted,
     /// Rounds that ran on the exact path (see [`crate::PgStore::exact_append_rounds`]).
     pub exact_rounds: Arc<std::sync::atomic::AtomicU64>,
+    /// Each attempt's answer deadline (see [`crate::pooled`]).
+    pub answer: Answer,
 }
 
 impl Inner {
@@ -121,10 +123,10 @@ enum Failure {
     /// Run the whole transaction again (the database said so by SQLSTATE:
     /// nothing was written).
     Retry(tokio_postgres::Error),
-    /// The connection broke: the attempt may or may not have committed
-    /// (the commit can succeed on the server while its answer is lost).
-    /// Settled from the log before anything runs again.
-    Unknown(tokio_postgres::Error),
+    /// The connection broke or did not answer in time: the attempt may or
+    /// may not have committed (the commit can succeed on the server while
+    /// its answer is lost). Settled from the log before anything runs again.
+    Unknown(Lost),
     /// Final: nothing was written.
     Fail(Error),
 }
@@ -134,9 +136,33 @@ impl From<tokio_postgres::Error> for Failure {
         if e.code().is_some_and(is_retryable_state) {
             Failure::Retry(e)
         } else if breaks_connection(&e) {
-            Failure::Unknown(e)
+            Failure::Unknown(Lost::Broke(e))
         } else {
             Failure::Fail(db(e))
+        }
+    }
+}
+
+impl From<NoAnswer> for Failure {
+    fn from(e: NoAnswer) -> Self {
+        Failure::Unknown(Lost::NoAnswer(e))
+    }
+}
+
+/// How an attempt's answer was lost.
+enum Lost {
+    /// The connection broke.
+    Broke(tokio_postgres::Error),
+    /// PostgreSQL did not answer within the answer timeout; the connection
+    /// was closed and the statement cancelled.
+    NoAnswer(NoAnswer),
+}
+
+impl std::fmt::Display for Lost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Lost::Broke(e) => write!(f, "the connection broke: {}", describe(e)),
+            Lost::NoAnswer(e) => write!(f, "{}", PgError::from(*e)),
         }
     }
 }
@@ -218,13 +244,13 @@ impl Committer {
             let since = *self.head.borrow();
             let parts: Vec<&[StreamAppend]> = round.iter().map(|r| r.parts.as_slice()).collect();
             let tried = self.try_round(&parts).await;
-            if let Err(Failure::Unknown(e)) = tried {
+            if let Err(Failure::Unknown(lost)) = tried {
                 // Settled before anything else runs again: re-running a
                 // round that did commit would write an `Any` part twice when
                 // another process appended to its stream meanwhile (the
                 // idempotency check only sees the stream's tail), and would
                 // fail an `Exact` part that was in fact written.
-                let Some(rest) = self.settle_round(round, &e, since, attempt).await else { return };
+                let Some(rest) = self.settle_round(round, &lost, since, attempt).await else { return };
                 round = rest;
                 attempt += 1;
                 continue;
@@ -257,7 +283,8 @@ impl Committer {
                         return;
                     }
                     let error = match failure {
-                        Failure::Retry(e) | Failure::Unknown(e) => db(e),
+                        Failure::Retry(e) => db(e),
+                        Failure::Unknown(lost) => outcome_unknown(&lost),
                         Failure::Fail(e) => e,
                     };
                     if let Some(request) = round.into_iter().next() {
@@ -269,14 +296,18 @@ impl Committer {
         }
     }
 
-    /// After attempt number `attempt` of `round` lost its connection
-    /// (`broke`): answers every request the attempt wrote, from the log,
-    /// and returns the others to run again (`None` when nothing is left to
-    /// run, every request having been answered).
+    /// After attempt number `attempt` of `round` lost its answer (`lost`):
+    /// answers every request the attempt wrote, from the log, and returns
+    /// the others to run again (`None` when nothing is left to run, every
+    /// request having been answered). After a connection that did not
+    /// answer in time, what was not written is answered with
+    /// [`PgError::NoAnswer`] instead of running again: a database that
+    /// stopped answering once would most likely keep the caller waiting
+    /// another full timeout per attempt.
     async fn settle_round(
         &self,
         round: Vec<Request>,
-        broke: &tokio_postgres::Error,
+        lost: &Lost,
         since: u64,
         attempt: u32,
     ) -> Option<Vec<Request>> {
@@ -295,10 +326,10 @@ impl Committer {
                 // Cannot tell: the callers must re-send (same event ids),
                 // which settles it once the database is back.
                 counter("unknown", round.len());
-                tracing::warn!(error = %e, broke = %describe(broke),
-                    "an append's connection broke and its outcome cannot be read back; answering it as unknown");
+                tracing::warn!(error = %e, lost = %lost,
+                    "an append lost its answer and its outcome cannot be read back; answering it as unknown");
                 for request in round {
-                    let _ = request.reply.send(Err(outcome_unknown(broke)));
+                    let _ = request.reply.send(Err(outcome_unknown(lost)));
                 }
                 return None;
             }
@@ -317,13 +348,19 @@ impl Committer {
             return None;
         }
         counter("not_written", rest.len());
-        if attempt >= MAX_ATTEMPTS {
+        if let Lost::NoAnswer(no_answer) = lost {
             for request in rest {
-                let _ = request.reply.send(Err(outcome_unknown(broke)));
+                let _ = request.reply.send(Err(PgError::from(*no_answer).into()));
             }
             return None;
         }
-        tracing::debug!(broke = %describe(broke), attempt, "an append's connection broke before it committed; running it again");
+        if attempt >= MAX_ATTEMPTS {
+            for request in rest {
+                let _ = request.reply.send(Err(outcome_unknown(lost)));
+            }
+            return None;
+        }
+        tracing::debug!(lost = %lost, attempt, "an append's connection broke before it committed; running it again");
         Some(rest)
     }
 
@@ -340,66 +377,76 @@ impl Committer {
         requests: &[&[StreamAppend]],
         since: u64,
     ) -> Result<Vec<Option<Vec<AppendResult>>>, Error> {
-        let conn =
-            Pooled::discarded_unless_kept(self.pool.get().await.map_err(PgError::from)?, self.schema.clone());
-        let client: &deadpool_postgres::ClientWrapper = &conn;
-        let ids: Vec<Uuid> =
-            requests.iter().flat_map(|r| r.iter()).flat_map(|p| p.events.iter().map(|e| e.id)).collect();
-        let lock_head = client.prepare_cached(&self.sql.lock_head).await.map_err(db)?;
-        let find = client.prepare_cached(&self.sql.find_written).await.map_err(db)?;
-        let since_param = to_i64(since);
-        let find_params: [&(dyn ToSql + Sync); 2] = [&since_param, &ids];
-        let (begun, headed, rows, ended) = futures::join!(
-            client.batch_execute(BEGIN),
-            client.query_one(&lock_head, &[]),
-            client.query(&find, &find_params),
-            client.batch_execute("ROLLBACK")
+        let conn = Pooled::discarded_unless_kept(
+            self.pool.get().await.map_err(PgError::from)?,
+            self.schema.clone(),
+            self.answer.clone(),
         );
-        keep_unless_broken(
-            &conn,
-            &[begun.as_ref().err(), headed.as_ref().err(), rows.as_ref().err(), ended.as_ref().err()],
-        );
-        begun.map_err(db)?;
-        headed.map_err(db)?;
-        ended.map_err(db)?;
-        let mut found: HashMap<(String, Uuid), (u64, u64)> = HashMap::new();
-        for row in rows.map_err(db)? {
-            let stream: String = row.try_get(0).map_err(db)?;
-            let id: Uuid = row.try_get(1).map_err(db)?;
-            let version = to_u64(row.try_get(2).map_err(db)?, "version")?;
-            let position = to_u64(row.try_get(3).map_err(db)?, "position")?;
-            // The first occurrence from `since` on (ids may repeat across
-            // appends; a part's events are consecutive in any case).
-            found.entry((stream, id)).or_insert((version, position));
-        }
-        let mut next = since;
-        let settled = requests
-            .iter()
-            .map(|parts| {
-                let mut results = Vec::with_capacity(parts.len());
-                for part in *parts {
-                    let mut last: Option<(u64, u64)> = None;
-                    for event in &part.events {
-                        let &(version, position) = found.get(&(part.stream.to_string(), event.id))?;
-                        // Consecutive in the stream and in the log, as one
-                        // append writes them.
-                        if let Some((v, p)) = last
-                            && (version != v + 1 || position != p + 1)
-                        {
-                            return None;
-                        }
-                        last = Some((version, position));
-                    }
-                    let (version, position) = last?;
-                    next = next.max(position + 1);
-                    results.push(AppendResult { next_version: version + 1, position });
+        conn.deadline()
+            .bound(async {
+                let client: &deadpool_postgres::ClientWrapper = &conn;
+                let ids: Vec<Uuid> = requests
+                    .iter()
+                    .flat_map(|r| r.iter())
+                    .flat_map(|p| p.events.iter().map(|e| e.id))
+                    .collect();
+                let lock_head = client.prepare_cached(&self.sql.lock_head).await.map_err(db)?;
+                let find = client.prepare_cached(&self.sql.find_written).await.map_err(db)?;
+                let since_param = to_i64(since);
+                let find_params: [&(dyn ToSql + Sync); 2] = [&since_param, &ids];
+                let (begun, headed, rows, ended) = futures::join!(
+                    client.batch_execute(BEGIN),
+                    client.query_one(&lock_head, &[]),
+                    client.query(&find, &find_params),
+                    client.batch_execute("ROLLBACK")
+                );
+                keep_unless_broken(
+                    &conn,
+                    &[begun.as_ref().err(), headed.as_ref().err(), rows.as_ref().err(), ended.as_ref().err()],
+                );
+                begun.map_err(db)?;
+                headed.map_err(db)?;
+                ended.map_err(db)?;
+                let mut found: HashMap<(String, Uuid), (u64, u64)> = HashMap::new();
+                for row in rows.map_err(db)? {
+                    let stream: String = row.try_get(0).map_err(db)?;
+                    let id: Uuid = row.try_get(1).map_err(db)?;
+                    let version = to_u64(row.try_get(2).map_err(db)?, "version")?;
+                    let position = to_u64(row.try_get(3).map_err(db)?, "position")?;
+                    // The first occurrence from `since` on (ids may repeat across
+                    // appends; a part's events are consecutive in any case).
+                    found.entry((stream, id)).or_insert((version, position));
                 }
-                Some(results)
+                let mut next = since;
+                let settled = requests
+                    .iter()
+                    .map(|parts| {
+                        let mut results = Vec::with_capacity(parts.len());
+                        for part in *parts {
+                            let mut last: Option<(u64, u64)> = None;
+                            for event in &part.events {
+                                let &(version, position) = found.get(&(part.stream.to_string(), event.id))?;
+                                // Consecutive in the stream and in the log, as one
+                                // append writes them.
+                                if let Some((v, p)) = last
+                                    && (version != v + 1 || position != p + 1)
+                                {
+                                    return None;
+                                }
+                                last = Some((version, position));
+                            }
+                            let (version, position) = last?;
+                            next = next.max(position + 1);
+                            results.push(AppendResult { next_version: version + 1, position });
+                        }
+                        Some(results)
+                    })
+                    .collect();
+                // Committed, so readable: as after our own commit.
+                bump(&self.head, next);
+                Ok(settled)
             })
-            .collect();
-        // Committed, so readable: as after our own commit.
-        bump(&self.head, next);
-        Ok(settled)
+            .await
     }
 
     /// One transaction over `requests`, whose streams are disjoint.
@@ -417,138 +464,145 @@ impl Committer {
             .increment(1);
         // Discarded unless kept: an error or a cancelled future that leaves
         // the transaction open must not hand it to the next borrower.
-        let conn = Pooled::discarded_unless_kept(self.pool.get().await?, self.schema.clone());
-        let client: &deadpool_postgres::ClientWrapper = &conn;
-        let lock_head = client.prepare_cached(&self.sql.lock_head).await?;
-        let ensure = client.prepare_cached(&self.sql.ensure_streams).await?;
-        let read = client.prepare_cached(&self.sql.read_streams).await?;
-        let write = client.prepare_cached(&self.sql.write).await?;
+        let conn =
+            Pooled::discarded_unless_kept(self.pool.get().await?, self.schema.clone(), self.answer.clone());
+        conn.deadline()
+            .bound(async {
+                let client: &deadpool_postgres::ClientWrapper = &conn;
+                let lock_head = client.prepare_cached(&self.sql.lock_head).await?;
+                let ensure = client.prepare_cached(&self.sql.ensure_streams).await?;
+                let read = client.prepare_cached(&self.sql.read_streams).await?;
+                let write = client.prepare_cached(&self.sql.write).await?;
 
-        // The head first, like every writer of runs and stream rows (ADR
-        // 02): from here until the commit no other append or delete of the
-        // schema can run, so the streams read below stay as read. This holds
-        // the head for two round trips, but only on this rare path. Streams
-        // without a row get one (rolled back if nothing is written).
-        let mut names: Vec<&str> =
-            requests.iter().flat_map(|r| r.iter()).map(|p| p.stream.as_str()).collect();
-        names.sort_unstable();
-        let categories: Vec<&str> = names.iter().map(|n| category_of(n)).collect();
-        let ensure_params: [&(dyn ToSql + Sync); 2] = [&names, &categories];
-        let read_params: [&(dyn ToSql + Sync); 1] = [&names];
-        let (begun, headed, ensured, rows) = futures::join!(
-            client.batch_execute(BEGIN),
-            client.query_one(&lock_head, &[]),
-            client.execute(&ensure, &ensure_params),
-            client.query(&read, &read_params)
-        );
-        begun?;
-        headed?;
-        ensured?;
-        let mut read_states = HashMap::with_capacity(names.len());
-        for row in rows? {
-            let name: String = row.try_get(0)?;
-            let last_version: Option<i64> = row.try_get(1)?;
-            let last_position: Option<i64> = row.try_get(2)?;
-            let truncate_before: i64 = row.try_get(3)?;
-            let state = StreamState {
-                last_version: last_version.map(|v| to_u64(v, "last_version")).transpose()?,
-                last_position: last_position.map(|v| to_u64(v, "last_position")).transpose()?,
-                truncate_before: to_u64(truncate_before, "truncate_before")?,
-                tombstoned: row.try_get(4)?,
-            };
-            read_states.insert(name, Read { state, last_event_id: row.try_get(5)? });
-        }
-
-        // Decide each request; a failed decision fails only its request.
-        let mut decided: Vec<Result<Vec<AppendDecision>>> = Vec::with_capacity(requests.len());
-        for parts in requests {
-            let mut decisions = Vec::with_capacity(parts.len());
-            let mut failed = None;
-            for part in *parts {
-                let Some(Read { state, last_event_id }) = read_states.get(part.stream.as_str()) else {
-                    return Err(Failure::Fail(Error::Backend {
-                        message: format!("stream row '{}' was not read", part.stream),
-                        source: None,
-                    }));
-                };
-                let ids: Vec<Uuid> = part.events.iter().map(|e| e.id).collect();
-                let tail = resend_tail(client, &self.sql, &part.stream, state, *last_event_id, &ids).await?;
-                match state.decide(&part.stream, part.expected, &ids, |_| Ok(tail)) {
-                    Ok(d) => decisions.push(d),
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
-                    }
+                // The head first, like every writer of runs and stream rows (ADR
+                // 02): from here until the commit no other append or delete of the
+                // schema can run, so the streams read below stay as read. This holds
+                // the head for two round trips, but only on this rare path. Streams
+                // without a row get one (rolled back if nothing is written).
+                let mut names: Vec<&str> =
+                    requests.iter().flat_map(|r| r.iter()).map(|p| p.stream.as_str()).collect();
+                names.sort_unstable();
+                let categories: Vec<&str> = names.iter().map(|n| category_of(n)).collect();
+                let ensure_params: [&(dyn ToSql + Sync); 2] = [&names, &categories];
+                let read_params: [&(dyn ToSql + Sync); 1] = [&names];
+                let (begun, headed, ensured, rows) = futures::join!(
+                    client.batch_execute(BEGIN),
+                    client.query_one(&lock_head, &[]),
+                    client.execute(&ensure, &ensure_params),
+                    client.query(&read, &read_params)
+                );
+                begun?;
+                headed?;
+                ensured?;
+                let mut read_states = HashMap::with_capacity(names.len());
+                for row in rows? {
+                    let name: String = row.try_get(0)?;
+                    let last_version: Option<i64> = row.try_get(1)?;
+                    let last_position: Option<i64> = row.try_get(2)?;
+                    let truncate_before: i64 = row.try_get(3)?;
+                    let state = StreamState {
+                        last_version: last_version.map(|v| to_u64(v, "last_version")).transpose()?,
+                        last_position: last_position.map(|v| to_u64(v, "last_position")).transpose()?,
+                        truncate_before: to_u64(truncate_before, "truncate_before")?,
+                        tombstoned: row.try_get(4)?,
+                    };
+                    read_states.insert(name, Read { state, last_event_id: row.try_get(5)? });
                 }
-            }
-            decided.push(failed.map_or(Ok(decisions), Err));
-        }
 
-        let mut batch = Batch::default();
-        for (parts, decisions) in requests.iter().zip(&decided) {
-            if let Ok(decisions) = decisions {
-                for (part, decision) in parts.iter().zip(decisions) {
-                    if let AppendDecision::Write { first_version } = decision {
-                        batch.add(part, *first_version)?;
-                    }
-                }
-            }
-        }
-        if batch.total == 0 {
-            // Nothing to write (failures and idempotent re-sends only).
-            client.batch_execute("ROLLBACK").await?;
-            conn.keep();
-            return Ok(decided
-                .into_iter()
-                .map(|d| d.map(|ds| ds.iter().map(already_written).collect()))
-                .collect());
-        }
-
-        let write_params: [&(dyn ToSql + Sync); 13] = [
-            &batch.total,
-            &batch.run_streams,
-            &batch.run_versions,
-            &batch.run_offsets,
-            &batch.run_counts,
-            &batch.run_types,
-            &batch.run_categories,
-            &batch.run_correlation_ids,
-            &batch.ids,
-            &batch.content_types,
-            &batch.data,
-            &batch.metadata,
-            &self.sql.channel,
-        ];
-        let (written, committed) =
-            futures::join!(client.query_one(&write, &write_params), client.batch_execute("COMMIT"));
-        // Either way the transaction is over (a failed write turns the
-        // COMMIT into a rollback; a failed COMMIT ends it too).
-        keep_unless_broken(&conn, &[written.as_ref().err(), committed.as_ref().err()]);
-        let row = written?;
-        committed?;
-        let first = to_u64(row.try_get(0)?, "position")?;
-        let next = first + to_u64(batch.total, "total")?;
-        // Published only after commit: the events are readable now.
-        bump(&self.head, next);
-
-        let mut offsets = batch.part_offsets.into_iter();
-        Ok(decided
-            .into_iter()
-            .map(|d| {
-                d.map(|decisions| {
-                    decisions
-                        .iter()
-                        .map(|decision| match decision {
-                            AppendDecision::AlreadyWritten(r) => *r,
-                            AppendDecision::Write { .. } => {
-                                let (next_version, last_offset) = offsets.next().unwrap_or_default();
-                                AppendResult { next_version, position: first + last_offset }
+                // Decide each request; a failed decision fails only its request.
+                let mut decided: Vec<Result<Vec<AppendDecision>>> = Vec::with_capacity(requests.len());
+                for parts in requests {
+                    let mut decisions = Vec::with_capacity(parts.len());
+                    let mut failed = None;
+                    for part in *parts {
+                        let Some(Read { state, last_event_id }) = read_states.get(part.stream.as_str())
+                        else {
+                            return Err(Failure::Fail(Error::Backend {
+                                message: format!("stream row '{}' was not read", part.stream),
+                                source: None,
+                            }));
+                        };
+                        let ids: Vec<Uuid> = part.events.iter().map(|e| e.id).collect();
+                        let tail =
+                            resend_tail(client, &self.sql, &part.stream, state, *last_event_id, &ids).await?;
+                        match state.decide(&part.stream, part.expected, &ids, |_| Ok(tail)) {
+                            Ok(d) => decisions.push(d),
+                            Err(e) => {
+                                failed = Some(e);
+                                break;
                             }
+                        }
+                    }
+                    decided.push(failed.map_or(Ok(decisions), Err));
+                }
+
+                let mut batch = Batch::default();
+                for (parts, decisions) in requests.iter().zip(&decided) {
+                    if let Ok(decisions) = decisions {
+                        for (part, decision) in parts.iter().zip(decisions) {
+                            if let AppendDecision::Write { first_version } = decision {
+                                batch.add(part, *first_version)?;
+                            }
+                        }
+                    }
+                }
+                if batch.total == 0 {
+                    // Nothing to write (failures and idempotent re-sends only).
+                    client.batch_execute("ROLLBACK").await?;
+                    conn.keep();
+                    return Ok(decided
+                        .into_iter()
+                        .map(|d| d.map(|ds| ds.iter().map(already_written).collect()))
+                        .collect());
+                }
+
+                let write_params: [&(dyn ToSql + Sync); 13] = [
+                    &batch.total,
+                    &batch.run_streams,
+                    &batch.run_versions,
+                    &batch.run_offsets,
+                    &batch.run_counts,
+                    &batch.run_types,
+                    &batch.run_categories,
+                    &batch.run_correlation_ids,
+                    &batch.ids,
+                    &batch.content_types,
+                    &batch.data,
+                    &batch.metadata,
+                    &self.sql.channel,
+                ];
+                let (written, committed) =
+                    futures::join!(client.query_one(&write, &write_params), client.batch_execute("COMMIT"));
+                // Either way the transaction is over (a failed write turns the
+                // COMMIT into a rollback; a failed COMMIT ends it too).
+                keep_unless_broken(&conn, &[written.as_ref().err(), committed.as_ref().err()]);
+                let row = written?;
+                committed?;
+                let first = to_u64(row.try_get(0)?, "position")?;
+                let next = first + to_u64(batch.total, "total")?;
+                // Published only after commit: the events are readable now.
+                bump(&self.head, next);
+
+                let mut offsets = batch.part_offsets.into_iter();
+                Ok(decided
+                    .into_iter()
+                    .map(|d| {
+                        d.map(|decisions| {
+                            decisions
+                                .iter()
+                                .map(|decision| match decision {
+                                    AppendDecision::AlreadyWritten(r) => *r,
+                                    AppendDecision::Write { .. } => {
+                                        let (next_version, last_offset) = offsets.next().unwrap_or_default();
+                                        AppendResult { next_version, position: first + last_offset }
+                                    }
+                                })
+                                .collect()
                         })
-                        .collect()
-                })
+                    })
+                    .collect())
             })
-            .collect())
+            .await
     }
 }
 
@@ -566,123 +620,136 @@ impl Committer {
     ) -> Result<Option<Vec<Result<Vec<AppendResult>>>>, Failure> {
         let Some(args) = FastArgs::new(requests) else { return Ok(None) };
         let one_part = args.part_streams.len() == 1;
-        let conn = Pooled::discarded_unless_kept(self.pool.get().await?, self.schema.clone());
-        let client: &deadpool_postgres::ClientWrapper = &conn;
-        // No BEGIN: the implicit transaction commits at the Sync that ends
-        // the request, and `query_one` reads up to the ReadyForQuery after
-        // it, so a row and no error means committed, and an error means
-        // nothing was (or, if the connection broke, may have been: a re-run
-        // then finds an idempotent re-send).
-        let (sql, params): (&str, Vec<&(dyn ToSql + Sync)>) = if one_part {
-            let stream: [&(dyn ToSql + Sync); 8] = [
-                &args.part_streams[0],
-                &args.part_categories[0],
-                &args.part_kinds[0],
-                &args.part_versions[0],
-                &args.run_offsets,
-                &args.run_counts,
-                &args.run_types,
-                &args.run_correlation_ids,
-            ];
-            (
-                &self.sql.append_part,
-                stream.into_iter().chain(args.event_params()).chain([&self.sql.channel as _]).collect(),
-            )
-        } else {
-            let parts: [&(dyn ToSql + Sync); 13] = [
-                &args.part_streams,
-                &args.part_categories,
-                &args.part_kinds,
-                &args.part_versions,
-                &args.part_counts,
-                &args.part_last_offsets,
-                &args.part_last_ids,
-                &args.run_parts,
-                &args.run_offsets,
-                &args.run_version_offsets,
-                &args.run_counts,
-                &args.run_types,
-                &args.run_correlation_ids,
-            ];
-            (
-                &self.sql.append_fast,
-                parts.into_iter().chain(args.event_params()).chain([&self.sql.channel as _]).collect(),
-            )
-        };
-        let statement = client.prepare_cached(sql).await?;
-        let row = if self.explicit_rc.get() {
-            // The sessions default to another isolation, under which the
-            // function would decline every call: the same call inside an
-            // explicit READ COMMITTED transaction, pipelined (one round
-            // trip). A failed call turns the COMMIT into a rollback; a row
-            // and a completed COMMIT mean committed.
-            let (begun, called, committed) = futures::join!(
-                client.batch_execute(BEGIN),
-                client.query_one(&statement, &params),
-                client.batch_execute("COMMIT")
-            );
-            keep_unless_broken(
-                &conn,
-                &[begun.as_ref().err(), called.as_ref().err(), committed.as_ref().err()],
-            );
-            begun?;
-            let row = match called {
-                Ok(row) => row,
-                Err(e) if e.code().map(SqlState::code) == Some(DECLINED) => return Ok(None),
-                Err(e) => return Err(e.into()),
-            };
-            committed?;
-            row
-        } else {
-            let called = client.query_one(&statement, &params).await;
-            // No transaction is left open either way.
-            keep_unless_broken(&conn, &[called.as_ref().err()]);
-            match called {
-                Ok(row) => row,
-                Err(e) if e.code().map(SqlState::code) == Some(DECLINED) => return Ok(None),
-                Err(e) => return Err(e.into()),
-            }
-        };
-        let first = to_u64(row.try_get(0)?, "position")?;
-        let first_versions: Vec<i64> = if one_part { vec![row.try_get(1)?] } else { row.try_get(1)? };
-        if first_versions.len() != args.part_counts.len() {
-            return Err(Failure::Fail(Error::Backend {
-                message: "the append function returned a version per part of a different count".into(),
-                source: None,
-            }));
-        }
-        // Published only after commit: the events are readable now.
-        bump(&self.head, first + args.ev_ids.len() as u64);
+        let conn =
+            Pooled::discarded_unless_kept(self.pool.get().await?, self.schema.clone(), self.answer.clone());
+        conn.deadline()
+            .bound(async {
+                let client: &deadpool_postgres::ClientWrapper = &conn;
+                // No BEGIN: the implicit transaction commits at the Sync that ends
+                // the request, and `query_one` reads up to the ReadyForQuery after
+                // it, so a row and no error means committed, and an error means
+                // nothing was (or, if the connection broke, may have been: a re-run
+                // then finds an idempotent re-send).
+                let (sql, params): (&str, Vec<&(dyn ToSql + Sync)>) = if one_part {
+                    let stream: [&(dyn ToSql + Sync); 8] = [
+                        &args.part_streams[0],
+                        &args.part_categories[0],
+                        &args.part_kinds[0],
+                        &args.part_versions[0],
+                        &args.run_offsets,
+                        &args.run_counts,
+                        &args.run_types,
+                        &args.run_correlation_ids,
+                    ];
+                    (
+                        &self.sql.append_part,
+                        stream
+                            .into_iter()
+                            .chain(args.event_params())
+                            .chain([&self.sql.channel as _])
+                            .collect(),
+                    )
+                } else {
+                    let parts: [&(dyn ToSql + Sync); 13] = [
+                        &args.part_streams,
+                        &args.part_categories,
+                        &args.part_kinds,
+                        &args.part_versions,
+                        &args.part_counts,
+                        &args.part_last_offsets,
+                        &args.part_last_ids,
+                        &args.run_parts,
+                        &args.run_offsets,
+                        &args.run_version_offsets,
+                        &args.run_counts,
+                        &args.run_types,
+                        &args.run_correlation_ids,
+                    ];
+                    (
+                        &self.sql.append_fast,
+                        parts
+                            .into_iter()
+                            .chain(args.event_params())
+                            .chain([&self.sql.channel as _])
+                            .collect(),
+                    )
+                };
+                let statement = client.prepare_cached(sql).await?;
+                let row = if self.explicit_rc.get() {
+                    // The sessions default to another isolation, under which the
+                    // function would decline every call: the same call inside an
+                    // explicit READ COMMITTED transaction, pipelined (one round
+                    // trip). A failed call turns the COMMIT into a rollback; a row
+                    // and a completed COMMIT mean committed.
+                    let (begun, called, committed) = futures::join!(
+                        client.batch_execute(BEGIN),
+                        client.query_one(&statement, &params),
+                        client.batch_execute("COMMIT")
+                    );
+                    keep_unless_broken(
+                        &conn,
+                        &[begun.as_ref().err(), called.as_ref().err(), committed.as_ref().err()],
+                    );
+                    begun?;
+                    let row = match called {
+                        Ok(row) => row,
+                        Err(e) if e.code().map(SqlState::code) == Some(DECLINED) => return Ok(None),
+                        Err(e) => return Err(e.into()),
+                    };
+                    committed?;
+                    row
+                } else {
+                    let called = client.query_one(&statement, &params).await;
+                    // No transaction is left open either way.
+                    keep_unless_broken(&conn, &[called.as_ref().err()]);
+                    match called {
+                        Ok(row) => row,
+                        Err(e) if e.code().map(SqlState::code) == Some(DECLINED) => return Ok(None),
+                        Err(e) => return Err(e.into()),
+                    }
+                };
+                let first = to_u64(row.try_get(0)?, "position")?;
+                let first_versions: Vec<i64> = if one_part { vec![row.try_get(1)?] } else { row.try_get(1)? };
+                if first_versions.len() != args.part_counts.len() {
+                    return Err(Failure::Fail(Error::Backend {
+                        message: "the append function returned a version per part of a different count"
+                            .into(),
+                        source: None,
+                    }));
+                }
+                // Published only after commit: the events are readable now.
+                bump(&self.head, first + args.ev_ids.len() as u64);
 
-        let mut part = 0;
-        let mut outcomes = Vec::with_capacity(requests.len());
-        for parts in requests {
-            let mut results = Vec::with_capacity(parts.len());
-            for _ in *parts {
-                let first_version = to_u64(first_versions[part], "version")?;
-                let count = args.part_counts[part] as u64;
-                let last_offset = args.part_last_offsets[part] as u64;
-                results.push(AppendResult {
-                    next_version: first_version + count,
-                    position: first + last_offset,
-                });
-                part += 1;
-            }
-            outcomes.push(Ok(results));
-        }
-        Ok(Some(outcomes))
+                let mut part = 0;
+                let mut outcomes = Vec::with_capacity(requests.len());
+                for parts in requests {
+                    let mut results = Vec::with_capacity(parts.len());
+                    for _ in *parts {
+                        let first_version = to_u64(first_versions[part], "version")?;
+                        let count = args.part_counts[part] as u64;
+                        let last_offset = args.part_last_offsets[part] as u64;
+                        results.push(AppendResult {
+                            next_version: first_version + count,
+                            position: first + last_offset,
+                        });
+                        part += 1;
+                    }
+                    outcomes.push(Ok(results));
+                }
+                Ok(Some(outcomes))
+            })
+            .await
     }
 }
 
 /// The answer to an append whose connection broke when what it did cannot
 /// be read back: transient, so callers re-send it with the same event ids
 /// (idempotency then settles it).
-fn outcome_unknown(broke: &tokio_postgres::Error) -> Error {
+fn outcome_unknown(lost: &Lost) -> Error {
     Error::Backend {
         message: format!(
-            "the connection broke during the append and whether it was written could not be read back \
-             ({}); re-send it with the same event ids",
-            describe(broke)
+            "the append lost its answer ({lost}) and whether it was written could not be read back; \
+             re-send it with the same event ids"
         ),
         source: None,
     }

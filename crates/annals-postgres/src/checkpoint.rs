@@ -9,6 +9,7 @@ use tokio_postgres::{Row, types::ToSql};
 use crate::{
     Inner, PgStore,
     error::db,
+    pooled::marking,
     row::{to_i64, to_u64},
 };
 
@@ -61,9 +62,11 @@ impl PgStore {
         // reads the latest save in a statement after taking the lock, which
         // sees the previous holder's save only with a fresh snapshot.
         client
-            .batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED")
-            .await
-            .map_err(crate::pooled::marking(&broken))?;
+            .deadline()
+            .bound(async {
+                client.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED").await.map_err(marking(&broken))
+            })
+            .await?;
         // Built before the lock so that a failure below still rolls back.
         let mut tx = PgCheckpointTx {
             client: Some(client),
@@ -91,28 +94,37 @@ impl PgCheckpointTx {
     }
 
     /// The connection, inside the transaction, for any other driver call.
+    /// Calls made through it directly are not bounded by the store's
+    /// answer timeout; those of the methods below are.
     pub fn client(&self) -> Result<&tokio_postgres::Client> {
         self.client.as_ref().map(|c| &****c).ok_or(Error::Closed)
     }
 
+    /// Runs `work` on the connection within the store's answer timeout
+    /// ([`crate::PgStoreBuilder::answer_timeout`]).
+    async fn bounded<T>(&self, work: impl Future<Output = Result<T, tokio_postgres::Error>>) -> Result<T> {
+        let deadline = self.client.as_ref().ok_or(Error::Closed)?.deadline();
+        deadline.bound(async { work.await.map_err(db) }).await
+    }
+
     /// Runs a statement in the transaction; returns the rows affected.
     pub async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
-        self.client()?.execute(sql, params).await.map_err(db)
+        self.bounded(self.client()?.execute(sql, params)).await
     }
 
     /// Runs a query in the transaction.
     pub async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
-        self.client()?.query(sql, params).await.map_err(db)
+        self.bounded(self.client()?.query(sql, params)).await
     }
 
     /// Runs a query that returns exactly one row.
     pub async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row> {
-        self.client()?.query_one(sql, params).await.map_err(db)
+        self.bounded(self.client()?.query_one(sql, params)).await
     }
 
     /// Runs several statements (no parameters) in the transaction.
     pub async fn batch_execute(&self, sql: &str) -> Result<()> {
-        self.client()?.batch_execute(sql).await.map_err(db)
+        self.bounded(self.client()?.batch_execute(sql)).await
     }
 
     /// Stores `position` as the checkpoint and commits it together with

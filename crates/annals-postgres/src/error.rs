@@ -58,6 +58,20 @@ pub enum PgError {
     #[error("timed out waiting for a pooled PostgreSQL connection")]
     PoolTimeout,
 
+    /// PostgreSQL did not answer within the store's answer timeout
+    /// ([`crate::PgStoreBuilder::answer_timeout`]): the server is stopped or
+    /// overloaded, or the network between holds the connection open without
+    /// passing anything. The connection was closed and the server asked to
+    /// cancel the statement. Retry with backoff; an append that ends with
+    /// this error was checked against the log and not written (its
+    /// message says when that could not be checked: then re-send it with
+    /// the same event ids).
+    #[error("no answer from PostgreSQL within {waited:?}; the connection was closed")]
+    NoAnswer {
+        /// How long the operation waited.
+        waited: std::time::Duration,
+    },
+
     /// The database schema was written by a newer version of Annals than
     /// this one. Upgrade this process; never run an older one against it.
     #[error(
@@ -115,7 +129,7 @@ impl PgError {
     /// Whether retrying the same operation later may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
-            PgError::Unreachable { .. } | PgError::PoolTimeout => true,
+            PgError::Unreachable { .. } | PgError::PoolTimeout | PgError::NoAnswer { .. } => true,
             PgError::Database(e) => e.is_closed() || e.code().is_none_or(is_retryable_state),
             _ => false,
         }

@@ -32,7 +32,7 @@ use tokio_postgres::Client;
 use crate::{
     PgStore,
     error::{db, unreachable_from},
-    pooled::marking,
+    pooled::{NoAnswer, marking},
 };
 
 /// Advisory-lock class of leases ("anlz"; migrations use another class).
@@ -55,26 +55,35 @@ impl Leases for PgStore {
             }
         });
         let key = format!("{}/{name}", self.inner.schema);
-        let taken = client
-            .query_one("SELECT pg_try_advisory_lock($1, hashtext($2))", &[&LEASE_CLASS, &key])
-            .await
-            .and_then(|row| row.try_get::<_, bool>(0));
+        let within = self.inner.answer.within;
+        // Both statements under the answer timeout; on any failure the
+        // session is closed, which releases the lock if it was taken.
+        let taken = tokio::time::timeout(within, async {
+            let taken = client
+                .query_one("SELECT pg_try_advisory_lock($1, hashtext($2))", &[&LEASE_CLASS, &key])
+                .await
+                .and_then(|row| row.try_get::<_, bool>(0))
+                .map_err(db)?;
+            if taken {
+                client
+                    .execute(self.inner.sql.publish_lease_holder.as_str(), &[&name, &holder])
+                    .await
+                    .map_err(db)?;
+            }
+            Ok::<_, annals_core::Error>(taken)
+        })
+        .await
+        .unwrap_or_else(|_| Err(NoAnswer { waited: within }.into()));
         let taken = match taken {
             Ok(taken) => taken,
             Err(e) => {
                 driver.abort();
-                return Err(db(e));
+                return Err(e);
             }
         };
         if !taken {
             // Dropping the client closes the session.
             return Ok(None);
-        }
-        if let Err(e) = client.execute(self.inner.sql.publish_lease_holder.as_str(), &[&name, &holder]).await
-        {
-            // Closing the session releases the lock again.
-            driver.abort();
-            return Err(db(e));
         }
         let (lost, lost_rx) = watch::channel(false);
         let keeper = tokio::spawn(keep(client, driver, lost, key));
@@ -87,11 +96,16 @@ impl Leases for PgStore {
         let client = self.inner.client().await?;
         let broken = client.broken();
         let db = marking(&broken);
-        let row = client
-            .query_opt(self.inner.sql.lease_holder.as_str(), &[&name, &i64::from(LEASE_CLASS), &key])
+        client
+            .deadline()
+            .bound(async {
+                let row = client
+                    .query_opt(self.inner.sql.lease_holder.as_str(), &[&name, &i64::from(LEASE_CLASS), &key])
+                    .await
+                    .map_err(db)?;
+                row.map(|row| row.try_get::<_, String>(0)).transpose().map_err(db)
+            })
             .await
-            .map_err(db)?;
-        row.map(|row| row.try_get::<_, String>(0)).transpose().map_err(db)
     }
 }
 

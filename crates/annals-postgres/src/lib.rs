@@ -119,6 +119,8 @@ pub(crate) struct Inner {
     lease_config: tokio_postgres::Config,
     /// Makes the TLS side of every connection (see `tls`).
     tls: tls::Connector,
+    /// See [`PgStoreBuilder::answer_timeout`].
+    answer: pooled::Answer,
     /// How long a subscription keeps retrying reads through a database
     /// outage before it ends with the error.
     subscription_retry: Duration,
@@ -147,6 +149,7 @@ pub struct PgStoreBuilder {
     max_connections: usize,
     connect_timeout: Duration,
     pool_wait_timeout: Duration,
+    answer_timeout: Duration,
     poll_interval: Duration,
     subscription_retry: Duration,
     stats_timeout: Duration,
@@ -177,6 +180,22 @@ impl PgStoreBuilder {
     /// 30 s) before failing with [`PgError::PoolTimeout`].
     pub fn pool_wait_timeout(mut self, timeout: Duration) -> Self {
         self.pool_wait_timeout = timeout;
+        self
+    }
+
+    /// How long one operation (a read, an append's transaction, a
+    /// checkpoint save, a statement of a [`PgCheckpointTx`]) waits for
+    /// PostgreSQL to answer once it has a connection (default 30 s). A
+    /// server that is stopped or a network path that holds the connection
+    /// open without passing anything is invisible to the TCP probes (the
+    /// peer's kernel still acknowledges); past this limit the operation
+    /// fails with [`PgError::NoAnswer`], its connection is closed rather
+    /// than reused, and the server is asked to cancel the statement. Lock
+    /// waits count: a [`PgStore::begin_checkpoint_tx`] waiting for another
+    /// instance's checkpoint transaction fails after this long too. Not
+    /// applied to migrations at open.
+    pub fn answer_timeout(mut self, timeout: Duration) -> Self {
+        self.answer_timeout = timeout.max(Duration::from_millis(1));
         self
     }
 
@@ -240,8 +259,8 @@ impl PgStoreBuilder {
         // a millisecond, which made `$all` paging ~20x slower. User-supplied
         // `options` in the URL are kept.
         let options = match config.get_options() {
-            Some(user) if !user.trim().is_empty() => format!("{SERVER_KEEPALIVES} {user} -c jit=off"),
-            _ => format!("{SERVER_KEEPALIVES} -c jit=off"),
+            Some(user) if !user.trim().is_empty() => format!("{SERVER_SESSION} {user} -c jit=off"),
+            _ => format!("{SERVER_SESSION} -c jit=off"),
         };
         config.options(options);
         detect_dead_peers(&mut config);
@@ -297,6 +316,7 @@ impl PgStoreBuilder {
         ));
         tokio::spawn(sample_pool(pool.clone(), self.schema.clone(), cancel.clone()));
         let exact_rounds = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let answer = pooled::Answer { within: self.answer_timeout, tls: connector.clone() };
         let (queue, receiver) = tokio::sync::mpsc::channel(4096);
         let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
         for _ in 0..append::COMMITTERS {
@@ -308,6 +328,7 @@ impl PgStoreBuilder {
                 queue: receiver.clone(),
                 explicit_rc: explicit_rc.clone(),
                 exact_rounds: exact_rounds.clone(),
+                answer: answer.clone(),
             };
             tokio::spawn(committer.run());
         }
@@ -323,6 +344,7 @@ impl PgStoreBuilder {
                 listener: stats,
                 lease_config,
                 tls: connector,
+                answer,
                 subscription_retry: self.subscription_retry,
                 stats_timeout: self.stats_timeout,
                 explicit_rc,
@@ -370,10 +392,18 @@ fn detect_dead_peers(config: &mut tokio_postgres::Config) {
 
 /// The server side of [`detect_dead_peers`]: the same probes from the
 /// server, so a session whose client vanished ends (and its transaction
-/// rolls back, releasing its locks) within about 30 s. Put before the URL's
-/// own `options`, whose settings therefore win.
-const SERVER_KEEPALIVES: &str =
-    "-c tcp_keepalives_idle=15 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3";
+/// rolls back, releasing its locks) within about 30 s. And a session that
+/// sits idle inside a transaction for a minute is ended by the server:
+/// that is a client that stopped while holding locks without its host
+/// going away (a paused process, a wedged proxy, which the probes cannot
+/// see), and an append transaction's head lock would otherwise stop every
+/// append of the schema until it comes back. The store's own transactions
+/// are pipelined and never wait on the client for longer than a round
+/// trip; a [`PgCheckpointTx`] waits on the caller's code between its
+/// statements, which must stay under the minute (or the URL raises it).
+/// Put before the URL's own `options`, whose settings therefore win.
+const SERVER_SESSION: &str = "-c tcp_keepalives_idle=15 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3 \
+     -c idle_in_transaction_session_timeout=60s";
 
 /// Whether the store's sessions default to an isolation other than READ
 /// COMMITTED (the URL's `options`, or `ALTER DATABASE`/`ALTER ROLE … SET
@@ -449,6 +479,7 @@ impl PgStore {
             max_connections: 16,
             connect_timeout: Duration::from_secs(5),
             pool_wait_timeout: Duration::from_secs(30),
+            answer_timeout: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
             subscription_retry: Duration::from_secs(60),
             stats_timeout: Duration::from_secs(5),

@@ -9,6 +9,16 @@
 //! closed". Operations map their driver errors through [`marking`], which
 //! remembers a broken connection; dropping the [`Pooled`] then detaches it
 //! from the pool.
+//!
+//! A connection can also stop answering without breaking: a server that is
+//! stopped (SIGSTOP, a frozen VM whose kernel still acknowledges) or a
+//! wedged proxy keeps the socket open, so neither the driver nor the TCP
+//! probes notice, and an operation on it would wait forever (and with it
+//! every append of the store, queued behind one committer). Operations run
+//! their statements under a [`Deadline`]: when the answer does not come
+//! within the store's answer timeout, the connection is discarded, the
+//! server is asked to cancel what it runs, and the operation fails with
+//! [`PgError::NoAnswer`].
 
 use std::{
     ops::{Deref, DerefMut},
@@ -16,11 +26,24 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use deadpool_postgres::Object;
 
-use crate::error::{breaks_connection, db};
+use crate::{
+    PgError,
+    error::{breaks_connection, db},
+    tls::Connector,
+};
+
+/// How long an operation waits for PostgreSQL's answer, and how to reach
+/// the server to cancel a statement that took longer.
+#[derive(Clone)]
+pub(crate) struct Answer {
+    pub within: Duration,
+    pub tls: Connector,
+}
 
 /// A pooled connection plus whether it broke.
 pub(crate) struct Pooled {
@@ -28,19 +51,31 @@ pub(crate) struct Pooled {
     broken: Arc<AtomicBool>,
     /// The store's schema, for the metric.
     schema: Arc<str>,
+    answer: Answer,
 }
 
 impl Pooled {
-    pub(crate) fn new(object: Object, schema: Arc<str>) -> Self {
-        Pooled { object: Some(object), broken: Arc::default(), schema }
+    pub(crate) fn new(object: Object, schema: Arc<str>, answer: Answer) -> Self {
+        Pooled { object: Some(object), broken: Arc::default(), schema, answer }
     }
 
     /// A connection about to run a transaction by hand: discarded when
     /// dropped unless [`Pooled::keep`] says the transaction is over.
-    pub(crate) fn discarded_unless_kept(object: Object, schema: Arc<str>) -> Self {
-        let conn = Pooled::new(object, schema);
+    pub(crate) fn discarded_unless_kept(object: Object, schema: Arc<str>, answer: Answer) -> Self {
+        let conn = Pooled::new(object, schema, answer);
         conn.discard();
         conn
+    }
+
+    /// The answer deadline for work on this connection, from now. Taken
+    /// apart from the connection so the work may borrow it mutably.
+    pub(crate) fn deadline(&self) -> Deadline {
+        Deadline {
+            broken: self.broken.clone(),
+            cancel: self.cancel_token(),
+            answer: self.answer.clone(),
+            schema: self.schema.clone(),
+        }
     }
 
     /// Discards the connection when dropped (it is mid-transaction, or
@@ -103,5 +138,79 @@ pub(crate) fn marking(
             broken.store(true, Ordering::Relaxed);
         }
         db(e)
+    }
+}
+
+/// The answer timeout of one operation on one pooled connection (see the
+/// module's documentation).
+pub(crate) struct Deadline {
+    broken: Arc<AtomicBool>,
+    cancel: tokio_postgres::CancelToken,
+    answer: Answer,
+    schema: Arc<str>,
+}
+
+/// The answer did not come in time; see [`PgError::NoAnswer`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NoAnswer {
+    pub waited: Duration,
+}
+
+impl From<NoAnswer> for PgError {
+    fn from(e: NoAnswer) -> Self {
+        PgError::NoAnswer { waited: e.waited }
+    }
+}
+
+impl From<NoAnswer> for annals_core::Error {
+    fn from(e: NoAnswer) -> Self {
+        PgError::from(e).into()
+    }
+}
+
+impl Deadline {
+    /// Runs `work`, the statements of one operation on this deadline's
+    /// connection. If it has not finished within the answer timeout it is
+    /// dropped, the connection is marked broken (so it is discarded, not
+    /// reused: whatever is stuck on it would hold up the next borrower
+    /// too), the server is asked to cancel the running statement (best
+    /// effort, in the background), and the result is [`NoAnswer`].
+    pub(crate) async fn bound<T, E: From<NoAnswer>>(
+        self,
+        work: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let waited = self.answer.within;
+        // Pinned here, not moved into the timeout, so that work which owns
+        // its connection is dropped only after the connection is marked.
+        let mut work = std::pin::pin!(work);
+        match tokio::time::timeout(waited, work.as_mut()).await {
+            Ok(done) => done,
+            Err(_) => {
+                self.expire();
+                Err(NoAnswer { waited }.into())
+            }
+        }
+    }
+
+    fn expire(self) {
+        self.broken.store(true, Ordering::Relaxed);
+        metrics::counter!("annals_pg_answer_timeouts_total", "schema" => self.schema.to_string())
+            .increment(1);
+        tracing::warn!(
+            schema = %self.schema,
+            waited = ?self.answer.within,
+            "PostgreSQL did not answer in time; dropping the connection and cancelling its statement"
+        );
+        let Answer { within, tls } = self.answer;
+        let cancel = self.cancel;
+        // A server that does not answer may not take the cancel request
+        // either: bounded like a connection attempt.
+        tokio::spawn(async move {
+            match tokio::time::timeout(within, cancel.cancel_query(tls)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "cancel request failed"),
+                Err(_) => tracing::debug!("cancel request got no answer"),
+            }
+        });
     }
 }

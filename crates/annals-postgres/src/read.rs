@@ -34,10 +34,10 @@ pub(crate) fn state_from_row(row: &tokio_postgres::Row, first: usize) -> Result<
 
 impl Inner {
     /// A pooled connection; see [`crate::pooled`] for why operations map
-    /// their errors through `marking`.
+    /// their errors through `marking` and run under its `deadline`.
     pub(crate) async fn client(&self) -> Result<Pooled> {
         match self.pool.get().await {
-            Ok(object) => Ok(Pooled::new(object, self.schema_label.clone())),
+            Ok(object) => Ok(Pooled::new(object, self.schema_label.clone(), self.answer.clone())),
             Err(e) => Err(PgError::from(e).into()),
         }
     }
@@ -45,13 +45,18 @@ impl Inner {
     /// The stream's row, or the default state when it has none.
     pub(crate) async fn stream_state(&self, stream: &StreamName) -> Result<StreamState> {
         let client = self.client().await?;
-        let broken = client.broken();
-        let db = marking(&broken);
-        let stmt = client.prepare_cached(&self.sql.stream_state).await.map_err(db)?;
-        let Some(row) = client.query_opt(&stmt, &[&stream.as_str()]).await.map_err(db)? else {
-            return Ok(StreamState::default());
-        };
-        state_from_row(&row, 0)
+        client
+            .deadline()
+            .bound(async {
+                let broken = client.broken();
+                let db = marking(&broken);
+                let stmt = client.prepare_cached(&self.sql.stream_state).await.map_err(db)?;
+                let Some(row) = client.query_opt(&stmt, &[&stream.as_str()]).await.map_err(db)? else {
+                    return Ok(StreamState::default());
+                };
+                state_from_row(&row, 0)
+            })
+            .await
     }
 
     /// Streams by name from the `streams` view: stream rows with their last
@@ -62,20 +67,25 @@ impl Inner {
             return Ok(Vec::new());
         }
         let client = self.client().await?;
-        let broken = client.broken();
-        let db = marking(&broken);
-        let stmt = client.prepare_cached(&self.sql.list_streams).await.map_err(db)?;
-        let limit = limit_i64(request.limit);
-        let rows = client
-            .query(&stmt, &[&request.prefix, &request.after, &request.include_system, &limit])
-            .await
-            .map_err(db)?;
-        rows.iter()
-            .map(|row| {
-                let name: String = row.try_get(0).map_err(db)?;
-                Ok(state_from_row(row, 1)?.info(&StreamName::any(&name)?))
+        client
+            .deadline()
+            .bound(async {
+                let broken = client.broken();
+                let db = marking(&broken);
+                let stmt = client.prepare_cached(&self.sql.list_streams).await.map_err(db)?;
+                let limit = limit_i64(request.limit);
+                let rows = client
+                    .query(&stmt, &[&request.prefix, &request.after, &request.include_system, &limit])
+                    .await
+                    .map_err(db)?;
+                rows.iter()
+                    .map(|row| {
+                        let name: String = row.try_get(0).map_err(db)?;
+                        Ok(state_from_row(row, 1)?.info(&StreamName::any(&name)?))
+                    })
+                    .collect()
             })
-            .collect()
+            .await
     }
 
     /// Counts by type (one aggregate, O(events): see the statement) and the
@@ -88,57 +98,68 @@ impl Inner {
     /// database busy for every poll of a dashboard.
     pub(crate) async fn store_stats(&self) -> Result<StoreStats> {
         let mut client = self.client().await?;
-        let broken = client.broken();
-        let db = marking(&broken);
-        let mut tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(db)?;
-        let timeout_ms = self.stats_timeout.as_millis().clamp(1, i32::MAX as u128);
-        tx.batch_execute(&format!("SET LOCAL statement_timeout = {timeout_ms}")).await.map_err(db)?;
-        // Prepared here, under the timeout: parsing takes the tables' locks
-        // too, and would wait without one behind a lock held elsewhere.
-        let counts = within_timeout(&mut tx, &self.sql.events_by_type, &[], timeout_ms).await?;
-        let counts = match counts {
-            Some(rows) => {
-                let mut counts = BTreeMap::new();
-                for row in &rows {
-                    let event_type: String = row.try_get(0).map_err(db)?;
-                    let n: i64 = row.try_get(1).map_err(db)?;
-                    counts.insert(event_type, to_u64(n, "count")?);
+        let deadline = client.deadline();
+        deadline
+            .bound(async {
+                let broken = client.broken();
+                let db = marking(&broken);
+                let mut tx = client
+                    .build_transaction()
+                    .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                    .read_only(true)
+                    .start()
+                    .await
+                    .map_err(db)?;
+                let timeout_ms = self.stats_timeout.as_millis().clamp(1, i32::MAX as u128);
+                tx.batch_execute(&format!("SET LOCAL statement_timeout = {timeout_ms}")).await.map_err(db)?;
+                // Prepared here, under the timeout: parsing takes the tables' locks
+                // too, and would wait without one behind a lock held elsewhere.
+                let counts = within_timeout(&mut tx, &self.sql.events_by_type, &[], timeout_ms).await?;
+                let counts = match counts {
+                    Some(rows) => {
+                        let mut counts = BTreeMap::new();
+                        for row in &rows {
+                            let event_type: String = row.try_get(0).map_err(db)?;
+                            let n: i64 = row.try_get(1).map_err(db)?;
+                            counts.insert(event_type, to_u64(n, "count")?);
+                        }
+                        Some(counts)
+                    }
+                    None => None,
+                };
+                let bytes =
+                    match within_timeout(&mut tx, &self.sql.disk_bytes, &[&self.schema], timeout_ms).await? {
+                        Some(rows) => match rows.first() {
+                            Some(row) => Some(to_u64(row.try_get::<_, i64>(0).map_err(db)?, "disk_bytes")?),
+                            None => None,
+                        },
+                        None => None,
+                    };
+                tx.commit().await.map_err(db)?;
+                let mut stats = StoreStats::unknown();
+                if let Some(counts) = counts {
+                    stats = stats.with_events_by_type(counts);
                 }
-                Some(counts)
-            }
-            None => None,
-        };
-        let bytes = match within_timeout(&mut tx, &self.sql.disk_bytes, &[&self.schema], timeout_ms).await? {
-            Some(rows) => match rows.first() {
-                Some(row) => Some(to_u64(row.try_get::<_, i64>(0).map_err(db)?, "disk_bytes")?),
-                None => None,
-            },
-            None => None,
-        };
-        tx.commit().await.map_err(db)?;
-        let mut stats = StoreStats::unknown();
-        if let Some(counts) = counts {
-            stats = stats.with_events_by_type(counts);
-        }
-        if let Some(bytes) = bytes {
-            stats = stats.with_disk_bytes(bytes);
-        }
-        Ok(stats)
+                if let Some(bytes) = bytes {
+                    stats = stats.with_disk_bytes(bytes);
+                }
+                Ok(stats)
+            })
+            .await
     }
 
     /// Whether a pooled connection answers a trivial query.
     pub(crate) async fn health(&self) -> Result<()> {
         let client = self.client().await?;
-        let broken = client.broken();
-        let db = marking(&broken);
-        client.simple_query("SELECT 1").await.map_err(db)?;
-        Ok(())
+        client
+            .deadline()
+            .bound(async {
+                let broken = client.broken();
+                let db = marking(&broken);
+                client.simple_query("SELECT 1").await.map_err(db)?;
+                Ok(())
+            })
+            .await
     }
 
     pub(crate) async fn stream_info(&self, stream: &StreamName) -> Result<StreamInfo> {
@@ -163,51 +184,58 @@ impl Inner {
             return Ok(Vec::new());
         }
         let client = self.client().await?;
-        let broken = client.broken();
-        let db = marking(&broken);
-        let take = usize::try_from(limit).unwrap_or(usize::MAX);
-        let mut events = Vec::new();
-        let mut name = None;
-        match request.direction {
-            Direction::Forward => {
-                let start = match request.from {
-                    ReadFrom::Start => first,
-                    ReadFrom::End => return Ok(Vec::new()),
-                    ReadFrom::At(v) => v.max(first),
-                };
-                if start > last {
-                    return Ok(Vec::new());
+        client
+            .deadline()
+            .bound(async {
+                let broken = client.broken();
+                let db = marking(&broken);
+                let take = usize::try_from(limit).unwrap_or(usize::MAX);
+                let mut events = Vec::new();
+                let mut name = None;
+                match request.direction {
+                    Direction::Forward => {
+                        let start = match request.from {
+                            ReadFrom::Start => first,
+                            ReadFrom::End => return Ok(Vec::new()),
+                            ReadFrom::At(v) => v.max(first),
+                        };
+                        if start > last {
+                            return Ok(Vec::new());
+                        }
+                        let stmt = client.prepare_cached(&self.sql.read_stream_forward).await.map_err(db)?;
+                        let rows = client
+                            .query(&stmt, &[&stream.as_str(), &to_i64(start), &limit])
+                            .await
+                            .map_err(db)?;
+                        for row in &rows {
+                            let run = RunRow::decode(row, &mut name)?;
+                            run.unpack(start, true, false, take, &mut events)?;
+                        }
+                    }
+                    Direction::Backward => {
+                        let start = match request.from {
+                            ReadFrom::Start | ReadFrom::End => last,
+                            ReadFrom::At(v) => v.min(last),
+                        };
+                        if start < first {
+                            return Ok(Vec::new());
+                        }
+                        let stmt = client.prepare_cached(&self.sql.read_stream_backward).await.map_err(db)?;
+                        let rows = client
+                            .query(&stmt, &[&stream.as_str(), &to_i64(start), &to_i64(first), &limit])
+                            .await
+                            .map_err(db)?;
+                        for row in &rows {
+                            let run = RunRow::decode(row, &mut name)?;
+                            run.unpack(start, true, true, take, &mut events)?;
+                        }
+                        // The oldest run may reach below a soft delete's truncation.
+                        events.retain(|e| e.version >= first);
+                    }
                 }
-                let stmt = client.prepare_cached(&self.sql.read_stream_forward).await.map_err(db)?;
-                let rows =
-                    client.query(&stmt, &[&stream.as_str(), &to_i64(start), &limit]).await.map_err(db)?;
-                for row in &rows {
-                    let run = RunRow::decode(row, &mut name)?;
-                    run.unpack(start, true, false, take, &mut events)?;
-                }
-            }
-            Direction::Backward => {
-                let start = match request.from {
-                    ReadFrom::Start | ReadFrom::End => last,
-                    ReadFrom::At(v) => v.min(last),
-                };
-                if start < first {
-                    return Ok(Vec::new());
-                }
-                let stmt = client.prepare_cached(&self.sql.read_stream_backward).await.map_err(db)?;
-                let rows = client
-                    .query(&stmt, &[&stream.as_str(), &to_i64(start), &to_i64(first), &limit])
-                    .await
-                    .map_err(db)?;
-                for row in &rows {
-                    let run = RunRow::decode(row, &mut name)?;
-                    run.unpack(start, true, true, take, &mut events)?;
-                }
-                // The oldest run may reach below a soft delete's truncation.
-                events.retain(|e| e.version >= first);
-            }
-        }
-        Ok(events)
+                Ok(events)
+            })
+            .await
     }
 
     /// A `$all` page. Positions are dense, so the page is first read as the
@@ -228,67 +256,77 @@ impl Inner {
         let limit = limit.min(i64::MAX - 1);
         let take = usize::try_from(limit).unwrap_or(usize::MAX);
         let client = self.client().await?;
-        let broken = client.broken();
-        let filter = &request.filter;
-        let mut events = Vec::new();
-        match request.direction {
-            Direction::Forward => {
-                let from = match request.from {
-                    ReadFrom::Start => 0,
-                    ReadFrom::End => i64::MAX,
-                    ReadFrom::At(p) => to_i64(p),
-                };
-                let (clause, params) = filter_clause(filter, 3);
-                let sql = self.sql.read_all_forward_range(&clause);
-                let (mut head, covered) = self
-                    .all_runs(&client, &broken, &sql, from, limit, params, take, false, &mut events)
-                    .await?;
-                // Past the range and past every run read (the last may
-                // reach beyond the range; it must not be read twice).
-                let end = from.saturating_add(limit).max(covered.map_or(0, |(_, end)| to_i64(end)));
-                if events.len() < take && u64::try_from(end).is_ok_and(|end| end < head) {
-                    let (clause, params) = filter_clause(filter, 3);
-                    let sql = self.sql.read_all_forward(&clause);
-                    let rest = (take - events.len()) as i64;
-                    let (later, _) = self
-                        .all_runs(&client, &broken, &sql, end, rest, params, take, false, &mut events)
-                        .await?;
-                    head = head.max(later);
+        client
+            .deadline()
+            .bound(async {
+                let broken = client.broken();
+                let filter = &request.filter;
+                let mut events = Vec::new();
+                match request.direction {
+                    Direction::Forward => {
+                        let from = match request.from {
+                            ReadFrom::Start => 0,
+                            ReadFrom::End => i64::MAX,
+                            ReadFrom::At(p) => to_i64(p),
+                        };
+                        let (clause, params) = filter_clause(filter, 3);
+                        let sql = self.sql.read_all_forward_range(&clause);
+                        let (mut head, covered) = self
+                            .all_runs(&client, &broken, &sql, from, limit, params, take, false, &mut events)
+                            .await?;
+                        // Past the range and past every run read (the last may
+                        // reach beyond the range; it must not be read twice).
+                        let end = from.saturating_add(limit).max(covered.map_or(0, |(_, end)| to_i64(end)));
+                        if events.len() < take && u64::try_from(end).is_ok_and(|end| end < head) {
+                            let (clause, params) = filter_clause(filter, 3);
+                            let sql = self.sql.read_all_forward(&clause);
+                            let rest = (take - events.len()) as i64;
+                            let (later, _) = self
+                                .all_runs(&client, &broken, &sql, end, rest, params, take, false, &mut events)
+                                .await?;
+                            head = head.max(later);
+                        }
+                        bump(&self.head, head);
+                        let next = if events.len() >= take {
+                            events.last().map_or(head, |e| e.position + 1)
+                        } else {
+                            head
+                        };
+                        Ok(AllSlice { events, next: Some(next) })
+                    }
+                    Direction::Backward => {
+                        let from = match request.from {
+                            ReadFrom::Start | ReadFrom::End => i64::MAX,
+                            ReadFrom::At(p) => to_i64(p),
+                        };
+                        let (clause, params) = filter_clause(filter, 3);
+                        let sql = self.sql.read_all_backward_range(&clause);
+                        let (_, covered) = self
+                            .all_runs(&client, &broken, &sql, from, limit, params, take, true, &mut events)
+                            .await?;
+                        // The range held (from - limit, from]; what the filter left
+                        // out there is made up from below it, and below every run
+                        // read (the oldest may reach below the range).
+                        let low = from
+                            .saturating_sub(limit)
+                            .min(covered.map_or(i64::MAX, |(first, _)| to_i64(first)) - 1);
+                        if events.len() < take && low >= 0 {
+                            let (clause, params) = filter_clause(filter, 3);
+                            let sql = self.sql.read_all_backward(&clause);
+                            let rest = (take - events.len()) as i64;
+                            self.all_runs(&client, &broken, &sql, low, rest, params, take, true, &mut events)
+                                .await?;
+                        }
+                        let next = if events.len() >= take {
+                            events.last().and_then(|e| e.position.checked_sub(1))
+                        } else {
+                            None
+                        };
+                        Ok(AllSlice { events, next })
+                    }
                 }
-                bump(&self.head, head);
-                let next =
-                    if events.len() >= take { events.last().map_or(head, |e| e.position + 1) } else { head };
-                Ok(AllSlice { events, next: Some(next) })
-            }
-            Direction::Backward => {
-                let from = match request.from {
-                    ReadFrom::Start | ReadFrom::End => i64::MAX,
-                    ReadFrom::At(p) => to_i64(p),
-                };
-                let (clause, params) = filter_clause(filter, 3);
-                let sql = self.sql.read_all_backward_range(&clause);
-                let (_, covered) = self
-                    .all_runs(&client, &broken, &sql, from, limit, params, take, true, &mut events)
-                    .await?;
-                // The range held (from - limit, from]; what the filter left
-                // out there is made up from below it, and below every run
-                // read (the oldest may reach below the range).
-                let low =
-                    from.saturating_sub(limit).min(covered.map_or(i64::MAX, |(first, _)| to_i64(first)) - 1);
-                if events.len() < take && low >= 0 {
-                    let (clause, params) = filter_clause(filter, 3);
-                    let sql = self.sql.read_all_backward(&clause);
-                    let rest = (take - events.len()) as i64;
-                    self.all_runs(&client, &broken, &sql, low, rest, params, take, true, &mut events).await?;
-                }
-                let next = if events.len() >= take {
-                    events.last().and_then(|e| e.position.checked_sub(1))
-                } else {
-                    None
-                };
-                Ok(AllSlice { events, next })
-            }
-        }
+            })
+            .await
     }
 
     /// Runs one `$all` page statement (`$1` from, `$2` limit, the filter's
@@ -363,13 +401,18 @@ impl Inner {
 
     pub(crate) async fn next_position(&self) -> Result<u64> {
         let client = self.client().await?;
-        let broken = client.broken();
-        let db = marking(&broken);
-        let stmt = client.prepare_cached(&self.sql.head).await.map_err(db)?;
-        let next: i64 = client.query_one(&stmt, &[]).await.map_err(db)?.try_get(0).map_err(db)?;
-        let next = to_u64(next, "next_position")?;
-        bump(&self.head, next);
-        Ok(next)
+        client
+            .deadline()
+            .bound(async {
+                let broken = client.broken();
+                let db = marking(&broken);
+                let stmt = client.prepare_cached(&self.sql.head).await.map_err(db)?;
+                let next: i64 = client.query_one(&stmt, &[]).await.map_err(db)?.try_get(0).map_err(db)?;
+                let next = to_u64(next, "next_position")?;
+                bump(&self.head, next);
+                Ok(next)
+            })
+            .await
     }
 }
 

@@ -168,49 +168,56 @@ impl StreamDeleter for PgStore {
     ) -> Result<()> {
         let sql = &self.inner.sql;
         let mut client = self.inner.client().await?;
-        let broken = client.broken();
-        let db = marking(&broken);
-        let tx = client
-            .build_transaction()
-            .isolation_level(IsolationLevel::ReadCommitted)
-            .start()
+        let deadline = client.deadline();
+        deadline
+            .bound(async {
+                let broken = client.broken();
+                let db = marking(&broken);
+                let tx = client
+                    .build_transaction()
+                    .isolation_level(IsolationLevel::ReadCommitted)
+                    .start()
+                    .await
+                    .map_err(db)?;
+                // The head first, like every writer of stream rows (ADR 02): appends
+                // read stream rows under the head lock without locking them, so a
+                // delete must not change a row while an append holds the head. It
+                // keeps appends of the whole schema waiting for this transaction;
+                // deletes are rare.
+                let lock_head = tx.prepare_cached(&sql.lock_head).await.map_err(db)?;
+                tx.query_one(&lock_head, &[]).await.map_err(db)?;
+                let ensure = tx.prepare_cached(&sql.ensure_streams).await.map_err(db)?;
+                tx.execute(&ensure, &[&vec![stream.as_str()], &vec![category_of(stream.as_str())]])
+                    .await
+                    .map_err(db)?;
+                let stmt = tx.prepare_cached(&sql.read_streams).await.map_err(db)?;
+                let row = tx.query_one(&stmt, &[&vec![stream.as_str()]]).await.map_err(db)?;
+                let state = crate::read::state_from_row(&row, 1)?;
+                // On error the transaction is dropped, rolling back the row `ensure_streams`
+                // may have created.
+                state.check_delete(stream, expected, mode == DeleteMode::Hard)?;
+                match mode {
+                    DeleteMode::Soft => {
+                        let stmt = tx.prepare_cached(&sql.soft_delete).await.map_err(db)?;
+                        tx.execute(&stmt, &[&stream.as_str(), &to_i64(state.next_version())])
+                            .await
+                            .map_err(db)?;
+                    }
+                    DeleteMode::Hard => {
+                        let stmt = tx.prepare_cached(&sql.hard_delete).await.map_err(db)?;
+                        tx.execute(&stmt, &[&stream.as_str()]).await.map_err(db)?;
+                    }
+                }
+                tx.commit().await.map_err(db)?;
+                self.inner.tail.note_deletion();
+                if mode == DeleteMode::Hard {
+                    // Wake subscribers of the stream so they see the tombstone.
+                    let head = *self.inner.head.borrow();
+                    self.inner.head.send_replace(head);
+                }
+                Ok(())
+            })
             .await
-            .map_err(db)?;
-        // The head first, like every writer of stream rows (ADR 02): appends
-        // read stream rows under the head lock without locking them, so a
-        // delete must not change a row while an append holds the head. It
-        // keeps appends of the whole schema waiting for this transaction;
-        // deletes are rare.
-        let lock_head = tx.prepare_cached(&sql.lock_head).await.map_err(db)?;
-        tx.query_one(&lock_head, &[]).await.map_err(db)?;
-        let ensure = tx.prepare_cached(&sql.ensure_streams).await.map_err(db)?;
-        tx.execute(&ensure, &[&vec![stream.as_str()], &vec![category_of(stream.as_str())]])
-            .await
-            .map_err(db)?;
-        let stmt = tx.prepare_cached(&sql.read_streams).await.map_err(db)?;
-        let row = tx.query_one(&stmt, &[&vec![stream.as_str()]]).await.map_err(db)?;
-        let state = crate::read::state_from_row(&row, 1)?;
-        // On error the transaction is dropped, rolling back the row `ensure_streams`
-        // may have created.
-        state.check_delete(stream, expected, mode == DeleteMode::Hard)?;
-        match mode {
-            DeleteMode::Soft => {
-                let stmt = tx.prepare_cached(&sql.soft_delete).await.map_err(db)?;
-                tx.execute(&stmt, &[&stream.as_str(), &to_i64(state.next_version())]).await.map_err(db)?;
-            }
-            DeleteMode::Hard => {
-                let stmt = tx.prepare_cached(&sql.hard_delete).await.map_err(db)?;
-                tx.execute(&stmt, &[&stream.as_str()]).await.map_err(db)?;
-            }
-        }
-        tx.commit().await.map_err(db)?;
-        self.inner.tail.note_deletion();
-        if mode == DeleteMode::Hard {
-            // Wake subscribers of the stream so they see the tombstone.
-            let head = *self.inner.head.borrow();
-            self.inner.head.send_replace(head);
-        }
-        Ok(())
     }
 }
 
@@ -225,23 +232,28 @@ impl SnapshotStore for PgStore {
             )));
         }
         let client = self.inner.client().await?;
-        let broken = client.broken();
-        let db = marking(&broken);
-        let stmt = client.prepare_cached(&self.inner.sql.save_snapshot).await.map_err(db)?;
         client
-            .execute(
-                &stmt,
-                &[
-                    &snapshot.stream.as_str(),
-                    &to_i64(snapshot.version),
-                    &i64::from(snapshot.schema_version),
-                    &snapshot.data.as_ref(),
-                    &PgTimestamp(snapshot.created_at),
-                ],
-            )
+            .deadline()
+            .bound(async {
+                let broken = client.broken();
+                let db = marking(&broken);
+                let stmt = client.prepare_cached(&self.inner.sql.save_snapshot).await.map_err(db)?;
+                client
+                    .execute(
+                        &stmt,
+                        &[
+                            &snapshot.stream.as_str(),
+                            &to_i64(snapshot.version),
+                            &i64::from(snapshot.schema_version),
+                            &snapshot.data.as_ref(),
+                            &PgTimestamp(snapshot.created_at),
+                        ],
+                    )
+                    .await
+                    .map_err(db)?;
+                Ok(())
+            })
             .await
-            .map_err(db)?;
-        Ok(())
     }
 
     async fn load_snapshot(
@@ -254,12 +266,17 @@ impl SnapshotStore for PgStore {
 
     async fn prune_snapshots(&self, stream: &StreamName, keep_last: usize) -> Result<usize> {
         let client = self.inner.client().await?;
-        let broken = client.broken();
-        let db = marking(&broken);
-        let stmt = client.prepare_cached(&self.inner.sql.prune_snapshots).await.map_err(db)?;
-        let keep = i64::try_from(keep_last).unwrap_or(i64::MAX);
-        let deleted = client.execute(&stmt, &[&stream.as_str(), &keep]).await.map_err(db)?;
-        Ok(usize::try_from(deleted).unwrap_or(usize::MAX))
+        client
+            .deadline()
+            .bound(async {
+                let broken = client.broken();
+                let db = marking(&broken);
+                let stmt = client.prepare_cached(&self.inner.sql.prune_snapshots).await.map_err(db)?;
+                let keep = i64::try_from(keep_last).unwrap_or(i64::MAX);
+                let deleted = client.execute(&stmt, &[&stream.as_str(), &keep]).await.map_err(db)?;
+                Ok(usize::try_from(deleted).unwrap_or(usize::MAX))
+            })
+            .await
     }
 }
 
@@ -270,36 +287,46 @@ impl PgStore {
         at_or_before: Option<u64>,
     ) -> Result<Option<Snapshot>> {
         let client = self.inner.client().await?;
-        let broken = client.broken();
-        let db = marking(&broken);
-        let stmt = client.prepare_cached(&self.inner.sql.load_snapshot).await.map_err(db)?;
-        let at = at_or_before.map_or(i64::MAX, to_i64);
-        let Some(row) = client.query_opt(&stmt, &[&stream.as_str(), &at]).await.map_err(db)? else {
-            return Ok(None);
-        };
-        let name: &str = row.try_get(0).map_err(db)?;
-        let schema_version: i64 = row.try_get(2).map_err(db)?;
-        let data: Vec<u8> = row.try_get(3).map_err(db)?;
-        let created_at: PgTimestamp = row.try_get(4).map_err(db)?;
-        Ok(Some(Snapshot {
-            stream: stream_name(name)?,
-            version: to_u64(row.try_get(1).map_err(db)?, "snapshot version")?,
-            schema_version: u32::try_from(schema_version).map_err(|_| Error::Corrupt {
-                details: format!("snapshot schema version {schema_version}"),
-            })?,
-            data: Bytes::from(data),
-            created_at: created_at.0,
-        }))
+        client
+            .deadline()
+            .bound(async {
+                let broken = client.broken();
+                let db = marking(&broken);
+                let stmt = client.prepare_cached(&self.inner.sql.load_snapshot).await.map_err(db)?;
+                let at = at_or_before.map_or(i64::MAX, to_i64);
+                let Some(row) = client.query_opt(&stmt, &[&stream.as_str(), &at]).await.map_err(db)? else {
+                    return Ok(None);
+                };
+                let name: &str = row.try_get(0).map_err(db)?;
+                let schema_version: i64 = row.try_get(2).map_err(db)?;
+                let data: Vec<u8> = row.try_get(3).map_err(db)?;
+                let created_at: PgTimestamp = row.try_get(4).map_err(db)?;
+                Ok(Some(Snapshot {
+                    stream: stream_name(name)?,
+                    version: to_u64(row.try_get(1).map_err(db)?, "snapshot version")?,
+                    schema_version: u32::try_from(schema_version).map_err(|_| Error::Corrupt {
+                        details: format!("snapshot schema version {schema_version}"),
+                    })?,
+                    data: Bytes::from(data),
+                    created_at: created_at.0,
+                }))
+            })
+            .await
     }
 
     async fn load_checkpoint_once(&self, name: &str) -> Result<Option<u64>> {
         let client = self.inner.client().await?;
-        let broken = client.broken();
-        let db = marking(&broken);
-        let stmt = client.prepare_cached(&self.inner.sql.load_checkpoint).await.map_err(db)?;
-        let Some(row) = client.query_opt(&stmt, &[&name]).await.map_err(db)? else { return Ok(None) };
-        let position: Option<i64> = row.try_get(0).map_err(db)?;
-        position.map(|p| to_u64(p, "checkpoint")).transpose()
+        client
+            .deadline()
+            .bound(async {
+                let broken = client.broken();
+                let db = marking(&broken);
+                let stmt = client.prepare_cached(&self.inner.sql.load_checkpoint).await.map_err(db)?;
+                let Some(row) = client.query_opt(&stmt, &[&name]).await.map_err(db)? else { return Ok(None) };
+                let position: Option<i64> = row.try_get(0).map_err(db)?;
+                position.map(|p| to_u64(p, "checkpoint")).transpose()
+            })
+            .await
     }
 }
 
@@ -328,36 +355,49 @@ impl CheckpointStore for PgStore {
             let client = self.inner.client().await?;
             let broken = client.broken();
             let db = marking(&broken);
-            let stmt = client.prepare_cached(&self.inner.sql.save_checkpoint).await.map_err(db)?;
-            match client.execute(&stmt, &params).await {
-                Ok(_) => return Ok(()),
-                Err(e) if e.code().map(SqlState::code) == Some(NOT_READ_COMMITTED) => {
-                    self.inner.explicit_rc.set();
-                }
-                Err(e) => return Err(db(e)),
+            let saved = client
+                .deadline()
+                .bound(async {
+                    let stmt = client.prepare_cached(&self.inner.sql.save_checkpoint).await.map_err(db)?;
+                    match client.execute(&stmt, &params).await {
+                        Ok(_) => Ok(true),
+                        Err(e) if e.code().map(SqlState::code) == Some(NOT_READ_COMMITTED) => Ok(false),
+                        Err(e) => Err(db(e)),
+                    }
+                })
+                .await?;
+            if saved {
+                return Ok(());
             }
+            self.inner.explicit_rc.set();
         }
         let object = self.inner.pool.get().await.map_err(PgError::from)?;
         // Discarded unless kept: a cancelled future must not hand an open
         // transaction to the next borrower.
-        let client = Pooled::discarded_unless_kept(object, self.inner.schema_label.clone());
+        let client =
+            Pooled::discarded_unless_kept(object, self.inner.schema_label.clone(), self.inner.answer.clone());
         let broken = client.broken();
         let db = marking(&broken);
-        let stmt = client.prepare_cached(&self.inner.sql.save_checkpoint).await.map_err(db)?;
-        let (begun, saved, committed) = futures::join!(
-            client.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED"),
-            client.execute(&stmt, &params),
-            client.batch_execute("COMMIT")
-        );
-        // A failed statement turns the COMMIT into a rollback: the
-        // transaction is over unless the connection broke.
-        let failed = [begun.as_ref().err(), saved.as_ref().err(), committed.as_ref().err()];
-        if !failed.iter().flatten().any(|e| breaks_connection(e)) {
-            client.keep();
-        }
-        begun.map_err(db)?;
-        saved.map_err(db)?;
-        committed.map_err(db)?;
-        Ok(())
+        client
+            .deadline()
+            .bound(async {
+                let stmt = client.prepare_cached(&self.inner.sql.save_checkpoint).await.map_err(db)?;
+                let (begun, saved, committed) = futures::join!(
+                    client.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED"),
+                    client.execute(&stmt, &params),
+                    client.batch_execute("COMMIT")
+                );
+                // A failed statement turns the COMMIT into a rollback: the
+                // transaction is over unless the connection broke.
+                let failed = [begun.as_ref().err(), saved.as_ref().err(), committed.as_ref().err()];
+                if !failed.iter().flatten().any(|e| breaks_connection(e)) {
+                    client.keep();
+                }
+                begun.map_err(db)?;
+                saved.map_err(db)?;
+                committed.map_err(db)?;
+                Ok(())
+            })
+            .await
     }
 }

@@ -1719,6 +1719,100 @@ async fn a_listener_connection_that_goes_silent_is_replaced() {
     assert_eq!(reader.read_all(ReadAll::forward(10)).await.unwrap().events.len(), 2);
 }
 
+/// A pooled connection that stops answering without closing (a stopped
+/// server, a wedged proxy: the TCP probes see nothing wrong, the peer's
+/// kernel acknowledges) fails the operation on it after the answer timeout
+/// instead of hanging it, and is closed rather than reused: once the path
+/// is clear, the same store serves again although its swallowed
+/// connections stay swallowed. An append that got no answer was not
+/// written (it never reached the server) and says so; a live subscription
+/// waits the outage out and delivers what was appended meanwhile, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_that_stops_answering_fails_its_operation_and_is_replaced() {
+    const POOL: usize = 2;
+    let Some((writer, guard)) = common::open().await else { return };
+    let proxy = common::proxy::Proxy::start().await;
+    let store = PgStore::builder(proxy.url.clone())
+        .schema(&guard.schema)
+        .max_connections(POOL)
+        .connect_timeout(Duration::from_millis(500))
+        .answer_timeout(Duration::from_secs(1))
+        .poll_interval(Duration::from_millis(100))
+        .open()
+        .await
+        .unwrap();
+    let s = stream("mute-1");
+    store.append(&s, ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
+    let mut sub = store.subscribe(SubscriptionRequest::all(Filter::all(), SubscribeFrom::Start));
+    assert_eq!(take(&mut sub, 1).await[0].position, 0);
+    assert_quiet(&mut sub).await;
+
+    // Every connection of the pool, open or new, goes silent; the listener's
+    // does not ("annals-listen …").
+    let pool_marker = format!("annals {}", guard.schema);
+    proxy.blackhole(pool_marker.as_bytes());
+    let hung = Duration::from_secs(20);
+    let read = tokio::time::timeout(hung, store.read_all(ReadAll::forward(10))).await.expect("the read hung");
+    let err = read.unwrap_err();
+    assert!(err.is_transient() && err.to_string().contains("no answer from PostgreSQL"), "{err}");
+    // Another process appends: the subscription is woken (the listener
+    // still works) but cannot read it.
+    writer.append(&stream("mute-2"), ExpectedVersion::NoStream, vec![event(2)]).await.unwrap();
+    let early = tokio::time::timeout(Duration::from_millis(1500), sub.next()).await;
+    assert!(
+        early.is_err(),
+        "delivered through a silent pool: {:?}",
+        early.map(|e| e.map(|e| e.map(|e| e.position)))
+    );
+
+    // A connection that sat idle in the pool through the outage is still
+    // swallowed and costs its first borrower one timeout; every one that
+    // timed out was closed. Reused, one of them would fail a read again
+    // (the pool hands its idle connections out in turn).
+    let read_again = || async {
+        let mut failed = 0;
+        let mut ok = 0;
+        loop {
+            match tokio::time::timeout(hung, store.read_all(ReadAll::forward(10))).await.expect("hung") {
+                Ok(page) if ok == 2 * POOL => break page,
+                Ok(_) => ok += 1,
+                Err(e) => {
+                    failed += 1;
+                    assert!(
+                        ok == 0 && failed <= POOL,
+                        "a read failed after {ok} good ones and {failed} failures: {e}"
+                    );
+                }
+            }
+        }
+    };
+    proxy.restore();
+    // The subscription's read in the outage timed out too; it reads again.
+    assert_eq!(take(&mut sub, 1).await[0].position, 1);
+    assert_eq!(read_again().await.events.len(), 2);
+
+    // An append that gets no answer fails instead of holding up the
+    // store's appends.
+    proxy.blackhole(pool_marker.as_bytes());
+    let late = event(1);
+    let appended =
+        tokio::time::timeout(hung, store.append(&s, ExpectedVersion::Exact(0), vec![late.clone()]))
+            .await
+            .expect("the append hung");
+    let err = appended.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    proxy.restore();
+    let page = read_again().await;
+    // It never reached the server.
+    let streams: Vec<(String, u64)> =
+        page.events.iter().map(|e| (e.stream.to_string(), e.position)).collect();
+    assert_eq!(streams, [("mute-1".to_owned(), 0), ("mute-2".to_owned(), 1)]);
+    let again = store.append(&s, ExpectedVersion::Exact(0), vec![late]).await.unwrap();
+    assert_eq!((again.next_version, again.position), (2, 2));
+    assert_eq!(take(&mut sub, 1).await[0].position, 2);
+    assert_quiet(&mut sub).await;
+}
+
 /// The server probes the store's sessions too (a session whose client
 /// vanished ends within about 30 s, releasing its locks), unless the URL's
 /// `options` choose otherwise.
@@ -1727,17 +1821,25 @@ async fn sessions_are_probed_from_the_server_unless_the_url_says_otherwise() {
     let show = |store: PgStore| async move {
         let client = store.pool().get().await.unwrap();
         let mut got = Vec::new();
-        for setting in ["tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count", "jit"] {
+        for setting in [
+            "tcp_keepalives_idle",
+            "tcp_keepalives_interval",
+            "tcp_keepalives_count",
+            "idle_in_transaction_session_timeout",
+            "jit",
+        ] {
             got.push(client.query_one(&format!("SHOW {setting}"), &[]).await.unwrap().get::<_, String>(0));
         }
         got
     };
     let Some((store, _guard)) = common::open().await else { return };
-    assert_eq!(show(store).await, ["15", "5", "3", "off"]);
+    assert_eq!(show(store).await, ["15", "5", "3", "1min", "off"]);
 
-    let url = common::url_with_options("-c%20tcp_keepalives_idle%3D600");
+    let url = common::url_with_options(
+        "-c%20tcp_keepalives_idle%3D600%20-c%20idle_in_transaction_session_timeout%3D0",
+    );
     let Some((store, _guard)) = common::open_url_with(url, |b| b).await else { return };
-    assert_eq!(show(store).await, ["600", "5", "3", "off"]);
+    assert_eq!(show(store).await, ["600", "5", "3", "0", "off"]);
 }
 
 #[tokio::test]

@@ -100,6 +100,11 @@ pub struct StoreConfig {
     /// How long one PostgreSQL connection attempt may take, in seconds
     /// (default 5).
     pub postgres_connect_timeout_secs: u64,
+    /// How long one operation waits for PostgreSQL to answer, in seconds
+    /// (default 30, 1 to 3600): past it the operation fails with a 503 and
+    /// its connection is closed (a stopped server or a wedged network path
+    /// the TCP probes cannot see).
+    pub postgres_answer_timeout_secs: u64,
 }
 
 impl Default for StoreConfig {
@@ -111,6 +116,7 @@ impl Default for StoreConfig {
             postgres_schema: "annals".to_owned(),
             postgres_max_connections: 16,
             postgres_connect_timeout_secs: 5,
+            postgres_answer_timeout_secs: 30,
         }
     }
 }
@@ -393,6 +399,12 @@ impl ServerConfig {
             return Err(ServerError::config(
                 "store.postgres_connect_timeout_secs",
                 "must be between 1 and 300",
+            ));
+        }
+        if !(1..=3600).contains(&self.store.postgres_answer_timeout_secs) {
+            return Err(ServerError::config(
+                "store.postgres_answer_timeout_secs",
+                "must be between 1 and 3600",
             ));
         }
         let l = &self.limits;

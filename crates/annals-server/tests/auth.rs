@@ -360,4 +360,16 @@ fn postgres_pool_settings_are_validated() {
     assert!(
         matches!(c.validate(), Err(ServerError::Config { ref key, .. }) if key == "store.postgres_connect_timeout_secs")
     );
+    c.store.postgres_connect_timeout_secs = 5;
+    assert_eq!(c.store.postgres_answer_timeout_secs, 30);
+    for (secs, ok) in [(0, false), (1, true), (3600, true), (3601, false)] {
+        c.store.postgres_answer_timeout_secs = secs;
+        let got = c.validate();
+        assert_eq!(got.is_ok(), ok, "{secs}: {got:?}");
+        if !ok {
+            assert!(
+                matches!(got, Err(ServerError::Config { ref key, .. }) if key == "store.postgres_answer_timeout_secs")
+            );
+        }
+    }
 }

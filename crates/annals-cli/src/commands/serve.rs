@@ -253,6 +253,7 @@ pub async fn open_store(config: &StoreConfig) -> Result<OpenedStore, CliError> {
             .schema(config.postgres_schema.clone())
             .max_connections(config.postgres_max_connections)
             .connect_timeout(std::time::Duration::from_secs(config.postgres_connect_timeout_secs))
+            .answer_timeout(std::time::Duration::from_secs(config.postgres_answer_timeout_secs))
             .open()
             .await
             .map_err(|e| match e {
