@@ -259,8 +259,10 @@ impl PgStoreBuilder {
         // a millisecond, which made `$all` paging ~20x slower. User-supplied
         // `options` in the URL are kept.
         let options = match config.get_options() {
-            Some(user) if !user.trim().is_empty() => format!("{SERVER_SESSION} {user} -c jit=off"),
-            _ => format!("{SERVER_SESSION} -c jit=off"),
+            Some(user) if !user.trim().is_empty() => {
+                format!("{SERVER_SESSION} {SESSION_ISOLATION} {user} -c jit=off")
+            }
+            _ => format!("{SERVER_SESSION} {SESSION_ISOLATION} -c jit=off"),
         };
         config.options(options);
         detect_dead_peers(&mut config);
@@ -405,9 +407,19 @@ fn detect_dead_peers(config: &mut tokio_postgres::Config) {
 const SERVER_SESSION: &str = "-c tcp_keepalives_idle=15 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3 \
      -c idle_in_transaction_session_timeout=60s";
 
+/// The store's sessions default to READ COMMITTED, which the append and
+/// checkpoint functions need, whatever the database or role says
+/// (`ALTER DATABASE/ROLE … SET default_transaction_isolation`: a setting
+/// sent at connection start takes precedence over both). Such a default
+/// changed while a store runs would otherwise reach it only through its new
+/// connections, and send their appends to the exact path until a
+/// checkpoint save noticed. The URL's own `options` still win (they come
+/// after); [`ExplicitReadCommitted`] covers that case.
+const SESSION_ISOLATION: &str = r"-c default_transaction_isolation=read\ committed";
+
 /// Whether the store's sessions default to an isolation other than READ
-/// COMMITTED (the URL's `options`, or `ALTER DATABASE`/`ALTER ROLE … SET
-/// default_transaction_isolation`). The append and checkpoint functions
+/// COMMITTED (the URL's `options` set one, overriding
+/// [`SESSION_ISOLATION`]). The append and checkpoint functions
 /// need READ COMMITTED and refuse anything else; in an implicit
 /// transaction they would then fail on every call (one round trip lost and
 /// one `ERROR` in the server's log each time) before running again inside
@@ -520,7 +532,9 @@ impl PgStore {
     }
 
     /// The connection pool, for running other SQL against the same
-    /// database (e.g. a projection's read queries).
+    /// database (e.g. a projection's read queries). Its sessions default
+    /// to READ COMMITTED whatever the database's default (unless the URL's
+    /// `options` set another), and are not bounded by the answer timeout.
     pub fn pool(&self) -> &Pool {
         &self.inner.pool
     }

@@ -751,6 +751,78 @@ async fn checkpoints_are_exact_whatever_the_default_isolation() {
     assert_eq!(rows, 1, "every save replaced the one before");
 }
 
+/// A database whose default isolation is changed while a store runs
+/// changes nothing for the store: its sessions ask for READ COMMITTED at
+/// connection start, which takes precedence over the database's setting, so
+/// appends on connections made afterwards still take the one-call fast
+/// path. (A scratch database of its own, so no other test sees the
+/// setting.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_default_isolation_set_on_the_database_while_running_changes_nothing() {
+    let Some((_store, _guard)) = common::open().await else { return };
+    let admin = admin_client().await;
+    let db = format!("annals_t_db_{}", uuid::Uuid::new_v4().simple());
+    admin.batch_execute(&format!("CREATE DATABASE {db}")).await.unwrap();
+    let _dropped = DatabaseGuard(db.clone());
+    let mut config: tokio_postgres::Config = common::url().parse().unwrap();
+    config.dbname(&db);
+    let url = common::url();
+    let (before, after) = url.split_once('?').map_or((url.as_str(), ""), |(b, a)| (b, a));
+    let base = before.rsplit_once('/').map_or(before, |(host, _)| host);
+    let url = if after.is_empty() { format!("{base}/{db}") } else { format!("{base}/{db}?{after}") };
+    let store = PgStore::builder(url).max_connections(2).open().await.unwrap();
+    let s = stream("iso-late");
+    store.append(&s, ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
+
+    admin
+        .batch_execute(&format!("ALTER DATABASE {db} SET default_transaction_isolation = 'serializable'"))
+        .await
+        .unwrap();
+    // The pool's idle connections go; the next ones start with the new
+    // database default.
+    store.pool().retain(|_, _| false);
+    let isolation: String =
+        store.pool().get().await.unwrap().query_one("SHOW transaction_isolation", &[]).await.unwrap().get(0);
+    assert_eq!(isolation, "read committed", "the database's default reached the store's session");
+    // A session without the store's options does get it.
+    let mut plain = config.clone();
+    plain.options("");
+    let (other, conn) = plain.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let theirs: String = other.query_one("SHOW transaction_isolation", &[]).await.unwrap().get(0);
+    assert_eq!(theirs, "serializable");
+
+    for n in 1..10 {
+        store.append(&s, ExpectedVersion::Exact(n - 1), vec![event(n)]).await.unwrap();
+    }
+    assert_eq!(store.exact_append_rounds(), 0, "appends went to the exact path");
+    assert_eq!(store.read_stream(&s, ReadStream::forward()).await.unwrap().len(), 10);
+}
+
+/// Drops its database when dropped (with the sessions still on it).
+struct DatabaseGuard(String);
+
+impl Drop for DatabaseGuard {
+    fn drop(&mut self) {
+        let db = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            rt.block_on(async move {
+                let Ok((client, conn)) = tokio_postgres::connect(&common::url(), tokio_postgres::NoTls).await
+                else {
+                    return;
+                };
+                let driver = tokio::spawn(conn);
+                let sql = format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)");
+                let _ = tokio::time::timeout(Duration::from_secs(30), client.batch_execute(&sql)).await;
+                drop(client);
+                let _ = driver.await;
+            });
+        })
+        .join();
+    }
+}
+
 /// The append functions need READ COMMITTED too. With a database whose
 /// default isolation is SERIALIZABLE, plain appends (one stream, several
 /// streams, concurrent callers sharing rounds) still take the fast path, in
