@@ -298,12 +298,14 @@ impl PgStoreBuilder {
         drop(client);
 
         let (head, _) = watch::channel(u64::try_from(next).unwrap_or(0));
+        let tail: Arc<annals_core::subscription::Tail> = Arc::default();
         let head = Arc::new(head);
         let stats = Arc::new(ListenerStats::default());
         let dial = listener::Dial {
             config: listen_config,
             tls: connector.clone(),
             answer_within: self.connect_timeout,
+            tail: tail.clone(),
         };
         let first = listener::connect_within(&dial, &sql, &head, &stats).await?;
         let cancel = CancellationToken::new();
@@ -351,7 +353,7 @@ impl PgStoreBuilder {
                 stats_timeout: self.stats_timeout,
                 explicit_rc,
                 exact_rounds,
-                tail: Arc::default(),
+                tail,
                 _listener_guard: cancel.drop_guard(),
             }),
         })

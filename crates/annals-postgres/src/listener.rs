@@ -8,6 +8,12 @@
 //! notification lost during the outage delays wake-ups by at most one
 //! reconnect, never loses events (subscribers read committed rows, the
 //! head only tells them when to look).
+//!
+//! A committed stream deletion notifies the channel with [`DELETED`]
+//! instead of a head: the listener tells the store's subscription tail (so
+//! stream subscriptions it serves read their stream again) and wakes the
+//! subscriptions (so one on a tombstoned stream reports it now, not at the
+//! next append). Listeners of earlier versions ignore the payload.
 
 use std::{
     sync::{
@@ -74,7 +80,12 @@ pub(crate) struct Dial {
     /// answers stopped, would otherwise stall the listener, and with it
     /// every wake-up from other processes, until the kernel gives up.
     pub answer_within: Duration,
+    /// The store's subscription tail, told of deletions.
+    pub tail: Arc<annals_core::subscription::Tail>,
 }
+
+/// The payload a deletion notifies (a head is always a number).
+pub(crate) const DELETED: &str = "deleted";
 
 /// Connects and issues `LISTEN`.
 pub(crate) async fn connect(
@@ -86,6 +97,7 @@ pub(crate) async fn connect(
     let (client, mut connection) = dial.config.connect(dial.tls.clone()).await.map_err(unreachable_from)?;
     let head = head.clone();
     let stats = stats.clone();
+    let tail = dial.tail.clone();
     let driver = tokio::spawn(async move {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
@@ -94,6 +106,10 @@ pub(crate) async fn connect(
                     stats.notifications.fetch_add(1, Ordering::Relaxed);
                     if let Ok(next) = n.payload().parse::<u64>() {
                         bump(&head, next);
+                    } else if n.payload() == DELETED {
+                        tail.note_deletion();
+                        let now = *head.borrow();
+                        head.send_replace(now);
                     }
                 }
                 Ok(_) => {}

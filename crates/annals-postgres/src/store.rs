@@ -208,6 +208,10 @@ impl StreamDeleter for PgStore {
                         tx.execute(&stmt, &[&stream.as_str()]).await.map_err(db)?;
                     }
                 }
+                // Other processes' subscriptions learn of it from their
+                // listeners (notified on commit); this one's just below.
+                let notify = tx.prepare_cached("SELECT pg_notify($1, $2)").await.map_err(db)?;
+                tx.execute(&notify, &[&sql.channel, &crate::listener::DELETED]).await.map_err(db)?;
                 tx.commit().await.map_err(db)?;
                 self.inner.tail.note_deletion();
                 if mode == DeleteMode::Hard {

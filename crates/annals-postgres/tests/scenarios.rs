@@ -1791,6 +1791,30 @@ async fn a_listener_connection_that_goes_silent_is_replaced() {
     assert_eq!(reader.read_all(ReadAll::forward(10)).await.unwrap().events.len(), 2);
 }
 
+/// A stream hard-deleted by another process ends this process's live
+/// subscription to it with `StreamDeleted` at once: the delete notifies the
+/// schema's channel, and the listener wakes the subscriptions and has them
+/// read their streams, with no append anywhere needed to wake them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_deleted_by_another_process_ends_its_subscriptions_here_promptly() {
+    let Some((deleter, guard)) = common::open().await else { return };
+    let watcher = common::reopen(&guard.schema).await;
+    let s = stream("gone-1");
+    let mut sub = watcher.subscribe(SubscriptionRequest::stream(s.clone(), SubscribeFrom::Start));
+    deleter.append(&s, ExpectedVersion::NoStream, vec![event(0), event(1)]).await.unwrap();
+    assert_eq!(take(&mut sub, 2).await.len(), 2);
+    // Past the subscription's once-a-second re-read of its stream.
+    assert_quiet(&mut sub).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    deleter.delete_stream(&s, ExpectedVersion::Exact(1), DeleteMode::Hard).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), sub.next()).await {
+        Ok(Some(Err(Error::StreamDeleted { .. }))) => {}
+        other => panic!("expected StreamDeleted, got {:?}", other.map(|o| o.map(|r| r.map(|e| e.version)))),
+    }
+    assert!(tokio::time::timeout(Duration::from_secs(5), sub.next()).await.expect("ends").is_none());
+}
+
 /// A pooled connection that stops answering without closing (a stopped
 /// server, a wedged proxy: the TCP probes see nothing wrong, the peer's
 /// kernel acknowledges) fails the operation on it after the answer timeout
