@@ -60,11 +60,21 @@ impl PgStore {
         let broken = client.broken();
         // READ COMMITTED whatever the database's default: the lock function
         // reads the latest save in a statement after taking the lock, which
-        // sees the previous holder's save only with a fresh snapshot.
+        // sees the previous holder's save only with a fresh snapshot. And
+        // exempt from the sessions' idle-in-transaction limit (see
+        // `SERVER_SESSION`): between its statements this transaction waits on
+        // the caller's code (a projection's handler, its retry backoff),
+        // which may take longer; the server ending it then would fail a
+        // batch that did nothing wrong.
         client
             .deadline()
             .bound(async {
-                client.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED").await.map_err(marking(&broken))
+                client
+                    .batch_execute(
+                        "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL idle_in_transaction_session_timeout = 0",
+                    )
+                    .await
+                    .map_err(marking(&broken))
             })
             .await?;
         // Built before the lock so that a failure below still rolls back.

@@ -403,8 +403,8 @@ fn detect_dead_peers(config: &mut tokio_postgres::Config) {
 /// see), and an append transaction's head lock would otherwise stop every
 /// append of the schema until it comes back. The store's own transactions
 /// are pipelined and never wait on the client for longer than a round
-/// trip; a [`PgCheckpointTx`] waits on the caller's code between its
-/// statements, which must stay under the minute (or the URL raises it).
+/// trip; a [`PgCheckpointTx`], which waits on the caller's code between its
+/// statements, is exempt (it holds only its own checkpoint's lock).
 /// Put before the URL's own `options`, whose settings therefore win.
 const SERVER_SESSION: &str = "-c tcp_keepalives_idle=15 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3 \
      -c idle_in_transaction_session_timeout=60s";

@@ -1409,6 +1409,35 @@ async fn admin_client() -> tokio_postgres::Client {
     client
 }
 
+/// The server ends the store's sessions that sit idle inside a transaction
+/// (a stopped client holding the head would otherwise stop every append),
+/// but not a checkpoint transaction, which waits on the projection's code
+/// between its statements. (The limit is lowered through the URL here; the
+/// store's default is a minute.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_transactions_end_except_checkpoint_transactions() {
+    let url = common::url_with_options("-c%20idle_in_transaction_session_timeout%3D300");
+    let Some((store, _guard)) = common::open_url_with(url, |b| b).await else { return };
+    let idle = Duration::from_millis(1000);
+
+    let tx = store.begin_checkpoint_tx("slow-projection").await.unwrap();
+    tokio::time::sleep(idle).await;
+    assert_eq!(tx.query_one("SELECT 1::int4", &[]).await.unwrap().get::<_, i32>(0), 1);
+    tokio::time::sleep(idle).await;
+    tx.commit(7).await.unwrap();
+    assert_eq!(store.load_checkpoint("slow-projection").await.unwrap(), Some(7));
+
+    let client = store.pool().get().await.unwrap();
+    client.batch_execute("BEGIN").await.unwrap();
+    tokio::time::sleep(idle).await;
+    let ended = client.query_one("SELECT 1", &[]).await.unwrap_err();
+    assert!(
+        ended.is_closed()
+            || ended.code() == Some(&tokio_postgres::error::SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT),
+        "{ended:?}"
+    );
+}
+
 /// A projection's writes and its checkpoint commit together or not at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoint_transaction_is_exactly_once() {
