@@ -113,8 +113,22 @@ impl PgCheckpointTx {
     /// Runs `work` on the connection within the store's answer timeout
     /// ([`crate::PgStoreBuilder::answer_timeout`]).
     async fn bounded<T>(&self, work: impl Future<Output = Result<T, tokio_postgres::Error>>) -> Result<T> {
-        let deadline = self.client.as_ref().ok_or(Error::Closed)?.deadline();
-        deadline.bound(async { work.await.map_err(db) }).await
+        let client = self.client.as_ref().ok_or(Error::Closed)?;
+        let broken = client.broken();
+        client.deadline().bound(async { work.await.map_err(marking(&broken)) }).await
+    }
+
+    /// Whether the transaction is lost: a statement run through it ended
+    /// its session (a terminated backend, a failover, a server restart) or
+    /// got no answer in time, its connection closed, or it was committed or
+    /// rolled back. Nothing of it can commit then; start again from a new
+    /// [`PgStore::begin_checkpoint_tx`], which reads the checkpoint as it
+    /// was. (Failures of calls made on [`PgCheckpointTx::client`] directly
+    /// show only once the connection is seen closed.)
+    pub fn is_lost(&self) -> bool {
+        self.client
+            .as_ref()
+            .is_none_or(|c| c.broken().load(std::sync::atomic::Ordering::Relaxed) || c.is_closed())
     }
 
     /// Runs a statement in the transaction; returns the rows affected.

@@ -8,7 +8,13 @@
 #[path = "../../annals-postgres/tests/common/mod.rs"]
 mod common;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use annals::consumers::{HandlerError, PgProjection, ProjectionRunner, RetryPolicy};
 use annals_core::{Appender, CheckpointStore, EventData, ExpectedVersion, RecordedEvent, Store, StreamName};
@@ -25,11 +31,14 @@ struct Counter {
     /// Stops forever (a hung process) after writing this position, telling
     /// the test through the channel.
     hang_at: Option<(u64, mpsc::UnboundedSender<()>)>,
+    /// At this position, the first time only, its transaction's session is
+    /// terminated (as by a failover or a DBA) before the event is written.
+    die_at: Option<(u64, Arc<AtomicBool>)>,
 }
 
 impl Counter {
     fn new(schema: &str) -> Self {
-        Counter { schema: schema.to_owned(), hang_at: None }
+        Counter { schema: schema.to_owned(), hang_at: None, die_at: None }
     }
 }
 
@@ -45,6 +54,12 @@ impl PgProjection for Counter {
             // A failing statement aborts the transaction unless the runner
             // rolls back to its savepoint.
             tx.execute("SELECT 1 / 0", &[]).await.map_err(|e| HandlerError::permanent(e.to_string()))?;
+        }
+        if let Some((at, died)) = &self.die_at
+            && event.position == *at
+            && !died.swap(true, Ordering::SeqCst)
+        {
+            tx.execute("SELECT pg_terminate_backend(pg_backend_pid())", &[]).await?;
         }
         let position = i64::try_from(event.position).unwrap();
         tx.execute(&format!("INSERT INTO \"{s}\".applied (position) VALUES ($1)"), &[&position]).await?;
@@ -245,4 +260,56 @@ async fn rebuild_resets_the_model_and_the_checkpoint_together() {
         .unwrap()
         .unwrap();
     assert_eq!(totals(&store, &schema).await, (600, 600, 600));
+}
+
+/// The transaction of a batch dies in the middle (its session terminated):
+/// the event being handled is not the culprit, so it is neither retried
+/// into the dead transaction nor parked. The runner stops, saying why; the
+/// restarted runner replays the batch from the checkpoint, and every event
+/// lands once, with nothing in the dead-letter stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_transaction_dies_is_replayed_not_parked() {
+    let Some((store, guard)) = setup().await else { return };
+    let schema = guard.schema.clone();
+    append(&store, 300, |_| "Deposited").await;
+    let store_dyn: Arc<dyn Store> = Arc::new(store.clone());
+    let retry = RetryPolicy {
+        max_attempts: 3,
+        initial_backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(2),
+        ..RetryPolicy::default()
+    };
+
+    let died = Arc::new(AtomicBool::new(false));
+    let mut counter = Counter::new(&schema);
+    counter.die_at = Some((150, died.clone()));
+    let running =
+        ProjectionRunner::exactly_once(&store, counter).batch_size(100).retry(retry).start().unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(60), running.wait_until_caught_up(&*store_dyn))
+        .await
+        .unwrap();
+    assert!(stopped.is_err(), "caught up through a dead transaction: {stopped:?}");
+    assert!(died.load(Ordering::SeqCst));
+    let stats = running.stats();
+    assert_eq!(stats.parked, 0);
+    assert!(stats.stopped.as_deref().is_some_and(|r| r.contains("transaction was lost")), "{stats:?}");
+    assert_eq!(store.load_checkpoint(CHECKPOINT).await.unwrap(), Some(100));
+    assert_eq!(totals(&store, &schema).await, (100, 100, 100));
+
+    let mut counter = Counter::new(&schema);
+    counter.die_at = Some((150, died));
+    let running =
+        ProjectionRunner::exactly_once(&store, counter).batch_size(100).retry(retry).start().unwrap();
+    let stats = tokio::time::timeout(Duration::from_secs(60), running.wait_until_caught_up(&*store_dyn))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stats.parked, 0);
+    assert_eq!(totals(&store, &schema).await, (300, 300, 300));
+    let parked = annals::consumers::DeadLetterQueue::new(store_dyn.clone(), "projection-counter")
+        .unwrap()
+        .list()
+        .await
+        .unwrap();
+    assert!(parked.is_empty(), "parked: {:?}", parked.iter().map(|p| p.position).collect::<Vec<_>>());
 }

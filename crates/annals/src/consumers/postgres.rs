@@ -219,6 +219,11 @@ impl ProjectionCheckpoint for TxCheckpoint {
         Ok(Some(guard.as_ref().and_then(PgCheckpointTx::checkpoint).unwrap_or(0)))
     }
 
+    /// False once the open transaction is lost ([`PgCheckpointTx::is_lost`]).
+    async fn intact(&self) -> bool {
+        self.0.tx.lock().await.as_ref().is_none_or(|tx| !tx.is_lost())
+    }
+
     async fn commit(&self, name: &str, next_position: u64) -> annals_core::Result<()> {
         let tx = open(&self.0, name).await?.take();
         match tx {

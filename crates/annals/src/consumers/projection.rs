@@ -115,6 +115,17 @@ pub trait ProjectionCheckpoint: Send + Sync + 'static {
 
     /// Records that every event before `next_position` is processed.
     async fn commit(&self, name: &str, next_position: u64) -> annals_core::Result<()>;
+
+    /// Whether the batch begun by [`ProjectionCheckpoint::begin`] can still
+    /// be committed. A transactional checkpoint whose transaction was lost
+    /// (its connection broke) answers `false`: what the batch applied went
+    /// with it, so a failing event is then no fault of its own. The runner
+    /// asks after a handler fails and, on `false`, stops (the restarted
+    /// runner replays the batch from the checkpoint) instead of retrying the
+    /// event or parking it. The default: always `true`.
+    async fn intact(&self) -> bool {
+        true
+    }
 }
 
 /// [`ProjectionCheckpoint`] over the store's named checkpoints.
@@ -417,7 +428,7 @@ async fn follow(
             if slice.events.is_empty() && scanned_to <= next {
                 break;
             }
-            process(config, projection, &slice.events, stats).await;
+            process(config, projection, &slice.events, stats).await?;
             next = scanned_to.max(next);
             commit(config, &checkpoint_name, next, stats, false).await?;
             if slice.events.is_empty() {
@@ -469,7 +480,7 @@ async fn process(
     projection: &mut dyn Projection,
     events: &[RecordedEvent],
     stats: &watch::Sender<ProjectionStats>,
-) {
+) -> ConsumerResult<()> {
     let mut start = 0;
     while start < events.len() {
         let Some(rest) = events.get(start..) else { break };
@@ -478,12 +489,26 @@ async fn process(
         };
         let index = start + failed_at.min(rest.len().saturating_sub(1));
         let Some(event) = events.get(index) else { break };
-        retry_or_park(config, projection, event, error, stats).await;
+        retry_or_park(config, projection, event, error, stats).await?;
         start = index + 1;
     }
     metrics::counter!("annals_projection_events_total", "projection" => config.name.clone())
         .increment(events.len() as u64);
     stats.send_modify(|s| s.processed += events.len() as u64);
+    Ok(())
+}
+
+/// The error that stops a runner whose batch transaction was lost (see
+/// [`ProjectionCheckpoint::intact`]).
+fn batch_lost(event: &RecordedEvent, error: &HandlerError) -> ConsumerError {
+    ConsumerError::Store(annals_core::Error::Backend {
+        message: format!(
+            "the projection's transaction was lost in the batch holding position {} ({error}); restart the \
+             runner: it replays the batch from the checkpoint",
+            event.position
+        ),
+        source: None,
+    })
 }
 
 async fn retry_or_park(
@@ -492,9 +517,12 @@ async fn retry_or_park(
     event: &RecordedEvent,
     mut error: HandlerError,
     stats: &watch::Sender<ProjectionStats>,
-) {
+) -> ConsumerResult<()> {
     let mut failures = 1;
     loop {
+        if !config.checkpoint.intact().await {
+            return Err(batch_lost(event, &error));
+        }
         tracing::warn!(projection = %config.name, position = event.position, attempt = failures, reason = %error, "projection handler failed");
         stats.send_modify(|s| s.retrying = Some((event.position, failures, error.reason.clone())));
         if error.permanent || !config.retry.should_retry(failures) {
@@ -504,7 +532,7 @@ async fn retry_or_park(
         match projection.handle(event).await {
             Ok(()) => {
                 stats.send_modify(|s| s.retrying = None);
-                return;
+                return Ok(());
             }
             Err(e) => {
                 error = e;
@@ -524,4 +552,5 @@ async fn retry_or_park(
         s.parked += 1;
         s.retrying = None;
     });
+    Ok(())
 }
