@@ -192,8 +192,10 @@ impl PgStoreBuilder {
     /// fails with [`PgError::NoAnswer`], its connection is closed rather
     /// than reused, and the server is asked to cancel the statement. Lock
     /// waits count: a [`PgStore::begin_checkpoint_tx`] waiting for another
-    /// instance's checkpoint transaction fails after this long too. Not
-    /// applied to migrations at open.
+    /// instance's checkpoint transaction fails after this long too, and so
+    /// does the transfer: raise it with the append size limit where appends
+    /// of hundreds of megabytes cross a slow link. Not applied to
+    /// migrations at open.
     pub fn answer_timeout(mut self, timeout: Duration) -> Self {
         self.answer_timeout = timeout.max(Duration::from_millis(1));
         self

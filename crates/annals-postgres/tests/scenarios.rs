@@ -1916,8 +1916,8 @@ async fn a_pooled_connection_that_stops_answering_fails_its_operation_and_is_rep
     assert_eq!(take(&mut sub, 1).await[0].position, 1);
     assert_eq!(read_again().await.events.len(), 2);
 
-    // An append that gets no answer fails instead of holding up the
-    // store's appends.
+    // Appends that get no answer fail instead of holding up the store's
+    // appends: one, and several queued behind it (rounds of many requests).
     proxy.blackhole(pool_marker.as_bytes());
     let late = event(1);
     let appended =
@@ -1926,16 +1926,42 @@ async fn a_pooled_connection_that_stops_answering_fails_its_operation_and_is_rep
             .expect("the append hung");
     let err = appended.unwrap_err();
     assert!(err.is_transient(), "{err}");
+    let queued: Vec<_> = (0..8u64)
+        .map(|w| {
+            let store = store.clone();
+            let e = event(10 + w);
+            tokio::spawn(async move {
+                let s = stream(&format!("mute-q{w}"));
+                let got =
+                    tokio::time::timeout(hung, store.append(&s, ExpectedVersion::NoStream, vec![e.clone()]))
+                        .await
+                        .expect("a queued append hung");
+                (s, e, got)
+            })
+        })
+        .collect();
+    let mut resend = Vec::new();
+    for q in queued {
+        let (s, e, got) = q.await.unwrap();
+        let err = got.unwrap_err();
+        assert!(err.is_transient(), "{err}");
+        resend.push((s, e));
+    }
     proxy.restore();
     let page = read_again().await;
-    // It never reached the server.
+    // None of them reached the server.
     let streams: Vec<(String, u64)> =
         page.events.iter().map(|e| (e.stream.to_string(), e.position)).collect();
     assert_eq!(streams, [("mute-1".to_owned(), 0), ("mute-2".to_owned(), 1)]);
     let again = store.append(&s, ExpectedVersion::Exact(0), vec![late]).await.unwrap();
     assert_eq!((again.next_version, again.position), (2, 2));
-    assert_eq!(take(&mut sub, 1).await[0].position, 2);
+    for (s, e) in &resend {
+        store.append(s, ExpectedVersion::NoStream, vec![e.clone()]).await.unwrap();
+    }
+    let delivered: Vec<u64> = take(&mut sub, 9).await.iter().map(|e| e.position).collect();
+    assert_eq!(delivered, (2..11).collect::<Vec<_>>());
     assert_quiet(&mut sub).await;
+    assert_eq!(store.read_all(ReadAll::forward(100)).await.unwrap().events.len(), 11);
 }
 
 /// The server probes the store's sessions too (a session whose client
