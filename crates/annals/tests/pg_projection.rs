@@ -264,8 +264,8 @@ async fn rebuild_resets_the_model_and_the_checkpoint_together() {
 
 /// The transaction of a batch dies in the middle (its session terminated):
 /// the event being handled is not the culprit, so it is neither retried
-/// into the dead transaction nor parked. The runner stops, saying why; the
-/// restarted runner replays the batch from the checkpoint, and every event
+/// into the dead transaction nor parked. The runner starts over from the
+/// checkpoint, replaying the batch on a new transaction, and every event
 /// lands once, with nothing in the dead-letter stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_whose_transaction_dies_is_replayed_not_parked() {
@@ -285,26 +285,13 @@ async fn a_batch_whose_transaction_dies_is_replayed_not_parked() {
     counter.die_at = Some((150, died.clone()));
     let running =
         ProjectionRunner::exactly_once(&store, counter).batch_size(100).retry(retry).start().unwrap();
-    let stopped = tokio::time::timeout(Duration::from_secs(60), running.wait_until_caught_up(&*store_dyn))
-        .await
-        .unwrap();
-    assert!(stopped.is_err(), "caught up through a dead transaction: {stopped:?}");
-    assert!(died.load(Ordering::SeqCst));
-    let stats = running.stats();
-    assert_eq!(stats.parked, 0);
-    assert!(stats.stopped.as_deref().is_some_and(|r| r.contains("transaction was lost")), "{stats:?}");
-    assert_eq!(store.load_checkpoint(CHECKPOINT).await.unwrap(), Some(100));
-    assert_eq!(totals(&store, &schema).await, (100, 100, 100));
-
-    let mut counter = Counter::new(&schema);
-    counter.die_at = Some((150, died));
-    let running =
-        ProjectionRunner::exactly_once(&store, counter).batch_size(100).retry(retry).start().unwrap();
     let stats = tokio::time::timeout(Duration::from_secs(60), running.wait_until_caught_up(&*store_dyn))
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(stats.parked, 0);
+    assert!(died.load(Ordering::SeqCst));
+    assert_eq!((stats.parked, stats.restarts), (0, 1), "{stats:?}");
+    assert!(stats.stopped.is_none());
     assert_eq!(totals(&store, &schema).await, (300, 300, 300));
     let parked = annals::consumers::DeadLetterQueue::new(store_dyn.clone(), "projection-counter")
         .unwrap()
@@ -312,4 +299,39 @@ async fn a_batch_whose_transaction_dies_is_replayed_not_parked() {
         .await
         .unwrap();
     assert!(parked.is_empty(), "parked: {:?}", parked.iter().map(|p| p.position).collect::<Vec<_>>());
+}
+
+/// Told not to restart, the runner stops on a lost batch transaction,
+/// saying why, having parked nothing; a new runner replays the batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_told_not_to_restart_stops_on_a_lost_batch_transaction() {
+    let Some((store, guard)) = setup().await else { return };
+    let schema = guard.schema.clone();
+    append(&store, 300, |_| "Deposited").await;
+    let store_dyn: Arc<dyn Store> = Arc::new(store.clone());
+    let died = Arc::new(AtomicBool::new(false));
+    let mut counter = Counter::new(&schema);
+    counter.die_at = Some((150, died.clone()));
+    let running = ProjectionRunner::exactly_once(&store, counter)
+        .batch_size(100)
+        .restart_on_store_errors(false)
+        .start()
+        .unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(60), running.wait_until_caught_up(&*store_dyn))
+        .await
+        .unwrap();
+    assert!(stopped.is_err(), "caught up through a dead transaction: {stopped:?}");
+    let stats = running.stats();
+    assert_eq!(stats.parked, 0);
+    assert!(stats.stopped.as_deref().is_some_and(|r| r.contains("transaction was lost")), "{stats:?}");
+    assert_eq!(store.load_checkpoint(CHECKPOINT).await.unwrap(), Some(100));
+    assert_eq!(totals(&store, &schema).await, (100, 100, 100));
+
+    let running =
+        ProjectionRunner::exactly_once(&store, Counter::new(&schema)).batch_size(100).start().unwrap();
+    tokio::time::timeout(Duration::from_secs(60), running.wait_until_caught_up(&*store_dyn))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(totals(&store, &schema).await, (300, 300, 300));
 }

@@ -270,9 +270,38 @@ async fn the_checkpoint_hook_commits_after_every_batch_and_a_failed_commit_is_vi
     assert_eq!(&commits[..3], [100, 200, 250], "one commit per batch, after it");
     assert!(commits.iter().all(|&c| c <= 250));
 
+    // A failing commit (a transient store error) sends the runner back to
+    // its checkpoint, with backoff, until the store recovers.
     hook.fail.store(true, std::sync::atomic::Ordering::SeqCst);
     append_n(&*store, 1, "Deposited").await;
+    let failing = running
+        .wait_for(|s| {
+            s.restarts >= 2 && s.store_error.as_deref().is_some_and(|e| e.contains("commit failed"))
+        })
+        .await
+        .unwrap();
+    assert!(failing.stopped.is_none());
+    hook.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    let recovered = running.wait_until_caught_up(&*store).await.unwrap();
+    assert_eq!(recovered.store_error, None);
+    assert_eq!(hook.commits.lock().unwrap().last(), Some(&251));
+}
+
+#[tokio::test]
+async fn a_runner_told_not_to_restart_stops_on_a_failed_commit() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    append_n(&*store, 10, "Deposited").await;
+    let hook = Arc::new(RecordingCheckpoint::default());
+    hook.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (projection, _seen) = counting("hooked", 1);
+    let running = ProjectionRunner::new(store.clone(), projection)
+        .checkpoint(hook.clone())
+        .restart_on_store_errors(false)
+        .start()
+        .unwrap();
     let err = running.wait_for(|_| false).await;
     assert!(matches!(err, Err(annals::consumers::ConsumerError::Stopped)));
-    assert!(running.stats().stopped.unwrap().contains("commit failed"));
+    let stats = running.stats();
+    assert!(stats.stopped.unwrap().contains("commit failed"));
+    assert_eq!(stats.restarts, 0);
 }

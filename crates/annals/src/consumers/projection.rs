@@ -21,6 +21,15 @@
 //! in [`ProjectionStats::retrying`]; parked events count in
 //! [`ProjectionStats::parked`] and the `annals_projection_parked_total`
 //! counter, so a failing projection is never silently stalled.
+//!
+//! A store that fails instead (a lost connection, a failover, a checkpoint
+//! that cannot be committed, a lost batch transaction:
+//! [`ProjectionCheckpoint::intact`]) is not the event's fault: nothing is
+//! parked. The runner starts over from its checkpoint after the retry
+//! policy's backoff, for as long as the error is transient, counting
+//! [`ProjectionStats::restarts`] (and `annals_projection_restarts_total`)
+//! and showing the error in [`ProjectionStats::store_error`]; other errors,
+//! or any with [`ProjectionRunner::restart_on_store_errors`] off, stop it.
 
 use std::sync::Arc;
 
@@ -120,9 +129,9 @@ pub trait ProjectionCheckpoint: Send + Sync + 'static {
     /// be committed. A transactional checkpoint whose transaction was lost
     /// (its connection broke) answers `false`: what the batch applied went
     /// with it, so a failing event is then no fault of its own. The runner
-    /// asks after a handler fails and, on `false`, stops (the restarted
-    /// runner replays the batch from the checkpoint) instead of retrying the
-    /// event or parking it. The default: always `true`.
+    /// asks after a handler fails and, on `false`, starts over from the
+    /// checkpoint (replaying the batch) instead of retrying the event or
+    /// parking it. The default: always `true`.
     async fn intact(&self) -> bool {
         true
     }
@@ -163,9 +172,17 @@ pub struct ProjectionStats {
     pub live: bool,
     /// The event being retried now: (position, failed attempts, reason).
     pub retrying: Option<(u64, u32, String)>,
-    /// Set when the runner stopped on an error it could not get past (the
-    /// store failed while committing); restart it.
+    /// Set when the runner stopped on an error it could not get past: a
+    /// store error that is not transient, or any store error when
+    /// [`ProjectionRunner::restart_on_store_errors`] is off. Restart it.
     pub stopped: Option<String>,
+    /// How often the runner started over from its checkpoint after a
+    /// transient store error (a lost connection, a failover, a lost batch
+    /// transaction), waiting the retry policy's backoff before each.
+    pub restarts: u64,
+    /// The store error behind the latest restart, until a batch commits
+    /// again.
+    pub store_error: Option<String>,
 }
 
 /// Configures and starts a projection.
@@ -175,6 +192,7 @@ pub struct ProjectionRunner {
     checkpoint: Arc<dyn ProjectionCheckpoint>,
     batch_size: usize,
     retry: RetryPolicy,
+    restart: bool,
 }
 
 /// The checkpoint name of a projection version.
@@ -208,6 +226,7 @@ impl ProjectionRunner {
             projection,
             batch_size: 500,
             retry: RetryPolicy::default(),
+            restart: true,
         }
     }
 
@@ -220,6 +239,19 @@ impl ProjectionRunner {
     /// The retry policy for failing events.
     pub fn retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
+        self
+    }
+
+    /// Whether a transient store error (reading, committing, a lost batch
+    /// transaction) makes the runner start over from its checkpoint after
+    /// the retry policy's backoff, for as long as it lasts (default), or
+    /// stop it (`false`: for callers that supervise runners themselves).
+    /// Either way no event is skipped: the batch in flight is handled
+    /// again, at least once (exactly once with
+    /// `ProjectionRunner::exactly_once`). Errors that are not transient
+    /// always stop it.
+    pub fn restart_on_store_errors(mut self, restart: bool) -> Self {
+        self.restart = restart;
         self
     }
 
@@ -249,6 +281,7 @@ impl ProjectionRunner {
             checkpoint: self.checkpoint,
             batch_size: self.batch_size,
             retry: self.retry,
+            restart: self.restart,
             name,
             version,
             dlq,
@@ -353,6 +386,7 @@ struct Config {
     checkpoint: Arc<dyn ProjectionCheckpoint>,
     batch_size: usize,
     retry: RetryPolicy,
+    restart: bool,
     name: String,
     version: u32,
     dlq: DeadLetterQueue,
@@ -366,6 +400,7 @@ impl Config {
             checkpoint: self.checkpoint,
             batch_size: self.batch_size,
             retry: self.retry,
+            restart: self.restart,
         }
     }
 }
@@ -379,13 +414,43 @@ async fn run(
     let outcome = tokio::select! {
         biased;
         () = cancel.cancelled() => None,
-        result = follow(&config, &mut *projection, &stats) => result.err().map(|e| e.to_string()),
+        result = supervise(&config, &mut *projection, &stats) => result.err().map(|e| e.to_string()),
     };
     if let Some(reason) = &outcome {
         tracing::error!(projection = %config.name, %reason, "projection runner stopped");
         stats.send_modify(|s| s.stopped = Some(reason.clone()));
     }
     (config.into_runner(projection), outcome)
+}
+
+/// [`follow`], started over from the checkpoint after a transient store
+/// error (see [`ProjectionRunner::restart_on_store_errors`]).
+async fn supervise(
+    config: &Config,
+    projection: &mut dyn Projection,
+    stats: &watch::Sender<ProjectionStats>,
+) -> ConsumerResult<()> {
+    // Failures in a row; a commit in between starts the backoff again.
+    let mut failures = 0;
+    let mut checkpoint_then = None;
+    loop {
+        let error = match follow(config, projection, stats).await {
+            Err(ConsumerError::Store(e)) if config.restart && e.is_transient() => e,
+            other => return other,
+        };
+        let checkpoint = stats.borrow().checkpoint;
+        failures = if checkpoint == checkpoint_then { failures + 1 } else { 1 };
+        checkpoint_then = checkpoint;
+        let wait = config.retry.delay(failures, failures.into());
+        tracing::warn!(projection = %config.name, %error, ?wait, "store error; starting over from the checkpoint");
+        metrics::counter!("annals_projection_restarts_total", "projection" => config.name.clone())
+            .increment(1);
+        stats.send_modify(|s| {
+            s.restarts += 1;
+            s.store_error = Some(error.to_string());
+        });
+        tokio::time::sleep(wait).await;
+    }
 }
 
 /// Reads pages of `read_all` from the checkpoint until the head, then waits
@@ -469,6 +534,7 @@ async fn commit(
         s.lag = lag;
         s.live |= live;
         s.retrying = None;
+        s.store_error = None;
     });
     Ok(())
 }
@@ -498,13 +564,13 @@ async fn process(
     Ok(())
 }
 
-/// The error that stops a runner whose batch transaction was lost (see
-/// [`ProjectionCheckpoint::intact`]).
+/// The (transient) error that sends a runner whose batch transaction was
+/// lost back to its checkpoint (see [`ProjectionCheckpoint::intact`]).
 fn batch_lost(event: &RecordedEvent, error: &HandlerError) -> ConsumerError {
     ConsumerError::Store(annals_core::Error::Backend {
         message: format!(
-            "the projection's transaction was lost in the batch holding position {} ({error}); restart the \
-             runner: it replays the batch from the checkpoint",
+            "the projection's transaction was lost in the batch holding position {} ({error}); the batch is \
+             replayed from the checkpoint",
             event.position
         ),
         source: None,
