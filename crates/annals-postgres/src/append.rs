@@ -106,6 +106,11 @@ pub(crate) struct Committer {
     pub exact_rounds: Arc<std::sync::atomic::AtomicU64>,
     /// Each attempt's answer deadline (see [`crate::pooled`]).
     pub answer: Answer,
+    /// The server sessions of the connections appends were sent on.
+    pub sessions: Arc<Sessions>,
+    /// Whether `pg_terminate_backend` can wait for the session to end
+    /// (PostgreSQL 14 and later).
+    pub terminate_waits: bool,
 }
 
 impl Inner {
@@ -144,8 +149,22 @@ impl From<tokio_postgres::Error> for Failure {
 }
 
 impl From<NoAnswer> for Failure {
+    /// Before anything of the round was sent (see [`Failure::sent_on`]).
     fn from(e: NoAnswer) -> Self {
-        Failure::Unknown(Lost::NoAnswer(e))
+        Failure::Unknown(Lost::NoAnswer(e, Sent::Never))
+    }
+}
+
+impl Failure {
+    /// The round was sent on the session `on`: a lost answer may come from
+    /// it.
+    fn sent_on(self, on: &Session) -> Self {
+        match self {
+            Failure::Unknown(Lost::NoAnswer(e, Sent::Never)) => {
+                Failure::Unknown(Lost::NoAnswer(e, Sent::On(on.clone())))
+            }
+            other => other,
+        }
     }
 }
 
@@ -155,14 +174,41 @@ enum Lost {
     Broke(tokio_postgres::Error),
     /// PostgreSQL did not answer within the answer timeout; the connection
     /// was closed and the statement cancelled.
-    NoAnswer(NoAnswer),
+    NoAnswer(NoAnswer, Sent),
 }
+
+/// Where a round that got no answer was sent.
+enum Sent {
+    /// Nowhere: the connection did not answer before it.
+    Never,
+    /// To this server session, which may still run it (or, behind a proxy
+    /// that holds the bytes, receive it later).
+    On(Session),
+}
+
+/// A server session of a pooled connection: backend pid and start time
+/// (together they name it even after the pid is reused).
+#[derive(Clone, Debug)]
+pub(crate) struct Session {
+    pid: i32,
+    started: String,
+}
+
+/// The sessions of the committer's connections, learnt once per connection
+/// (one round trip on its first append), so that a round that gets no
+/// answer can have its session ended before the log is searched for it.
+#[derive(Default)]
+pub(crate) struct Sessions(std::sync::Mutex<HashMap<deadpool_postgres::ObjectId, Session>>);
+
+/// Sessions remembered at most (connection ids are never reused, so the map
+/// is cleared past this rather than kept in step with the pool).
+const MAX_SESSIONS: usize = 1024;
 
 impl std::fmt::Display for Lost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Lost::Broke(e) => write!(f, "the connection broke: {}", describe(e)),
-            Lost::NoAnswer(e) => write!(f, "{}", PgError::from(*e)),
+            Lost::NoAnswer(e, _) => write!(f, "{}", PgError::from(*e)),
         }
     }
 }
@@ -312,7 +358,18 @@ impl Committer {
         attempt: u32,
     ) -> Option<Vec<Request>> {
         let requests: Vec<&[StreamAppend]> = round.iter().map(|r| r.parts.as_slice()).collect();
-        let settled = self.find_written(&requests, since).await;
+        let end = match lost {
+            Lost::NoAnswer(no_answer, Sent::Never) => {
+                // Nothing of it reached a server.
+                for request in round {
+                    let _ = request.reply.send(Err(PgError::from(*no_answer).into()));
+                }
+                return None;
+            }
+            Lost::NoAnswer(_, Sent::On(session)) => Some(session),
+            Lost::Broke(_) => None,
+        };
+        let settled = self.find_written(&requests, since, end).await;
         // Per request.
         let counter = |outcome: &'static str, requests: usize| {
             metrics::counter!(
@@ -348,7 +405,9 @@ impl Committer {
             return None;
         }
         counter("not_written", rest.len());
-        if let Lost::NoAnswer(no_answer) = lost {
+        if let Lost::NoAnswer(no_answer, _) = lost {
+            // Its session was ended before the log was searched: what was
+            // not found can never be written.
             for request in rest {
                 let _ = request.reply.send(Err(PgError::from(*no_answer).into()));
             }
@@ -372,10 +431,19 @@ impl Committer {
     /// is still alive on the server holds it (every append takes it before
     /// writing), so once it is granted that transaction has committed or
     /// rolled back, and what is read here stays true.
+    ///
+    /// With `end`, the session the attempt was sent on is terminated first,
+    /// in the same transaction (waiting up to the answer timeout for it to
+    /// go, on PostgreSQL 14 and later): a request still on its way to it
+    /// (held by a proxy, or in a server too busy to read it yet) can then
+    /// never run, so what is not found here is never written. If it cannot
+    /// be terminated (the role may not), the whole look-up fails and the
+    /// requests are answered as unknown.
     async fn find_written(
         &self,
         requests: &[&[StreamAppend]],
         since: u64,
+        end: Option<&Session>,
     ) -> Result<Vec<Option<Vec<AppendResult>>>, Error> {
         let conn = Pooled::discarded_unless_kept(
             self.pool.get().await.map_err(PgError::from)?,
@@ -394,17 +462,49 @@ impl Committer {
                 let find = client.prepare_cached(&self.sql.find_written).await.map_err(db)?;
                 let since_param = to_i64(since);
                 let find_params: [&(dyn ToSql + Sync); 2] = [&since_param, &ids];
-                let (begun, headed, rows, ended) = futures::join!(
+                let wait_ms = i64::try_from(self.answer.within.as_millis()).unwrap_or(i64::MAX);
+                let terminate = async {
+                    let Some(session) = end else { return Ok(true) };
+                    let ended: bool = if self.terminate_waits {
+                        client
+                            .query_one(TERMINATE_WAITING, &[&session.pid, &session.started, &wait_ms])
+                            .await?
+                            .get(0)
+                    } else {
+                        client.query_one(TERMINATE, &[&session.pid, &session.started]).await?.get(0)
+                    };
+                    tracing::debug!(
+                        pid = session.pid,
+                        ended,
+                        "ending the session of an append that got no answer"
+                    );
+                    Ok(ended)
+                };
+                let (begun, terminated, headed, rows, ended) = futures::join!(
                     client.batch_execute(BEGIN),
+                    terminate,
                     client.query_one(&lock_head, &[]),
                     client.query(&find, &find_params),
                     client.batch_execute("ROLLBACK")
                 );
+                let terminated: Result<bool, tokio_postgres::Error> = terminated;
                 keep_unless_broken(
                     &conn,
-                    &[begun.as_ref().err(), headed.as_ref().err(), rows.as_ref().err(), ended.as_ref().err()],
+                    &[
+                        begun.as_ref().err(),
+                        terminated.as_ref().err(),
+                        headed.as_ref().err(),
+                        rows.as_ref().err(),
+                        ended.as_ref().err(),
+                    ],
                 );
                 begun.map_err(db)?;
+                if !terminated.map_err(db)? {
+                    return Err(Error::Backend {
+                        message: "the session of an append that got no answer did not end in time".into(),
+                        source: None,
+                    });
+                }
                 headed.map_err(db)?;
                 ended.map_err(db)?;
                 let mut found: HashMap<(String, Uuid), (u64, u64)> = HashMap::new();
@@ -449,6 +549,29 @@ impl Committer {
             .await
     }
 
+    /// The server session of `conn`, asked once per connection.
+    async fn session_of(&self, conn: &Pooled) -> Result<Session, Failure> {
+        let id = deadpool_postgres::Object::id(conn);
+        if let Some(known) =
+            self.sessions.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&id)
+        {
+            return Ok(known.clone());
+        }
+        let session = conn
+            .deadline()
+            .bound(async {
+                let row = conn.query_one(OWN_SESSION, &[]).await?;
+                Ok::<_, Failure>(Session { pid: row.try_get(0)?, started: row.try_get(1)? })
+            })
+            .await?;
+        let mut known = self.sessions.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if known.len() >= MAX_SESSIONS {
+            known.clear();
+        }
+        known.insert(id, session.clone());
+        Ok(session)
+    }
+
     /// One transaction over `requests`, whose streams are disjoint.
     /// Returns each request's outcome; `Err` only when the transaction as a
     /// whole failed.
@@ -466,6 +589,7 @@ impl Committer {
         // the transaction open must not hand it to the next borrower.
         let conn =
             Pooled::discarded_unless_kept(self.pool.get().await?, self.schema.clone(), self.answer.clone());
+        let session = self.session_of(&conn).await?;
         conn.deadline()
             .bound(async {
                 let client: &deadpool_postgres::ClientWrapper = &conn;
@@ -603,6 +727,7 @@ impl Committer {
                     .collect())
             })
             .await
+            .map_err(|f| f.sent_on(&session))
     }
 }
 
@@ -622,6 +747,7 @@ impl Committer {
         let one_part = args.part_streams.len() == 1;
         let conn =
             Pooled::discarded_unless_kept(self.pool.get().await?, self.schema.clone(), self.answer.clone());
+        let session = self.session_of(&conn).await?;
         conn.deadline()
             .bound(async {
                 let client: &deadpool_postgres::ClientWrapper = &conn;
@@ -739,6 +865,7 @@ impl Committer {
                 Ok(Some(outcomes))
             })
             .await
+            .map_err(|f| f.sent_on(&session))
     }
 }
 
@@ -758,6 +885,19 @@ fn outcome_unknown(lost: &Lost) -> Error {
 /// SQLSTATE raised by the append functions when the round needs the exact
 /// path.
 const DECLINED: &str = "AN001";
+
+/// Ends the session `$1` (pid) started at `$2` (`backend_start::text`), if it
+/// is still there, waiting up to `$3` ms for it to go (PostgreSQL 14+).
+/// True when there was nothing to end or it ended.
+const TERMINATE_WAITING: &str = "SELECT coalesce(bool_and(pg_terminate_backend(pid, $3)), true)
+       FROM pg_stat_activity WHERE pid = $1 AND backend_start::text = $2";
+/// The same without waiting (before PostgreSQL 14): the head lock taken
+/// next still waits for a transaction of the session to end.
+const TERMINATE: &str = "SELECT coalesce(bool_and(pg_terminate_backend(pid)), true)
+       FROM pg_stat_activity WHERE pid = $1 AND backend_start::text = $2";
+/// The session of the connection it runs on.
+const OWN_SESSION: &str =
+    "SELECT pid, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()";
 
 /// Every append transaction runs in READ COMMITTED whatever the session's
 /// default: the head-first design relies on each statement after the head

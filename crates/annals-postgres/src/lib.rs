@@ -297,6 +297,8 @@ impl PgStoreBuilder {
         if isolation != "read committed" {
             explicit_rc.set();
         }
+        let version: String = client.query_one("SHOW server_version_num", &[]).await?.get(0);
+        let terminate_waits = version.trim().parse::<u32>().is_ok_and(|v| v >= 140_000);
         drop(client);
 
         let (head, _) = watch::channel(u64::try_from(next).unwrap_or(0));
@@ -323,6 +325,7 @@ impl PgStoreBuilder {
         tokio::spawn(sample_pool(pool.clone(), self.schema.clone(), cancel.clone()));
         let exact_rounds = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let answer = pooled::Answer { within: self.answer_timeout, tls: connector.clone() };
+        let sessions = Arc::new(append::Sessions::default());
         let (queue, receiver) = tokio::sync::mpsc::channel(4096);
         let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
         for _ in 0..append::COMMITTERS {
@@ -335,6 +338,8 @@ impl PgStoreBuilder {
                 explicit_rc: explicit_rc.clone(),
                 exact_rounds: exact_rounds.clone(),
                 answer: answer.clone(),
+                sessions: sessions.clone(),
+                terminate_waits,
             };
             tokio::spawn(committer.run());
         }

@@ -1964,6 +1964,54 @@ async fn a_pooled_connection_that_stops_answering_fails_its_operation_and_is_rep
     assert_eq!(store.read_all(ReadAll::forward(100)).await.unwrap().events.len(), 11);
 }
 
+/// An append answered with "no answer" is never written, even when its
+/// request reaches the server afterwards: a proxy holds it past the answer
+/// timeout and delivers it once the store has given up. Before searching
+/// the log for it the store ends the server session it was sent on, so the
+/// late request finds no session to run it. (Without that, it would be
+/// written after the caller was told it was not, and a re-send with `Any`
+/// after another append would write it twice.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_that_got_no_answer_never_lands_later() {
+    let Some((writer, guard)) = common::open().await else { return };
+    let proxy = common::proxy::Proxy::start().await;
+    let store = PgStore::builder(proxy.url.clone())
+        .schema(&guard.schema)
+        .max_connections(1)
+        .connect_timeout(Duration::from_millis(500))
+        .answer_timeout(Duration::from_secs(1))
+        .open()
+        .await
+        .unwrap();
+    let s = stream("held-1");
+    // The committer's connection is open (and its session known).
+    store.append(&s, ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
+
+    proxy.hold(format!("annals {}", guard.schema).as_bytes());
+    let late = event(1);
+    let err = tokio::time::timeout(
+        Duration::from_secs(20),
+        store.append(&s, ExpectedVersion::Any, vec![late.clone()]),
+    )
+    .await
+    .expect("the append hung")
+    .unwrap_err();
+    assert!(err.to_string().contains("no answer from PostgreSQL"), "{err}");
+
+    // The proxy recovers and delivers what it held.
+    proxy.release().await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let ids = |events: Vec<RecordedEvent>| events.into_iter().map(|e| e.id).collect::<Vec<_>>();
+    let read = ids(writer.read_stream(&s, ReadStream::forward()).await.unwrap());
+    assert!(!read.contains(&late.id), "written after the caller was told it was not");
+
+    // Another process appends; the re-send lands once.
+    writer.append(&s, ExpectedVersion::Any, vec![event(2)]).await.unwrap();
+    store.append(&s, ExpectedVersion::Any, vec![late.clone()]).await.unwrap();
+    let read = ids(writer.read_stream(&s, ReadStream::forward()).await.unwrap());
+    assert_eq!(read.iter().filter(|id| **id == late.id).count(), 1, "{read:?}");
+}
+
 /// The server probes the store's sessions too (a session whose client
 /// vanished ends within about 30 s, releasing its locks), unless the URL's
 /// `options` choose otherwise.

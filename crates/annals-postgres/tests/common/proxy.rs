@@ -6,7 +6,9 @@
 //!
 //! It can also swallow connections whole (`blackhole`): nothing closes
 //! them and nothing they send arrives or is answered, as with a cut that
-//! leaves both ends open.
+//! leaves both ends open. Or hold what open connections send (`hold`) and
+//! deliver it later (`release`), as a proxy that wedges and recovers does,
+//! even after the client has given up and closed its end.
 
 use std::sync::{
     Arc, Mutex,
@@ -37,8 +39,15 @@ pub struct Proxy {
     armed: Arc<Mutex<Option<Doom>>>,
     fired: Arc<Mutex<bool>>,
     hole: Hole,
+    open: Open,
+    held: Held,
     accept: JoinHandle<()>,
 }
+
+/// Every connection made so far.
+type Open = Arc<Mutex<Vec<Arc<Swallow>>>>;
+/// Bytes held back from the server, with the server side to write them to.
+type Held = Arc<tokio::sync::Mutex<Vec<(Vec<u8>, tokio::net::tcp::OwnedWriteHalf)>>>;
 
 /// The startup-message marker of connections to swallow, if any.
 type Hole = Arc<Mutex<Option<Vec<u8>>>>;
@@ -66,12 +75,23 @@ impl Proxy {
         let armed: Arc<Mutex<Option<Doom>>> = Arc::default();
         let fired: Arc<Mutex<bool>> = Arc::default();
         let hole: Hole = Arc::default();
+        let open: Open = Arc::default();
+        let held: Held = Arc::default();
         let accept = {
-            let (armed, fired, hole) = (armed.clone(), fired.clone(), hole.clone());
+            let (armed, fired, hole, open, held) =
+                (armed.clone(), fired.clone(), hole.clone(), open.clone(), held.clone());
             tokio::spawn(async move {
                 while let Ok((client, _)) = listener.accept().await {
                     let Ok(server) = TcpStream::connect((host.as_str(), port)).await else { continue };
-                    tokio::spawn(pump(client, server, armed.clone(), fired.clone(), hole.clone()));
+                    let swallow = Arc::new(Swallow::default());
+                    open.lock().unwrap().push(swallow.clone());
+                    let doors = Doors {
+                        armed: armed.clone(),
+                        fired: fired.clone(),
+                        hole: hole.clone(),
+                        held: held.clone(),
+                    };
+                    tokio::spawn(pump(client, server, doors, swallow));
                 }
             })
         };
@@ -80,7 +100,32 @@ impl Proxy {
             armed,
             fired,
             hole,
+            open,
+            held,
             accept,
+        }
+    }
+
+    /// Connections open now whose startup message contains `marker` stop
+    /// passing what the client sends: it is kept, to be delivered by
+    /// [`Proxy::release`] even if the client closes its end meanwhile.
+    /// Nothing comes back to them. New connections are not held.
+    pub fn hold(&self, marker: &[u8]) {
+        for conn in self.open.lock().unwrap().iter() {
+            let startup = conn.startup.lock().unwrap();
+            if startup.windows(marker.len()).any(|w| w == marker) {
+                conn.holding.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Delivers what the held connections' clients sent (to servers that
+    /// may have closed those sessions meanwhile: then it goes nowhere).
+    pub async fn release(&self) {
+        let mut held = self.held.lock().await;
+        for (bytes, server) in held.iter_mut() {
+            let _ = server.write_all(bytes).await;
+            bytes.clear();
         }
     }
 
@@ -114,6 +159,16 @@ impl Proxy {
 struct Swallow {
     startup: Mutex<Vec<u8>>,
     gone: AtomicBool,
+    /// Held by [`Proxy::hold`].
+    holding: AtomicBool,
+}
+
+/// What every connection's pump shares with the proxy.
+struct Doors {
+    armed: Arc<Mutex<Option<Doom>>>,
+    fired: Arc<Mutex<bool>>,
+    hole: Hole,
+    held: Held,
 }
 
 impl Swallow {
@@ -130,32 +185,38 @@ impl Swallow {
     }
 }
 
-async fn pump(
-    client: TcpStream,
-    server: TcpStream,
-    armed: Arc<Mutex<Option<Doom>>>,
-    fired: Arc<Mutex<bool>>,
-    hole: Hole,
-) {
+async fn pump(client: TcpStream, server: TcpStream, doors: Doors, swallow: Arc<Swallow>) {
+    let Doors { armed, fired, hole, held } = doors;
     let (mut from_client, mut to_client) = client.into_split();
     let (mut from_server, mut to_server) = server.into_split();
     let doomed: Arc<Mutex<Option<Hook>>> = Arc::default();
-    let swallow = Arc::new(Swallow::default());
     let upstream = {
         let doomed = doomed.clone();
         let (swallow, hole) = (swallow.clone(), hole.clone());
         tokio::spawn(async move {
             let mut buf = vec![0u8; 64 * 1024];
             let mut first = true;
+            let mut kept = Vec::new();
             loop {
                 let n = match from_client.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
+                    Ok(0) | Err(_) => {
+                        if swallow.holding.load(Ordering::SeqCst) {
+                            // The client gave up; the server side stays
+                            // open for the release.
+                            held.lock().await.push((kept, to_server));
+                        }
+                        return;
+                    }
                     Ok(n) => n,
                 };
                 if std::mem::take(&mut first) {
                     *swallow.startup.lock().unwrap() = buf[..n].to_vec();
                 }
                 if swallow.gone(&hole) {
+                    continue;
+                }
+                if swallow.holding.load(Ordering::SeqCst) {
+                    kept.extend_from_slice(&buf[..n]);
                     continue;
                 }
                 {
@@ -181,7 +242,7 @@ async fn pump(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if swallow.gone(&hole) {
+        if swallow.gone(&hole) || swallow.holding.load(Ordering::SeqCst) {
             continue;
         }
         let hook = doomed.lock().unwrap().take();
