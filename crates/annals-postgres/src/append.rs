@@ -156,12 +156,12 @@ impl From<NoAnswer> for Failure {
 }
 
 impl Failure {
-    /// The round was sent on the session `on`: a lost answer may come from
-    /// it.
-    fn sent_on(self, on: &Session) -> Self {
+    /// The round was sent on the session `on` (`None`: one whose name the
+    /// store could not learn): a lost answer may come from it.
+    fn sent_on(self, on: Option<&Session>) -> Self {
         match self {
             Failure::Unknown(Lost::NoAnswer(e, Sent::Never)) => {
-                Failure::Unknown(Lost::NoAnswer(e, Sent::On(on.clone())))
+                Failure::Unknown(Lost::NoAnswer(e, on.map_or(Sent::Unnamed, |s| Sent::On(s.clone()))))
             }
             other => other,
         }
@@ -184,6 +184,9 @@ enum Sent {
     /// To this server session, which may still run it (or, behind a proxy
     /// that holds the bytes, receive it later).
     On(Session),
+    /// To a session the store could not name (see `Committer::session_of`):
+    /// it cannot be ended, so what the log does not show is unknown.
+    Unnamed,
 }
 
 /// A server session of a pooled connection: backend pid and start time
@@ -367,7 +370,7 @@ impl Committer {
                 return None;
             }
             Lost::NoAnswer(_, Sent::On(session)) => Some(session),
-            Lost::Broke(_) => None,
+            Lost::NoAnswer(_, Sent::Unnamed) | Lost::Broke(_) => None,
         };
         let settled = self.find_written(&requests, since, end).await;
         // Per request.
@@ -405,7 +408,7 @@ impl Committer {
             return None;
         }
         counter("not_written", rest.len());
-        if let Lost::NoAnswer(no_answer, _) = lost {
+        if let Lost::NoAnswer(no_answer, Sent::On(_)) = lost {
             // Its session was ended before the log was searched: what was
             // not found can never be written.
             for request in rest {
@@ -413,7 +416,7 @@ impl Committer {
             }
             return None;
         }
-        if attempt >= MAX_ATTEMPTS {
+        if attempt >= MAX_ATTEMPTS || matches!(lost, Lost::NoAnswer(..)) {
             for request in rest {
                 let _ = request.reply.send(Err(outcome_unknown(lost)));
             }
@@ -549,27 +552,40 @@ impl Committer {
             .await
     }
 
-    /// The server session of `conn`, asked once per connection.
-    async fn session_of(&self, conn: &Pooled) -> Result<Session, Failure> {
+    /// The server session of `conn`, asked once per connection. `None` when
+    /// the server would not say (no row for it in `pg_stat_activity`): the
+    /// appends still run, and one that gets no answer is answered as
+    /// unknown. Errors only when the connection itself fails.
+    async fn session_of(&self, conn: &Pooled) -> Result<Option<Session>, Failure> {
         let id = deadpool_postgres::Object::id(conn);
         if let Some(known) =
             self.sessions.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&id)
         {
-            return Ok(known.clone());
+            return Ok(Some(known.clone()));
         }
-        let session = conn
+        let asked = conn
             .deadline()
             .bound(async {
-                let row = conn.query_one(OWN_SESSION, &[]).await?;
-                Ok::<_, Failure>(Session { pid: row.try_get(0)?, started: row.try_get(1)? })
+                let row = match conn.query_opt(OWN_SESSION, &[]).await {
+                    Ok(row) => row,
+                    Err(e) if breaks_connection(&e) => return Err(Failure::from(e)),
+                    Err(e) => {
+                        tracing::warn!(error = %describe(&e), "cannot learn the session of a connection");
+                        None
+                    }
+                };
+                Ok(row.and_then(|row| {
+                    Some(Session { pid: row.try_get(0).ok()?, started: row.try_get(1).ok()? })
+                }))
             })
             .await?;
+        let Some(session) = asked else { return Ok(None) };
         let mut known = self.sessions.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if known.len() >= MAX_SESSIONS {
             known.clear();
         }
         known.insert(id, session.clone());
-        Ok(session)
+        Ok(Some(session))
     }
 
     /// One transaction over `requests`, whose streams are disjoint.
@@ -727,7 +743,7 @@ impl Committer {
                     .collect())
             })
             .await
-            .map_err(|f| f.sent_on(&session))
+            .map_err(|f| f.sent_on(session.as_ref()))
     }
 }
 
@@ -865,7 +881,7 @@ impl Committer {
                 Ok(Some(outcomes))
             })
             .await
-            .map_err(|f| f.sent_on(&session))
+            .map_err(|f| f.sent_on(session.as_ref()))
     }
 }
 
