@@ -156,7 +156,13 @@ impl From<annals_core::Error> for ApiError {
             E::Poisoned { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_poisoned", message),
             E::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_closed", message),
             E::Io(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "io_error", message),
-            E::Backend { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "backend_error", message),
+            E::Backend { .. } => {
+                // A database outage, failover or timeout: worth trying again
+                // shortly (clients that honour Retry-After back off by it).
+                let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "backend_error", message);
+                e.retry_after = Some(1);
+                e
+            }
             E::Corrupt { .. } => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "corrupt", message),
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message),
         }

@@ -167,6 +167,12 @@ async fn unhealthy_store_is_not_ready_before_any_append() {
     let (status, err) = call(&router, "GET", "/health/ready", "").await;
     assert_eq!(status, 503);
     assert_eq!(err["error"]["code"], "backend_error");
+    let req = Request::builder().uri("/health/ready").body(Body::empty()).unwrap();
+    let resp = router.clone().oneshot(req).await.unwrap();
+    assert_eq!(
+        resp.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned()).as_deref(),
+        Some("1")
+    );
     assert_eq!(call(&router, "GET", "/health/live", "").await.0, 200);
     store.unhealthy.store(false, Ordering::SeqCst);
     assert_eq!(call(&router, "GET", "/health/ready", "").await.0, 200);
