@@ -62,7 +62,7 @@ impl PgStore {
         // reads the latest save in a statement after taking the lock, which
         // sees the previous holder's save only with a fresh snapshot. And
         // exempt from the sessions' idle-in-transaction limit (see
-        // `SERVER_SESSION`): between its statements this transaction waits on
+        // `SESSION_SETTINGS`): between its statements this transaction waits on
         // the caller's code (a projection's handler, its retry backoff),
         // which may take longer; the server ending it then would fail a
         // batch that did nothing wrong.

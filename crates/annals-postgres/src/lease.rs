@@ -59,6 +59,7 @@ impl Leases for PgStore {
         // Both statements under the answer timeout; on any failure the
         // session is closed, which releases the lock if it was taken.
         let taken = tokio::time::timeout(within, async {
+            client.batch_execute(&self.inner.session_settings).await.map_err(db)?;
             let taken = client
                 .query_one("SELECT pg_try_advisory_lock($1, hashtext($2))", &[&LEASE_CLASS, &key])
                 .await

@@ -117,6 +117,8 @@ pub(crate) struct Inner {
     schema_label: Arc<str>,
     /// Connection settings of lease connections (see `lease`).
     lease_config: tokio_postgres::Config,
+    /// See [`session_settings`]: run first on lease connections.
+    session_settings: Arc<str>,
     /// Makes the TLS side of every connection (see `tls`).
     tls: tls::Connector,
     /// See [`PgStoreBuilder::answer_timeout`].
@@ -255,18 +257,11 @@ impl PgStoreBuilder {
             .map_err(|e| PgError::InvalidUrl { reason: e.to_string() })?;
         let connector = tls.apply(&mut config)?;
         config.connect_timeout(self.connect_timeout);
-        // JIT off for our sessions: the generic plans of our prepared
-        // statements carry inflated cost estimates that trigger JIT
-        // compilation (~160 ms measured) for queries whose real work is under
-        // a millisecond, which made `$all` paging ~20x slower. User-supplied
-        // `options` in the URL are kept.
-        let options = match config.get_options() {
-            Some(user) if !user.trim().is_empty() => {
-                format!("{SERVER_SESSION} {SESSION_ISOLATION} {user} -c jit=off")
-            }
-            _ => format!("{SERVER_SESSION} {SESSION_ISOLATION} -c jit=off"),
-        };
-        config.options(options);
+        // The store's session settings are SET on each new connection, not
+        // sent in the startup packet's `options`: poolers such as PgBouncer
+        // refuse a connection whose `options` name settings they do not
+        // track. The URL's own `options` are sent as given.
+        let settings: Arc<str> = Arc::from(session_settings(config.get_options()));
         detect_dead_peers(&mut config);
         let mut pool_config = config.clone();
         pool_config.application_name(format!("annals {}", self.schema));
@@ -280,11 +275,27 @@ impl PgStoreBuilder {
             connector.clone(),
             ManagerConfig { recycling_method: RecyclingMethod::Fast },
         );
+        let post_create = {
+            let (settings, within) = (settings.clone(), self.connect_timeout);
+            deadpool_postgres::Hook::async_fn(move |client: &mut deadpool_postgres::ClientWrapper, _| {
+                let settings = settings.clone();
+                Box::pin(async move {
+                    match tokio::time::timeout(within, client.batch_execute(&settings)).await {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(deadpool_postgres::HookError::Backend(e)),
+                        Err(_) => Err(deadpool_postgres::HookError::Message(
+                            format!("no answer to the session settings within {within:?}").into(),
+                        )),
+                    }
+                })
+            })
+        };
         let pool = Pool::builder(manager)
             .max_size(self.max_connections)
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(self.pool_wait_timeout))
             .create_timeout(Some(self.connect_timeout))
+            .post_create(post_create)
             .build()
             .map_err(|e| PgError::Unreachable { message: e.to_string(), source: None })?;
 
@@ -310,6 +321,7 @@ impl PgStoreBuilder {
             tls: connector.clone(),
             answer_within: self.connect_timeout,
             tail: tail.clone(),
+            settings: settings.clone(),
         };
         let first = listener::connect_within(&dial, &sql, &head, &stats).await?;
         let cancel = CancellationToken::new();
@@ -354,6 +366,7 @@ impl PgStoreBuilder {
                 head,
                 listener: stats,
                 lease_config,
+                session_settings: settings,
                 tls: connector,
                 answer,
                 subscription_retry: self.subscription_retry,
@@ -401,30 +414,71 @@ fn detect_dead_peers(config: &mut tokio_postgres::Config) {
     }
 }
 
-/// The server side of [`detect_dead_peers`]: the same probes from the
-/// server, so a session whose client vanished ends (and its transaction
-/// rolls back, releasing its locks) within about 30 s. And a session that
-/// sits idle inside a transaction for a minute is ended by the server:
-/// that is a client that stopped while holding locks without its host
-/// going away (a paused process, a wedged proxy, which the probes cannot
-/// see), and an append transaction's head lock would otherwise stop every
-/// append of the schema until it comes back. The store's own transactions
-/// are pipelined and never wait on the client for longer than a round
-/// trip; a [`PgCheckpointTx`], which waits on the caller's code between its
-/// statements, is exempt (it holds only its own checkpoint's lock).
-/// Put before the URL's own `options`, whose settings therefore win.
-const SERVER_SESSION: &str = "-c tcp_keepalives_idle=15 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3 \
-     -c idle_in_transaction_session_timeout=60s";
+/// The settings of every session of the store, SET right after it
+/// connects (pool, listener and lease connections alike); those the URL's
+/// `options` set (`-c name=value`) are left to the URL, except `jit`.
+///
+/// - `tcp_keepalives_*`: the server side of [`detect_dead_peers`], so a
+///   session whose client vanished ends (and its transaction rolls back,
+///   releasing its locks) within about 30 s.
+/// - `idle_in_transaction_session_timeout`: a session idle inside a
+///   transaction for a minute is ended by the server. That is a client that
+///   stopped while holding locks without its host going away (a paused
+///   process, a wedged proxy, which the probes cannot see), and an append
+///   transaction's head lock would otherwise stop every append of the
+///   schema until it came back. The store's own transactions are pipelined
+///   and never wait on the client for longer than a round trip; a
+///   [`PgCheckpointTx`], which waits on the caller's code between its
+///   statements, is exempt (it holds only its own checkpoint's lock).
+/// - `default_transaction_isolation`: READ COMMITTED, which the append and
+///   checkpoint functions need, whatever the database or role says (a
+///   session's own setting takes precedence over `ALTER DATABASE/ROLE …
+///   SET`). A default changed while a store runs would otherwise reach it
+///   through its new connections and send their appends to the exact path.
+///   A URL that sets another is handled by [`ExplicitReadCommitted`].
+/// - `jit = off`, always: the generic plans of our prepared statements
+///   carry inflated cost estimates that trigger JIT compilation (~160 ms
+///   measured) for queries whose real work is under a millisecond, which
+///   made `$all` paging ~20x slower.
+const SESSION_SETTINGS: [(&str, &str); 5] = [
+    ("tcp_keepalives_idle", "15"),
+    ("tcp_keepalives_interval", "5"),
+    ("tcp_keepalives_count", "3"),
+    ("idle_in_transaction_session_timeout", "'60s'"),
+    ("default_transaction_isolation", "'read committed'"),
+];
 
-/// The store's sessions default to READ COMMITTED, which the append and
-/// checkpoint functions need, whatever the database or role says
-/// (`ALTER DATABASE/ROLE … SET default_transaction_isolation`: a setting
-/// sent at connection start takes precedence over both). Such a default
-/// changed while a store runs would otherwise reach it only through its new
-/// connections, and send their appends to the exact path until a
-/// checkpoint save noticed. The URL's own `options` still win (they come
-/// after); [`ExplicitReadCommitted`] covers that case.
-const SESSION_ISOLATION: &str = r"-c default_transaction_isolation=read\ committed";
+/// The `SET` statements of [`SESSION_SETTINGS`] that `url_options` leaves
+/// to the store, then `jit = off`.
+fn session_settings(url_options: Option<&str>) -> String {
+    let named = url_options.map(settings_named).unwrap_or_default();
+    let mut sql = String::new();
+    for (name, value) in SESSION_SETTINGS {
+        if !named.iter().any(|n| n == name) {
+            sql.push_str(&format!("SET {name} = {value}; "));
+        }
+    }
+    sql.push_str("SET jit = off");
+    sql
+}
+
+/// The settings a libpq `options` string sets: `-c name=value`,
+/// `-cname=value` and `--name=value`, names lower-cased with `-` read as `_`.
+fn settings_named(options: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut tokens = options.split_whitespace();
+    while let Some(token) = tokens.next() {
+        let assignment = if token == "-c" {
+            tokens.next()
+        } else {
+            token.strip_prefix("-c").or_else(|| token.strip_prefix("--"))
+        };
+        if let Some((name, _)) = assignment.and_then(|a| a.split_once('=')) {
+            names.push(name.to_ascii_lowercase().replace('-', "_"));
+        }
+    }
+    names
+}
 
 /// Whether the store's sessions default to an isolation other than READ
 /// COMMITTED (the URL's `options` set one, overriding
@@ -576,6 +630,22 @@ mod tests {
         detect_dead_peers(&mut config);
         assert!(!config.get_keepalives());
         assert_eq!(config.get_tcp_user_timeout(), None);
+    }
+
+    #[test]
+    fn session_settings_leave_what_the_url_sets_to_the_url() {
+        let all = session_settings(None);
+        assert_eq!(
+            all,
+            "SET tcp_keepalives_idle = 15; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3; \
+             SET idle_in_transaction_session_timeout = '60s'; SET default_transaction_isolation = 'read committed'; \
+             SET jit = off"
+        );
+        let some = session_settings(Some(
+            "-c tcp_keepalives_idle=600 -cdefault_transaction_isolation=serializable --idle-in-transaction-session-timeout=0 -c jit=on",
+        ));
+        assert_eq!(some, "SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3; SET jit = off");
+        assert_eq!(settings_named("  -c  a=1  -c B-c=2 --x=3 -c"), ["a", "b_c", "x"]);
     }
 
     #[test]

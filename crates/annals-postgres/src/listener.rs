@@ -82,6 +82,8 @@ pub(crate) struct Dial {
     pub answer_within: Duration,
     /// The store's subscription tail, told of deletions.
     pub tail: Arc<annals_core::subscription::Tail>,
+    /// The store's session settings, SET before `LISTEN`.
+    pub settings: Arc<str>,
 }
 
 /// The payload a deletion notifies (a head is always a number).
@@ -121,7 +123,10 @@ pub(crate) async fn connect(
         }
     });
     let connected = Connected { client, driver };
-    connected.client.batch_execute(&format!("LISTEN {}", quote_ident(&sql.channel))).await?;
+    connected
+        .client
+        .batch_execute(&format!("{}; LISTEN {}", dial.settings, quote_ident(&sql.channel)))
+        .await?;
     Ok(connected)
 }
 

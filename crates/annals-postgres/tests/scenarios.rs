@@ -2012,6 +2012,36 @@ async fn an_append_that_got_no_answer_never_lands_later() {
     assert_eq!(read.iter().filter(|id| **id == late.id).count(), 1, "{read:?}");
 }
 
+/// The store sends its session settings as `SET`s after connecting, not in
+/// the startup packet's `options`, which a pooler such as PgBouncer refuses
+/// for settings it does not track: no connection of the store (pool,
+/// listener, lease) carries `options` unless the URL gives them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_send_no_startup_options_of_their_own() {
+    use annals_core::Leases;
+    let Some((_store, guard)) = common::open().await else { return };
+    let proxy = common::proxy::Proxy::start().await;
+    let store = PgStore::builder(proxy.url.clone()).schema(&guard.schema).open().await.unwrap();
+    store.append(&stream("plain-1"), ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
+    let lease = store.try_lease("plain-lease").await.unwrap().expect("free");
+    let startups = proxy.startups();
+    assert!(startups.len() >= 3, "pool, listener and lease connections: {}", startups.len());
+    for startup in &startups {
+        assert!(!startup.windows(7).any(|w| w == b"options"), "{}", String::from_utf8_lossy(startup));
+    }
+    // The settings are in force all the same.
+    let client = store.pool().get().await.unwrap();
+    for (setting, want) in
+        [("tcp_keepalives_idle", "15"), ("jit", "off"), ("transaction_isolation", "read committed")]
+    {
+        assert_eq!(
+            client.query_one(&format!("SHOW {setting}"), &[]).await.unwrap().get::<_, String>(0),
+            want
+        );
+    }
+    drop(lease);
+}
+
 /// The server probes the store's sessions too (a session whose client
 /// vanished ends within about 30 s, releasing its locks), unless the URL's
 /// `options` choose otherwise.

@@ -119,6 +119,11 @@ impl Proxy {
         }
     }
 
+    /// The startup message of every connection made so far.
+    pub fn startups(&self) -> Vec<Vec<u8>> {
+        self.open.lock().unwrap().iter().map(|c| c.startup.lock().unwrap().clone()).collect()
+    }
+
     /// Delivers what the held connections' clients sent (to servers that
     /// may have closed those sessions meanwhile: then it goes nowhere).
     pub async fn release(&self) {
