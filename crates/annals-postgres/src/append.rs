@@ -552,6 +552,16 @@ impl Committer {
             .await
     }
 
+    /// A connection for a round's transaction, discarded unless kept (an
+    /// error or a cancelled future that leaves the transaction open must
+    /// not hand it to the next borrower), and its server session.
+    async fn round_connection(&self) -> Result<(Pooled, Option<Session>), Failure> {
+        let conn =
+            Pooled::discarded_unless_kept(self.pool.get().await?, self.schema.clone(), self.answer.clone());
+        let session = self.session_of(&conn).await?;
+        Ok((conn, session))
+    }
+
     /// The server session of `conn`, asked once per connection. `None` when
     /// the server would not say (no row for it in `pg_stat_activity`): the
     /// appends still run, and one that gets no answer is answered as
@@ -601,11 +611,7 @@ impl Committer {
         self.exact_rounds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         metrics::counter!("annals_pg_append_exact_rounds_total", "schema" => self.sql.name.clone())
             .increment(1);
-        // Discarded unless kept: an error or a cancelled future that leaves
-        // the transaction open must not hand it to the next borrower.
-        let conn =
-            Pooled::discarded_unless_kept(self.pool.get().await?, self.schema.clone(), self.answer.clone());
-        let session = self.session_of(&conn).await?;
+        let (conn, session) = self.round_connection().await?;
         conn.deadline()
             .bound(async {
                 let client: &deadpool_postgres::ClientWrapper = &conn;
@@ -761,9 +767,7 @@ impl Committer {
     ) -> Result<Option<Vec<Result<Vec<AppendResult>>>>, Failure> {
         let Some(args) = FastArgs::new(requests) else { return Ok(None) };
         let one_part = args.part_streams.len() == 1;
-        let conn =
-            Pooled::discarded_unless_kept(self.pool.get().await?, self.schema.clone(), self.answer.clone());
-        let session = self.session_of(&conn).await?;
+        let (conn, session) = self.round_connection().await?;
         conn.deadline()
             .bound(async {
                 let client: &deadpool_postgres::ClientWrapper = &conn;
@@ -772,7 +776,7 @@ impl Committer {
                 // it, so a row and no error means committed, and an error means
                 // nothing was (or, if the connection broke, may have been: a re-run
                 // then finds an idempotent re-send).
-                let (sql, params): (&str, Vec<&(dyn ToSql + Sync)>) = if one_part {
+                let (sql, leading): (&str, Vec<&(dyn ToSql + Sync)>) = if one_part {
                     let stream: [&(dyn ToSql + Sync); 8] = [
                         &args.part_streams[0],
                         &args.part_categories[0],
@@ -783,14 +787,7 @@ impl Committer {
                         &args.run_types,
                         &args.run_correlation_ids,
                     ];
-                    (
-                        &self.sql.append_part,
-                        stream
-                            .into_iter()
-                            .chain(args.event_params())
-                            .chain([&self.sql.channel as _])
-                            .collect(),
-                    )
+                    (&self.sql.append_part, stream.into())
                 } else {
                     let parts: [&(dyn ToSql + Sync); 13] = [
                         &args.part_streams,
@@ -807,15 +804,10 @@ impl Committer {
                         &args.run_types,
                         &args.run_correlation_ids,
                     ];
-                    (
-                        &self.sql.append_fast,
-                        parts
-                            .into_iter()
-                            .chain(args.event_params())
-                            .chain([&self.sql.channel as _])
-                            .collect(),
-                    )
+                    (&self.sql.append_fast, parts.into())
                 };
+                let params: Vec<&(dyn ToSql + Sync)> =
+                    leading.into_iter().chain(args.event_params()).chain([&self.sql.channel as _]).collect();
                 let statement = client.prepare_cached(sql).await?;
                 let row = if self.explicit_rc.get() {
                     // The sessions default to another isolation, under which the
