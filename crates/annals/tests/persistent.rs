@@ -50,14 +50,24 @@ async fn competing_consumers_share_the_load_and_each_message_is_handled_once() {
             .await
             .unwrap();
     let handled: Arc<Mutex<BTreeMap<u64, Vec<usize>>>> = Arc::default();
+    // Each worker holds its first message until all four have one: a
+    // consumer's window (8 in flight) is then full until the others get
+    // work, whichever workers the two runtime threads happen to run first.
+    let all_started = Arc::new(tokio::sync::Barrier::new(4));
     let mut tasks = Vec::new();
     for worker in 0..4 {
         let mut consumer = group.connect(format!("worker-{worker}"), 8);
-        let handled = handled.clone();
+        let (handled, all_started) = (handled.clone(), all_started.clone());
         tasks.push(tokio::spawn(async move {
+            let mut first = true;
             while let Some(delivery) = consumer.next().await {
                 assert_eq!(delivery.event.category(), "account");
                 handled.lock().unwrap().entry(delivery.event.position).or_default().push(worker);
+                if std::mem::take(&mut first) {
+                    tokio::time::timeout(Duration::from_secs(30), all_started.wait())
+                        .await
+                        .expect("some consumer got no work while the others' windows were full");
+                }
                 consumer.ack(delivery.id).await.unwrap();
             }
         }));
