@@ -805,21 +805,10 @@ struct DatabaseGuard(String);
 impl Drop for DatabaseGuard {
     fn drop(&mut self) {
         let db = self.0.clone();
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
-            rt.block_on(async move {
-                let Ok((client, conn)) = tokio_postgres::connect(&common::url(), tokio_postgres::NoTls).await
-                else {
-                    return;
-                };
-                let driver = tokio::spawn(conn);
-                let sql = format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)");
-                let _ = tokio::time::timeout(Duration::from_secs(30), client.batch_execute(&sql)).await;
-                drop(client);
-                let _ = driver.await;
-            });
-        })
-        .join();
+        common::blocking_admin(move |client| async move {
+            let sql = format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)");
+            let _ = tokio::time::timeout(Duration::from_secs(30), client.batch_execute(&sql)).await;
+        });
     }
 }
 

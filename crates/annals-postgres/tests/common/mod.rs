@@ -35,36 +35,45 @@ pub struct SchemaGuard {
     pub schema: String,
 }
 
+/// Runs `work` on an admin connection, on a thread and runtime of its
+/// own, and waits for it: usable from `Drop`, inside a runtime or not.
+/// Best effort: nothing runs if the database cannot be reached.
+pub fn blocking_admin<F: Future<Output = ()>>(
+    work: impl FnOnce(tokio_postgres::Client) -> F + Send + 'static,
+) {
+    let _ = std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        rt.block_on(async move {
+            let Ok((client, conn)) = tokio_postgres::connect(&url(), tokio_postgres::NoTls).await else {
+                return;
+            };
+            let driver = tokio::spawn(conn);
+            work(client).await;
+            let _ = driver.await;
+        });
+    })
+    .join();
+}
+
 impl Drop for SchemaGuard {
     fn drop(&mut self) {
         let schema = self.schema.clone();
-        // Own thread and runtime: works whether or not we are inside one.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
-            rt.block_on(async move {
-                let Ok((client, conn)) = tokio_postgres::connect(&url(), tokio_postgres::NoTls).await else {
-                    return;
-                };
-                let driver = tokio::spawn(conn);
-                // The store's own sessions first (their application_name
-                // names the schema): this drop runs on a thread the test's
-                // runtime waits for, so a task of the store still on that
-                // runtime (a subscription tail's read, mid-transaction) cannot
-                // finish and would hold its locks past the lock timeout.
-                let terminate = format!(
+        blocking_admin(move |client| async move {
+            // The store's own sessions first (their application_name
+            // names the schema): this drop runs on a thread the test's
+            // runtime waits for, so a task of the store still on that
+            // runtime (a subscription tail's read, mid-transaction) cannot
+            // finish and would hold its locks past the lock timeout.
+            let terminate = format!(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid()
                        AND application_name IN ('annals {schema}', 'annals-listen {schema}', 'annals-lease {schema}')"
                 );
-                let _ = tokio::time::timeout(Duration::from_secs(10), client.batch_execute(&terminate)).await;
-                // Bounded: a lock held by a leaked connection must not hang
-                // the test run; a leftover schema is harmless.
-                let sql = format!("SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS \"{schema}\" CASCADE");
-                let _ = tokio::time::timeout(Duration::from_secs(30), client.batch_execute(&sql)).await;
-                drop(client);
-                let _ = driver.await;
-            });
-        })
-        .join();
+            let _ = tokio::time::timeout(Duration::from_secs(10), client.batch_execute(&terminate)).await;
+            // Bounded: a lock held by a leaked connection must not hang
+            // the test run; a leftover schema is harmless.
+            let sql = format!("SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS \"{schema}\" CASCADE");
+            let _ = tokio::time::timeout(Duration::from_secs(30), client.batch_execute(&sql)).await;
+        });
     }
 }
 
