@@ -111,6 +111,9 @@ pub(crate) struct Committer {
     /// Whether `pg_terminate_backend` can wait for the session to end
     /// (PostgreSQL 14 and later).
     pub terminate_waits: bool,
+    /// How long a new connection may take (a pool that cannot make one in
+    /// time is a database that does not answer).
+    pub connect_timeout: Duration,
 }
 
 impl Inner {
@@ -277,15 +280,49 @@ impl Committer {
             let mut pending = batch;
             while !pending.is_empty() {
                 let (round, rest) = split_round(pending);
-                self.run_round(round).await;
                 pending = rest;
+                if let Some(no_answer) = self.run_round(round).await {
+                    self.refuse_waiting(std::mem::take(&mut pending), no_answer).await;
+                }
             }
         }
     }
 
-    /// Commits one round, answering every request in it.
-    async fn run_round(&self, mut round: Vec<Request>) {
+    /// After a round that got no answer (`no_answer`): answers `waiting`
+    /// and every request queued now, none of which was sent, with
+    /// [`PgError::NotAnswering`] at once. Run one round at a time, each
+    /// would otherwise wait a full answer timeout (and its settling) of its
+    /// own, so that an outage kept the last of many queued appends waiting
+    /// for minutes. The next request to arrive is sent as usual: it finds
+    /// out whether the database is back.
+    async fn refuse_waiting(&self, mut waiting: Vec<Request>, no_answer: NoAnswer) {
+        {
+            let mut queue = self.queue.lock().await;
+            while let Ok(next) = queue.try_recv() {
+                waiting.push(next);
+            }
+        }
+        if waiting.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            schema = %self.schema,
+            appends = waiting.len(),
+            "PostgreSQL stopped answering; failing the appends queued behind the one that got no answer, unsent"
+        );
+        metrics::counter!("annals_pg_appends_not_sent_total", "schema" => self.sql.name.clone())
+            .increment(waiting.len() as u64);
+        for request in waiting {
+            let _ = request.reply.send(Err(PgError::NotAnswering { waited: no_answer.waited }.into()));
+        }
+    }
+
+    /// Commits one round, answering every request in it. Returns the
+    /// [`NoAnswer`] when the database did not answer it in time (whatever
+    /// the requests were answered), `None` otherwise.
+    async fn run_round(&self, mut round: Vec<Request>) -> Option<NoAnswer> {
         let mut attempt = 1;
+        let mut unanswered = None;
         loop {
             // Whatever this attempt writes lands at or after the head known
             // now (positions only grow, and ours come after every commit
@@ -294,12 +331,17 @@ impl Committer {
             let parts: Vec<&[StreamAppend]> = round.iter().map(|r| r.parts.as_slice()).collect();
             let tried = self.try_round(&parts).await;
             if let Err(Failure::Unknown(lost)) = tried {
+                if let Lost::NoAnswer(no_answer, _) = &lost {
+                    unanswered = Some(*no_answer);
+                }
                 // Settled before anything else runs again: re-running a
                 // round that did commit would write an `Any` part twice when
                 // another process appended to its stream meanwhile (the
                 // idempotency check only sees the stream's tail), and would
                 // fail an `Exact` part that was in fact written.
-                let Some(rest) = self.settle_round(round, &lost, since, attempt).await else { return };
+                let Some(rest) = self.settle_round(round, &lost, since, attempt).await else {
+                    return unanswered;
+                };
                 round = rest;
                 attempt += 1;
                 continue;
@@ -310,7 +352,7 @@ impl Committer {
                         // The caller may have gone away; nothing to do then.
                         let _ = request.reply.send(outcome);
                     }
-                    return;
+                    return unanswered;
                 }
                 Err(Failure::Retry(e)) if attempt < MAX_ATTEMPTS => {
                     tracing::debug!(error = %e, attempt, "append raced another transaction; retrying");
@@ -326,10 +368,14 @@ impl Committer {
                     if round.len() > 1 {
                         // Do not let one request's failure fail the others:
                         // run each on its own.
-                        for request in round {
-                            Box::pin(self.run_round(vec![request])).await;
+                        let mut alone = round.into_iter();
+                        while let Some(request) = alone.next() {
+                            if let Some(no_answer) = Box::pin(self.run_round(vec![request])).await {
+                                self.refuse_waiting(alone.collect(), no_answer).await;
+                                return Some(no_answer);
+                            }
                         }
-                        return;
+                        return unanswered;
                     }
                     let error = match failure {
                         Failure::Retry(e) => db(e),
@@ -339,7 +385,7 @@ impl Committer {
                     if let Some(request) = round.into_iter().next() {
                         let _ = request.reply.send(Err(error));
                     }
-                    return;
+                    return unanswered;
                 }
             }
         }
@@ -556,8 +602,16 @@ impl Committer {
     /// error or a cancelled future that leaves the transaction open must
     /// not hand it to the next borrower), and its server session.
     async fn round_connection(&self) -> Result<(Pooled, Option<Session>), Failure> {
-        let conn =
-            Pooled::discarded_unless_kept(self.pool.get().await?, self.schema.clone(), self.answer.clone());
+        let object = match self.pool.get().await {
+            Ok(object) => object,
+            // A server that takes the TCP connection but never answers the
+            // start-up (stopped, or behind a wedged proxy): nothing was sent.
+            Err(deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Create)) => {
+                return Err(NoAnswer { waited: self.connect_timeout }.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let conn = Pooled::discarded_unless_kept(object, self.schema.clone(), self.answer.clone());
         let session = self.session_of(&conn).await?;
         Ok((conn, session))
     }

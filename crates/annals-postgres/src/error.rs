@@ -72,6 +72,21 @@ pub enum PgError {
         waited: std::time::Duration,
     },
 
+    /// The append was not sent: PostgreSQL had stopped answering. An append
+    /// ahead of it in the store's queue got no answer within the answer
+    /// timeout, and rather than make every append queued behind it wait a
+    /// full timeout of its own, the store answered those at once. Nothing
+    /// of this append was written; retry with backoff (the next append
+    /// after this answer is sent again, and finds out whether the database
+    /// is back).
+    #[error(
+        "append not sent: PostgreSQL stopped answering (an append ahead of it got no answer within {waited:?}); nothing was written"
+    )]
+    NotAnswering {
+        /// How long the append ahead of it waited.
+        waited: std::time::Duration,
+    },
+
     /// The database schema was written by a newer version of Annals than
     /// this one. Upgrade this process; never run an older one against it.
     #[error(
@@ -129,7 +144,10 @@ impl PgError {
     /// Whether retrying the same operation later may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
-            PgError::Unreachable { .. } | PgError::PoolTimeout | PgError::NoAnswer { .. } => true,
+            PgError::Unreachable { .. }
+            | PgError::PoolTimeout
+            | PgError::NoAnswer { .. }
+            | PgError::NotAnswering { .. } => true,
             PgError::Database(e) => e.is_closed() || e.code().is_none_or(is_retryable_state),
             _ => false,
         }
@@ -155,6 +173,14 @@ impl From<deadpool_postgres::PoolError> for PgError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         use deadpool_postgres::PoolError as P;
         match e {
+            // Making a new connection took longer than the connect
+            // timeout: the server took the TCP connection but did not
+            // finish the start-up (stopped, overloaded, or a wedged proxy).
+            P::Timeout(deadpool_postgres::TimeoutType::Create) => PgError::Unreachable {
+                message: "the server did not complete the connection start-up within the connect timeout"
+                    .into(),
+                source: None,
+            },
             P::Timeout(_) => PgError::PoolTimeout,
             P::Backend(e) => unreachable_from(e),
             P::Closed => {

@@ -172,7 +172,8 @@ impl PgStoreBuilder {
         self
     }
 
-    /// How long one connection attempt may take (default 5 s).
+    /// How long one connection attempt may take (default 5 s), start-up
+    /// included: past it the attempt fails as [`PgError::Unreachable`].
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
@@ -198,6 +199,13 @@ impl PgStoreBuilder {
     /// does the transfer: raise it with the append size limit where appends
     /// of hundreds of megabytes cross a slow link. Not applied to
     /// migrations at open.
+    ///
+    /// Appends are committed one round at a time, so an append that gets
+    /// no answer (or needs a new connection that cannot be made within the
+    /// [`PgStoreBuilder::connect_timeout`]) would hold every append queued
+    /// behind it for a timeout each: those fail at once instead, with
+    /// [`PgError::NotAnswering`] (not sent, nothing written), and the next
+    /// append to arrive tries the database again.
     pub fn answer_timeout(mut self, timeout: Duration) -> Self {
         self.answer_timeout = timeout.max(Duration::from_millis(1));
         self
@@ -352,6 +360,7 @@ impl PgStoreBuilder {
                 answer: answer.clone(),
                 sessions: sessions.clone(),
                 terminate_waits,
+                connect_timeout: self.connect_timeout,
             };
             tokio::spawn(committer.run());
         }

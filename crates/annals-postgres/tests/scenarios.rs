@@ -1953,6 +1953,89 @@ async fn a_pooled_connection_that_stops_answering_fails_its_operation_and_is_rep
     assert_eq!(store.read_all(ReadAll::forward(100)).await.unwrap().events.len(), 11);
 }
 
+/// Appends queued behind one that gets no answer are answered at once as
+/// not sent, instead of each waiting out a timeout of its own: appends to
+/// one stream cannot share a round, so twenty of them queued behind a
+/// silent database would otherwise take twenty rounds (here at least 20 s)
+/// to fail. Once the database answers again the next append goes through,
+/// and none of the refused ones was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_queued_behind_one_that_got_no_answer_fail_at_once_unsent() {
+    const QUEUED: u64 = 20;
+    let Some((writer, guard)) = common::open().await else { return };
+    let proxy = common::proxy::Proxy::start().await;
+    let store = PgStore::builder(proxy.url.clone())
+        .schema(&guard.schema)
+        .max_connections(2)
+        .connect_timeout(Duration::from_millis(500))
+        .answer_timeout(Duration::from_secs(1))
+        .open()
+        .await
+        .unwrap();
+    let s = stream("queued-1");
+    store.append(&s, ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
+
+    proxy.blackhole(format!("annals {}", guard.schema).as_bytes());
+    let append = |e: EventData, started: std::time::Instant| {
+        let (store, s) = (store.clone(), s.clone());
+        tokio::spawn(async move {
+            let got = tokio::time::timeout(
+                Duration::from_secs(60),
+                store.append(&s, ExpectedVersion::Any, vec![e.clone()]),
+            )
+            .await
+            .expect("an append hung");
+            (e, got, started.elapsed())
+        })
+    };
+    // Two waves: the first behind an append sent on the open connection
+    // (no answer to the statement), the second behind one that needs a new
+    // connection (no answer to the start-up).
+    let mut refused = Vec::new();
+    for wave in 0..2u64 {
+        let started = std::time::Instant::now();
+        let first = append(event(100 * wave + 1), started);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let queued: Vec<_> = (0..QUEUED).map(|n| append(event(100 * wave + 10 + n), started)).collect();
+        let (first_event, got, _) = first.await.unwrap();
+        let err = got.unwrap_err();
+        assert!(err.is_transient() && err.to_string().contains("no answer from PostgreSQL"), "{err}");
+        refused.push(first_event);
+        for q in queued {
+            let (e, got, took) = q.await.unwrap();
+            let err = got.unwrap_err();
+            assert!(err.is_transient() && err.to_string().contains("append not sent"), "wave {wave}: {err}");
+            // One round (1 s) and its settling (a 500 ms connection
+            // attempt), with room to spare; twenty rounds take 20 s and more.
+            assert!(
+                took < Duration::from_secs(10),
+                "wave {wave}: a queued append failed only after {took:?}"
+            );
+            refused.push(e);
+        }
+    }
+
+    proxy.restore();
+    let ids = |events: Vec<RecordedEvent>| events.into_iter().map(|e| e.id).collect::<Vec<_>>();
+    let read = ids(writer.read_stream(&s, ReadStream::forward()).await.unwrap());
+    assert_eq!(read.len(), 1, "a refused append was written");
+    // The store is not left refusing: once the connection that sat idle
+    // through the outage has cost its borrower one timeout, re-sends land,
+    // each once.
+    for e in &refused {
+        let mut tries = 0;
+        while let Err(err) = store.append(&s, ExpectedVersion::Any, vec![e.clone()]).await {
+            tries += 1;
+            assert!(tries <= 2 && err.is_transient(), "re-send {tries} failed: {err}");
+        }
+    }
+    let read = ids(writer.read_stream(&s, ReadStream::forward()).await.unwrap());
+    assert_eq!(read.len(), 1 + refused.len(), "{read:?}");
+    for e in &refused {
+        assert_eq!(read.iter().filter(|id| **id == e.id).count(), 1);
+    }
+}
+
 /// An append answered with "no answer" is never written, even when its
 /// request reaches the server afterwards: a proxy holds it past the answer
 /// timeout and delivers it once the store has given up. Before searching
