@@ -99,6 +99,26 @@ pub enum Error {
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
     },
+
+    /// An append lost its answer (the connection broke, or the backend did
+    /// not answer in time) and the store could not find out whether it was
+    /// written: it may have been. Re-send it unchanged, with the same event
+    /// ids and the same expected version, once the backend is back. A
+    /// re-send whose events are the stream's last is answered as written
+    /// without writing them again; with [`ExpectedVersion::Exact`] a re-send
+    /// after further appends to the stream fails with
+    /// [`Error::WrongExpectedVersion`] rather than writing twice (then read
+    /// the stream to see whether the events are in it); with
+    /// [`ExpectedVersion::Any`] such a re-send writes them a second time
+    /// (HTTP 503, code `outcome_unknown`). The other errors that can leave an
+    /// append's outcome open are [`Error::Poisoned`] (settled when the store
+    /// is reopened and recovers) and [`Error::Closed`] from a store shut down
+    /// mid-append; any other error means nothing of the append was written.
+    #[error("outcome unknown: {reason}")]
+    OutcomeUnknown {
+        /// What was lost, and why it could not be read back.
+        reason: String,
+    },
 }
 
 fn fmt_actual(actual: Option<u64>) -> String {
@@ -155,6 +175,6 @@ impl Error {
     /// the request (I/O and backend trouble), as opposed to errors that need a
     /// different request or a reopen.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Io(_) | Error::Backend { .. })
+        matches!(self, Error::Io(_) | Error::Backend { .. } | Error::OutcomeUnknown { .. })
     }
 }

@@ -935,12 +935,11 @@ impl Committer {
 /// be read back: transient, so callers re-send it with the same event ids
 /// (idempotency then settles it).
 fn outcome_unknown(lost: &Lost) -> Error {
-    Error::Backend {
-        message: format!(
+    Error::OutcomeUnknown {
+        reason: format!(
             "the append lost its answer ({lost}) and whether it was written could not be read back; \
-             re-send it with the same event ids"
+             re-send it unchanged (same event ids, same expected version)"
         ),
-        source: None,
     }
 }
 

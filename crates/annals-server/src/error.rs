@@ -163,6 +163,13 @@ impl From<annals_core::Error> for ApiError {
                 e.retry_after = Some(1);
                 e
             }
+            E::OutcomeUnknown { .. } => {
+                // May have been written: re-send unchanged (same ids, same
+                // expectation) once the backend is back.
+                let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "outcome_unknown", message);
+                e.retry_after = Some(1);
+                e
+            }
             E::Corrupt { .. } => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "corrupt", message),
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message),
         }

@@ -206,7 +206,7 @@ impl Metrics {
             E::WrongExpectedVersion { .. } => {
                 self.append_conflicts.inc();
             }
-            E::Poisoned { .. } | E::Closed | E::Io(_) | E::Backend { .. } => {
+            E::Poisoned { .. } | E::Closed | E::Io(_) | E::Backend { .. } | E::OutcomeUnknown { .. } => {
                 self.write_failed.store(true, Ordering::Relaxed);
             }
             _ => {}

@@ -167,7 +167,8 @@ fn add_layer_responses(doc: &mut Value) {
                 add(
                     "503",
                     "`timeout` (over `timeouts.request_secs`) or the store is unavailable \
-                     (`store_closed`, `store_poisoned`, `io_error`, `backend_error`)",
+                     (`store_closed`, `store_poisoned`, `io_error`, `backend_error`; for appends also \
+                     `outcome_unknown`: may have been written, re-send unchanged)",
                 );
             }
             add("500", "`internal` (a bug, logged) or `corrupt` (the store found damaged data)");

@@ -18,11 +18,14 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use tower::ServiceExt;
 
-/// A MemoryStore whose appends fail with `Poisoned` while `broken` is set,
-/// and whose health check fails while `unhealthy` is set.
+/// A MemoryStore whose appends fail with `Poisoned` while `broken` is set
+/// (with `OutcomeUnknown` while `lost` is set), and whose health check
+/// fails while `unhealthy` is set.
+#[derive(Default)]
 struct Flaky {
     inner: MemoryStore,
     broken: AtomicBool,
+    lost: AtomicBool,
     unhealthy: AtomicBool,
 }
 
@@ -30,6 +33,9 @@ impl Flaky {
     fn check(&self) -> Result<()> {
         if self.broken.load(Ordering::SeqCst) {
             return Err(Error::Poisoned { reason: "fsync failed (test)".into() });
+        }
+        if self.lost.load(Ordering::SeqCst) {
+            return Err(Error::OutcomeUnknown { reason: "the connection broke (test)".into() });
         }
         Ok(())
     }
@@ -124,11 +130,7 @@ async fn call(router: &axum::Router, method: &str, path: &str, body: &str) -> (u
 
 #[tokio::test]
 async fn poisoned_store_answers_503_and_is_not_ready() {
-    let store = Arc::new(Flaky {
-        inner: MemoryStore::new(),
-        broken: AtomicBool::new(false),
-        unhealthy: AtomicBool::new(false),
-    });
+    let store = Arc::new(Flaky::default());
     let mut config = ServerConfig::default();
     config.auth.anonymous = Some(Role::Admin);
     let router = app(AppState::new(store.clone(), config).unwrap());
@@ -154,11 +156,7 @@ async fn poisoned_store_answers_503_and_is_not_ready() {
 
 #[tokio::test]
 async fn unhealthy_store_is_not_ready_before_any_append() {
-    let store = Arc::new(Flaky {
-        inner: MemoryStore::new(),
-        broken: AtomicBool::new(false),
-        unhealthy: AtomicBool::new(false),
-    });
+    let store = Arc::new(Flaky::default());
     let mut config = ServerConfig::default();
     config.auth.anonymous = Some(Role::Admin);
     let router = app(AppState::new(store.clone(), config).unwrap());
@@ -175,5 +173,36 @@ async fn unhealthy_store_is_not_ready_before_any_append() {
     );
     assert_eq!(call(&router, "GET", "/health/live", "").await.0, 200);
     store.unhealthy.store(false, Ordering::SeqCst);
+    assert_eq!(call(&router, "GET", "/health/ready", "").await.0, 200);
+}
+
+#[tokio::test]
+async fn an_append_of_unknown_outcome_answers_503_outcome_unknown() {
+    let store = Arc::new(Flaky::default());
+    let mut config = ServerConfig::default();
+    config.auth.anonymous = Some(Role::Admin);
+    let router = app(AppState::new(store.clone(), config).unwrap());
+    let event = r#"[{"id":"7f1c1b5e-0c1a-4e57-9a51-3d1c2f0b9a10","type":"E","data":{}}]"#;
+    store.lost.store(true, Ordering::SeqCst);
+    let req = Request::builder()
+        .method("POST")
+        .uri("/streams/u-1")
+        .header("content-type", "application/json")
+        .body(Body::from(event))
+        .unwrap();
+    let resp = router.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    assert_eq!(resp.headers().get("retry-after").map(|v| v.to_str().unwrap()), Some("1"));
+    let body: Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(body["error"]["code"], "outcome_unknown", "{body}");
+    assert_eq!(call(&router, "GET", "/health/ready", "").await.1["error"]["code"], "store_not_writable");
+
+    // The re-send, unchanged, once the store is back: written once.
+    store.lost.store(false, Ordering::SeqCst);
+    assert_eq!(call(&router, "POST", "/streams/u-1", event).await.0, 201);
+    assert_eq!(call(&router, "POST", "/streams/u-1", event).await.0, 201);
+    let (status, read) = call(&router, "GET", "/streams/u-1", "").await;
+    assert_eq!(status, 200);
+    assert_eq!(read["events"].as_array().map(Vec::len), Some(1), "{read}");
     assert_eq!(call(&router, "GET", "/health/ready", "").await.0, 200);
 }
