@@ -101,9 +101,13 @@ pub struct StoreConfig {
     /// (default 5).
     pub postgres_connect_timeout_secs: u64,
     /// How long one operation waits for PostgreSQL to answer, in seconds
-    /// (default 30, 1 to 3600): past it the operation fails with a 503 and
+    /// (default 10, 1 to 3600): past it the operation fails with a 503 and
     /// its connection is closed (a stopped server or a wedged network path
-    /// the TCP probes cannot see).
+    /// the TCP probes cannot see). With PostgreSQL configured, twice this
+    /// must stay below `timeouts.request_secs`: an append that gets no
+    /// answer is checked against the log before it is answered (up to a
+    /// second timeout), and a request cut off by the request timeout first
+    /// tells its client only `timeout`, not whether the append was written.
     pub postgres_answer_timeout_secs: u64,
 }
 
@@ -116,7 +120,7 @@ impl Default for StoreConfig {
             postgres_schema: "annals".to_owned(),
             postgres_max_connections: 16,
             postgres_connect_timeout_secs: 5,
-            postgres_answer_timeout_secs: 30,
+            postgres_answer_timeout_secs: 10,
         }
     }
 }
@@ -405,6 +409,20 @@ impl ServerConfig {
             return Err(ServerError::config(
                 "store.postgres_answer_timeout_secs",
                 "must be between 1 and 3600",
+            ));
+        }
+        if self.store.postgres.is_some()
+            && self.store.postgres_answer_timeout_secs.saturating_mul(2) >= self.timeouts.request_secs
+        {
+            return Err(ServerError::config(
+                "store.postgres_answer_timeout_secs",
+                format!(
+                    "twice it ({}) must be below timeouts.request_secs ({}): an append that gets no answer is \
+                     checked against the log before it is answered, and a request cut off first only learns \
+                     'timeout', not whether it was written",
+                    self.store.postgres_answer_timeout_secs.saturating_mul(2),
+                    self.timeouts.request_secs
+                ),
             ));
         }
         let l = &self.limits;

@@ -361,7 +361,7 @@ fn postgres_pool_settings_are_validated() {
         matches!(c.validate(), Err(ServerError::Config { ref key, .. }) if key == "store.postgres_connect_timeout_secs")
     );
     c.store.postgres_connect_timeout_secs = 5;
-    assert_eq!(c.store.postgres_answer_timeout_secs, 30);
+    assert_eq!(c.store.postgres_answer_timeout_secs, 10);
     for (secs, ok) in [(0, false), (1, true), (3600, true), (3601, false)] {
         c.store.postgres_answer_timeout_secs = secs;
         let got = c.validate();
@@ -372,4 +372,22 @@ fn postgres_pool_settings_are_validated() {
             );
         }
     }
+    // With PostgreSQL, an append's no-answer verdict (attempt, then the
+    // check) must come before the request timeout cuts the request off.
+    c.store.postgres = Some("postgres://postgres@127.0.0.1:5432/test".into());
+    assert_eq!(c.timeouts.request_secs, 30);
+    for (secs, ok) in [(10, true), (14, true), (15, false), (3600, false)] {
+        c.store.postgres_answer_timeout_secs = secs;
+        let got = c.validate();
+        assert_eq!(got.is_ok(), ok, "{secs}: {got:?}");
+        if !ok {
+            assert!(
+                matches!(got, Err(ServerError::Config { ref key, ref reason }) if key == "store.postgres_answer_timeout_secs" && reason.contains("timeouts.request_secs")),
+                "{got:?}"
+            );
+        }
+    }
+    c.store.postgres_answer_timeout_secs = 15;
+    c.timeouts.request_secs = 31;
+    assert!(c.validate().is_ok());
 }
