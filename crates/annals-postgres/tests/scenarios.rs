@@ -2055,6 +2055,186 @@ async fn appends_queued_behind_one_that_got_no_answer_fail_at_once_unsent() {
     }
 }
 
+/// How one attempt at an append ended, as the caller can tell.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Attempt {
+    Written,
+    NotWritten,
+    Unknown,
+}
+
+/// Chaos through the proxy: while writers of one process append with `Any`
+/// to streams that another process appends to as well, the proxy blackholes
+/// the first process's connections or holds what they send and delivers it
+/// late, again and again. The errors must say the truth: an append answered
+/// with anything but `OutcomeUnknown` was not written, so re-sending it
+/// unchanged (with `Any`, after other appends: no idempotency to save it)
+/// must never write it twice; one answered as written is there once; an
+/// unknown one is there at most once. A subscriber of the other process
+/// sees the log gapless and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn under_silent_and_late_connections_every_append_error_tells_the_truth() {
+    const WRITERS: u64 = 3;
+    const CHAOS: Duration = Duration::from_secs(8);
+    let Some((other, guard)) = common::open().await else { return };
+    let proxy = std::sync::Arc::new(common::proxy::Proxy::start().await);
+    let store = PgStore::builder(proxy.url.clone())
+        .schema(&guard.schema)
+        .max_connections(2)
+        .connect_timeout(Duration::from_millis(300))
+        .answer_timeout(Duration::from_millis(400))
+        .open()
+        .await
+        .unwrap();
+    let mut sub = other.subscribe(SubscriptionRequest::all(Filter::all(), SubscribeFrom::Start));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let seed =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    eprintln!("chaos seed {seed}");
+
+    let chaos = {
+        let (proxy, stop, marker) = (proxy.clone(), stop.clone(), format!("annals {}", guard.schema));
+        tokio::spawn(async move {
+            let mut x = seed;
+            let mut next = move || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            };
+            let (mut holes, mut holds) = (0, 0);
+            while !stop.is_cancelled() {
+                let pause = Duration::from_millis(200 + next() % 700);
+                // Holds twice as often as blackholes: late deliveries are
+                // what could make a "not written" untrue.
+                match next() % 4 {
+                    0 => {
+                        holes += 1;
+                        proxy.blackhole(marker.as_bytes());
+                        tokio::time::sleep(pause).await;
+                        proxy.restore();
+                    }
+                    1 | 2 => {
+                        holds += 1;
+                        proxy.hold(marker.as_bytes());
+                        tokio::time::sleep(pause).await;
+                        proxy.release().await;
+                    }
+                    _ => tokio::time::sleep(pause).await,
+                }
+            }
+            proxy.restore();
+            proxy.release().await;
+            (holes, holds)
+        })
+    };
+    // The other process appends to the same streams throughout.
+    let background = {
+        let (other, stop) = (other.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            let mut n = 0u64;
+            while !stop.is_cancelled() {
+                let e = event(1_000_000 + n);
+                let s = stream(&format!("truth-{}", n % WRITERS));
+                other.append(&s, ExpectedVersion::Any, vec![e.clone()]).await.unwrap();
+                ids.push(e.id);
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(7)).await;
+            }
+            ids
+        })
+    };
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (store, stop) = (store.clone(), stop.clone());
+            tokio::spawn(async move {
+                let s = stream(&format!("truth-{w}"));
+                let mut history: Vec<(uuid::Uuid, Vec<Attempt>)> = Vec::new();
+                let mut i = 0u64;
+                while !stop.is_cancelled() {
+                    let e = event(w * 100_000 + i);
+                    let mut attempts = Vec::new();
+                    loop {
+                        let got = tokio::time::timeout(
+                            PATIENCE,
+                            store.append(&s, ExpectedVersion::Any, vec![e.clone()]),
+                        )
+                        .await
+                        .expect("an append hung");
+                        let attempt = match got {
+                            Ok(_) => Attempt::Written,
+                            Err(Error::OutcomeUnknown { .. }) => Attempt::Unknown,
+                            Err(err) if err.is_transient() => Attempt::NotWritten,
+                            Err(err) => panic!("writer {w}: {err}"),
+                        };
+                        attempts.push(attempt);
+                        // Re-sent, unchanged, only after a definite "not written".
+                        if attempt != Attempt::NotWritten || stop.is_cancelled() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    history.push((e.id, attempts));
+                    i += 1;
+                }
+                history
+            })
+        })
+        .collect();
+
+    tokio::time::sleep(CHAOS).await;
+    stop.cancel();
+    let (holes, holds) = chaos.await.unwrap();
+    let background = background.await.unwrap();
+    let mut histories = Vec::new();
+    for w in writers {
+        histories.extend(w.await.unwrap());
+    }
+    // Whatever the proxy held has been delivered; give it time to land if
+    // it (wrongly) could.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let mut count: std::collections::HashMap<uuid::Uuid, usize> = std::collections::HashMap::new();
+    for w in 0..WRITERS {
+        for e in other.read_stream(&stream(&format!("truth-{w}")), ReadStream::forward()).await.unwrap() {
+            *count.entry(e.id).or_default() += 1;
+        }
+    }
+    for id in &background {
+        assert_eq!(count.get(id), Some(&1), "the other process's event {id}");
+    }
+    let (mut written, mut refused, mut unknown) = (0, 0, 0);
+    for (id, attempts) in &histories {
+        let n = count.get(id).copied().unwrap_or(0);
+        match attempts.last() {
+            Some(Attempt::Written) => {
+                written += 1;
+                assert_eq!(n, 1, "{id}: answered as written after {attempts:?}, found {n} times");
+            }
+            Some(Attempt::Unknown) => {
+                unknown += 1;
+                assert!(n <= 1, "{id}: unknown after {attempts:?}, found {n} times");
+            }
+            _ => assert_eq!(n, 0, "{id}: never answered as written ({attempts:?}), found {n} times"),
+        }
+        refused += attempts.iter().filter(|a| **a == Attempt::NotWritten).count();
+    }
+    let total = count.values().sum::<usize>();
+    let delivered = take(&mut sub, total).await;
+    assert_eq!(
+        delivered.iter().map(|e| e.position).collect::<Vec<_>>(),
+        (0..total as u64).collect::<Vec<_>>()
+    );
+    assert_quiet(&mut sub).await;
+    eprintln!(
+        "chaos: {holes} blackholes, {holds} holds; {} appends: {written} written, {unknown} unknown, \
+         {refused} attempts answered as not written",
+        histories.len()
+    );
+    assert!(written > 0 && refused > 0, "the chaos never hit (or nothing got through)");
+}
+
 /// An append answered with "no answer" is never written, even when its
 /// request reaches the server afterwards: a proxy holds it past the answer
 /// timeout and delivers it once the store has given up. Before searching
