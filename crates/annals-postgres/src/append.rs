@@ -290,10 +290,10 @@ impl Committer {
 
     /// After a round that got no answer (`no_answer`): answers `waiting`
     /// and every request queued now, none of which was sent, with
-    /// [`PgError::NotAnswering`] at once. Run one round at a time, each
+    /// [`PgError::NotAnswering`] at once. Rounds run one at a time, so each
     /// would otherwise wait a full answer timeout (and its settling) of its
-    /// own, so that an outage kept the last of many queued appends waiting
-    /// for minutes. The next request to arrive is sent as usual: it finds
+    /// own, and an outage kept the last of many queued appends waiting for
+    /// minutes. The next request to arrive is sent as usual: it finds
     /// out whether the database is back.
     async fn refuse_waiting(&self, mut waiting: Vec<Request>, no_answer: NoAnswer) {
         {
