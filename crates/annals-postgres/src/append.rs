@@ -204,7 +204,9 @@ pub(crate) struct Session {
 /// (one round trip on its first append), so that a round that gets no
 /// answer can have its session ended before the log is searched for it.
 #[derive(Default)]
-pub(crate) struct Sessions(std::sync::Mutex<HashMap<deadpool_postgres::ObjectId, Session>>);
+/// `None` for a connection whose session could not be learnt: asked once
+/// too, not before every round.
+pub(crate) struct Sessions(std::sync::Mutex<HashMap<deadpool_postgres::ObjectId, Option<Session>>>);
 
 /// Sessions remembered at most (connection ids are never reused, so the map
 /// is cleared past this rather than kept in step with the pool).
@@ -625,7 +627,7 @@ impl Committer {
         if let Some(known) =
             self.sessions.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&id)
         {
-            return Ok(Some(known.clone()));
+            return Ok(known.clone());
         }
         let asked = conn
             .deadline()
@@ -643,13 +645,12 @@ impl Committer {
                 }))
             })
             .await?;
-        let Some(session) = asked else { return Ok(None) };
         let mut known = self.sessions.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if known.len() >= MAX_SESSIONS {
             known.clear();
         }
-        known.insert(id, session.clone());
-        Ok(Some(session))
+        known.insert(id, asked.clone());
+        Ok(asked)
     }
 
     /// One transaction over `requests`, whose streams are disjoint.

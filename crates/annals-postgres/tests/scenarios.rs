@@ -2283,6 +2283,65 @@ async fn an_append_that_got_no_answer_never_lands_later() {
     assert_eq!(read.iter().filter(|id| **id == late.id).count(), 1, "{read:?}");
 }
 
+/// When the store cannot name a connection's server session (here a view in
+/// the session's `search_path`, ahead of `pg_catalog`, hides every row of
+/// `pg_stat_activity`), it cannot end that session before searching the log
+/// after a lost answer, so a request still on its way may run later: such
+/// an append is answered `OutcomeUnknown`, never "not written". A proxy
+/// holds the request past the answer timeout and delivers it afterwards: it
+/// does land, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_on_a_session_that_cannot_be_named_is_answered_unknown_not_unwritten() {
+    let Some((writer, guard)) = common::open().await else { return };
+    let admin = admin_client().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE VIEW \"{s}\".pg_stat_activity AS SELECT * FROM pg_catalog.pg_stat_activity WHERE false",
+            s = guard.schema
+        ))
+        .await
+        .unwrap();
+    let proxy = common::proxy::Proxy::start().await;
+    let url = format!("{}&options=-c%20search_path%3D{}%2Cpg_catalog", proxy.url, guard.schema);
+    let store = PgStore::builder(url)
+        .schema(&guard.schema)
+        .max_connections(1)
+        .connect_timeout(Duration::from_millis(500))
+        .answer_timeout(Duration::from_secs(1))
+        .open()
+        .await
+        .unwrap();
+    let s = stream("unnamed-1");
+    store.append(&s, ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
+
+    proxy.hold(format!("annals {}", guard.schema).as_bytes());
+    let late = event(1);
+    let err = tokio::time::timeout(
+        Duration::from_secs(20),
+        store.append(&s, ExpectedVersion::Any, vec![late.clone()]),
+    )
+    .await
+    .expect("the append hung")
+    .unwrap_err();
+    assert!(matches!(err, Error::OutcomeUnknown { .. }), "{err:?}");
+
+    // The held request reaches its session after all, which is still there.
+    proxy.release().await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let read = writer.read_stream(&s, ReadStream::forward()).await.unwrap();
+        let n = read.iter().filter(|e| e.id == late.id).count();
+        assert!(n <= 1, "written {n} times");
+        if n == 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the held append never landed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The store goes on (its next connection is unnamed too).
+    store.append(&s, ExpectedVersion::Exact(1), vec![event(2)]).await.unwrap();
+}
+
 /// The store sends its session settings as `SET`s after connecting, not in
 /// the startup packet's `options`, which a pooler such as PgBouncer refuses
 /// for settings it does not track: no connection of the store (pool,
