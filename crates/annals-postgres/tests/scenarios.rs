@@ -2235,6 +2235,38 @@ async fn under_silent_and_late_connections_every_append_error_tells_the_truth() 
     assert!(written > 0 && refused > 0, "the chaos never hit (or nothing got through)");
 }
 
+/// Opens a store on `url` (through `proxy`, one pooled connection, a 1 s
+/// answer timeout), appends once so the committer's connection is open,
+/// then has the proxy hold what that connection sends and appends `Any` to
+/// `s`: returns the store, the held event and the error it was answered
+/// with.
+async fn append_held_past_its_answer(
+    proxy: &common::proxy::Proxy,
+    url: String,
+    schema: &str,
+    s: &StreamName,
+) -> (PgStore, EventData, Error) {
+    let store = PgStore::builder(url)
+        .schema(schema)
+        .max_connections(1)
+        .connect_timeout(Duration::from_millis(500))
+        .answer_timeout(Duration::from_secs(1))
+        .open()
+        .await
+        .unwrap();
+    store.append(s, ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
+    proxy.hold(format!("annals {schema}").as_bytes());
+    let late = event(1);
+    let err = tokio::time::timeout(
+        Duration::from_secs(20),
+        store.append(s, ExpectedVersion::Any, vec![late.clone()]),
+    )
+    .await
+    .expect("the append hung")
+    .unwrap_err();
+    (store, late, err)
+}
+
 /// An append answered with "no answer" is never written, even when its
 /// request reaches the server afterwards: a proxy holds it past the answer
 /// timeout and delivers it once the store has given up. Before searching
@@ -2246,27 +2278,8 @@ async fn under_silent_and_late_connections_every_append_error_tells_the_truth() 
 async fn an_append_that_got_no_answer_never_lands_later() {
     let Some((writer, guard)) = common::open().await else { return };
     let proxy = common::proxy::Proxy::start().await;
-    let store = PgStore::builder(proxy.url.clone())
-        .schema(&guard.schema)
-        .max_connections(1)
-        .connect_timeout(Duration::from_millis(500))
-        .answer_timeout(Duration::from_secs(1))
-        .open()
-        .await
-        .unwrap();
     let s = stream("held-1");
-    // The committer's connection is open (and its session known).
-    store.append(&s, ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
-
-    proxy.hold(format!("annals {}", guard.schema).as_bytes());
-    let late = event(1);
-    let err = tokio::time::timeout(
-        Duration::from_secs(20),
-        store.append(&s, ExpectedVersion::Any, vec![late.clone()]),
-    )
-    .await
-    .expect("the append hung")
-    .unwrap_err();
+    let (store, late, err) = append_held_past_its_answer(&proxy, proxy.url.clone(), &guard.schema, &s).await;
     assert!(err.to_string().contains("no answer from PostgreSQL"), "{err}");
 
     // The proxy recovers and delivers what it held.
@@ -2303,26 +2316,8 @@ async fn an_append_on_a_session_that_cannot_be_named_is_answered_unknown_not_unw
         .unwrap();
     let proxy = common::proxy::Proxy::start().await;
     let url = format!("{}&options=-c%20search_path%3D{}%2Cpg_catalog", proxy.url, guard.schema);
-    let store = PgStore::builder(url)
-        .schema(&guard.schema)
-        .max_connections(1)
-        .connect_timeout(Duration::from_millis(500))
-        .answer_timeout(Duration::from_secs(1))
-        .open()
-        .await
-        .unwrap();
     let s = stream("unnamed-1");
-    store.append(&s, ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
-
-    proxy.hold(format!("annals {}", guard.schema).as_bytes());
-    let late = event(1);
-    let err = tokio::time::timeout(
-        Duration::from_secs(20),
-        store.append(&s, ExpectedVersion::Any, vec![late.clone()]),
-    )
-    .await
-    .expect("the append hung")
-    .unwrap_err();
+    let (store, late, err) = append_held_past_its_answer(&proxy, url, &guard.schema, &s).await;
     assert!(matches!(err, Error::OutcomeUnknown { .. }), "{err:?}");
 
     // The held request reaches its session after all, which is still there.
