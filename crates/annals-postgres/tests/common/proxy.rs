@@ -41,6 +41,7 @@ pub struct Proxy {
     hole: Hole,
     open: Open,
     held: Held,
+    release_on: ReleaseOn,
     accept: JoinHandle<()>,
 }
 
@@ -51,6 +52,15 @@ type Held = Arc<tokio::sync::Mutex<Vec<(Vec<u8>, tokio::net::tcp::OwnedWriteHalf
 
 /// The startup-message marker of connections to swallow, if any.
 type Hole = Arc<Mutex<Option<Vec<u8>>>>;
+
+/// See [`Proxy::release_when_sent`]: the marker, the pause after it, and
+/// whether it was seen.
+#[derive(Default)]
+struct Trigger {
+    armed: Option<(Vec<u8>, std::time::Duration)>,
+    fired: bool,
+}
+type ReleaseOn = Arc<Mutex<Trigger>>;
 
 impl Drop for Proxy {
     fn drop(&mut self) {
@@ -77,9 +87,10 @@ impl Proxy {
         let hole: Hole = Arc::default();
         let open: Open = Arc::default();
         let held: Held = Arc::default();
+        let release_on: ReleaseOn = Arc::default();
         let accept = {
-            let (armed, fired, hole, open, held) =
-                (armed.clone(), fired.clone(), hole.clone(), open.clone(), held.clone());
+            let (armed, fired, hole, open, held, release_on) =
+                (armed.clone(), fired.clone(), hole.clone(), open.clone(), held.clone(), release_on.clone());
             tokio::spawn(async move {
                 while let Ok((client, _)) = listener.accept().await {
                     let Ok(server) = TcpStream::connect((host.as_str(), port)).await else { continue };
@@ -90,6 +101,7 @@ impl Proxy {
                         fired: fired.clone(),
                         hole: hole.clone(),
                         held: held.clone(),
+                        release_on: release_on.clone(),
                     };
                     tokio::spawn(pump(client, server, doors, swallow));
                 }
@@ -102,6 +114,7 @@ impl Proxy {
             hole,
             open,
             held,
+            release_on,
             accept,
         }
     }
@@ -127,11 +140,22 @@ impl Proxy {
     /// Delivers what the held connections' clients sent (to servers that
     /// may have closed those sessions meanwhile: then it goes nowhere).
     pub async fn release(&self) {
-        let mut held = self.held.lock().await;
-        for (bytes, server) in held.iter_mut() {
-            let _ = server.write_all(bytes).await;
-            bytes.clear();
-        }
+        release(&self.held).await;
+    }
+
+    /// The next time a connection that is not held sends something that
+    /// contains `marker`, it is forwarded; `pause` later (time for the
+    /// server to run it) what held connections sent is delivered
+    /// ([`Proxy::release`]), and nothing more from the marker's connection
+    /// passes for another `pause`: the late requests reach the server after
+    /// the request with the marker has run, and before the next one.
+    pub fn release_when_sent(&self, marker: &[u8], pause: std::time::Duration) {
+        *self.release_on.lock().unwrap() = Trigger { armed: Some((marker.to_vec(), pause)), fired: false };
+    }
+
+    /// Whether [`Proxy::release_when_sent`]'s marker was seen.
+    pub fn released_when_sent(&self) -> bool {
+        self.release_on.lock().unwrap().fired
     }
 
     /// From now on, every connection whose startup message contains
@@ -168,12 +192,21 @@ struct Swallow {
     holding: AtomicBool,
 }
 
+async fn release(held: &Held) {
+    let mut held = held.lock().await;
+    for (bytes, server) in held.iter_mut() {
+        let _ = server.write_all(bytes).await;
+        bytes.clear();
+    }
+}
+
 /// What every connection's pump shares with the proxy.
 struct Doors {
     armed: Arc<Mutex<Option<Doom>>>,
     fired: Arc<Mutex<bool>>,
     hole: Hole,
     held: Held,
+    release_on: ReleaseOn,
 }
 
 impl Swallow {
@@ -191,7 +224,7 @@ impl Swallow {
 }
 
 async fn pump(client: TcpStream, server: TcpStream, doors: Doors, swallow: Arc<Swallow>) {
-    let Doors { armed, fired, hole, held } = doors;
+    let Doors { armed, fired, hole, held, release_on } = doors;
     let (mut from_client, mut to_client) = client.into_split();
     let (mut from_server, mut to_server) = server.into_split();
     let doomed: Arc<Mutex<Option<Hook>>> = Arc::default();
@@ -235,8 +268,24 @@ async fn pump(client: TcpStream, server: TcpStream, doors: Doors, swallow: Arc<S
                         *doomed.lock().unwrap() = armed.take().map(|d| d.hook);
                     }
                 }
+                let pause = {
+                    let mut trigger = release_on.lock().unwrap();
+                    let hit = trigger
+                        .armed
+                        .as_ref()
+                        .is_some_and(|(m, _)| buf[..n].windows(m.len()).any(|w| w == m.as_slice()));
+                    if hit {
+                        trigger.fired = true;
+                    }
+                    if hit { trigger.armed.take().map(|(_, pause)| pause) } else { None }
+                };
                 if to_server.write_all(&buf[..n]).await.is_err() {
                     return;
+                }
+                if let Some(pause) = pause {
+                    tokio::time::sleep(pause).await;
+                    release(&held).await;
+                    tokio::time::sleep(pause).await;
                 }
             }
         })
