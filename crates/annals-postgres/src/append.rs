@@ -144,7 +144,7 @@ impl From<tokio_postgres::Error> for Failure {
         if e.code().is_some_and(is_retryable_state) {
             Failure::Retry(e)
         } else if breaks_connection(&e) {
-            Failure::Unknown(Lost::Broke(e))
+            Failure::Unknown(Lost::Broke(e, Sent::Never))
         } else {
             Failure::Fail(db(e))
         }
@@ -162,10 +162,10 @@ impl Failure {
     /// The round was sent on the session `on` (`None`: one whose name the
     /// store could not learn): a lost answer may come from it.
     fn sent_on(self, on: Option<&Session>) -> Self {
+        let sent = || on.map_or(Sent::Unnamed, |s| Sent::On(s.clone()));
         match self {
-            Failure::Unknown(Lost::NoAnswer(e, Sent::Never)) => {
-                Failure::Unknown(Lost::NoAnswer(e, on.map_or(Sent::Unnamed, |s| Sent::On(s.clone()))))
-            }
+            Failure::Unknown(Lost::NoAnswer(e, Sent::Never)) => Failure::Unknown(Lost::NoAnswer(e, sent())),
+            Failure::Unknown(Lost::Broke(e, Sent::Never)) => Failure::Unknown(Lost::Broke(e, sent())),
             other => other,
         }
     }
@@ -173,14 +173,16 @@ impl Failure {
 
 /// How an attempt's answer was lost.
 enum Lost {
-    /// The connection broke.
-    Broke(tokio_postgres::Error),
+    /// The connection broke. Its server session may live on (the break
+    /// can be a reset between client and server, or a pooler's): it is
+    /// ended before the log is searched, like one that did not answer.
+    Broke(tokio_postgres::Error, Sent),
     /// PostgreSQL did not answer within the answer timeout; the connection
     /// was closed and the statement cancelled.
     NoAnswer(NoAnswer, Sent),
 }
 
-/// Where a round that got no answer was sent.
+/// Where a round whose answer was lost was sent.
 enum Sent {
     /// Nowhere: the connection did not answer before it.
     Never,
@@ -215,7 +217,7 @@ const MAX_SESSIONS: usize = 1024;
 impl std::fmt::Display for Lost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Lost::Broke(e) => write!(f, "the connection broke: {}", describe(e)),
+            Lost::Broke(e, _) => write!(f, "the connection broke: {}", describe(e)),
             Lost::NoAnswer(e, _) => write!(f, "{}", PgError::from(*e)),
         }
     }
@@ -418,8 +420,8 @@ impl Committer {
                 }
                 return None;
             }
-            Lost::NoAnswer(_, Sent::On(session)) => Some(session),
-            Lost::NoAnswer(_, Sent::Unnamed) | Lost::Broke(_) => None,
+            Lost::NoAnswer(_, Sent::On(session)) | Lost::Broke(_, Sent::On(session)) => Some(session),
+            Lost::NoAnswer(_, Sent::Unnamed) | Lost::Broke(..) => None,
         };
         let settled = self.find_written(&requests, since, end).await;
         // Per request.
@@ -485,10 +487,11 @@ impl Committer {
     /// after position `since` (it was written), else `None` (it was not:
     /// a round is one transaction, so no request is half written).
     ///
-    /// Takes the head lock first: a transaction of the broken attempt that
+    /// Takes the head lock first: a transaction of the lost attempt that
     /// is still alive on the server holds it (every append takes it before
     /// writing), so once it is granted that transaction has committed or
-    /// rolled back, and what is read here stays true.
+    /// rolled back, and what is read here stays true. A request the server
+    /// has not read yet holds nothing: only ending its session stops it.
     ///
     /// With `end`, the session the attempt was sent on is terminated first,
     /// and the look-up is sent only once that statement has answered

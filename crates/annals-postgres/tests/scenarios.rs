@@ -2337,6 +2337,47 @@ async fn an_append_delivered_while_the_store_searches_for_it_is_not_written() {
     assert!(!read.contains(&late.id), "written after the caller was told it was not");
 }
 
+/// An append whose connection breaks between the store and the server
+/// while the server session lives on (a reset from a load balancer or a
+/// pooler in between), its request still on the way: the store ends that
+/// session before it searches the log and runs the append again, so the
+/// late request cannot add a second copy. (Without that the re-run wrote
+/// it, and the late request, delivered after another process's append,
+/// wrote it again: with `Any` the stream's tail shows no copy.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_whose_connection_broke_short_of_the_server_lands_once() {
+    let Some((writer, guard)) = common::open().await else { return };
+    let proxy = common::proxy::Proxy::start().await;
+    let s = stream("cut-1");
+    let store = PgStore::builder(proxy.url.clone())
+        .schema(&guard.schema)
+        .max_connections(1)
+        .connect_timeout(Duration::from_millis(500))
+        .answer_timeout(Duration::from_secs(2))
+        .open()
+        .await
+        .unwrap();
+    store.append(&s, ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
+    proxy.hold(format!("annals {}", guard.schema).as_bytes());
+    let late = event(1);
+    let append = tokio::spawn({
+        let (store, s, late) = (store.clone(), s.clone(), late.clone());
+        async move { store.append(&s, ExpectedVersion::Any, vec![late]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.cut_held();
+    let answered =
+        tokio::time::timeout(Duration::from_secs(20), append).await.expect("the append hung").unwrap();
+    answered.expect("run again on a new connection, it is written");
+
+    writer.append(&s, ExpectedVersion::Any, vec![event(2)]).await.unwrap();
+    proxy.release().await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let read: Vec<_> =
+        writer.read_stream(&s, ReadStream::forward()).await.unwrap().into_iter().map(|e| e.id).collect();
+    assert_eq!(read.iter().filter(|id| **id == late.id).count(), 1, "{read:?}");
+}
+
 /// When the store cannot name a connection's server session (here a view in
 /// the session's `search_path`, ahead of `pg_catalog`, hides every row of
 /// `pg_stat_activity`), it cannot end that session before searching the log

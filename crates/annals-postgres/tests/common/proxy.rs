@@ -132,6 +132,17 @@ impl Proxy {
         }
     }
 
+    /// Held connections are closed towards their clients, as a reset
+    /// between client and server would: the server side stays open, and
+    /// what the clients sent is kept for [`Proxy::release`].
+    pub fn cut_held(&self) {
+        for conn in self.open.lock().unwrap().iter() {
+            if conn.holding.load(Ordering::SeqCst) {
+                conn.cut.notify_one();
+            }
+        }
+    }
+
     /// The startup message of every connection made so far.
     pub fn startups(&self) -> Vec<Vec<u8>> {
         self.open.lock().unwrap().iter().map(|c| c.startup.lock().unwrap().clone()).collect()
@@ -190,6 +201,8 @@ struct Swallow {
     gone: AtomicBool,
     /// Held by [`Proxy::hold`].
     holding: AtomicBool,
+    /// [`Proxy::cut_held`]: close the client's side only.
+    cut: tokio::sync::Notify,
 }
 
 async fn release(held: &Held) {
@@ -292,9 +305,17 @@ async fn pump(client: TcpStream, server: TcpStream, doors: Doors, swallow: Arc<S
     };
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = match from_server.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
+        let n = tokio::select! {
+            read = from_server.read(&mut buf) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            },
+            () = swallow.cut.notified() => {
+                // Only the client's side closes; the upstream half keeps
+                // what the client sent, and the server side, for release.
+                drop(to_client);
+                return;
+            }
         };
         if swallow.gone(&hole) || swallow.holding.load(Ordering::SeqCst) {
             continue;
