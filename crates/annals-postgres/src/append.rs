@@ -473,7 +473,9 @@ impl Committer {
             }
             return None;
         }
-        if attempt >= MAX_ATTEMPTS || matches!(lost, Lost::NoAnswer(..)) {
+        // Not run again on a session that could not be ended: the request
+        // may still reach it and run.
+        if attempt >= MAX_ATTEMPTS || matches!(lost, Lost::NoAnswer(..) | Lost::Broke(_, Sent::Unnamed)) {
             for request in rest {
                 let _ = request.reply.send(Err(outcome_unknown(lost)));
             }

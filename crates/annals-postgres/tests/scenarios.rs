@@ -2349,17 +2349,57 @@ async fn an_append_whose_connection_broke_short_of_the_server_lands_once() {
     let Some((writer, guard)) = common::open().await else { return };
     let proxy = common::proxy::Proxy::start().await;
     let s = stream("cut-1");
-    let store = PgStore::builder(proxy.url.clone())
-        .schema(&guard.schema)
+    let late = event(1);
+    let answered =
+        append_cut_short_of_the_server(&proxy, proxy.url.clone(), &writer, &guard.schema, &s, &late).await;
+    answered.expect("run again on a new connection, it is written");
+    let read: Vec<_> =
+        writer.read_stream(&s, ReadStream::forward()).await.unwrap().into_iter().map(|e| e.id).collect();
+    assert_eq!(read.iter().filter(|id| **id == late.id).count(), 1, "{read:?}");
+}
+
+/// The same on a session the store cannot name (see the test below): it
+/// cannot be ended, so the store cannot tell whether the request will still
+/// run, and answers `OutcomeUnknown` instead of running it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_whose_connection_broke_on_a_session_that_cannot_be_named_is_answered_unknown() {
+    let Some((writer, guard)) = common::open().await else { return };
+    hide_sessions(&guard.schema).await;
+    let proxy = common::proxy::Proxy::start().await;
+    let url = format!("{}&options=-c%20search_path%3D{}%2Cpg_catalog", proxy.url, guard.schema);
+    let s = stream("cut-2");
+    let late = event(1);
+    let answered = append_cut_short_of_the_server(&proxy, url, &writer, &guard.schema, &s, &late).await;
+    assert!(matches!(answered, Err(Error::OutcomeUnknown { .. })), "{answered:?}");
+    let read: Vec<_> =
+        writer.read_stream(&s, ReadStream::forward()).await.unwrap().into_iter().map(|e| e.id).collect();
+    assert!(read.iter().filter(|id| **id == late.id).count() <= 1, "{read:?}");
+}
+
+/// Opens a store on `url` (through `proxy`, one pooled connection),
+/// appends once, then has the proxy hold what that connection sends,
+/// appends `late` with `Any` to `s` and closes the held connection towards
+/// the store only. Once that is answered, `writer` appends to `s` and the
+/// proxy delivers the held request to the server session it was sent to.
+/// Returns the answer; the log is as it ends up a second later.
+async fn append_cut_short_of_the_server(
+    proxy: &common::proxy::Proxy,
+    url: String,
+    writer: &PgStore,
+    schema: &str,
+    s: &StreamName,
+    late: &EventData,
+) -> Result<annals_core::AppendResult, Error> {
+    let store = PgStore::builder(url)
+        .schema(schema)
         .max_connections(1)
         .connect_timeout(Duration::from_millis(500))
         .answer_timeout(Duration::from_secs(2))
         .open()
         .await
         .unwrap();
-    store.append(&s, ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
-    proxy.hold(format!("annals {}", guard.schema).as_bytes());
-    let late = event(1);
+    store.append(s, ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
+    proxy.hold(format!("annals {schema}").as_bytes());
     let append = tokio::spawn({
         let (store, s, late) = (store.clone(), s.clone(), late.clone());
         async move { store.append(&s, ExpectedVersion::Any, vec![late]).await }
@@ -2368,14 +2408,22 @@ async fn an_append_whose_connection_broke_short_of_the_server_lands_once() {
     proxy.cut_held();
     let answered =
         tokio::time::timeout(Duration::from_secs(20), append).await.expect("the append hung").unwrap();
-    answered.expect("run again on a new connection, it is written");
-
-    writer.append(&s, ExpectedVersion::Any, vec![event(2)]).await.unwrap();
+    writer.append(s, ExpectedVersion::Any, vec![event(2)]).await.unwrap();
     proxy.release().await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    let read: Vec<_> =
-        writer.read_stream(&s, ReadStream::forward()).await.unwrap().into_iter().map(|e| e.id).collect();
-    assert_eq!(read.iter().filter(|id| **id == late.id).count(), 1, "{read:?}");
+    answered
+}
+
+/// Hides every row of `pg_stat_activity` from sessions whose `search_path`
+/// puts `schema` first: the store cannot learn their names.
+async fn hide_sessions(schema: &str) {
+    admin_client()
+        .await
+        .batch_execute(&format!(
+            "CREATE VIEW \"{schema}\".pg_stat_activity AS SELECT * FROM pg_catalog.pg_stat_activity WHERE false"
+        ))
+        .await
+        .unwrap();
 }
 
 /// When the store cannot name a connection's server session (here a view in
@@ -2388,14 +2436,7 @@ async fn an_append_whose_connection_broke_short_of_the_server_lands_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_on_a_session_that_cannot_be_named_is_answered_unknown_not_unwritten() {
     let Some((writer, guard)) = common::open().await else { return };
-    let admin = admin_client().await;
-    admin
-        .batch_execute(&format!(
-            "CREATE VIEW \"{s}\".pg_stat_activity AS SELECT * FROM pg_catalog.pg_stat_activity WHERE false",
-            s = guard.schema
-        ))
-        .await
-        .unwrap();
+    hide_sessions(&guard.schema).await;
     let proxy = common::proxy::Proxy::start().await;
     let url = format!("{}&options=-c%20search_path%3D{}%2Cpg_catalog", proxy.url, guard.schema);
     let s = stream("unnamed-1");
