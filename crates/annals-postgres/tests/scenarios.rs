@@ -2262,16 +2262,7 @@ async fn append_held_past_its_answer(
     s: &StreamName,
     late: &EventData,
 ) -> (PgStore, Error) {
-    let store = PgStore::builder(url)
-        .schema(schema)
-        .max_connections(1)
-        .connect_timeout(Duration::from_millis(500))
-        .answer_timeout(Duration::from_secs(1))
-        .open()
-        .await
-        .unwrap();
-    store.append(s, ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
-    proxy.hold(format!("annals {schema}").as_bytes());
+    let store = held_store(proxy, url, schema, s, Duration::from_secs(1)).await;
     let err = tokio::time::timeout(
         Duration::from_secs(20),
         store.append(s, ExpectedVersion::Any, vec![late.clone()]),
@@ -2364,9 +2355,8 @@ async fn an_append_whose_connection_broke_short_of_the_server_lands_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_whose_connection_broke_on_a_session_that_cannot_be_named_is_answered_unknown() {
     let Some((writer, guard)) = common::open().await else { return };
-    hide_sessions(&guard.schema).await;
     let proxy = common::proxy::Proxy::start().await;
-    let url = format!("{}&options=-c%20search_path%3D{}%2Cpg_catalog", proxy.url, guard.schema);
+    let url = hide_sessions(&proxy, &guard.schema).await;
     let s = stream("cut-2");
     let late = event(1);
     let answered = append_cut_short_of_the_server(&proxy, url, &writer, &guard.schema, &s, &late).await;
@@ -2390,16 +2380,7 @@ async fn append_cut_short_of_the_server(
     s: &StreamName,
     late: &EventData,
 ) -> Result<annals_core::AppendResult, Error> {
-    let store = PgStore::builder(url)
-        .schema(schema)
-        .max_connections(1)
-        .connect_timeout(Duration::from_millis(500))
-        .answer_timeout(Duration::from_secs(2))
-        .open()
-        .await
-        .unwrap();
-    store.append(s, ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
-    proxy.hold(format!("annals {schema}").as_bytes());
+    let store = held_store(proxy, url, schema, s, Duration::from_secs(2)).await;
     let append = tokio::spawn({
         let (store, s, late) = (store.clone(), s.clone(), late.clone());
         async move { store.append(&s, ExpectedVersion::Any, vec![late]).await }
@@ -2414,9 +2395,33 @@ async fn append_cut_short_of_the_server(
     answered
 }
 
+/// A store on `url` (through `proxy`: one pooled connection, `answer`
+/// timeout) that has appended the first event of `s`, its connection now
+/// held by the proxy.
+async fn held_store(
+    proxy: &common::proxy::Proxy,
+    url: String,
+    schema: &str,
+    s: &StreamName,
+    answer: Duration,
+) -> PgStore {
+    let store = PgStore::builder(url)
+        .schema(schema)
+        .max_connections(1)
+        .connect_timeout(Duration::from_millis(500))
+        .answer_timeout(answer)
+        .open()
+        .await
+        .unwrap();
+    store.append(s, ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
+    proxy.hold(format!("annals {schema}").as_bytes());
+    store
+}
+
 /// Hides every row of `pg_stat_activity` from sessions whose `search_path`
-/// puts `schema` first: the store cannot learn their names.
-async fn hide_sessions(schema: &str) {
+/// puts `schema` first, and returns a URL through `proxy` that does so: the
+/// store cannot learn its sessions' names.
+async fn hide_sessions(proxy: &common::proxy::Proxy, schema: &str) -> String {
     admin_client()
         .await
         .batch_execute(&format!(
@@ -2424,6 +2429,7 @@ async fn hide_sessions(schema: &str) {
         ))
         .await
         .unwrap();
+    format!("{}&options=-c%20search_path%3D{schema}%2Cpg_catalog", proxy.url)
 }
 
 /// When the store cannot name a connection's server session (here a view in
@@ -2436,9 +2442,8 @@ async fn hide_sessions(schema: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_on_a_session_that_cannot_be_named_is_answered_unknown_not_unwritten() {
     let Some((writer, guard)) = common::open().await else { return };
-    hide_sessions(&guard.schema).await;
     let proxy = common::proxy::Proxy::start().await;
-    let url = format!("{}&options=-c%20search_path%3D{}%2Cpg_catalog", proxy.url, guard.schema);
+    let url = hide_sessions(&proxy, &guard.schema).await;
     let s = stream("unnamed-1");
     let late = event(1);
     let (store, err) = append_held_past_its_answer(&proxy, url, &guard.schema, &s, &late).await;
