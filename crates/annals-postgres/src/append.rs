@@ -548,11 +548,12 @@ impl Committer {
                     tracing::debug!(
                         pid = session.pid,
                         ended,
-                        "ending the session of an append that got no answer"
+                        "ending the session of an append that lost its answer"
                     );
                     if !ended {
                         return Err(Error::Backend {
-                            message: "the session of an append that got no answer did not end in time".into(),
+                            message: "the session of an append that lost its answer did not end in time"
+                                .into(),
                             source: None,
                         });
                     }
