@@ -126,7 +126,7 @@ impl Proxy {
     pub fn hold(&self, marker: &[u8]) {
         for conn in self.open.lock().unwrap().iter() {
             let startup = conn.startup.lock().unwrap();
-            if startup.windows(marker.len()).any(|w| w == marker) {
+            if contains(&startup, marker) {
                 conn.holding.store(true, Ordering::SeqCst);
             }
         }
@@ -205,6 +205,11 @@ struct Swallow {
     cut: tokio::sync::Notify,
 }
 
+/// Whether `needle` occurs in `haystack`.
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
 async fn release(held: &Held) {
     let mut held = held.lock().await;
     for (bytes, server) in held.iter_mut() {
@@ -228,7 +233,7 @@ impl Swallow {
         if !self.gone.load(Ordering::SeqCst) {
             let hole = hole.lock().unwrap();
             let startup = self.startup.lock().unwrap();
-            if hole.as_ref().is_some_and(|m| startup.windows(m.len()).any(|w| w == m.as_slice())) {
+            if hole.as_ref().is_some_and(|m| contains(&startup, m)) {
                 self.gone.store(true, Ordering::SeqCst);
             }
         }
@@ -272,9 +277,7 @@ async fn pump(client: TcpStream, server: TcpStream, doors: Doors, swallow: Arc<S
                 }
                 {
                     let mut armed = armed.lock().unwrap();
-                    let hit = armed
-                        .as_ref()
-                        .is_some_and(|d| buf[..n].windows(d.marker.len()).any(|w| w == d.marker.as_slice()));
+                    let hit = armed.as_ref().is_some_and(|d| contains(&buf[..n], &d.marker));
                     if hit {
                         // Set before the request is forwarded, so before
                         // any of its answer can come back.
@@ -283,14 +286,9 @@ async fn pump(client: TcpStream, server: TcpStream, doors: Doors, swallow: Arc<S
                 }
                 let pause = {
                     let mut trigger = release_on.lock().unwrap();
-                    let hit = trigger
-                        .armed
-                        .as_ref()
-                        .is_some_and(|(m, _)| buf[..n].windows(m.len()).any(|w| w == m.as_slice()));
-                    if hit {
-                        trigger.fired = true;
-                    }
-                    if hit { trigger.armed.take().map(|(_, pause)| pause) } else { None }
+                    let hit = trigger.armed.as_ref().is_some_and(|(m, _)| contains(&buf[..n], m));
+                    trigger.fired |= hit;
+                    trigger.armed.take_if(|_| hit).map(|(_, pause)| pause)
                 };
                 if to_server.write_all(&buf[..n]).await.is_err() {
                     return;
