@@ -8,7 +8,17 @@
 //! - `store`: `PgStore::append`;
 //! - `pipe-quiet`: the same work as pipelined statements instead of the
 //!   function (`BEGIN`, head lock, one `INSERT … SELECT`, `COMMIT`), to
-//!   see what plpgsql costs.
+//!   see what plpgsql costs;
+//! - `single-quiet`: that statement with the head lock inside it
+//!   (`FOR NO KEY UPDATE` on the head in its `FROM`), sent alone in
+//!   autocommit on a session with `plan_cache_mode = force_generic_plan`:
+//!   the whole append as one statement and one round trip, no plpgsql;
+//! - `cached-quiet`: an upper bound, not a design: the head locked and the
+//!   run inserted with the position, version and `recorded_at` the client
+//!   remembers from its own previous insert, so no head, stream or run is
+//!   read (correct only while nobody else writes: a stale position or
+//!   version would hit a unique constraint). What an append could cost if
+//!   every look-up were free.
 //!
 //! ```text
 //! cargo run --release -p annals-postgres --example pg_breakdown -- [block] [rounds]
@@ -38,8 +48,7 @@ async fn main() {
         .unwrap();
     let channel = format!("{schema}_head");
     use tokio_postgres::types::Type;
-    let pipe = client
-        .prepare_typed(&format!(
+    let pipe_sql = format!(
             "WITH d AS (
                SELECT greatest(h.next_position, t.next) AS first_position,
                       coalesce(l.last_version, -1) + 1 AS first_version,
@@ -70,17 +79,88 @@ async fn main() {
                INSERT INTO \"{schema}\".stream_rows (name, category) SELECT $1, $2 FROM d WHERE d.plain AND NOT d.known
              )
              SELECT first_position, first_version, pg_notify($11, (first_position + n)::text) FROM ins"
-        ), &[Type::TEXT, Type::TEXT, Type::INT2, Type::INT8, Type::TEXT, Type::TEXT, Type::UUID_ARRAY, Type::INT2_ARRAY, Type::BYTEA_ARRAY, Type::TEXT_ARRAY, Type::TEXT])
+        );
+    let pipe_types = [
+        Type::TEXT,
+        Type::TEXT,
+        Type::INT2,
+        Type::INT8,
+        Type::TEXT,
+        Type::TEXT,
+        Type::UUID_ARRAY,
+        Type::INT2_ARRAY,
+        Type::BYTEA_ARRAY,
+        Type::TEXT_ARRAY,
+        Type::TEXT,
+    ];
+    let pipe = client.prepare_typed(&pipe_sql, &pipe_types).await.unwrap();
+    let (single_client, conn) = tokio_postgres::connect(
+        &std::env::var("ANNALS_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned()),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    single_client.batch_execute("SET jit = off; SET plan_cache_mode = force_generic_plan").await.unwrap();
+    let single_sql = pipe_sql.replace(
+        &format!("(SELECT r.next_position, r.recorded_at FROM \"{schema}\".head_row r) h"),
+        &format!("(SELECT r.next_position, r.recorded_at FROM \"{schema}\".head_row r FOR NO KEY UPDATE) h"),
+    );
+    assert_ne!(single_sql, pipe_sql);
+    let single = single_client.prepare_typed(&single_sql, &pipe_types).await.unwrap();
+    // Positions and version from the client's own last commit, checked by
+    // the unique constraints instead of read (an experiment).
+    let cached = single_client
+        .prepare_typed(
+            &format!(
+                "WITH h AS (SELECT r.id FROM \"{schema}\".head_row r FOR NO KEY UPDATE),
+                 ins AS (
+                   INSERT INTO \"{schema}\".runs (first_position, stream, first_version, n, event_type, category, correlation_id,
+                                      recorded_at, ids, content_types, data, metadata)
+                   SELECT $12, $1, $13, cardinality($7), $5, $2, $6, greatest(date_trunc('microseconds', clock_timestamp()), $14), $7, $8, $9, $10::json[]
+                     FROM h
+                   RETURNING first_position, first_version, n, recorded_at)
+                 SELECT first_position, first_version, recorded_at, pg_notify($11, (first_position + n)::text) FROM ins"
+            ),
+            &[pipe_types.as_slice(), &[Type::INT8, Type::INT8, Type::TIMESTAMPTZ]].concat(),
+        )
+        .await
+        .unwrap();
+    let head_now = client
+        .prepare(&format!(
+            "SELECT coalesce(max(first_position + n), 0), max(recorded_at) FROM \"{schema}\".runs"
+        ))
+        .await
+        .unwrap();
+    let version_now = client
+        .prepare(&format!(
+            "SELECT coalesce(max(first_version + n), 0) FROM \"{schema}\".runs WHERE stream = $1"
+        ))
         .await
         .unwrap();
     let lock =
         client.prepare(&format!("SELECT 1 FROM \"{schema}\".head_row FOR NO KEY UPDATE")).await.unwrap();
-    let names = ["raw", "call-quiet", "call-notify", "store", "pipe-quiet"];
+    let names = ["raw", "call-quiet", "call-notify", "store", "pipe-quiet", "single-quiet", "cached-quiet"];
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     let s = StreamName::new("brk-store").unwrap();
     let mut i = 0usize;
     for _ in 0..rounds {
         for (v, name) in names.iter().enumerate() {
+            let mut state: (i64, i64, std::time::SystemTime) = (0, 0, std::time::SystemTime::UNIX_EPOCH);
+            if v == 6 {
+                let stream = format!("brk-{name}");
+                let h = client.query_one(&head_now, &[]).await.unwrap();
+                let ver: i64 = client.query_one(&version_now, &[&stream]).await.unwrap().get(0);
+                if ver == 0 {
+                    client.execute(&format!("INSERT INTO \"{schema}\".stream_rows (name, category) VALUES ('{stream}', 'brk')"), &[]).await.unwrap();
+                }
+                state = (
+                    h.get(0),
+                    ver,
+                    h.get::<_, Option<std::time::SystemTime>>(1).unwrap_or(std::time::SystemTime::UNIX_EPOCH),
+                );
+            }
             let t = Instant::now();
             for _ in 0..block {
                 i += 1;
@@ -119,7 +199,35 @@ async fn main() {
                             .await
                             .unwrap();
                     }
-                    4 => {
+                    6 => {
+                        let stream = format!("brk-{name}");
+                        let ids = vec![uuid::Uuid::new_v4()];
+                        let data = vec![payload.as_slice()];
+                        let row = single_client
+                            .query_one(
+                                &cached,
+                                &[
+                                    &stream,
+                                    &"brk",
+                                    &0i16,
+                                    &0i64,
+                                    &"E",
+                                    &None::<String>,
+                                    &ids,
+                                    &vec![0i16],
+                                    &data,
+                                    &vec!["{}"],
+                                    &"nobody_listens",
+                                    &state.0,
+                                    &state.1,
+                                    &state.2,
+                                ],
+                            )
+                            .await
+                            .unwrap();
+                        state = (state.0 + 1, state.1 + 1, row.get(2));
+                    }
+                    4 | 5 => {
                         let stream = format!("brk-{name}");
                         let ids = vec![uuid::Uuid::new_v4()];
                         let data = vec![payload.as_slice()];
@@ -136,6 +244,10 @@ async fn main() {
                             &vec!["{}"],
                             &"nobody_listens",
                         ];
+                        if v == 5 {
+                            assert_eq!(single_client.query(&single, &params).await.unwrap().len(), 1);
+                            continue;
+                        }
                         let (a, b, c, d) = futures::join!(
                             client.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL plan_cache_mode = force_generic_plan"),
                             client.query_one(&lock, &[]),
