@@ -47,8 +47,12 @@ pub struct Proxy {
 
 /// Every connection made so far.
 type Open = Arc<Mutex<Vec<Arc<Swallow>>>>;
-/// Bytes held back from the server, with the server side to write them to.
-type Held = Arc<tokio::sync::Mutex<Vec<(Vec<u8>, tokio::net::tcp::OwnedWriteHalf)>>>;
+/// A connection's server side, shared by its pump and [`Proxy::release`].
+type ToServer = Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>;
+/// Bytes held back from the server, with the server side to write them
+/// to: one entry per held connection, registered when it first keeps
+/// something (or closes while held), open or closed since.
+type Held = Arc<Mutex<Vec<(Arc<Mutex<Vec<u8>>>, ToServer)>>>;
 
 /// The startup-message marker of connections to swallow, if any.
 type Hole = Arc<Mutex<Option<Vec<u8>>>>;
@@ -148,8 +152,11 @@ impl Proxy {
         self.open.lock().unwrap().iter().map(|c| c.startup.lock().unwrap().clone()).collect()
     }
 
-    /// Delivers what the held connections' clients sent (to servers that
-    /// may have closed those sessions meanwhile: then it goes nowhere).
+    /// Delivers what the held connections' clients sent so far, whether
+    /// they have closed their end yet or not (to servers that may have
+    /// closed those sessions meanwhile: then it goes nowhere). Connections
+    /// still open stay held: what they send next waits for the next
+    /// release.
     pub async fn release(&self) {
         release(&self.held).await;
     }
@@ -211,10 +218,13 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 async fn release(held: &Held) {
-    let mut held = held.lock().await;
-    for (bytes, server) in held.iter_mut() {
-        let _ = server.write_all(bytes).await;
-        bytes.clear();
+    let held: Vec<_> = held.lock().unwrap().clone();
+    for (kept, server) in held {
+        // Taken under the server side's lock: the pump appends under
+        // `kept`'s lock only, so nothing is delivered twice or out of order.
+        let mut server = server.lock().await;
+        let bytes = std::mem::take(&mut *kept.lock().unwrap());
+        let _ = server.write_all(&bytes).await;
     }
 }
 
@@ -244,7 +254,8 @@ impl Swallow {
 async fn pump(client: TcpStream, server: TcpStream, doors: Doors, swallow: Arc<Swallow>) {
     let Doors { armed, fired, hole, held, release_on } = doors;
     let (mut from_client, mut to_client) = client.into_split();
-    let (mut from_server, mut to_server) = server.into_split();
+    let (mut from_server, to_server) = server.into_split();
+    let to_server: ToServer = Arc::new(tokio::sync::Mutex::new(to_server));
     let doomed: Arc<Mutex<Option<Hook>>> = Arc::default();
     let upstream = {
         let doomed = doomed.clone();
@@ -252,14 +263,20 @@ async fn pump(client: TcpStream, server: TcpStream, doors: Doors, swallow: Arc<S
         tokio::spawn(async move {
             let mut buf = vec![0u8; 64 * 1024];
             let mut first = true;
-            let mut kept = Vec::new();
+            let kept: Arc<Mutex<Vec<u8>>> = Arc::default();
+            let mut registered = false;
+            let register = |registered: &mut bool| {
+                if !std::mem::replace(registered, true) {
+                    held.lock().unwrap().push((kept.clone(), to_server.clone()));
+                }
+            };
             loop {
                 let n = match from_client.read(&mut buf).await {
                     Ok(0) | Err(_) => {
                         if swallow.holding.load(Ordering::SeqCst) {
                             // The client gave up; the server side stays
                             // open for the release.
-                            held.lock().await.push((kept, to_server));
+                            register(&mut registered);
                         }
                         return;
                     }
@@ -272,7 +289,8 @@ async fn pump(client: TcpStream, server: TcpStream, doors: Doors, swallow: Arc<S
                     continue;
                 }
                 if swallow.holding.load(Ordering::SeqCst) {
-                    kept.extend_from_slice(&buf[..n]);
+                    kept.lock().unwrap().extend_from_slice(&buf[..n]);
+                    register(&mut registered);
                     continue;
                 }
                 {
@@ -290,7 +308,7 @@ async fn pump(client: TcpStream, server: TcpStream, doors: Doors, swallow: Arc<S
                     trigger.fired |= hit;
                     trigger.armed.take_if(|_| hit).map(|(_, pause)| pause)
                 };
-                if to_server.write_all(&buf[..n]).await.is_err() {
+                if to_server.lock().await.write_all(&buf[..n]).await.is_err() {
                     return;
                 }
                 if let Some(pause) = pause {
