@@ -57,7 +57,19 @@ impl PgStore {
     pub async fn begin_checkpoint_tx(&self, name: &str) -> Result<PgCheckpointTx> {
         validate_checkpoint_name(name)?;
         let client = self.inner.client().await?;
-        let broken = client.broken();
+        // Owned by the transaction before anything is sent: if this future
+        // is dropped while `BEGIN` is on its way (a caller's timeout, a
+        // `select!`), the server still runs it, and the connection must be
+        // closed, not handed to the next borrower inside a transaction that
+        // nobody ends. An append on it would be answered as written and
+        // never commit, holding the head: every append of the schema would
+        // wait, and the answered one would roll back when it closed.
+        let mut tx = PgCheckpointTx {
+            client: Some(client),
+            inner: self.inner.clone(),
+            name: name.to_owned(),
+            checkpoint: None,
+        };
         // READ COMMITTED whatever the database's default: the lock function
         // reads the latest save in a statement after taking the lock, which
         // sees the previous holder's save only with a fresh snapshot. And
@@ -66,24 +78,10 @@ impl PgStore {
         // the caller's code (a projection's handler, its retry backoff),
         // which may take longer; the server ending it then would fail a
         // batch that did nothing wrong.
-        client
-            .deadline()
-            .bound(async {
-                client
-                    .batch_execute(
-                        "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL idle_in_transaction_session_timeout = 0",
-                    )
-                    .await
-                    .map_err(marking(&broken))
-            })
-            .await?;
-        // Built before the lock so that a failure below still rolls back.
-        let mut tx = PgCheckpointTx {
-            client: Some(client),
-            inner: self.inner.clone(),
-            name: name.to_owned(),
-            checkpoint: None,
-        };
+        tx.batch_execute(
+            "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL idle_in_transaction_session_timeout = 0",
+        )
+        .await?;
         let row = tx.query_one(&tx.inner.sql.lock_checkpoint.clone(), &[&name]).await?;
         let position: Option<i64> = row.try_get(0).map_err(db)?;
         tx.checkpoint = position.map(|p| to_u64(p, "checkpoint")).transpose()?;

@@ -1509,6 +1509,53 @@ async fn checkpoint_transactions_on_one_name_serialize() {
     assert_eq!(second.await.unwrap(), Some(7));
 }
 
+/// A caller that gives up on `begin_checkpoint_tx` while its `BEGIN` is on
+/// the way (a timeout, a `select!`) must not leave the connection in the
+/// pool inside the transaction the server still opens: the next append on
+/// it would be answered as written, never commit, and hold the head
+/// against every other append. A proxy holds the `BEGIN` past the caller's
+/// timeout and then lets it through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_transaction_given_up_while_beginning_leaves_no_open_transaction_behind() {
+    let Some((writer, guard)) = common::open().await else { return };
+    let proxy = common::proxy::Proxy::start().await;
+    let store = PgStore::builder(&proxy.url)
+        .schema(&guard.schema)
+        .max_connections(1)
+        .answer_timeout(Duration::from_secs(5))
+        .open()
+        .await
+        .unwrap();
+    // The one pooled connection exists and is idle.
+    assert_eq!(store.next_position().await.unwrap(), 0);
+    proxy.hold(format!("annals {}", guard.schema).as_bytes());
+    let begun = tokio::time::timeout(Duration::from_millis(300), store.begin_checkpoint_tx("balances")).await;
+    assert!(begun.is_err(), "the held BEGIN cannot have been answered");
+    // The proxy recovers: the server runs the BEGIN after all.
+    proxy.resume().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let s = stream("after-a-given-up-checkpoint-1");
+    let written = tokio::time::timeout(PATIENCE, store.append(&s, ExpectedVersion::NoStream, vec![event(0)]))
+        .await
+        .expect("the append hung")
+        .unwrap();
+    assert_eq!(written.position, 0);
+    let read = writer.read_stream(&s, ReadStream::forward()).await;
+    assert!(
+        matches!(&read, Ok(events) if events.len() == 1),
+        "the append was answered as written; another store reads {read:?}"
+    );
+    // And the head is free: another store appends at once.
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        writer.append(&stream("other-1"), ExpectedVersion::Any, vec![event(1)]),
+    )
+    .await
+    .expect("another store's append waits for the head")
+    .unwrap();
+}
+
 /// Opening twice at once on a fresh schema, and again later, is safe.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_are_idempotent_and_safe_concurrently() {

@@ -49,10 +49,10 @@ pub struct Proxy {
 type Open = Arc<Mutex<Vec<Arc<Swallow>>>>;
 /// A connection's server side, shared by its pump and [`Proxy::release`].
 type ToServer = Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>;
-/// Bytes held back from the server, with the server side to write them
-/// to: one entry per held connection, registered when it first keeps
-/// something (or closes while held), open or closed since.
-type Held = Arc<Mutex<Vec<(Arc<Mutex<Vec<u8>>>, ToServer)>>>;
+/// Held connections, with the server side to write what they kept to:
+/// registered when one first keeps something (or closes while held), open
+/// or closed since.
+type Held = Arc<Mutex<Vec<(Arc<Swallow>, ToServer)>>>;
 
 /// The startup-message marker of connections to swallow, if any.
 type Hole = Arc<Mutex<Option<Vec<u8>>>>;
@@ -158,7 +158,14 @@ impl Proxy {
     /// still open stay held: what they send next waits for the next
     /// release.
     pub async fn release(&self) {
-        release(&self.held).await;
+        release(&self.held, false).await;
+    }
+
+    /// Like [`Proxy::release`], and the held connections that are still
+    /// open pass both ways again from then on, as through a proxy that
+    /// recovers: what the server answers reaches their clients.
+    pub async fn resume(&self) {
+        release(&self.held, true).await;
     }
 
     /// The next time a connection that is not held sends something that
@@ -210,6 +217,22 @@ struct Swallow {
     holding: AtomicBool,
     /// [`Proxy::cut_held`]: close the client's side only.
     cut: tokio::sync::Notify,
+    /// What the client sent while held, not yet delivered. The pump keeps
+    /// bytes only under this lock and while `holding`, so a release that
+    /// clears `holding` under it sees everything kept before.
+    kept: Mutex<Vec<u8>>,
+}
+
+impl Swallow {
+    /// Keeps `bytes` if the connection is held; whether it did.
+    fn keep(&self, bytes: &[u8]) -> bool {
+        let mut kept = self.kept.lock().unwrap();
+        let holding = self.holding.load(Ordering::SeqCst);
+        if holding {
+            kept.extend_from_slice(bytes);
+        }
+        holding
+    }
 }
 
 /// Whether `needle` occurs in `haystack`.
@@ -217,13 +240,21 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-async fn release(held: &Held) {
+/// Delivers what every held connection kept; with `resume`, they stop
+/// being held.
+async fn release(held: &Held, resume: bool) {
     let held: Vec<_> = held.lock().unwrap().clone();
-    for (kept, server) in held {
-        // Taken under the server side's lock: the pump appends under
-        // `kept`'s lock only, so nothing is delivered twice or out of order.
+    for (conn, server) in held {
+        // Under the server side's lock, which the pump takes to forward
+        // once it is no longer held: nothing overtakes what was kept.
         let mut server = server.lock().await;
-        let bytes = std::mem::take(&mut *kept.lock().unwrap());
+        let bytes = {
+            let mut kept = conn.kept.lock().unwrap();
+            if resume {
+                conn.holding.store(false, Ordering::SeqCst);
+            }
+            std::mem::take(&mut *kept)
+        };
         let _ = server.write_all(&bytes).await;
     }
 }
@@ -263,11 +294,10 @@ async fn pump(client: TcpStream, server: TcpStream, doors: Doors, swallow: Arc<S
         tokio::spawn(async move {
             let mut buf = vec![0u8; 64 * 1024];
             let mut first = true;
-            let kept: Arc<Mutex<Vec<u8>>> = Arc::default();
             let mut registered = false;
             let register = |registered: &mut bool| {
                 if !std::mem::replace(registered, true) {
-                    held.lock().unwrap().push((kept.clone(), to_server.clone()));
+                    held.lock().unwrap().push((swallow.clone(), to_server.clone()));
                 }
             };
             loop {
@@ -288,8 +318,7 @@ async fn pump(client: TcpStream, server: TcpStream, doors: Doors, swallow: Arc<S
                 if swallow.gone(&hole) {
                     continue;
                 }
-                if swallow.holding.load(Ordering::SeqCst) {
-                    kept.lock().unwrap().extend_from_slice(&buf[..n]);
+                if swallow.keep(&buf[..n]) {
                     register(&mut registered);
                     continue;
                 }
@@ -313,7 +342,7 @@ async fn pump(client: TcpStream, server: TcpStream, doors: Doors, swallow: Arc<S
                 }
                 if let Some(pause) = pause {
                     tokio::time::sleep(pause).await;
-                    release(&held).await;
+                    release(&held, false).await;
                     tokio::time::sleep(pause).await;
                 }
             }
