@@ -30,7 +30,7 @@ use tokio::{sync::watch, task::JoinHandle};
 use tokio_postgres::Client;
 
 use crate::{
-    PgStore,
+    PgError, PgStore,
     error::{db, unreachable_from},
     pooled::{NoAnswer, marking},
 };
@@ -47,8 +47,23 @@ impl Leases for PgStore {
     async fn try_lease_as(&self, name: &str, holder: &str) -> Result<Option<Lease>> {
         validate_lease_name(name)?;
         validate_lease_holder(holder)?;
+        // The driver's connect timeout covers the TCP connect only: a
+        // server that takes the connection but never answers the start-up
+        // (stopped, or behind a wedged proxy) would keep this call waiting
+        // for good. Bounded like the pool's and the listener's connects.
+        let within = self.inner.connect_timeout;
         let (client, connection) =
-            self.inner.lease_config.connect(self.inner.tls.clone()).await.map_err(unreachable_from)?;
+            match tokio::time::timeout(within, self.inner.lease_config.connect(self.inner.tls.clone())).await
+            {
+                Ok(connected) => connected.map_err(unreachable_from)?,
+                Err(_) => {
+                    return Err(PgError::Unreachable {
+                        message: format!("no answer from the server within {within:?}"),
+                        source: None,
+                    }
+                    .into());
+                }
+            };
         let driver = tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "annals-postgres lease connection ended");

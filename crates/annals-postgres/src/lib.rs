@@ -123,6 +123,9 @@ pub(crate) struct Inner {
     tls: tls::Connector,
     /// See [`PgStoreBuilder::answer_timeout`].
     answer: pooled::Answer,
+    /// See [`PgStoreBuilder::connect_timeout`]: also bounds a lease
+    /// connection's start-up.
+    connect_timeout: Duration,
     /// How long a subscription keeps retrying reads through a database
     /// outage before it ends with the error.
     subscription_retry: Duration,
@@ -378,6 +381,7 @@ impl PgStoreBuilder {
                 session_settings: settings,
                 tls: connector,
                 answer,
+                connect_timeout: self.connect_timeout,
                 subscription_retry: self.subscription_retry,
                 stats_timeout: self.stats_timeout,
                 explicit_rc,

@@ -93,3 +93,30 @@ async fn bad_names_are_refused() {
     assert!(matches!(a.try_lease("").await, Err(Error::InvalidInput { .. })));
     assert!(matches!(a.try_lease(&"x".repeat(201)).await, Err(Error::InvalidInput { .. })));
 }
+
+/// A server that takes the lease connection but never answers its
+/// start-up (stopped, or behind a wedged proxy) fails `try_lease` within
+/// the connect timeout with a typed error instead of keeping it waiting;
+/// once the server answers again, the lease is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_connection_that_gets_no_answer_fails_in_time() {
+    let Some((_writer, guard)) = common::open().await else { return };
+    let proxy = common::proxy::Proxy::start().await;
+    let store = annals_postgres::PgStore::builder(&proxy.url)
+        .schema(&guard.schema)
+        .connect_timeout(Duration::from_millis(500))
+        .answer_timeout(Duration::from_secs(2))
+        .open()
+        .await
+        .unwrap();
+    proxy.blackhole(b"annals-lease");
+    let start = Instant::now();
+    let tried = tokio::time::timeout(PATIENCE, store.try_lease("groups")).await.expect("try_lease hung");
+    let err = tried.expect_err("nothing answered, so no lease");
+    assert!(start.elapsed() < Duration::from_secs(5), "gave up only after {:?}", start.elapsed());
+    assert!(err.is_transient(), "{err:?}");
+    assert!(err.to_string().contains("no answer from the server within 500ms"), "{err}");
+    proxy.restore();
+    let lease = store.try_lease("groups").await.unwrap().expect("free");
+    assert!(!lease.is_lost());
+}
