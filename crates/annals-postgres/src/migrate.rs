@@ -54,6 +54,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "0012_checkpoint_saves.sql",
         sql: include_str!("../sql/0012_checkpoint_saves.sql"),
     },
+    Migration {
+        version: 13,
+        name: "0013_checkpoint_locks_per_schema.sql",
+        sql: include_str!("../sql/0013_checkpoint_locks_per_schema.sql"),
+    },
 ];
 
 /// Advisory-lock class for migrations ("anna" in ASCII), so the key space

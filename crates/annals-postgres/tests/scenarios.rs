@@ -1121,7 +1121,7 @@ async fn statements_prepared_by_the_previous_version_are_planned_again_after_upg
 }
 
 /// The migration files up to version 10, in order, as released.
-const MIGRATIONS_TO_10: [&str; 10] = [
+const MIGRATIONS_TO_12: [&str; 12] = [
     include_str!("../sql/0001_initial.sql"),
     include_str!("../sql/0002_append_function.sql"),
     include_str!("../sql/0003_head_first.sql"),
@@ -1132,6 +1132,8 @@ const MIGRATIONS_TO_10: [&str; 10] = [
     include_str!("../sql/0008_head_lock_only.sql"),
     include_str!("../sql/0009_runs.sql"),
     include_str!("../sql/0010_runs_lz4.sql"),
+    include_str!("../sql/0011_stream_rows.sql"),
+    include_str!("../sql/0012_checkpoint_saves.sql"),
 ];
 
 /// A fresh schema migrated by hand to `version` (as a process of that
@@ -1150,7 +1152,7 @@ async fn schema_at_version(version: usize) -> (common::SchemaGuard, tokio_postgr
         ))
         .await
         .unwrap();
-    for (i, sql) in MIGRATIONS_TO_10[..version].iter().enumerate() {
+    for (i, sql) in MIGRATIONS_TO_12[..version].iter().enumerate() {
         admin.batch_execute(&sql.replace("{schema}", &q)).await.unwrap();
         admin
             .execute(
@@ -1507,6 +1509,73 @@ async fn checkpoint_transactions_on_one_name_serialize() {
     assert!(!second.is_finished(), "the second transaction must wait for the lock");
     first.commit(7).await.unwrap();
     assert_eq!(second.await.unwrap(), Some(7));
+}
+
+/// Advisory locks belong to the database, not to a schema: checkpoints of
+/// one name in two schemas (a tenant per schema running the same
+/// projections) must not wait for each other. (Before migration 13 the
+/// second schema's save waited for the first schema's transaction, until
+/// its answer timeout.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_of_one_name_in_two_schemas_do_not_wait_for_each_other() {
+    let Some((a, _guard_a)) = common::open().await else { return };
+    let Some((b, _guard_b)) = common::open().await else { return };
+    let held = a.begin_checkpoint_tx("balances").await.unwrap();
+    let soon = Duration::from_secs(5);
+    tokio::time::timeout(soon, b.save_checkpoint("balances", 1))
+        .await
+        .expect("the save waits for another schema's transaction")
+        .unwrap();
+    let other = tokio::time::timeout(soon, b.begin_checkpoint_tx("balances"))
+        .await
+        .expect("the transaction waits for another schema's transaction")
+        .unwrap();
+    assert_eq!(other.checkpoint(), Some(1));
+    other.commit(2).await.unwrap();
+    held.commit(7).await.unwrap();
+    assert_eq!(a.load_checkpoint("balances").await.unwrap(), Some(7));
+    assert_eq!(b.load_checkpoint("balances").await.unwrap(), Some(2));
+}
+
+/// Migration 13 changes the checkpoints' lock key while processes of
+/// version 12 may be inside a checkpoint transaction: one begun under the
+/// old key before the migration must still be waited for by a transaction
+/// under the new key, which then sees its save; and its own save, which now
+/// runs the new function body, must not deadlock with that waiter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_transaction_begun_before_migration_13_is_waited_for() {
+    let (guard, admin, q) = schema_at_version(12).await;
+    // A process of version 12: its checkpoint transaction, under the old key.
+    admin.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED").await.unwrap();
+    admin.query_one(&format!("SELECT last_position FROM {q}.lock_checkpoint('p')"), &[]).await.unwrap();
+
+    // A process of this version opens the schema (migrating it) meanwhile.
+    let store = common::reopen(&guard.schema).await;
+    let waiter = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let tx = store.begin_checkpoint_tx("p").await.unwrap();
+            let seen = tx.checkpoint();
+            tx.commit(9).await.unwrap();
+            seen
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished(), "the new transaction must wait for the old one");
+    // The old transaction saves (through the replaced function) and commits.
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        admin.query_one(&format!("SELECT {q}.save_checkpoint('p', 5)"), &[]),
+    )
+    .await
+    .expect("the old transaction's save waits for the new one: a deadlock")
+    .unwrap();
+    admin.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(PATIENCE, waiter).await.expect("the new transaction never ran").unwrap(),
+        Some(5)
+    );
+    assert_eq!(store.load_checkpoint("p").await.unwrap(), Some(9));
 }
 
 /// A caller that gives up on `begin_checkpoint_tx` while its `BEGIN` is on
