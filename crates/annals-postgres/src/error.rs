@@ -244,6 +244,26 @@ pub(crate) fn broke_connection(e: &annals_core::Error) -> bool {
     }
 }
 
+/// Whether a core error returned by this crate cannot go away by waiting:
+/// the statement is wrong for this database (SQLSTATE classes 42, syntax
+/// or access, e.g. a dropped schema or a revoked grant; 0A, not supported;
+/// 3F, no such schema), the data is (22), one of our own functions refused
+/// (`AN…`), or a value could not be decoded (a driver error with neither a
+/// SQLSTATE nor a broken connection or I/O behind it). A subscription ends
+/// at once with such an error instead of retrying it for its whole retry
+/// window, which only hid it.
+pub(crate) fn needs_a_fix(e: &annals_core::Error) -> bool {
+    let annals_core::Error::Backend { source: Some(source), .. } = e else { return false };
+    let Some(PgError::Database(e)) = source.downcast_ref::<PgError>() else { return false };
+    match e.code() {
+        Some(state) => ["42", "0A", "3F", "22", "AN"].iter().any(|class| state.code().starts_with(class)),
+        None => {
+            let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
+            !e.is_closed() && !io
+        }
+    }
+}
+
 /// Wraps a failed connection attempt.
 pub(crate) fn unreachable_from(e: tokio_postgres::Error) -> PgError {
     // The cause of a connect error names what failed (refused, auth,

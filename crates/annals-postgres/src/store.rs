@@ -14,7 +14,7 @@ use tokio_postgres::{IsolationLevel, error::SqlState, types::ToSql};
 
 use crate::{
     Inner, PgError, PgStore,
-    error::{breaks_connection, broke_connection},
+    error::{breaks_connection, broke_connection, needs_a_fix},
     pooled::{Pooled, marking},
     row::{stream_name, to_i64, to_u64},
     timestamp::PgTimestamp,
@@ -94,7 +94,8 @@ where
 
 /// The readers a subscription uses: the store's, retrying transient
 /// failures (a dropped connection, a restarting server) with backoff for up
-/// to the configured limit. The subscription's cursor only advances on a
+/// to the configured limit, but not errors that waiting cannot fix (see
+/// [`needs_a_fix`]: a dropped schema, a revoked grant, an undecodable row). The subscription's cursor only advances on a
 /// successful read, so a retried read resumes exactly where it stopped:
 /// nothing is lost or delivered twice.
 struct Resilient(Arc<Inner>);
@@ -109,7 +110,11 @@ impl Resilient {
         let mut backoff = Duration::from_millis(20);
         loop {
             match op().await {
-                Err(e) if e.is_transient() && started.elapsed() < self.0.subscription_retry => {
+                Err(e)
+                    if e.is_transient()
+                        && !needs_a_fix(&e)
+                        && started.elapsed() < self.0.subscription_retry =>
+                {
                     tracing::debug!(error = %e, "subscription read failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));

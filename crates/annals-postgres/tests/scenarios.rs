@@ -162,6 +162,28 @@ async fn two_instances_share_one_log_and_race_to_one_winner() {
     assert_eq!(b.next_position().await.unwrap(), 21);
 }
 
+/// A subscription whose reads fail in a way waiting cannot fix (here its
+/// schema was dropped: SQLSTATE 42P01, as for a revoked grant) ends with
+/// that error at once, instead of retrying it silently for its whole retry
+/// window as it does a lost connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_ends_at_once_on_an_error_that_waiting_cannot_fix() {
+    let Some((store, guard)) = common::open_with(|b| b.subscription_retry(Duration::from_secs(60))).await
+    else {
+        return;
+    };
+    store.append(&stream("doomed-1"), ExpectedVersion::Any, vec![event(0)]).await.unwrap();
+    admin_client().await.batch_execute(&format!("DROP SCHEMA \"{}\" CASCADE", guard.schema)).await.unwrap();
+    let start = std::time::Instant::now();
+    let mut sub = store.subscribe(SubscriptionRequest::all(Filter::all(), SubscribeFrom::Start));
+    let next = tokio::time::timeout(Duration::from_secs(20), sub.next())
+        .await
+        .expect("the subscription went on retrying an error that waiting cannot fix");
+    let err = next.expect("an item").expect_err("an error, not an event");
+    assert!(err.to_string().contains("42P01"), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(10), "ended after {:?}", start.elapsed());
+}
+
 /// Killing the listener connection (and the pool's connections) in the
 /// middle of a subscription: it reconnects and resumes after the last
 /// delivered event, without loss or duplication.
