@@ -583,11 +583,12 @@ impl Committer {
                     found.entry((stream, id)).or_insert((version, position));
                 }
                 let mut next = since;
-                let settled = requests
-                    .iter()
-                    .map(|parts| {
-                        let mut results = Vec::with_capacity(parts.len());
-                        for part in *parts {
+                let mut settled = Vec::with_capacity(requests.len());
+                for parts in requests {
+                    // Per part: its result if it was written since `since`.
+                    let written: Vec<Option<AppendResult>> = parts
+                        .iter()
+                        .map(|part| {
                             let mut last: Option<(u64, u64)> = None;
                             for event in &part.events {
                                 let &(version, position) = found.get(&(part.stream.to_string(), event.id))?;
@@ -602,16 +603,65 @@ impl Committer {
                             }
                             let (version, position) = last?;
                             next = next.max(position + 1);
-                            results.push(AppendResult { next_version: version + 1, position });
+                            Some(AppendResult { next_version: version + 1, position })
+                        })
+                        .collect();
+                    // A request is decided whole and a round commits whole: once
+                    // one part is in the log, the request committed, and a part
+                    // not found wrote nothing because it was an idempotent
+                    // re-send, answered with the stream's tail before the round.
+                    // (Counting the request unwritten ran it again, and wrote its
+                    // other parts twice when another process had appended to
+                    // them meanwhile.)
+                    let first_written = written
+                        .iter()
+                        .zip(parts.iter())
+                        .filter_map(|(r, part)| r.map(|r| r.position + 1 - part.events.len() as u64))
+                        .min();
+                    let Some(round_at_most) = first_written else {
+                        settled.push(None);
+                        continue;
+                    };
+                    let mut results = Vec::with_capacity(parts.len());
+                    for (result, part) in written.into_iter().zip(parts.iter()) {
+                        match result {
+                            Some(r) => results.push(Some(r)),
+                            None => results.push(self.resent_before(client, part, round_at_most).await?),
                         }
-                        Some(results)
-                    })
-                    .collect();
+                    }
+                    settled.push(results.into_iter().collect::<Option<Vec<_>>>());
+                }
                 // Committed, so readable: as after our own commit.
                 bump(&self.head, next);
                 Ok(settled)
             })
             .await
+    }
+
+    /// The answer to `part` of a request found committed from position
+    /// `before` on without the part's events: if the stream's last events
+    /// before `before` are exactly the part's, the part was an idempotent
+    /// re-send and is answered as one (its stream's last version and
+    /// position then); `None` otherwise. Events before `before` never
+    /// change, so this needs no lock.
+    async fn resent_before(
+        &self,
+        client: &deadpool_postgres::ClientWrapper,
+        part: &StreamAppend,
+        before: u64,
+    ) -> Result<Option<AppendResult>, Error> {
+        let stmt = client.prepare_cached(&self.sql.tail_before).await.map_err(db)?;
+        let n = part.events.len() as i64;
+        let rows = client.query(&stmt, &[&part.stream.as_str(), &to_i64(before), &n]).await.map_err(db)?;
+        let ids: Vec<Uuid> =
+            rows.iter().rev().map(|row| row.try_get(0)).collect::<Result<_, _>>().map_err(db)?;
+        if ids != part.events.iter().map(|e| e.id).collect::<Vec<_>>() {
+            return Ok(None);
+        }
+        let Some(newest) = rows.first() else { return Ok(None) };
+        let version = to_u64(newest.try_get(1).map_err(db)?, "version")?;
+        let position = to_u64(newest.try_get(2).map_err(db)?, "position")?;
+        Ok(Some(AppendResult { next_version: version + 1, position }))
     }
 
     /// A connection for a round's transaction, discarded unless kept (an

@@ -62,6 +62,11 @@ pub(crate) struct Statements {
     /// After a connection broke mid-append: the events among `$2` (ids) at
     /// or after position `$1`, to learn whether the attempt committed.
     pub find_written: String,
+    /// After [`Statements::find_written`] found a request committed: the
+    /// last `$3` events of stream `$1` before position `$2` (newest first)
+    /// as (id, version, position), to answer its parts that were
+    /// idempotent re-sends and so wrote nothing.
+    pub tail_before: String,
     pub write: String,
     /// The common case of a round of several parts, selected in an implicit
     /// transaction (migrations 0003 and 0006).
@@ -129,6 +134,15 @@ impl Statements {
                  WHERE e.stream = $1 AND e.first_version >= {from} AND e.first_version + u.o - 1 >= $2
                  ORDER BY e.first_version, u.o",
                 from = run_at_version(&s, "$1", "$2")
+            ),
+            // At most `$3` runs hold the last `$3` events (a run holds one
+            // or more), found by a backward step of runs_stream_version.
+            tail_before: format!(
+                "SELECT u.id, e.first_version + u.o - 1, e.first_position + u.o - 1
+                   FROM (SELECT r.* FROM {s}.runs r WHERE r.stream = $1 AND r.first_position < $2
+                          ORDER BY r.first_version DESC LIMIT $3) e
+                  CROSS JOIN LATERAL unnest(e.ids) WITH ORDINALITY AS u(id, o)
+                  ORDER BY e.first_version DESC, u.o DESC LIMIT $3"
             ),
             // One statement, after the head lock and `ensure_streams`: insert
             // the events at consecutive positions and queue the notification

@@ -334,6 +334,66 @@ async fn an_append_whose_answer_is_lost_is_answered_from_the_log() {
     assert_eq!(next.next_version, 4);
 }
 
+/// A request that appends to two streams, one part an idempotent re-send
+/// (it writes nothing) and one new, commits and loses its answer; another
+/// process appends to the new part's stream before the store looks. The
+/// request committed (its new part is in the log), so the re-sent part is
+/// answered from its stream's tail before the round, and nothing is run
+/// again. (It was counted unwritten, because the re-sent events are older
+/// than the attempt, and run again: the new part's event was written a
+/// second time behind the other process's.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_with_a_re_sent_part_whose_answer_is_lost_is_written_once() {
+    let Some((direct, guard)) = common::open().await else { return };
+    let proxy = common::proxy::Proxy::start().await;
+    let store = through(&proxy, &guard.schema).await;
+    let (a, b) = (stream("mixed-a"), stream("mixed-b"));
+    let a0 = event(0);
+    store.append(&a, ExpectedVersion::NoStream, vec![a0.clone()]).await.unwrap();
+    store.append(&b, ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
+    // The head held, so the request's fast-path call is sent and declines
+    // (a re-send) before the marker is armed: the answer lost is the exact
+    // path's, whose statement carries the new event's id.
+    let blocker = admin_client().await;
+    blocker
+        .batch_execute(&format!("BEGIN; SELECT * FROM \"{}\".head_row FOR UPDATE", guard.schema))
+        .await
+        .unwrap();
+    let (b1, other) = (event(1), event(2));
+    let task = {
+        let (store, a, b, a0, b1) = (store.clone(), a.clone(), b.clone(), a0.clone(), b1.clone());
+        tokio::spawn(async move {
+            store
+                .append_multi(vec![
+                    StreamAppend::new(a, ExpectedVersion::Any, vec![a0]),
+                    StreamAppend::new(b, ExpectedVersion::Any, vec![b1]),
+                ])
+                .await
+        })
+    };
+    waiting_backend(&guard.schema).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let hook: common::proxy::Hook = {
+        let (direct, b, other) = (direct.clone(), b.clone(), other.clone());
+        Box::new(move || {
+            Box::pin(async move {
+                direct.append(&b, ExpectedVersion::Any, vec![other]).await.unwrap();
+            })
+        })
+    };
+    proxy.lose_answer_to(b1.id.as_bytes(), hook);
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+    let results = task.await.unwrap().unwrap();
+    assert!(proxy.fired(), "the answer was never lost: the test did not test anything");
+
+    let read = direct.read_stream(&b, ReadStream::forward()).await.unwrap();
+    let ids: Vec<_> = read.iter().map(|e| e.id).collect();
+    assert_eq!(ids, [read[0].id, b1.id, other.id], "each event once");
+    // a: the re-send, answered as at the time; b: where b1 landed.
+    assert_eq!(results[0], annals_core::AppendResult { next_version: 1, position: 0 });
+    assert_eq!(results[1], annals_core::AppendResult { next_version: 2, position: read[1].position });
+}
+
 /// The same for a round of several appends committed together (the
 /// committer batches callers that queue while a round holds the head): its
 /// answer is lost, another process appends to two of its streams, and
