@@ -335,3 +335,78 @@ async fn a_runner_told_not_to_restart_stops_on_a_lost_batch_transaction() {
         .unwrap();
     assert_eq!(totals(&store, &schema).await, (300, 300, 300));
 }
+
+/// Counts like [`Counter`], but its first two batches fail part-way (as a
+/// lock timeout or a deadlock with another writer of the model would): the
+/// batch at its third event, then the re-application of the events before
+/// it at its second.
+struct Flaky {
+    inner: Counter,
+    calls: Arc<std::sync::atomic::AtomicU32>,
+}
+
+#[async_trait]
+impl PgProjection for Flaky {
+    fn name(&self) -> &str {
+        "counter"
+    }
+
+    async fn handle(&mut self, tx: &PgCheckpointTx, event: &RecordedEvent) -> Result<(), HandlerError> {
+        self.inner.handle(tx, event).await
+    }
+
+    async fn handle_batch(
+        &mut self,
+        tx: &PgCheckpointTx,
+        events: &[RecordedEvent],
+    ) -> Result<(), annals::consumers::BatchError> {
+        let fail_at = match self.calls.fetch_add(1, Ordering::SeqCst) {
+            0 => Some(2),
+            1 => Some(1),
+            _ => None,
+        };
+        for (i, e) in events.iter().enumerate() {
+            if Some(i) == fail_at {
+                return Err(annals::consumers::BatchError {
+                    failed_at: i,
+                    error: HandlerError::new("lock timeout"),
+                });
+            }
+            self.inner
+                .handle(tx, e)
+                .await
+                .map_err(|error| annals::consumers::BatchError { failed_at: i, error })?;
+        }
+        Ok(())
+    }
+}
+
+/// When a failed batch fails again while the events before its failure are
+/// re-applied, the rollback undoes the re-application too: nothing of the
+/// batch is applied, and the runner must not take the events before the
+/// second failure as done. (It did: event 0 was never applied, nothing was
+/// parked, and the checkpoint moved past it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_failing_again_while_re_applied_skips_nothing() {
+    let Some((store, guard)) = setup().await else { return };
+    let schema = guard.schema.clone();
+    append(&store, 10, |_| "Deposited").await;
+    let retry = RetryPolicy {
+        max_attempts: 3,
+        initial_backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(2),
+        ..RetryPolicy::default()
+    };
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let flaky = Flaky { inner: Counter::new(&schema), calls: calls.clone() };
+    let running = ProjectionRunner::exactly_once(&store, flaky).batch_size(100).retry(retry).start().unwrap();
+    let store_dyn: Arc<dyn Store> = Arc::new(store.clone());
+    let stats = tokio::time::timeout(Duration::from_secs(60), running.wait_until_caught_up(&*store_dyn))
+        .await
+        .expect("never caught up")
+        .unwrap();
+    assert!(calls.load(Ordering::SeqCst) >= 3, "the failures were never exercised");
+    assert_eq!(stats.parked, 0);
+    assert_eq!(totals(&store, &schema).await, (10, 10, 10), "every event applied once");
+    running.stop().await.unwrap();
+}

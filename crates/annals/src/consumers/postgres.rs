@@ -183,9 +183,13 @@ impl<P: PgProjection> Projection for Adapter<P> {
         if !applied.is_empty() {
             tx.batch_execute(&format!("SAVEPOINT {SAVEPOINT}")).await.map_err(at_start)?;
             if let Err(again) = self.projection.handle_batch(tx, applied).await {
-                // Not deterministic after all: report the earlier failure.
+                // Not deterministic after all (a lock timeout, a deadlock
+                // with another writer of the model): the rollback undoes the
+                // whole re-application, so nothing of the batch is applied.
+                // Reporting `again.failed_at` would let the runner take the
+                // events before it as applied and skip them.
                 tx.batch_execute(&format!("ROLLBACK TO SAVEPOINT {SAVEPOINT}")).await.map_err(at_start)?;
-                return Err(again);
+                return Err(BatchError { failed_at: 0, error: again.error });
             }
         }
         Err(failure)
