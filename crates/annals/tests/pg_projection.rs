@@ -410,3 +410,34 @@ async fn a_batch_failing_again_while_re_applied_skips_nothing() {
     assert_eq!(totals(&store, &schema).await, (10, 10, 10), "every event applied once");
     running.stop().await.unwrap();
 }
+
+/// A runner stopped in the middle of a batch keeps nothing of it open: its
+/// checkpoint transaction is rolled back, so another instance of the
+/// projection takes the checkpoint at once while the stopped runner is
+/// still kept (before, it waited out its answer timeout, again and again),
+/// and rebuilding the stopped runner starts from a clean transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_stopped_mid_batch_keeps_no_checkpoint_locked() {
+    let Some((store, guard)) = setup().await else { return };
+    let schema = guard.schema.clone();
+    append(&store, 100, |_| "Deposited").await;
+    let (tell, mut hung) = mpsc::unbounded_channel();
+    let mut first = Counter::new(&schema);
+    first.hang_at = Some((50, tell));
+    let running = ProjectionRunner::exactly_once(&store, first).batch_size(100).start().unwrap();
+    tokio::time::timeout(Duration::from_secs(60), hung.recv()).await.unwrap().unwrap();
+    let stopped = running.stop().await.unwrap();
+
+    let other = PgStore::builder(common::url())
+        .schema(&schema)
+        .answer_timeout(Duration::from_secs(3))
+        .open()
+        .await
+        .unwrap();
+    let begun = other.begin_checkpoint_tx(CHECKPOINT).await;
+    let tx = begun.expect("the stopped runner still holds the checkpoint");
+    assert_eq!(tx.checkpoint(), None, "nothing of the stopped batch committed");
+    tx.rollback().await.unwrap();
+    assert_eq!(totals(&store, &schema).await, (0, 0, 0), "nothing of the stopped batch applied");
+    drop(stopped);
+}

@@ -228,6 +228,12 @@ impl ProjectionCheckpoint for TxCheckpoint {
         self.0.tx.lock().await.as_ref().is_none_or(|tx| !tx.is_lost())
     }
 
+    /// Rolls back the open batch, if any (dropping the transaction closes
+    /// its connection): a stopped runner keeps no checkpoint locked.
+    async fn abandon(&self) {
+        self.0.tx.lock().await.take();
+    }
+
     async fn commit(&self, name: &str, next_position: u64) -> annals_core::Result<()> {
         let tx = open(&self.0, name).await?.take();
         match tx {

@@ -135,6 +135,14 @@ pub trait ProjectionCheckpoint: Send + Sync + 'static {
     async fn intact(&self) -> bool {
         true
     }
+
+    /// Called once the runner has stopped (told to, or on an error),
+    /// wherever it was: a batch begun by [`ProjectionCheckpoint::begin`]
+    /// will not be committed. A transactional checkpoint rolls it back
+    /// here, so that it holds no lock or connection while the stopped
+    /// runner is kept (another instance would wait for it). The default
+    /// does nothing.
+    async fn abandon(&self) {}
 }
 
 /// [`ProjectionCheckpoint`] over the store's named checkpoints.
@@ -416,6 +424,9 @@ async fn run(
         () = cancel.cancelled() => None,
         result = supervise(&config, &mut *projection, &stats) => result.err().map(|e| e.to_string()),
     };
+    // Stopped between `begin` and `commit` (a cancel lands anywhere):
+    // nothing of that batch commits.
+    config.checkpoint.abandon().await;
     if let Some(reason) = &outcome {
         tracing::error!(projection = %config.name, %reason, "projection runner stopped");
         stats.send_modify(|s| s.stopped = Some(reason.clone()));
