@@ -199,35 +199,7 @@ async fn main() {
                             .await
                             .unwrap();
                     }
-                    6 => {
-                        let stream = format!("brk-{name}");
-                        let ids = vec![uuid::Uuid::new_v4()];
-                        let data = vec![payload.as_slice()];
-                        let row = single_client
-                            .query_one(
-                                &cached,
-                                &[
-                                    &stream,
-                                    &"brk",
-                                    &0i16,
-                                    &0i64,
-                                    &"E",
-                                    &None::<String>,
-                                    &ids,
-                                    &vec![0i16],
-                                    &data,
-                                    &vec!["{}"],
-                                    &"nobody_listens",
-                                    &state.0,
-                                    &state.1,
-                                    &state.2,
-                                ],
-                            )
-                            .await
-                            .unwrap();
-                        state = (state.0 + 1, state.1 + 1, row.get(2));
-                    }
-                    4 | 5 => {
+                    4..=6 => {
                         let stream = format!("brk-{name}");
                         let ids = vec![uuid::Uuid::new_v4()];
                         let data = vec![payload.as_slice()];
@@ -244,6 +216,14 @@ async fn main() {
                             &vec!["{}"],
                             &"nobody_listens",
                         ];
+                        if v == 6 {
+                            let remembered: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+                                [&state.0, &state.1, &state.2];
+                            let all = [params.as_slice(), remembered.as_slice()].concat();
+                            let row = single_client.query_one(&cached, &all).await.unwrap();
+                            state = (state.0 + 1, state.1 + 1, row.get(2));
+                            continue;
+                        }
                         if v == 5 {
                             assert_eq!(single_client.query(&single, &params).await.unwrap().len(), 1);
                             continue;

@@ -256,11 +256,7 @@ async fn an_append_whose_connection_dies_before_committing_runs_again_once() {
     store.append(&s, ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
 
     // Hold the head so the next append waits on it, on a known backend.
-    let blocker = admin_client().await;
-    blocker
-        .batch_execute(&format!("BEGIN; SELECT * FROM \"{}\".head FOR UPDATE", guard.schema))
-        .await
-        .unwrap();
+    let blocker = holding_the_head(&guard.schema).await;
     let pending = event(1);
     let appending = {
         let (store, s, pending) = (store.clone(), s.clone(), pending.clone());
@@ -354,11 +350,7 @@ async fn a_request_with_a_re_sent_part_whose_answer_is_lost_is_written_once() {
     // The head held, so the request's fast-path call is sent and declines
     // (a re-send) before the marker is armed: the answer lost is the exact
     // path's, whose statement carries the new event's id.
-    let blocker = admin_client().await;
-    blocker
-        .batch_execute(&format!("BEGIN; SELECT * FROM \"{}\".head_row FOR UPDATE", guard.schema))
-        .await
-        .unwrap();
+    let blocker = holding_the_head(&guard.schema).await;
     let (b1, other) = (event(1), event(2));
     let task = {
         let (store, a, b, a0, b1) = (store.clone(), a.clone(), b.clone(), a0.clone(), b1.clone());
@@ -412,11 +404,7 @@ async fn a_round_whose_answer_is_lost_is_answered_from_the_log() {
 
     // Hold the head: the first append waits on it, and the next two queue
     // behind it, to be committed together when it is released.
-    let blocker = admin_client().await;
-    blocker
-        .batch_execute(&format!("BEGIN; SELECT * FROM \"{}\".head_row FOR UPDATE", guard.schema))
-        .await
-        .unwrap();
+    let blocker = holding_the_head(&guard.schema).await;
     let first = {
         let (store, a) = (store.clone(), a.clone());
         tokio::spawn(async move { store.append(&a, ExpectedVersion::Any, vec![event(1)]).await })
@@ -1474,6 +1462,15 @@ async fn waiting_backend(schema: &str) -> i32 {
         assert!(tokio::time::Instant::now() < deadline, "nothing of {schema} ever waited for a lock");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// An admin session inside a transaction that holds `schema`'s head lock,
+/// so every append of the schema waits (on a backend the test can find
+/// with [`waiting_backend`]) until it ends with `ROLLBACK`.
+async fn holding_the_head(schema: &str) -> tokio_postgres::Client {
+    let blocker = admin_client().await;
+    blocker.batch_execute(&format!("BEGIN; SELECT * FROM \"{schema}\".head_row FOR UPDATE")).await.unwrap();
+    blocker
 }
 
 async fn admin_client() -> tokio_postgres::Client {
