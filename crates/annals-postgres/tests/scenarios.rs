@@ -283,6 +283,21 @@ async fn an_append_whose_connection_dies_before_committing_runs_again_once() {
 }
 
 /// A store connected through `proxy` to the schema of `guard`.
+/// A proxy hook: `store` appends each event to its stream (`Any`), as
+/// another process would between a lost answer and the store's look.
+fn appends_meanwhile(store: &PgStore, appends: &[(&StreamName, &EventData)]) -> common::proxy::Hook {
+    let store = store.clone();
+    let appends: Vec<(StreamName, EventData)> =
+        appends.iter().map(|(s, e)| ((*s).clone(), (*e).clone())).collect();
+    Box::new(move || {
+        Box::pin(async move {
+            for (s, e) in appends {
+                store.append(&s, ExpectedVersion::Any, vec![e]).await.unwrap();
+            }
+        })
+    })
+}
+
 async fn through(proxy: &common::proxy::Proxy, schema: &str) -> PgStore {
     PgStore::builder(&proxy.url)
         .schema(schema)
@@ -308,15 +323,7 @@ async fn an_append_whose_answer_is_lost_is_answered_from_the_log() {
     store.append(&s, ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
 
     let (lost, other) = (event(1), event(2));
-    let hook: common::proxy::Hook = {
-        let (direct, s, other) = (direct.clone(), s.clone(), other.clone());
-        Box::new(move || {
-            Box::pin(async move {
-                direct.append(&s, ExpectedVersion::Any, vec![other]).await.unwrap();
-            })
-        })
-    };
-    proxy.lose_answer_to(lost.id.as_bytes(), hook);
+    proxy.lose_answer_to(lost.id.as_bytes(), appends_meanwhile(&direct, &[(&s, &other)]));
     let written = store.append(&s, ExpectedVersion::Any, vec![lost.clone()]).await.unwrap();
     assert!(proxy.fired(), "the answer was never lost: the test did not test anything");
     assert_eq!(written.next_version, 2);
@@ -365,15 +372,7 @@ async fn a_request_with_a_re_sent_part_whose_answer_is_lost_is_written_once() {
     };
     waiting_backend(&guard.schema).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let hook: common::proxy::Hook = {
-        let (direct, b, other) = (direct.clone(), b.clone(), other.clone());
-        Box::new(move || {
-            Box::pin(async move {
-                direct.append(&b, ExpectedVersion::Any, vec![other]).await.unwrap();
-            })
-        })
-    };
-    proxy.lose_answer_to(b1.id.as_bytes(), hook);
+    proxy.lose_answer_to(b1.id.as_bytes(), appends_meanwhile(&direct, &[(&b, &other)]));
     blocker.batch_execute("ROLLBACK").await.unwrap();
     let results = task.await.unwrap().unwrap();
     assert!(proxy.fired(), "the answer was never lost: the test did not test anything");
@@ -412,17 +411,7 @@ async fn a_round_whose_answer_is_lost_is_answered_from_the_log() {
     waiting_backend(&guard.schema).await;
     let (on_b, on_c) = (event(1), event(1));
     let (other_b, other_c) = (event(2), event(2));
-    let hook: common::proxy::Hook = {
-        let (direct, b, c, other_b, other_c) =
-            (direct.clone(), b.clone(), c.clone(), other_b.clone(), other_c.clone());
-        Box::new(move || {
-            Box::pin(async move {
-                direct.append(&b, ExpectedVersion::Any, vec![other_b]).await.unwrap();
-                direct.append(&c, ExpectedVersion::Any, vec![other_c]).await.unwrap();
-            })
-        })
-    };
-    proxy.lose_answer_to(on_b.id.as_bytes(), hook);
+    proxy.lose_answer_to(on_b.id.as_bytes(), appends_meanwhile(&direct, &[(&b, &other_b), (&c, &other_c)]));
     let second = {
         let (store, b, on_b) = (store.clone(), b.clone(), on_b.clone());
         tokio::spawn(async move { store.append(&b, ExpectedVersion::Any, vec![on_b]).await })
