@@ -68,7 +68,17 @@ const LOCK_CLASS: i32 = 0x616e_6e61;
 /// Brings `schema` up to the newest migration. Idempotent.
 pub(crate) async fn migrate(client: &mut Client, schema: &str) -> Result<(), PgError> {
     let quoted = quote_ident(schema);
-    let tx = client.transaction().await?;
+    // READ COMMITTED whatever the session's default: under a transaction
+    // snapshot (REPEATABLE READ, SERIALIZABLE set in the URL) the snapshot
+    // is taken by the lock statement, before its wait, so the second of two
+    // processes opening at once read the applied version from before the
+    // first one's commit and ran the migrations again (failing on "already
+    // exists"). Each statement after the lock sees every earlier commit.
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+        .start()
+        .await?;
     tx.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", &[&LOCK_CLASS, &schema]).await?;
     // `IF NOT EXISTS` on every open would otherwise log two "already
     // exists, skipping" notices per process start.

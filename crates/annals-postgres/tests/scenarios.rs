@@ -1693,6 +1693,24 @@ async fn a_checkpoint_transaction_given_up_while_beginning_leaves_no_open_transa
     .unwrap();
 }
 
+/// The same when the URL makes every session SERIALIZABLE (migrations run
+/// READ COMMITTED whatever the default: under a transaction snapshot the
+/// second opener read the applied version from before the first one's
+/// commit and failed with "relation already exists", every time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_are_safe_concurrently_whatever_the_default_isolation() {
+    let Some((_probe, _probe_guard)) = common::open().await else { return };
+    let url = common::url_with_options("-c%20default_transaction_isolation%3Dserializable");
+    for round in 0..3 {
+        let guard = common::SchemaGuard { schema: common::fresh_schema() };
+        let open = || PgStore::builder(url.clone()).schema(&guard.schema).max_connections(2).open();
+        let (a, b) = tokio::join!(open(), open());
+        for opened in [a, b] {
+            opened.unwrap_or_else(|e| panic!("round {round}: {e}"));
+        }
+    }
+}
+
 /// Opening twice at once on a fresh schema, and again later, is safe.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_are_idempotent_and_safe_concurrently() {
