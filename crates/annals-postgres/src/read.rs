@@ -211,6 +211,13 @@ impl Inner {
                             let run = RunRow::decode(row, &mut name)?;
                             run.unpack(start, true, false, take, &mut events)?;
                         }
+                        // The state was read on another connection, a moment
+                        // earlier: events after its last version may belong to
+                        // a later generation of the stream (soft-deleted and
+                        // written again meanwhile) and are left to the next
+                        // read. Events up to it never change, so the page is
+                        // the stream as that state saw it.
+                        events.retain(|e| e.version <= last);
                     }
                     Direction::Backward => {
                         let start = match request.from {
