@@ -9,13 +9,21 @@
 -- are written with it; existing ones stay readable as they are.
 --
 -- A server built without lz4 refuses the setting: the columns then keep
--- the default and nothing else changes.
+-- the default and nothing else changes. Before PostgreSQL 14 there is no
+-- per-column compression at all (the clause is a syntax error there), so
+-- the statement is only run from 14 on. (Added after release: on 12 and 13
+-- this migration failed, and with it every open; where it applied, it
+-- did the same as now.)
 DO $lz4$
 BEGIN
-    ALTER TABLE {schema}.runs
-        ALTER COLUMN ids SET COMPRESSION lz4,
-        ALTER COLUMN data SET COMPRESSION lz4,
-        ALTER COLUMN metadata SET COMPRESSION lz4;
+    IF current_setting('server_version_num')::int >= 140000 THEN
+        EXECUTE 'ALTER TABLE {schema}.runs
+                     ALTER COLUMN ids SET COMPRESSION lz4,
+                     ALTER COLUMN data SET COMPRESSION lz4,
+                     ALTER COLUMN metadata SET COMPRESSION lz4';
+    ELSE
+        RAISE NOTICE 'annals: PostgreSQL before 14 has no lz4; runs keep the default compression';
+    END IF;
 EXCEPTION WHEN feature_not_supported OR invalid_parameter_value THEN
     RAISE NOTICE 'annals: lz4 is not available on this server; runs keep the default compression';
 END
