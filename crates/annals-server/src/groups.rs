@@ -236,16 +236,18 @@ impl Groups {
 }
 
 impl Entry {
-    /// Stops a group removed from the registry. A request that still holds
-    /// it (a stats call in progress) keeps it alive for that call; the last
-    /// handle dropped cancels the dispatcher, which saves the checkpoint as
-    /// it ends.
+    /// Stops a group removed from the registry, now, and waits until its
+    /// dispatcher has saved its checkpoint, even while a request still
+    /// holds the group (a pull long-poll: it then ends with what it has,
+    /// and later calls on the group fail). The lease is released only
+    /// after this, so a new leader never runs the group while this process
+    /// still delivers it. (It once stopped only when the last handle went:
+    /// a long-poll kept a stepped-down or deleted group delivering for up
+    /// to its 25 s, beside the new leader or a re-created group.)
     async fn remove(self) {
         self.removed.cancel();
         self.pulls.lock().await.clear();
-        if let Ok(subscription) = Arc::try_unwrap(self.subscription) {
-            subscription.stop().await;
-        }
+        self.subscription.halt().await;
     }
 }
 

@@ -322,3 +322,139 @@ async fn a_process_that_loses_its_lease_stops_running_the_groups() {
     drop((a, b, admin));
     schema.drop_now().await;
 }
+
+/// A process that loses its lease stops delivering the groups before it
+/// lets the lease go, even to a pull long-poll open at that moment. (The
+/// long-poll kept the group's dispatcher alive: the old process delivered
+/// for up to 25 s beside the new leader, the same event to both.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_on_a_process_that_lost_its_lease_delivers_nothing_more() {
+    let Some((a, b, schema)) = two_stores().await else { return };
+    let first = serve(&a).await;
+    within(60, until("the first server runs the groups", || first.state.leads_groups())).await;
+    let second = serve(&b).await;
+    let settings = json!({ "stream": "pay-1", "ack_timeout_ms": 600_000 });
+    assert_eq!(call(&first, "PUT", "/groups/payments", Some(settings)).await.0, 201);
+
+    // A consumer long-polls the leader; nothing to deliver yet.
+    let client = first.client.clone();
+    let poll = first.url("/groups/payments/next?consumer=old&max=10&wait_ms=25000");
+    let long_poll = tokio::spawn(async move {
+        let resp = client.post(poll).send().await.unwrap();
+        (resp.status().as_u16(), resp.json::<Value>().await.unwrap_or(Value::Null))
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let (admin, conn) = tokio_postgres::connect(&url(), tokio_postgres::NoTls).await.expect("admin");
+    tokio::spawn(conn);
+    let terminated = admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE application_name = $1
+               AND pid IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted)",
+            &[&format!("annals-lease {}", schema.0)],
+        )
+        .await
+        .expect("terminate")
+        .len();
+    assert_eq!(terminated, 1, "one lease holder");
+    within(60, until("the first server steps down", || !first.state.leads_groups())).await;
+    within(
+        60,
+        until("some server runs the groups", || first.state.leads_groups() || second.state.leads_groups()),
+    )
+    .await;
+    let leader = if first.state.leads_groups() { &first } else { &second };
+
+    // One event after the hand-over; the new leader delivers it.
+    assert_eq!(second.append("pay-1", "any", json!([event("Paid", json!({ "n": 0 }))])).await.0, 201);
+    let (status, body) =
+        call(leader, "POST", "/groups/payments/next?consumer=new&max=10&wait_ms=5000", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["deliveries"].as_array().map(Vec::len), Some(1), "{body}");
+
+    // The process that lost the lease stopped its groups "at once": its
+    // long poll must not hand out the same event as well.
+    let (status, body) = long_poll.await.unwrap();
+    let old_delivered = status == 200 && body["deliveries"].as_array().is_some_and(|d| !d.is_empty());
+    assert!(!old_delivered, "the group that stepped down still delivered after the lease moved: {body}");
+    first.stop().await;
+    second.stop().await;
+    drop((a, b, admin));
+    schema.drop_now().await;
+}
+
+/// The same on one process: a group deleted during a pull long-poll stops
+/// at once, so the group created again under its name is the only one
+/// delivering. (Both delivered the same event to two consumers.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_deleted_during_a_long_poll_stops_delivering() {
+    let Some((a, b, schema)) = two_stores().await else { return };
+    drop(b);
+    let first = serve(&a).await;
+    within(60, until("the first server runs the groups", || first.state.leads_groups())).await;
+    let settings = json!({ "stream": "pay-1", "ack_timeout_ms": 600_000 });
+    assert_eq!(call(&first, "PUT", "/groups/payments", Some(settings.clone())).await.0, 201);
+    let client = first.client.clone();
+    let poll = first.url("/groups/payments/next?consumer=old&max=10&wait_ms=10000");
+    let long_poll = tokio::spawn(async move {
+        let resp = client.post(poll).send().await.unwrap();
+        (resp.status().as_u16(), resp.json::<Value>().await.unwrap_or(Value::Null))
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(call(&first, "DELETE", "/groups/payments", None).await.0, 204);
+    assert_eq!(call(&first, "PUT", "/groups/payments", Some(settings)).await.0, 201);
+    assert_eq!(first.append("pay-1", "any", json!([event("Paid", json!({ "n": 0 }))])).await.0, 201);
+    let (status, body) =
+        call(&first, "POST", "/groups/payments/next?consumer=new&max=10&wait_ms=5000", None).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = long_poll.await.unwrap();
+    let old_delivered = status == 200 && body["deliveries"].as_array().is_some_and(|d| !d.is_empty());
+    assert!(!old_delivered, "the deleted group still delivered: {body}");
+    first.stop().await;
+    drop(a);
+    schema.drop_now().await;
+}
+
+/// A settle of a delivery made by the previous leader, retried on the new
+/// one (as `groups_elsewhere` with Retry-After invites), is unknown there:
+/// it must not settle whichever other event the new leader gave the same id.
+/// (Every dispatcher numbered its deliveries from 1: an old `nack skip` of
+/// event 4 skipped event 6, never handled.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settle_from_before_a_hand_over_settles_nothing_else() {
+    let Some((a, b, schema)) = two_stores().await else { return };
+    let first = serve(&a).await;
+    within(60, until("the first server runs the groups", || first.state.leads_groups())).await;
+    let second = serve(&b).await;
+    let settings = json!({ "stream": "pay-1", "ack_timeout_ms": 600_000 });
+    assert_eq!(call(&first, "PUT", "/groups/payments", Some(settings)).await.0, 201);
+    let events: Vec<Value> = (0..10).map(|n| event("Paid", json!({ "n": n }))).collect();
+    assert_eq!(first.append("pay-1", "any", Value::Array(events)).await.0, 201);
+    let old = within(60, pull(&first, 10)).await;
+    assert_eq!(old.iter().map(|d| d.1).collect::<Vec<_>>(), (0..10).collect::<Vec<_>>());
+    ack(&first, &[old[0].0, old[1].0]).await; // events 0 and 1 handled
+    // The client finds event 4 (delivery old[4]) poison and will skip it.
+    let poison_id = old[4].0;
+    first.stop().await; // saves checkpoint 2, releases the lease
+
+    within(60, until("the second server takes the groups over", || second.state.leads_groups())).await;
+    let new = within(60, pull(&second, 8)).await;
+    // The client's skip of its old delivery reaches the new leader.
+    let (_, body) = call(
+        &second,
+        "POST",
+        "/groups/payments/nack?consumer=p",
+        Some(json!({ "delivery_ids": [poison_id], "action": "skip" })),
+    )
+    .await;
+    let hit = new.iter().find(|d| d.0 == poison_id).map(|d| d.1);
+    assert!(
+        body["settled"].as_array().is_none_or(|s| s.is_empty()),
+        "a delivery id of the previous leader settled (skipped) event n={hit:?} here: {body}"
+    );
+    assert_eq!(body["errors"][0]["error"]["code"], "unknown_delivery", "{body}");
+    second.stop().await;
+    drop((a, b));
+    schema.drop_now().await;
+}

@@ -217,7 +217,8 @@ pub struct PersistentSubscription {
     commands: mpsc::UnboundedSender<Command>,
     dlq: DeadLetterQueue,
     next_slot: std::sync::atomic::AtomicU64,
-    task: Option<tokio::task::JoinHandle<()>>,
+    /// Taken by the first stop, which waits for it.
+    task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     cancel: CancellationToken,
     _guard: DropGuard,
 }
@@ -266,7 +267,7 @@ impl PersistentSubscription {
             deliveries: HashMap::new(),
             consumers: BTreeMap::new(),
             round_robin: 0,
-            next_delivery: 1,
+            next_delivery: first_delivery_id(),
             next_replay: 0,
             parked,
             replaying: BTreeSet::new(),
@@ -278,7 +279,7 @@ impl PersistentSubscription {
             commands: tx,
             dlq,
             next_slot: std::sync::atomic::AtomicU64::new(1),
-            task: Some(task),
+            task: tokio::sync::Mutex::new(Some(task)),
             _guard: cancel.clone().drop_guard(),
             cancel,
         })
@@ -337,9 +338,19 @@ impl PersistentSubscription {
 
     /// Stops the dispatcher and waits for it to finish. Unsettled messages
     /// are delivered again by the next start.
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        self.halt().await;
+    }
+
+    /// [`PersistentSubscription::stop`] through a shared handle: the
+    /// dispatcher stops now (saving its checkpoint) even while others
+    /// still hold the subscription, and this waits for it to finish. Its
+    /// consumers then get `None`, and every later call fails with
+    /// [`ConsumerError::Stopped`].
+    pub async fn halt(&self) {
         self.cancel.cancel();
-        if let Some(task) = self.task.take() {
+        let task = self.task.lock().await.take();
+        if let Some(task) = task {
             let _ = task.await;
         }
     }
@@ -896,4 +907,18 @@ impl Dispatcher {
         }
         Ok(queued)
     }
+}
+
+/// Where a dispatcher starts numbering its deliveries: random in
+/// [2^20, 2^52), so that ids stay exact as JSON numbers (below 2^53) and a
+/// delivery id handed out by another dispatcher of the same group (before a
+/// leader hand-over, a restart, or a DELETE and PUT of the group) is all but
+/// certain to be unknown here instead of naming another event: settling it
+/// would ack, skip or park an event the consumer never saw. (Every
+/// dispatcher counted from 1, and an old `nack skip` settled the new
+/// leader's delivery of another event.)
+fn first_delivery_id() -> u64 {
+    const LOW: u64 = 1 << 20;
+    const HIGH: u64 = 1 << 52;
+    LOW + (uuid::Uuid::new_v4().as_u128() as u64) % (HIGH - LOW)
 }
