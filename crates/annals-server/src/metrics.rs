@@ -84,10 +84,64 @@ pub struct Metrics {
     pub groups_leader: Gauge,
     /// Appends completed since start (for `/stats`).
     pub append_count: AtomicU64,
-    /// Set when the last append failed because the store could not write
-    /// (poisoned, closed, I/O, backend); cleared by the next successful
-    /// append. `/health/ready` reports not ready while it is set.
-    pub write_failed: std::sync::atomic::AtomicBool,
+    /// The last append that failed because the store could not write;
+    /// `/health/ready` reports not ready while it counts.
+    pub write_failed: WriteFailure,
+}
+
+/// How long a transient write failure (I/O, backend, unknown outcome)
+/// keeps `/health/ready` at 503 unless an append succeeds first. Bounded:
+/// a load balancer that routes only to ready servers sends no appends to
+/// clear it, so a server that failed one append during a database blip
+/// would otherwise stay out for good (every server, if all saw the blip).
+pub const WRITE_FAILURE_READY_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// See [`Metrics::write_failed`]. A poisoned or closed store stays not
+/// ready (it cannot heal without a restart); other failures count for
+/// [`WRITE_FAILURE_READY_WINDOW`] after the last one.
+#[derive(Debug)]
+pub struct WriteFailure {
+    epoch: tokio::time::Instant,
+    permanent: std::sync::atomic::AtomicBool,
+    /// Milliseconds since `epoch` of the last transient failure, plus one
+    /// (0: none since the last successful append).
+    last: AtomicU64,
+}
+
+impl WriteFailure {
+    fn new() -> Self {
+        WriteFailure {
+            epoch: tokio::time::Instant::now(),
+            permanent: std::sync::atomic::AtomicBool::new(false),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
+    }
+
+    fn record(&self, permanent: bool) {
+        if permanent {
+            self.permanent.store(true, Ordering::Relaxed);
+        }
+        self.last.store(self.now_ms() + 1, Ordering::Relaxed);
+    }
+
+    fn clear(&self) {
+        self.permanent.store(false, Ordering::Relaxed);
+        self.last.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether `/health/ready` should answer `store_not_writable`.
+    pub fn blocks_ready(&self) -> bool {
+        if self.permanent.load(Ordering::Relaxed) {
+            return true;
+        }
+        let last = self.last.load(Ordering::Relaxed);
+        let window = u64::try_from(WRITE_FAILURE_READY_WINDOW.as_millis()).unwrap_or(u64::MAX);
+        last != 0 && self.now_ms() < (last - 1).saturating_add(window)
+    }
 }
 
 impl Default for Metrics {
@@ -163,7 +217,7 @@ impl Metrics {
             slow_disconnects,
             rate_limited,
             append_count: AtomicU64::new(0),
-            write_failed: std::sync::atomic::AtomicBool::new(false),
+            write_failed: WriteFailure::new(),
         }
     }
 
@@ -195,20 +249,19 @@ impl Metrics {
         self.appended_events.inc_by(events);
         self.appended_bytes.inc_by(bytes);
         self.append_latency.observe(seconds);
-        self.write_failed.store(false, Ordering::Relaxed);
+        self.write_failed.clear();
     }
 
     /// Records a failed append; store-side failures mark the store as not
-    /// writable for `/health/ready`.
+    /// writable for `/health/ready` (see [`WriteFailure`]).
     pub fn record_append_error(&self, e: &annals_core::Error) {
         use annals_core::Error as E;
         match e {
             E::WrongExpectedVersion { .. } => {
                 self.append_conflicts.inc();
             }
-            E::Poisoned { .. } | E::Closed | E::Io(_) | E::Backend { .. } | E::OutcomeUnknown { .. } => {
-                self.write_failed.store(true, Ordering::Relaxed);
-            }
+            E::Poisoned { .. } | E::Closed => self.write_failed.record(true),
+            E::Io(_) | E::Backend { .. } | E::OutcomeUnknown { .. } => self.write_failed.record(false),
             _ => {}
         }
     }

@@ -206,3 +206,39 @@ async fn an_append_of_unknown_outcome_answers_503_outcome_unknown() {
     assert_eq!(read["events"].as_array().map(Vec::len), Some(1), "{read}");
     assert_eq!(call(&router, "GET", "/health/ready", "").await.0, 200);
 }
+
+/// A transient write failure (here an append of unknown outcome) keeps the
+/// server not ready for a bounded window only: a load balancer that routes
+/// only to ready servers sends it no append that could clear the flag, so
+/// without a bound one database blip took the server out for good.
+#[tokio::test(start_paused = true)]
+async fn a_transient_write_failure_leaves_readiness_after_a_window() {
+    let store = Arc::new(Flaky::default());
+    let mut config = ServerConfig::default();
+    config.auth.anonymous = Some(Role::Admin);
+    let router = app(AppState::new(store.clone(), config).unwrap());
+    store.lost.store(true, Ordering::SeqCst);
+    assert_eq!(call(&router, "POST", "/streams/w-1", r#"[{"type":"E","data":{}}]"#).await.0, 503);
+    store.lost.store(false, Ordering::SeqCst);
+    assert_eq!(call(&router, "GET", "/health/ready", "").await.1["error"]["code"], "store_not_writable");
+    tokio::time::advance(annals_server::metrics::WRITE_FAILURE_READY_WINDOW / 2).await;
+    assert_eq!(call(&router, "GET", "/health/ready", "").await.1["error"]["code"], "store_not_writable");
+    tokio::time::advance(annals_server::metrics::WRITE_FAILURE_READY_WINDOW).await;
+    let (status, body) = call(&router, "GET", "/health/ready", "").await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// A poisoned store stays not ready however long ago it failed (it cannot
+/// heal without a restart).
+#[tokio::test(start_paused = true)]
+async fn a_poisoned_store_stays_not_ready() {
+    let store = Arc::new(Flaky::default());
+    let mut config = ServerConfig::default();
+    config.auth.anonymous = Some(Role::Admin);
+    let router = app(AppState::new(store.clone(), config).unwrap());
+    store.broken.store(true, Ordering::SeqCst);
+    assert_eq!(call(&router, "POST", "/streams/p-1", r#"[{"type":"E","data":{}}]"#).await.0, 503);
+    store.broken.store(false, Ordering::SeqCst);
+    tokio::time::advance(annals_server::metrics::WRITE_FAILURE_READY_WINDOW * 3).await;
+    assert_eq!(call(&router, "GET", "/health/ready", "").await.1["error"]["code"], "store_not_writable");
+}

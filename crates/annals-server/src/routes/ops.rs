@@ -59,7 +59,7 @@ pub async fn ready(State(state): State<AppState>) -> Response {
         )
         .into_response();
     }
-    if state.inner.metrics.write_failed.load(Ordering::Relaxed) {
+    if state.inner.metrics.write_failed.blocks_ready() {
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "store_not_writable",
