@@ -33,6 +33,21 @@ pub enum LogError {
         reason: String,
     },
 
+    /// `kv.log`, the side file of snapshots and checkpoints, holds a damaged
+    /// record followed by more records (a torn tail is dropped at open, but
+    /// this is not one). Nothing was served from it. Restore the file from a
+    /// backup, or move it aside to open without the snapshots and
+    /// checkpoints it held.
+    #[error(
+        "kv.log (snapshots and checkpoints) is damaged at offset {offset}, with more records after it: {reason}"
+    )]
+    KvCorrupt {
+        /// Byte offset of the damaged record in `kv.log`.
+        offset: u64,
+        /// What check failed.
+        reason: String,
+    },
+
     /// The directory holds files this build cannot read (unknown format
     /// version, foreign files). Use a matching build or another directory.
     #[error("unsupported or foreign data: {reason}")]
@@ -97,7 +112,9 @@ impl LogError {
 impl From<LogError> for annals_core::Error {
     fn from(e: LogError) -> Self {
         match e {
-            LogError::Corrupt { .. } => annals_core::Error::Corrupt { details: e.to_string() },
+            LogError::Corrupt { .. } | LogError::KvCorrupt { .. } => {
+                annals_core::Error::Corrupt { details: e.to_string() }
+            }
             LogError::Poisoned { reason } => annals_core::Error::Poisoned { reason },
             LogError::Closed => annals_core::Error::Closed,
             LogError::Io(io) => annals_core::Error::Io(io),

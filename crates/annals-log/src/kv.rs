@@ -120,6 +120,13 @@ fn apply(state: &mut State, kind: u8, body: &[u8]) -> Option<()> {
     Some(())
 }
 
+/// The record at `at` if its length and checksum hold.
+fn valid_record(bytes: &[u8], at: usize) -> Option<&[u8]> {
+    let len = u32_at(bytes.get(at..)?, 0) as usize;
+    let rec = bytes.get(at..at.checked_add(len)?)?;
+    (len >= 9 && crc32c::crc32c(rec.get(8..)?) == u32_at(rec, 4)).then_some(rec)
+}
+
 impl Kv {
     pub(crate) fn open(
         core: Arc<Core>,
@@ -139,18 +146,41 @@ impl Kv {
             let mut at = 0usize;
             while at + 9 <= bytes.len() {
                 let len = u32_at(&bytes, at) as usize;
-                let Some(rec) = bytes.get(at..at.saturating_add(len)) else { break };
-                if len < 9 || crc32c::crc32c(rec.get(8..).unwrap_or_default()) != u32_at(rec, 4) {
+                if valid_record(&bytes, at).is_some_and(|rec| {
+                    apply(&mut state, rec.get(8).copied().unwrap_or(0), rec.get(9..).unwrap_or_default())
+                        .is_some()
+                }) {
+                    at += len;
+                    continue;
+                }
+                // A bad record. The last thing written (nothing but zeros
+                // after where it claims to end): a torn tail, dropped below.
+                let end = at.saturating_add(len.max(9));
+                if bytes.get(end..).is_none_or(|r| r.iter().all(|&b| b == 0)) {
                     break;
                 }
-                let kind = rec.get(8).copied().unwrap_or(0);
-                if apply(&mut state, kind, rec.get(9..).unwrap_or_default()).is_none() {
-                    break;
+                // Damage in the middle. Its length field leads to a record
+                // that checks: lose this one update only (later ones, which
+                // supersede most, stay), and say so.
+                if valid_record(&bytes, end).is_some() {
+                    tracing::error!(
+                        offset = at,
+                        "annals-log: kv.log record damaged in the middle of the file; skipped it (one snapshot or \
+                         checkpoint update lost), kept the records after it"
+                    );
+                    at = end;
+                    continue;
                 }
-                at += len;
+                // Nothing to resume from: refuse rather than compact away
+                // every record after it.
+                return Err(LogError::KvCorrupt {
+                    offset: at as u64,
+                    reason: "bad checksum, length or kind, and no intact record where it claims to end"
+                        .into(),
+                });
             }
             if at < bytes.len() && bytes.get(at..).is_some_and(|r| r.iter().any(|&b| b != 0)) {
-                tracing::warn!(offset = at, "annals-log: dropped a torn or corrupt tail of kv.log");
+                tracing::warn!(offset = at, "annals-log: dropped a torn tail of kv.log");
             }
         }
         // Compact: rewrite the live entries, then atomically replace.

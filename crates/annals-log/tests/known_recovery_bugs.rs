@@ -133,7 +133,6 @@ async fn corrupt_length_mid_segment_silently_drops_acknowledged_records() {
 /// checkpoint write (compaction rewrites the file) and the checkpoint
 /// regresses to an older value.
 #[tokio::test]
-#[ignore = "known bug: kv.log replay stops at the first bad record and compacts the rest away"]
 async fn kv_mid_file_corruption_regresses_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
     {
@@ -157,6 +156,29 @@ async fn kv_mid_file_corruption_regresses_checkpoints() {
             assert_eq!(a, Some(500), "checkpoint 'a' regressed to {a:?} with no error");
         }
     }
+}
+
+/// A damaged length field in the middle of `kv.log` leaves nothing to
+/// resume from: open refuses with a typed error instead of compacting every
+/// later record away.
+#[tokio::test]
+async fn kv_mid_file_damage_with_no_way_past_it_refuses_to_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = LogStore::open(dir.path()).unwrap();
+        store.save_checkpoint("a", 1).await.unwrap();
+        store.save_checkpoint("b", 1).await.unwrap();
+        store.save_checkpoint("a", 500).await.unwrap();
+        store.close().unwrap();
+    }
+    let kv = dir.path().join("kv.log");
+    let mut bytes = std::fs::read(&kv).unwrap();
+    let first_len = u32::from_le_bytes(bytes[0..4].try_into().unwrap()) as usize;
+    bytes[first_len] ^= 0x03; // the second record's length
+    std::fs::write(&kv, &bytes).unwrap();
+    let err = LogStore::open(dir.path()).expect_err("a damaged kv.log opened");
+    assert!(matches!(err, annals_log::LogError::KvCorrupt { .. }), "{err}");
+    assert_eq!(std::fs::read(&kv).unwrap(), bytes, "kv.log was rewritten");
 }
 
 /// Page cache flushes are not ordered: after a crash, a later page of an
