@@ -15,6 +15,12 @@ use crate::{
 
 /// Bytes read per step while scanning.
 const SCAN_CHUNK: usize = 4 << 20;
+/// See [`Cursor::intact_event_in`]: how far past a bad frame recovery looks
+/// for an intact record before calling the frame a torn tail, and how many
+/// zero bytes in a row end the search (the zero-filled space ahead of the
+/// data).
+const INTACT_SEARCH_LIMIT: u64 = 64 << 20;
+const INTACT_SEARCH_ZEROS: u64 = 1 << 20;
 
 /// What to do about a bad record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +102,70 @@ impl Cursor {
         }
         let rel = usize::try_from(off - self.start).unwrap_or(usize::MAX);
         Ok(self.buf.get(rel..).unwrap_or_default())
+    }
+
+    /// Whether an intact event record (the right position, consistent
+    /// field lengths, a good checksum) starts somewhere in `from..until`
+    /// (searched up to [`INTACT_SEARCH_LIMIT`] bytes, stopping at a run of
+    /// [`INTACT_SEARCH_ZEROS`] zero bytes). A bad frame followed by one is
+    /// damage to acknowledged data, not a torn last write: in a torn write
+    /// nothing intact follows the first bad frame within its claimed
+    /// length, as its own bytes fill that range.
+    fn intact_event_in(&mut self, from: u64, until: u64, positions: [u64; 2]) -> Result<bool, LogError> {
+        let until = until.min(self.len).min(from.saturating_add(INTACT_SEARCH_LIMIT));
+        let file_len = self.len;
+        let mut p = from;
+        let mut zeros = 0u64;
+        while p + MIN_RECORD_LEN as u64 <= until {
+            let candidate = {
+                let chunk = self.at(p, MIN_RECORD_LEN)?;
+                let mut found = None;
+                let mut i = 0usize;
+                while i + MIN_RECORD_LEN <= chunk.len() && p + (i as u64) + MIN_RECORD_LEN as u64 <= until {
+                    let b = chunk.get(i..).unwrap_or_default();
+                    // (A record's length may well start with a zero byte:
+                    // zeros are counted, not skipped.)
+                    if b.first().copied().unwrap_or(0) == 0 {
+                        zeros += 1;
+                        if zeros >= INTACT_SEARCH_ZEROS {
+                            return Ok(false);
+                        }
+                    } else {
+                        zeros = 0;
+                    }
+                    let len = format::u32_at(b, 0) as u64;
+                    let lengths = format::u16_at(b, 10) as u64
+                        + format::u16_at(b, 12) as u64
+                        + format::u32_at(b, 56) as u64
+                        + format::u32_at(b, 60) as u64
+                        + format::u32_at(b, 64) as u64;
+                    if b.get(8).copied() == Some(KIND_EVENT)
+                        && positions.contains(&format::u64_at(b, 16))
+                        && len == MIN_RECORD_LEN as u64 + lengths
+                        && p + i as u64 + len <= file_len
+                    {
+                        found = Some((p + i as u64, len));
+                        break;
+                    }
+                    i += 1;
+                }
+                match found {
+                    Some(c) => Ok(c),
+                    None => Err(p + (i.max(1) as u64)),
+                }
+            };
+            match candidate {
+                Ok((at, len)) => {
+                    let frame = self.at(at, usize::try_from(len).unwrap_or(usize::MAX))?;
+                    if format::decode(frame).is_ok() {
+                        return Ok(true);
+                    }
+                    p = at + 1;
+                }
+                Err(next) => p = next,
+            }
+        }
+        Ok(false)
     }
 
     fn all_zero(&mut self, from: u64) -> Result<bool, LogError> {
@@ -289,7 +359,14 @@ pub(crate) fn scan(
             } else {
                 (off + 4).min(len)
             };
-            let torn = is_last && (seg, off) >= start.durable && cur.all_zero(end)?;
+            // ... and nothing intact follows inside the range it claims (a
+            // damaged length field of an acknowledged record claims past the
+            // records after it, into the zero-filled space ahead).
+            let np = out.tail.next_position;
+            let torn = is_last
+                && (seg, off) >= start.durable
+                && cur.all_zero(end)?
+                && !cur.intact_event_in(off + MIN_RECORD_LEN as u64, end, [np, np + 1])?;
             let bad = BadRecord {
                 segment: seg,
                 offset: off,

@@ -100,7 +100,6 @@ async fn crash_at_rollover_keeps_part_of_a_transaction() {
 /// segment (no checkpoint, e.g. after a crash) is taken for a torn tail: open
 /// silently truncates every acknowledged record after it.
 #[tokio::test]
-#[ignore = "known bug: an over-long length field mid-segment is taken for a torn tail"]
 async fn corrupt_length_mid_segment_silently_drops_acknowledged_records() {
     let dir = tempfile::tempdir().unwrap();
     {
@@ -127,6 +126,30 @@ async fn corrupt_length_mid_segment_silently_drops_acknowledged_records() {
             );
         }
     }
+}
+
+/// The same with a small over-claim near the end of the data: a flipped
+/// bit makes the length of an acknowledged record reach just past the last
+/// records into the zero-filled space; the records it covers are intact,
+/// so this is damage, not a torn write.
+#[tokio::test]
+async fn a_small_over_claim_near_the_end_is_corruption_not_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = LogStore::open(dir.path()).unwrap();
+        for i in 0..100 {
+            store.append(&stream("s-1"), ExpectedVersion::Any, vec![ev(i)]).await.unwrap();
+        }
+        store.close().unwrap();
+    }
+    std::fs::remove_file(dir.path().join("index.bin")).unwrap();
+    let path = seg(dir.path(), 0);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let offs = record_offsets(&bytes);
+    bytes[offs[95] as usize + 1] ^= 0x10; // +4096 bytes: past the last four records
+    std::fs::write(&path, &bytes).unwrap();
+    let err = LogStore::open(dir.path()).expect_err("opened by dropping acknowledged records");
+    assert!(matches!(err, annals_log::LogError::Corrupt { position: Some(95), .. }), "{err}");
 }
 
 /// One damaged record in kv.log silently and permanently drops every later
