@@ -96,11 +96,10 @@ async fn crash_at_rollover_keeps_part_of_a_transaction() {
     );
 }
 
-/// A flipped bit in the length field of an acknowledged record in the last
-/// segment (no checkpoint, e.g. after a crash) is taken for a torn tail: open
-/// silently truncates every acknowledged record after it.
-#[tokio::test]
-async fn corrupt_length_mid_segment_silently_drops_acknowledged_records() {
+/// A closed store of 100 single-event appends whose checkpoint (index.bin)
+/// is gone, as after a crash: its directory, its one segment's path, bytes
+/// and record offsets.
+async fn hundred_events_without_a_checkpoint() -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>, Vec<u64>) {
     let dir = tempfile::tempdir().unwrap();
     {
         let store = LogStore::open(dir.path()).unwrap();
@@ -111,13 +110,22 @@ async fn corrupt_length_mid_segment_silently_drops_acknowledged_records() {
     }
     std::fs::remove_file(dir.path().join("index.bin")).unwrap();
     let path = seg(dir.path(), 0);
-    let mut bytes = std::fs::read(&path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
     let offs = record_offsets(&bytes);
+    (dir, path, bytes, offs)
+}
+
+/// A flipped bit in the length field of an acknowledged record in the last
+/// segment (no checkpoint, e.g. after a crash) is taken for a torn tail: open
+/// silently truncates every acknowledged record after it.
+#[tokio::test]
+async fn corrupt_length_mid_segment_silently_drops_acknowledged_records() {
+    let (dir, path, mut bytes, offs) = hundred_events_without_a_checkpoint().await;
     bytes[offs[50] as usize + 3] ^= 0x40; // high byte of `len`
     std::fs::write(&path, &bytes).unwrap();
     let r = LogStore::open(dir.path());
     match r {
-        Err(e) => println!("refused as expected: {e}"),
+        Err(e) => assert!(matches!(e, annals_log::LogError::Corrupt { position: Some(50), .. }), "{e}"),
         Ok(store) => {
             let n = store.read_all(ReadAll::forward(1000)).await.unwrap().events.len();
             panic!(
@@ -134,22 +142,27 @@ async fn corrupt_length_mid_segment_silently_drops_acknowledged_records() {
 /// so this is damage, not a torn write.
 #[tokio::test]
 async fn a_small_over_claim_near_the_end_is_corruption_not_a_torn_tail() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let store = LogStore::open(dir.path()).unwrap();
-        for i in 0..100 {
-            store.append(&stream("s-1"), ExpectedVersion::Any, vec![ev(i)]).await.unwrap();
-        }
-        store.close().unwrap();
-    }
-    std::fs::remove_file(dir.path().join("index.bin")).unwrap();
-    let path = seg(dir.path(), 0);
-    let mut bytes = std::fs::read(&path).unwrap();
-    let offs = record_offsets(&bytes);
+    let (dir, path, mut bytes, offs) = hundred_events_without_a_checkpoint().await;
     bytes[offs[95] as usize + 1] ^= 0x10; // +4096 bytes: past the last four records
     std::fs::write(&path, &bytes).unwrap();
     let err = LogStore::open(dir.path()).expect_err("opened by dropping acknowledged records");
     assert!(matches!(err, annals_log::LogError::Corrupt { position: Some(95), .. }), "{err}");
+}
+
+/// A closed store that saved checkpoint "a" (1), "b" (1), then "a" (500):
+/// its directory, the path of its kv.log and the file's bytes.
+async fn three_checkpoint_saves() -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = LogStore::open(dir.path()).unwrap();
+        store.save_checkpoint("a", 1).await.unwrap();
+        store.save_checkpoint("b", 1).await.unwrap();
+        store.save_checkpoint("a", 500).await.unwrap();
+        store.close().unwrap();
+    }
+    let kv = dir.path().join("kv.log");
+    let bytes = std::fs::read(&kv).unwrap();
+    (dir, kv, bytes)
 }
 
 /// One damaged record in kv.log silently and permanently drops every later
@@ -157,28 +170,14 @@ async fn a_small_over_claim_near_the_end_is_corruption_not_a_torn_tail() {
 /// regresses to an older value.
 #[tokio::test]
 async fn kv_mid_file_corruption_regresses_checkpoints() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let store = LogStore::open(dir.path()).unwrap();
-        store.save_checkpoint("a", 1).await.unwrap();
-        store.save_checkpoint("b", 1).await.unwrap();
-        store.save_checkpoint("a", 500).await.unwrap();
-        store.close().unwrap();
-    }
-    let kv = dir.path().join("kv.log");
-    let mut bytes = std::fs::read(&kv).unwrap();
+    let (dir, kv, mut bytes) = three_checkpoint_saves().await;
     // Damage the second record ("b").
     let first_len = u32::from_le_bytes(bytes[0..4].try_into().unwrap()) as usize;
     bytes[first_len + 10] ^= 0x01;
     std::fs::write(&kv, &bytes).unwrap();
-    let r = LogStore::open(dir.path());
-    match r {
-        Err(e) => println!("refused: {e}"),
-        Ok(store) => {
-            let a = store.load_checkpoint("a").await.unwrap();
-            assert_eq!(a, Some(500), "checkpoint 'a' regressed to {a:?} with no error");
-        }
-    }
+    let store = LogStore::open(dir.path()).expect("the record after the damaged one is intact");
+    let a = store.load_checkpoint("a").await.unwrap();
+    assert_eq!(a, Some(500), "checkpoint 'a' regressed to {a:?} with no error");
 }
 
 /// A damaged length field in the middle of `kv.log` leaves nothing to
@@ -186,16 +185,7 @@ async fn kv_mid_file_corruption_regresses_checkpoints() {
 /// later record away.
 #[tokio::test]
 async fn kv_mid_file_damage_with_no_way_past_it_refuses_to_open() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let store = LogStore::open(dir.path()).unwrap();
-        store.save_checkpoint("a", 1).await.unwrap();
-        store.save_checkpoint("b", 1).await.unwrap();
-        store.save_checkpoint("a", 500).await.unwrap();
-        store.close().unwrap();
-    }
-    let kv = dir.path().join("kv.log");
-    let mut bytes = std::fs::read(&kv).unwrap();
+    let (dir, kv, mut bytes) = three_checkpoint_saves().await;
     let first_len = u32::from_le_bytes(bytes[0..4].try_into().unwrap()) as usize;
     bytes[first_len] ^= 0x03; // the second record's length
     std::fs::write(&kv, &bytes).unwrap();

@@ -127,6 +127,26 @@ fn assert_elsewhere((status, body): (u16, Value)) {
     assert_eq!(body["error"]["code"], "groups_elsewhere", "{body}");
 }
 
+/// Ends the server session holding the schema's lease (as a network
+/// failure or a DBA would), checking there was exactly one; returns the
+/// admin connection that did it.
+async fn end_the_lease_holders_session(schema: &str) -> tokio_postgres::Client {
+    let (admin, conn) = tokio_postgres::connect(&url(), tokio_postgres::NoTls).await.expect("admin");
+    tokio::spawn(conn);
+    let terminated = admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE application_name = $1
+               AND pid IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted)",
+            &[&format!("annals-lease {schema}")],
+        )
+        .await
+        .expect("terminate")
+        .len();
+    assert_eq!(terminated, 1, "one lease holder");
+    admin
+}
+
 /// Waits until `follower` names `leader` in its `groups_elsewhere` answers
 /// and in `/info` (it learns the leader on its next take-over attempt).
 async fn until_names_leader(follower: &TestServer, leader: &str) {
@@ -288,19 +308,7 @@ async fn a_process_that_loses_its_lease_stops_running_the_groups() {
 
     // Cut the leader's lease connection (as a network failure or a DBA
     // would): it must stop running the groups at once.
-    let (admin, conn) = tokio_postgres::connect(&url(), tokio_postgres::NoTls).await.expect("admin");
-    tokio::spawn(conn);
-    let terminated = admin
-        .query(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-             WHERE application_name = $1
-               AND pid IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted)",
-            &[&format!("annals-lease {}", schema.0)],
-        )
-        .await
-        .expect("terminate")
-        .len();
-    assert_eq!(terminated, 1, "one lease holder");
+    let admin = end_the_lease_holders_session(&schema.0).await;
     within(60, until("the first server steps down", || !first.state.leads_groups())).await;
 
     // Then exactly one process runs the groups again, with the group.
@@ -345,19 +353,7 @@ async fn a_long_poll_on_a_process_that_lost_its_lease_delivers_nothing_more() {
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let (admin, conn) = tokio_postgres::connect(&url(), tokio_postgres::NoTls).await.expect("admin");
-    tokio::spawn(conn);
-    let terminated = admin
-        .query(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-             WHERE application_name = $1
-               AND pid IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted)",
-            &[&format!("annals-lease {}", schema.0)],
-        )
-        .await
-        .expect("terminate")
-        .len();
-    assert_eq!(terminated, 1, "one lease holder");
+    let admin = end_the_lease_holders_session(&schema.0).await;
     within(60, until("the first server steps down", || !first.state.leads_groups())).await;
     within(
         60,
