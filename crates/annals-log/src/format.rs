@@ -1,4 +1,5 @@
-//! The on-disk format of segments and records (version 1). See
+//! The on-disk format of segments and records (version 2; version 1 is
+//! still read). See
 //! `docs/log-format.md` for the byte diagrams and invariants; this module is
 //! the single place that knows the byte layout.
 
@@ -6,8 +7,12 @@ use crate::error::LogError;
 
 /// Magic bytes opening every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"ANNALSEG";
-/// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest segment format version this build reads. Version 1 segments
+/// have no group-end marks: each of their records counts as a group of its
+/// own.
+pub const OLDEST_READ_VERSION: u32 = 1;
 /// Length of a segment header.
 pub const SEGMENT_HEADER_LEN: usize = 72;
 /// Length of a record header (fixed fields before the variable parts).
@@ -26,6 +31,11 @@ pub const KIND_EVENT: u8 = 1;
 pub const KIND_SOFT_DELETE: u8 = 2;
 /// A hard delete (tombstone) of a stream.
 pub const KIND_TOMBSTONE: u8 = 3;
+
+/// Record flag (format version 2): the last record of a group commit (one
+/// write and one sync). Recovery keeps a group only when its end is intact,
+/// so an atomic append is never cut in half.
+pub const FLAG_GROUP_END: u16 = 1;
 
 /// Bits of a location used for the offset inside a segment.
 const OFFSET_BITS: u32 = 40;
@@ -47,6 +57,9 @@ pub fn unpack_loc(loc: u64) -> (u64, u64) {
 /// The header at offset 0 of every segment file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SegmentHeader {
+    /// Format version of the segment's records ([`FORMAT_VERSION`] for new
+    /// segments).
+    pub version: u32,
     /// The segment's index (0-based, contiguous).
     pub index: u64,
     /// Global position of the first event the segment may hold.
@@ -56,11 +69,21 @@ pub struct SegmentHeader {
 }
 
 impl SegmentHeader {
+    /// The header of a new segment, in this build's format version.
+    pub fn new(index: u64, first_position: u64, prev_hash: Hash) -> Self {
+        SegmentHeader { version: FORMAT_VERSION, index, first_position, prev_hash }
+    }
+
+    /// Whether records of this segment carry group-end marks (version 2 on).
+    pub fn marks_groups(&self) -> bool {
+        self.version >= 2
+    }
+
     /// Encodes the header.
     pub fn encode(&self) -> [u8; SEGMENT_HEADER_LEN] {
         let mut b = [0u8; SEGMENT_HEADER_LEN];
         put(&mut b, 0, &SEGMENT_MAGIC);
-        put(&mut b, 8, &FORMAT_VERSION.to_le_bytes());
+        put(&mut b, 8, &self.version.to_le_bytes());
         put(&mut b, 12, &(SEGMENT_HEADER_LEN as u32).to_le_bytes());
         put(&mut b, 16, &self.index.to_le_bytes());
         put(&mut b, 24, &self.first_position.to_le_bytes());
@@ -83,14 +106,15 @@ impl SegmentHeader {
             return Err("segment header checksum mismatch".into());
         }
         let version = u32_at(b, 8);
-        if version != FORMAT_VERSION {
+        if !(OLDEST_READ_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(format!(
-                "segment format version {version} is not supported (this build reads {FORMAT_VERSION})"
+                "segment format version {version} is not supported (this build reads \
+                 {OLDEST_READ_VERSION} to {FORMAT_VERSION})"
             ));
         }
         let mut prev_hash = [0u8; HASH_LEN];
         prev_hash.copy_from_slice(b.get(32..64).unwrap_or(&[0u8; HASH_LEN]));
-        Ok(SegmentHeader { index: u64_at(b, 16), first_position: u64_at(b, 24), prev_hash })
+        Ok(SegmentHeader { version, index: u64_at(b, 16), first_position: u64_at(b, 24), prev_hash })
     }
 }
 
@@ -102,9 +126,15 @@ pub struct RawRecord<'a> {
     pub len: usize,
     /// Record kind (`KIND_*`).
     pub kind: u8,
+    /// Flags (`FLAG_*`; always 0 in format version 1).
+    pub flags: u16,
+    /// In a group's last record: how many event records the group holds
+    /// (0 elsewhere, and in format version 1).
+    pub group_events: u32,
     /// Content type code of the event data.
     pub content_type: u8,
-    /// Global position (events only).
+    /// Global position (events); for deletes in format version 2, the
+    /// position the next event takes (0 in version 1).
     pub position: u64,
     /// Stream version (events) or truncate-before (soft delete).
     pub version: u64,
@@ -224,13 +254,15 @@ pub fn encode_event(out: &mut Vec<u8>, prev: &Hash, f: &EventFields<'_>) -> Resu
     Ok(seal(out, start, prev))
 }
 
-/// Appends an encoded stream-delete record (soft or tombstone).
+/// Appends an encoded stream-delete record (soft or tombstone);
+/// `next_position` is the position the next event will take.
 pub fn encode_delete(
     out: &mut Vec<u8>,
     prev: &Hash,
     kind: u8,
     stream: &str,
     truncate_before: u64,
+    next_position: u64,
     recorded_at: i64,
 ) -> Result<Hash, LogError> {
     let total = MIN_RECORD_LEN + stream.len();
@@ -244,13 +276,36 @@ pub fn encode_delete(
     out.push(0);
     out.extend_from_slice(&stream_len.to_le_bytes());
     out.extend_from_slice(&[0u8; 4]);
-    out.extend_from_slice(&0u64.to_le_bytes());
+    out.extend_from_slice(&next_position.to_le_bytes());
     out.extend_from_slice(&truncate_before.to_le_bytes());
     out.extend_from_slice(&recorded_at.to_le_bytes());
     out.extend_from_slice(&[0u8; 16]);
     out.extend_from_slice(&[0u8; 16]);
     out.extend_from_slice(stream.as_bytes());
     Ok(seal(out, start, prev))
+}
+
+/// Marks the encoded record `frame` (whole, hash included) as the last of
+/// its group, which holds `group_events` event records, and seals it again:
+/// returns its new hash (`prev` is the hash of the record before it).
+pub fn mark_group_end(frame: &mut [u8], prev: &Hash, group_events: u32) -> Hash {
+    let flags = u16_at(frame, 14) | FLAG_GROUP_END;
+    put(frame, 14, &flags.to_le_bytes());
+    put(frame, 68, &group_events.to_le_bytes());
+    let hash = chain_hash(prev, hashed_body(frame));
+    let at = frame.len().saturating_sub(HASH_LEN);
+    put(frame, at, &hash);
+    let crc = crc32c::crc32c(frame.get(8..).unwrap_or_default());
+    put(frame, 4, &crc.to_le_bytes());
+    hash
+}
+
+/// The position of the first event of the group that `raw`, a group's last
+/// record, closes (the next event's position when the group holds none);
+/// `None` when its event count cannot be right.
+pub fn group_first_position(raw: &RawRecord<'_>) -> Option<u64> {
+    let after = if raw.kind == KIND_EVENT { raw.position.checked_add(1)? } else { raw.position };
+    after.checked_sub(u64::from(raw.group_events))
 }
 
 /// Appends the chained hash and fills in the CRC of the record that starts
@@ -305,6 +360,14 @@ pub fn decode(b: &[u8]) -> Result<RawRecord<'_>, DecodeError> {
         return Err(DecodeError::Invalid(format!("unknown record kind {kind}")));
     }
     let content_type = frame.get(9).copied().unwrap_or(0);
+    let flags = u16_at(frame, 14);
+    if flags & !FLAG_GROUP_END != 0 {
+        return Err(DecodeError::Invalid(format!("unknown record flags {flags:#06x}")));
+    }
+    let group_events = u32_at(frame, 68);
+    if flags & FLAG_GROUP_END == 0 && group_events != 0 {
+        return Err(DecodeError::Invalid("a group's event count outside its last record".into()));
+    }
     let stream_len = u16_at(frame, 10) as usize;
     let type_len = u16_at(frame, 12) as usize;
     let meta_len = u32_at(frame, 56) as usize;
@@ -340,6 +403,8 @@ pub fn decode(b: &[u8]) -> Result<RawRecord<'_>, DecodeError> {
     Ok(RawRecord {
         len,
         kind,
+        flags,
+        group_events,
         content_type,
         position: u64_at(frame, 16),
         version: u64_at(frame, 24),
@@ -443,6 +508,31 @@ mod tests {
     }
 
     #[test]
+    fn a_group_end_mark_reseals_the_record() {
+        let mut out = Vec::new();
+        let h1 = encode_event(&mut out, &[1; 32], &fields("s-1", b"{}")).unwrap();
+        let plain = decode(&out).unwrap();
+        assert_eq!((plain.flags, plain.group_events), (0, 0));
+        let h2 = mark_group_end(&mut out, &[1; 32], 3);
+        assert_ne!(h1, h2);
+        let r = decode(&out).unwrap();
+        assert_eq!((r.flags, r.group_events, r.hash), (FLAG_GROUP_END, 3, h2));
+        assert_eq!(chain_hash(&[1; 32], hashed_body(&out)), h2);
+        assert_eq!(group_first_position(&r), Some(5)); // positions 5, 6, 7
+        // Unknown flags, or a count without the mark, do not decode.
+        let mut bad = out.clone();
+        bad[14] |= 2;
+        let crc = crc32c::crc32c(&bad[8..]);
+        bad[4..8].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(decode(&bad), Err(DecodeError::Invalid(r)) if r.contains("flags")));
+        let mut bad = out.clone();
+        bad[14] = 0;
+        let crc = crc32c::crc32c(&bad[8..]);
+        bad[4..8].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(decode(&bad), Err(DecodeError::Invalid(r)) if r.contains("count")));
+    }
+
+    #[test]
     fn truncation_and_zeros() {
         let mut out = Vec::new();
         encode_event(&mut out, &[0; 32], &fields("s-1", b"{}")).unwrap();
@@ -453,9 +543,14 @@ mod tests {
 
     #[test]
     fn header_round_trips() {
-        let h = SegmentHeader { index: 4, first_position: 99, prev_hash: [5; 32] };
+        let h = SegmentHeader::new(4, 99, [5; 32]);
         let b = h.encode();
         assert_eq!(SegmentHeader::decode(&b).unwrap(), h);
+        let v1 = SegmentHeader { version: 1, ..h };
+        assert_eq!(SegmentHeader::decode(&v1.encode()).unwrap(), v1);
+        assert!(!v1.marks_groups() && h.marks_groups());
+        let v3 = SegmentHeader { version: 3, ..h };
+        assert!(SegmentHeader::decode(&v3.encode()).unwrap_err().contains("version 3"));
         let mut bad = b;
         bad[20] ^= 1;
         assert!(SegmentHeader::decode(&bad).is_err());

@@ -6,8 +6,8 @@ use crate::{
     core::{parse_segment_name, segment_file_name},
     error::LogError,
     format::{
-        self, DecodeError, HASH_LEN, Hash, KIND_EVENT, MIN_RECORD_LEN, RawRecord, SEGMENT_HEADER_LEN,
-        SegmentHeader, pack_loc, unpack_loc,
+        self, DecodeError, FLAG_GROUP_END, HASH_LEN, Hash, KIND_EVENT, KIND_SOFT_DELETE, KIND_TOMBSTONE,
+        MIN_RECORD_LEN, RawRecord, SEGMENT_HEADER_LEN, SegmentHeader, pack_loc, unpack_loc,
     },
     index::LogTail,
     io::{Io, IoFile, read_full},
@@ -21,6 +21,18 @@ const SCAN_CHUNK: usize = 4 << 20;
 /// data).
 const INTACT_SEARCH_LIMIT: u64 = 64 << 20;
 const INTACT_SEARCH_ZEROS: u64 = 1 << 20;
+/// See [`Cursor::rest_of_one_group`]: how far past a bad point recovery
+/// looks for intact records (a group holds at most one append, up to
+/// 64 MiB by default, plus 8 MiB of others).
+const GROUP_SEARCH_LIMIT: u64 = 256 << 20;
+
+/// An intact record found by searching past a bad point.
+struct Found {
+    at: u64,
+    len: u64,
+    /// `Some(first position of its group)` when it ends a group.
+    group_end: Option<Option<u64>>,
+}
 
 /// What to do about a bad record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +71,9 @@ pub(crate) struct Scan {
     pub bytes: u64,
     pub bad: Option<BadRecord>,
     pub truncated: Option<BadRecord>,
+    /// Records of a group were handed to `on_record` before the group
+    /// failed: whatever `on_record` built must be rebuilt after a cut.
+    pub reapply: bool,
     pub files: Vec<Arc<dyn IoFile>>,
     pub last_len: u64,
 }
@@ -168,6 +183,93 @@ impl Cursor {
         Ok(false)
     }
 
+    /// The first intact record (any kind, consistent field lengths, a good
+    /// checksum) starting in `from..until`, if any.
+    fn next_intact(&mut self, from: u64, until: u64) -> Result<Option<Found>, LogError> {
+        let until = until.min(self.len);
+        let file_len = self.len;
+        let header = MIN_RECORD_LEN as u64;
+        let mut p = from;
+        while p + header <= until {
+            let (candidate, next) = {
+                let chunk = self.at(p, MIN_RECORD_LEN)?;
+                if chunk.len() < MIN_RECORD_LEN {
+                    return Ok(None);
+                }
+                let mut i = 0usize;
+                let mut candidate = None;
+                while i + MIN_RECORD_LEN <= chunk.len() && p + i as u64 + header <= until {
+                    let b = chunk.get(i..).unwrap_or_default();
+                    if format::u32_at(b, 0) == 0 {
+                        // A length field holds a non-zero byte within its
+                        // four: skip to three bytes before the next one.
+                        match b.iter().position(|&x| x != 0) {
+                            Some(nz) => i += nz.saturating_sub(3).max(1),
+                            None => i = chunk.len(),
+                        }
+                        continue;
+                    }
+                    let len = u64::from(format::u32_at(b, 0));
+                    let lengths = u64::from(format::u16_at(b, 10))
+                        + u64::from(format::u16_at(b, 12))
+                        + u64::from(format::u32_at(b, 56))
+                        + u64::from(format::u32_at(b, 60))
+                        + u64::from(format::u32_at(b, 64));
+                    let kind = b.get(8).copied().unwrap_or(0);
+                    if matches!(kind, KIND_EVENT | KIND_SOFT_DELETE | KIND_TOMBSTONE)
+                        && len == header + lengths
+                        && p + i as u64 + len <= file_len
+                    {
+                        candidate = Some((p + i as u64, len));
+                        break;
+                    }
+                    i += 1;
+                }
+                (candidate, p + i.max(1) as u64)
+            };
+            match candidate {
+                Some((at, len)) => {
+                    let frame = self.at(at, usize::try_from(len).unwrap_or(usize::MAX))?;
+                    if let Ok(raw) = format::decode(frame.get(..len as usize).unwrap_or_default()) {
+                        let group_end =
+                            (raw.flags & FLAG_GROUP_END != 0).then(|| format::group_first_position(&raw));
+                        return Ok(Some(Found { at, len, group_end }));
+                    }
+                    p = at + 1;
+                }
+                None => p = next,
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether the bad bytes at `from` and everything after them can be
+    /// the rest of one group that was being written when the machine
+    /// stopped, the group whose first event has `group_position`. Its pages
+    /// reach the disk in any order, so some of its later records may be
+    /// intact after a hole; but nothing intact may follow the group's end
+    /// mark (a later group is only written after this one was synced, so
+    /// finding one means this group was acknowledged: the bad bytes are
+    /// damage), and a found end mark must close this group, not a later one.
+    fn rest_of_one_group(&mut self, from: u64, group_position: u64) -> Result<bool, LogError> {
+        let until = from.saturating_add(GROUP_SEARCH_LIMIT);
+        let mut q = from + 1;
+        let mut ended = false;
+        while let Some(found) = self.next_intact(q, until)? {
+            if ended {
+                return Ok(false);
+            }
+            if let Some(first) = found.group_end {
+                if first != Some(group_position) {
+                    return Ok(false);
+                }
+                ended = true;
+            }
+            q = found.at + found.len;
+        }
+        Ok(until >= self.len || self.all_zero(until)?)
+    }
+
     fn all_zero(&mut self, from: u64) -> Result<bool, LogError> {
         let mut off = from;
         while off < self.len {
@@ -203,8 +305,94 @@ impl Start {
     }
 }
 
-/// Walks the log from `start`, calling `on_record` for every good record,
-/// and handles the first bad one according to `mode`.
+/// A record of a group whose end has not been walked yet: applied (handed
+/// to `on_record`) only once the group's end mark is found intact.
+struct Held {
+    segment: u64,
+    offset: u64,
+    len: usize,
+    kind: u8,
+    content_type: u8,
+    position: u64,
+    version: u64,
+    recorded_at: i64,
+    id: [u8; 16],
+    stream: String,
+    event_type: String,
+    correlation: String,
+    hash: Hash,
+}
+
+impl Held {
+    fn new(segment: u64, offset: u64, raw: &RawRecord<'_>) -> Self {
+        Held {
+            segment,
+            offset,
+            len: raw.len,
+            kind: raw.kind,
+            content_type: raw.content_type,
+            position: raw.position,
+            version: raw.version,
+            recorded_at: raw.recorded_at,
+            id: raw.id,
+            stream: raw.stream.to_owned(),
+            event_type: raw.event_type.to_owned(),
+            correlation: raw.correlation.to_owned(),
+            hash: raw.hash,
+        }
+    }
+
+    /// The record as `on_record` sees it (metadata and data not kept).
+    fn raw(&self) -> RawRecord<'_> {
+        RawRecord {
+            len: self.len,
+            kind: self.kind,
+            flags: 0,
+            group_events: 0,
+            content_type: self.content_type,
+            position: self.position,
+            version: self.version,
+            recorded_at: self.recorded_at,
+            id: self.id,
+            stream: &self.stream,
+            event_type: &self.event_type,
+            correlation: &self.correlation,
+            metadata: (0, 0),
+            data: (0, 0),
+            hash: self.hash,
+        }
+    }
+}
+
+/// The walk's state at the end of the last whole group: where a torn or
+/// unfinished group is cut back to.
+#[derive(Clone, Copy)]
+struct Mark {
+    tail: LogTail,
+    records: u64,
+    events: u64,
+    bytes: u64,
+}
+
+impl Mark {
+    fn of(out: &Scan) -> Self {
+        Mark { tail: out.tail, records: out.records, events: out.events, bytes: out.bytes }
+    }
+
+    fn restore(&self, out: &mut Scan) {
+        out.tail = self.tail;
+        out.records = self.records;
+        out.events = self.events;
+        out.bytes = self.bytes;
+    }
+
+    fn at(&self) -> (u64, u64) {
+        (self.tail.segment, self.tail.end)
+    }
+}
+
+/// Walks the log from `start`, calling `on_record` for every good record of
+/// every whole group, and handles the first bad one according to `mode`.
 pub(crate) fn scan(
     io: &dyn Io,
     dir: &Path,
@@ -224,6 +412,7 @@ pub(crate) fn scan(
         bytes: 0,
         bad: None,
         truncated: None,
+        reapply: false,
         files: Vec::new(),
         last_len: 0,
     };
@@ -231,6 +420,18 @@ pub(crate) fn scan(
     let mut seg = start.tail.segment;
     let mut from_header = start.from_header;
     let mut off = start.tail.end;
+    // The end of the last whole group, and the records walked since.
+    let mut mark = Mark::of(&out);
+    let mut held: Vec<Held> = Vec::new();
+    // Whether the current segment's records carry group-end marks.
+    let mut marks = from_header || read_header(io, dir, seg).is_none_or(|h| h.marks_groups());
+    // Whether the walk is at a known group boundary: it is at the log's
+    // start or at a checkpoint's end, but a walk from the head of a later
+    // segment may start inside a group begun in the segment before (below
+    // the checkpoint, so already durable): until the first end mark its
+    // records are taken one by one.
+    let mut seen_marks = false;
+    let mut aligned = !from_header || start.tail.next_position == 0 && start.tail.segment == 0;
     'segments: while let Some(file) = usize::try_from(seg).ok().and_then(|i| files.get(i)).cloned() {
         let is_last = Some(seg) == last_seg;
         let len = file.len()?;
@@ -268,7 +469,7 @@ pub(crate) fn scan(
                         reason,
                         torn_tail: torn,
                     };
-                    return finish_bad(io, dir, mode, &mut files, &mut out, bad, &file);
+                    return finish_bad(io, dir, mode, &mut files, &mut out, bad, mark);
                 }
             };
             let problem = if header.index != seg {
@@ -280,6 +481,8 @@ pub(crate) fn scan(
                 ))
             } else if header.prev_hash != out.tail.last_hash {
                 Some("hash chain broken at the segment boundary".to_owned())
+            } else if seen_marks && !header.marks_groups() {
+                Some(format!("segment of format version {} after a newer one", header.version))
             } else {
                 None
             };
@@ -291,11 +494,17 @@ pub(crate) fn scan(
                     reason,
                     torn_tail: false,
                 };
-                return finish_bad(io, dir, mode, &mut files, &mut out, bad, &file);
+                return finish_bad(io, dir, mode, &mut files, &mut out, bad, mark);
             }
+            marks = header.marks_groups();
+            seen_marks |= marks;
             off = SEGMENT_HEADER_LEN as u64;
             out.tail.segment = seg;
             out.tail.end = off;
+            aligned |= (seg, off) == start.durable;
+            if held.is_empty() {
+                mark = Mark::of(&out);
+            }
         }
         loop {
             let mut b = cur.at(off, MIN_RECORD_LEN)?;
@@ -307,9 +516,13 @@ pub(crate) fn scan(
                 b = cur.at(off, needed)?;
                 decoded = format::decode(b);
             }
+            let decodable = decoded.is_ok();
             let reason = match decoded {
                 Ok(raw) => {
                     let body = format::hashed_body(b.get(..raw.len).unwrap_or_default());
+                    // In a segment without marks every record is a group.
+                    let boundary = !marks || raw.flags & FLAG_GROUP_END != 0;
+                    let ends = boundary || !aligned;
                     let reason = if format::chain_hash(&out.tail.last_hash, body) != raw.hash {
                         Some("hash chain broken: record does not follow the previous one".to_owned())
                     } else if raw.kind == KIND_EVENT && raw.position != out.tail.next_position {
@@ -317,8 +530,42 @@ pub(crate) fn scan(
                             "event position {} out of sequence (expected {})",
                             raw.position, out.tail.next_position
                         ))
+                    } else if marks && raw.kind != KIND_EVENT && raw.position != out.tail.next_position {
+                        Some(format!(
+                            "delete record carries position {} (expected {})",
+                            raw.position, out.tail.next_position
+                        ))
+                    } else if marks
+                        && aligned
+                        && boundary
+                        && format::group_first_position(&raw) != Some(mark.tail.next_position)
+                    {
+                        Some(format!(
+                            "group end mark counts {} events, the group holds {}",
+                            raw.group_events,
+                            out.tail.next_position - mark.tail.next_position
+                                + u64::from(raw.kind == KIND_EVENT)
+                        ))
+                    } else if !ends {
+                        held.push(Held::new(seg, off, &raw));
+                        None
                     } else {
-                        on_record(seg, off, &raw).err()
+                        // The group is whole: hand it over, held records first.
+                        let mut failed = None;
+                        for h in held.drain(..) {
+                            if let Err(e) = on_record(h.segment, h.offset, &h.raw()) {
+                                failed = Some(e);
+                                break;
+                            }
+                        }
+                        if failed.is_some() {
+                            // Part of the group reached `on_record`: a cut
+                            // must rebuild from scratch.
+                            out.reapply = true;
+                            failed
+                        } else {
+                            on_record(seg, off, &raw).err()
+                        }
                     };
                     match reason {
                         None => {
@@ -332,6 +579,12 @@ pub(crate) fn scan(
                             if raw.kind == KIND_EVENT {
                                 out.tail.next_position += 1;
                                 out.events += 1;
+                            }
+                            if ends {
+                                mark = Mark::of(&out);
+                            }
+                            if boundary || (seg, off) == start.durable {
+                                aligned = true;
                             }
                             continue;
                         }
@@ -351,31 +604,47 @@ pub(crate) fn scan(
                 }
                 Err(e) => e.reason(),
             };
-            // Torn: the bad frame is in the last segment and nothing but
-            // zeros follows where it claims to end.
-            let claimed = u64::from(format::u32_at(cur.at(off, 4)?, 0));
-            let end = if claimed as usize >= MIN_RECORD_LEN {
-                (off + claimed).min(len)
-            } else {
-                (off + 4).min(len)
-            };
-            // ... and nothing intact follows inside the range it claims (a
-            // damaged length field of an acknowledged record claims past the
-            // records after it, into the zero-filled space ahead).
             let np = out.tail.next_position;
-            let torn = is_last
-                && (seg, off) >= start.durable
-                && cur.all_zero(end)?
-                && !cur.intact_event_in(off + MIN_RECORD_LEN as u64, end, [np, np + 1])?;
-            let bad = BadRecord {
-                segment: seg,
-                offset: off,
-                position: out.tail.next_position,
-                reason,
-                torn_tail: torn,
-            };
-            return finish_bad(io, dir, mode, &mut files, &mut out, bad, &file);
+            // A frame that decodes but fails a check (hash chain, position,
+            // group count) was written whole: never a torn write.
+            let torn = !decodable
+                && is_last
+                && mark.at() >= start.durable
+                && if marks {
+                    // The bad bytes and everything after them can be the
+                    // rest of the group being written when the machine
+                    // stopped (its pages reach the disk in any order).
+                    cur.rest_of_one_group(off, mark.tail.next_position)?
+                } else {
+                    // Format version 1: nothing but zeros follows where the
+                    // bad frame claims to end, and nothing intact starts
+                    // inside that range (a damaged length field of an
+                    // acknowledged record claims past the records after it).
+                    let claimed = u64::from(format::u32_at(cur.at(off, 4)?, 0));
+                    let end = if claimed as usize >= MIN_RECORD_LEN {
+                        (off + claimed).min(len)
+                    } else {
+                        (off + 4).min(len)
+                    };
+                    cur.all_zero(end)?
+                        && !cur.intact_event_in(off + MIN_RECORD_LEN as u64, end, [np, np + 1])?
+                };
+            let bad = BadRecord { segment: seg, offset: off, position: np, reason, torn_tail: torn };
+            return finish_bad(io, dir, mode, &mut files, &mut out, bad, mark);
         }
+    }
+    if let Some(first) = held.first() {
+        // The log ends inside a group: its end mark was never written (a
+        // crash before the group's write completed, or between the sync of
+        // a full segment and the next segment's first write).
+        let bad = BadRecord {
+            segment: first.segment,
+            offset: first.offset,
+            position: first.position,
+            reason: format!("the last group ({} records) has no end mark", held.len()),
+            torn_tail: mark.at() >= start.durable,
+        };
+        return finish_bad(io, dir, mode, &mut files, &mut out, bad, mark);
     }
     out.last_len = match files.last() {
         Some(f) => f.len()?,
@@ -385,6 +654,9 @@ pub(crate) fn scan(
     Ok(out)
 }
 
+/// Handles the first bad record: reports it (verify), refuses (corruption),
+/// or cuts the log back to `mark`, the end of the last whole group before it
+/// (a torn tail, or `repair`).
 fn finish_bad(
     io: &dyn Io,
     dir: &Path,
@@ -392,7 +664,7 @@ fn finish_bad(
     files: &mut Vec<Arc<dyn IoFile>>,
     out: &mut Scan,
     bad: BadRecord,
-    file: &Arc<dyn IoFile>,
+    mark: Mark,
 ) -> Result<Scan, LogError> {
     match mode {
         Mode::Verify => {
@@ -407,21 +679,21 @@ fn finish_bad(
                     reason: bad.reason,
                 });
             }
-            if bad.offset == 0 {
-                // The segment itself is unusable: drop it and everything after.
-                for s in (bad.segment..files.len() as u64).rev() {
-                    io.remove(&dir.join(segment_file_name(s)))?;
+            let (cut_seg, cut_off) = mark.at();
+            mark.restore(out);
+            for s in ((cut_seg + 1)..files.len() as u64).rev() {
+                io.remove(&dir.join(segment_file_name(s)))?;
+                files.pop();
+            }
+            if cut_off == 0 {
+                // The segment itself is unusable: drop it too.
+                if usize::try_from(cut_seg).is_ok_and(|i| i < files.len()) {
+                    io.remove(&dir.join(segment_file_name(cut_seg)))?;
                     files.pop();
                 }
-            } else {
-                file.set_len(bad.offset)?;
+            } else if let Some(file) = usize::try_from(cut_seg).ok().and_then(|i| files.get(i)) {
+                file.set_len(cut_off)?;
                 file.sync_all()?;
-                for s in ((bad.segment + 1)..files.len() as u64).rev() {
-                    io.remove(&dir.join(segment_file_name(s)))?;
-                    files.pop();
-                }
-                out.tail.segment = bad.segment;
-                out.tail.end = bad.offset;
             }
             if !bad.torn_tail {
                 // The checkpoint may describe records that are gone now.
@@ -437,7 +709,9 @@ fn finish_bad(
                     offset = bad.offset,
                     position = bad.position,
                     reason = %bad.reason,
-                    "annals-log: truncated a torn tail (unacknowledged partial write)"
+                    cut_segment = cut_seg,
+                    cut_offset = cut_off,
+                    "annals-log: truncated a torn tail (an unacknowledged group)"
                 );
             } else {
                 tracing::warn!(
@@ -445,7 +719,9 @@ fn finish_bad(
                     offset = bad.offset,
                     position = bad.position,
                     reason = %bad.reason,
-                    "annals-log: repair truncated the log at a corrupt record; everything after it is gone"
+                    cut_segment = cut_seg,
+                    cut_offset = cut_off,
+                    "annals-log: repair truncated the log at the group of a corrupt record; everything from there on is gone"
                 );
             }
             out.truncated = Some(bad);
@@ -463,6 +739,7 @@ fn finish_bad(
         bytes: out.bytes,
         bad: out.bad.take(),
         truncated: out.truncated.take(),
+        reapply: out.reapply,
         files: std::mem::take(&mut out.files),
         last_len: out.last_len,
     })

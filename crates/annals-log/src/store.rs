@@ -137,7 +137,7 @@ impl LogStoreBuilder {
         let mut tail = idx.tail;
         let mut filled = scan.last_len;
         if files.is_empty() {
-            let header = SegmentHeader { index: 0, first_position: 0, prev_hash: GENESIS };
+            let header = SegmentHeader::new(0, 0, GENESIS);
             let file = io.open(&dir.join(segment_file_name(0)), true)?;
             file.set_len(0)?;
             file.write_at(&header.encode(), 0)?;
@@ -162,6 +162,10 @@ impl LogStoreBuilder {
                 segment_size: self.segment_size,
                 checkpoint_every: self.checkpoint_every,
                 background_fill: self.background_fill,
+                // Appends go to segments of this build's format version only,
+                // so every group the store writes can be told whole or torn.
+                roll_first: recover::read_header(&*core.io, &dir, tail.segment)
+                    .is_some_and(|h| !h.marks_groups()),
             },
             tail,
             active,
@@ -247,6 +251,12 @@ pub(crate) fn recover_index(
         applied += 1;
         apply_raw(&mut idx, seg, off, raw)
     })?;
+    if scan.reapply && scan.truncated.is_some() {
+        // `repair` cut a group some of whose records were already applied:
+        // build the index again from what is left of the log.
+        let (idx, again, index_loaded, applied) = recover_index(io, dir, false, mode)?;
+        return Ok((idx, Scan { truncated: scan.truncated, ..again }, index_loaded, applied));
+    }
     idx.tail = scan.tail;
     Ok((idx, scan, index_loaded, applied))
 }

@@ -107,6 +107,14 @@ struct Pending {
 
 struct Group {
     chunks: Vec<Chunk>,
+    /// The last record encoded so far: its chunk, its start in the chunk's
+    /// buffer and the hash before it, to mark it as the group's end.
+    last: Option<(usize, usize, format::Hash)>,
+    /// Event records encoded so far.
+    events: u32,
+    /// Start a new segment before the first record (the active one is of an
+    /// older format version).
+    roll: bool,
     tail: LogTail,
     first_position: u64,
     ids: Vec<Uuid>,
@@ -123,6 +131,9 @@ pub(crate) struct WriterConfig {
     pub checkpoint_every: u64,
     /// Zero-fill segments ahead of the write head on a helper thread.
     pub background_fill: bool,
+    /// The active segment is of an older format version (no group-end
+    /// marks): start a new segment before the first write.
+    pub roll_first: bool,
 }
 
 /// The segment being appended to.
@@ -324,6 +335,9 @@ impl Writer {
                 buf: std::mem::take(&mut self.buf),
                 header: None,
             }],
+            last: None,
+            events: 0,
+            roll: self.cfg.roll_first,
             tail: self.tail,
             first_position: self.tail.next_position,
             ids: Vec::new(),
@@ -345,37 +359,71 @@ impl Writer {
                     return;
                 }
             };
-            for req in batch {
+            let mut requests = batch.into_iter();
+            while let Some(req) = requests.next() {
                 // One timestamp per request, never behind the previous one;
                 // it becomes the tail's only when a record is written.
                 let ts = group.tail.last_ts.max(now);
-                match req {
+                let failed: String = match req {
                     Request::Append { parts, reply } => match self.decide(&idx, &mut group, &parts) {
                         Ok(decisions) => match self.encode_append(&idx, &mut group, parts, decisions, ts) {
-                            Ok(results) => group.replies.push(Reply::Append(reply, results)),
+                            Ok(results) => {
+                                group.replies.push(Reply::Append(reply, results));
+                                continue;
+                            }
                             Err(e) => {
-                                self.core.set_poisoned(format!("encoding failed: {e}"));
+                                let failed = e.to_string();
                                 drop(reply.send(Err(e)));
+                                failed
                             }
                         },
-                        Err(e) => drop(reply.send(Err(e))),
+                        Err(e) => {
+                            drop(reply.send(Err(e)));
+                            continue;
+                        }
                     },
                     Request::Delete { stream, expected, mode, reply } => {
                         let (state, last_id) = state_of(&idx, &group, &stream);
                         match state.check_delete(&stream, expected, mode == DeleteMode::Hard) {
                             Ok(()) => {
                                 match self.encode_delete(&mut group, stream, state, last_id, mode, ts) {
-                                    Ok(()) => group.replies.push(Reply::Delete(reply)),
+                                    Ok(()) => {
+                                        group.replies.push(Reply::Delete(reply));
+                                        continue;
+                                    }
                                     Err(e) => {
-                                        self.core.set_poisoned(format!("encoding failed: {e}"));
+                                        let failed = e.to_string();
                                         drop(reply.send(Err(e.into())));
+                                        failed
                                     }
                                 }
                             }
-                            Err(e) => drop(reply.send(Err(e))),
+                            Err(e) => {
+                                drop(reply.send(Err(e)));
+                                continue;
+                            }
                         }
                     }
+                };
+                // A request that could not be encoded may have left part
+                // of its records in the group: write none of it, so no
+                // part of an atomic append lands. The writer cannot go on
+                // (its segment space is exhausted), so the store is
+                // poisoned and every request of the group fails.
+                let reason = format!("encoding failed: {failed}");
+                self.core.set_poisoned(reason.clone());
+                for r in group.replies {
+                    match r {
+                        Reply::Append(tx, _) => {
+                            drop(tx.send(Err(Error::Poisoned { reason: reason.clone() })))
+                        }
+                        Reply::Delete(tx) => drop(tx.send(Err(Error::Poisoned { reason: reason.clone() }))),
+                    }
                 }
+                for r in requests {
+                    r.fail(Error::Poisoned { reason: reason.clone() });
+                }
+                return;
             }
         }
         self.commit(group);
@@ -442,16 +490,13 @@ impl Writer {
     ) -> std::result::Result<(u64, &'g mut Chunk), LogError> {
         let len = len as u64;
         let end = group.tail.end;
-        if end + len > self.cfg.segment_size && end > SEGMENT_HEADER_LEN as u64 {
+        let roll = std::mem::take(&mut group.roll);
+        if roll || (end + len > self.cfg.segment_size && end > SEGMENT_HEADER_LEN as u64) {
             let next = group.tail.segment + 1;
             if next > MAX_SEGMENT {
                 return Err(LogError::Config { reason: "segment index space exhausted".into() });
             }
-            let header = SegmentHeader {
-                index: next,
-                first_position: group.tail.next_position,
-                prev_hash: group.tail.last_hash,
-            };
+            let header = SegmentHeader::new(next, group.tail.next_position, group.tail.last_hash);
             group.chunks.push(Chunk {
                 segment: next,
                 start: SEGMENT_HEADER_LEN as u64,
@@ -519,7 +564,10 @@ impl Writer {
                 let len = format::event_frame_len(&fields);
                 let prev = group.tail.last_hash;
                 let (loc, chunk) = self.place(group, len)?;
+                let start = chunk.buf.len();
                 let hash = format::encode_event(&mut chunk.buf, &prev, &fields)?;
+                group.last = Some((group.chunks.len() - 1, start, prev));
+                group.events += 1;
                 group.tail.last_hash = hash;
                 group.tail.last_record = Some(loc);
                 group.tail.last_ts = ts;
@@ -559,9 +607,20 @@ impl Writer {
         let truncate_before = if hard { state.truncate_before } else { state.next_version() };
         let len = format::MIN_RECORD_LEN + stream.as_str().len();
         let prev = group.tail.last_hash;
+        let next_position = group.tail.next_position;
         let (loc, chunk) = self.place(group, len)?;
+        let start = chunk.buf.len();
         let kind = if hard { KIND_TOMBSTONE } else { KIND_SOFT_DELETE };
-        let hash = format::encode_delete(&mut chunk.buf, &prev, kind, stream.as_str(), truncate_before, ts)?;
+        let hash = format::encode_delete(
+            &mut chunk.buf,
+            &prev,
+            kind,
+            stream.as_str(),
+            truncate_before,
+            next_position,
+            ts,
+        )?;
+        group.last = Some((group.chunks.len() - 1, start, prev));
         group.tail.last_hash = hash;
         group.tail.last_record = Some(loc);
         group.tail.last_ts = ts;
@@ -582,6 +641,13 @@ impl Writer {
     /// rolls the files back to the last acknowledged byte.
     fn commit(&mut self, mut group: Group) {
         let wrote_anything = group.chunks.iter().any(|c| !c.buf.is_empty() || c.header.is_some());
+        if let Some((chunk, start, prev)) = group.last
+            && let Some(frame) = group.chunks.get_mut(chunk).and_then(|c| c.buf.get_mut(start..))
+        {
+            // The group's last record says so: recovery keeps the group only
+            // when this mark is intact (see docs/log-format.md).
+            group.tail.last_hash = format::mark_group_end(frame, &prev, group.events);
+        }
         if wrote_anything && let Err(e) = self.write_group(&mut group) {
             let reason = format!("append failed: {e}");
             self.core.set_poisoned(reason.clone());
@@ -618,6 +684,7 @@ impl Writer {
                 Err(e) => self.core.set_poisoned(e.to_string()),
             }
             self.tail = group.tail;
+            self.cfg.roll_first = false;
             // Published after the events are readable (see annals_core::subscription).
             self.head.send_replace(self.tail.next_position);
         }

@@ -1,7 +1,7 @@
-//! Stores written by earlier builds must keep opening. `tests/fixtures/v1`
-//! was written by format version 1 (regenerate only for a new format
-//! version, into a new folder, with `cargo test -p annals-log --test fixtures
-//! -- --ignored write_v1_fixture`).
+//! Stores written by earlier builds must keep opening. `tests/fixtures/vN`
+//! was written by format version N (write one for a new format version, into
+//! a new folder, with `cargo test -p annals-log --test fixtures -- --ignored
+//! write_fixture`; never rewrite an old one).
 
 use std::path::{Path, PathBuf};
 
@@ -11,8 +11,8 @@ use annals_core::{
 };
 use annals_log::LogStore;
 
-fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1")
+fn fixture_dir(version: u32) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/v{version}"))
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -24,8 +24,8 @@ fn copy_dir(from: &Path, to: &Path) {
 
 #[tokio::test]
 #[ignore = "writes the fixture; run once per format version"]
-async fn write_v1_fixture() {
-    let dir = fixture_dir();
+async fn write_fixture() {
+    let dir = fixture_dir(annals_log::format::FORMAT_VERSION);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let store = LogStore::builder(&dir).segment_size(4096).open().unwrap();
@@ -61,8 +61,17 @@ async fn write_v1_fixture() {
 
 #[tokio::test]
 async fn v1_store_still_opens_and_reads() {
+    opens_and_reads(1).await;
+}
+
+#[tokio::test]
+async fn v2_store_still_opens_and_reads() {
+    opens_and_reads(2).await;
+}
+
+async fn opens_and_reads(version: u32) {
     let tmp = tempfile::tempdir().unwrap();
-    copy_dir(&fixture_dir(), tmp.path());
+    copy_dir(&fixture_dir(version), tmp.path());
     assert!(annals_log::verify(tmp.path()).unwrap().is_ok());
     let store = LogStore::builder(tmp.path()).segment_size(4096).open().unwrap();
     assert!(store.stats().index_loaded, "the v1 index checkpoint loads");
@@ -86,4 +95,21 @@ async fn v1_store_still_opens_and_reads() {
         .await
         .unwrap();
     assert_eq!(r.position, 40);
+    // A version 1 segment has no group-end marks: the first write goes to a
+    // new segment of this build's format version, and only one does.
+    let segments = store.stats().segments;
+    let last = tmp.path().join(format!("{:020}.seg", segments - 1));
+    assert_eq!(std::fs::read(&last).unwrap()[8], annals_log::format::FORMAT_VERSION as u8);
+    if version == 1 {
+        assert_eq!(std::fs::read(tmp.path().join(format!("{:020}.seg", segments - 2))).unwrap()[8], 1);
+    }
+    let more = (0..3).map(|i| EventData::json("New", &i).unwrap()).collect();
+    store.append(&StreamName::new("acct-9").unwrap(), ExpectedVersion::Exact(0), more).await.unwrap();
+    assert_eq!(store.stats().segments, segments);
+    store.close().unwrap();
+    drop(store);
+    assert!(annals_log::verify(tmp.path()).unwrap().is_ok());
+    let store = LogStore::builder(tmp.path()).segment_size(4096).open().unwrap();
+    assert_eq!(store.stats().segments, segments);
+    assert_eq!(store.read_all(ReadAll::forward(100)).await.unwrap().events.len(), 44);
 }

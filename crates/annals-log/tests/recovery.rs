@@ -454,13 +454,13 @@ async fn missing_segments_and_unknown_versions_are_refused() {
     let first = seg0(dir.path());
     let mut bytes = std::fs::read(&first).unwrap();
     let pristine = bytes.clone();
-    bytes[8] = 2;
+    bytes[8] = 3;
     let crc = crc32c::crc32c(&bytes[..68]);
     bytes[68..72].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&first, &bytes).unwrap();
     match LogStore::builder(dir.path()).verify_on_open(true).open().unwrap_err() {
         LogError::Corrupt { segment: 0, offset: 0, reason, .. } => {
-            assert!(reason.contains("version 2 is not supported"), "{reason}");
+            assert!(reason.contains("version 3 is not supported"), "{reason}");
         }
         other => panic!("expected Corrupt at segment 0, got {other:?}"),
     }

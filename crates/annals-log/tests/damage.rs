@@ -1,9 +1,8 @@
-//! Recovery bugs found by review on 2026-12-02 and not fixed yet: each
-//! test models a crash's (or a bit flip's) state on disk and fails today.
-//! They are ignored so CI stays green; run them with
-//! `cargo test -p annals-log --test known_recovery_bugs -- --ignored`.
-//! A fix removes the `ignore` of the tests it makes pass. See the closing
-//! note of that session for the analysis.
+//! Recovery from states on disk that a crash (or a bit flip) leaves behind,
+//! modelled byte by byte: torn groups must vanish whole, damage to
+//! acknowledged records must be refused, never truncated away. Most of them
+//! were found by review on 2026-12-02 and failed until group-end marks
+//! (format version 2).
 #![allow(clippy::unwrap_used, missing_docs)]
 use std::path::Path;
 
@@ -39,8 +38,7 @@ fn record_offsets(bytes: &[u8]) -> Vec<u64> {
 /// A crash that tears a multi-event append (one `write` of the group) keeps a
 /// prefix of it: the append was never acknowledged, yet half of it survives.
 #[tokio::test]
-#[ignore = "known bug: recovery cuts a torn group per record, keeping part of an atomic append"]
-async fn torn_group_write_keeps_half_of_an_atomic_append() {
+async fn a_torn_group_write_vanishes_whole() {
     let dir = tempfile::tempdir().unwrap();
     {
         let store = LogStore::open(dir.path()).unwrap();
@@ -68,8 +66,7 @@ async fn torn_group_write_keeps_half_of_an_atomic_append() {
 /// segment (holding the first part of the group) before the next segment
 /// exists. A crash right there recovers part of a multi-stream transaction.
 #[tokio::test]
-#[ignore = "known bug: rollover fsyncs the first part of an unacknowledged group"]
-async fn crash_at_rollover_keeps_part_of_a_transaction() {
+async fn a_crash_at_rollover_keeps_no_part_of_a_transaction() {
     let dir = tempfile::tempdir().unwrap();
     let segs;
     {
@@ -198,8 +195,7 @@ async fn kv_mid_file_damage_with_no_way_past_it_refuses_to_open() {
 /// unacknowledged group can be on disk while an earlier one is not. Open
 /// then refuses (Corrupt) instead of truncating the unacknowledged tail.
 #[tokio::test]
-#[ignore = "known bug: a hole in an unacknowledged group is refused as Corrupt"]
-async fn torn_group_with_a_hole_refuses_to_open() {
+async fn a_hole_in_an_unacknowledged_group_is_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
     {
         let store = LogStore::open(dir.path()).unwrap();
@@ -215,6 +211,120 @@ async fn torn_group_with_a_hole_refuses_to_open() {
         *b = 0;
     }
     std::fs::write(seg(dir.path(), 0), &bytes).unwrap();
-    let r = LogStore::open(dir.path());
-    assert!(r.is_ok(), "open refused a torn unacknowledged tail: {:?}", r.err());
+    let store = LogStore::open(dir.path()).expect("open refused a torn unacknowledged tail");
+    let all = store.read_all(ReadAll::forward(100)).await.unwrap().events;
+    assert_eq!(all.len(), 1, "only the acknowledged first append survives");
+    assert_eq!(all[0].stream.as_str(), "ok-1");
+    assert!(store.stats().truncated_on_open.is_some_and(|b| b.torn_tail));
+    // The retry of the lost append writes it whole.
+    store.append(&stream("acct-1"), ExpectedVersion::NoStream, (0..10).map(ev).collect()).await.unwrap();
+    assert_eq!(store.read_stream(&stream("acct-1"), ReadStream::forward()).await.unwrap().len(), 10);
+    store.close().unwrap();
+    assert!(annals_log::verify(dir.path()).unwrap().is_ok());
+}
+
+/// A closed store holding one append of ten events (records 0..=9) and,
+/// after it, one append of each size in `later`, without its checkpoint:
+/// its directory, its one segment's path, bytes and record offsets.
+async fn a_group_then(later: &[u64]) -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>, Vec<u64>) {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = LogStore::open(dir.path()).unwrap();
+        store.append(&stream("acct-1"), ExpectedVersion::NoStream, (0..10).map(ev).collect()).await.unwrap();
+        for &n in later {
+            store.append(&stream("s-1"), ExpectedVersion::Any, (0..n).map(ev).collect()).await.unwrap();
+        }
+        store.close().unwrap();
+    }
+    std::fs::remove_file(dir.path().join("index.bin")).unwrap();
+    let path = seg(dir.path(), 0);
+    let bytes = std::fs::read(&path).unwrap();
+    let offs = record_offsets(&bytes);
+    (dir, path, bytes, offs)
+}
+
+/// A hole in an acknowledged group with a later group after it is damage:
+/// the later group was only written after this one was synced. (Both with
+/// a later group of one event, whose end mark closes another group, and of
+/// three, whose first record follows this group's end mark.)
+#[tokio::test]
+async fn a_hole_in_a_group_followed_by_a_later_one_is_corruption() {
+    for later in [1, 3] {
+        let (dir, path, mut bytes, offs) = a_group_then(&[later]).await;
+        bytes[offs[3] as usize..offs[7] as usize].fill(0);
+        std::fs::write(&path, &bytes).unwrap();
+        let err = LogStore::open(dir.path()).expect_err("opened by dropping two acknowledged appends");
+        assert!(matches!(err, annals_log::LogError::Corrupt { position: Some(3), .. }), "{later}: {err}");
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "the segment was changed");
+    }
+    // Also when the later group's own end mark is damaged: its first record
+    // follows this group's intact end mark.
+    let (dir, path, mut bytes, offs) = a_group_then(&[3]).await;
+    bytes[offs[3] as usize..offs[7] as usize].fill(0);
+    bytes[offs[12] as usize + 90] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = LogStore::open(dir.path()).expect_err("opened by dropping two acknowledged appends");
+    assert!(matches!(err, annals_log::LogError::Corrupt { position: Some(3), .. }), "{err}");
+}
+
+/// Damage to the last record of an acknowledged group (its end mark) with a
+/// single-event group after it: the mark found after the damage closes a
+/// later group, so the damaged one was synced.
+#[tokio::test]
+async fn a_damaged_end_mark_followed_by_a_later_group_is_corruption() {
+    let (dir, path, mut bytes, offs) = a_group_then(&[1]).await;
+    bytes[offs[9] as usize + 90] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = LogStore::open(dir.path()).expect_err("opened by dropping two acknowledged appends");
+    assert!(matches!(err, annals_log::LogError::Corrupt { position: Some(9), .. }), "{err}");
+}
+
+/// The same damage to the last group of the log, nothing after it: that is
+/// what a torn write of the group looks like, and it goes whole.
+#[tokio::test]
+async fn a_damaged_last_group_goes_whole() {
+    let (dir, path, mut bytes, offs) = a_group_then(&[]).await;
+    bytes[offs[4] as usize + 90] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let store = LogStore::open(dir.path()).unwrap();
+    assert_eq!(store.read_all(ReadAll::forward(100)).await.unwrap().events.len(), 0);
+    assert_eq!(store.stats().truncated_on_open.map(|b| (b.position, b.torn_tail)), Some((4, true)));
+}
+
+/// A group written across a rollover whose end never reached the new
+/// segment: the old segment is cut back to the group's start and the new
+/// one removed.
+#[tokio::test]
+async fn a_group_cut_short_in_the_next_segment_is_removed_from_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let (before, segs);
+    {
+        let store = LogStore::builder(dir.path()).segment_size(4096).open().unwrap();
+        for i in 0..20 {
+            store.append(&stream("fill-1"), ExpectedVersion::Any, vec![ev(i)]).await.unwrap();
+        }
+        before = store.stats().segments;
+        store.append(&stream("tx-1"), ExpectedVersion::NoStream, (0..40).map(ev).collect()).await.unwrap();
+        segs = store.stats().segments;
+        store.close().unwrap();
+    }
+    assert!(segs > before);
+    std::fs::remove_file(dir.path().join("index.bin")).unwrap();
+    // The group's last record (its end mark) never landed.
+    let last = seg(dir.path(), segs as u64 - 1);
+    let mut bytes = std::fs::read(&last).unwrap();
+    let offs = record_offsets(&bytes);
+    let end = offs.last().copied().unwrap() as usize;
+    bytes[end..].fill(0);
+    std::fs::write(&last, &bytes).unwrap();
+    let store = LogStore::builder(dir.path()).segment_size(4096).open().unwrap();
+    let all = store.read_all(ReadAll::forward(1000)).await.unwrap().events;
+    assert_eq!(all.len(), 20, "only the twenty acknowledged fill events survive");
+    assert!(all.iter().all(|e| e.stream.as_str() == "fill-1"));
+    assert_eq!(store.stats().segments, before, "the segments the group reached are gone");
+    store.append(&stream("tx-1"), ExpectedVersion::NoStream, (0..40).map(ev).collect()).await.unwrap();
+    store.close().unwrap();
+    assert!(annals_log::verify(dir.path()).unwrap().is_ok());
+    let store = LogStore::builder(dir.path()).segment_size(4096).open().unwrap();
+    assert_eq!(store.read_stream(&stream("tx-1"), ReadStream::forward()).await.unwrap().len(), 40);
 }
