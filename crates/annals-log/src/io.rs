@@ -185,11 +185,15 @@ struct FaultShared {
     counters: Arc<Counters>,
 }
 
+/// What [`FaultIo::before_every_sync`] installs.
+type SyncHook = Arc<dyn Fn() + Send + Sync>;
+
 struct Counters {
     writes: AtomicU64,
     syncs: AtomicU64,
     fail_write_at: AtomicU64,
     fail_sync_at: AtomicU64,
+    before_sync: Mutex<Option<SyncHook>>,
 }
 
 impl Default for Counters {
@@ -199,6 +203,7 @@ impl Default for Counters {
             syncs: AtomicU64::new(0),
             fail_write_at: AtomicU64::new(u64::MAX),
             fail_sync_at: AtomicU64::new(u64::MAX),
+            before_sync: Mutex::new(None),
         }
     }
 }
@@ -258,6 +263,19 @@ impl FaultIo {
         self.shared.counters.fail_sync_at.store(self.syncs() + n, Ordering::SeqCst);
     }
 
+    /// Calls `hook` with this file system at the start of every sync, before
+    /// the file's bytes become durable: the moment a write is surely on its
+    /// way to the disk, where tests take [`FaultIo::crash_torn`] snapshots.
+    pub fn before_every_sync(&self, hook: impl Fn(&FaultIo) + Send + Sync + 'static) {
+        let shared = Arc::downgrade(&self.shared);
+        let hook: SyncHook = Arc::new(move || {
+            if let Some(shared) = shared.upgrade() {
+                hook(&FaultIo { shared });
+            }
+        });
+        *lock(&self.shared.counters.before_sync) = Some(hook);
+    }
+
     /// Disarms pending failures.
     pub fn heal(&self) {
         self.shared.counters.fail_write_at.store(u64::MAX, Ordering::SeqCst);
@@ -276,6 +294,57 @@ impl FaultIo {
                 path.clone(),
                 Arc::new(MemFile {
                     data: Mutex::new(MemData { live: durable.clone(), durable }),
+                    counters: next.shared.counters.clone(),
+                }),
+            );
+        }
+        drop(new_files);
+        next
+    }
+
+    /// Like [`FaultIo::crash`], but as a disk that flushes unsynced writes
+    /// in any order would leave things: each 512-byte sector where the
+    /// written bytes differ from the durable ones keeps either (chosen by a
+    /// generator seeded with `seed`), so an unsynced write can survive with
+    /// holes. A file grows only as far as its last kept sector.
+    pub fn crash_torn(&self, seed: u64) -> FaultIo {
+        const SECTOR: usize = 512;
+        let mut state = seed | 1;
+        let mut coin = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state & 1 == 1
+        };
+        let next = FaultIo::new();
+        let files = lock(&self.shared.files);
+        let mut new_files = lock(&next.shared.files);
+        let mut paths: Vec<&PathBuf> = files.keys().collect();
+        paths.sort();
+        for path in paths {
+            let Some(file) = files.get(path) else { continue };
+            let d = lock(&file.data);
+            let mut bytes = d.durable.clone();
+            let mut len = d.durable.len();
+            for start in (0..d.live.len()).step_by(SECTOR) {
+                let end = (start + SECTOR).min(d.live.len());
+                let live = d.live.get(start..end).unwrap_or_default();
+                let old = d.durable.get(start..end.min(d.durable.len())).unwrap_or_default();
+                if live != old && coin() {
+                    if bytes.len() < end {
+                        bytes.resize(end, 0);
+                    }
+                    if let Some(dst) = bytes.get_mut(start..end) {
+                        dst.copy_from_slice(live);
+                    }
+                    len = len.max(end);
+                }
+            }
+            bytes.truncate(len);
+            new_files.insert(
+                path.clone(),
+                Arc::new(MemFile {
+                    data: Mutex::new(MemData { live: bytes.clone(), durable: bytes }),
                     counters: next.shared.counters.clone(),
                 }),
             );
@@ -331,6 +400,10 @@ impl IoFile for MemFile {
     }
 
     fn sync_data(&self) -> io::Result<()> {
+        let hook = lock(&self.counters.before_sync).clone();
+        if let Some(hook) = hook {
+            hook();
+        }
         let k = self.counters.syncs.fetch_add(1, Ordering::SeqCst) + 1;
         if k == self.counters.fail_sync_at.load(Ordering::SeqCst) {
             return Err(injected("fsync"));
