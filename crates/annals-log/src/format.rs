@@ -203,6 +203,9 @@ pub struct EventFields<'a> {
     pub metadata: &'a [u8],
     /// Data bytes.
     pub data: &'a [u8],
+    /// `Some(event records in the group)` when this record ends its group
+    /// (see [`mark_group_end`], which marks an encoded record afterwards).
+    pub group_end: Option<u32>,
 }
 
 /// Length of the frame an event record would take.
@@ -237,7 +240,8 @@ pub fn encode_event(out: &mut Vec<u8>, prev: &Hash, f: &EventFields<'_>) -> Resu
     out.push(f.content_type);
     out.extend_from_slice(&stream_len.to_le_bytes());
     out.extend_from_slice(&type_len.to_le_bytes());
-    out.extend_from_slice(&[0u8; 2]);
+    let flags = if f.group_end.is_some() { FLAG_GROUP_END } else { 0 };
+    out.extend_from_slice(&flags.to_le_bytes());
     out.extend_from_slice(&f.position.to_le_bytes());
     out.extend_from_slice(&f.version.to_le_bytes());
     out.extend_from_slice(&f.recorded_at.to_le_bytes());
@@ -245,7 +249,7 @@ pub fn encode_event(out: &mut Vec<u8>, prev: &Hash, f: &EventFields<'_>) -> Resu
     out.extend_from_slice(&meta_len.to_le_bytes());
     out.extend_from_slice(&data_len.to_le_bytes());
     out.extend_from_slice(&corr_len.to_le_bytes());
-    out.extend_from_slice(&[0u8; 4]);
+    out.extend_from_slice(&f.group_end.unwrap_or(0).to_le_bytes());
     out.extend_from_slice(f.stream.as_bytes());
     out.extend_from_slice(f.event_type.as_bytes());
     out.extend_from_slice(f.correlation.as_bytes());
@@ -477,6 +481,7 @@ mod tests {
             correlation: "c-1",
             metadata: b"{\"correlation_id\":\"c-1\"}",
             data,
+            group_end: None,
         }
     }
 
@@ -519,6 +524,11 @@ mod tests {
         assert_eq!((r.flags, r.group_events, r.hash), (FLAG_GROUP_END, 3, h2));
         assert_eq!(chain_hash(&[1; 32], hashed_body(&out)), h2);
         assert_eq!(group_first_position(&r), Some(5)); // positions 5, 6, 7
+        // Marked while encoding: the same bytes.
+        let mut direct = Vec::new();
+        encode_event(&mut direct, &[1; 32], &EventFields { group_end: Some(3), ..fields("s-1", b"{}") })
+            .unwrap();
+        assert_eq!(direct, out);
         // Unknown flags, or a count without the mark, do not decode.
         let mut bad = out.clone();
         bad[14] |= 2;

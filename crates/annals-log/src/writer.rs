@@ -115,6 +115,9 @@ struct Group {
     /// Start a new segment before the first record (the active one is of an
     /// older format version).
     roll: bool,
+    /// The request being encoded is the group's last: its last event is
+    /// encoded with the group-end mark (saving `commit` a second hash of it).
+    closing: bool,
     tail: LogTail,
     first_position: u64,
     ids: Vec<Uuid>,
@@ -338,6 +341,7 @@ impl Writer {
             last: None,
             events: 0,
             roll: self.cfg.roll_first,
+            closing: false,
             tail: self.tail,
             first_position: self.tail.next_position,
             ids: Vec::new(),
@@ -361,6 +365,7 @@ impl Writer {
             };
             let mut requests = batch.into_iter();
             while let Some(req) = requests.next() {
+                group.closing = requests.len() == 0;
                 // One timestamp per request, never behind the previous one;
                 // it becomes the tail's only when a record is written.
                 let ts = group.tail.last_ts.max(now);
@@ -525,7 +530,13 @@ impl Writer {
         ts: i64,
     ) -> Result<Vec<AppendResult>> {
         let mut results = Vec::with_capacity(parts.len());
-        for (part, decision) in parts.into_iter().zip(decisions) {
+        // The part whose last event ends the group, if this request closes it.
+        let closing_part = if group.closing {
+            decisions.iter().rposition(|d| matches!(d, AppendDecision::Write { .. }))
+        } else {
+            None
+        };
+        for (i, (part, decision)) in parts.into_iter().zip(decisions).enumerate() {
             let first_version = match decision {
                 AppendDecision::AlreadyWritten(r) => {
                     results.push(r);
@@ -545,8 +556,10 @@ impl Writer {
             };
             let mut version = first_version;
             let mut position = group.tail.next_position;
-            for event in part.events {
+            let count = part.events.len();
+            for (j, event) in part.events.into_iter().enumerate() {
                 position = group.tail.next_position;
+                let ends_group = closing_part == Some(i) && j + 1 == count;
                 let EventData { id, event_type, data, content_type, metadata } = event;
                 let correlation = metadata.correlation_id();
                 let fields = EventFields {
@@ -560,13 +573,15 @@ impl Writer {
                     correlation: correlation.as_deref().unwrap_or(""),
                     metadata: metadata.as_bytes(),
                     data: &data,
+                    group_end: ends_group.then_some(group.events + 1),
                 };
                 let len = format::event_frame_len(&fields);
                 let prev = group.tail.last_hash;
                 let (loc, chunk) = self.place(group, len)?;
                 let start = chunk.buf.len();
                 let hash = format::encode_event(&mut chunk.buf, &prev, &fields)?;
-                group.last = Some((group.chunks.len() - 1, start, prev));
+                // Marked already when it ends the group: nothing for `commit` to do.
+                group.last = (!ends_group).then(|| (group.chunks.len() - 1, start, prev));
                 group.events += 1;
                 group.tail.last_hash = hash;
                 group.tail.last_record = Some(loc);
