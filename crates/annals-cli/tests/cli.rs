@@ -720,3 +720,181 @@ fn ctrl_c_ends_a_local_tail_with_the_log_closed_cleanly() {
     let report = stdout_json(&Command::new(BIN).args(["verify", d, "--json"]).output().unwrap());
     assert_eq!((report["ok"].as_bool(), report["events"].as_u64()), (Some(true), Some(2)));
 }
+
+/// A server over `store` on `listener`, on its own runtime thread, that a
+/// test can stop (gracefully: live clients are told `shutdown`) and start
+/// again on the same address, as an operator restarts one.
+struct StoppableServer {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StoppableServer {
+    fn start(store: Arc<dyn annals_core::Store>, listener: std::net::TcpListener) -> Self {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        listener.set_nonblocking(true).unwrap();
+        let thread = std::thread::spawn(move || {
+            let rt =
+                tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let mut config = ServerConfig::default();
+                config.auth.anonymous = Some(Role::Admin);
+                let state = AppState::with_backend(store, config, "memory").unwrap();
+                annals_server::run(listener, state, async move {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+            });
+        });
+        StoppableServer { stop: Some(stop), thread: Some(thread) }
+    }
+
+    /// Stops it and waits until it has drained and closed its listener.
+    fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap();
+        }
+    }
+}
+
+/// Waits until the server at `url` has `n` SSE subscribers.
+fn wait_for_sse_subscribers(url: &str, n: u64) {
+    for _ in 0..200 {
+        let stats: Value = serde_json::from_str(&http_get(&format!("{url}/stats"))).unwrap();
+        if stats["subscribers"]["sse"].as_u64() == Some(n) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("the server at {url} never had {n} SSE subscriber(s)");
+}
+
+/// Appends one event straight to `store` (no server involved).
+fn append_to(store: &Arc<dyn annals_core::Store>, stream: &str, event_type: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let stream = annals_core::StreamName::new(stream).unwrap();
+        let event = annals_core::EventData::json(event_type, &serde_json::json!({})).unwrap();
+        annals_core::Appender::append(&**store, &stream, annals_core::ExpectedVersion::Any, vec![event])
+            .await
+            .unwrap();
+    });
+}
+
+/// The `type` of each JSON line `tail --json` printed.
+fn tailed_types(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["type"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// Waits up to `limit` for `child`; kills it when it is still running and
+/// returns what it printed either way (`None` status: it had to be killed).
+fn wait_or_kill(mut child: std::process::Child, limit: Duration) -> (Option<i32>, Output) {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if child.try_wait().unwrap().is_some() {
+            let out = child.wait_with_output().unwrap();
+            return (out.status.code(), out);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    (None, child.wait_with_output().unwrap())
+}
+
+fn spawn_tail(url: &str, args: &[&str]) -> std::process::Child {
+    Command::new(BIN)
+        .arg("tail")
+        .args(args)
+        .env("ANNALS_URL", url)
+        .env_remove("ANNALS_TOKEN")
+        .env_remove("ANNALS_API_KEY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// `tail --from end` means "from where the log ended when the tail
+/// started": an event appended while the tail is between connections (the
+/// server said `shutdown`, and nothing had been delivered yet) must still
+/// be shown after the reconnect, not skipped by asking for "end" again.
+#[test]
+fn tail_from_end_keeps_events_appended_while_it_reconnects() {
+    for (target, args) in
+        [("$all", ["$all", "--count", "2", "--json"]), ("t-9", ["t-9", "--count", "2", "--json"])]
+    {
+        let store: Arc<dyn annals_core::Store> = Arc::new(annals_core::MemoryStore::new());
+        append_to(&store, "t-9", "Before");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let url = format!("http://{addr}");
+        let first = StoppableServer::start(store.clone(), listener);
+        let tail = spawn_tail(&url, &args);
+        wait_for_sse_subscribers(&url, 1);
+        first.stop();
+        // The tail was told `shutdown` and waits before reconnecting; this
+        // event lands after it started, so it is the tail's to show.
+        append_to(&store, "t-9", "During");
+        let second = StoppableServer::start(store.clone(), std::net::TcpListener::bind(addr).unwrap());
+        wait_for_sse_subscribers(&url, 1);
+        assert!(annals(&url, &["append", "t-9", "--type", "After"]).status.success());
+        let (code, out) = wait_or_kill(tail, Duration::from_secs(10));
+        second.stop();
+        assert_eq!(
+            (code, tailed_types(&out)),
+            (Some(0), vec!["During".to_owned(), "After".to_owned()]),
+            "{target}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// A restart takes longer than one reconnect pause: the tail keeps trying
+/// until the server is back, then resumes strictly after the last event it
+/// printed (nothing twice, nothing skipped).
+#[test]
+fn tail_waits_out_a_restart_and_resumes_after_the_last_event() {
+    let store: Arc<dyn annals_core::Store> = Arc::new(annals_core::MemoryStore::new());
+    append_to(&store, "t-8", "Before");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let url = format!("http://{addr}");
+    let first = StoppableServer::start(store.clone(), listener);
+    let mut tail = spawn_tail(&url, &["t-8", "--from", "start", "--count", "3", "--json"]);
+    let mut stdout = BufReader::new(tail.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert!(line.contains("Before"), "{line}");
+    first.stop();
+    append_to(&store, "t-8", "During");
+    std::thread::sleep(Duration::from_millis(1500));
+    let second = StoppableServer::start(store.clone(), std::net::TcpListener::bind(addr).unwrap());
+    wait_for_sse_subscribers(&url, 1);
+    assert!(annals(&url, &["append", "t-8", "--type", "After"]).status.success());
+    let mut rest = Vec::new();
+    for _ in 0..2 {
+        let mut line = String::new();
+        if stdout.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        rest.push(
+            serde_json::from_str::<Value>(&line).unwrap()["type"].as_str().unwrap_or_default().to_owned(),
+        );
+    }
+    let (code, out) = wait_or_kill(tail, Duration::from_secs(10));
+    second.stop();
+    assert_eq!(
+        (code, rest),
+        (Some(0), vec!["During".to_owned(), "After".to_owned()]),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -71,7 +71,10 @@ pub struct ReadArgs {
 pub struct TailArgs {
     /// Stream name, or `$all`.
     pub stream: String,
-    /// Where to start: start, end (default), or a version / position.
+    /// Where to start: start, end (default: the end when the tail starts),
+    /// or a version / position (inclusive). After a server restart or a
+    /// dropped connection the tail resumes just after the last event it
+    /// printed, retrying an unreachable server for up to 60 s.
     #[arg(long, default_value = "end")]
     pub from: String,
     /// Stop after this many events.
@@ -197,29 +200,48 @@ pub async fn read(args: ReadArgs, c: &ClientArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Follows a stream or `$all` live. Reconnects after `slow_consumer` or
-/// `shutdown` notices from where it stopped, so nothing is missed.
+/// How long `tail` keeps trying to reach the server again after a live
+/// connection ended (a restart, a dropped connection) before it gives up
+/// with exit code 6. Long enough for a restart whose old process drains for
+/// the default `timeouts.shutdown_secs` (30 s) before the new one can open
+/// the store.
+const RECONNECT_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The first pause before a reconnect, doubled up to [`RECONNECT_PAUSE_MAX`]
+/// while the server stays unreachable.
+const RECONNECT_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+const RECONNECT_PAUSE_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Connections in a row that may end without delivering an event or
+/// saying why before `tail` gives up on the server.
+const MAX_SILENT_RECONNECTS: u32 = 100;
+
+/// Follows a stream or `$all` live. `--from end` is resolved once, before
+/// the first connection, to the log's position (or the stream's next
+/// version) at that moment; every later connection, after a
+/// `slow_consumer` or `shutdown` notice or a dropped connection, resumes
+/// strictly after the last event printed. So events appended while the
+/// tail is between connections are neither skipped nor printed twice.
 pub async fn tail(args: TailArgs, c: &ClientArgs) -> Result<(), CliError> {
     let client = Client::new(c)?;
-    let is_all = args.stream == "$all";
-    let mut from = args.from.clone();
+    let mut from = start_of_tail(&client, &args).await?;
     let mut seen = 0u64;
-    let mut reconnects = 0u32;
+    let mut silent = 0u32;
+    let mut reconnecting = false;
     loop {
-        let mut path = if is_all {
-            format!("/all/live?from={}", enc(&from))
-        } else {
-            format!("/streams/{}/live?from={}", enc(&args.stream), enc(&from))
-        };
-        if let (true, Some(p)) = (is_all, &args.stream_prefix) {
-            path.push_str(&format!("&stream_prefix={}", enc(p)));
-        }
-        let resp = client.send(client.request(Method::GET, &path)).await?;
+        let resp = connect_live(&client, &live_path(&args, from), reconnecting).await?;
+        let before = seen;
         let mut body = resp.bytes_stream();
         let mut parser = SseParser::default();
-        let mut resume: Option<String> = None;
+        let mut notice = false;
         'conn: while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| client.transport(e))?;
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    eprintln!("connection lost ({e}); resuming");
+                    break 'conn;
+                }
+            };
             for ev in parser.push(&chunk) {
                 match ev.event.as_str() {
                     "event" => {
@@ -236,12 +258,15 @@ pub async fn tail(args: TailArgs, c: &ClientArgs) -> Result<(), CliError> {
                                 short(&value["data"], 120)
                             ));
                         }
-                        if let Some(id) = &ev.id {
-                            from = id
-                                .parse::<u64>()
-                                .map(|n| (n + 1).to_string())
-                                .unwrap_or_else(|_| from.clone());
-                        }
+                        // The id is the position (`$all`) or version (a
+                        // stream): the next connection starts just after it.
+                        let id = ev.id.as_deref().and_then(|id| id.trim().parse::<u64>().ok());
+                        from = id.and_then(|n| n.checked_add(1)).ok_or_else(|| {
+                            CliError::Other(format!(
+                                "the server sent an event without a numeric id ({:?}); cannot resume after it",
+                                ev.id
+                            ))
+                        })?;
                         seen += 1;
                         if args.count.is_some_and(|n| seen >= n) {
                             return Ok(());
@@ -250,7 +275,7 @@ pub async fn tail(args: TailArgs, c: &ClientArgs) -> Result<(), CliError> {
                     "slow_consumer" | "shutdown" => {
                         let v: Value = serde_json::from_str(&ev.data).unwrap_or(Value::Null);
                         eprintln!("server: {} ({}); resuming", ev.event, short(&v["message"], 200));
-                        resume = Some(from.clone());
+                        notice = true;
                         break 'conn;
                     }
                     other => {
@@ -264,11 +289,87 @@ pub async fn tail(args: TailArgs, c: &ClientArgs) -> Result<(), CliError> {
                 }
             }
         }
-        reconnects += 1;
-        if resume.is_none() && reconnects > 100 {
+        silent = if notice || seen > before { 0 } else { silent + 1 };
+        if silent > MAX_SILENT_RECONNECTS {
             return Err(CliError::Other("the live connection keeps closing".into()));
         }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        reconnecting = true;
+        tokio::time::sleep(RECONNECT_PAUSE).await;
+    }
+}
+
+/// The concrete first version (stream) or position (`$all`) of a tail,
+/// inclusive: `start` is 0, a number is itself, and `end` is asked of the
+/// server once, so that a reconnect never re-resolves it.
+async fn start_of_tail(client: &Client, args: &TailArgs) -> Result<u64, CliError> {
+    match args.from.trim() {
+        "start" => Ok(0),
+        "end" if args.stream == "$all" => {
+            let mut path = "/all?from=end&limit=1".to_owned();
+            // A caller restricted to stream prefixes may only read `$all`
+            // through one of them.
+            if let Some(p) = &args.stream_prefix {
+                path.push_str(&format!("&stream_prefix={}", enc(p)));
+            }
+            let page = client.json(client.request(Method::GET, &path)).await?;
+            page["head"]
+                .as_u64()
+                .ok_or_else(|| CliError::Other("the server did not say where `$all` ends (no head)".into()))
+        }
+        "end" => {
+            let path = format!("/streams/{}/info", enc(&args.stream));
+            let info = client.json(client.request(Method::GET, &path)).await?;
+            match &info["last_version"] {
+                Value::Null => Ok(0),
+                v => v
+                    .as_u64()
+                    .and_then(|v| v.checked_add(1))
+                    .ok_or_else(|| CliError::Other(format!("the server sent an unusable last_version: {v}"))),
+            }
+        }
+        n => n.parse::<u64>().map_err(|_| {
+            CliError::Usage(format!("--from must be start, end or a version / position, got '{n}'"))
+        }),
+    }
+}
+
+fn live_path(args: &TailArgs, from: u64) -> String {
+    if args.stream == "$all" {
+        let mut path = format!("/all/live?from={from}");
+        if let Some(p) = &args.stream_prefix {
+            path.push_str(&format!("&stream_prefix={}", enc(p)));
+        }
+        path
+    } else {
+        format!("/streams/{}/live?from={from}", enc(&args.stream))
+    }
+}
+
+/// Opens a live connection. The first one fails at once when the server
+/// cannot be reached (a wrong `--url` should not hang); a reconnect keeps
+/// trying for [`RECONNECT_WINDOW`], as a restarting server comes back.
+async fn connect_live(
+    client: &Client,
+    path: &str,
+    reconnecting: bool,
+) -> Result<reqwest::Response, CliError> {
+    let deadline = tokio::time::Instant::now() + RECONNECT_WINDOW;
+    let mut pause = RECONNECT_PAUSE;
+    let mut told = false;
+    loop {
+        match client.send(client.request(Method::GET, path)).await {
+            Err(CliError::Unreachable { .. })
+                if reconnecting && tokio::time::Instant::now() + pause < deadline =>
+            {
+                if !told {
+                    eprintln!("server unreachable; retrying for up to {} s", RECONNECT_WINDOW.as_secs());
+                    told = true;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(RECONNECT_PAUSE_MAX);
+            }
+            other => return other,
+        }
     }
 }
 
