@@ -898,3 +898,46 @@ fn tail_waits_out_a_restart_and_resumes_after_the_last_event() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Appends `n` events of `event_type` to `stream` on the server at `url`.
+fn append_n(url: &str, stream: &str, event_type: &str, n: usize) {
+    for i in 0..n {
+        let data = format!(r#"{{"i":{i}}}"#);
+        let out = annals(url, &["append", stream, "--type", event_type, "--data", &data]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+fn positions_in(file: &std::path::Path) -> Vec<u64> {
+    std::fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["position"].as_u64().unwrap())
+        .collect()
+}
+
+/// An interrupted export can stop between an event's last byte and its
+/// newline. That event is whole: `--resume` must neither drop it nor skip
+/// it (it used to count it as exported, then cut it off as torn).
+#[test]
+fn export_resume_keeps_a_whole_last_line_without_its_newline() {
+    let source = server();
+    append_n(&source, "item-1", "Made", 3);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("events.jsonl");
+    let f = file.to_str().unwrap();
+    assert_eq!(stdout_json(&annals(&source, &["export", "-o", f, "--json"]))["exported"], 3);
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, text.trim_end_matches('\n')).unwrap();
+    append_n(&source, "item-1", "Made", 1);
+    let out = annals(&source, &["export", "-o", f, "--resume", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(positions_in(&file), vec![0, 1, 2, 3]);
+    // A line that really is torn (not JSON) is still cut off and exported again.
+    let text = std::fs::read_to_string(&file).unwrap();
+    let cut = text.trim_end_matches('\n').len() - 10;
+    std::fs::write(&file, &text[..cut]).unwrap();
+    let out = annals(&source, &["export", "-o", f, "--resume", "--json"]);
+    assert_eq!(stdout_json(&out)["exported"], 1);
+    assert_eq!(positions_in(&file), vec![0, 1, 2, 3]);
+}

@@ -95,11 +95,15 @@ pub async fn export(args: ExportArgs, c: &ClientArgs) -> Result<(), CliError> {
     let mut from = args.from;
     let mut out: Box<dyn Write> = match &args.output {
         Some(path) => {
-            if args.resume
-                && let Some(last) = last_position_in(path)?
-            {
-                from = from.max(last + 1);
+            if args.resume {
+                // An unterminated last line goes first, even when it is a
+                // whole event (the export stopped just before its newline):
+                // counted as exported and then cut off, it would be lost.
+                // Cut off first, it is simply exported again.
                 truncate_torn_tail(path)?;
+                if let Some(last) = last_position_in(path)? {
+                    from = from.max(last + 1);
+                }
             }
             let file = std::fs::OpenOptions::new()
                 .create(true)
@@ -149,15 +153,36 @@ pub async fn export(args: ExportArgs, c: &ClientArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Drops an incomplete last line left by an interrupted export.
+/// Drops an unterminated last line left by an interrupted export. Reads
+/// the file backwards from its end, so a large export is not loaded whole.
 fn truncate_torn_tail(path: &PathBuf) -> Result<(), CliError> {
-    let bytes = std::fs::read(path)?;
-    if bytes.is_empty() || bytes.ends_with(b"\n") {
-        return Ok(());
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let mut file = match std::fs::OpenOptions::new().read(true).write(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let len = file.metadata()?.len();
+    const CHUNK: u64 = 64 * 1024;
+    let mut end = len;
+    while end > 0 {
+        let start = end.saturating_sub(CHUNK);
+        let mut buf = Vec::new();
+        file.seek(SeekFrom::Start(start))?;
+        (&mut file).take(end - start).read_to_end(&mut buf)?;
+        if let Some(i) = buf.iter().rposition(|b| *b == b'\n') {
+            let keep = start + i as u64 + 1;
+            if keep < len {
+                file.set_len(keep)?;
+            }
+            return Ok(());
+        }
+        end = start;
     }
-    let keep = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-    let file = std::fs::OpenOptions::new().write(true).open(path)?;
-    file.set_len(keep as u64)?;
+    // No newline at all: the one line there is unterminated.
+    if len > 0 {
+        file.set_len(0)?;
+    }
     Ok(())
 }
 
