@@ -941,3 +941,48 @@ fn export_resume_keeps_a_whole_last_line_without_its_newline() {
     assert_eq!(stdout_json(&out)["exported"], 1);
     assert_eq!(positions_in(&file), vec![0, 1, 2, 3]);
 }
+
+/// One line of an export file, as `annals export` writes it.
+fn export_line(stream: &str, version: u64, event_type: &str) -> String {
+    serde_json::json!({
+        "id": uuid::Uuid::new_v4(), "stream": stream, "version": version, "position": 0,
+        "type": event_type, "content_type": "application/json", "data": {}, "metadata": {},
+    })
+    .to_string()
+}
+
+/// A file that cannot be imported whole is refused before anything is
+/// written: a bad line in the middle used to leave the events before it
+/// in the target (the earlier batches were already appended).
+#[test]
+fn import_writes_nothing_from_a_file_with_a_bad_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = [export_line("a-1", 0, "A"), export_line("b-1", 0, "B"), export_line("a-1", 1, "A")];
+    let bad_lines = [
+        ("not json", "line 3"),
+        (r#"{"stream":"c-1","type":"C"}"#, "line 3"),
+        (&*export_line("c-1", 0, ""), "line 3"),
+        (&*export_line("c-1", 0, "C").replace("application/json", "text/plain"), "line 3"),
+    ];
+    for (bad, what) in bad_lines {
+        let target = server();
+        let file = dir.path().join("bad.jsonl");
+        std::fs::write(&file, format!("{}\n{}\n{bad}\n{}\n", good[0], good[1], good[2])).unwrap();
+        let out = annals(&target, &["import", file.to_str().unwrap(), "--json"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {stderr}");
+        assert!(stderr.contains(what), "{bad}: {stderr}");
+        assert_eq!(stdout_json(&annals(&target, &["stats", "--json"]))["events"], 0, "{bad}: {stderr}");
+        // The same from stdin.
+        let input = std::fs::read_to_string(&file).unwrap();
+        let out = annals_stdin(&target, &["import", "--json"], Some(&input));
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(stdout_json(&annals(&target, &["stats", "--json"]))["events"], 0);
+    }
+    // Once the file is right, it imports.
+    let target = server();
+    let file = dir.path().join("good.jsonl");
+    std::fs::write(&file, good.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let v = stdout_json(&annals(&target, &["import", file.to_str().unwrap(), "--json"]));
+    assert_eq!(v, serde_json::json!({ "written": 3, "skipped": 0 }));
+}

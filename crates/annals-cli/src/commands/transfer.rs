@@ -193,17 +193,81 @@ struct Pending {
     events: Vec<Value>,
 }
 
-/// Imports JSON Lines.
+/// The input of `import`, readable twice: the file itself, or what stdin
+/// held, copied to an anonymous temporary file (removed when closed).
+fn open_input(input: Option<&PathBuf>) -> Result<std::fs::File, CliError> {
+    match input {
+        Some(p) if p.as_os_str() != "-" => Ok(std::fs::File::open(p)?),
+        _ => {
+            let mut spool = tempfile::tempfile()?;
+            std::io::copy(&mut std::io::stdin().lock(), &mut spool)?;
+            Ok(spool)
+        }
+    }
+}
+
+/// The lines of `input` from its start, numbered from 1.
+fn lines_of(
+    input: &std::fs::File,
+) -> Result<impl Iterator<Item = (usize, std::io::Result<String>)>, CliError> {
+    use std::io::{Seek as _, SeekFrom};
+    let mut file = input.try_clone()?;
+    file.seek(SeekFrom::Start(0))?;
+    Ok(BufReader::new(file).lines().enumerate().map(|(i, line)| (i + 1, line)))
+}
+
+/// One event of an import file.
+struct Line {
+    stream: String,
+    version: u64,
+    /// The event as the append endpoint takes it.
+    event: Value,
+}
+
+/// Parses line `n` and checks it as the server checks an appended event
+/// (stream name, event shape, content type, event type, id), so that a
+/// bad line is found before anything is written.
+fn parse_line(n: usize, line: &str) -> Result<Line, CliError> {
+    let bad = |what: String| CliError::Usage(format!("line {n}: {what}"));
+    let e: Value = serde_json::from_str(line).map_err(|err| bad(format!("not JSON: {err}")))?;
+    let (Some(stream), Some(version)) = (e["stream"].as_str(), e["version"].as_u64()) else {
+        return Err(bad("missing stream or version".into()));
+    };
+    annals_core::StreamName::new(stream).map_err(|err| bad(format!("stream '{stream}': {err}")))?;
+    let event = json!({
+        "id": e["id"], "type": e["type"], "content_type": e["content_type"],
+        "data": e["data"], "metadata": e["metadata"],
+    });
+    let parsed: annals_server::wire::EventIn =
+        serde_json::from_value(event.clone()).map_err(|err| bad(format!("not an event: {err}")))?;
+    // Its messages name the event by its index in a request ("event N: …");
+    // here the line number says which.
+    let data = parsed.into_event_data(n, None).map_err(|err| {
+        let prefix = format!("event {n}: ");
+        bad(err.message.strip_prefix(&prefix).unwrap_or(&err.message).to_owned())
+    })?;
+    annals_core::validate_event_type(&data.event_type).map_err(|err| bad(err.to_string()))?;
+    if data.id.is_nil() {
+        return Err(bad("the event id is the nil UUID".into()));
+    }
+    Ok(Line { stream: stream.to_owned(), version, event })
+}
+
+/// Imports JSON Lines. The whole input is checked first: a bad line fails
+/// the import (exit 2) before any event is written, instead of leaving
+/// the lines before it imported.
 pub async fn import(args: ImportArgs, c: &ClientArgs) -> Result<(), CliError> {
     let client = Client::new(c)?;
-    let reader: Box<dyn BufRead> = match &args.input {
-        Some(p) if p.as_os_str() != "-" => Box::new(BufReader::new(std::fs::File::open(p)?)),
-        _ => Box::new(BufReader::new(std::io::stdin())),
-    };
-    let total = match &args.input {
-        Some(p) if p.as_os_str() != "-" => BufReader::new(std::fs::File::open(p)?).lines().count() as u64,
-        _ => 0,
-    };
+    let input = open_input(args.input.as_ref())?;
+    let mut total = 0u64;
+    for (n, line) in lines_of(&input)? {
+        let line = line.map_err(|e| CliError::Usage(format!("line {n}: {e}")))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        parse_line(n, &line)?;
+        total += 1;
+    }
     let bar = progress(total, "importing");
     if total == 0 || c.json {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -211,20 +275,12 @@ pub async fn import(args: ImportArgs, c: &ClientArgs) -> Result<(), CliError> {
     let mut stats = (0u64, 0u64); // (written, skipped)
     let mut pending: Option<Pending> = None;
     let mut known: HashMap<String, Option<u64>> = HashMap::new();
-    for (n, line) in reader.lines().enumerate() {
-        let line = line?;
+    for (n, line) in lines_of(&input)? {
+        let line = line.map_err(|e| CliError::Usage(format!("line {n}: {e}")))?;
         if line.trim().is_empty() {
             continue;
         }
-        let e: Value = serde_json::from_str(&line)
-            .map_err(|err| CliError::Usage(format!("line {}: not JSON: {err}", n + 1)))?;
-        let (Some(stream), Some(version)) = (e["stream"].as_str(), e["version"].as_u64()) else {
-            return Err(CliError::Usage(format!("line {}: missing stream or version", n + 1)));
-        };
-        let event = json!({
-            "id": e["id"], "type": e["type"], "content_type": e["content_type"],
-            "data": e["data"], "metadata": e["metadata"],
-        });
+        let Line { stream, version, event } = parse_line(n, &line)?;
         let flush = pending.as_ref().is_some_and(|p| {
             p.stream != stream || p.events.len() >= args.batch || version != p.last_version + 1
         });
@@ -240,7 +296,7 @@ pub async fn import(args: ImportArgs, c: &ClientArgs) -> Result<(), CliError> {
             }
             None => {
                 pending = Some(Pending {
-                    stream: stream.to_owned(),
+                    stream,
                     first_version: version,
                     last_version: version,
                     events: vec![event],
