@@ -188,6 +188,8 @@ fn truncate_torn_tail(path: &PathBuf) -> Result<(), CliError> {
 
 struct Pending {
     stream: String,
+    /// The line of its first event.
+    line: usize,
     first_version: u64,
     last_version: u64,
     events: Vec<Value>,
@@ -260,21 +262,39 @@ pub async fn import(args: ImportArgs, c: &ClientArgs) -> Result<(), CliError> {
     let client = Client::new(c)?;
     let input = open_input(args.input.as_ref())?;
     let mut total = 0u64;
+    let mut spans: HashMap<String, Span> = HashMap::new();
+    let mut order: Vec<String> = Vec::new();
     for (n, line) in lines_of(&input)? {
         let line = line.map_err(|e| CliError::Usage(format!("line {n}: {e}")))?;
         if line.trim().is_empty() {
             continue;
         }
-        parse_line(n, &line)?;
+        let Line { stream, version, .. } = parse_line(n, &line)?;
         total += 1;
+        match spans.get_mut(&stream) {
+            // A repeated version (the same export twice in one file) is
+            // skipped like one already imported; a hole cannot be filled.
+            Some(span) if version > span.highest.saturating_add(1) => {
+                return Err(CliError::Usage(format!(
+                    "line {n}: stream {stream} jumps from version {} to {version}; the file lacks the events \
+                     in between, and importing would renumber the ones after them",
+                    span.highest
+                )));
+            }
+            Some(span) => span.highest = span.highest.max(version),
+            None => {
+                spans.insert(stream.clone(), Span { first: version, highest: version, line: n });
+                order.push(stream);
+            }
+        }
     }
+    let mut known = target_versions(&client, &order, &spans).await?;
     let bar = progress(total, "importing");
     if total == 0 || c.json {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let mut stats = (0u64, 0u64); // (written, skipped)
     let mut pending: Option<Pending> = None;
-    let mut known: HashMap<String, Option<u64>> = HashMap::new();
     for (n, line) in lines_of(&input)? {
         let line = line.map_err(|e| CliError::Usage(format!("line {n}: {e}")))?;
         if line.trim().is_empty() {
@@ -297,6 +317,7 @@ pub async fn import(args: ImportArgs, c: &ClientArgs) -> Result<(), CliError> {
             None => {
                 pending = Some(Pending {
                     stream,
+                    line: n,
                     first_version: version,
                     last_version: version,
                     events: vec![event],
@@ -319,11 +340,60 @@ pub async fn import(args: ImportArgs, c: &ClientArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// The versions one stream has in an import file.
+struct Span {
+    /// Its first version in the file.
+    first: u64,
+    /// Its highest version so far.
+    highest: u64,
+    /// The line of its first event.
+    line: usize,
+}
+
+/// The target's last version of every stream in the file, checked before
+/// anything is written: a stream whose first version in the file is past
+/// the target's next one (an `export --from N` or `--stream-prefix` file
+/// imported where the versions before are missing) is refused. Appended
+/// anyway it would get other version numbers than in the source, and a
+/// re-run, which skips by version, would then write it a second time.
+async fn target_versions(
+    client: &Client,
+    order: &[String],
+    spans: &HashMap<String, Span>,
+) -> Result<HashMap<String, Option<u64>>, CliError> {
+    let mut known = HashMap::with_capacity(order.len());
+    for stream in order {
+        let Some(span) = spans.get(stream) else { continue };
+        let info =
+            client.json(client.request(Method::GET, &format!("/streams/{}/info", enc(stream)))).await?;
+        let last = info["last_version"].as_u64();
+        check_continues(stream, span.line, span.first, last)?;
+        known.insert(stream.clone(), last);
+    }
+    Ok(known)
+}
+
+/// `Err` when events starting at version `first` cannot follow a stream
+/// whose last version is `last` without a hole.
+fn check_continues(stream: &str, line: usize, first: u64, last: Option<u64>) -> Result<(), CliError> {
+    let next = last.map_or(0, |l| l.saturating_add(1));
+    if first > next {
+        return Err(CliError::Usage(format!(
+            "line {line}: stream {stream} starts at version {first} in the file, but the target's next \
+             version is {next}; importing would renumber its events (import where the versions before \
+             are present, or export the stream from its start)"
+        )));
+    }
+    Ok(())
+}
+
 /// Writes one batch. The target's last version of each stream is looked
 /// up once; events at or below it were written by an earlier (interrupted)
 /// run and are skipped, the rest is appended expecting exactly that
 /// version, so a re-run never duplicates. Assumes the target's versions
-/// match the export's (an import into an empty store, or a re-run of one).
+/// match the export's (an import into an empty store, or a re-run of one);
+/// a file that starts past the target's next version is refused
+/// ([`check_continues`]).
 async fn import_batch(
     client: &Client,
     p: Pending,
@@ -339,6 +409,9 @@ async fn import_batch(
             info["last_version"].as_u64()
         }
     };
+    // Checked for every stream before the first write; checked again here
+    // because the batches after the first rely on it as well.
+    check_continues(&p.stream, p.line, p.first_version, last)?;
     let mut fresh = Vec::with_capacity(p.events.len());
     for (version, e) in (p.first_version..).zip(p.events) {
         if last.is_some_and(|l| version <= l) {
