@@ -1044,3 +1044,14 @@ fn import_refuses_versions_that_do_not_continue_the_target() {
     let info = stdout_json(&annals(&target, &["read", "$all", "--stream-prefix", "h-", "--json"]));
     assert_eq!(info["events"].as_array().unwrap().len(), 0);
 }
+
+/// `--count 0` asks for no events: it ends at once, printing nothing
+/// (it used to print one event, or wait for one).
+#[test]
+fn tail_count_zero_prints_nothing() {
+    let url = server();
+    append_n(&url, "z-1", "Z", 2);
+    let tail = spawn_tail(&url, &["z-1", "--from", "start", "--count", "0", "--json"]);
+    let (code, out) = wait_or_kill(tail, Duration::from_secs(10));
+    assert_eq!((code, String::from_utf8_lossy(&out.stdout).into_owned()), (Some(0), String::new()));
+}

@@ -77,7 +77,7 @@ pub struct TailArgs {
     /// printed, retrying an unreachable server for up to 60 s.
     #[arg(long, default_value = "end")]
     pub from: String,
-    /// Stop after this many events.
+    /// Stop after this many events (0: none, only check the arguments).
     #[arg(long)]
     pub count: Option<u64>,
     /// `$all` only: stream-name prefix.
@@ -225,6 +225,10 @@ const MAX_SILENT_RECONNECTS: u32 = 100;
 pub async fn tail(args: TailArgs, c: &ClientArgs) -> Result<(), CliError> {
     let client = Client::new(c)?;
     let mut from = start_of_tail(&client, &args).await?;
+    if args.count == Some(0) {
+        // Checked before the first event, which `seen >= n` below is not.
+        return Ok(());
+    }
     let mut seen = 0u64;
     let mut silent = 0u32;
     let mut reconnecting = false;
