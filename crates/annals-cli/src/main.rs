@@ -3,7 +3,7 @@
 //!
 //! Exit codes: 0 success, 1 failure, 2 usage error, 3 conflict (409),
 //! 4 not found or deleted (404/410), 5 unauthorized or forbidden (401/403),
-//! 6 server unreachable, 7 damaged data found by `verify`, 130 interrupted
+//! 6 server unreachable, 7 damaged data found by `verify` or `repair`, 130 interrupted
 //! (Ctrl-C during a `--data-dir` command).
 
 mod client;
@@ -55,6 +55,9 @@ enum Command {
     /// Check every record of an embedded log directory (CRCs, hash chain);
     /// exit 0 when intact, 7 when damaged.
     Verify(commands::log::VerifyArgs),
+    /// Cut a damaged embedded log back to its last whole group before the
+    /// damage (store closed; without --yes, only say what would go).
+    Repair(commands::log::RepairArgs),
     /// Rebuild an embedded log's indexes from the log itself (store closed).
     RebuildIndex(commands::log::RebuildArgs),
     /// Benchmark the embedded log on this disk (durable appends, reads, open).
@@ -98,6 +101,7 @@ fn main() {
             Command::Import(a) => on_target!(a, Missing::Create, commands::transfer::import),
             Command::Bench(a) => commands::bench::run(a, &client).await,
             Command::Verify(a) => commands::log::verify(a).await,
+            Command::Repair(a) => commands::log::repair(a).await,
             Command::RebuildIndex(a) => commands::log::rebuild_index(a).await,
             Command::BenchLog(a) => commands::log::bench_log(a).await,
         }

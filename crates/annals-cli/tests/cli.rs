@@ -8,7 +8,7 @@ use std::{
 };
 
 use annals_server::{AppState, Role, ServerConfig, config::ApiKeyConfig};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_annals");
 
@@ -452,12 +452,48 @@ fn serves_the_embedded_log_and_keeps_data_across_restarts() {
         .find(|p| p.extension().is_some_and(|x| x == "seg"))
         .expect("a segment file");
     let mut bytes = std::fs::read(&segment).unwrap();
-    let at = bytes.windows(9).position(|w| w == b"Deposited").expect("the first event's type");
+    // The third of the four events (position 2).
+    let at = bytes
+        .windows(9)
+        .enumerate()
+        .filter(|(_, w)| *w == b"Deposited")
+        .map(|(i, _)| i)
+        .nth(2)
+        .expect("the third event's type");
     bytes[at] ^= 0x20;
     std::fs::write(&segment, &bytes).unwrap();
     let out = Command::new(BIN).args(["verify", data.to_str().unwrap()]).output().unwrap();
     assert_eq!(out.status.code(), Some(7), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(String::from_utf8_lossy(&out.stdout).contains("BAD"));
+    // The server refuses the damaged store and says how to repair it.
+    let refused = Command::new(BIN)
+        .args(["serve", "--data", data.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(7));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("annals repair"));
+
+    // `repair` without --yes says what would go and changes nothing.
+    let d = data.to_str().unwrap();
+    let dry = Command::new(BIN).args(["repair", d, "--json"]).output().unwrap();
+    assert_eq!(dry.status.code(), Some(7), "{}", String::from_utf8_lossy(&dry.stderr));
+    let plan: Value = serde_json::from_slice(&dry.stdout).unwrap();
+    assert_eq!((plan["cut"].clone(), plan["first_bad"]["cut_position"].clone()), (json!(false), json!(2)));
+    assert_eq!(std::fs::read(&segment).unwrap(), bytes, "a dry run changed the log");
+    // With --yes it cuts back to the damaged event's group: two events left,
+    // intact, and the store opens and goes on from there.
+    let cut = Command::new(BIN).args(["repair", d, "--yes", "--json"]).output().unwrap();
+    assert!(cut.status.success(), "{}", String::from_utf8_lossy(&cut.stderr));
+    assert_eq!(stdout_json(&cut)["events"], 2);
+    let report = stdout_json(&Command::new(BIN).args(["verify", d, "--json"]).output().unwrap());
+    assert_eq!((report["ok"].clone(), report["events"].clone()), (json!(true), json!(2)));
+    let again = Command::new(BIN).args(["repair", d]).output().unwrap();
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to repair"));
+    let (child, _out, url) = serve_log(&data);
+    let out = annals(&url, &["append", "acct-1", "--type", "Deposited", "--expected", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    stop(child);
 }
 
 /// The PostgreSQL URL for tests, or `None` (with a notice) when the database

@@ -58,9 +58,13 @@ pub struct BadRecord {
     pub position: u64,
     /// Which check failed.
     pub reason: String,
-    /// Whether it looks like a torn tail (only zeros after it in the last
-    /// segment), which opening the store would truncate rather than refuse.
+    /// Whether it looks like a torn tail (the rest of the last group, being
+    /// written when the machine stopped), which opening the store cuts
+    /// rather than refuses.
     pub torn_tail: bool,
+    /// Where a cut (of a torn tail, or by `repair`) goes back to: the start
+    /// of the record's group. Every event from this position on is removed.
+    pub cut_position: u64,
 }
 
 /// Result of a walk.
@@ -468,6 +472,7 @@ pub(crate) fn scan(
                         position: out.tail.next_position,
                         reason,
                         torn_tail: torn,
+                        cut_position: mark.tail.next_position,
                     };
                     return finish_bad(io, dir, mode, &mut files, &mut out, bad, mark);
                 }
@@ -493,6 +498,7 @@ pub(crate) fn scan(
                     position: out.tail.next_position,
                     reason,
                     torn_tail: false,
+                    cut_position: mark.tail.next_position,
                 };
                 return finish_bad(io, dir, mode, &mut files, &mut out, bad, mark);
             }
@@ -629,7 +635,14 @@ pub(crate) fn scan(
                     cur.all_zero(end)?
                         && !cur.intact_event_in(off + MIN_RECORD_LEN as u64, end, [np, np + 1])?
                 };
-            let bad = BadRecord { segment: seg, offset: off, position: np, reason, torn_tail: torn };
+            let bad = BadRecord {
+                segment: seg,
+                offset: off,
+                position: np,
+                reason,
+                torn_tail: torn,
+                cut_position: mark.tail.next_position,
+            };
             return finish_bad(io, dir, mode, &mut files, &mut out, bad, mark);
         }
     }
@@ -643,6 +656,7 @@ pub(crate) fn scan(
             position: first.position,
             reason: format!("the last group ({} records) has no end mark", held.len()),
             torn_tail: mark.at() >= start.durable,
+            cut_position: mark.tail.next_position,
         };
         return finish_bad(io, dir, mode, &mut files, &mut out, bad, mark);
     }

@@ -124,14 +124,17 @@ impl std::fmt::Display for VerifyReport {
         writeln!(f, "head:     {}", self.head_hash)?;
         match &self.first_bad {
             None => write!(f, "result:   ok"),
+            Some(b) if b.torn_tail => write!(
+                f,
+                "result:   BAD at segment {}, offset {}, position {}: {} (torn tail: opening the store \
+                 would cut the log back to position {})",
+                b.segment, b.offset, b.position, b.reason, b.cut_position
+            ),
             Some(b) => write!(
                 f,
-                "result:   BAD at segment {}, offset {}, position {}: {}{}",
-                b.segment,
-                b.offset,
-                b.position,
-                b.reason,
-                if b.torn_tail { " (torn tail: opening the store would truncate it)" } else { "" }
+                "result:   BAD at segment {}, offset {}, position {}: {} (`repair` would cut the log \
+                 back to position {})",
+                b.segment, b.offset, b.position, b.reason, b.cut_position
             ),
         }
     }

@@ -215,7 +215,7 @@ async fn a_hole_in_an_unacknowledged_group_is_a_torn_tail() {
     let all = store.read_all(ReadAll::forward(100)).await.unwrap().events;
     assert_eq!(all.len(), 1, "only the acknowledged first append survives");
     assert_eq!(all[0].stream.as_str(), "ok-1");
-    assert!(store.stats().truncated_on_open.is_some_and(|b| b.torn_tail));
+    assert!(store.stats().truncated_on_open.is_some_and(|b| b.torn_tail && b.cut_position == 1));
     // The retry of the lost append writes it whole.
     store.append(&stream("acct-1"), ExpectedVersion::NoStream, (0..10).map(ev).collect()).await.unwrap();
     assert_eq!(store.read_stream(&stream("acct-1"), ReadStream::forward()).await.unwrap().len(), 10);
@@ -288,7 +288,10 @@ async fn a_damaged_last_group_goes_whole() {
     std::fs::write(&path, &bytes).unwrap();
     let store = LogStore::open(dir.path()).unwrap();
     assert_eq!(store.read_all(ReadAll::forward(100)).await.unwrap().events.len(), 0);
-    assert_eq!(store.stats().truncated_on_open.map(|b| (b.position, b.torn_tail)), Some((4, true)));
+    assert_eq!(
+        store.stats().truncated_on_open.map(|b| (b.position, b.torn_tail, b.cut_position)),
+        Some((4, true, 0))
+    );
 }
 
 /// A group written across a rollover whose end never reached the new

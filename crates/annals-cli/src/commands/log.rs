@@ -1,5 +1,5 @@
 //! Commands that work directly on an embedded log directory: `verify`,
-//! `rebuild-index` and `bench-log`. They need no server.
+//! `repair`, `rebuild-index` and `bench-log`. They need no server.
 
 use std::path::PathBuf;
 
@@ -12,6 +12,19 @@ use crate::error::CliError;
 pub struct VerifyArgs {
     /// Data directory of the embedded log.
     pub dir: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `annals repair`.
+#[derive(Debug, Clone, Args)]
+pub struct RepairArgs {
+    /// Data directory of the embedded log (the store must be closed).
+    pub dir: PathBuf,
+    /// Cut the log. Without it, only say what would be removed.
+    #[arg(long)]
+    pub yes: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -64,7 +77,7 @@ pub async fn verify(args: VerifyArgs) -> Result<(), CliError> {
         let bad = report.first_bad.as_ref().map(|b| {
             serde_json::json!({
                 "segment": b.segment, "offset": b.offset, "position": b.position,
-                "reason": b.reason, "torn_tail": b.torn_tail,
+                "reason": b.reason, "torn_tail": b.torn_tail, "cut_position": b.cut_position,
             })
         });
         let value = serde_json::json!({
@@ -81,6 +94,80 @@ pub async fn verify(args: VerifyArgs) -> Result<(), CliError> {
     } else {
         Err(CliError::Damaged(format!("{} failed verification", args.dir.display())))
     }
+}
+
+/// Cuts a damaged log back to the start of the group of its first bad
+/// record, so the store opens again with everything before it. Without
+/// `--yes` it only reports what the cut would remove (exit 7 when there is
+/// damage); with it, it cuts and reports what is left. Events after the
+/// damage are lost: restore them from a backup or an export if you have one.
+pub async fn repair(args: RepairArgs) -> Result<(), CliError> {
+    let dir = args.dir.clone();
+    if !dir.is_dir() {
+        return Err(CliError::Usage(format!("{} is not a data directory", dir.display())));
+    }
+    let report = tokio::task::spawn_blocking(move || annals_log::verify(&dir))
+        .await
+        .map_err(|e| CliError::Other(format!("verify task failed: {e}")))?
+        .map_err(|e| CliError::Other(format!("cannot verify {}: {e}", args.dir.display())))?;
+    let Some(bad) = report.first_bad.clone() else {
+        if args.json {
+            println!("{}", serde_json::json!({ "ok": true, "events": report.events, "cut": null }));
+        } else {
+            println!("{}: intact ({} events); nothing to repair", args.dir.display(), report.events);
+        }
+        return Ok(());
+    };
+    let lost = report.events.saturating_sub(bad.cut_position);
+    let plan = serde_json::json!({
+        "segment": bad.segment, "offset": bad.offset, "position": bad.position,
+        "reason": bad.reason, "torn_tail": bad.torn_tail, "cut_position": bad.cut_position,
+    });
+    if !args.yes {
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({ "ok": false, "first_bad": plan, "events_before_damage": bad.cut_position,
+                    "readable_events_removed": lost, "cut": false })
+            );
+        } else {
+            println!(
+                "first bad record: segment {}, offset {}, position {}: {}
+                 repair would cut the log back to position {}: events from {} on are removed                  ({lost} of them were readable up to the damage; any after it are lost too).
+                 Run again with --yes to cut.",
+                bad.segment, bad.offset, bad.position, bad.reason, bad.cut_position, bad.cut_position
+            );
+        }
+        return Err(CliError::Damaged(format!("{} is damaged; nothing was changed", args.dir.display())));
+    }
+    let dir = args.dir.clone();
+    let (stats, next) = tokio::task::spawn_blocking(move || {
+        let store = annals_log::LogStore::builder(&dir).repair(true).open()?;
+        let stats = store.stats();
+        store.close()?;
+        Ok::<_, annals_log::LogError>((stats.truncated_on_open, stats.next_position))
+    })
+    .await
+    .map_err(|e| CliError::Other(format!("repair task failed: {e}")))?
+    .map_err(|e| match e {
+        annals_log::LogError::Locked { .. } => {
+            CliError::Usage(format!("{e}; stop the server using it first"))
+        }
+        other => CliError::Other(format!("cannot repair {}: {other}", args.dir.display())),
+    })?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({ "ok": true, "first_bad": plan, "cut": stats.is_some(), "events": next })
+        );
+    } else {
+        println!(
+            "cut {} back to position {}; it holds {next} events now",
+            args.dir.display(),
+            bad.cut_position
+        );
+    }
+    Ok(())
 }
 
 /// Rebuilds the index checkpoint from the log alone.

@@ -284,7 +284,9 @@ pub async fn open_store(config: &StoreConfig) -> Result<OpenedStore, CliError> {
             "{e}; another annals process is using it (stop it, or use a different data directory)"
         )),
         annals_log::LogError::Corrupt { .. } => CliError::Damaged(format!(
-            "{e}; run `annals verify {}` and restore from a backup (or repair explicitly)",
+            "{e}; run `annals verify {}` and restore from a backup, or cut the log back to the last \
+             whole group before the damage with `annals repair {} --yes`",
+            config.data.display(),
             config.data.display()
         )),
         other => {
