@@ -45,6 +45,9 @@ impl CliError {
             CliError::Api { status: 409, .. } => 3,
             CliError::Api { status: 404 | 410, .. } => 4,
             CliError::Api { status: 401 | 403, .. } => 5,
+            // The server found the input bad: a usage error like one the
+            // CLI finds itself.
+            CliError::Api { status: 400 | 413 | 422, .. } => 2,
             CliError::Api { .. } => 1,
             CliError::Unreachable { .. } => 6,
             CliError::Usage(_) => 2,

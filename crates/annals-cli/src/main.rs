@@ -1,7 +1,7 @@
 //! `annals`: the command-line entry point. Arguments are parsed here; each
 //! command lives in `commands/`, and the server itself in `annals-server`.
 //!
-//! Exit codes: 0 success, 1 failure, 2 usage error, 3 conflict (409),
+//! Exit codes: 0 success, 1 failure, 2 usage error (also 400/413/422), 3 conflict (409),
 //! 4 not found or deleted (404/410), 5 unauthorized or forbidden (401/403),
 //! 6 server unreachable, 7 damaged data found by `verify` or `repair`, 130 interrupted
 //! (Ctrl-C during a `--data-dir` command).

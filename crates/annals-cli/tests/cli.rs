@@ -163,6 +163,56 @@ fn streams_stats_and_auth_failures() {
     assert_eq!(out.status.code(), Some(5));
 }
 
+/// Exit codes follow the error, wherever the server reports it: a bad
+/// argument the server refuses is 2, a live feed of a tombstoned stream 4,
+/// and an export through a key restricted to a prefix works.
+#[test]
+fn exit_codes_of_server_side_errors() {
+    let url = server();
+    assert!(annals(&url, &["append", "gone-1", "--type", "A"]).status.success());
+    let out = annals(&url, &["read", "gone-1", "--from", "soon"]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let status = rt.block_on(async {
+        reqwest::Client::new()
+            .delete(format!("{url}/streams/gone-1?hard=true"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(status.as_u16(), 204);
+    assert_eq!(annals(&url, &["read", "gone-1"]).status.code(), Some(4));
+    let out = annals(&url, &["tail", "gone-1", "--from", "start"]);
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let mut c = ServerConfig::default();
+    c.auth.api_keys = vec![ApiKeyConfig {
+        name: "team".into(),
+        key: "team-key-0123456789ab".into(),
+        role: Role::Reader,
+        streams: Some(vec!["team-".into()]),
+    }];
+    let secured = server_with(c);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("team.jsonl");
+    let out = annals(
+        &secured,
+        &[
+            "export",
+            "-o",
+            file.to_str().unwrap(),
+            "--stream-prefix",
+            "team-",
+            "--api-key",
+            "team-key-0123456789ab",
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout_json(&out)["exported"], 0);
+}
+
 #[test]
 fn export_and_import_resume() {
     let source = server();

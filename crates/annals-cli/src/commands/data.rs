@@ -285,7 +285,13 @@ pub async fn tail(args: TailArgs, c: &ClientArgs) -> Result<(), CliError> {
                     other => {
                         let v: Value = serde_json::from_str(&ev.data).unwrap_or(Value::Null);
                         return Err(CliError::Api {
-                            status: 0,
+                            // A live feed reports these as events, after its
+                            // 200: exit as a read of the same stream would.
+                            status: match other {
+                                "stream_deleted" => 410,
+                                "stream_not_found" | "not_found" => 404,
+                                _ => 0,
+                            },
                             code: other.to_owned(),
                             message: short(&v["message"], 500),
                         });

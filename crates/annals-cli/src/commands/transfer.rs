@@ -115,7 +115,13 @@ pub async fn export(args: ExportArgs, c: &ClientArgs) -> Result<(), CliError> {
         }
         None => Box::new(std::io::BufWriter::new(std::io::stdout())),
     };
-    let info = client.json(client.request(Method::GET, "/all?limit=1&direction=backward")).await?;
+    // Only the head is wanted; a key restricted to stream prefixes may read
+    // `$all` only through one, as the pages below do.
+    let mut head_path = "/all?limit=1&direction=backward".to_owned();
+    if let Some(p) = &args.stream_prefix {
+        head_path.push_str(&format!("&stream_prefix={}", enc(p)));
+    }
+    let info = client.json(client.request(Method::GET, &head_path)).await?;
     let head = info["head"].as_u64().unwrap_or(0);
     let bar = progress(head.saturating_sub(from), "exporting");
     if args.output.is_none() || c.json {
