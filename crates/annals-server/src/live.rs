@@ -529,12 +529,16 @@ async fn ws_session(state: AppState, principal: Principal, mut socket: WebSocket
         };
         tagged(json!({ "type": "subscribed", "stream": target }), id)
     };
-    if socket.send(subscribed(&request, first_id.as_deref())).await.is_err() {
-        return;
-    }
+    // Subscribe before saying so: `from: "end"` starts at the head as the
+    // store sees it when `subscribe` is called, and the client may commit
+    // the moment it reads `subscribed`.
+    let reply = subscribed(&request, first_id.as_deref());
     let key = first_id.clone().unwrap_or_default();
     streams.insert(key.clone(), state.inner.store.subscribe(request));
     subs.insert(key, WsSub { id: first_id, last: None });
+    if socket.send(reply).await.is_err() {
+        return;
+    }
     let (mut sink, mut incoming) = socket.split();
     let shutdown = state.inner.shutdown.clone();
     let mut count = 0u64;

@@ -1,0 +1,190 @@
+//! Live feeds at their edges: where a subscription starts, and what a
+//! client is told when its input is bad.
+
+mod common;
+
+use std::{
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use annals_core::{
+    AllReader, AllSlice, AppendResult, Appender, CheckpointStore, DeleteMode, EventData, EventStream,
+    ExpectedVersion, MemoryStore, ReadAll, ReadStream, RecordedEvent, Result, Snapshot, SnapshotStore,
+    StreamAppend, StreamDeleter, StreamInfo, StreamName, StreamReader, Subscriber, SubscriptionRequest,
+    async_trait,
+};
+use common::{TestServer, event, open_config, start_with_store, within};
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+async fn ws_connect(s: &TestServer) -> Ws {
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", s.addr)).await.expect("ws connect");
+    ws
+}
+
+/// The next text message as JSON; `None` once the socket closes.
+async fn ws_next_json(ws: &mut Ws) -> Option<Value> {
+    loop {
+        match ws.next().await? {
+            Ok(Message::Text(t)) => return Some(serde_json::from_str(t.as_str()).expect("JSON message")),
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => continue,
+        }
+    }
+}
+
+fn text(v: Value) -> Message {
+    Message::Text(v.to_string().into())
+}
+
+/// A MemoryStore whose next `subscribe` call blocks until released (at
+/// most 10 s; multi-threaded runtimes only), so a test can commit an event at a chosen point of a
+/// subscription's start.
+#[derive(Default)]
+struct Gated {
+    inner: MemoryStore,
+    gate: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+}
+
+impl Gated {
+    fn arm(&self) -> std::sync::mpsc::Sender<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        *self.gate.lock().unwrap_or_else(PoisonError::into_inner) = Some(rx);
+        tx
+    }
+}
+
+impl Subscriber for Gated {
+    fn subscribe(&self, r: SubscriptionRequest) -> EventStream {
+        let gate = self.gate.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(release) = gate {
+            // Hand the worker's scheduler to another thread while held,
+            // so the runtime's timers and sockets keep going.
+            let _ = tokio::task::block_in_place(|| release.recv_timeout(Duration::from_secs(10)));
+        }
+        self.inner.subscribe(r)
+    }
+}
+
+#[async_trait]
+impl Appender for Gated {
+    async fn append(&self, s: &StreamName, e: ExpectedVersion, ev: Vec<EventData>) -> Result<AppendResult> {
+        self.inner.append(s, e, ev).await
+    }
+    async fn append_multi(&self, parts: Vec<StreamAppend>) -> Result<Vec<AppendResult>> {
+        self.inner.append_multi(parts).await
+    }
+}
+
+#[async_trait]
+impl StreamReader for Gated {
+    async fn read_stream(&self, s: &StreamName, r: ReadStream) -> Result<Vec<RecordedEvent>> {
+        self.inner.read_stream(s, r).await
+    }
+    async fn stream_info(&self, s: &StreamName) -> Result<StreamInfo> {
+        self.inner.stream_info(s).await
+    }
+}
+
+#[async_trait]
+impl AllReader for Gated {
+    async fn read_all(&self, r: ReadAll) -> Result<AllSlice> {
+        self.inner.read_all(r).await
+    }
+    async fn next_position(&self) -> Result<u64> {
+        self.inner.next_position().await
+    }
+}
+
+#[async_trait]
+impl StreamDeleter for Gated {
+    async fn delete_stream(&self, s: &StreamName, e: ExpectedVersion, m: DeleteMode) -> Result<()> {
+        self.inner.delete_stream(s, e, m).await
+    }
+}
+
+#[async_trait]
+impl SnapshotStore for Gated {
+    async fn save_snapshot(&self, s: Snapshot) -> Result<()> {
+        self.inner.save_snapshot(s).await
+    }
+    async fn load_snapshot(&self, s: &StreamName, v: Option<u64>) -> Result<Option<Snapshot>> {
+        self.inner.load_snapshot(s, v).await
+    }
+    async fn prune_snapshots(&self, s: &StreamName, k: usize) -> Result<usize> {
+        self.inner.prune_snapshots(s, k).await
+    }
+}
+
+#[async_trait]
+impl CheckpointStore for Gated {
+    async fn load_checkpoint(&self, n: &str) -> Result<Option<u64>> {
+        self.inner.load_checkpoint(n).await
+    }
+    async fn save_checkpoint(&self, n: &str, p: u64) -> Result<()> {
+        self.inner.save_checkpoint(n, p).await
+    }
+}
+
+/// Appends one `After` event to `late-1` straight to the store (the
+/// server's worker may be held in `subscribe`).
+async fn commit_after(store: &Gated) {
+    let stream = StreamName::new("late-1").expect("name");
+    let event = EventData::json("After", &json!({})).expect("event");
+    store.inner.append(&stream, ExpectedVersion::Any, vec![event]).await.expect("append");
+}
+
+/// `subscribed` promises that every event committed after it arrives is
+/// delivered. The first subscription of a socket used to be answered
+/// before it was created, so with `from: "end"` an event committed right
+/// after `subscribed` was silently never delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_first_subscription_from_end_gets_events_committed_after_subscribed() {
+    within(60, async {
+        let store = Arc::new(Gated::default());
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let s = start_with_store(listener, store.clone(), open_config()).await;
+        s.append("early-1", "any", json!([event("Before", json!({}))])).await;
+        for (id, stream) in [(None, "$all"), (Some("named"), "$all"), (None, "late-1")] {
+            let release = store.arm();
+            let mut ws = ws_connect(&s).await;
+            let mut subscribe = json!({ "type": "subscribe", "stream": stream, "from": "end" });
+            if let Some(id) = id {
+                subscribe["id"] = json!(id);
+            }
+            ws.send(text(subscribe)).await.expect("send subscribe");
+            // While the store's subscribe call is held, `subscribed` may
+            // only arrive if it was sent before the subscription existed.
+            let early = tokio::time::timeout(Duration::from_millis(500), ws_next_json(&mut ws)).await;
+            let subscribed = match early {
+                Ok(m) => {
+                    // Commit while the subscription is still being set up.
+                    commit_after(&store).await;
+                    release.send(()).expect("release");
+                    m
+                }
+                Err(_) => {
+                    release.send(()).expect("release");
+                    let m = ws_next_json(&mut ws).await;
+                    commit_after(&store).await;
+                    m
+                }
+            };
+            let subscribed = subscribed.expect("subscribed");
+            assert_eq!(subscribed["type"], "subscribed", "{subscribed}");
+            let got = tokio::time::timeout(Duration::from_secs(3), ws_next_json(&mut ws))
+                .await
+                .unwrap_or_else(|_| panic!("{stream}: the event committed after `subscribed` never came"))
+                .expect("socket open");
+            assert_eq!(got["type"], "event", "{got}");
+            assert_eq!(got["event"]["type"], "After", "{got}");
+        }
+        s.stop().await;
+    })
+    .await;
+}
