@@ -91,9 +91,14 @@ fn at_inclusive(n: u64) -> SubscribeFrom {
 }
 
 fn resume_from(headers: &HeaderMap, query_from: Option<&str>) -> Result<SubscribeFrom, ApiError> {
-    if let Some(id) = headers.get("last-event-id").and_then(|v| v.to_str().ok()) {
-        let id =
-            id.trim().parse::<u64>().map_err(|_| ApiError::bad_request("Last-Event-ID must be a number"))?;
+    if let Some(raw) = headers.get("last-event-id") {
+        // A value that is not even text is as malformed as one that is not
+        // a number: ignoring it would replay the feed from `from`.
+        let id = raw
+            .to_str()
+            .ok()
+            .and_then(|id| id.trim().parse::<u64>().ok())
+            .ok_or_else(|| ApiError::bad_request("Last-Event-ID must be a number"))?;
         return Ok(SubscribeFrom::After(id));
     }
     subscribe_from(query_from.map(|s| Value::String(s.to_owned())).as_ref())

@@ -14,7 +14,7 @@ use annals_core::{
     StreamAppend, StreamDeleter, StreamInfo, StreamName, StreamReader, Subscriber, SubscriptionRequest,
     async_trait,
 };
-use common::{TestServer, event, open_config, start_with_store, within};
+use common::{TestServer, event, open_config, start, start_with_store, within};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
@@ -183,6 +183,28 @@ async fn websocket_first_subscription_from_end_gets_events_committed_after_subsc
                 .expect("socket open");
             assert_eq!(got["type"], "event", "{got}");
             assert_eq!(got["event"]["type"], "After", "{got}");
+        }
+        s.stop().await;
+    })
+    .await;
+}
+
+/// A `Last-Event-ID` that is not even text is malformed: 400, not ignored
+/// (ignoring it replays the feed from `from`, the start by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_event_id_that_is_not_text_is_refused() {
+    within(60, async {
+        let s = start(open_config()).await;
+        s.append("lei-1", "any", json!([event("A", json!({}))])).await;
+        for path in ["/all/live", "/streams/lei-1/live"] {
+            for bad in [&b"\xe9"[..], b"1\xff", b"abc", b"-1", b"1.5"] {
+                let value = reqwest::header::HeaderValue::from_bytes(bad).expect("header value");
+                let resp =
+                    s.client.get(s.url(path)).header("Last-Event-ID", value).send().await.expect("request");
+                assert_eq!(resp.status(), 400, "{path} with Last-Event-ID {bad:?}");
+                let body: Value = resp.json().await.expect("a JSON body");
+                assert!(body["error"]["code"].is_string(), "{body}");
+            }
         }
         s.stop().await;
     })
