@@ -1113,6 +1113,27 @@ pub async fn subscription_to_tombstoned_stream_ends_with_error<S: TestStore>(sto
     assert!(end.is_none(), "the subscription ends after its error");
 }
 
+/// Nothing is appended after the tombstone: a caught-up subscriber, already
+/// waiting for the next event, must not wait for some later commit to
+/// learn that its stream is gone.
+pub async fn subscription_learns_of_tombstone_without_a_later_append<S: TestStore>(store: S) {
+    let s = seeded(&store, "doomed-2", 1).await;
+    let mut sub = store.subscribe(SubscriptionRequest::stream(s.clone(), SubscribeFrom::Start));
+    take(&mut sub, 1).await;
+    let waiting = tokio::spawn(async move {
+        let next = tokio::time::timeout(PATIENCE, sub.next()).await;
+        next.map(|o| o.map(|r| r.map(|e| e.version)))
+    });
+    // Time to find nothing more and wait (were it still reading when the
+    // stream is deleted, the read would see the tombstone anyway).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    store.delete_stream(&s, ExpectedVersion::Any, DeleteMode::Hard).await.unwrap();
+    match waiting.await.unwrap() {
+        Ok(Some(Err(Error::StreamDeleted { .. }))) => {}
+        other => panic!("expected StreamDeleted, got {other:?}"),
+    }
+}
+
 // ------------------------------------------------- snapshots, checkpoints
 
 fn snapshot(s: &StreamName, version: u64, schema: u32) -> Snapshot {

@@ -121,6 +121,7 @@ macro_rules! suite {
             subscribe_to_missing_stream_waits_for_it,
             slow_subscriber_does_not_block_writers_or_lose_events,
             subscription_to_tombstoned_stream_ends_with_error,
+            subscription_learns_of_tombstone_without_a_later_append,
             snapshots_load_latest_and_by_version,
             snapshots_prune_keeps_newest,
             checkpoints_round_trip,

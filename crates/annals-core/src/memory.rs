@@ -324,6 +324,11 @@ impl StreamDeleter for MemoryStore {
             DeleteMode::Soft => entry.state.truncate_before = entry.state.next_version(),
             DeleteMode::Hard => entry.state.tombstoned = true,
         }
+        drop(state);
+        // Wake the subscriptions although the head did not move, so a live
+        // subscriber of this stream reads it and learns of a tombstone now,
+        // not at the next append.
+        self.inner.head.send_modify(|_| {});
         Ok(())
     }
 }

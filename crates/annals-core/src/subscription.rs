@@ -11,7 +11,7 @@ use std::{
     collections::VecDeque,
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -45,6 +45,9 @@ struct State {
     source: Arc<dyn SubscriptionSource>,
     head: watch::Receiver<u64>,
     tail: Option<Arc<Tail>>,
+    /// Stream subscriptions with a tail: woken by a deletion through the
+    /// store, which need not move the head (see [`Tail::note_deletion`]).
+    deletions: Option<watch::Receiver<u64>>,
     target: SubscriptionTarget,
     cursor: Cursor,
     buffer: VecDeque<RecordedEvent>,
@@ -97,10 +100,15 @@ fn subscribe(
         (SubscriptionTarget::Stream(_), SubscribeFrom::After(v)) => Cursor::Stream(v.saturating_add(1)),
         (SubscriptionTarget::Stream(_), SubscribeFrom::End) => Cursor::StreamFromPosition(now),
     };
+    let deletions = match request.target {
+        SubscriptionTarget::Stream(_) => tail.as_ref().map(|t| t.deletions.subscribe()),
+        SubscriptionTarget::All(_) => None,
+    };
     let state = State {
         source,
         head,
         tail,
+        deletions,
         target: request.target,
         cursor,
         buffer: VecDeque::new(),
@@ -120,10 +128,26 @@ fn subscribe(
             // Mark the current head as seen *before* reading, so a commit
             // that lands during the read still wakes us afterwards.
             st.seen_head = *st.head.borrow_and_update();
+            // Likewise the deletion count: the fetch decides by it whether
+            // the stream must be read, and a deletion noted after that
+            // decision must wake us to read it.
+            if let Some(deletions) = st.deletions.as_mut() {
+                deletions.borrow_and_update();
+            }
             match fetch(&mut st).await {
                 Ok(true) => continue,
                 Ok(false) => {
-                    if st.head.changed().await.is_err() {
+                    let woken = match st.deletions.as_mut() {
+                        Some(deletions) => tokio::select! {
+                            woken = st.head.changed() => woken,
+                            // The tail owns the sender and we hold the tail,
+                            // so this never fails; if it did, the head
+                            // still wakes us.
+                            Ok(()) = deletions.changed() => Ok(()),
+                        },
+                        None => st.head.changed().await,
+                    };
+                    if woken.is_err() {
                         st.done = true;
                         return Some((Err(Error::Closed), st));
                     }
@@ -296,8 +320,9 @@ pub struct Tail {
     filled: tokio::sync::Notify,
     max_events: usize,
     max_bytes: usize,
-    /// Streams deleted through this store (see [`Tail::note_deletion`]).
-    deletions: AtomicU64,
+    /// Streams deleted through this store (see [`Tail::note_deletion`]);
+    /// a change wakes the caught-up stream subscriptions.
+    deletions: watch::Sender<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -359,19 +384,23 @@ impl Tail {
             filled: tokio::sync::Notify::new(),
             max_events: max_events.max(1),
             max_bytes: max_bytes.max(1),
-            deletions: AtomicU64::new(0),
+            deletions: watch::Sender::new(0),
         }
     }
 
     /// Tells the store's stream subscriptions that a stream was deleted
-    /// (soft or hard): each reads its stream at its next wake-up. Backends
-    /// call it after a deletion commits.
+    /// (soft or hard): each is woken and reads its stream. Backends call it
+    /// after a deletion commits (is readable).
     pub fn note_deletion(&self) {
-        self.deletions.fetch_add(1, Ordering::SeqCst);
+        // A deletion need not move the head, and one that wakes them
+        // through it (the log publishes its head before the deleting caller
+        // gets here) may do so before this count changes, and they would
+        // take the stream's events from the tail again and sleep.
+        self.deletions.send_modify(|n| *n += 1);
     }
 
     fn deletions(&self) -> u64 {
-        self.deletions.load(Ordering::SeqCst)
+        *self.deletions.borrow()
     }
 
     /// Moves the events of `stream` from position `position` on into
