@@ -90,7 +90,11 @@ fn at_inclusive(n: u64) -> SubscribeFrom {
     }
 }
 
-fn resume_from(headers: &HeaderMap, query_from: Option<&str>) -> Result<SubscribeFrom, ApiError> {
+/// Where an SSE feed starts, and which input said so (for errors).
+fn resume_from(
+    headers: &HeaderMap,
+    query_from: Option<&str>,
+) -> Result<(SubscribeFrom, &'static str), ApiError> {
     if let Some(raw) = headers.get("last-event-id") {
         // A value that is not even text is as malformed as one that is not
         // a number: ignoring it would replay the feed from `from`.
@@ -99,9 +103,40 @@ fn resume_from(headers: &HeaderMap, query_from: Option<&str>) -> Result<Subscrib
             .ok()
             .and_then(|id| id.trim().parse::<u64>().ok())
             .ok_or_else(|| ApiError::bad_request("Last-Event-ID must be a number"))?;
-        return Ok(SubscribeFrom::After(id));
+        return Ok((SubscribeFrom::After(id), "Last-Event-ID"));
     }
-    subscribe_from(query_from.map(|s| Value::String(s.to_owned())).as_ref())
+    Ok((subscribe_from(query_from.map(|s| Value::String(s.to_owned())).as_ref())?, "`from`"))
+}
+
+/// Refuses a start past the head (`$all`) or past the stream's next
+/// version: no event there was ever sent, so the client's position comes
+/// from elsewhere (another store, a restored backup), and following it
+/// would silently skip every event committed up to it. `what` names the
+/// input (`from`, `Last-Event-ID`).
+async fn check_start(state: &AppState, request: &SubscriptionRequest, what: &str) -> Result<(), ApiError> {
+    let SubscribeFrom::After(last) = request.from else { return Ok(()) };
+    let store = &state.inner.store;
+    let (next, unit) = match &request.target {
+        SubscriptionTarget::All(_) => (store.next_position().await?, "position"),
+        SubscriptionTarget::Stream(stream) => match store.stream_info(stream).await {
+            Ok(info) => (info.last_version.map_or(0, |v| v.saturating_add(1)), "version"),
+            Err(CoreError::StreamNotFound { .. }) => (0, "version"),
+            Err(e) => return Err(e.into()),
+        },
+    };
+    if last.checked_add(1).is_some_and(|first| first <= next) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        axum::http::StatusCode::BAD_REQUEST,
+        "beyond_head",
+        format!(
+            "{what} is past the head: the next {unit} is {next}, so this store never sent an event \
+             there, and following it would skip every event until it; start at {next} or below, or \
+             from `end`"
+        ),
+    )
+    .with_details(json!({ "next": next })))
 }
 
 /// `GET /streams/{stream}/live`: one stream as Server-Sent Events.
@@ -109,7 +144,7 @@ fn resume_from(headers: &HeaderMap, query_from: Option<&str>) -> Result<Subscrib
     params(("stream" = String, Path, description = "Stream name"), LiveQuery),
     responses((status = 200, content_type = "text/event-stream", body = String,
             description = "`event: event` (id = version, data = EventOut); `event: slow_consumer` / `error` / `shutdown` end the stream"),
-        (status = 400, description = "Invalid stream name, `from` or `Last-Event-ID`", body = ErrorOut),
+        (status = 400, description = "Invalid stream name, `from` or `Last-Event-ID`; `beyond_head`: it starts past the stream's next version", body = ErrorOut),
         (status = 403, description = "Role below reader (admin for `$` streams), or outside the caller's prefixes", body = ErrorOut)))]
 pub async fn stream_sse(
     State(state): State<AppState>,
@@ -122,8 +157,9 @@ pub async fn stream_sse(
     let stream = readable_stream(&stream)?;
     let needed = if stream.is_system() { Role::Admin } else { Role::Reader };
     principal.authorize(needed, Some(stream.as_str()))?;
-    let from = resume_from(&headers, query.from.as_deref())?;
+    let (from, what) = resume_from(&headers, query.from.as_deref())?;
     let request = SubscriptionRequest::stream(stream, from);
+    check_start(&state, &request, what).await?;
     Ok(sse(state, request, conn.map(|c| c.0)))
 }
 
@@ -131,7 +167,7 @@ pub async fn stream_sse(
 #[utoipa::path(get, path = "/all/live", tag = "live", params(LiveQuery, FilterQuery),
     responses((status = 200, content_type = "text/event-stream", body = String,
             description = "`event: event` (id = position, data = EventOut); `event: slow_consumer` / `error` / `shutdown` end the stream"),
-        (status = 400, description = "Invalid `from`, `Last-Event-ID` or filter", body = ErrorOut),
+        (status = 400, description = "Invalid `from`, `Last-Event-ID` or filter; `beyond_head`: it starts past the head", body = ErrorOut),
         (status = 403, description = "Role below reader (admin with `include_system`), or a prefix-restricted caller without a `stream_prefix` inside its prefixes", body = ErrorOut)))]
 pub async fn all_sse(
     State(state): State<AppState>,
@@ -142,8 +178,10 @@ pub async fn all_sse(
 ) -> Result<Response, ApiError> {
     let filter = query.filter.to_filter()?;
     query.filter.authorize(&principal, &filter)?;
-    let from = resume_from(&headers, query.from.as_deref())?;
-    Ok(sse(state, SubscriptionRequest::all(filter, from), conn.map(|c| c.0)))
+    let (from, what) = resume_from(&headers, query.from.as_deref())?;
+    let request = SubscriptionRequest::all(filter, from);
+    check_start(&state, &request, what).await?;
+    Ok(sse(state, request, conn.map(|c| c.0)))
 }
 
 /// Why a live connection ends early.
@@ -510,7 +548,10 @@ async fn ws_session(state: AppState, principal: Principal, mut socket: WebSocket
     // closed after the error, as before several subscriptions existed.
     let first = match parse_message(text.as_str()) {
         Ok(ClientMessage::Subscribe { id, stream, from, filter }) => {
-            parse_subscribe(stream, from, filter, &principal).map(|r| (id, r))
+            match parse_subscribe(stream, from, filter, &principal) {
+                Ok(request) => check_start(&state, &request, "`from`").await.map(|()| (id, request)),
+                Err(e) => Err(e),
+            }
         }
         Ok(ClientMessage::Unsubscribe { .. }) => Err(ApiError::bad_request("subscribe first")),
         Err(e) => Err(e),
@@ -588,12 +629,15 @@ async fn ws_session(state: AppState, principal: Principal, mut socket: WebSocket
                                     "at most {MAX_WS_SUBSCRIPTIONS} subscriptions per socket"
                                 )))
                             } else {
-                                parse_subscribe(stream, from, filter, &principal).map(|request| {
-                                    let msg = subscribed(&request, Some(&id));
-                                    streams.insert(id.clone(), state.inner.store.subscribe(request));
-                                    subs.insert(id.clone(), WsSub { id: Some(id), last: None });
-                                    msg
-                                })
+                                match parse_subscribe(stream, from, filter, &principal) {
+                                    Ok(request) => check_start(&state, &request, "`from`").await.map(|()| {
+                                        let msg = subscribed(&request, Some(&id));
+                                        streams.insert(id.clone(), state.inner.store.subscribe(request));
+                                        subs.insert(id.clone(), WsSub { id: Some(id), last: None });
+                                        msg
+                                    }),
+                                    Err(e) => Err(e),
+                                }
                             }
                         }
                         Ok(ClientMessage::Unsubscribe { id }) => match subs.remove(&id) {

@@ -210,3 +210,84 @@ async fn last_event_id_that_is_not_text_is_refused() {
     })
     .await;
 }
+
+/// A resume point past the head names no event this store ever sent (it
+/// comes from another store, or one restored from an older backup):
+/// following it would silently skip every event committed up to it, so
+/// it is refused. The head itself (`$all`) or the stream's next version
+/// is a valid start, the same as `end`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_point_past_the_head_is_refused() {
+    within(60, async {
+        let s = start(open_config()).await;
+        s.append("head-1", "any", json!([event("A", json!({})), event("A", json!({}))])).await;
+        let open = |path: &str, last_event_id: Option<&str>| {
+            let mut req = s.client.get(s.url(path));
+            if let Some(id) = last_event_id {
+                req = req.header("Last-Event-ID", id);
+            }
+            req.send()
+        };
+        let refused = [
+            ("/all/live?from=3", None),
+            ("/all/live", Some("2")),
+            ("/all/live", Some("18446744073709551615")),
+            ("/streams/head-1/live?from=3", None),
+            ("/streams/head-1/live", Some("2")),
+            ("/streams/never-1/live?from=1", None),
+            ("/streams/never-1/live", Some("0")),
+        ];
+        for (path, id) in refused {
+            let resp = open(path, id).await.expect("request");
+            assert_eq!(resp.status(), 400, "{path} Last-Event-ID {id:?}");
+            let body: Value = resp.json().await.expect("a JSON body");
+            assert_eq!(body["error"]["code"], "beyond_head", "{body}");
+        }
+        for (path, id) in [
+            ("/all/live?from=2", None),
+            ("/all/live", Some("1")),
+            ("/streams/head-1/live?from=2", None),
+            ("/streams/head-1/live", Some("1")),
+            ("/streams/never-1/live?from=0", None),
+        ] {
+            let resp = open(path, id).await.expect("request");
+            assert_eq!(resp.status(), 200, "{path} Last-Event-ID {id:?}");
+        }
+        // Starting at the head delivers the next event.
+        let resp = open("/all/live?from=2", None).await.expect("request");
+        let reader = tokio::spawn(common::read_sse(resp, |all| !all.is_empty()));
+        s.append("head-1", "any", json!([event("B", json!({}))])).await;
+        let records = reader.await.expect("reader");
+        assert_eq!(records[0].1.as_deref(), Some("2"));
+
+        // WebSocket: a bad first subscribe closes the socket after the
+        // error; a bad further one is refused and the socket goes on.
+        let mut ws = ws_connect(&s).await;
+        ws.send(text(json!({ "type": "subscribe", "stream": "$all", "from": 4 }))).await.expect("send");
+        let m = ws_next_json(&mut ws).await.expect("reply");
+        assert_eq!(
+            (m["type"].as_str(), m["error"]["code"].as_str()),
+            (Some("error"), Some("beyond_head")),
+            "{m}"
+        );
+        let mut ws = ws_connect(&s).await;
+        ws.send(text(json!({ "type": "subscribe", "id": "a", "stream": "head-1", "from": 3 })))
+            .await
+            .expect("send");
+        assert_eq!(ws_next_json(&mut ws).await.expect("reply")["type"], "subscribed");
+        ws.send(text(json!({ "type": "subscribe", "id": "b", "stream": "head-1", "from": 4 })))
+            .await
+            .expect("send");
+        let m = ws_next_json(&mut ws).await.expect("reply");
+        assert_eq!(
+            (m["type"].as_str(), m["error"]["code"].as_str()),
+            (Some("error"), Some("beyond_head")),
+            "{m}"
+        );
+        s.append("head-1", "any", json!([event("C", json!({}))])).await;
+        let m = ws_next_json(&mut ws).await.expect("socket open");
+        assert_eq!((m["id"].as_str(), m["event"]["version"].as_u64()), (Some("a"), Some(3)), "{m}");
+        s.stop().await;
+    })
+    .await;
+}
