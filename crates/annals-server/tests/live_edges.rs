@@ -291,3 +291,37 @@ async fn resume_point_past_the_head_is_refused() {
     })
     .await;
 }
+
+/// Filters are checked before the feed starts: a bad one is a 400 JSON
+/// answer (SSE) or an `error` message (WebSocket), as for `GET /all`, not a
+/// 200 feed that ends at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_feeds_refuse_invalid_filters_up_front() {
+    within(60, async {
+        let s = start(open_config()).await;
+        for query in ["category=a%01b", "stream_prefix=%07", "type=A%01B"] {
+            let (status, body) = s.get(&format!("/all?{query}")).await;
+            assert_eq!(status, 400, "GET /all?{query}: {body}");
+            let resp = s.client.get(s.url(&format!("/all/live?{query}"))).send().await.expect("request");
+            assert_eq!(resp.status(), 400, "/all/live?{query}");
+            let body: Value = resp.json().await.expect("a JSON body");
+            assert!(body["error"]["code"].is_string(), "{body}");
+        }
+        let mut ws = ws_connect(&s).await;
+        ws.send(text(json!({ "type": "subscribe", "id": "a", "stream": "ok-1" }))).await.expect("send");
+        assert_eq!(ws_next_json(&mut ws).await.expect("reply")["type"], "subscribed");
+        ws.send(text(
+            json!({ "type": "subscribe", "id": "b", "stream": "$all", "filter": { "category": "a\u{1}" } }),
+        ))
+        .await
+        .expect("send");
+        let m = ws_next_json(&mut ws).await.expect("reply");
+        assert_eq!(m["type"], "error", "a bad filter is refused, not subscribed: {m}");
+        // The socket and its first subscription go on.
+        s.append("ok-1", "any", json!([event("A", json!({}))])).await;
+        let m = ws_next_json(&mut ws).await.expect("socket open");
+        assert_eq!((m["type"].as_str(), m["id"].as_str()), (Some("event"), Some("a")), "{m}");
+        s.stop().await;
+    })
+    .await;
+}

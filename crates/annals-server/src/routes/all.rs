@@ -62,7 +62,7 @@ impl FilterQuery {
                 })
                 .transpose()
         };
-        Ok(Filter {
+        let filter = Filter {
             stream_prefix: self.stream_prefix.clone().filter(|s| !s.is_empty()),
             category: self.category.clone().filter(|s| !s.is_empty()),
             event_types,
@@ -70,7 +70,12 @@ impl FilterQuery {
             recorded_after: time("after", &self.after)?,
             recorded_before: time("before", &self.before)?,
             include_system: self.include_system()?,
-        })
+        };
+        // Checked here, not only by the store's read: a live feed (SSE or
+        // WebSocket) would otherwise answer 200 / `subscribed` first and
+        // end with an error event.
+        filter.validate()?;
+        Ok(filter)
     }
 
     fn include_system(&self) -> Result<bool, ApiError> {
