@@ -37,6 +37,19 @@ pub const KIND_TOMBSTONE: u8 = 3;
 /// so an atomic append is never cut in half.
 pub const FLAG_GROUP_END: u16 = 1;
 
+/// The tag a group's last record carries in flag bits 1–15: the low 15 bits
+/// of the hash of the record before the group (its first two bytes, little
+/// endian). It ties the mark to where its group starts, which the event
+/// count alone cannot when groups hold no events (deletes only).
+pub fn group_tag(before_group: &Hash) -> u16 {
+    u16::from_le_bytes([before_group[0], before_group[1]]) & 0x7fff
+}
+
+/// The flags of a group's last record whose group follows `before_group`.
+fn end_flags(tag: u16) -> u16 {
+    FLAG_GROUP_END | (tag << 1)
+}
+
 /// Bits of a location used for the offset inside a segment.
 const OFFSET_BITS: u32 = 40;
 /// Largest offset a location can hold (1 TiB).
@@ -131,6 +144,8 @@ pub struct RawRecord<'a> {
     /// In a group's last record: how many event records the group holds
     /// (0 elsewhere, and in format version 1).
     pub group_events: u32,
+    /// In a group's last record: its [`group_tag`] (0 elsewhere).
+    pub group_tag: u16,
     /// Content type code of the event data.
     pub content_type: u8,
     /// Global position (events); for deletes in format version 2, the
@@ -203,9 +218,10 @@ pub struct EventFields<'a> {
     pub metadata: &'a [u8],
     /// Data bytes.
     pub data: &'a [u8],
-    /// `Some(event records in the group)` when this record ends its group
-    /// (see [`mark_group_end`], which marks an encoded record afterwards).
-    pub group_end: Option<u32>,
+    /// `Some((event records in the group, its [`group_tag`]))` when this
+    /// record ends its group (see [`mark_group_end`], which marks an encoded
+    /// record afterwards).
+    pub group_end: Option<(u32, u16)>,
 }
 
 /// Length of the frame an event record would take.
@@ -240,7 +256,7 @@ pub fn encode_event(out: &mut Vec<u8>, prev: &Hash, f: &EventFields<'_>) -> Resu
     out.push(f.content_type);
     out.extend_from_slice(&stream_len.to_le_bytes());
     out.extend_from_slice(&type_len.to_le_bytes());
-    let flags = if f.group_end.is_some() { FLAG_GROUP_END } else { 0 };
+    let flags = f.group_end.map_or(0, |(_, tag)| end_flags(tag));
     out.extend_from_slice(&flags.to_le_bytes());
     out.extend_from_slice(&f.position.to_le_bytes());
     out.extend_from_slice(&f.version.to_le_bytes());
@@ -249,7 +265,7 @@ pub fn encode_event(out: &mut Vec<u8>, prev: &Hash, f: &EventFields<'_>) -> Resu
     out.extend_from_slice(&meta_len.to_le_bytes());
     out.extend_from_slice(&data_len.to_le_bytes());
     out.extend_from_slice(&corr_len.to_le_bytes());
-    out.extend_from_slice(&f.group_end.unwrap_or(0).to_le_bytes());
+    out.extend_from_slice(&f.group_end.map_or(0, |(events, _)| events).to_le_bytes());
     out.extend_from_slice(f.stream.as_bytes());
     out.extend_from_slice(f.event_type.as_bytes());
     out.extend_from_slice(f.correlation.as_bytes());
@@ -290,10 +306,11 @@ pub fn encode_delete(
 }
 
 /// Marks the encoded record `frame` (whole, hash included) as the last of
-/// its group, which holds `group_events` event records, and seals it again:
-/// returns its new hash (`prev` is the hash of the record before it).
-pub fn mark_group_end(frame: &mut [u8], prev: &Hash, group_events: u32) -> Hash {
-    let flags = u16_at(frame, 14) | FLAG_GROUP_END;
+/// its group, which holds `group_events` event records and has the
+/// [`group_tag`] `tag`, and seals it again: returns its new hash (`prev` is
+/// the hash of the record before it).
+pub fn mark_group_end(frame: &mut [u8], prev: &Hash, group_events: u32, tag: u16) -> Hash {
+    let flags = end_flags(tag);
     put(frame, 14, &flags.to_le_bytes());
     put(frame, 68, &group_events.to_le_bytes());
     let hash = chain_hash(prev, hashed_body(frame));
@@ -365,7 +382,7 @@ pub fn decode(b: &[u8]) -> Result<RawRecord<'_>, DecodeError> {
     }
     let content_type = frame.get(9).copied().unwrap_or(0);
     let flags = u16_at(frame, 14);
-    if flags & !FLAG_GROUP_END != 0 {
+    if flags & FLAG_GROUP_END == 0 && flags != 0 {
         return Err(DecodeError::Invalid(format!("unknown record flags {flags:#06x}")));
     }
     let group_events = u32_at(frame, 68);
@@ -409,6 +426,7 @@ pub fn decode(b: &[u8]) -> Result<RawRecord<'_>, DecodeError> {
         kind,
         flags,
         group_events,
+        group_tag: flags >> 1,
         content_type,
         position: u64_at(frame, 16),
         version: u64_at(frame, 24),
@@ -518,25 +536,30 @@ mod tests {
         let h1 = encode_event(&mut out, &[1; 32], &fields("s-1", b"{}")).unwrap();
         let plain = decode(&out).unwrap();
         assert_eq!((plain.flags, plain.group_events), (0, 0));
-        let h2 = mark_group_end(&mut out, &[1; 32], 3);
+        let h2 = mark_group_end(&mut out, &[1; 32], 3, group_tag(&[0xab; 32]));
         assert_ne!(h1, h2);
         let r = decode(&out).unwrap();
-        assert_eq!((r.flags, r.group_events, r.hash), (FLAG_GROUP_END, 3, h2));
+        assert_eq!((r.flags & FLAG_GROUP_END, r.group_events, r.hash), (FLAG_GROUP_END, 3, h2));
+        assert_eq!(r.group_tag, 0x2bab);
         assert_eq!(chain_hash(&[1; 32], hashed_body(&out)), h2);
         assert_eq!(group_first_position(&r), Some(5)); // positions 5, 6, 7
         // Marked while encoding: the same bytes.
         let mut direct = Vec::new();
-        encode_event(&mut direct, &[1; 32], &EventFields { group_end: Some(3), ..fields("s-1", b"{}") })
-            .unwrap();
+        encode_event(
+            &mut direct,
+            &[1; 32],
+            &EventFields { group_end: Some((3, 0x2bab)), ..fields("s-1", b"{}") },
+        )
+        .unwrap();
         assert_eq!(direct, out);
-        // Unknown flags, or a count without the mark, do not decode.
+        // Flag bits without the mark, or a count without the mark, do not decode.
         let mut bad = out.clone();
-        bad[14] |= 2;
+        bad[14..16].copy_from_slice(&2u16.to_le_bytes());
         let crc = crc32c::crc32c(&bad[8..]);
         bad[4..8].copy_from_slice(&crc.to_le_bytes());
         assert!(matches!(decode(&bad), Err(DecodeError::Invalid(r)) if r.contains("flags")));
         let mut bad = out.clone();
-        bad[14] = 0;
+        bad[14..16].copy_from_slice(&0u16.to_le_bytes());
         let crc = crc32c::crc32c(&bad[8..]);
         bad[4..8].copy_from_slice(&crc.to_le_bytes());
         assert!(matches!(decode(&bad), Err(DecodeError::Invalid(r)) if r.contains("count")));

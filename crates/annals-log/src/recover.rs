@@ -31,7 +31,7 @@ struct Found {
     at: u64,
     len: u64,
     /// `Some(first position of its group)` when it ends a group.
-    group_end: Option<Option<u64>>,
+    group_end: Option<(Option<u64>, u16)>,
 }
 
 /// What to do about a bad record.
@@ -188,8 +188,17 @@ impl Cursor {
     }
 
     /// The first intact record (any kind, consistent field lengths, a good
-    /// checksum) starting in `from..until`, if any.
-    fn next_intact(&mut self, from: u64, until: u64) -> Result<Option<Found>, LogError> {
+    /// checksum) starting in `from..until`, if any. With `after = Some((off,
+    /// np))`, a record there must also carry a position that records written
+    /// after `off`, where the next position was `np`, can have: from `np`
+    /// up to one more per smallest record between; another is a frame
+    /// inside some event's data, not a record of the log.
+    fn next_intact(
+        &mut self,
+        from: u64,
+        until: u64,
+        after: Option<(u64, u64)>,
+    ) -> Result<Option<Found>, LogError> {
         let until = until.min(self.len);
         let file_len = self.len;
         let header = MIN_RECORD_LEN as u64;
@@ -234,9 +243,17 @@ impl Cursor {
             match candidate {
                 Some((at, len)) => {
                     let frame = self.at(at, usize::try_from(len).unwrap_or(usize::MAX))?;
-                    if let Ok(raw) = format::decode(frame.get(..len as usize).unwrap_or_default()) {
-                        let group_end =
-                            (raw.flags & FLAG_GROUP_END != 0).then(|| format::group_first_position(&raw));
+                    let decoded = format::decode(frame.get(..len as usize).unwrap_or_default());
+                    let placed = |position: u64| {
+                        after.is_none_or(|(off, np)| {
+                            (np..=np + (at - off) / MIN_RECORD_LEN as u64 + 1).contains(&position)
+                        })
+                    };
+                    if let Ok(raw) = decoded
+                        && placed(raw.position)
+                    {
+                        let group_end = (raw.flags & FLAG_GROUP_END != 0)
+                            .then(|| (format::group_first_position(&raw), raw.group_tag));
                         return Ok(Some(Found { at, len, group_end }));
                     }
                     p = at + 1;
@@ -254,17 +271,24 @@ impl Cursor {
     /// intact after a hole; but nothing intact may follow the group's end
     /// mark (a later group is only written after this one was synced, so
     /// finding one means this group was acknowledged: the bad bytes are
-    /// damage), and a found end mark must close this group, not a later one.
-    fn rest_of_one_group(&mut self, from: u64, group_position: u64) -> Result<bool, LogError> {
+    /// damage), and a found end mark must close this group, not a later one
+    /// (its event count and its tag lead back to where this group starts).
+    fn rest_of_one_group(
+        &mut self,
+        from: u64,
+        np: u64,
+        group_position: u64,
+        tag: u16,
+    ) -> Result<bool, LogError> {
         let until = from.saturating_add(GROUP_SEARCH_LIMIT);
         let mut q = from + 1;
         let mut ended = false;
-        while let Some(found) = self.next_intact(q, until)? {
+        while let Some(found) = self.next_intact(q, until, Some((from, np)))? {
             if ended {
                 return Ok(false);
             }
-            if let Some(first) = found.group_end {
-                if first != Some(group_position) {
+            if let Some((first, found_tag)) = found.group_end {
+                if first != Some(group_position) || found_tag != tag {
                     return Ok(false);
                 }
                 ended = true;
@@ -353,6 +377,7 @@ impl Held {
             kind: self.kind,
             flags: 0,
             group_events: 0,
+            group_tag: 0,
             content_type: self.content_type,
             position: self.position,
             version: self.version,
@@ -544,6 +569,12 @@ pub(crate) fn scan(
                     } else if marks
                         && aligned
                         && boundary
+                        && raw.group_tag != format::group_tag(&mark.tail.last_hash)
+                    {
+                        Some("group end mark does not name the record its group follows".to_owned())
+                    } else if marks
+                        && aligned
+                        && boundary
                         && format::group_first_position(&raw) != Some(mark.tail.next_position)
                     {
                         Some(format!(
@@ -558,6 +589,7 @@ pub(crate) fn scan(
                     } else {
                         // The group is whole: hand it over, held records first.
                         let mut failed = None;
+                        let had_held = !held.is_empty();
                         for h in held.drain(..) {
                             if let Err(e) = on_record(h.segment, h.offset, &h.raw()) {
                                 failed = Some(e);
@@ -570,7 +602,10 @@ pub(crate) fn scan(
                             out.reapply = true;
                             failed
                         } else {
-                            on_record(seg, off, &raw).err()
+                            let r = on_record(seg, off, &raw).err();
+                            // The held records reached `on_record` already.
+                            out.reapply |= r.is_some() && had_held;
+                            r
                         }
                     };
                     match reason {
@@ -620,7 +655,12 @@ pub(crate) fn scan(
                     // The bad bytes and everything after them can be the
                     // rest of the group being written when the machine
                     // stopped (its pages reach the disk in any order).
-                    cur.rest_of_one_group(off, mark.tail.next_position)?
+                    cur.rest_of_one_group(
+                        off,
+                        np,
+                        mark.tail.next_position,
+                        format::group_tag(&mark.tail.last_hash),
+                    )?
                 } else {
                     // Format version 1: nothing but zeros follows where the
                     // bad frame claims to end, and nothing intact starts

@@ -261,7 +261,12 @@ pub(crate) fn recover_index(
     Ok((idx, scan, index_loaded, applied))
 }
 
-fn apply_raw(idx: &mut Index, seg: u64, off: u64, raw: &RawRecord<'_>) -> std::result::Result<(), String> {
+pub(crate) fn apply_raw(
+    idx: &mut Index,
+    seg: u64,
+    off: u64,
+    raw: &RawRecord<'_>,
+) -> std::result::Result<(), String> {
     let stream = StreamName::any(raw.stream).map_err(|e| e.to_string())?;
     match raw.kind {
         KIND_EVENT => idx.apply_event(

@@ -58,11 +58,15 @@ pub fn verify_with(io: &dyn Io, dir: &Path) -> Result<VerifyReport, LogError> {
         _ => (0, 0),
     };
     let start = Start { durable, ..Start::beginning() };
-    let scan = recover::scan(io, dir, start, Mode::Verify, &mut |_, _, raw| {
+    // The same index open builds, so verify checks what open checks
+    // (stream versions in sequence, valid stream names) and passes exactly
+    // the logs open accepts.
+    let mut idx = crate::index::Index::default();
+    let scan = recover::scan(io, dir, start, Mode::Verify, &mut |seg, off, raw| {
         if raw.kind == KIND_EVENT && !streams.contains(raw.stream) {
             streams.insert(raw.stream.to_owned());
         }
-        Ok(())
+        crate::store::apply_raw(&mut idx, seg, off, raw)
     })?;
     Ok(VerifyReport {
         segments: scan.files.len() as u64,

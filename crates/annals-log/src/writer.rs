@@ -112,6 +112,8 @@ struct Group {
     last: Option<(usize, usize, format::Hash)>,
     /// Event records encoded so far.
     events: u32,
+    /// The hash of the record before the group (its end mark's tag).
+    before: format::Hash,
     /// Start a new segment before the first record (the active one is of an
     /// older format version).
     roll: bool,
@@ -340,6 +342,7 @@ impl Writer {
             }],
             last: None,
             events: 0,
+            before: self.tail.last_hash,
             roll: self.cfg.roll_first,
             closing: false,
             tail: self.tail,
@@ -573,7 +576,7 @@ impl Writer {
                     correlation: correlation.as_deref().unwrap_or(""),
                     metadata: metadata.as_bytes(),
                     data: &data,
-                    group_end: ends_group.then_some(group.events + 1),
+                    group_end: ends_group.then_some((group.events + 1, format::group_tag(&group.before))),
                 };
                 let len = format::event_frame_len(&fields);
                 let prev = group.tail.last_hash;
@@ -661,7 +664,8 @@ impl Writer {
         {
             // The group's last record says so: recovery keeps the group only
             // when this mark is intact (see docs/log-format.md).
-            group.tail.last_hash = format::mark_group_end(frame, &prev, group.events);
+            group.tail.last_hash =
+                format::mark_group_end(frame, &prev, group.events, format::group_tag(&group.before));
         }
         if wrote_anything && let Err(e) = self.write_group(&mut group) {
             let reason = format!("append failed: {e}");

@@ -1,7 +1,9 @@
 //! Review of log format version 2 (group-end marks), 2026-12-03: crash and
-//! damage states modelled byte by byte. Ignored tests are confirmed
-//! findings (they fail on the code they were written against); the others
-//! are regression tests of cases that held up.
+//! damage states modelled byte by byte. The tests marked "found by review"
+//! failed on the code they were written against and were fixed the same day
+//! (group tags in end marks, position windows for frames found past damage,
+//! verify checking what open checks, repair rebuilding after a failed end
+//! mark); the others are regression tests of cases that held up.
 #![allow(clippy::unwrap_used, clippy::indexing_slicing, missing_docs)]
 use std::path::{Path, PathBuf};
 
@@ -62,14 +64,14 @@ async fn count_all(store: &LogStore) -> usize {
     store.read_all(ReadAll::forward(10_000)).await.unwrap().events.len()
 }
 
-/// FINDING (high): a damaged *delete-only* group (here one soft delete,
+/// Found by review (high), fixed the same day: a damaged *delete-only* group (here one soft delete,
 /// acknowledged) followed by one more group is taken for a torn tail and
 /// cut, with the acknowledged delete. A delete-only group holds no events,
 /// so the next group's first position equals its own: the later group's end
 /// mark "closes this group" by the count check in `rest_of_one_group`, and
 /// nothing follows it. The deleted stream comes back.
 #[tokio::test]
-#[ignore = "finding: damage to an acknowledged delete-only group followed by one group is cut as a torn tail"]
+
 async fn a_damaged_delete_group_followed_by_one_group_is_not_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
     {
@@ -101,7 +103,7 @@ async fn a_damaged_delete_group_followed_by_one_group_is_not_a_torn_tail() {
 /// The same with a tombstone, the next group being a two-stream
 /// transaction: still cut.
 #[tokio::test]
-#[ignore = "finding: damage to an acknowledged tombstone group followed by one group is cut as a torn tail"]
+
 async fn a_damaged_tombstone_followed_by_one_transaction_is_not_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
     {
@@ -133,14 +135,14 @@ async fn a_damaged_tombstone_followed_by_one_transaction_is_not_a_torn_tail() {
     }
 }
 
-/// FINDING (medium): `repair(true)` cutting a group whose *last* record
+/// Found by review (medium), fixed the same day: `repair(true)` cutting a group whose *last* record
 /// fails to apply to the index (here: a stream version out of sequence,
 /// with a valid CRC and hash chain) keeps the group's earlier records in
 /// the index: `reapply` is only set when a held record fails, not the end
 /// mark itself. The store then reports a head past the log's end and
 /// serves (or fails to read) events that are no longer in it.
 #[tokio::test]
-#[ignore = "finding: repair keeps index entries of a cut group when its end-mark record fails to apply"]
+
 async fn repair_of_a_group_whose_end_mark_fails_to_apply_leaves_no_index_entries() {
     let dir = tempfile::tempdir().unwrap();
     {
@@ -175,13 +177,13 @@ async fn repair_of_a_group_whose_end_mark_fails_to_apply_leaves_no_index_entries
     assert!(annals_log::verify(dir.path()).unwrap().is_ok());
 }
 
-/// FINDING (medium): `verify` (and so `annals repair`, which plans from
+/// Found by review (medium), fixed the same day: `verify` (and so `annals repair`, which plans from
 /// it) reports a log as intact that open refuses: a record that frames,
 /// checks and chains but breaks a stream's version sequence only fails when
 /// applied to the index, which verify's walk never does. `annals repair`
 /// then says "nothing to repair" while `annals serve` will not start.
 #[tokio::test]
-#[ignore = "finding: verify reports ok for a log that open refuses (stream version out of sequence)"]
+
 async fn verify_reports_what_open_refuses() {
     let dir = tempfile::tempdir().unwrap();
     {
@@ -227,7 +229,7 @@ async fn a_blob_after_one_append(embedded: bool) -> (tempfile::TempDir, PathBuf,
                 correlation: "",
                 metadata: b"{}",
                 data: b"",
-                group_end: Some(1),
+                group_end: Some((1, 0)),
             },
         )
         .unwrap();
@@ -269,7 +271,7 @@ async fn a_blob_torn_at_its_header_is_a_torn_tail() {
     assert!(store.stats().truncated_on_open.is_some_and(|b| b.torn_tail && b.cut_position == 1));
 }
 
-/// FINDING (medium): the same torn state refuses to open (Corrupt) when the
+/// Found by review (medium), fixed the same day: the same torn state refuses to open (Corrupt) when the
 /// unacknowledged event's *data* happens to contain a well-formed record
 /// frame: `rest_of_one_group` searches byte by byte for intact frames and
 /// takes the one inside the payload for a group end mark of another group.
@@ -277,7 +279,7 @@ async fn a_blob_torn_at_its_header_is_a_torn_tail() {
 /// start without `repair`. Event data is caller-controlled (any binary
 /// payload that embeds annals records, e.g. archived segments).
 #[tokio::test]
-#[ignore = "finding: a record frame inside an unacknowledged event's data makes its torn write refuse to open"]
+
 async fn a_blob_torn_at_its_header_is_a_torn_tail_whatever_its_data() {
     let (dir, path, mut bytes, off) = a_blob_after_one_append(true).await;
     tear_header_sectors(&mut bytes, off);
@@ -583,7 +585,7 @@ async fn a_group_ended_by_a_delete_is_counted_and_recovered_whole() {
     let last = format::decode(&bytes[offs[4] as usize..]).unwrap();
     let mid = format::decode(&bytes[offs[3] as usize..]).unwrap();
     assert_eq!(
-        (last.kind, last.flags, last.group_events, last.position),
+        (last.kind, last.flags & format::FLAG_GROUP_END, last.group_events, last.position),
         (format::KIND_SOFT_DELETE, 1, 2, 4)
     );
     assert_eq!(mid.flags, 0, "the append and the delete were not one group");
