@@ -4,36 +4,12 @@
 //! were found by review on 2026-12-02 and failed until group-end marks
 //! (format version 2).
 #![allow(clippy::unwrap_used, missing_docs)]
-use std::path::Path;
+mod common;
 
-use annals_core::{
-    AllReader, Appender, CheckpointStore, EventData, ExpectedVersion, ReadAll, ReadStream, StreamName,
-    StreamReader,
-};
-use annals_log::{
-    LogStore,
-    format::{self, SEGMENT_HEADER_LEN},
-};
-use serde_json::json;
+use annals_core::{AllReader, Appender, CheckpointStore, ExpectedVersion, ReadAll, ReadStream, StreamReader};
+use annals_log::LogStore;
 
-fn stream(name: &str) -> StreamName {
-    StreamName::new(name).unwrap()
-}
-fn ev(n: u64) -> EventData {
-    EventData::json("E", &json!({ "n": n, "pad": "x".repeat(40) })).unwrap()
-}
-fn seg(dir: &Path, i: u64) -> std::path::PathBuf {
-    dir.join(format!("{i:020}.seg"))
-}
-fn record_offsets(bytes: &[u8]) -> Vec<u64> {
-    let mut out = Vec::new();
-    let mut off = SEGMENT_HEADER_LEN;
-    while let Ok(r) = format::decode(&bytes[off..]) {
-        out.push(off as u64);
-        off += r.len;
-    }
-    out
-}
+use common::*;
 
 /// A crash that tears a multi-event append (one `write` of the group) keeps a
 /// prefix of it: the append was never acknowledged, yet half of it survives.
@@ -105,10 +81,7 @@ async fn hundred_events_without_a_checkpoint() -> (tempfile::TempDir, std::path:
         }
         store.close().unwrap();
     }
-    std::fs::remove_file(dir.path().join("index.bin")).unwrap();
-    let path = seg(dir.path(), 0);
-    let bytes = std::fs::read(&path).unwrap();
-    let offs = record_offsets(&bytes);
+    let (path, bytes, offs) = without_checkpoint(dir.path());
     (dir, path, bytes, offs)
 }
 
@@ -236,10 +209,7 @@ async fn a_group_then(later: &[u64]) -> (tempfile::TempDir, std::path::PathBuf, 
         }
         store.close().unwrap();
     }
-    std::fs::remove_file(dir.path().join("index.bin")).unwrap();
-    let path = seg(dir.path(), 0);
-    let bytes = std::fs::read(&path).unwrap();
-    let offs = record_offsets(&bytes);
+    let (path, bytes, offs) = without_checkpoint(dir.path());
     (dir, path, bytes, offs)
 }
 

@@ -5,11 +5,12 @@
 //! verify checking what open checks, repair rebuilding after a failed end
 //! mark); the others are regression tests of cases that held up.
 #![allow(clippy::unwrap_used, clippy::indexing_slicing, missing_docs)]
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use annals_core::{
-    AllReader, Appender, DeleteMode, EventData, ExpectedVersion, ReadAll, StreamDeleter, StreamName,
-    StreamReader,
+    AllReader, Appender, DeleteMode, EventData, ExpectedVersion, ReadAll, StreamDeleter, StreamReader,
 };
 use annals_log::{
     LogError, LogStore,
@@ -17,24 +18,8 @@ use annals_log::{
 };
 use serde_json::json;
 
-fn stream(name: &str) -> StreamName {
-    StreamName::new(name).unwrap()
-}
-fn ev(n: u64) -> EventData {
-    EventData::json("E", &json!({ "n": n, "pad": "x".repeat(40) })).unwrap()
-}
-fn seg(dir: &Path, i: u64) -> PathBuf {
-    dir.join(format!("{i:020}.seg"))
-}
-fn record_offsets(bytes: &[u8]) -> Vec<u64> {
-    let mut out = Vec::new();
-    let mut off = SEGMENT_HEADER_LEN;
-    while let Ok(r) = format::decode(&bytes[off..]) {
-        out.push(off as u64);
-        off += r.len;
-    }
-    out
-}
+use common::*;
+
 /// Recomputes the hash and CRC of the record at `off` after its fields
 /// were edited, chaining from `prev`; returns its new hash.
 fn reseal(bytes: &mut [u8], off: usize, prev: &format::Hash) -> format::Hash {
@@ -71,7 +56,6 @@ async fn count_all(store: &LogStore) -> usize {
 /// mark "closes this group" by the count check in `rest_of_one_group`, and
 /// nothing follows it. The deleted stream comes back.
 #[tokio::test]
-
 async fn a_damaged_delete_group_followed_by_one_group_is_not_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
     {
@@ -82,10 +66,7 @@ async fn a_damaged_delete_group_followed_by_one_group_is_not_a_torn_tail() {
         store.append(&stream("later-1"), ExpectedVersion::NoStream, vec![ev(1)]).await.unwrap();
         store.close().unwrap();
     }
-    std::fs::remove_file(dir.path().join("index.bin")).unwrap();
-    let path = seg(dir.path(), 0);
-    let mut bytes = std::fs::read(&path).unwrap();
-    let offs = record_offsets(&bytes);
+    let (path, mut bytes, offs) = without_checkpoint(dir.path());
     assert_eq!(offs.len(), 3);
     // A bit flip in the delete record's stream name (CRC fails).
     bytes[offs[1] as usize + 72] ^= 0x01;
@@ -103,7 +84,6 @@ async fn a_damaged_delete_group_followed_by_one_group_is_not_a_torn_tail() {
 /// The same with a tombstone, the next group being a two-stream
 /// transaction: still cut.
 #[tokio::test]
-
 async fn a_damaged_tombstone_followed_by_one_transaction_is_not_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
     {
@@ -113,10 +93,7 @@ async fn a_damaged_tombstone_followed_by_one_transaction_is_not_a_torn_tail() {
         store.append(&stream("later-1"), ExpectedVersion::NoStream, (1..4).map(ev).collect()).await.unwrap();
         store.close().unwrap();
     }
-    std::fs::remove_file(dir.path().join("index.bin")).unwrap();
-    let path = seg(dir.path(), 0);
-    let mut bytes = std::fs::read(&path).unwrap();
-    let offs = record_offsets(&bytes);
+    let (path, mut bytes, offs) = without_checkpoint(dir.path());
     assert_eq!(offs.len(), 5);
     bytes[offs[1] as usize + 20] ^= 0x01;
     std::fs::write(&path, &bytes).unwrap();
@@ -142,7 +119,6 @@ async fn a_damaged_tombstone_followed_by_one_transaction_is_not_a_torn_tail() {
 /// mark itself. The store then reports a head past the log's end and
 /// serves (or fails to read) events that are no longer in it.
 #[tokio::test]
-
 async fn repair_of_a_group_whose_end_mark_fails_to_apply_leaves_no_index_entries() {
     let dir = tempfile::tempdir().unwrap();
     {
@@ -151,10 +127,7 @@ async fn repair_of_a_group_whose_end_mark_fails_to_apply_leaves_no_index_entries
         store.append(&stream("a-1"), ExpectedVersion::NoStream, vec![ev(1), ev(2)]).await.unwrap();
         store.close().unwrap();
     }
-    std::fs::remove_file(dir.path().join("index.bin")).unwrap();
-    let path = seg(dir.path(), 0);
-    let mut bytes = std::fs::read(&path).unwrap();
-    let offs = record_offsets(&bytes);
+    let (path, mut bytes, offs) = without_checkpoint(dir.path());
     assert_eq!(offs.len(), 3);
     // The group's end mark claims stream version 7 instead of 1; resealed,
     // so only the index (not framing, CRC or chain) can tell.
@@ -183,7 +156,6 @@ async fn repair_of_a_group_whose_end_mark_fails_to_apply_leaves_no_index_entries
 /// applied to the index, which verify's walk never does. `annals repair`
 /// then says "nothing to repair" while `annals serve` will not start.
 #[tokio::test]
-
 async fn verify_reports_what_open_refuses() {
     let dir = tempfile::tempdir().unwrap();
     {
@@ -192,10 +164,7 @@ async fn verify_reports_what_open_refuses() {
         store.append(&stream("a-1"), ExpectedVersion::NoStream, vec![ev(1)]).await.unwrap();
         store.close().unwrap();
     }
-    std::fs::remove_file(dir.path().join("index.bin")).unwrap();
-    let path = seg(dir.path(), 0);
-    let mut bytes = std::fs::read(&path).unwrap();
-    let offs = record_offsets(&bytes);
+    let (path, mut bytes, offs) = without_checkpoint(dir.path());
     let o = offs[1] as usize;
     bytes[o + 24..o + 32].copy_from_slice(&3u64.to_le_bytes()); // version 3 of a new stream
     let prev = format::decode(&bytes[offs[0] as usize..]).unwrap().hash;
@@ -244,10 +213,7 @@ async fn a_blob_after_one_append(embedded: bool) -> (tempfile::TempDir, PathBuf,
         store.append(&stream("blob-1"), ExpectedVersion::NoStream, vec![blob]).await.unwrap();
         store.close().unwrap();
     }
-    std::fs::remove_file(dir.path().join("index.bin")).unwrap();
-    let path = seg(dir.path(), 0);
-    let bytes = std::fs::read(&path).unwrap();
-    let offs = record_offsets(&bytes);
+    let (path, bytes, offs) = without_checkpoint(dir.path());
     assert_eq!(offs.len(), 2);
     (dir, path, bytes, offs[1] as usize)
 }
@@ -279,7 +245,6 @@ async fn a_blob_torn_at_its_header_is_a_torn_tail() {
 /// start without `repair`. Event data is caller-controlled (any binary
 /// payload that embeds annals records, e.g. archived segments).
 #[tokio::test]
-
 async fn a_blob_torn_at_its_header_is_a_torn_tail_whatever_its_data() {
     let (dir, path, mut bytes, off) = a_blob_after_one_append(true).await;
     tear_header_sectors(&mut bytes, off);
@@ -291,12 +256,6 @@ async fn a_blob_torn_at_its_header_is_a_torn_tail_whatever_its_data() {
 
 fn fixture_v1() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1")
-}
-fn copy_dir(from: &Path, to: &Path) {
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
 }
 
 /// The v1 fixture upgraded by a three-event append (which rolls to a new
@@ -409,10 +368,7 @@ async fn repair_of_a_group_whose_held_record_fails_rebuilds_the_index() {
         store.append(&stream("a-1"), ExpectedVersion::NoStream, (1..4).map(ev).collect()).await.unwrap();
         store.close().unwrap();
     }
-    std::fs::remove_file(dir.path().join("index.bin")).unwrap();
-    let path = seg(dir.path(), 0);
-    let mut bytes = std::fs::read(&path).unwrap();
-    let offs = record_offsets(&bytes);
+    let (path, mut bytes, offs) = without_checkpoint(dir.path());
     // Record 2 (the group's second) claims version 5; re-chain the rest.
     let o = offs[2] as usize;
     bytes[o + 24..o + 32].copy_from_slice(&5u64.to_le_bytes());
@@ -644,10 +600,7 @@ async fn a_big_group_then(later: u64) -> (tempfile::TempDir, PathBuf, Vec<u8>, V
         }
         store.close().unwrap();
     }
-    std::fs::remove_file(dir.path().join("index.bin")).unwrap();
-    let path = seg(dir.path(), 0);
-    let bytes = std::fs::read(&path).unwrap();
-    let offs = record_offsets(&bytes);
+    let (path, bytes, offs) = without_checkpoint(dir.path());
     assert_eq!(offs.len() as u64, 11 + later);
     (dir, path, bytes, offs)
 }
