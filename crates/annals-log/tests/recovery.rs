@@ -1,18 +1,18 @@
 //! Opening, recovery and integrity: the directory lock, segment rollover,
 //! index checkpoints, rebuild, torn tails, corruption and repair.
 
+mod common;
+
 use std::{path::Path, sync::Arc};
 
 use annals_core::{
     AllReader, Appender, DeleteMode, Error, EventData, ExpectedVersion, Filter, ReadAll, ReadStream,
     StreamDeleter, StreamName, StreamReader,
 };
-use annals_log::{
-    Durability, LogError, LogStore,
-    format::{self, SEGMENT_HEADER_LEN},
-    io::FaultIo,
-};
+use annals_log::{Durability, LogError, LogStore, io::FaultIo};
 use serde_json::json;
+
+use common::record_offsets;
 
 fn stream(name: &str) -> StreamName {
     StreamName::new(name).unwrap()
@@ -39,17 +39,6 @@ async fn fill(store: &LogStore, n: u64) {
 
 fn seg0(dir: &Path) -> std::path::PathBuf {
     dir.join(format!("{:020}.seg", 0))
-}
-
-/// Offsets of every record in a segment file.
-fn record_offsets(bytes: &[u8]) -> Vec<u64> {
-    let mut out = Vec::new();
-    let mut off = SEGMENT_HEADER_LEN;
-    while let Ok(r) = format::decode(&bytes[off..]) {
-        out.push(off as u64);
-        off += r.len;
-    }
-    out
 }
 
 #[tokio::test]

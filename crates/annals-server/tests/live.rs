@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Sse, TestServer, event, open_config, read_sse, start, start_on, within};
+use common::{Sse, TestServer, event, open_config, read_sse, start, start_on, within, ws_next_json};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::{
@@ -116,19 +116,6 @@ async fn ws_connect(
 ) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>> {
     let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", s.addr)).await.expect("ws connect");
     ws
-}
-
-async fn ws_next_json<S>(ws: &mut S) -> Option<Value>
-where
-    S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
-{
-    loop {
-        match ws.next().await? {
-            Ok(Message::Text(t)) => return Some(serde_json::from_str(t.as_str()).unwrap()),
-            Ok(Message::Close(_)) | Err(_) => return None,
-            Ok(_) => continue,
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,8 +14,8 @@ use annals_core::{
     StreamAppend, StreamDeleter, StreamInfo, StreamName, StreamReader, Subscriber, SubscriptionRequest,
     async_trait,
 };
-use common::{TestServer, event, open_config, start, start_with_store, within};
-use futures::{SinkExt, StreamExt};
+use common::{TestServer, event, open_config, start, start_with_store, within, ws_next_json};
+use futures::SinkExt;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
@@ -25,17 +25,6 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<T
 async fn ws_connect(s: &TestServer) -> Ws {
     let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", s.addr)).await.expect("ws connect");
     ws
-}
-
-/// The next text message as JSON; `None` once the socket closes.
-async fn ws_next_json(ws: &mut Ws) -> Option<Value> {
-    loop {
-        match ws.next().await? {
-            Ok(Message::Text(t)) => return Some(serde_json::from_str(t.as_str()).expect("JSON message")),
-            Ok(Message::Close(_)) | Err(_) => return None,
-            Ok(_) => continue,
-        }
-    }
 }
 
 fn text(v: Value) -> Message {

@@ -7,23 +7,13 @@ mod common;
 use std::{sync::Arc, time::Duration};
 
 use annals_core::{MemoryStore, Store};
-use common::{TestServer, event, open_config, read_sse, start_with_store, within};
-use futures::{SinkExt, StreamExt};
-use serde_json::{Value, json};
+use common::{TestServer, event, open_config, read_sse, start_with_store, within, ws_next_json};
+use futures::SinkExt;
+use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
-
-async fn ws_next_json(ws: &mut Ws) -> Option<Value> {
-    loop {
-        match ws.next().await? {
-            Ok(Message::Text(t)) => return Some(serde_json::from_str(t.as_str()).expect("JSON message")),
-            Ok(Message::Close(_)) | Err(_) => return None,
-            Ok(_) => continue,
-        }
-    }
-}
 
 async fn subscribe(ws: &mut Ws, id: &str, stream: &str) {
     let msg = json!({ "type": "subscribe", "id": id, "stream": stream });

@@ -172,3 +172,22 @@ pub async fn read_sse(
     }
     all
 }
+
+/// The next text message of a WebSocket as JSON; `None` once it closes or
+/// fails.
+pub async fn ws_next_json<S>(ws: &mut S) -> Option<Value>
+where
+    S: futures::Stream<
+            Item = Result<tokio_tungstenite::tungstenite::Message, tokio_tungstenite::tungstenite::Error>,
+        > + Unpin,
+{
+    use futures::StreamExt as _;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match ws.next().await? {
+            Ok(Message::Text(t)) => return Some(serde_json::from_str(t.as_str()).expect("a JSON message")),
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => continue,
+        }
+    }
+}
