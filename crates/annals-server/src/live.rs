@@ -212,6 +212,16 @@ impl Notice {
         }
     }
 
+    fn unreadable(e: &axum::Error) -> Self {
+        Notice {
+            code: "protocol_error",
+            message: format!(
+                "a client message could not be read ({e}); messages are text, at most 64 KiB; \
+                 reconnect from last_position + 1"
+            ),
+        }
+    }
+
     fn shutdown() -> Self {
         Notice {
             code: "shutdown",
@@ -277,20 +287,31 @@ fn sse(state: AppState, request: SubscriptionRequest, conn: Option<ConnCtl>) -> 
     let live = &state.inner.config.live;
     let (tx, rx) = mpsc::channel::<Item>(live.buffer_events);
     let (stop_tx, stop_rx) = oneshot::channel::<Notice>();
+    // The subscription's own ending (an error), told after every queued
+    // event: it needs no room in the queue, so it cannot be lost behind a
+    // full one.
+    let (last_tx, last_rx) = oneshot::channel::<Notice>();
     let finished = Arc::new(AtomicBool::new(false));
     let subscription = state.inner.store.subscribe(request);
     let keep_alive = Duration::from_secs(live.keep_alive_secs.max(1));
-    tokio::spawn(pump(state.clone(), subscription, tx, stop_tx, conn.map(|c| c.kill), finished.clone()));
+    let ends = Ends { stop: stop_tx, last: last_tx };
+    tokio::spawn(pump(state.clone(), subscription, tx, ends, conn.map(|c| c.kill), finished.clone()));
 
     struct Body {
         rx: mpsc::Receiver<Item>,
         stop: Option<oneshot::Receiver<Notice>>,
+        ending: Option<oneshot::Receiver<Notice>>,
         last: Option<(u64, u64)>,
         done: bool,
         finished: Arc<AtomicBool>,
         is_all: bool,
     }
-    let body = Body { rx, stop: Some(stop_rx), last: None, done: false, finished, is_all };
+    let body =
+        Body { rx, stop: Some(stop_rx), ending: Some(last_rx), last: None, done: false, finished, is_all };
+    // The queue is drained and its sender gone: the pump's last word, if any.
+    fn after_queue(ending: &mut Option<oneshot::Receiver<Notice>>) -> Option<Item> {
+        ending.take().and_then(|mut rx| rx.try_recv().ok()).map(Item::End)
+    }
     let events = stream::unfold(body, |mut b| async move {
         if b.done {
             // Polled again after the final notice: it was handed to the
@@ -308,9 +329,12 @@ fn sse(state: AppState, request: SubscriptionRequest, conn: Option<ConnCtl>) -> 
                         // draining the queue.
                         Err(_) => { b.stop = None; continue; }
                     },
-                    item = b.rx.recv() => match item { Some(i) => i, None => return None },
+                    item = b.rx.recv() => match item.or_else(|| after_queue(&mut b.ending)) {
+                        Some(i) => i,
+                        None => return None,
+                    },
                 },
-                None => match b.rx.recv().await {
+                None => match b.rx.recv().await.or_else(|| after_queue(&mut b.ending)) {
                     Some(i) => i,
                     None => return None,
                 },
@@ -340,12 +364,20 @@ fn sse(state: AppState, request: SubscriptionRequest, conn: Option<ConnCtl>) -> 
     Sse::new(events).keep_alive(KeepAlive::new().interval(keep_alive)).into_response()
 }
 
+/// How the pump ends a connection early.
+struct Ends {
+    /// Urgent: told before any queued event (shutdown, slow client).
+    stop: oneshot::Sender<Notice>,
+    /// Told after every queued event (the subscription failed).
+    last: oneshot::Sender<Notice>,
+}
+
 /// Moves events from the subscription into the connection's queue.
 async fn pump(
     state: AppState,
     mut subscription: EventStream,
     tx: mpsc::Sender<Item>,
-    stop: oneshot::Sender<Notice>,
+    ends: Ends,
     kill: Option<CancellationToken>,
     finished: Arc<AtomicBool>,
 ) {
@@ -355,7 +387,7 @@ async fn pump(
     let mut count = 0u64;
     loop {
         let next = tokio::select! {
-            () = shutdown.cancelled() => { let _ = stop.send(Notice::shutdown()); return; }
+            () = shutdown.cancelled() => { let _ = ends.stop.send(Notice::shutdown()); return; }
             () = tx.closed() => return,
             next = subscription.next() => next,
         };
@@ -366,13 +398,15 @@ async fn pump(
                 Item::Event(event)
             }
             Some(Err(e)) => {
-                let _ = tx.send_timeout(Item::End(Notice::from_error(e)), live.slow_client_timeout()).await;
+                // Dropping `tx` on return lets the body drain the queue,
+                // then tell this.
+                let _ = ends.last.send(Notice::from_error(e));
                 return;
             }
             None => return,
         };
         let sent = tokio::select! {
-            () = shutdown.cancelled() => { let _ = stop.send(Notice::shutdown()); return; }
+            () = shutdown.cancelled() => { let _ = ends.stop.send(Notice::shutdown()); return; }
             sent = tx.send_timeout(item, live.slow_client_timeout()) => sent,
         };
         match sent {
@@ -383,7 +417,7 @@ async fn pump(
                 state.inner.metrics.slow_disconnects.inc();
                 tracing::info!("SSE client too slow; telling it and disconnecting");
                 drop(subscription);
-                let _ = stop.send(Notice::slow(live.slow_client_timeout()));
+                let _ = ends.stop.send(Notice::slow(live.slow_client_timeout()));
                 if let Some(kill) = kill {
                     tokio::time::sleep(live.disconnect_grace()).await;
                     if !finished.load(Ordering::Acquire) {
@@ -469,7 +503,24 @@ fn ws_json(v: &Value) -> Message {
 }
 
 fn ws_error(e: &ApiError) -> Message {
-    ws_json(&json!({ "type": "error", "error": { "code": e.code, "message": e.message } }))
+    ws_json(&error_body(e))
+}
+
+fn error_body(e: &ApiError) -> Value {
+    json!({ "type": "error", "error": { "code": e.code, "message": e.message } })
+}
+
+/// The `id` a client message names, when it is a JSON object with a string
+/// `id` (even one otherwise invalid), so the error about it can say which
+/// subscription it concerns.
+fn message_id(text: &str) -> Option<String> {
+    match serde_json::from_str::<Value>(text).ok()? {
+        Value::Object(mut map) => match map.remove("id")? {
+            Value::String(id) => Some(id),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 /// Most subscriptions one WebSocket may hold.
@@ -528,6 +579,33 @@ fn notice_message(n: &Notice, sub: &WsSub) -> Message {
     tagged(body, sub.id.as_deref())
 }
 
+/// How one WebSocket send ended.
+enum Sent {
+    Done,
+    /// The connection failed: nothing more can be said on it.
+    Broken,
+    /// It did not complete within `live.slow_client_timeout_ms`.
+    Slow,
+}
+
+async fn send_within<S>(sink: &mut S, message: Message, timeout: Duration) -> Sent
+where
+    S: futures::Sink<Message> + Unpin,
+{
+    match tokio::time::timeout(timeout, sink.send(message)).await {
+        Ok(Ok(())) => Sent::Done,
+        Ok(Err(_)) => Sent::Broken,
+        Err(_) => Sent::Slow,
+    }
+}
+
+/// Counts a slow WebSocket client and names its ending.
+fn slow_ending(state: &AppState) -> Notice {
+    state.inner.metrics.slow_disconnects.inc();
+    tracing::info!("WebSocket client too slow; telling it and disconnecting");
+    Notice::slow(state.inner.config.live.slow_client_timeout())
+}
+
 async fn ws_session(state: AppState, principal: Principal, mut socket: WebSocket) {
     let live = state.inner.config.live.clone();
     let first = tokio::time::timeout(Duration::from_secs(30), socket.recv()).await;
@@ -559,7 +637,7 @@ async fn ws_session(state: AppState, principal: Principal, mut socket: WebSocket
     let (first_id, request) = match first {
         Ok(pair) => pair,
         Err(e) => {
-            let _ = socket.send(ws_error(&e)).await;
+            let _ = socket.send(tagged(error_body(&e), message_id(text.as_str()).as_deref())).await;
             let _ = socket.close().await;
             return;
         }
@@ -608,15 +686,25 @@ async fn ws_session(state: AppState, principal: Principal, mut socket: WebSocket
                     ending = Some(Notice::ping_timeout(silent));
                     break;
                 }
-                let sent = tokio::time::timeout(live.slow_client_timeout(), sink.send(Message::Ping(Default::default())));
-                if !matches!(sent.await, Ok(Ok(()))) {
-                    break;
+                match send_within(&mut sink, Message::Ping(Default::default()), live.slow_client_timeout()).await {
+                    Sent::Done => {}
+                    Sent::Broken => break,
+                    Sent::Slow => { ending = Some(slow_ending(&state)); break; }
                 }
             }
             msg = incoming.next() => match msg {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
+                None | Some(Ok(Message::Close(_))) => break,
+                Some(Err(e)) => {
+                    // Too large, or not a valid frame: the socket cannot be
+                    // read on, but it can still say where each
+                    // subscription stopped.
+                    tracing::info!(error = %e, "unreadable WebSocket message");
+                    ending = Some(Notice::unreadable(&e));
+                    break;
+                }
                 Some(Ok(Message::Text(t))) => {
                     heard = tokio::time::Instant::now();
+                    let about = message_id(t.as_str());
                     let reply = match parse_message(t.as_str()) {
                         Ok(ClientMessage::Subscribe { id: None, .. }) => Err(ApiError::bad_request(
                             "give each further subscription on this socket an `id`",
@@ -649,16 +737,20 @@ async fn ws_session(state: AppState, principal: Principal, mut socket: WebSocket
                         },
                         Err(e) => Err(e),
                     };
-                    let out = reply.unwrap_or_else(|e| ws_error(&e));
-                    if tokio::time::timeout(live.slow_client_timeout(), sink.send(out)).await.is_err() {
-                        break;
+                    let out = reply.unwrap_or_else(|e| tagged(error_body(&e), about.as_deref()));
+                    match send_within(&mut sink, out, live.slow_client_timeout()).await {
+                        Sent::Done => {}
+                        Sent::Broken => break,
+                        Sent::Slow => { ending = Some(slow_ending(&state)); break; }
                     }
                 }
                 Some(Ok(Message::Binary(_))) => {
                     heard = tokio::time::Instant::now();
                     let e = ApiError::bad_request("send JSON text messages");
-                    if tokio::time::timeout(live.slow_client_timeout(), sink.send(ws_error(&e))).await.is_err() {
-                        break;
+                    match send_within(&mut sink, ws_error(&e), live.slow_client_timeout()).await {
+                        Sent::Done => {}
+                        Sent::Broken => break,
+                        Sent::Slow => { ending = Some(slow_ending(&state)); break; }
                     }
                 }
                 Some(Ok(_)) => heard = tokio::time::Instant::now(),
@@ -670,19 +762,17 @@ async fn ws_session(state: AppState, principal: Principal, mut socket: WebSocket
                     let position = (event.position, event.version);
                     let Some(sub) = subs.get_mut(&key) else { continue };
                     let body = tagged(json!({ "type": "event", "event": EventOut::from(&event) }), sub.id.as_deref());
-                    match tokio::time::timeout(live.slow_client_timeout(), sink.send(body)).await {
-                        Ok(Ok(())) => {
+                    match send_within(&mut sink, body, live.slow_client_timeout()).await {
+                        Sent::Done => {
                             sub.last = Some(position);
                             state.inner.metrics.delivered.inc();
                         }
-                        Ok(Err(_)) => break,
-                        Err(_) => {
+                        Sent::Broken => break,
+                        Sent::Slow => {
                             // The message is queued in front of the notice,
                             // so a client that reads the notice has it.
                             sub.last = Some(position);
-                            state.inner.metrics.slow_disconnects.inc();
-                            tracing::info!("WebSocket client too slow; telling it and disconnecting");
-                            ending = Some(Notice::slow(live.slow_client_timeout()));
+                            ending = Some(slow_ending(&state));
                             break;
                         }
                     }
@@ -693,9 +783,11 @@ async fn ws_session(state: AppState, principal: Principal, mut socket: WebSocket
                     streams.remove(&key);
                     let sub = subs.remove(&key).unwrap_or_default();
                     let notice = notice_message(&Notice::from_error(e), &sub);
-                    let sent = tokio::time::timeout(live.slow_client_timeout(), sink.send(notice)).await;
-                    if subs.is_empty() || !matches!(sent, Ok(Ok(()))) {
-                        break;
+                    match send_within(&mut sink, notice, live.slow_client_timeout()).await {
+                        Sent::Done if subs.is_empty() => break,
+                        Sent::Done => {}
+                        Sent::Broken => break,
+                        Sent::Slow => { ending = Some(slow_ending(&state)); break; }
                     }
                 }
                 None => break,

@@ -10,11 +10,11 @@ use std::{
 
 use annals_core::{
     AllReader, AllSlice, AppendResult, Appender, CheckpointStore, DeleteMode, EventData, EventStream,
-    ExpectedVersion, MemoryStore, ReadAll, ReadStream, RecordedEvent, Result, Snapshot, SnapshotStore,
-    StreamAppend, StreamDeleter, StreamInfo, StreamName, StreamReader, Subscriber, SubscriptionRequest,
-    async_trait,
+    ExpectedVersion, Limits, MemoryStore, ReadAll, ReadStream, RecordedEvent, Result, Snapshot,
+    SnapshotStore, StreamAppend, StreamDeleter, StreamInfo, StreamName, StreamReader, Subscriber,
+    SubscriptionRequest, async_trait,
 };
-use common::{TestServer, event, open_config, start, start_with_store, within, ws_next_json};
+use common::{TestServer, event, open_config, read_sse, start, start_with_store, within, ws_next_json};
 use futures::SinkExt;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
@@ -313,4 +313,120 @@ async fn live_feeds_refuse_invalid_filters_up_front() {
         s.stop().await;
     })
     .await;
+}
+
+/// A client message over the 64 KiB limit (or any frame that cannot be
+/// read) used to drop the socket without a word, so the client could not
+/// tell where its subscriptions stopped. It now ends like any other
+/// connection-wide ending: one notice per subscription with its last
+/// position and version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_websocket_message_ends_with_where_each_subscription_stopped() {
+    let s = start(open_config()).await;
+    let (status, _) = s.append("big-1", "any", json!([event("A", json!({})), event("B", json!({}))])).await;
+    assert_eq!(status, 201);
+    let mut ws = ws_connect(&s).await;
+    ws.send(text(json!({ "type": "subscribe", "id": "a", "stream": "big-1" }))).await.expect("send");
+    within(10, async {
+        assert_eq!(ws_next_json(&mut ws).await.expect("subscribed")["type"], "subscribed");
+        for version in 0..2 {
+            let m = ws_next_json(&mut ws).await.expect("event");
+            assert_eq!(m["event"]["version"], version, "{m}");
+        }
+    })
+    .await;
+    let huge = json!({ "type": "unsubscribe", "id": "x".repeat(70 * 1024) });
+    // The server may close before the whole frame is written.
+    let _ = ws.send(text(huge)).await;
+    let notice = within(10, ws_next_json(&mut ws)).await.expect("a notice before the socket closes");
+    assert_eq!(notice["type"], "protocol_error", "{notice}");
+    assert_eq!(notice["id"], "a", "{notice}");
+    assert_eq!(notice["last_position"], 1, "{notice}");
+    assert_eq!(notice["last_version"], 1, "{notice}");
+    assert!(notice["message"].as_str().is_some_and(|m| m.contains("64 KiB")), "{notice}");
+    s.stop().await;
+}
+
+/// An error about a message that names a subscription carries that `id`,
+/// so a client running several subscriptions knows which request failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_errors_name_the_subscription_they_concern() {
+    let s = start(open_config()).await;
+    let mut ws = ws_connect(&s).await;
+    ws.send(text(json!({ "type": "subscribe", "id": "a", "stream": "e-1" }))).await.expect("send");
+    assert_eq!(within(10, ws_next_json(&mut ws)).await.expect("subscribed")["type"], "subscribed");
+    let cases = [
+        (json!({ "type": "subscribe", "id": "a", "stream": "e-2" }), "a"),
+        (json!({ "type": "subscribe", "id": "b", "stream": "e-2", "from": "nowhere" }), "b"),
+        (json!({ "type": "subscribe", "id": "c", "stream": "e-2", "filter": {} }), "c"),
+        (json!({ "type": "unsubscribe", "id": "zz" }), "zz"),
+        // Invalid as a message (unknown field), still naming its id.
+        (json!({ "type": "subscribe", "id": "d", "stream": "e-2", "color": 1 }), "d"),
+    ];
+    for (message, id) in cases {
+        ws.send(text(message.clone())).await.expect("send");
+        let reply = within(10, ws_next_json(&mut ws)).await.expect("reply");
+        assert_eq!(reply["type"], "error", "{message} -> {reply}");
+        assert_eq!(reply["id"], id, "{message} -> {reply}");
+    }
+    // A message with no id gets an error without one, and the socket stays.
+    ws.send(text(json!({ "type": "nonsense" }))).await.expect("send");
+    let reply = within(10, ws_next_json(&mut ws)).await.expect("reply");
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert!(reply.get("id").is_none(), "{reply}");
+    // An invalid first message closes the socket, naming its id too.
+    let mut other = ws_connect(&s).await;
+    other
+        .send(text(json!({ "type": "subscribe", "id": "q", "stream": "e-1", "from": -1 })))
+        .await
+        .expect("send");
+    let reply = within(10, ws_next_json(&mut other)).await.expect("reply");
+    assert_eq!((reply["type"].as_str(), reply["id"].as_str()), (Some("error"), Some("q")), "{reply}");
+    s.stop().await;
+}
+
+/// An SSE subscription that fails (its stream tombstoned) while the
+/// connection's queue is full used to end without saying why: the notice
+/// waited `slow_client_timeout_ms` for room in the queue and was then
+/// dropped, so the client saw the stream end after its last event with no
+/// `stream_deleted`. The notice now needs no room: it follows the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_ending_is_told_even_behind_a_full_queue() {
+    let limits = Limits { max_event_size: 64 << 20, max_append_size: 128 << 20, ..Limits::default() };
+    let store = Arc::new(MemoryStore::with_limits(limits));
+    let mut config = open_config();
+    config.live.buffer_events = 2;
+    config.live.slow_client_timeout_ms = 200;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let s = start_with_store(listener, store.clone(), config).await;
+    let stream = StreamName::new("full-1").expect("name");
+    // 32 MiB: more than the socket buffers of both ends hold, so the
+    // connection stalls inside this event while the client reads nothing.
+    let big = EventData::json("Big", &json!({ "pad": "x".repeat(32 << 20) })).expect("event");
+    store.append(&stream, ExpectedVersion::Any, vec![big]).await.expect("append");
+    let resp = s.client.get(s.url("/streams/full-1/live")).send().await.expect("subscribe");
+    assert_eq!(resp.status(), 200);
+    for _ in 0..2 {
+        let small = EventData::json("Small", &json!({})).expect("event");
+        store.append(&stream, ExpectedVersion::Any, vec![small]).await.expect("append");
+    }
+    // The big event is with the connection, the two small ones fill the
+    // queue.
+    within(30, async {
+        while s.metric("annals_delivered_events_total").await < 3.0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    store.delete_stream(&stream, ExpectedVersion::Any, DeleteMode::Hard).await.expect("tombstone");
+    // Longer than the slow-client timeout, which the notice used to wait.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let records = within(60, read_sse(resp, |all| all.iter().any(|r| r.0 != "event"))).await;
+    let ids: Vec<_> = records.iter().filter(|r| r.0 == "event").filter_map(|r| r.1.clone()).collect();
+    assert_eq!(ids, ["0", "1", "2"]);
+    let (kind, _, data) = records.last().expect("records");
+    assert_eq!(kind, "stream_deleted", "{data}");
+    let data: Value = serde_json::from_str(data).expect("json");
+    assert_eq!(data["last_version"], 2, "{data}");
+    s.stop().await;
 }
