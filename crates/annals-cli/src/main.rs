@@ -94,6 +94,14 @@ fn main() {
             Command::Serve(a) => commands::serve::run(*a).await,
             Command::Append(a) => on_target!(a, Missing::Create, commands::data::append),
             Command::Read(a) => on_target!(a, Missing::Refuse, commands::data::read),
+            // Nothing else can append while this command holds the
+            // directory's lock, so a tail from its end would wait forever.
+            Command::Tail(a) if a.local.data_dir.is_some() && a.from.trim() == "end" => Err(CliError::Usage(
+                "tail --data-dir --from end would never print: nothing else can append while this \
+                     command holds the directory; use --from start or a version / position, or \
+                     `annals read`"
+                    .into(),
+            )),
             Command::Tail(a) => on_target!(a, Missing::Refuse, commands::data::tail),
             Command::Streams(a) => on_target!(a, Missing::Refuse, commands::data::streams),
             Command::Stats(a) => on_target!(a, Missing::Refuse, commands::data::stats),

@@ -682,6 +682,22 @@ fn client_commands_run_directly_on_a_data_directory() {
     let stats = stdout_json(&annals_local(&["stats", "--json", "--data-dir", d]));
     assert_eq!(stats["events"], 4);
     assert_eq!(stats["by_type"]["Deposited"], 3);
+    // From the end of a directory nothing could ever arrive (the command
+    // holds its lock): refused rather than waiting forever, also by default.
+    for args in
+        [&["tail", "acct-1", "--data-dir", d][..], &["tail", "$all", "--from", "end", "--data-dir", d]]
+    {
+        let child = Command::new(BIN)
+            .args(args)
+            .env("ANNALS_URL", "http://127.0.0.1:9")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = wait_with_timeout(child, Duration::from_secs(60));
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--from start"), "{args:?}");
+    }
     let tail = annals_local(&["tail", "acct-1", "--from", "start", "--count", "3", "--data-dir", d]);
     assert!(tail.status.success(), "{}", String::from_utf8_lossy(&tail.stderr));
     assert_eq!(String::from_utf8_lossy(&tail.stdout).matches("Deposited").count(), 3);
