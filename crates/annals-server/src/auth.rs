@@ -254,6 +254,9 @@ impl Authenticator {
         .ok_or_else(|| invalid_token(format!("JWT algorithm {:?} is not accepted here", header.alg)))?;
         let mut validation = Validation::new(header.alg);
         validation.leeway = self.leeway;
+        // Off by default in jsonwebtoken; a token not valid yet is refused
+        // like an expired one (when it carries `nbf`).
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         match &self.issuer {
             Some(iss) => validation.set_issuer(&[iss]),
@@ -267,6 +270,7 @@ impl Authenticator {
             use jsonwebtoken::errors::ErrorKind;
             match e.kind() {
                 ErrorKind::ExpiredSignature => invalid_token("token expired"),
+                ErrorKind::ImmatureSignature => invalid_token("token not valid yet (`nbf` is in the future)"),
                 ErrorKind::InvalidSignature => invalid_token("token signature is invalid"),
                 ErrorKind::InvalidIssuer => invalid_token("token issuer is not accepted"),
                 ErrorKind::InvalidAudience => invalid_token("token audience is not accepted"),

@@ -391,3 +391,27 @@ fn postgres_pool_settings_are_validated() {
     c.timeouts.request_secs = 31;
     assert!(c.validate().is_ok());
 }
+
+/// `nbf` (not before) is checked like `exp`, with the same leeway: a token
+/// that is not valid yet is refused.
+#[tokio::test]
+async fn jwt_not_valid_yet_is_refused() {
+    within(60, async {
+        let s = start(secured_config()).await;
+        use reqwest::Method as M;
+        let token = |nbf: i64| {
+            format!(
+                "Bearer {}",
+                hs256(json!({ "sub": "svc", "role": "reader", "exp": now() + 7200, "nbf": nbf }))
+            )
+        };
+        let (status, v) = call(&s, M::GET, "/stats", Some(&token(now() + 3600)), None).await;
+        assert_eq!(status, 401, "{v}");
+        assert_eq!(v["error"]["code"], "invalid_token");
+        // Within the leeway (30 s) and in the past: accepted.
+        assert_eq!(call(&s, M::GET, "/stats", Some(&token(now() + 5)), None).await.0, 200);
+        assert_eq!(call(&s, M::GET, "/stats", Some(&token(now() - 60)), None).await.0, 200);
+        s.stop().await;
+    })
+    .await;
+}
