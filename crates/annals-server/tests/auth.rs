@@ -415,3 +415,30 @@ async fn jwt_not_valid_yet_is_refused() {
     })
     .await;
 }
+
+/// The store's own checkpoints (`$ps-{group}`, `$projection-…`,
+/// `$saga-…`) steer consumer groups, projections and sagas: moving one
+/// makes them skip or repeat events. Only an admin may write them.
+#[tokio::test]
+async fn system_checkpoints_need_admin_to_write() {
+    within(60, async {
+        let s = start(secured_config()).await;
+        use reqwest::Method as M;
+        let writer =
+            format!("Bearer {}", hs256(json!({ "sub": "svc", "role": "writer", "exp": now() + 3600 })));
+        let admin = format!("ApiKey {ADMIN_KEY}");
+        let body = Some(json!({ "position": 1_000_000 }));
+        for name in ["$ps-orders", "$projection-balances-active", "$saga-transfer"] {
+            let path = format!("/checkpoints/{}", name.replace('$', "%24"));
+            let (status, v) = call(&s, M::PUT, &path, Some(&writer), body.clone()).await;
+            assert_eq!(status, 403, "{name}: {v}");
+            assert_eq!(v["error"]["code"], "forbidden");
+            assert_eq!(s.state.store().load_checkpoint(name).await.unwrap(), None, "{name}");
+            assert_eq!(call(&s, M::PUT, &path, Some(&admin), body.clone()).await.0, 204, "{name}");
+        }
+        // User checkpoints stay the writer's to keep.
+        assert_eq!(call(&s, M::PUT, "/checkpoints/my-projection", Some(&writer), body.clone()).await.0, 204);
+        s.stop().await;
+    })
+    .await;
+}
