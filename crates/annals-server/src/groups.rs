@@ -895,6 +895,7 @@ pub async fn replay(
 
 /// Query of `GET /groups/{group}/ws`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 pub struct ConsumeQuery {
     /// Consumer id (a label shown in stats; default `ws`).
     pub consumer: Option<String>,
@@ -1049,6 +1050,7 @@ async fn session(state: AppState, mut consumer: Consumer, socket: WebSocket) {
 
 /// Query of `POST /groups/{group}/next`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 pub struct PullQuery {
     /// Consumer id (required: acks must name the consumer that pulled).
     pub consumer: String,
@@ -1130,6 +1132,7 @@ pub async fn pull(
 
 /// Query of the pull ack/nack endpoints.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 pub struct SettleQuery {
     /// The consumer that pulled the deliveries.
     pub consumer: String,

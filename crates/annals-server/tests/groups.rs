@@ -390,6 +390,34 @@ async fn http_errors() {
     s.stop().await;
 }
 
+/// A misspelt pull parameter (`wait` for `wait_ms`, `consumer_id`) must
+/// not be ignored: the pull, settle and WebSocket consumer queries refuse
+/// unknown parameters (`400 invalid_query`).
+#[tokio::test]
+async fn group_consumer_queries_refuse_unknown_parameters() {
+    let s = start(open_config()).await;
+    within(60, async {
+        let (status, _) = create(&s, "q", json!({ "stream": "jobs-q" })).await;
+        assert_eq!(status, 201);
+        let (status, body) = call(&s, "POST", "/groups/q/next?consumer=p&wait=5000", None, None).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["code"], "invalid_query");
+        let (status, body) =
+            call(&s, "POST", "/groups/q/ack?consumer=p&id=3", Some(json!({ "delivery_ids": [] })), None)
+                .await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["code"], "invalid_query");
+        let err =
+            tokio_tungstenite::connect_async(format!("ws://{}/groups/q/ws?max_inflight=1", s.addr)).await;
+        assert!(matches!(err, Err(tokio_tungstenite::tungstenite::Error::Http(ref r)) if r.status() == 400));
+        // Known parameters still pass.
+        let (status, body) = call(&s, "POST", "/groups/q/next?consumer=p&max=1&wait_ms=0", None, None).await;
+        assert_eq!(status, 200, "{body}");
+    })
+    .await;
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn roles() {
     let mut config = ServerConfig::default();

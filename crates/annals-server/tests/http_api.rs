@@ -622,3 +622,26 @@ async fn graceful_shutdown_completes_in_flight_appends() {
     })
     .await;
 }
+
+/// A misspelt filter (`stream_prefx`, `typ`) must not quietly read the
+/// whole log: `/all` refuses unknown query parameters like every other
+/// route (`400 invalid_query`, as `/openapi.json` declares).
+#[tokio::test]
+async fn all_refuses_unknown_query_parameters() {
+    within(60, async {
+        let s = start(open_config()).await;
+        s.append("order-1", "any", json!([event("OrderPlaced", json!({}))])).await;
+        s.append("hr-1", "any", json!([event("Hired", json!({}))])).await;
+        for path in ["/all?stream_prefx=order-", "/all?typ=OrderPlaced", "/all?limit=1&stream=order-1"] {
+            let (status, v) = s.get(path).await;
+            assert_eq!(status, 400, "{path}: {v}");
+            assert_eq!(v["error"]["code"], "invalid_query", "{path}");
+        }
+        // The known ones still work.
+        let (status, v) = s.get("/all?stream_prefix=order-&type=OrderPlaced&include_system=false").await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["events"].as_array().unwrap().len(), 1);
+        s.stop().await;
+    })
+    .await;
+}

@@ -132,6 +132,26 @@ pub struct AllQuery {
     #[serde(flatten)]
     #[param(ignore)]
     pub filter: FilterQuery,
+    /// Whatever else the query holds (`deny_unknown_fields` does not work
+    /// with `flatten`): refused, so that a misspelt filter never reads
+    /// the whole log.
+    #[serde(flatten)]
+    #[param(ignore)]
+    pub unknown: std::collections::BTreeMap<String, String>,
+}
+
+impl AllQuery {
+    /// `400 invalid_query` naming the first unknown parameter, if any.
+    fn refuse_unknown(&self) -> Result<(), ApiError> {
+        match self.unknown.keys().next() {
+            None => Ok(()),
+            Some(name) => Err(ApiError::new(
+                axum::http::StatusCode::BAD_REQUEST,
+                "invalid_query",
+                format!("Failed to deserialize query string: unknown field `{name}`"),
+            )),
+        }
+    }
 }
 
 /// `GET /all`: reads a page of the global log.
@@ -144,6 +164,7 @@ pub async fn read_all(
     principal: Principal,
     ApiQuery(query): ApiQuery<AllQuery>,
 ) -> Result<Json<AllPageOut>, ApiError> {
+    query.refuse_unknown()?;
     let filter = query.filter.to_filter()?;
     query.filter.authorize(&principal, &filter)?;
     let direction = query.direction.unwrap_or_default();
