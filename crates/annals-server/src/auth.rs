@@ -413,30 +413,39 @@ pub async fn auth_layer(State(state): State<AppState>, request: Request, next: N
         return next.run(request).await;
     }
     let (mut parts, body) = request.into_parts();
+    let by_address = |limiter: &RateLimiter| match parts.extensions.get::<ConnCtl>() {
+        Some(ctl) => format!("ip:{}", limiter.client_ip(ctl.remote.ip(), &parts.headers)),
+        None => "anonymous".to_owned(),
+    };
     let principal = match state.inner.auth.authenticate(&parts) {
         Ok(p) => p,
-        Err(e) => return e.into_response(),
+        Err(e) => {
+            // Failed attempts count against the client's address, so that
+            // guessing keys (or sending tokens that each cost a signature
+            // check) is limited like anonymous requests.
+            if let Some(limiter) = &state.inner.limiter
+                && let Err(wait) = limiter.check(&by_address(limiter))
+            {
+                return rate_limited(&state, wait);
+            }
+            return e.into_response();
+        }
     };
     if let Some(limiter) = &state.inner.limiter {
-        let key = if principal.authenticated {
-            format!("user:{}", principal.name)
-        } else {
-            match parts.extensions.get::<ConnCtl>() {
-                Some(ctl) => format!("ip:{}", limiter.client_ip(ctl.remote.ip(), &parts.headers)),
-                None => "anonymous".to_owned(),
-            }
-        };
+        let key =
+            if principal.authenticated { format!("user:{}", principal.name) } else { by_address(limiter) };
         if let Err(wait) = limiter.check(&key) {
-            state.inner.metrics.rate_limited.inc();
-            let mut e = ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "too many requests; retry later",
-            );
-            e.retry_after = Some(wait.as_secs_f64().ceil().max(1.0) as u64);
-            return e.into_response();
+            return rate_limited(&state, wait);
         }
     }
     parts.extensions.insert(principal);
     next.run(Request::from_parts(parts, body)).await
+}
+
+fn rate_limited(state: &AppState, wait: Duration) -> Response {
+    state.inner.metrics.rate_limited.inc();
+    let mut e =
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many requests; retry later");
+    e.retry_after = Some(wait.as_secs_f64().ceil().max(1.0) as u64);
+    e.into_response()
 }

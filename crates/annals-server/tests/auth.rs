@@ -442,3 +442,33 @@ async fn system_checkpoints_need_admin_to_write() {
     })
     .await;
 }
+
+/// Requests with bad credentials are limited too (by client address):
+/// otherwise guessing API keys, or sending tokens that each cost a
+/// signature check, is never slowed down.
+#[tokio::test]
+async fn failed_authentication_is_rate_limited() {
+    within(60, async {
+        let mut config = secured_config();
+        config.rate_limit.requests_per_second = 0.01;
+        config.rate_limit.burst = 3;
+        let s = start(config).await;
+        let mut statuses = Vec::new();
+        for i in 0..6 {
+            let resp = s
+                .client
+                .get(s.url("/stats"))
+                .header("x-api-key", format!("guess-{i:016}"))
+                .send()
+                .await
+                .unwrap();
+            statuses.push(resp.status().as_u16());
+        }
+        assert_eq!(statuses, [401, 401, 401, 429, 429, 429]);
+        // A valid credential has its own bucket.
+        let resp = s.client.get(s.url("/stats")).header("x-api-key", READER_KEY).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        s.stop().await;
+    })
+    .await;
+}
