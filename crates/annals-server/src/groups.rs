@@ -701,6 +701,15 @@ pub async fn create(
         if entry.spec == spec {
             return Ok((StatusCode::OK, Json(GroupOut::new(&group, &spec))).into_response());
         }
+        // Names are shared by every principal: only one that may see the
+        // running group's target learns its settings.
+        if entry.spec.target(&principal, Role::Reader).is_err() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "group_exists",
+                format!("the group name '{group}' is taken; choose another"),
+            ));
+        }
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "group_exists",

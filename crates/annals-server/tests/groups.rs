@@ -463,6 +463,50 @@ async fn roles() {
     s.stop().await;
 }
 
+/// Group names are shared by every principal, but a principal confined to
+/// stream prefixes must not learn, through a name clash, the settings of a
+/// group over streams it may not see.
+#[tokio::test]
+async fn a_name_clash_does_not_reveal_another_principals_group() {
+    const HR_KEY: &str = "hr-writer-key-0123456789";
+    const BILLING_KEY: &str = "billing-writer-key-0123";
+    let mut config = ServerConfig::default();
+    config.auth.api_keys = vec![
+        ApiKeyConfig {
+            name: "hr".into(),
+            key: HR_KEY.into(),
+            role: Role::Writer,
+            streams: Some(vec!["hr-".into()]),
+        },
+        ApiKeyConfig {
+            name: "billing".into(),
+            key: BILLING_KEY.into(),
+            role: Role::Writer,
+            streams: Some(vec!["billing-".into()]),
+        },
+    ];
+    let s = start(config).await;
+    within(60, async {
+        let hr =
+            json!({ "stream": "$all", "filter": { "stream_prefix": "hr-salaries-", "type": "RaiseGiven" } });
+        let (status, _) = call(&s, "PUT", "/groups/audit", Some(hr.clone()), Some(HR_KEY)).await;
+        assert_eq!(status, 201);
+        // The owner learns what runs under the name.
+        let (status, b) =
+            call(&s, "PUT", "/groups/audit", Some(json!({ "stream": "hr-1" })), Some(HR_KEY)).await;
+        assert_eq!(status, 409, "{b}");
+        assert_eq!(b["error"]["details"]["running"]["filter"]["stream_prefix"], "hr-salaries-");
+        // Another tenant is told the name is taken, and nothing else.
+        let (status, b) =
+            call(&s, "PUT", "/groups/audit", Some(json!({ "stream": "billing-1" })), Some(BILLING_KEY)).await;
+        assert_eq!(status, 409, "{b}");
+        assert_eq!(b["error"]["code"], "group_exists");
+        assert!(!b.to_string().contains("hr-"), "leaks the other group: {b}");
+    })
+    .await;
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn http_pull_consumer_acks_and_nacks() {
     let s = start(open_config()).await;
