@@ -160,9 +160,13 @@ pub struct JwtConfig {
     pub issuer: Option<String>,
     /// Required `aud`, if set.
     pub audience: Option<String>,
-    /// Clock skew tolerated when checking `exp`/`nbf`, seconds (default 30).
+    /// Clock skew tolerated when checking `exp`/`nbf`, seconds (default 30,
+    /// at most [`MAX_JWT_LEEWAY_SECS`]).
     pub leeway_secs: Option<u64>,
 }
+
+/// Largest `auth.jwt.leeway_secs` accepted: a day.
+pub const MAX_JWT_LEEWAY_SECS: u64 = 86_400;
 
 /// One static API key.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -478,6 +482,14 @@ impl ServerConfig {
             }
             if jwt.hs256_secret.as_ref().is_some_and(|s| s.len() < 16) {
                 return Err(ServerError::config("auth.jwt.hs256_secret", "must be at least 16 bytes"));
+            }
+            // Added to and subtracted from the clock when tokens are
+            // checked: beyond any real clock skew it would overflow there.
+            if jwt.leeway_secs.is_some_and(|s| s > MAX_JWT_LEEWAY_SECS) {
+                return Err(ServerError::config(
+                    "auth.jwt.leeway_secs",
+                    format!("must be at most {MAX_JWT_LEEWAY_SECS} (a day)"),
+                ));
             }
             if jwt.rs256_public_key.is_some() && jwt.rs256_public_key_file.is_some() {
                 return Err(ServerError::config(

@@ -472,3 +472,24 @@ async fn failed_authentication_is_rate_limited() {
     })
     .await;
 }
+
+/// The leeway is added to and subtracted from the clock when tokens are
+/// checked: one beyond any clock skew (here past the Unix epoch) overflowed
+/// there, failing every token (a panic, so 500, in debug builds; "expired"
+/// in release). It is refused when the configuration is checked.
+#[test]
+fn jwt_leeway_is_bounded() {
+    let mut c = secured_config();
+    for (secs, ok) in [(0, true), (86_400, true), (86_401, false), (4_000_000_000, false), (u64::MAX, false)]
+    {
+        c.auth.jwt.as_mut().unwrap().leeway_secs = Some(secs);
+        let got = c.validate();
+        assert_eq!(got.is_ok(), ok, "{secs}: {got:?}");
+        if !ok {
+            assert!(
+                matches!(got, Err(ServerError::Config { ref key, .. }) if key == "auth.jwt.leeway_secs"),
+                "{got:?}"
+            );
+        }
+    }
+}
