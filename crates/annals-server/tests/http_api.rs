@@ -245,6 +245,8 @@ async fn info_delete_and_tombstone() {
 async fn snapshots_and_checkpoints() {
     within(60, async {
         let s = start(open_config()).await;
+        let events: Vec<Value> = (0..8).map(|i| event("Deposited", json!({ "amount": i }))).collect();
+        assert_eq!(s.append("account-9", "no_stream", Value::Array(events)).await.0, 201);
         for (v, balance) in [(3, 30), (7, 70)] {
             let resp = s
                 .client
@@ -278,6 +280,40 @@ async fn snapshots_and_checkpoints() {
         assert_eq!(status, 200);
         assert_eq!(cp, json!({ "name": "projector-a", "position": 42 }));
         assert_eq!(s.get("/checkpoints/unknown").await.0, 404);
+        s.stop().await;
+    })
+    .await;
+}
+
+/// A snapshot says which stream version its state includes. One past the
+/// stream's last event cannot have been derived from it, and a loader
+/// would start from it and skip the events written up to that version:
+/// such a save is refused (409), nothing stored.
+#[tokio::test]
+async fn a_snapshot_ahead_of_its_stream_is_refused() {
+    within(60, async {
+        let s = start(open_config()).await;
+        s.append("acct-5", "any", json!([event("A", json!({})), event("B", json!({}))])).await;
+        let put = |stream: &'static str, version: u64| {
+            s.client
+                .put(s.url(&format!("/streams/{stream}/snapshot")))
+                .json(&json!({ "version": version, "data": { "v": version } }))
+                .send()
+        };
+        for (stream, version) in [("acct-5", 2), ("acct-5", 100), ("nobody-5", 0)] {
+            let resp = put(stream, version).await.unwrap();
+            assert_eq!(resp.status(), 409, "{stream}@{version}");
+            let v: Value = resp.json().await.unwrap();
+            assert_eq!(v["error"]["code"], "snapshot_ahead_of_stream", "{v}");
+            assert_eq!(v["error"]["details"]["version"], version);
+        }
+        let (status, _) = s.get("/streams/acct-5/snapshot").await;
+        assert_eq!(status, 404, "nothing was stored");
+        // At or below the last version: saved.
+        assert_eq!(put("acct-5", 1).await.unwrap().status(), 201);
+        assert_eq!(put("acct-5", 0).await.unwrap().status(), 201);
+        let (_, snap) = s.get("/streams/acct-5/snapshot").await;
+        assert_eq!(snap["version"], 1);
         s.stop().await;
     })
     .await;

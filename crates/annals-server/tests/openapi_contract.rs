@@ -271,6 +271,8 @@ async fn real_answers_match_their_declared_schemas() {
         let body = json!({ "version": 1, "data": { "balance": 5 } });
         check("put", snap, call(&s, Method::PUT, "/streams/acct-1/snapshot", Some(body)).await, 201);
         check("get", snap, call(&s, Method::GET, "/streams/acct-1/snapshot", None).await, 200);
+        let ahead = json!({ "version": 99, "data": {} });
+        check("put", snap, call(&s, Method::PUT, "/streams/acct-1/snapshot", Some(ahead)).await, 409);
         check("get", snap, call(&s, Method::GET, "/streams/acct-1/snapshot?version=0", None).await, 404);
         let cp = "/checkpoints/{name}";
         check(

@@ -290,7 +290,8 @@ pub async fn delete(
     params(("stream" = String, Path, description = "Stream name")), request_body = SnapshotIn,
     responses((status = 201, description = "Saved (replacing one at the same version)", body = SnapshotSavedOut),
         (status = 400, description = "Invalid stream name or body", body = ErrorOut),
-        (status = 403, description = "Role below writer, or outside the caller's prefixes", body = ErrorOut)))]
+        (status = 403, description = "Role below writer, or outside the caller's prefixes", body = ErrorOut),
+        (status = 409, description = "`snapshot_ahead_of_stream`: `version` is past the stream's last version (`details: { stream, version, last_version }`)", body = ErrorOut)))]
 pub async fn save_snapshot(
     State(state): State<AppState>,
     principal: Principal,
@@ -299,6 +300,26 @@ pub async fn save_snapshot(
 ) -> Result<Response, ApiError> {
     let stream = user_stream(&stream)?;
     principal.authorize(Role::Writer, Some(stream.as_str()))?;
+    // A state cannot include versions the stream does not have yet; a
+    // loader starting from it would skip the events up to that version.
+    // (Versions only grow, so the check cannot go stale before the save.)
+    let last_version = state.inner.store.stream_info(&stream).await?.last_version;
+    if last_version.is_none_or(|last| body.version > last) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "snapshot_ahead_of_stream",
+            format!(
+                "a snapshot of '{stream}' at version {} is ahead of the stream, whose last version is {}",
+                body.version,
+                last_version.map_or_else(|| "none (no events)".to_owned(), |v| v.to_string())
+            ),
+        )
+        .with_details(serde_json::json!({
+            "stream": stream.as_str(),
+            "version": body.version,
+            "last_version": last_version,
+        })));
+    }
     let snapshot = Snapshot {
         stream: stream.clone(),
         version: body.version,
