@@ -433,6 +433,16 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// Days of month `m` (1–12) of year `y` in the proleptic Gregorian calendar.
+fn days_in_month(y: i64, m: i64) -> i64 {
+    match m {
+        2 if y % 4 == 0 && (y % 100 != 0 || y % 400 == 0) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
 /// Formats a timestamp as RFC 3339 UTC with microseconds,
 /// e.g. `2026-11-22T18:57:23.123456Z`.
 pub fn format_rfc3339(t: Timestamp) -> String {
@@ -465,7 +475,7 @@ pub fn parse_time(s: &str) -> Option<Timestamp> {
     }
     let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
     let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
+    if !(1..=12).contains(&mo) || !(1..=days_in_month(y, mo)).contains(&d) || h > 23 || mi > 59 || se > 60 {
         return None;
     }
     let mut i = 19;
@@ -528,6 +538,22 @@ mod tests {
         assert_eq!(parse_time("1970-01-01T00:00:01.5Z"), Some(Timestamp::from_micros(1_500_000)));
         assert_eq!(parse_time("yesterday"), None);
         assert_eq!(parse_time("2026-13-01T00:00:00Z"), None);
+    }
+
+    /// A day the month does not have is refused, not rolled over into the
+    /// next month (`2026-02-31` read as 3 March).
+    #[test]
+    fn impossible_dates_are_refused() {
+        for bad in
+            ["2026-02-29T00:00:00Z", "2026-02-31T00:00:00Z", "2026-04-31T12:00:00Z", "1900-02-29T00:00:00Z"]
+        {
+            assert_eq!(parse_time(bad), None, "{bad}");
+        }
+        for good in
+            ["2024-02-29T00:00:00Z", "2000-02-29T00:00:00Z", "2026-01-31T00:00:00Z", "2026-12-31T23:59:59Z"]
+        {
+            assert!(parse_time(good).is_some(), "{good}");
+        }
     }
 
     #[test]
