@@ -681,3 +681,26 @@ async fn all_refuses_unknown_query_parameters() {
     })
     .await;
 }
+
+/// `X-Correlation-Id` is advisory (a longer one is ignored): one that could
+/// not be stored (a tab inside) is ignored too, rather than failing the
+/// append with an error about metadata the client never sent.
+#[tokio::test]
+async fn an_unstorable_correlation_header_is_ignored() {
+    within(60, async {
+        let s = start(open_config()).await;
+        let resp = s
+            .client
+            .post(s.url("/streams/corr-1"))
+            .header("x-correlation-id", "gw\t42")
+            .json(&json!([event("A", json!({}))]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+        let (_, page) = s.get("/streams/corr-1").await;
+        assert!(page["events"][0]["metadata"].get("correlation_id").is_none(), "{page}");
+        s.stop().await;
+    })
+    .await;
+}

@@ -20,13 +20,16 @@ pub fn readable_stream(name: &str) -> Result<StreamName, ApiError> {
     StreamName::any(name).map_err(ApiError::from)
 }
 
-/// The request's correlation id header, if any.
+/// The request's correlation id header, if any: one the store could not
+/// keep (over 256 bytes, or with a control character such as a tab, which
+/// header values may hold) is ignored, since the client did not put it in
+/// the events itself.
 pub fn correlation_id(headers: &HeaderMap) -> Option<String> {
     headers
         .get("x-correlation-id")
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
-        .filter(|s| !s.is_empty() && s.len() <= 256)
+        .filter(|s| !s.is_empty() && s.len() <= 256 && !s.chars().any(char::is_control))
         .map(str::to_owned)
 }
 
