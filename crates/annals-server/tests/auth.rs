@@ -493,3 +493,43 @@ fn jwt_leeway_is_bounded() {
         }
     }
 }
+
+/// A listing for a principal confined to prefixes pages through the
+/// streams it may see: `next` is `null` once none of those is left, even
+/// when other principals' streams follow.
+#[tokio::test]
+async fn a_confined_listing_ends_with_its_last_visible_stream() {
+    within(60, async {
+        let s = start(secured_config()).await;
+        use reqwest::Method as M;
+        let admin = format!("ApiKey {ADMIN_KEY}");
+        for stream in ["billing-1", "billing-2", "hr-1", "hr-2"] {
+            assert_eq!(
+                call(&s, M::POST, &format!("/streams/{stream}"), Some(&admin), one_event()).await.0,
+                201
+            );
+        }
+        let billing = format!("ApiKey {BILLING_KEY}");
+        let mut seen = Vec::new();
+        let mut path = "/streams?limit=1".to_owned();
+        for _ in 0..5 {
+            let (status, v) = call(&s, M::GET, &path, Some(&billing), None).await;
+            assert_eq!(status, 200, "{v}");
+            let page: Vec<String> = v["streams"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["stream"].as_str().unwrap().to_owned())
+                .collect();
+            assert!(!page.is_empty(), "{path} gave an empty page after a non-null next: {v}");
+            seen.extend(page);
+            match v["next"].as_str() {
+                Some(next) => path = format!("/streams?limit=1&after={next}"),
+                None => break,
+            }
+        }
+        assert_eq!(seen, ["billing-1", "billing-2"]);
+        s.stop().await;
+    })
+    .await;
+}

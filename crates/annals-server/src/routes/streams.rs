@@ -449,27 +449,29 @@ pub async fn list(
     let mut after = query.after.clone();
     let mut more = false;
     // A principal confined to prefixes may see only part of a page: keep
-    // asking until the page is full or the store has no more.
-    loop {
-        let mut request = ListStreams::new(limit - streams.len() + 1);
+    // asking until one stream past a full page is visible (so `next` never
+    // promises a page with nothing in it) or the store has no more. Pages
+    // of at least 64, so that looking for that one stream past many others
+    // does not take a store call each.
+    'pages: loop {
+        let want = (limit - streams.len() + 1).max(64);
+        let mut request = ListStreams::new(want);
         request.prefix = query.prefix.clone();
         request.after = after.clone();
         let page = state.inner.store.list_streams(request).await?;
-        let exhausted = page.len() <= limit - streams.len();
+        let exhausted = page.len() < want;
         for info in page {
+            after = Some(info.stream.as_str().to_owned());
+            if !principal.may_see(info.stream.as_str()) {
+                continue;
+            }
             if streams.len() == limit {
                 more = true;
-                break;
+                break 'pages;
             }
-            after = Some(info.stream.as_str().to_owned());
-            if principal.may_see(info.stream.as_str()) {
-                streams.push(StreamSummaryOut::from(info));
-            }
+            streams.push(StreamSummaryOut::from(info));
         }
-        if streams.len() == limit && !exhausted {
-            more = true;
-        }
-        if exhausted || streams.len() == limit {
+        if exhausted {
             break;
         }
     }
