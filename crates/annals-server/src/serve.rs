@@ -41,6 +41,9 @@ pub async fn run(
         None => None,
     };
     let draining = state.shutdown_token().clone();
+    // Cancelled once the shutdown grace is over: closes every connection
+    // still open (each one's kill switch is a child of it).
+    let force = CancellationToken::new();
     // Consumer groups defined before a restart run again before the first
     // consumer can connect. On a shared store only the process holding the
     // groups lease runs them; the others keep trying to take over.
@@ -90,13 +93,17 @@ pub async fn run(
         let _ = tcp.set_nodelay(true);
         let router = router.clone();
         let draining = draining.clone();
+        let kill = force.child_token();
         let tls = tls.clone();
         tracker.spawn(async move {
             match tls {
-                None => serve_connection(TokioIo::new(tcp), remote, router, draining, header_timeout).await,
+                None => {
+                    serve_connection(TokioIo::new(tcp), remote, router, draining, kill, header_timeout).await
+                }
                 Some(acceptor) => match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        serve_connection(TokioIo::new(stream), remote, router, draining, header_timeout).await
+                        serve_connection(TokioIo::new(stream), remote, router, draining, kill, header_timeout)
+                            .await
                     }
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
@@ -114,6 +121,9 @@ pub async fn run(
             secs = grace.as_secs(),
             "connections still open after the shutdown timeout; closing them"
         );
+        // Each connection task ends as soon as it sees its kill switch.
+        force.cancel();
+        tracker.wait().await;
     }
     if let Some(leadership) = leadership {
         let _ = leadership.await;
@@ -145,11 +155,11 @@ async fn serve_connection<I>(
     remote: SocketAddr,
     router: axum::Router,
     draining: CancellationToken,
+    kill: CancellationToken,
     header_timeout: Duration,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let kill = CancellationToken::new();
     let ctl = ConnCtl { remote, kill: kill.clone() };
     let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(ctl.clone());

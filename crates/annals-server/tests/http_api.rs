@@ -704,3 +704,40 @@ async fn an_unstorable_correlation_header_is_ignored() {
     })
     .await;
 }
+
+/// `run` gives in-flight requests `timeouts.shutdown_secs`, then closes
+/// what is left: a request still going (here one whose body never comes)
+/// must not outlive `run`, holding its connection and the store.
+#[tokio::test]
+async fn connections_left_after_the_shutdown_grace_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    within(120, async {
+        let mut config = open_config();
+        config.timeouts.shutdown_secs = 1;
+        config.timeouts.request_secs = 3600;
+        let s = start(config).await;
+        let mut tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        tcp.write_all(
+            b"POST /streams/slow-1 HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n[",
+        )
+        .await
+        .unwrap();
+        // Give the server a moment to start on the request.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        s.stop().await;
+        // After `run` returned, the connection is closed (EOF or reset),
+        // not left waiting for the rest of the body for an hour.
+        let mut buf = [0u8; 1024];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await;
+        assert!(read.is_ok(), "the connection outlived run()");
+    })
+    .await;
+}
