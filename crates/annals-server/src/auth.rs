@@ -83,7 +83,7 @@ impl Principal {
     /// restricted to prefixes must ask for a `stream_prefix` inside them.
     pub fn authorize_all(&self, needed: Role, stream_prefix: Option<&str>) -> Result<(), ApiError> {
         self.authorize(needed, None)?;
-        if let Some(prefixes) = &self.streams {
+        if let Some(prefixes) = self.streams.as_ref().filter(|_| !self.sees_every_stream()) {
             let ok = stream_prefix.is_some_and(|sp| prefixes.iter().any(|p| sp.starts_with(p.as_str())));
             if !ok {
                 return Err(ApiError::forbidden(format!(

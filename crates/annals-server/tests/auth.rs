@@ -533,3 +533,24 @@ async fn a_confined_listing_ends_with_its_last_visible_stream() {
     })
     .await;
 }
+
+/// A token whose `streams` holds the empty prefix may touch every stream
+/// (and `/stats` treats it so): it reads `$all` without a `stream_prefix`
+/// like an unconfined one.
+#[tokio::test]
+async fn an_empty_prefix_in_a_token_reads_all() {
+    within(60, async {
+        let s = start(secured_config()).await;
+        use reqwest::Method as M;
+        let token = format!(
+            "Bearer {}",
+            hs256(json!({ "sub": "wide", "role": "writer", "streams": [""], "exp": now() + 3600 }))
+        );
+        assert_eq!(call(&s, M::POST, "/streams/any-1", Some(&token), one_event()).await.0, 201);
+        let (status, v) = call(&s, M::GET, "/all", Some(&token), None).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["events"].as_array().unwrap().len(), 1);
+        s.stop().await;
+    })
+    .await;
+}
