@@ -68,6 +68,11 @@ const MAX_RETRIES: u32 = 10_000;
 const MAX_IN_FLIGHT: usize = 10_000;
 /// Longest long-poll of `POST /groups/{group}/next`.
 const MAX_WAIT_MS: u64 = 25_000;
+/// Longest nack `reason`: it is stored in the dead-letter event, which
+/// the store's event size limit bounds; a park that cannot be stored does
+/// not happen (the message comes back later), so a longer reason is
+/// refused up front.
+const MAX_REASON_BYTES: usize = 16 * 1024;
 /// A pull consumer idle for the group's ack timeout, but at least this
 /// long, is dropped.
 const PULL_IDLE_MIN: Duration = Duration::from_secs(30);
@@ -991,12 +996,24 @@ async fn on_client_message(consumer: &Consumer, raw: &str) -> Message {
             Err(e) => error_message(&consumer_error(e), Some(delivery_id)),
         },
         ClientMessage::Nack { delivery_id, action, reason } => {
+            if let Err(e) = check_reason(reason.as_deref()) {
+                return error_message(&e, Some(delivery_id));
+            }
             let reason = reason.unwrap_or_else(|| "nacked by consumer".to_owned());
             match consumer.nack(delivery_id, action, reason).await {
                 Ok(()) => text(&json!({ "type": "nacked", "delivery_id": delivery_id, "action": action })),
                 Err(e) => error_message(&consumer_error(e), Some(delivery_id)),
             }
         }
+    }
+}
+
+fn check_reason(reason: Option<&str>) -> Result<(), ApiError> {
+    match reason {
+        Some(r) if r.len() > MAX_REASON_BYTES => {
+            Err(ApiError::bad_request(format!("`reason` is {} bytes; at most {MAX_REASON_BYTES}", r.len())))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -1183,6 +1200,7 @@ async fn settle(
     if !nack && body.reason.is_some() {
         return Err(ApiError::bad_request("`reason` applies only to nack"));
     }
+    check_reason(body.reason.as_deref())?;
     let puller = entry.pulls.lock().await.get(&consumer).cloned().ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,

@@ -507,6 +507,46 @@ async fn a_name_clash_does_not_reveal_another_principals_group() {
     s.stop().await;
 }
 
+/// A park reason is stored in the dead-letter event, which has the store's
+/// event size limit: one too big to store is refused (400), instead of a
+/// `settled` answer for a message that was not parked (the park failed and
+/// the message came back later).
+#[tokio::test]
+async fn an_oversized_park_reason_is_refused() {
+    let s = start(open_config()).await;
+    within(60, async {
+        let (status, _) = create(&s, "dl", json!({ "stream": "jobs-dl" })).await;
+        assert_eq!(status, 201);
+        s.append("jobs-dl", "any", json!([event("Job", json!({}))])).await;
+        let (status, body) =
+            call(&s, "POST", "/groups/dl/next?consumer=p&max=1&wait_ms=5000", None, None).await;
+        assert_eq!(status, 200, "{body}");
+        let id = body["deliveries"][0]["delivery_id"].as_u64().expect("a delivery");
+        let nack = |reason: String| json!({ "delivery_ids": [id], "action": "park", "reason": reason });
+        let (status, body) =
+            call(&s, "POST", "/groups/dl/nack?consumer=p", Some(nack("x".repeat(2 * 1024 * 1024))), None)
+                .await;
+        assert_eq!(status, 400, "{body}");
+        // Still in flight with the consumer: a normal reason parks it.
+        let (status, body) =
+            call(&s, "POST", "/groups/dl/nack?consumer=p", Some(nack("bad job".into())), None).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["settled"], json!([id]));
+        let mut parked = Value::Null;
+        for _ in 0..100 {
+            let (_, body) = s.get("/groups/dl/parked").await;
+            parked = body["parked"].clone();
+            if parked.as_array().is_some_and(|p| !p.is_empty()) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert_eq!(parked[0]["reason"], "bad job", "{parked}");
+    })
+    .await;
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn http_pull_consumer_acks_and_nacks() {
     let s = start(open_config()).await;
