@@ -554,3 +554,39 @@ async fn an_empty_prefix_in_a_token_reads_all() {
     })
     .await;
 }
+
+/// With `issuer` and `audience` configured, a token must carry them:
+/// one without `iss` or `aud` (minted for some other use by the same key)
+/// is refused like one naming another issuer or audience.
+#[tokio::test]
+async fn configured_issuer_and_audience_are_required() {
+    within(60, async {
+        let mut config = secured_config();
+        let jwt = config.auth.jwt.as_mut().unwrap();
+        jwt.issuer = Some("https://id.example".into());
+        jwt.audience = Some("annals".into());
+        let s = start(config).await;
+        use reqwest::Method as M;
+        let base = json!({ "sub": "svc", "role": "reader", "exp": now() + 3600 });
+        let with = |extra: Value| {
+            let mut claims = base.clone();
+            claims.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            format!("Bearer {}", rs256(claims))
+        };
+        let good = with(json!({ "iss": "https://id.example", "aud": "annals" }));
+        assert_eq!(call(&s, M::GET, "/stats", Some(&good), None).await.0, 200);
+        for (why, token) in [
+            ("no iss", with(json!({ "aud": "annals" }))),
+            ("no aud", with(json!({ "iss": "https://id.example" }))),
+            ("neither", with(json!({}))),
+            ("other iss", with(json!({ "iss": "https://evil.example", "aud": "annals" }))),
+            ("other aud", with(json!({ "iss": "https://id.example", "aud": "billing" }))),
+        ] {
+            let (status, v) = call(&s, M::GET, "/stats", Some(&token), None).await;
+            assert_eq!(status, 401, "{why}: {v}");
+            assert_eq!(v["error"]["code"], "invalid_token", "{why}");
+        }
+        s.stop().await;
+    })
+    .await;
+}
