@@ -1115,6 +1115,10 @@ pub async fn pull(
     if wait > MAX_WAIT_MS {
         return Err(ApiError::bad_request(format!("`wait_ms` must be at most {MAX_WAIT_MS}")));
     }
+    // Ends before the whole-request timeout, which would answer `503
+    // timeout` for what is only an empty pull.
+    let request_ms = state.inner.config.timeouts.request_secs.saturating_mul(1000);
+    let wait = wait.min(request_ms.saturating_sub(500).max(request_ms / 2));
     let puller = {
         let mut pulls = entry.pulls.lock().await;
         if entry.removed.is_cancelled() {

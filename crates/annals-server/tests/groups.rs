@@ -547,6 +547,26 @@ async fn an_oversized_park_reason_is_refused() {
     s.stop().await;
 }
 
+/// A long-poll ends before the whole-request timeout: with
+/// `timeouts.request_secs` below the `wait_ms` asked for, an empty pull is
+/// still an empty list, not `503 timeout` (which says "the outcome is
+/// unknown, retry").
+#[tokio::test]
+async fn a_long_poll_ends_within_the_request_timeout() {
+    let mut config = open_config();
+    config.timeouts.request_secs = 2;
+    let s = start(config).await;
+    within(60, async {
+        let (status, _) = create(&s, "lp", json!({ "stream": "jobs-lp" })).await;
+        assert_eq!(status, 201);
+        let (status, body) = call(&s, "POST", "/groups/lp/next?consumer=p&wait_ms=5000", None, None).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["deliveries"], json!([]));
+    })
+    .await;
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn http_pull_consumer_acks_and_nacks() {
     let s = start(open_config()).await;
