@@ -741,3 +741,18 @@ async fn connections_left_after_the_shutdown_grace_are_closed() {
     })
     .await;
 }
+
+/// `hard` belongs to DELETE: on an append it would be a client's mistake
+/// (a delete sent as POST), so it is refused rather than ignored.
+#[tokio::test]
+async fn an_append_refuses_the_delete_parameter() {
+    within(60, async {
+        let s = start(open_config()).await;
+        let (status, v) = s.append("hard-1", "any&hard=true", json!([event("A", json!({}))])).await;
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(v["error"]["code"], "invalid_query");
+        assert_eq!(s.get("/streams/hard-1").await.0, 404, "nothing was written");
+        s.stop().await;
+    })
+    .await;
+}

@@ -91,6 +91,14 @@ pub async fn append(
     headers: HeaderMap,
     ApiJson(events): ApiJson<Vec<EventIn>>,
 ) -> Result<Response, ApiError> {
+    if query.hard.is_some() {
+        // Shared with DELETE, where it belongs: here it is a mistake.
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "`hard` applies only to DELETE /streams/{stream}",
+        ));
+    }
     let stream = user_stream(&stream)?;
     principal.authorize(Role::Writer, Some(stream.as_str()))?;
     let expected = expected_of(&headers, &query)?;
