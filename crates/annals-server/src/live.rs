@@ -47,7 +47,10 @@ use crate::{
     auth::{Principal, Role},
     error::{ApiError, ErrorOut},
     extract::{ApiPath, ApiQuery},
-    routes::{all::FilterQuery, readable_stream},
+    routes::{
+        all::{FilterQuery, refuse_unknown},
+        readable_stream,
+    },
     serve::ConnCtl,
     wire::EventOut,
 };
@@ -66,6 +69,11 @@ pub struct LiveQuery {
     #[serde(flatten)]
     #[param(ignore)]
     pub filter: FilterQuery,
+    /// Whatever else the query holds: refused (400 `invalid_query`), so a
+    /// misspelt filter never follows the whole log.
+    #[serde(flatten)]
+    #[param(ignore)]
+    pub unknown: std::collections::BTreeMap<String, String>,
 }
 
 /// Parses `from` for subscriptions: inclusive start → `SubscribeFrom`.
@@ -154,6 +162,7 @@ pub async fn stream_sse(
     headers: HeaderMap,
     conn: Option<Extension<ConnCtl>>,
 ) -> Result<Response, ApiError> {
+    refuse_unknown(&query.unknown)?;
     let stream = readable_stream(&stream)?;
     let needed = if stream.is_system() { Role::Admin } else { Role::Reader };
     principal.authorize(needed, Some(stream.as_str()))?;
@@ -176,6 +185,7 @@ pub async fn all_sse(
     headers: HeaderMap,
     conn: Option<Extension<ConnCtl>>,
 ) -> Result<Response, ApiError> {
+    refuse_unknown(&query.unknown)?;
     let filter = query.filter.to_filter()?;
     query.filter.authorize(&principal, &filter)?;
     let (from, what) = resume_from(&headers, query.from.as_deref())?;

@@ -143,14 +143,20 @@ pub struct AllQuery {
 impl AllQuery {
     /// `400 invalid_query` naming the first unknown parameter, if any.
     fn refuse_unknown(&self) -> Result<(), ApiError> {
-        match self.unknown.keys().next() {
-            None => Ok(()),
-            Some(name) => Err(ApiError::new(
-                axum::http::StatusCode::BAD_REQUEST,
-                "invalid_query",
-                format!("Failed to deserialize query string: unknown field `{name}`"),
-            )),
-        }
+        refuse_unknown(&self.unknown)
+    }
+}
+
+/// `400 invalid_query` naming the first of the parameters a query with a
+/// flattened filter collected as unknown, if any.
+pub fn refuse_unknown(unknown: &std::collections::BTreeMap<String, String>) -> Result<(), ApiError> {
+    match unknown.keys().next() {
+        None => Ok(()),
+        Some(name) => Err(ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!("Failed to deserialize query string: unknown field `{name}`"),
+        )),
     }
 }
 
