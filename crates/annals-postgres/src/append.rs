@@ -57,6 +57,7 @@ use crate::{
     pooled::{Answer, NoAnswer, Pooled},
     row::{to_i64, to_u64},
     sql::Statements,
+    timestamp::PgTimestamp,
 };
 
 /// How often a transaction is re-run after a deadlock, serialization
@@ -195,11 +196,15 @@ enum Sent {
 }
 
 /// A server session of a pooled connection: backend pid and start time
-/// (together they name it even after the pid is reused).
+/// (together they name it even after the pid is reused). The start time is
+/// kept as the instant, not as text: each session renders a `timestamptz`
+/// in its own `TimeZone` and `DateStyle`, which an application may set on
+/// a pooled connection ([`crate::PgStore::pool`]), so the text one session
+/// read need not match the text of the session that ends it.
 #[derive(Clone, Debug)]
 pub(crate) struct Session {
     pid: i32,
-    started: String,
+    started: PgTimestamp,
 }
 
 /// The sessions of the committer's connections, learnt once per connection
@@ -1012,18 +1017,17 @@ fn outcome_unknown(lost: &Lost) -> Error {
 /// path.
 const DECLINED: &str = "AN001";
 
-/// Ends the session `$1` (pid) started at `$2` (`backend_start::text`), if it
+/// Ends the session `$1` (pid) started at `$2` (`backend_start`), if it
 /// is still there, waiting up to `$3` ms for it to go (PostgreSQL 14+).
 /// True when there was nothing to end or it ended.
 const TERMINATE_WAITING: &str = "SELECT coalesce(bool_and(pg_terminate_backend(pid, $3)), true)
-       FROM pg_stat_activity WHERE pid = $1 AND backend_start::text = $2";
+       FROM pg_stat_activity WHERE pid = $1 AND backend_start = $2";
 /// The same without waiting (before PostgreSQL 14): the head lock taken
 /// next still waits for a transaction of the session to end.
 const TERMINATE: &str = "SELECT coalesce(bool_and(pg_terminate_backend(pid)), true)
-       FROM pg_stat_activity WHERE pid = $1 AND backend_start::text = $2";
+       FROM pg_stat_activity WHERE pid = $1 AND backend_start = $2";
 /// The session of the connection it runs on.
-const OWN_SESSION: &str =
-    "SELECT pid, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()";
+const OWN_SESSION: &str = "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()";
 
 /// Every append transaction runs in READ COMMITTED whatever the session's
 /// default: the head-first design relies on each statement after the head

@@ -2547,6 +2547,51 @@ async fn an_append_that_got_no_answer_never_lands_later() {
     assert_eq!(read.iter().filter(|id| **id == late.id).count(), 1, "{read:?}");
 }
 
+/// The same when the pooled connection the append went out on has its own
+/// time zone (set by the application through [`PgStore::pool`], which hands
+/// out the store's connections): the store still names and ends that
+/// session before searching the log. (It named sessions by the text of
+/// their start time, which each session renders in its own time zone: the
+/// session that looked for it, in another zone, found no such session and
+/// ended nothing, so the late request was written after the caller was
+/// told it was not.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_that_got_no_answer_never_lands_later_whatever_its_sessions_time_zone() {
+    let Some((writer, guard)) = common::open().await else { return };
+    let proxy = common::proxy::Proxy::start().await;
+    let s = stream("held-tz");
+    let store = PgStore::builder(proxy.url.clone())
+        .schema(&guard.schema)
+        .max_connections(1)
+        .connect_timeout(Duration::from_millis(500))
+        .answer_timeout(Duration::from_secs(1))
+        .open()
+        .await
+        .unwrap();
+    // The store's only pooled connection, as an application might use it.
+    let pooled = store.pool().get().await.unwrap();
+    pooled.batch_execute("SET TIME ZONE 'Pacific/Kiritimati'").await.unwrap();
+    drop(pooled);
+    let (admin, conn) = tokio_postgres::connect(&common::url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let default_zone: String = admin.query_one("SHOW TimeZone", &[]).await.unwrap().get(0);
+    assert_ne!(default_zone, "Pacific/Kiritimati", "the test needs two time zones");
+    store.append(&s, ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
+    proxy.hold(format!("annals {}", guard.schema).as_bytes());
+    let late = event(1);
+    let err = tokio::time::timeout(PATIENCE, store.append(&s, ExpectedVersion::Any, vec![late.clone()]))
+        .await
+        .expect("the append hung")
+        .unwrap_err();
+    assert!(err.to_string().contains("no answer from PostgreSQL"), "{err}");
+
+    proxy.release().await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let read: Vec<_> =
+        writer.read_stream(&s, ReadStream::forward()).await.unwrap().into_iter().map(|e| e.id).collect();
+    assert!(!read.contains(&late.id), "written after the caller was told it was not");
+}
+
 /// The same when the late request reaches the server while the store
 /// searches the log for it: the proxy delivers it once the search (whose
 /// parameters carry the event id) has run, and holds back what the store
