@@ -92,6 +92,13 @@ pub(crate) struct Request {
     reply: oneshot::Sender<Result<Vec<AppendResult>>>,
 }
 
+impl Request {
+    /// Bytes of data and metadata, as [`annals_core::Limits`] counts an append.
+    fn bytes(&self) -> usize {
+        self.parts.iter().flat_map(|p| &p.events).map(|e| e.data.len() + e.metadata.len()).sum()
+    }
+}
+
 /// What a committer needs from the store.
 pub(crate) struct Committer {
     pub pool: Pool,
@@ -115,6 +122,17 @@ pub(crate) struct Committer {
     /// How long a new connection may take (a pool that cannot make one in
     /// time is a database that does not answer).
     pub connect_timeout: Duration,
+    /// A request joins a batch only if the batch's events then hold at most
+    /// this many bytes of data and metadata: the store's
+    /// [`annals_core::Limits::max_append_size`] (the first request is always
+    /// taken, and holds at most that). A round is one statement, so one round
+    /// is then never larger than the largest append the store takes, which
+    /// PostgreSQL can receive ([`crate::MAX_APPEND_SIZE`]) and which the
+    /// answer timeout must allow for anyway. (Without a bound, seventeen
+    /// appends of 63 MiB, each within the default limits, made one round of
+    /// 1.1 GB: PostgreSQL broke the connection of every attempt, and each of
+    /// them was answered "outcome unknown" after five.)
+    pub max_batch_bytes: usize,
 }
 
 impl Inner {
@@ -260,17 +278,32 @@ impl Committer {
         // Appends answered by the previous round: callers that are likely
         // to send their next one right away.
         let mut answered = 0;
+        // A request taken from the queue that did not fit the previous
+        // batch: the first of the next.
+        let mut carried: Option<Request> = None;
         loop {
             let batch = {
                 let mut queue = self.queue.lock().await;
-                let Some(first) = queue.recv().await else { return };
+                let first = match carried.take() {
+                    Some(first) => first,
+                    None => {
+                        let Some(first) = queue.recv().await else { return };
+                        first
+                    }
+                };
                 let mut events: usize = first.parts.iter().map(|p| p.events.len()).sum();
+                let mut bytes = first.bytes();
                 let mut batch = vec![first];
                 let mut idle_yields = 0;
                 while batch.len() < MAX_BATCH_REQUESTS && events < MAX_BATCH_EVENTS {
                     match queue.try_recv() {
+                        Ok(next) if bytes.saturating_add(next.bytes()) > self.max_batch_bytes => {
+                            carried = Some(next);
+                            break;
+                        }
                         Ok(next) => {
                             events += next.parts.iter().map(|p| p.events.len()).sum::<usize>();
+                            bytes += next.bytes();
                             batch.push(next);
                             idle_yields = 0;
                         }

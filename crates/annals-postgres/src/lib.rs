@@ -364,6 +364,7 @@ impl PgStoreBuilder {
                 sessions: sessions.clone(),
                 terminate_waits,
                 connect_timeout: self.connect_timeout,
+                max_batch_bytes: self.limits.max_append_size,
             };
             tokio::spawn(committer.run());
         }

@@ -1981,6 +1981,46 @@ async fn append_size_beyond_what_postgres_takes_is_refused() {
     store.append(&stream("size-1"), ExpectedVersion::NoStream, vec![fits]).await.unwrap();
 }
 
+/// Appends that each fit the limits are written however many of them are
+/// queued at once: the committer's round (one statement) stays under what
+/// PostgreSQL takes. Seventeen appends of 63 MiB each, within the default
+/// limits, wait behind a held head. (They went out as one round of 1.1 GB,
+/// which broke the connection; the round ran again whole, broke again, and
+/// after five attempts every one of them was answered "outcome unknown,
+/// re-send it", which with as many writers re-sending fails the same way.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_large_appends_queued_at_once_are_all_written() {
+    let Some((store, guard)) = common::open().await else { return };
+    let mib = bytes::Bytes::from(vec![7u8; 1024 * 1024]);
+    let blocker = holding_the_head(&guard.schema).await;
+    let first = tokio::spawn({
+        let store = store.clone();
+        async move { store.append(&stream("big-0"), ExpectedVersion::Any, vec![event(0)]).await }
+    });
+    // The first round waits for the head; the others queue behind it.
+    let pid = waiting_backend(&guard.schema).await;
+    assert!(pid > 0);
+    let appends: Vec<_> = (1..=17)
+        .map(|i| {
+            let store = store.clone();
+            let events: Vec<EventData> = (0..63)
+                .map(|_| EventData::raw("Big", mib.clone(), annals_core::ContentType::Binary))
+                .collect();
+            tokio::spawn(async move {
+                store.append(&stream(&format!("big-{i}")), ExpectedVersion::NoStream, events).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+    first.await.unwrap().unwrap();
+    for (i, append) in appends.into_iter().enumerate() {
+        let answered = tokio::time::timeout(Duration::from_secs(300), append).await.expect("hung").unwrap();
+        assert!(answered.is_ok(), "append {} of 17: {answered:?}", i + 1);
+    }
+    assert_eq!(store.next_position().await.unwrap(), 1 + 17 * 63);
+}
+
 /// PostgreSQL's timestamps start in 4714 BC: an earlier snapshot time is
 /// refused rather than stored as `-infinity` (and read back altered); as a
 /// filter bound it selects what it would anyway (the conformance suite's
