@@ -7,7 +7,9 @@
 //! connection it reconnects with backoff and polls the head at once, so a
 //! notification lost during the outage delays wake-ups by at most one
 //! reconnect, never loses events (subscribers read committed rows, the
-//! head only tells them when to look).
+//! head only tells them when to look). A deletion notified meanwhile is
+//! lost the same way and cannot be polled: after a reconnect the stream
+//! subscriptions read their streams once, as if one had been notified.
 //!
 //! A committed stream deletion notifies the channel with [`DELETED`]
 //! instead of a head: the listener tells the store's subscription tail (so
@@ -89,6 +91,15 @@ pub(crate) struct Dial {
 /// The payload a deletion notifies (a head is always a number).
 pub(crate) const DELETED: &str = "deleted";
 
+/// A stream was deleted (or may have been): the tail's stream
+/// subscriptions read their streams again, and every subscription wakes,
+/// although the head did not move.
+fn note_deletion(tail: &annals_core::subscription::Tail, head: &watch::Sender<u64>) {
+    tail.note_deletion();
+    let now = *head.borrow();
+    head.send_replace(now);
+}
+
 /// Connects and issues `LISTEN`.
 pub(crate) async fn connect(
     dial: &Dial,
@@ -109,9 +120,7 @@ pub(crate) async fn connect(
                     if let Ok(next) = n.payload().parse::<u64>() {
                         bump(&head, next);
                     } else if n.payload() == DELETED {
-                        tail.note_deletion();
-                        let now = *head.borrow();
-                        head.send_replace(now);
+                        note_deletion(&tail, &head);
                     }
                 }
                 Ok(_) => {}
@@ -166,6 +175,12 @@ pub(crate) async fn run(
             }
             match connect_within(&dial, &sql, &head, &stats).await {
                 Ok(c) => {
+                    // A deletion notified while the listener was away is
+                    // lost with its notification, and unlike a head it
+                    // cannot be polled: have the stream subscriptions read
+                    // their streams once, as a notification would have.
+                    // (The head is polled just below.)
+                    note_deletion(&dial.tail, &head);
                     stats.reconnects.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("annals_pg_listener_reconnects_total", "schema" => sql.name.clone())
                         .increment(1);
