@@ -34,8 +34,11 @@ pub enum PgError {
         reason: String,
     },
     /// The schema name is not usable. Use 1–56 characters of `a-z`, `0-9`
-    /// and `_`, starting with a letter or `_`.
-    #[error("invalid schema name '{name}': use 1-56 characters of a-z, 0-9 and _, not starting with a digit")]
+    /// and `_`, starting with a letter or `_`, and not with `pg_`
+    /// (PostgreSQL's own schemas).
+    #[error(
+        "invalid schema name '{name}': use 1-56 characters of a-z, 0-9 and _, not starting with a digit or with pg_"
+    )]
     InvalidSchemaName {
         /// The rejected name.
         name: String,

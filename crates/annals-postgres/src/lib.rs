@@ -163,7 +163,8 @@ pub struct PgStoreBuilder {
 
 impl PgStoreBuilder {
     /// The schema holding the store's tables (default [`DEFAULT_SCHEMA`]):
-    /// 1–56 characters of `a-z`, `0-9`, `_`, not starting with a digit.
+    /// 1–56 characters of `a-z`, `0-9`, `_`, not starting with a digit or
+    /// with `pg_` (reserved for PostgreSQL's own schemas).
     pub fn schema(mut self, schema: impl Into<String>) -> Self {
         self.schema = schema.into();
         self
@@ -554,7 +555,10 @@ fn validate_schema(name: &str) -> Result<(), PgError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_SCHEMA_LEN
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        && !name.as_bytes().first().is_some_and(u8::is_ascii_digit);
+        && !name.as_bytes().first().is_some_and(u8::is_ascii_digit)
+        // PostgreSQL's own schemas (pg_catalog, pg_toast, pg_temp_N): it
+        // refuses to create one, or a table in one.
+        && !name.starts_with("pg_");
     if ok { Ok(()) } else { Err(PgError::InvalidSchemaName { name: name.to_owned() }) }
 }
 
@@ -664,10 +668,12 @@ mod tests {
 
     #[test]
     fn schema_names_are_checked() {
-        for ok in ["annals", "_x", "a1_b2", &"s".repeat(MAX_SCHEMA_LEN)] {
+        for ok in ["annals", "_x", "a1_b2", &"s".repeat(MAX_SCHEMA_LEN), "pg", "pgx_1", "_pg_x"] {
             assert!(validate_schema(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "1a", "A", "a-b", "a b", "a\"b", &"s".repeat(MAX_SCHEMA_LEN + 1)] {
+        for bad in
+            ["", "1a", "A", "a-b", "a b", "a\"b", &"s".repeat(MAX_SCHEMA_LEN + 1), "pg_catalog", "pg_x"]
+        {
             assert!(matches!(validate_schema(bad), Err(PgError::InvalidSchemaName { .. })), "{bad}");
         }
         // The NOTIFY channel of the longest schema still fits an identifier.
