@@ -324,7 +324,11 @@ impl Committer {
                 let (round, rest) = split_round(pending);
                 pending = rest;
                 if let Some(no_answer) = self.run_round(round).await {
-                    self.refuse_waiting(std::mem::take(&mut pending), no_answer).await;
+                    // The carried request was queued behind these: refused
+                    // with them, not sent to wait out a timeout of its own.
+                    let mut waiting = std::mem::take(&mut pending);
+                    waiting.extend(carried.take());
+                    self.refuse_waiting(waiting, no_answer).await;
                 }
             }
         }
