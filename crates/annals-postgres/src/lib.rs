@@ -616,6 +616,16 @@ impl PgStore {
     /// database (e.g. a projection's read queries). Its sessions default
     /// to READ COMMITTED whatever the database's default (unless the URL's
     /// `options` set another), and are not bounded by the answer timeout.
+    ///
+    /// The store's own appends and reads run on these connections: give a
+    /// connection back outside any transaction (use
+    /// `tokio_postgres::Client::transaction`, which rolls back when dropped,
+    /// rather than a bare `BEGIN`) and with the session settings it came
+    /// with. The pool cannot tell a connection left inside a transaction: an
+    /// append that then runs on it takes the schema's head inside that
+    /// transaction and is answered as written, while nobody else sees it and
+    /// every other append of the schema waits, until the session ends and
+    /// rolls it back.
     pub fn pool(&self) -> &Pool {
         &self.inner.pool
     }
