@@ -36,7 +36,8 @@ pub trait Leases: Send + Sync {
     /// description of the holder, such as the URL other processes should
     /// send its work to; may be empty) for [`Leases::holder`] to report:
     /// `Ok(None)` when another holder (in this process or another) has it.
-    /// Names are 1 to [`MAX_LEASE_NAME_LEN`] bytes, holders at most
+    /// Names are 1 to [`MAX_LEASE_NAME_LEN`] bytes without control
+    /// characters, holders at most
     /// [`MAX_LEASE_HOLDER_LEN`] bytes without control characters
     /// ([`Error::InvalidInput`] otherwise).
     async fn try_lease_as(&self, name: &str, holder: &str) -> Result<Option<Lease>>;
@@ -162,6 +163,11 @@ pub fn validate_lease_name(name: &str) -> Result<()> {
             name.len()
         )));
     }
+    // PostgreSQL cannot store a NUL; no backend should take what another
+    // refuses.
+    if name.chars().any(char::is_control) {
+        return Err(Error::invalid("a lease name must not contain control characters"));
+    }
     Ok(())
 }
 
@@ -182,6 +188,21 @@ pub fn validate_lease_holder(holder: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every backend refuses what PostgreSQL cannot store (a NUL) and
+    /// every other control character, before taking anything.
+    #[tokio::test]
+    async fn lease_names_with_control_characters_are_refused() {
+        let leases = LocalLeases::new();
+        for bad in ["a\0b", "tab\there", "\n", ""] {
+            assert!(
+                matches!(leases.try_lease(bad).await, Err(Error::InvalidInput { .. })),
+                "{bad:?} was taken"
+            );
+            assert!(matches!(leases.holder(bad).await, Err(Error::InvalidInput { .. })), "{bad:?}");
+        }
+        assert!(leases.try_lease("consumer-groups").await.expect("a valid name").is_some());
+    }
 
     #[tokio::test]
     async fn lost_resolves_when_the_backend_says_so_or_goes_away() {
