@@ -337,3 +337,33 @@ async fn checkpoints_are_saved_in_batches_after_an_interval_and_on_stop() {
     group.stop().await;
     assert_eq!(saved().await, Some(7));
 }
+
+/// A consumer that stops polling for longer than the ack timeout: its
+/// delivery times out while still waiting in its channel and is
+/// redelivered. Once it polls again it first gets the stale delivery (whose
+/// ack is refused) and then the redelivery. (The dispatcher found the
+/// channel full of the stale delivery, counted the consumer as busy for
+/// good, and never sent it anything again: the group stalled.)
+#[tokio::test(start_paused = true)]
+async fn a_consumer_that_stops_polling_past_the_ack_timeout_still_gets_the_redelivery() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    append(&*store, "mail-1", "Send", 1).await;
+    let settings = settings("mailer", Filter::all())
+        .ack_timeout(Duration::from_secs(10))
+        .retry(RetryPolicy::attempts(5).backoff(Duration::from_secs(1), Duration::from_secs(1)));
+    let group = PersistentSubscription::start(store.clone(), settings).await.unwrap();
+    let mut consumer = group.connect("paused", 1);
+    wait_stats(&group, |s| s.timed_out == 1).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+
+    let stale = consumer.next().await.unwrap();
+    assert_eq!(stale.attempt, 1);
+    assert!(matches!(consumer.ack(stale.id).await, Err(ConsumerError::UnknownDelivery { .. })));
+    let again = tokio::time::timeout(Duration::from_secs(60), consumer.next())
+        .await
+        .expect("the redelivery never came")
+        .unwrap();
+    assert_eq!((again.event.id, again.attempt), (stale.event.id, 2));
+    consumer.ack(again.id).await.unwrap();
+    wait_stats(&group, |s| s.last_checkpoint == Some(1)).await;
+}

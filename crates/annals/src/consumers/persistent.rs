@@ -196,6 +196,7 @@ pub struct GroupStats {
 enum Command {
     Connect { id: String, slot: u64, max_in_flight: usize, tx: mpsc::Sender<Delivery> },
     Disconnect { slot: u64 },
+    Drained { slot: u64 },
     Settle { slot: u64, delivery: u64, action: Settle, reply: oneshot::Sender<ConsumerResult<()>> },
     Stats { reply: oneshot::Sender<ConsumerResult<GroupStats>> },
     Replay { positions: Option<Vec<u64>>, reply: oneshot::Sender<ConsumerResult<usize>> },
@@ -383,7 +384,14 @@ impl Consumer {
 
     /// The next delivery; `None` once the group has stopped.
     pub async fn next(&mut self) -> Option<Delivery> {
-        self.deliveries.recv().await
+        let delivery = self.deliveries.recv().await?;
+        if self.deliveries.len() + 1 >= self.deliveries.max_capacity() {
+            // The channel was full: the dispatcher may be waiting for room
+            // (see `Slot::blocked`), which `Drained` gives it. Fails only
+            // when it is gone.
+            let _ = self.commands.send(Command::Drained { slot: self.slot });
+        }
+        Some(delivery)
     }
 
     /// The message was handled. Fails with [`ConsumerError::UnknownDelivery`]
@@ -444,7 +452,13 @@ struct Slot {
     id: String,
     tx: mpsc::Sender<Delivery>,
     max_in_flight: usize,
+    /// Deliveries to it not settled, timed out or given back.
     in_flight: usize,
+    /// Its channel was found full: deliveries that timed out before the
+    /// consumer received them still take room there, so `in_flight` is
+    /// below the limit while nothing more fits. Cleared when the consumer
+    /// next receives ([`Command::Drained`]).
+    blocked: bool,
 }
 
 #[derive(Default)]
@@ -603,7 +617,7 @@ impl Dispatcher {
             .consumers
             .range(rr.saturating_add(1)..)
             .chain(self.consumers.range(..=rr))
-            .find(|(_, slot)| slot.in_flight < slot.max_in_flight)
+            .find(|(_, slot)| !slot.blocked && slot.in_flight < slot.max_in_flight)
             .map(|(id, _)| *id)?;
         self.round_robin = found;
         Some(found)
@@ -635,10 +649,13 @@ impl Dispatcher {
                     self.counters.delivered += 1;
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    // Cannot happen while in_flight counts the channel's
-                    // contents; treat the consumer as busy rather than spin.
+                    // Stale deliveries (timed out before the consumer took
+                    // them) fill the channel. Wait until it takes one; do not
+                    // count them as in flight, or the consumer, once it has
+                    // taken them and had their acks refused, would count as
+                    // busy for good and never get anything again.
                     self.ready.insert(key);
-                    slot.in_flight = slot.max_in_flight;
+                    slot.blocked = true;
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => {
                     self.ready.insert(key);
@@ -669,9 +686,14 @@ impl Dispatcher {
     async fn on_command(&mut self, command: Command) {
         match command {
             Command::Connect { id, slot, max_in_flight, tx } => {
-                self.consumers.insert(slot, Slot { id, tx, max_in_flight, in_flight: 0 });
+                self.consumers.insert(slot, Slot { id, tx, max_in_flight, in_flight: 0, blocked: false });
             }
             Command::Disconnect { slot } => self.disconnect(slot),
+            Command::Drained { slot } => {
+                if let Some(s) = self.consumers.get_mut(&slot) {
+                    s.blocked = false;
+                }
+            }
             Command::Settle { slot, delivery, action, reply } => {
                 let result = self.settle(slot, delivery, action).await;
                 let _ = reply.send(result);
