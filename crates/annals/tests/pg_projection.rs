@@ -441,3 +441,106 @@ async fn a_runner_stopped_mid_batch_keeps_no_checkpoint_locked() {
     assert_eq!(totals(&store, &schema).await, (0, 0, 0), "nothing of the stopped batch applied");
     drop(stopped);
 }
+
+/// [`Counter`] over `Deposited` events only, so a batch can scan events it
+/// skips.
+struct Deposits(Counter);
+
+#[async_trait]
+impl PgProjection for Deposits {
+    fn name(&self) -> &str {
+        "counter"
+    }
+
+    fn filter(&self) -> annals_core::Filter {
+        annals_core::Filter::event_type("Deposited")
+    }
+
+    async fn handle(&mut self, tx: &PgCheckpointTx, event: &RecordedEvent) -> Result<(), HandlerError> {
+        self.0.handle(tx, event).await
+    }
+}
+
+/// How many of the schema's sessions wait for an advisory lock (a
+/// checkpoint's).
+async fn lock_waiters(schema: &str) -> i64 {
+    let (client, conn) = tokio_postgres::connect(&common::url(), tokio_postgres::NoTls).await.unwrap();
+    let driver = tokio::spawn(conn);
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+              WHERE l.locktype = 'advisory' AND NOT l.granted AND a.application_name = $1",
+            &[&format!("annals {schema}")],
+        )
+        .await
+        .unwrap();
+    drop(client);
+    let _ = driver.await;
+    row.get(0)
+}
+
+async fn wait_for_lock_waiters(schema: &str, n: i64) {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while lock_waiters(schema).await < n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("nobody queued for the checkpoint");
+}
+
+/// A batch that scans only events the filter skips commits the scan; the
+/// runner must then wait for new events, not commit its position again in
+/// a transaction of its own: another instance may have committed a batch
+/// in between, and committing the older position over it moved the
+/// checkpoint back, so the runner applied that instance's events a second
+/// time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_of_skipped_events_never_moves_the_checkpoint_back_over_another_instance() {
+    let Some((store, guard)) = setup().await else { return };
+    let schema = guard.schema.clone();
+    append(&store, 10, |_| "Deposited").await;
+    let running = ProjectionRunner::exactly_once(&store, Deposits(Counter::new(&schema))).start().unwrap();
+    let store_dyn: Arc<dyn Store> = Arc::new(store.clone());
+    tokio::time::timeout(Duration::from_secs(60), running.wait_until_caught_up(&*store_dyn))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(totals(&store, &schema).await, (10, 10, 10));
+
+    // Hold the checkpoint while an event the runner skips arrives: its
+    // next batch queues for the lock.
+    let held = store.begin_checkpoint_tx(CHECKPOINT).await.unwrap();
+    assert_eq!(held.checkpoint(), Some(10));
+    let noise = StreamName::new("audit-1").unwrap();
+    let event = EventData::json("Noise", &serde_json::json!({})).unwrap();
+    store.append(&noise, ExpectedVersion::Any, vec![event]).await.unwrap();
+    wait_for_lock_waiters(&schema, 1).await;
+    // A second instance queues behind it.
+    let other = store.clone();
+    let second = tokio::spawn(async move { other.begin_checkpoint_tx(CHECKPOINT).await.unwrap() });
+    wait_for_lock_waiters(&schema, 2).await;
+    held.commit(10).await.unwrap();
+
+    // The runner scans the skipped event and commits 11; then the second
+    // instance gets the checkpoint and applies a deposit the runner has not
+    // read yet.
+    let second = tokio::time::timeout(Duration::from_secs(60), second).await.unwrap().unwrap();
+    assert_eq!(second.checkpoint(), Some(11));
+    let event = EventData::json("Deposited", &serde_json::json!({ "k": 11 })).unwrap();
+    let deposit = StreamName::new("acct-0").unwrap();
+    store.append(&deposit, ExpectedVersion::Any, vec![event]).await.unwrap();
+    second.execute(&format!("INSERT INTO \"{schema}\".applied (position) VALUES (11)"), &[]).await.unwrap();
+    second
+        .execute(&format!("UPDATE \"{schema}\".counts SET n = n + 1 WHERE stream = 'acct-0'"), &[])
+        .await
+        .unwrap();
+    second.commit(12).await.unwrap();
+
+    let stats =
+        tokio::time::timeout(Duration::from_secs(60), running.wait_for_position(11)).await.unwrap().unwrap();
+    assert_eq!(stats.checkpoint, Some(12));
+    assert_eq!(totals(&store, &schema).await, (11, 11, 11), "the second instance's deposit applied once");
+    assert_eq!(store.load_checkpoint(CHECKPOINT).await.unwrap(), Some(12));
+    running.stop().await.unwrap();
+}

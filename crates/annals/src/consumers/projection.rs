@@ -483,7 +483,8 @@ async fn follow(
     let mut next = config.checkpoint.load(&checkpoint_name).await?.unwrap_or(0);
     stats.send_modify(|s| s.checkpoint = Some(next));
     loop {
-        loop {
+        // Whether the last `begin` still waits for its one `commit`.
+        let begun = loop {
             if let Some(current) = config.checkpoint.begin(&checkpoint_name).await?
                 && current != next
             {
@@ -502,16 +503,25 @@ async fn follow(
             let scanned_to =
                 slice.next.unwrap_or(next).max(slice.events.last().map_or(0, |e| e.position + 1));
             if slice.events.is_empty() && scanned_to <= next {
-                break;
+                break true;
             }
             process(config, projection, &slice.events, stats).await?;
             next = scanned_to.max(next);
             commit(config, &checkpoint_name, next, stats, false).await?;
             if slice.events.is_empty() {
-                break;
+                break false;
             }
+        };
+        if begun {
+            commit(config, &checkpoint_name, next, stats, true).await?;
+        } else {
+            // Committed already. Committing `next` again, without a `begin`,
+            // would write it over whatever another instance committed since
+            // (a transactional checkpoint opens a transaction of its own for
+            // it), moving the checkpoint back over events that instance
+            // applied, which this runner would then apply again.
+            publish(config, next, stats, true).await?;
         }
-        commit(config, &checkpoint_name, next, stats, true).await?;
         match wake.next().await {
             Some(Ok(_)) => {}
             Some(Err(error)) => {
@@ -537,6 +547,16 @@ async fn commit(
     live: bool,
 ) -> ConsumerResult<()> {
     config.checkpoint.commit(checkpoint_name, next).await?;
+    publish(config, next, stats, live).await
+}
+
+/// Publishes the committed checkpoint `next` in the stats and the lag gauge.
+async fn publish(
+    config: &Config,
+    next: u64,
+    stats: &watch::Sender<ProjectionStats>,
+    live: bool,
+) -> ConsumerResult<()> {
     let head = config.store.next_position().await?;
     let lag = head.saturating_sub(next);
     metrics::gauge!("annals_projection_lag", "projection" => config.name.clone()).set(lag as f64);
