@@ -367,3 +367,33 @@ async fn a_consumer_that_stops_polling_past_the_ack_timeout_still_gets_the_redel
     consumer.ack(again.id).await.unwrap();
     wait_stats(&group, |s| s.last_checkpoint == Some(1)).await;
 }
+
+/// An operator discards one of two parked messages through the group's
+/// dead-letter queue, then replays "all parked": only the one still parked
+/// comes back. (The group replayed from what it had parked itself, so the
+/// discarded message was delivered and handled again.)
+#[tokio::test(start_paused = true)]
+async fn a_discarded_dead_letter_is_not_replayed() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    append(&*store, "pay-1", "Pay", 2).await;
+    let group =
+        PersistentSubscription::start(store.clone(), settings("payments", Filter::all())).await.unwrap();
+    let mut consumer = group.connect("c", 2);
+    for _ in 0..2 {
+        let d = consumer.next().await.unwrap();
+        consumer.nack(d.id, NackAction::Park, "card declined").await.unwrap();
+    }
+    wait_stats(&group, |s| s.parked == 2).await;
+
+    group.dead_letters().resolve(0, "discarded").await.unwrap();
+    assert_eq!(group.parked().await.unwrap().iter().map(|p| p.position).collect::<Vec<_>>(), [1]);
+    assert_eq!(group.replay_parked(None).await.unwrap(), 1);
+    let d = consumer.next().await.unwrap();
+    assert_eq!((d.event.position, d.replay), (1, true));
+    consumer.ack(d.id).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(60), consumer.next()).await.is_err(),
+        "the discarded message came back"
+    );
+    assert_eq!(wait_stats(&group, |s| s.parked == 0).await.parked, 0);
+}

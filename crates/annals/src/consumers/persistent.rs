@@ -327,7 +327,9 @@ impl PersistentSubscription {
     }
 
     /// Delivers parked messages to the group again (all of them, or those at
-    /// the given original positions); returns how many were queued. A
+    /// the given original positions, as the dead-letter stream lists them
+    /// now: a message discarded with [`DeadLetterQueue::resolve`] is not);
+    /// returns how many were queued. A
     /// replayed message stops being listed as parked once it is acked or
     /// skipped; if it fails again it is parked again with the new reason.
     /// A replay is not itself durable: after a restart, messages whose
@@ -903,6 +905,10 @@ impl Dispatcher {
     }
 
     async fn replay(&mut self, positions: Option<Vec<u64>>) -> ConsumerResult<usize> {
+        // The dead-letter stream, not what this dispatcher parked, says what
+        // is parked now: an operator may have discarded messages through
+        // the queue itself ([`DeadLetterQueue::resolve`]) since.
+        self.parked = self.dlq.load().await?;
         let wanted: Vec<ParkedMessage> = self
             .parked
             .values()
