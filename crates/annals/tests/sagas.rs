@@ -291,3 +291,61 @@ async fn a_restart_resumes_from_the_oldest_open_journal_not_from_the_start_of_al
     assert_eq!((balance(&repo, "alice").await, balance(&repo, "bob").await), (75, 25));
     runner.stop().await;
 }
+
+/// The approval comes in while the host is down, well before the deadline;
+/// the host comes back after the deadline. The approval counts: the
+/// transfer completes. (The restarted runner fired the passed deadline
+/// before it read the approval waiting for it, and refunded an approved
+/// transfer.)
+#[tokio::test(start_paused = true)]
+async fn an_approval_recorded_before_the_deadline_counts_after_a_restart_past_it() {
+    let (store, repo) = bank().await;
+    // On the store's time line: the approval's `recorded_at` is the store's
+    // wall clock, which paused tokio time does not move.
+    let clock: Arc<dyn Clock> = Arc::new(TokioClock::starting_at(Timestamp::now()));
+    let start =
+        |store: Arc<dyn Store>| SagaRunner::new(store, saga(&repo)).clock(clock.clone()).start().unwrap();
+
+    let runner = start(store.clone());
+    request_transfer(&*store, &request("late-host", 80, true)).await.unwrap();
+    wait_status(&*store, &saga(&repo), "late-host", |s| matches!(s, SagaStatus::Awaiting { .. })).await;
+    drop(runner);
+
+    tokio::time::advance(HOUR / 2).await;
+    approve_transfer(&*store, "late-host").await.unwrap();
+    tokio::time::advance(HOUR).await;
+
+    let runner = start(store.clone());
+    let status = wait_status(&*store, &saga(&repo), "late-host", SagaStatus::is_final).await;
+    assert_eq!(status, SagaStatus::Completed);
+    assert_eq!((balance(&repo, "alice").await, balance(&repo, "bob").await), (20, 80));
+    runner.stop().await;
+}
+
+/// The counterpart: an approval recorded after the deadline, while the host
+/// was down, does not save the transfer.
+#[tokio::test(start_paused = true)]
+async fn an_approval_recorded_after_the_deadline_does_not_count_after_a_restart() {
+    let (store, repo) = bank().await;
+    // The saga's time line runs two hours behind the store's, so the
+    // deadline (one hour on) has passed on the store's clock already.
+    let two_hours = i64::try_from((2 * HOUR).as_micros()).unwrap();
+    let clock: Arc<dyn Clock> =
+        Arc::new(TokioClock::starting_at(Timestamp::from_micros(Timestamp::now().as_micros() - two_hours)));
+    let start =
+        |store: Arc<dyn Store>| SagaRunner::new(store, saga(&repo)).clock(clock.clone()).start().unwrap();
+
+    let runner = start(store.clone());
+    request_transfer(&*store, &request("too-late", 80, true)).await.unwrap();
+    wait_status(&*store, &saga(&repo), "too-late", |s| matches!(s, SagaStatus::Awaiting { .. })).await;
+    drop(runner);
+
+    approve_transfer(&*store, "too-late").await.unwrap();
+    tokio::time::advance(HOUR + Duration::from_secs(1)).await;
+
+    let runner = start(store.clone());
+    let status = wait_status(&*store, &saga(&repo), "too-late", SagaStatus::is_final).await;
+    assert_eq!(status, SagaStatus::Compensated { failed_step: 1, reason: "deadline passed".into() });
+    assert_eq!((balance(&repo, "alice").await, balance(&repo, "bob").await), (100, 0));
+    runner.stop().await;
+}

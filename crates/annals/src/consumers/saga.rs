@@ -25,7 +25,9 @@
 //! An [`SagaStep::Await`] step records its deadline as a wall-clock
 //! [`Timestamp`] from the runner's [`Clock`]; a restarted runner schedules
 //! the remaining time again, so deadlines survive restarts. A passed
-//! deadline fails the step (and compensates).
+//! deadline fails the step (and compensates), unless an event that
+//! satisfies it, recorded at or before the deadline, is still waiting to be
+//! handled (the runner was down or behind): that event completes the step.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -524,7 +526,7 @@ impl<S: Saga> Engine<S> {
                 });
                 tokio::select! {
                     biased;
-                    () = sleep_for(wait) => self.fire_deadlines().await?,
+                    () = sleep_for(wait) => self.fire_deadlines(next).await?,
                     item = events.next() => match item {
                         Some(Ok(event)) => {
                             let position = event.position;
@@ -764,7 +766,9 @@ impl<S: Saga> Engine<S> {
         }
     }
 
-    async fn fire_deadlines(&mut self) -> ConsumerResult<()> {
+    /// Fails the await steps whose deadline has passed. `next` is the first
+    /// position of `$all` not handled yet.
+    async fn fire_deadlines(&mut self, next: u64) -> ConsumerResult<()> {
         let now = self.clock.now();
         while let Some((at, id, step)) = self.deadlines.first().cloned() {
             if at > now {
@@ -775,7 +779,12 @@ impl<S: Saga> Engine<S> {
                 .active
                 .get(&id)
                 .is_some_and(|i| matches!(i.status, SagaStatus::Awaiting { step: s, .. } if s == step));
-            if still_waiting {
+            if still_waiting && self.answered_in_time(next, &id, step, at).await? {
+                // Its event is on its way through the subscription (a
+                // runner that was down, or busy, is behind): it completes
+                // the step, as it would have on time.
+                tracing::info!(saga = %self.name, id, step, "deadline passed, but the awaited event came before it");
+            } else if still_waiting {
                 tracing::info!(saga = %self.name, id, step, "deadline passed");
                 self.record(&id, Journal::StepFailed { index: step, reason: "deadline passed".into() })
                     .await?;
@@ -783,6 +792,44 @@ impl<S: Saga> Engine<S> {
             }
         }
         Ok(())
+    }
+
+    /// Whether an event not handled yet (at or after `next`), recorded at
+    /// or before `deadline`, satisfies await step `step` of instance `id`.
+    async fn answered_in_time(
+        &self,
+        next: u64,
+        id: &str,
+        step: usize,
+        deadline: Timestamp,
+    ) -> ConsumerResult<bool> {
+        let Some(awaited) = self.active.get(id).and_then(|i| i.steps.get(step)) else { return Ok(false) };
+        let filter = self.saga.filter();
+        let mut from = next;
+        loop {
+            let slice = self
+                .store
+                .read_all(ReadAll {
+                    from: ReadFrom::At(from),
+                    direction: Direction::Forward,
+                    limit: 512,
+                    filter: filter.clone(),
+                })
+                .await?;
+            let answered = slice.events.iter().any(|event| {
+                event.recorded_at <= deadline
+                    && self.saga.correlate(event).as_deref() == Some(id)
+                    && self.saga.satisfies(awaited.inner(), event)
+            });
+            if answered {
+                return Ok(true);
+            }
+            let scanned = slice.next.unwrap_or(from).max(slice.events.last().map_or(0, |e| e.position + 1));
+            if scanned <= from {
+                return Ok(false);
+            }
+            from = scanned;
+        }
     }
 }
 
