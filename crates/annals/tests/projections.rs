@@ -173,8 +173,8 @@ async fn blue_green_builds_the_new_version_beside_the_old_and_switches() {
     assert_eq!(active_version(&*store, "balances").await.unwrap(), None);
 
     let (v2, seen_v2) = counting("balances", 2);
-    let green =
-        blue_green_switch(store.clone(), blue, ProjectionRunner::new(store.clone(), v2)).await.unwrap();
+    let mut green = blue;
+    blue_green_switch(store.clone(), &mut green, ProjectionRunner::new(store.clone(), v2)).await.unwrap();
     assert_eq!(active_version(&*store, "balances").await.unwrap(), Some(2));
     assert_eq!(green.stats().version, 2);
     // The new version built its own model under its own checkpoint.
@@ -191,7 +191,7 @@ async fn blue_green_builds_the_new_version_beside_the_old_and_switches() {
 
     // Same version twice is refused.
     let (again, _) = counting("balances", 2);
-    let err = blue_green_switch(store.clone(), green, ProjectionRunner::new(store.clone(), again)).await;
+    let err = blue_green_switch(store.clone(), &mut green, ProjectionRunner::new(store.clone(), again)).await;
     assert!(matches!(err, Err(annals::consumers::ConsumerError::InvalidName { .. })));
 }
 
@@ -304,4 +304,46 @@ async fn a_runner_told_not_to_restart_stops_on_a_failed_commit() {
     let stats = running.stats();
     assert!(stats.stopped.unwrap().contains("commit failed"));
     assert_eq!(stats.restarts, 0);
+}
+
+/// A switch that fails leaves the old version running: it keeps serving
+/// (the switch took the old runner and dropped it, which stopped it).
+#[tokio::test]
+async fn a_failed_switch_leaves_the_old_version_serving() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    append_n(&*store, 10, "Deposited").await;
+    let (v1, seen_v1) = counting("ledger", 1);
+    let mut running = ProjectionRunner::new(store.clone(), v1).start().unwrap();
+    caught_up(&running, &*store).await;
+
+    // Refused at once: the same version again.
+    let (same, _) = counting("ledger", 1);
+    let err =
+        blue_green_switch(store.clone(), &mut running, ProjectionRunner::new(store.clone(), same)).await;
+    assert!(matches!(err, Err(annals::consumers::ConsumerError::InvalidName { .. })));
+    // Failed while building: the new version stops on a failing checkpoint.
+    let (v2, _) = counting("ledger", 2);
+    let failing = ProjectionRunner::new(store.clone(), v2)
+        .checkpoint(Arc::new(FailingCheckpoint))
+        .restart_on_store_errors(false);
+    let err = blue_green_switch(store.clone(), &mut running, failing).await;
+    assert!(matches!(err, Err(annals::consumers::ConsumerError::Stopped)), "{err:?}");
+    assert_eq!(active_version(&*store, "ledger").await.unwrap(), None);
+
+    append_n(&*store, 5, "Deposited").await;
+    let stats = running.wait_for_position(14).await.expect("the old version stopped serving");
+    assert_eq!((stats.version, seen_v1.lock().unwrap().len()), (1, 15));
+}
+
+/// Every commit fails.
+struct FailingCheckpoint;
+
+#[async_trait]
+impl annals::consumers::ProjectionCheckpoint for FailingCheckpoint {
+    async fn load(&self, _name: &str) -> annals_core::Result<Option<u64>> {
+        Ok(None)
+    }
+    async fn commit(&self, _name: &str, _next_position: u64) -> annals_core::Result<()> {
+        Err(annals_core::Error::Backend { message: "commit failed".into(), source: None })
+    }
 }

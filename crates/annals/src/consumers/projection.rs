@@ -363,13 +363,18 @@ impl RunningProjection {
 /// Blue/green rebuild: starts `next` (a new version of the projection
 /// behind `current`) beside it under its own checkpoint, waits until it has
 /// caught up, records it as the active version (see [`active_version`]),
-/// then stops the old runner. Readers keep using the old read model until
-/// the switch. Returns the new runner.
+/// then stops the old runner and puts the new one in its place in
+/// `current`. Readers keep using the old read model until the switch.
+///
+/// When the switch fails (the same version again, the new runner stopped
+/// before it caught up, the store failed) `current` is untouched and still
+/// serving, and the new runner is stopped (a retry resumes it from its own
+/// checkpoint).
 pub async fn blue_green_switch(
     store: Arc<dyn Store>,
-    current: RunningProjection,
+    current: &mut RunningProjection,
     next: ProjectionRunner,
-) -> ConsumerResult<RunningProjection> {
+) -> ConsumerResult<()> {
     let old = current.stats();
     let name = next.projection.name().to_owned();
     if name != old.name || next.projection.version() == old.version {
@@ -385,8 +390,8 @@ pub async fn blue_green_switch(
     running.wait_until_caught_up(&*store).await?;
     store.save_checkpoint(&active_name(&name), u64::from(version)).await?;
     tracing::info!(projection = %name, from = old.version, to = version, "switched projection version");
-    let _ = current.stop().await;
-    Ok(running)
+    let _ = std::mem::replace(current, running).stop().await;
+    Ok(())
 }
 
 struct Config {
