@@ -397,3 +397,33 @@ async fn a_discarded_dead_letter_is_not_replayed() {
     );
     assert_eq!(wait_stats(&group, |s| s.parked == 0).await.parked, 0);
 }
+
+/// "Never" spelled `Duration::MAX`: no ack timeout, no timed checkpoint
+/// saves, no cap on the backoff. The group works (its dispatcher panicked
+/// adding the duration to the current instant, and the consumer saw the
+/// group end).
+#[tokio::test(start_paused = true)]
+async fn durations_of_duration_max_mean_never_and_do_not_stop_the_group() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    append(&*store, "job-1", "Do", 3).await;
+    let settings = settings("patient", Filter::all())
+        .ack_timeout(Duration::MAX)
+        .checkpoint(10, Duration::MAX)
+        .retry(RetryPolicy::attempts(3).backoff(Duration::from_secs(1), Duration::MAX));
+    let group = PersistentSubscription::start(store.clone(), settings).await.unwrap();
+    let mut consumer = group.connect("c", 3);
+    let first = consumer.next().await.expect("the group is running");
+    consumer.nack(first.id, NackAction::Retry, "later").await.unwrap();
+    let mut acked = 0;
+    while acked < 3 {
+        let d = tokio::time::timeout(Duration::from_secs(60), consumer.next()).await.unwrap().unwrap();
+        consumer.ack(d.id).await.unwrap();
+        acked += 1;
+    }
+    // Not saved by the interval, ever; stopping saves it.
+    tokio::time::sleep(Duration::from_secs(3_600)).await;
+    assert_eq!(group.stats().await.unwrap().last_checkpoint, None);
+    drop(consumer);
+    group.stop().await;
+    assert_eq!(store.load_checkpoint("$ps-patient").await.unwrap(), Some(3));
+}

@@ -506,6 +506,13 @@ struct Dispatcher {
     counters: Counters,
 }
 
+/// `at + wait`; for a wait too long to add (`Duration::MAX`, meaning
+/// "never"), a time a century away.
+fn later(at: Instant, wait: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3_600);
+    at.checked_add(wait).or_else(|| at.checked_add(CENTURY)).unwrap_or(at)
+}
+
 async fn head_of(store: &dyn Store, target: &SubscriptionTarget) -> ConsumerResult<u64> {
     Ok(match target {
         SubscriptionTarget::All(_) => store.next_position().await?,
@@ -537,7 +544,7 @@ impl Dispatcher {
         let mut resubscribe_at: Option<Instant> = None;
         loop {
             self.dispatch();
-            let save_at = self.unsaved_since.map(|t| t + self.checkpoint_interval);
+            let save_at = self.unsaved_since.map(|t| later(t, self.checkpoint_interval));
             let wake = [
                 self.delayed.first().map(|d| d.0),
                 self.deadlines.first().map(|d| d.0),
@@ -646,7 +653,7 @@ impl Dispatcher {
                     entry.state = State::InFlight;
                     slot.in_flight += 1;
                     self.deliveries.insert(self.next_delivery, (key, slot_id));
-                    self.deadlines.insert((now + self.ack_timeout, self.next_delivery));
+                    self.deadlines.insert((later(now, self.ack_timeout), self.next_delivery));
                     self.next_delivery += 1;
                     self.counters.delivered += 1;
                 }
@@ -764,7 +771,7 @@ impl Dispatcher {
         if self.retry.should_retry(entry.failures) {
             entry.state = State::Waiting;
             let wait = self.retry.delay(entry.failures, entry.event.position);
-            self.delayed.insert((Instant::now() + wait, key));
+            self.delayed.insert((later(Instant::now(), wait), key));
         } else {
             self.park(key, reason).await;
         }
@@ -791,7 +798,7 @@ impl Dispatcher {
                 // deliver it again later instead.
                 tracing::warn!(group = %self.group, %error, "could not park a message; it will be redelivered");
                 entry.state = State::Waiting;
-                self.delayed.insert((Instant::now() + self.retry.max_backoff, key));
+                self.delayed.insert((later(Instant::now(), self.retry.max_backoff), key));
             }
         }
     }
