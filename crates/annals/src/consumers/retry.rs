@@ -68,14 +68,18 @@ impl RetryPolicy {
         let exponent = failed_attempts.saturating_sub(1).min(32);
         let factor = self.multiplier.max(1).saturating_pow(exponent);
         let base = self.initial_backoff.saturating_mul(factor).min(self.max_backoff);
-        if self.jitter <= 0.0 {
+        // Also a NaN set through the public field.
+        if self.jitter.is_nan() || self.jitter <= 0.0 {
             return base;
         }
         let mut hasher = std::hash::DefaultHasher::new();
         (seed, failed_attempts).hash(&mut hasher);
         // 53 bits fit an f64 mantissa exactly: a uniform fraction in [0, 1).
         let fraction = (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64;
-        base.mul_f64(1.0 - self.jitter.clamp(0.0, 1.0) * fraction)
+        // `mul_f64` panics when the product does not fit (a base near
+        // `Duration::MAX` whose float rounds up); keep the base then.
+        Duration::try_from_secs_f64(base.as_secs_f64() * (1.0 - self.jitter.min(1.0) * fraction))
+            .map_or(base, |d| d.min(base))
     }
 }
 
@@ -134,5 +138,19 @@ mod tests {
         }
         assert_eq!(j.delay(2, 42), j.delay(2, 42));
         assert!(p.should_retry(9) && !p.should_retry(10));
+    }
+
+    #[test]
+    fn odd_fields_set_directly_give_a_delay_not_a_panic() {
+        // The fields are public: `jitter()` clamps, a struct literal does not.
+        let nan = RetryPolicy { jitter: f64::NAN, ..RetryPolicy::default() };
+        assert_eq!(nan.delay(1, 7), Duration::from_millis(100));
+        let huge = RetryPolicy {
+            initial_backoff: Duration::MAX,
+            max_backoff: Duration::MAX,
+            jitter: 1e-300,
+            ..RetryPolicy::default()
+        };
+        assert!(huge.delay(3, 7) > Duration::from_secs(1 << 60));
     }
 }
