@@ -188,3 +188,17 @@ async fn a_command_that_decides_nothing_writes_nothing() {
         !annals_core::StreamReader::stream_info(&*store, &repo.stream("1").unwrap()).await.unwrap().exists
     );
 }
+
+/// `keep_last` is "at least 1" however the policy was built: a policy
+/// written as a struct literal with 0 keeps the newest snapshot (the prune
+/// after each write deleted the snapshot just written).
+#[tokio::test]
+async fn a_policy_keeping_zero_snapshots_keeps_the_newest() {
+    let store = Arc::new(MemoryStore::new());
+    let policy = SnapshotPolicy { keep_last: 0, ..SnapshotPolicy::every(2).inline() };
+    let repo = Repository::<Counter>::builder(store.clone()).snapshots(policy).build();
+    run(&repo, "1", 4, "c").await;
+    let newest = store.load_snapshot(&repo.stream("1").unwrap(), None).await.unwrap();
+    assert_eq!(newest.map(|s| s.version), Some(3));
+    assert_eq!(repo.load("1").await.unwrap().snapshot_version, Some(3));
+}

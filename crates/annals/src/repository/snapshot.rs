@@ -156,7 +156,9 @@ impl SnapshotWriter {
                 tracing::warn!(%stream, version, %error, "snapshot write failed; loads replay more events until the next one");
                 return;
             }
-            if let Err(error) = store.prune_snapshots(&stream, policy.keep_last).await {
+            // At least 1 also for a policy built as a struct literal: 0
+            // would delete the snapshot just written.
+            if let Err(error) = store.prune_snapshots(&stream, policy.keep_last.max(1)).await {
                 tracing::warn!(%stream, %error, "pruning old snapshots failed; they stay until the next prune");
             }
         };
