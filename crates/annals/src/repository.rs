@@ -504,7 +504,10 @@ impl<A: Aggregate> Repository<A> {
         loop {
             let limit = match until {
                 Until::Version(v) if v < from => return Ok(loaded),
-                Until::Version(v) => usize::try_from(v - from + 1).unwrap_or(PAGE).min(PAGE),
+                // `v - from + 1` overflows for `v == u64::MAX`.
+                Until::Version(v) => {
+                    usize::try_from(v - from).map_or(PAGE, |n| n.saturating_add(1)).min(PAGE)
+                }
                 _ => PAGE,
             };
             let page = self.read_page(stream, from, limit).await?;

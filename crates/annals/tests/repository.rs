@@ -351,3 +351,24 @@ async fn a_type_name_with_a_dash_is_refused() {
     let repo = Repository::<Dashed>::new(Arc::new(MemoryStore::new()));
     assert!(matches!(repo.load("1").await, Err(Error::InvalidId { .. })));
 }
+
+/// The largest version there is, asked of a stream that never gets there,
+/// is "not found" (the page size computed from it overflowed: a panic in
+/// debug builds, a zero-sized page read forever in release builds).
+#[tokio::test]
+async fn the_state_at_version_u64_max_is_not_found() {
+    let store = Arc::new(MemoryStore::new());
+    let repo = repo(store.clone());
+    repo.execute("1", &inc(1), &CommandMetadata::new("c")).await.unwrap();
+    for id in ["1", "never-written"] {
+        let result =
+            tokio::time::timeout(std::time::Duration::from_secs(20), repo.load_at_version(id, u64::MAX))
+                .await
+                .expect("loading hung");
+        assert!(
+            matches!(result, Err(Error::VersionNotFound { requested: u64::MAX, .. })),
+            "{:?}",
+            result.map(|l| l.version)
+        );
+    }
+}
