@@ -349,3 +349,76 @@ async fn an_approval_recorded_after_the_deadline_does_not_count_after_a_restart(
     assert_eq!((balance(&repo, "alice").await, balance(&repo, "bob").await), (100, 0));
     runner.stop().await;
 }
+
+/// The transfer saga, but its debit's acknowledgement is lost (the command
+/// committed, the step saw an error) and the store then stays unreachable
+/// for longer than the step's retries.
+struct OutageAfterDebit {
+    inner: TransferSaga,
+    /// Debit calls so far.
+    calls: Arc<std::sync::atomic::AtomicU32>,
+    /// Calls after the first that find the store unreachable.
+    outage: u32,
+}
+
+#[async_trait]
+impl Saga for OutageAfterDebit {
+    type Step = TransferStep;
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn filter(&self) -> Filter {
+        self.inner.filter()
+    }
+    fn start(&self, event: &RecordedEvent) -> Option<SagaPlan<TransferStep>> {
+        self.inner.start(event)
+    }
+    async fn execute(&self, step: &TransferStep, command: &CommandMetadata) -> Result<(), StepError> {
+        if matches!(step, TransferStep::Debit { .. }) {
+            let call = self.calls.fetch_add(1, Ordering::SeqCst);
+            if call == 0 {
+                self.inner.execute(step, command).await?;
+                return Err(StepError::Transient("connection reset after commit".into()));
+            }
+            if call <= self.outage {
+                return Err(StepError::Transient("store unreachable".into()));
+            }
+        }
+        self.inner.execute(step, command).await
+    }
+    async fn compensate(&self, step: &TransferStep, command: &CommandMetadata) -> Result<(), StepError> {
+        self.inner.compensate(step, command).await
+    }
+}
+
+/// A step whose retries all end in transient errors has not failed: its
+/// command may have taken effect (here it did). The saga retries it later
+/// with the same command id and completes. (It recorded the step as failed
+/// and compensated the steps before it, none, so the debit was never
+/// refunded: the money was gone.)
+#[tokio::test]
+async fn a_step_whose_retries_end_in_transient_errors_is_retried_later_not_failed() {
+    let (store, repo) = bank().await;
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let saga = OutageAfterDebit { inner: saga(&repo), calls: calls.clone(), outage: 6 };
+    let retry = annals::consumers::RetryPolicy::attempts(3)
+        .backoff(Duration::from_millis(1), Duration::from_millis(5));
+    let runner = SagaRunner::new(store.clone(), saga).retry(retry).start().unwrap();
+    request_transfer(&*store, &request("t6", 60, false)).await.unwrap();
+    let status = tokio::time::timeout(
+        Duration::from_secs(60),
+        wait_status(
+            &*store,
+            &TransferSaga { repo: repo.clone(), approval_timeout: HOUR },
+            "t6",
+            SagaStatus::is_final,
+        ),
+    )
+    .await
+    .expect("the saga never finished");
+    assert_eq!(status, SagaStatus::Completed);
+    assert!(calls.load(Ordering::SeqCst) > 7, "the outage outlasted the retries");
+    assert_eq!((balance(&repo, "alice").await, balance(&repo, "bob").await), (40, 60));
+    assert_eq!(runner.stopped(), None);
+    runner.stop().await;
+}

@@ -135,8 +135,11 @@ pub enum StepError {
     /// A business refusal: retrying will not help. The step fails and the
     /// completed steps are compensated.
     Rejected(String),
-    /// Infrastructure trouble: retried with the runner's policy; treated as
-    /// a rejection once the attempts are used up.
+    /// Infrastructure trouble: retried with the runner's policy. Once the
+    /// attempts are used up the step has not failed (its command may have
+    /// taken effect, say when an acknowledgement was lost): the instance is
+    /// driven again after the policy's `max_backoff`, with the same command
+    /// id, for as long as it takes; other instances go on meanwhile.
     Transient(String),
 }
 
@@ -424,6 +427,7 @@ impl<S: Saga> SagaRunner<S> {
             name,
             active: HashMap::new(),
             deadlines: BTreeSet::new(),
+            retries: BTreeSet::new(),
         };
         let token = cancel.clone();
         let (stopped_tx, stopped) = tokio::sync::watch::channel(None);
@@ -483,6 +487,9 @@ struct Engine<S: Saga> {
     open_from: u64,
     active: HashMap<String, Instance<S::Step>>,
     deadlines: BTreeSet<(Timestamp, String, usize)>,
+    /// Instances whose step (or compensation) ran out of retries on
+    /// transient errors, and when to drive them again.
+    retries: BTreeSet<(Timestamp, String)>,
 }
 
 /// Whether restarting the runner can get past `error`.
@@ -510,6 +517,7 @@ impl<S: Saga> Engine<S> {
             // Everything in memory is rebuilt from the store.
             self.active.clear();
             self.deadlines.clear();
+            self.retries.clear();
         }
     }
 
@@ -520,13 +528,17 @@ impl<S: Saga> Engine<S> {
             let from = if next == 0 { SubscribeFrom::Start } else { SubscribeFrom::After(next - 1) };
             let mut events = self.store.subscribe(SubscriptionRequest::all(self.saga.filter(), from));
             loop {
-                let wait = self.deadlines.first().map(|(at, _, _)| {
+                let due = [self.deadlines.first().map(|d| d.0), self.retries.first().map(|r| r.0)];
+                let wait = due.into_iter().flatten().min().map(|at| {
                     let micros = at.0.saturating_sub(self.clock.now().0).max(0);
                     Duration::from_micros(u64::try_from(micros).unwrap_or(0))
                 });
                 tokio::select! {
                     biased;
-                    () = sleep_for(wait) => self.fire_deadlines(next).await?,
+                    () = sleep_for(wait) => {
+                        self.fire_deadlines(next).await?;
+                        self.fire_retries().await?;
+                    }
                     item = events.next() => match item {
                         Some(Ok(event)) => {
                             let position = event.position;
@@ -703,7 +715,13 @@ impl<S: Saga> Engine<S> {
                             let command = self.command(instance, next_step, "do");
                             let entry = match self.attempt(&step, &command, false).await {
                                 Ok(()) => Journal::StepCompleted { index: next_step },
-                                Err(reason) => Journal::StepFailed { index: next_step, reason },
+                                Err(Failure::Rejected(reason)) => {
+                                    Journal::StepFailed { index: next_step, reason }
+                                }
+                                Err(Failure::Unknown(reason)) => {
+                                    self.retry_later(id, &reason);
+                                    return Ok(());
+                                }
                             };
                             self.record(&id, entry).await?;
                         }
@@ -730,7 +748,11 @@ impl<S: Saga> Engine<S> {
                     let command = self.command(instance, index, "undo");
                     let entry = match self.attempt(&step, &command, true).await {
                         Ok(()) => Journal::StepCompensated { index },
-                        Err(reason) => Journal::CompensationFailed { index, reason },
+                        Err(Failure::Rejected(reason)) => Journal::CompensationFailed { index, reason },
+                        Err(Failure::Unknown(reason)) => {
+                            self.retry_later(id, &reason);
+                            return Ok(());
+                        }
                     };
                     self.record(&id, entry).await?;
                 }
@@ -742,8 +764,33 @@ impl<S: Saga> Engine<S> {
         }
     }
 
+    /// Drives instance `id` again after the retry policy's longest backoff:
+    /// its step ran out of retries on transient errors, so whether its
+    /// command took effect is unknown. Recording it as failed would
+    /// compensate only the steps before it, never its own effect; retrying
+    /// with the same command id finds out (the repository answers a command
+    /// that took effect as a duplicate).
+    fn retry_later(&mut self, id: String, reason: &str) {
+        let micros = i64::try_from(self.retry.max_backoff.as_micros()).unwrap_or(i64::MAX);
+        let at = Timestamp(self.clock.now().0.saturating_add(micros));
+        tracing::warn!(saga = %self.name, id, reason, "step still failing after its retries; trying again later");
+        self.retries.insert((at, id));
+    }
+
+    async fn fire_retries(&mut self) -> ConsumerResult<()> {
+        let now = self.clock.now();
+        while let Some((at, id)) = self.retries.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.retries.pop_first();
+            self.drive(id).await?;
+        }
+        Ok(())
+    }
+
     /// Executes (or compensates) a step, retrying transient failures.
-    async fn attempt(&self, step: &S::Step, command: &CommandMetadata, undo: bool) -> Result<(), String> {
+    async fn attempt(&self, step: &S::Step, command: &CommandMetadata, undo: bool) -> Result<(), Failure> {
         let mut failures = 0;
         loop {
             let result = if undo {
@@ -753,11 +800,11 @@ impl<S: Saga> Engine<S> {
             };
             match result {
                 Ok(()) => return Ok(()),
-                Err(StepError::Rejected(reason)) => return Err(reason),
+                Err(StepError::Rejected(reason)) => return Err(Failure::Rejected(reason)),
                 Err(StepError::Transient(reason)) => {
                     failures += 1;
                     if !self.retry.should_retry(failures) {
-                        return Err(reason);
+                        return Err(Failure::Unknown(reason));
                     }
                     tracing::warn!(saga = %self.name, command = %command.command_id, %reason, "step failed; retrying");
                     tokio::time::sleep(self.retry.delay(failures, u64::from(failures))).await;
@@ -831,6 +878,14 @@ impl<S: Saga> Engine<S> {
             from = scanned;
         }
     }
+}
+
+/// Why [`Engine::attempt`] gave up.
+enum Failure {
+    /// The step (or compensation) refused: it did not take effect.
+    Rejected(String),
+    /// Transient errors to the last retry: it may have taken effect.
+    Unknown(String),
 }
 
 async fn sleep_for(wait: Option<Duration>) {
