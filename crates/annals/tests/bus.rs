@@ -130,3 +130,47 @@ async fn typed_handlers_middleware_concurrency_retry_and_dead_letters() {
     assert!(!calls.contains(&"before 1".to_owned()));
     bus.stop().await;
 }
+
+/// A handler that panics on one event fails that event (retried, then
+/// parked) and the bus goes on with the next ones. (The panic ended the
+/// bus's task: nothing was handled any more, and nothing said so.)
+#[tokio::test(start_paused = true)]
+async fn a_panicking_handler_fails_its_event_and_the_bus_goes_on() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    publish(&*store, "jobs-1", "Job", serde_json::json!({ "n": 0 })).await; // 0: panics
+    publish(&*store, "jobs-1", "Job", serde_json::json!({ "n": 1 })).await; // 1
+    let done = Arc::new(Mutex::new(Vec::new()));
+    let bus = EventBus::builder(store.clone(), "panicky")
+        .retry(RetryPolicy::attempts(2).backoff(Duration::from_secs(1), Duration::from_secs(1)))
+        .on("Job", {
+            let done = done.clone();
+            move |job: Job, _ctx: HandlerContext| {
+                let done = done.clone();
+                async move {
+                    assert!(job.n != 0, "a bug in the handler");
+                    done.lock().unwrap().push(job.n);
+                    Ok(())
+                }
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    let stats = tokio::time::timeout(Duration::from_secs(600), async {
+        loop {
+            let stats = bus.stats().await.unwrap();
+            if stats.acked == 1 && stats.parked == 1 {
+                return stats;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the bus stopped handling events");
+    assert_eq!(stats.in_flight, 0);
+    assert_eq!(*done.lock().unwrap(), [1]);
+    let dead = bus.dead_letters().await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].position == 0 && dead[0].reason.contains("a bug in the handler"), "{dead:?}");
+    bus.stop().await;
+}

@@ -11,13 +11,17 @@
 //! Each event is handed to every handler registered for its type; the event
 //! is acked when all of them succeeded. If one fails, the whole event is
 //! retried, so the other handlers of that type see it again: handlers must
-//! be idempotent.
+//! be idempotent. A handler (or middleware) that panics fails its event
+//! like an error; the bus goes on.
 
-use std::{collections::HashMap, future::Future, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    any::Any, collections::HashMap, future::Future, panic::AssertUnwindSafe, pin::Pin, sync::Arc,
+    time::Duration,
+};
 
 use annals_core::{Filter, RecordedEvent, Store, SubscriptionTarget, TypeMatch};
 use async_trait::async_trait;
-use futures::{StreamExt, stream::FuturesUnordered};
+use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
 use serde::de::DeserializeOwned;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument;
@@ -199,7 +203,12 @@ impl Dispatch {
                         position = ctx.event.position,
                         correlation_id = ctx.event.metadata.correlation_id().unwrap_or_default(),
                     );
-                    running.push(async move { (delivery.id, this.handle(ctx).await) }.instrument(span));
+                    // A panicking middleware fails its event too, instead of
+                    // ending this task (and with it the bus, silently).
+                    let handled = async move {
+                        AssertUnwindSafe(this.handle(ctx)).catch_unwind().await.unwrap_or_else(|p| Err(panicked(p)))
+                    };
+                    running.push(async move { (delivery.id, handled.await) }.instrument(span));
                 }
                 Some((id, outcome)) = running.next(), if !running.is_empty() => {
                     let settled = match outcome {
@@ -223,7 +232,9 @@ impl Dispatch {
         let started = tokio::time::Instant::now();
         let mut outcome = Ok(());
         for handler in self.handlers.get(&ctx.event.event_type).into_iter().flatten() {
-            if let Err(e) = handler(ctx.clone()).await {
+            // A handler that panics failed this event (retried, then parked).
+            let result = AssertUnwindSafe(handler(ctx.clone())).catch_unwind().await;
+            if let Err(e) = result.unwrap_or_else(|p| Err(panicked(p))) {
                 outcome = Err(e);
                 break;
             }
@@ -234,6 +245,16 @@ impl Dispatch {
         }
         outcome
     }
+}
+
+/// The failure of a handler (or middleware) that panicked.
+fn panicked(payload: Box<dyn Any + Send>) -> HandlerError {
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned());
+    HandlerError::new(format!("handler panicked: {message}"))
 }
 
 /// A running event bus. Dropping it stops dispatching; in-flight handlers
