@@ -71,6 +71,8 @@ impl PgProjection for Counter {
             &[&event.stream.as_str()],
         )
         .await?;
+        // After its writes, which must be rolled back.
+        assert!(event.event_type != "Panic", "a bug at {}", event.position);
         if let Some((at, tell)) = &self.hang_at
             && event.position == *at
         {
@@ -542,5 +544,93 @@ async fn a_scan_of_skipped_events_never_moves_the_checkpoint_back_over_another_i
     assert_eq!(stats.checkpoint, Some(12));
     assert_eq!(totals(&store, &schema).await, (11, 11, 11), "the second instance's deposit applied once");
     assert_eq!(store.load_checkpoint(CHECKPOINT).await.unwrap(), Some(12));
+    running.stop().await.unwrap();
+}
+
+/// A handler that panics mid-batch, after some of its statements ran: the
+/// panic fails its event like an error, and the batch's other events are
+/// applied once (the panic unwound past the savepoint's rollback, so the
+/// events before it stayed applied in the transaction and were applied
+/// again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_parks_its_event_and_applies_the_rest_once() {
+    let Some((store, guard)) = setup().await else { return };
+    let schema = guard.schema.clone();
+    append(&store, 100, |k| if k == 30 { "Panic" } else { "Deposited" }).await;
+    let retry = RetryPolicy {
+        max_attempts: 2,
+        initial_backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(2),
+        ..RetryPolicy::default()
+    };
+    let running = ProjectionRunner::exactly_once(&store, Counter::new(&schema))
+        .batch_size(100)
+        .retry(retry)
+        .start()
+        .unwrap();
+    let store_dyn: Arc<dyn Store> = Arc::new(store.clone());
+    let stats = tokio::time::timeout(Duration::from_secs(60), running.wait_until_caught_up(&*store_dyn))
+        .await
+        .expect("never caught up")
+        .expect("the runner stopped");
+    assert_eq!((stats.parked, stats.stopped), (1, None));
+    assert_eq!(totals(&store, &schema).await, (99, 99, 99), "every other event applied once");
+    running.stop().await.unwrap();
+}
+
+/// [`Counter`] with its own `handle_batch`, which lets a handler's panic
+/// through.
+struct WholeBatch(Counter);
+
+#[async_trait]
+impl PgProjection for WholeBatch {
+    fn name(&self) -> &str {
+        "counter"
+    }
+
+    async fn handle(&mut self, tx: &PgCheckpointTx, event: &RecordedEvent) -> Result<(), HandlerError> {
+        self.0.handle(tx, event).await
+    }
+
+    async fn handle_batch(
+        &mut self,
+        tx: &PgCheckpointTx,
+        events: &[RecordedEvent],
+    ) -> Result<(), annals::consumers::BatchError> {
+        for (i, e) in events.iter().enumerate() {
+            self.0
+                .handle(tx, e)
+                .await
+                .map_err(|error| annals::consumers::BatchError { failed_at: i, error })?;
+        }
+        Ok(())
+    }
+}
+
+/// The same through a `handle_batch` of the projection's own: the batch's
+/// writes before the panic are rolled back with it, not left applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_through_a_projections_own_batch_applies_nothing_twice() {
+    let Some((store, guard)) = setup().await else { return };
+    let schema = guard.schema.clone();
+    append(&store, 40, |k| if k == 30 { "Panic" } else { "Deposited" }).await;
+    let retry = RetryPolicy {
+        max_attempts: 2,
+        initial_backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(2),
+        ..RetryPolicy::default()
+    };
+    let running = ProjectionRunner::exactly_once(&store, WholeBatch(Counter::new(&schema)))
+        .batch_size(100)
+        .retry(retry)
+        .start()
+        .unwrap();
+    let store_dyn: Arc<dyn Store> = Arc::new(store.clone());
+    let stats = tokio::time::timeout(Duration::from_secs(60), running.wait_until_caught_up(&*store_dyn))
+        .await
+        .expect("never caught up")
+        .expect("the runner stopped");
+    assert_eq!((stats.parked, stats.stopped), (1, None));
+    assert_eq!(totals(&store, &schema).await, (39, 39, 39), "every other event applied once");
     running.stop().await.unwrap();
 }

@@ -37,6 +37,7 @@ impl Projection for Counting {
         if event.event_type == "Poison" {
             return Err(HandlerError::new(format!("cannot digest {}", event.position)));
         }
+        assert!(event.event_type != "Panic", "a bug at {}", event.position);
         *self.seen.lock().unwrap().entry(event.position).or_default() += self.version;
         Ok(())
     }
@@ -346,4 +347,27 @@ impl annals::consumers::ProjectionCheckpoint for FailingCheckpoint {
     async fn commit(&self, _name: &str, _next_position: u64) -> annals_core::Result<()> {
         Err(annals_core::Error::Backend { message: "commit failed".into(), source: None })
     }
+}
+
+/// A handler that panics fails its event like an error: retried, parked,
+/// and the projection moves on. (The panic ended the runner's task: the
+/// projection stalled, its stats said nothing about it, and `stop` could
+/// not give the runner back.)
+#[tokio::test(start_paused = true)]
+async fn a_panicking_handler_fails_its_event_and_the_projection_moves_on() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    append_n(&*store, 10, "Deposited").await;
+    append_n(&*store, 1, "Panic").await;
+    append_n(&*store, 10, "Deposited").await;
+    let (projection, seen) = counting("buggy", 1);
+    let running =
+        ProjectionRunner::new(store.clone(), projection).retry(RetryPolicy::attempts(3)).start().unwrap();
+    let stats = running.wait_for(|s| s.parked == 1 && s.live).await.unwrap();
+    assert_eq!((stats.processed, stats.stopped), (21, None));
+    assert_eq!(seen.lock().unwrap().len(), 20);
+    let dlq = annals::consumers::DeadLetterQueue::new(store.clone(), "projection-buggy").unwrap();
+    let parked = dlq.list().await.unwrap();
+    assert_eq!((parked.len(), parked[0].position, parked[0].attempts), (1, 10, 3));
+    assert!(parked[0].reason.contains("a bug at 10"), "{}", parked[0].reason);
+    running.stop().await.unwrap();
 }

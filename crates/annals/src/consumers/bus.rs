@@ -15,8 +15,7 @@
 //! like an error; the bus goes on.
 
 use std::{
-    any::Any, collections::HashMap, future::Future, panic::AssertUnwindSafe, pin::Pin, sync::Arc,
-    time::Duration,
+    collections::HashMap, future::Future, panic::AssertUnwindSafe, pin::Pin, sync::Arc, time::Duration,
 };
 
 use annals_core::{Filter, RecordedEvent, Store, SubscriptionTarget, TypeMatch};
@@ -206,7 +205,8 @@ impl Dispatch {
                     // A panicking middleware fails its event too, instead of
                     // ending this task (and with it the bus, silently).
                     let handled = async move {
-                        AssertUnwindSafe(this.handle(ctx)).catch_unwind().await.unwrap_or_else(|p| Err(panicked(p)))
+                        let caught = AssertUnwindSafe(this.handle(ctx)).catch_unwind().await;
+                        caught.unwrap_or_else(|p| Err(HandlerError::panicked(p)))
                     };
                     running.push(async move { (delivery.id, handled.await) }.instrument(span));
                 }
@@ -234,7 +234,7 @@ impl Dispatch {
         for handler in self.handlers.get(&ctx.event.event_type).into_iter().flatten() {
             // A handler that panics failed this event (retried, then parked).
             let result = AssertUnwindSafe(handler(ctx.clone())).catch_unwind().await;
-            if let Err(e) = result.unwrap_or_else(|p| Err(panicked(p))) {
+            if let Err(e) = result.unwrap_or_else(|p| Err(HandlerError::panicked(p))) {
                 outcome = Err(e);
                 break;
             }
@@ -245,16 +245,6 @@ impl Dispatch {
         }
         outcome
     }
-}
-
-/// The failure of a handler (or middleware) that panicked.
-fn panicked(payload: Box<dyn Any + Send>) -> HandlerError {
-    let message = payload
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".to_owned());
-    HandlerError::new(format!("handler panicked: {message}"))
 }
 
 /// A running event bus. Dropping it stops dispatching; in-flight handlers

@@ -28,11 +28,12 @@
 //! second append is an idempotent re-send, see
 //! [`DeadLetterQueue::park`](super::DeadLetterQueue::park)).
 
-use std::sync::Arc;
+use std::{panic::AssertUnwindSafe, sync::Arc};
 
 use annals_core::{CheckpointStore, Filter, RecordedEvent, Store};
 use annals_postgres::{PgCheckpointTx, PgStore};
 use async_trait::async_trait;
+use futures::FutureExt;
 use tokio::sync::Mutex;
 
 use super::{BatchError, HandlerError, Projection, ProjectionCheckpoint, ProjectionRunner};
@@ -71,7 +72,11 @@ pub trait PgProjection: Send + 'static {
         events: &[RecordedEvent],
     ) -> Result<(), BatchError> {
         for (index, event) in events.iter().enumerate() {
-            self.handle(tx, event).await.map_err(|error| BatchError { failed_at: index, error })?;
+            AssertUnwindSafe(self.handle(tx, event))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|p| Err(HandlerError::panicked(p)))
+                .map_err(|error| BatchError { failed_at: index, error })?;
         }
         Ok(())
     }
@@ -152,7 +157,12 @@ impl<P: PgProjection> Projection for Adapter<P> {
         let guard = open(&self.shared, &name).await.map_err(handler_error)?;
         let tx = guard.as_ref().ok_or_else(|| HandlerError::new("no projection transaction"))?;
         tx.batch_execute(&format!("SAVEPOINT {SAVEPOINT}")).await.map_err(handler_error)?;
-        match self.projection.handle(tx, event).await {
+        // A panic is a failure too, and must be rolled back like one.
+        let outcome = AssertUnwindSafe(self.projection.handle(tx, event))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|p| Err(HandlerError::panicked(p)));
+        match outcome {
             Ok(()) => Ok(()),
             Err(error) => {
                 tx.batch_execute(&format!("ROLLBACK TO SAVEPOINT {SAVEPOINT}"))
@@ -172,7 +182,7 @@ impl<P: PgProjection> Projection for Adapter<P> {
             error: HandlerError::new("no projection transaction"),
         })?;
         tx.batch_execute(&format!("SAVEPOINT {SAVEPOINT}")).await.map_err(at_start)?;
-        let Err(failure) = self.projection.handle_batch(tx, events).await else {
+        let Err(failure) = guarded(self.projection.handle_batch(tx, events)).await else {
             return Ok(());
         };
         // A failed statement aborts the whole transaction: undo the batch,
@@ -182,7 +192,7 @@ impl<P: PgProjection> Projection for Adapter<P> {
         let applied = events.get(..failure.failed_at).unwrap_or_default();
         if !applied.is_empty() {
             tx.batch_execute(&format!("SAVEPOINT {SAVEPOINT}")).await.map_err(at_start)?;
-            if let Err(again) = self.projection.handle_batch(tx, applied).await {
+            if let Err(again) = guarded(self.projection.handle_batch(tx, applied)).await {
                 // Not deterministic after all (a lock timeout, a deadlock
                 // with another writer of the model): the rollback undoes the
                 // whole re-application, so nothing of the batch is applied.
@@ -201,6 +211,17 @@ impl<P: PgProjection> Projection for Adapter<P> {
         let tx = guard.as_ref().ok_or_else(|| HandlerError::new("no projection transaction"))?;
         self.projection.reset(tx).await
     }
+}
+
+/// A batch's outcome, a panic counting as a failure at its first event (as
+/// far as anyone can tell): the caller rolls back to the savepoint either
+/// way, which a panic unwinding past it would skip, leaving the events
+/// before it applied in the transaction and applied again on retry.
+async fn guarded(batch: impl Future<Output = Result<(), BatchError>>) -> Result<(), BatchError> {
+    AssertUnwindSafe(batch)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|p| Err(BatchError { failed_at: 0, error: HandlerError::panicked(p) }))
 }
 
 /// The checkpoint side: begins the batch transaction, commits it.

@@ -31,7 +31,7 @@
 //! and showing the error in [`ProjectionStats::store_error`]; other errors,
 //! or any with [`ProjectionRunner::restart_on_store_errors`] off, stop it.
 
-use std::sync::Arc;
+use std::{panic::AssertUnwindSafe, sync::Arc};
 
 use annals_core::{
     Direction, Filter, ReadAll, ReadFrom, RecordedEvent, Store, SubscribeFrom, SubscriptionRequest,
@@ -84,9 +84,14 @@ pub trait Projection: Send + 'static {
     /// the first failing event in [`BatchError::failed_at`] (events before it
     /// must be applied, it and later ones not). The default calls
     /// [`Projection::handle`] for each event.
+    /// A handler that panics fails its event like an error.
     async fn handle_batch(&mut self, events: &[RecordedEvent]) -> Result<(), BatchError> {
         for (index, event) in events.iter().enumerate() {
-            self.handle(event).await.map_err(|error| BatchError { failed_at: index, error })?;
+            AssertUnwindSafe(self.handle(event))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|p| Err(HandlerError::panicked(p)))
+                .map_err(|error| BatchError { failed_at: index, error })?;
         }
         Ok(())
     }
@@ -586,7 +591,13 @@ async fn process(
     let mut start = 0;
     while start < events.len() {
         let Some(rest) = events.get(start..) else { break };
-        let Err(BatchError { failed_at, error }) = projection.handle_batch(rest).await else {
+        // A panic fails the batch at its first event, as far as the runner
+        // can tell: at least once, those before it may be applied again.
+        let outcome = AssertUnwindSafe(projection.handle_batch(rest))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|p| Err(BatchError { failed_at: 0, error: HandlerError::panicked(p) }));
+        let Err(BatchError { failed_at, error }) = outcome else {
             break;
         };
         let index = start + failed_at.min(rest.len().saturating_sub(1));
@@ -631,7 +642,11 @@ async fn retry_or_park(
             break;
         }
         tokio::time::sleep(config.retry.delay(failures, event.position)).await;
-        match projection.handle(event).await {
+        let outcome = AssertUnwindSafe(projection.handle(event))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|p| Err(HandlerError::panicked(p)));
+        match outcome {
             Ok(()) => {
                 stats.send_modify(|s| s.retrying = None);
                 return Ok(());

@@ -105,6 +105,18 @@ impl HandlerError {
     pub fn permanent(reason: impl Into<String>) -> Self {
         HandlerError { reason: reason.into(), permanent: true }
     }
+
+    /// The failure of a handler that panicked (caught with
+    /// `catch_unwind`): retried like any failure, since a panic can be
+    /// transient (a poisoned lock), then parked.
+    pub(crate) fn panicked(payload: Box<dyn std::any::Any + Send>) -> Self {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_owned());
+        HandlerError::new(format!("handler panicked: {message}"))
+    }
 }
 
 impl<E: std::error::Error> From<E> for HandlerError {
