@@ -422,3 +422,65 @@ async fn a_step_whose_retries_end_in_transient_errors_is_retried_later_not_faile
     assert_eq!(runner.stopped(), None);
     runner.stop().await;
 }
+
+/// The transfer saga, but its credit step panics the first `panics` times.
+struct PanicsOnCredit {
+    inner: TransferSaga,
+    panics: Arc<std::sync::atomic::AtomicU32>,
+}
+
+#[async_trait]
+impl Saga for PanicsOnCredit {
+    type Step = TransferStep;
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn filter(&self) -> Filter {
+        self.inner.filter()
+    }
+    fn start(&self, event: &RecordedEvent) -> Option<SagaPlan<TransferStep>> {
+        self.inner.start(event)
+    }
+    async fn execute(&self, step: &TransferStep, command: &CommandMetadata) -> Result<(), StepError> {
+        if matches!(step, TransferStep::Credit { .. })
+            && self.panics.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+        {
+            panic!("a bug in the credit step");
+        }
+        self.inner.execute(step, command).await
+    }
+    async fn compensate(&self, step: &TransferStep, command: &CommandMetadata) -> Result<(), StepError> {
+        self.inner.compensate(step, command).await
+    }
+}
+
+/// A step that panics is a step whose outcome is unknown, like one that
+/// kept failing transiently: it is tried again, and the runner goes on.
+/// (The panic ended the runner's task: the saga stalled half done, and
+/// `stopped()` said nothing.)
+#[tokio::test]
+async fn a_panicking_step_is_tried_again_and_the_runner_goes_on() {
+    let (store, repo) = bank().await;
+    let panics = Arc::new(std::sync::atomic::AtomicU32::new(4));
+    let saga = PanicsOnCredit { inner: saga(&repo), panics: panics.clone() };
+    let retry = annals::consumers::RetryPolicy::attempts(3)
+        .backoff(Duration::from_millis(1), Duration::from_millis(5));
+    let runner = SagaRunner::new(store.clone(), saga).retry(retry).start().unwrap();
+    request_transfer(&*store, &request("t7", 30, false)).await.unwrap();
+    let status = tokio::time::timeout(
+        Duration::from_secs(60),
+        wait_status(
+            &*store,
+            &TransferSaga { repo: repo.clone(), approval_timeout: HOUR },
+            "t7",
+            SagaStatus::is_final,
+        ),
+    )
+    .await
+    .expect("the saga never finished");
+    assert_eq!(status, SagaStatus::Completed);
+    assert_eq!(panics.load(Ordering::SeqCst), 0, "every panic happened");
+    assert_eq!((balance(&repo, "alice").await, balance(&repo, "bob").await), (70, 30));
+    assert_eq!(runner.stopped(), None);
+    runner.stop().await;
+}

@@ -110,13 +110,17 @@ impl HandlerError {
     /// `catch_unwind`): retried like any failure, since a panic can be
     /// transient (a poisoned lock), then parked.
     pub(crate) fn panicked(payload: Box<dyn std::any::Any + Send>) -> Self {
-        let message = payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic without a message".to_owned());
-        HandlerError::new(format!("handler panicked: {message}"))
+        HandlerError::new(format!("handler panicked: {}", panic_message(&*payload)))
     }
+}
+
+/// What a caught panic said.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 impl<E: std::error::Error> From<E> for HandlerError {

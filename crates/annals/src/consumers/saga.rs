@@ -32,6 +32,7 @@
 use std::{
     collections::{BTreeSet, HashMap},
     fmt::Debug,
+    panic::AssertUnwindSafe,
     sync::Arc,
     time::Duration,
 };
@@ -41,7 +42,7 @@ use annals_core::{
     StreamName, SubscribeFrom, SubscriptionRequest, Timestamp, Uuid,
 };
 use async_trait::async_trait;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -135,7 +136,8 @@ pub enum StepError {
     /// A business refusal: retrying will not help. The step fails and the
     /// completed steps are compensated.
     Rejected(String),
-    /// Infrastructure trouble: retried with the runner's policy. Once the
+    /// Infrastructure trouble (a step that panics counts as this too):
+    /// retried with the runner's policy. Once the
     /// attempts are used up the step has not failed (its command may have
     /// taken effect, say when an acknowledgement was lost): the instance is
     /// driven again after the policy's `max_backoff`, with the same command
@@ -793,11 +795,18 @@ impl<S: Saga> Engine<S> {
     async fn attempt(&self, step: &S::Step, command: &CommandMetadata, undo: bool) -> Result<(), Failure> {
         let mut failures = 0;
         loop {
-            let result = if undo {
-                self.saga.compensate(step, command).await
-            } else {
-                self.saga.execute(step, command).await
+            let run = async {
+                if undo {
+                    self.saga.compensate(step, command).await
+                } else {
+                    self.saga.execute(step, command).await
+                }
             };
+            // A step that panics may have taken effect before it did: its
+            // outcome is unknown, as after a transient error.
+            let result = AssertUnwindSafe(run).catch_unwind().await.unwrap_or_else(|p| {
+                Err(StepError::Transient(format!("step panicked: {}", super::retry::panic_message(&*p))))
+            });
             match result {
                 Ok(()) => return Ok(()),
                 Err(StepError::Rejected(reason)) => return Err(Failure::Rejected(reason)),
