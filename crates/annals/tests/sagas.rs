@@ -484,3 +484,43 @@ async fn a_panicking_step_is_tried_again_and_the_runner_goes_on() {
     assert_eq!(runner.stopped(), None);
     runner.stop().await;
 }
+
+/// A saga whose `start` panics on its trigger.
+struct PanicsOnStart;
+
+#[async_trait]
+impl Saga for PanicsOnStart {
+    type Step = TransferStep;
+    fn name(&self) -> &str {
+        "fragile"
+    }
+    fn filter(&self) -> Filter {
+        Filter::category("transfer")
+    }
+    fn start(&self, _event: &RecordedEvent) -> Option<SagaPlan<TransferStep>> {
+        panic!("a bug in start");
+    }
+    async fn execute(&self, _step: &TransferStep, _command: &CommandMetadata) -> Result<(), StepError> {
+        Ok(())
+    }
+}
+
+/// A runner that ends on a panic in the saga's own code says so in
+/// `stopped()` (it said nothing: the runner looked alive).
+#[tokio::test]
+async fn a_runner_ended_by_a_panic_says_so() {
+    let (store, _repo) = bank().await;
+    let runner = SagaRunner::new(store.clone(), PanicsOnStart).start().unwrap();
+    request_transfer(&*store, &request("t8", 1, false)).await.unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if let Some(reason) = runner.stopped() {
+                return reason;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("stopped() never said why");
+    assert!(stopped.contains("a bug in start"), "{stopped}");
+}

@@ -432,14 +432,26 @@ impl<S: Saga> SagaRunner<S> {
             retries: BTreeSet::new(),
         };
         let token = cancel.clone();
+        let saga_name = engine.name.clone();
         let (stopped_tx, stopped) = tokio::sync::watch::channel(None);
         let task = tokio::spawn(async move {
+            // A panic in the saga's own code (`start`, `correlate`, ...)
+            // ends the runner like a fatal error, and says so.
+            let run = AssertUnwindSafe(engine.run_until_fatal()).catch_unwind();
             tokio::select! {
                 biased;
                 () = token.cancelled() => {}
-                (saga, error) = engine.run_until_fatal() => {
+                outcome = run => {
+                    let (saga, error) = match outcome {
+                        Ok((saga, error)) => (saga, error.to_string()),
+                        Err(p) => {
+                            metrics::counter!("annals_saga_stopped_total", "saga" => saga_name.clone())
+                                .increment(1);
+                            (saga_name, format!("panicked: {}", super::retry::panic_message(&*p)))
+                        }
+                    };
                     tracing::error!(%saga, %error, "saga runner stopped");
-                    let _ = stopped_tx.send(Some(error.to_string()));
+                    let _ = stopped_tx.send(Some(error));
                 }
             }
         });
@@ -460,8 +472,9 @@ impl RunningSaga {
     /// Why the runner stopped on its own, if it did. Transient store
     /// errors do not stop it (it restarts from its journals after a
     /// backoff); an error that retrying cannot fix (a journal that does not
-    /// decode, an invalid instance id) does, and is reported here and in
-    /// the `annals_saga_stopped_total` counter.
+    /// decode, an invalid instance id, a panic in the saga's `start`,
+    /// `correlate` or `satisfies`) does, and is reported here and in the
+    /// `annals_saga_stopped_total` counter.
     pub fn stopped(&self) -> Option<String> {
         self.stopped.borrow().clone()
     }
