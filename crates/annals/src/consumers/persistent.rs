@@ -329,11 +329,11 @@ impl PersistentSubscription {
     /// Delivers parked messages to the group again (all of them, or those at
     /// the given original positions, as the dead-letter stream lists them
     /// now: a message discarded with [`DeadLetterQueue::resolve`] is not);
-    /// returns how many were queued. A
-    /// replayed message stops being listed as parked once it is acked or
-    /// skipped; if it fails again it is parked again with the new reason.
-    /// A replay is not itself durable: after a restart, messages whose
-    /// replay had not been acked are still parked and can be replayed again.
+    /// returns how many were queued. A replayed message stops being listed
+    /// as parked once it is acked or skipped; if it fails again it is parked
+    /// again with the new reason. A replay is not itself durable: after a
+    /// restart, messages whose replay had not been acked are still parked
+    /// and can be replayed again.
     pub async fn replay_parked(&self, positions: Option<Vec<u64>>) -> ConsumerResult<usize> {
         let (reply, rx) = oneshot::channel();
         self.request(Command::Replay { positions, reply }, rx).await

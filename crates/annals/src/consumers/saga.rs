@@ -137,11 +137,11 @@ pub enum StepError {
     /// completed steps are compensated.
     Rejected(String),
     /// Infrastructure trouble (a step that panics counts as this too):
-    /// retried with the runner's policy. Once the
-    /// attempts are used up the step has not failed (its command may have
-    /// taken effect, say when an acknowledgement was lost): the instance is
-    /// driven again after the policy's `max_backoff`, with the same command
-    /// id, for as long as it takes; other instances go on meanwhile.
+    /// retried with the runner's policy. Once the attempts are used up the
+    /// step has not failed (its command may have taken effect, say when an
+    /// acknowledgement was lost): the instance is driven again after the
+    /// policy's `max_backoff`, with the same command id, for as long as it
+    /// takes; other instances go on meanwhile.
     Transient(String),
 }
 
