@@ -427,3 +427,20 @@ async fn durations_of_duration_max_mean_never_and_do_not_stop_the_group() {
     group.stop().await;
     assert_eq!(store.load_checkpoint("$ps-patient").await.unwrap(), Some(3));
 }
+
+/// "No limit" spelled `usize::MAX` is a consumer with a very large window,
+/// not a panic in `connect` (the channel behind it refused that size).
+#[tokio::test(start_paused = true)]
+async fn a_consumer_with_no_in_flight_limit_connects() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    append(&*store, "job-1", "Do", 3).await;
+    let group =
+        PersistentSubscription::start(store.clone(), settings("greedy", Filter::all())).await.unwrap();
+    let mut consumer = group.connect("c", usize::MAX);
+    for _ in 0..3 {
+        let d = consumer.next().await.unwrap();
+        consumer.ack(d.id).await.unwrap();
+    }
+    let stats = group.stats().await.unwrap();
+    assert_eq!(stats.consumers[0].in_flight, 0);
+}

@@ -292,10 +292,12 @@ impl PersistentSubscription {
     }
 
     /// Connects a consumer that accepts up to `max_in_flight` unsettled
-    /// messages at a time (at least 1). A consumer id is a label for stats;
+    /// messages at a time (at least 1, at most `usize::MAX / 16`). A consumer id is a label for stats;
     /// two connections with the same id are two consumers.
     pub fn connect(&self, consumer_id: impl Into<String>, max_in_flight: usize) -> Consumer {
-        let max_in_flight = max_in_flight.max(1);
+        // The channel behind a consumer refuses sizes near `usize::MAX`
+        // (tokio's semaphore limit): "no limit" gets a window that large.
+        let max_in_flight = max_in_flight.clamp(1, usize::MAX >> 4);
         let slot = self.next_slot.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(max_in_flight);
         let id = consumer_id.into();
