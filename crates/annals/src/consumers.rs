@@ -27,7 +27,7 @@ mod saga;
 use std::time::Duration;
 
 pub use bus::{EventBus, EventBusBuilder, HandlerContext, LoggingMiddleware, MetricsMiddleware, Middleware};
-pub use dlq::{DeadLetterQueue, ParkedMessage};
+pub use dlq::{DeadLetterQueue, MAX_PARK_REASON_LEN, ParkedMessage};
 pub use persistent::{
     Consumer, ConsumerStats, Delivery, GroupSettings, GroupStats, NackAction, PersistentSubscription,
     StartFrom,

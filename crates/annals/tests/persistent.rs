@@ -176,6 +176,34 @@ async fn nack_park_and_skip_settle_at_once() {
     assert_eq!(group.parked().await.unwrap()[0].reason, "operator asked");
 }
 
+/// A nack whose reason is longer than the store takes in one event (here
+/// 2 MiB, over MemoryStore's 1 MiB) used to fail to park for good: the
+/// message was redelivered after every backoff and never listed as parked.
+/// The reason is now kept cut, and the message parks.
+#[tokio::test(start_paused = true)]
+async fn a_reason_too_long_to_store_is_cut_and_the_message_parks() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    append(&*store, "job-1", "Run", 1).await;
+    let group = PersistentSubscription::start(store.clone(), settings("long", Filter::all())).await.unwrap();
+    let mut consumer = group.connect("c", 1);
+    let a = consumer.next().await.unwrap();
+    let reason = format!("é{}", "x".repeat(2 << 20));
+    consumer.nack(a.id, NackAction::Park, reason.clone()).await.unwrap();
+    // Bounded (in paused time): the failure this guards against is a park
+    // that never happens.
+    let parked = wait_stats(&group, |s| s.parked == 1);
+    let stats = tokio::time::timeout(Duration::from_secs(600), parked).await.expect("the message parks");
+    assert_eq!(stats.parked, 1, "{stats:?}");
+    let parked = group.parked().await.unwrap();
+    assert_eq!(parked.len(), 1, "listed in the dead-letter stream");
+    let kept = &parked[0].reason;
+    assert!(kept.len() <= annals::consumers::MAX_PARK_REASON_LEN, "{}", kept.len());
+    assert!(kept.starts_with("éxxx") && kept.ends_with("(truncated)"), "{}", &kept[..40]);
+    // Parked, not waiting: nothing is delivered again.
+    let again = tokio::time::timeout(Duration::from_secs(120), consumer.next()).await;
+    assert!(again.is_err(), "a parked message was delivered again");
+}
+
 #[tokio::test(start_paused = true)]
 async fn unacked_messages_time_out_and_go_to_another_consumer() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());

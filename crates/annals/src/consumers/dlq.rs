@@ -44,8 +44,30 @@ pub struct ParkedMessage {
     pub parked_at: Timestamp,
 }
 
+/// Longest failure reason a parked-message record keeps, in bytes; a
+/// longer one is cut (at a character boundary) and marked.
+pub const MAX_PARK_REASON_LEN: usize = 8 * 1024;
+
+/// `reason`, cut to [`MAX_PARK_REASON_LEN`] bytes.
+fn bounded_reason(mut reason: String) -> String {
+    const MARK: &str = "… (truncated)";
+    if reason.len() > MAX_PARK_REASON_LEN {
+        let mut end = MAX_PARK_REASON_LEN - MARK.len();
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+        reason.push_str(MARK);
+    }
+    reason
+}
+
 impl ParkedMessage {
-    /// A parked-message record for `event`.
+    /// A parked-message record for `event`. The reason is kept to
+    /// [`MAX_PARK_REASON_LEN`] bytes, so that the record always fits the
+    /// store's event size limit: a dead letter that cannot be written is
+    /// never settled, and a reason too long to store would have had its
+    /// message redelivered for good instead of parked.
     pub fn of(event: &RecordedEvent, reason: impl Into<String>, attempts: u32) -> Self {
         ParkedMessage {
             event_id: event.id,
@@ -53,7 +75,7 @@ impl ParkedMessage {
             version: event.version,
             position: event.position,
             event_type: event.event_type.clone(),
-            reason: reason.into(),
+            reason: bounded_reason(reason.into()),
             attempts,
             parked_at: Timestamp::now(),
         }
