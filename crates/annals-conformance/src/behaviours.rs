@@ -1056,6 +1056,35 @@ pub async fn subscribe_from_end_sees_only_new_events<S: TestStore>(store: S) {
     assert_quiet(&mut one).await;
 }
 
+/// Appends that finish out of order must not leave the store's published
+/// head behind its log: a subscription from `End` taken once every append
+/// has returned starts after all of them, never with an acknowledged one.
+pub async fn subscribe_from_end_after_concurrent_appends_sees_none_of_them<S: TestStore>(store: S) {
+    for round in 0..150u64 {
+        let writers: Vec<_> = (0..8u64)
+            .map(|w| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let s = stream(&format!("race-end-{w}"));
+                    store.append(&s, ExpectedVersion::Any, events("Before", 1)).await.unwrap();
+                })
+            })
+            .collect();
+        for w in writers {
+            w.await.unwrap();
+        }
+        let mut all = store.subscribe(SubscriptionRequest::all(Filter::all(), SubscribeFrom::End));
+        let marker = stream(&format!("race-marker-{round}"));
+        store.append(&marker, ExpectedVersion::NoStream, events("After", 1)).await.unwrap();
+        let got = take(&mut all, 1).await;
+        assert_eq!(
+            (got[0].stream.clone(), got[0].event_type.as_str()),
+            (marker, "After"),
+            "round {round}: a subscription from the end delivered an event acknowledged before it started"
+        );
+    }
+}
+
 pub async fn subscribe_all_with_filter<S: TestStore>(store: S) {
     let mut sub =
         store.subscribe(SubscriptionRequest::all(Filter::category("account"), SubscribeFrom::Start));

@@ -117,6 +117,7 @@ macro_rules! suite {
             subscribe_stream_from_start,
             subscribe_stream_after_version,
             subscribe_from_end_sees_only_new_events,
+            subscribe_from_end_after_concurrent_appends_sees_none_of_them,
             subscribe_all_with_filter,
             subscribe_to_missing_stream_waits_for_it,
             slow_subscriber_does_not_block_writers_or_lose_events,

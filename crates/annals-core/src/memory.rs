@@ -131,7 +131,17 @@ impl Inner {
         let next = state.log.len() as u64;
         drop(state);
         // Published after the events are readable (see `subscription`).
-        self.head.send_replace(next);
+        // Only ever raised: a concurrent append that took the lock later
+        // may have published a larger head already, and lowering it would
+        // have a subscription from `End` start before events acknowledged
+        // to their writers (a larger head woke everyone anyway).
+        self.head.send_if_modified(|head| {
+            let raised = next > *head;
+            if raised {
+                *head = next;
+            }
+            raised
+        });
         Ok(results)
     }
 
