@@ -638,8 +638,21 @@ pub async fn invalid_json_data_is_rejected<S: TestStore>(store: S) {
     let bad = EventData::raw("E", b"{\"a\":".to_vec(), ContentType::Json);
     let err = store.append(&stream("j-1"), ExpectedVersion::Any, vec![bad]).await.unwrap_err();
     assert!(matches!(err, Error::InvalidInput { .. }), "{err:?}");
+    // JSON is UTF-8 (RFC 8259): a string holding other bytes is not JSON,
+    // even where a skimming parser would pass over it.
+    for bytes in [&b"\"\xff\xfe\""[..], b"{\"a\":\"caf\xe9\"}", b"[\"\xc3\"]"] {
+        let bad = EventData::raw("E", bytes.to_vec(), ContentType::Json);
+        let err = store.append(&stream("j-1"), ExpectedVersion::Any, vec![bad]).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidInput { .. }), "{bytes:?}: {err:?}");
+    }
+    assert!(matches!(
+        store.read_stream(&stream("j-1"), ReadStream::forward()).await,
+        Err(Error::StreamNotFound { .. })
+    ));
     // The same bytes are fine as binary.
     let ok = EventData::raw("E", b"{\"a\":".to_vec(), ContentType::Binary);
+    store.append(&stream("j-1"), ExpectedVersion::Any, vec![ok]).await.unwrap();
+    let ok = EventData::raw("E", b"\"\xff\xfe\"".to_vec(), ContentType::Binary);
     store.append(&stream("j-1"), ExpectedVersion::Any, vec![ok]).await.unwrap();
 }
 

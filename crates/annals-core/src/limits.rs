@@ -62,7 +62,15 @@ impl Limits {
             return Err(Error::invalid(format!("event {} ({}): {problem}", event.id, event.event_type)));
         }
         if event.content_type == ContentType::Json {
-            serde_json::from_slice::<serde::de::IgnoredAny>(&event.data).map_err(|e| {
+            // JSON is UTF-8 (RFC 8259), and parsing from bytes into
+            // `IgnoredAny` skips strings without checking their bytes.
+            let text = std::str::from_utf8(&event.data).map_err(|e| {
+                Error::invalid(format!(
+                    "event {} ({}) is declared JSON but its data is not UTF-8: {e}",
+                    event.id, event.event_type
+                ))
+            })?;
+            serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| {
                 Error::invalid(format!(
                     "event {} ({}) is declared JSON but its data is not valid JSON: {e}",
                     event.id, event.event_type
