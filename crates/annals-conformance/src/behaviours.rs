@@ -279,6 +279,21 @@ pub async fn read_all_pages_with_next<S: TestStore>(store: S) {
     assert_eq!(seen, (0..25).collect::<Vec<_>>());
 }
 
+/// A read of no events answers at once, with nothing, and says where the
+/// scan stands: a forward one continues where it started.
+pub async fn reads_with_limit_zero_return_nothing<S: TestStore>(store: S) {
+    let s = seeded(&store, "zero-1", 3).await;
+    assert!(store.read_stream(&s, ReadStream::forward().limit(0)).await.unwrap().is_empty());
+    assert!(store.read_stream(&s, ReadStream::backward().limit(0)).await.unwrap().is_empty());
+    let page = store.read_all(ReadAll::forward(0).from_position(1)).await.unwrap();
+    assert!(page.events.is_empty());
+    assert_eq!(page.next, Some(1));
+    let page = store.read_all(ReadAll::backward(0)).await.unwrap();
+    assert!(page.events.is_empty());
+    let page = store.read_all(ReadAll::forward(0).filter(Filter::category("zero"))).await.unwrap();
+    assert!(page.events.is_empty());
+}
+
 // ---------------------------------------------------------------- filters
 
 async fn filter_positions<S: TestStore>(store: &S, filter: Filter) -> Vec<(String, String)> {
@@ -488,6 +503,64 @@ pub async fn tombstone_rejects_appends_forever<S: TestStore>(store: S) {
     assert!(matches!(err, Error::StreamDeleted { .. }), "{err:?}");
     let err = store.delete_stream(&s, ExpectedVersion::Any, DeleteMode::Soft).await.unwrap_err();
     assert!(matches!(err, Error::StreamDeleted { .. }), "{err:?}");
+}
+
+/// The rules' order (tombstone, idempotency, expected version) holds
+/// for re-sends too: a tombstone refuses even the exact re-send of the
+/// stream's last events; after a soft delete the re-send of the hidden
+/// last events is answered as written, and writes nothing.
+pub async fn resends_after_deletes_follow_the_rules_order<S: TestStore>(store: S) {
+    let batch = events("E", 2);
+    let soft = stream("resend-soft-1");
+    let first = store.append(&soft, ExpectedVersion::NoStream, batch.clone()).await.unwrap();
+    store.delete_stream(&soft, ExpectedVersion::Exact(1), DeleteMode::Soft).await.unwrap();
+    let again = store.append(&soft, ExpectedVersion::NoStream, batch.clone()).await.unwrap();
+    assert_eq!(again, first);
+    assert_eq!(store.next_position().await.unwrap(), 2);
+    assert!(matches!(
+        store.read_stream(&soft, ReadStream::forward()).await,
+        Err(Error::StreamNotFound { .. })
+    ));
+
+    let hard = stream("resend-hard-1");
+    let batch = events("E", 2);
+    store.append(&hard, ExpectedVersion::NoStream, batch.clone()).await.unwrap();
+    store.delete_stream(&hard, ExpectedVersion::Exact(1), DeleteMode::Hard).await.unwrap();
+    let err = store.append(&hard, ExpectedVersion::NoStream, batch).await.unwrap_err();
+    assert!(matches!(err, Error::StreamDeleted { .. }), "{err:?}");
+    assert_eq!(store.next_position().await.unwrap(), 4);
+}
+
+/// `list_streams` reports deleted streams with their state; a tombstone
+/// on a name never written has no events, so it is not listed, but
+/// `stream_info` knows it.
+pub async fn list_streams_reports_deletion_states<S: TestStore>(store: S) {
+    let live = seeded(&store, "del-live", 1).await;
+    let soft = seeded(&store, "del-soft", 2).await;
+    let hard = seeded(&store, "del-hard", 1).await;
+    let never = stream("del-never");
+    store.delete_stream(&soft, ExpectedVersion::Any, DeleteMode::Soft).await.unwrap();
+    store.delete_stream(&hard, ExpectedVersion::Any, DeleteMode::Hard).await.unwrap();
+    store.delete_stream(&never, ExpectedVersion::NoStream, DeleteMode::Hard).await.unwrap();
+    let listed = store.list_streams(ListStreams::new(10).prefix("del-")).await.unwrap();
+    let states: Vec<_> = listed
+        .iter()
+        .map(|i| (i.stream.as_str().to_owned(), i.exists, i.deletion, i.last_version, i.truncate_before))
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            ("del-hard".to_owned(), false, DeletionState::Tombstoned, Some(0), 0),
+            ("del-live".to_owned(), true, DeletionState::Live, Some(0), 0),
+            ("del-soft".to_owned(), false, DeletionState::Deleted, Some(1), 2),
+        ]
+    );
+    for info in &listed {
+        assert_eq!(info, &store.stream_info(&info.stream).await.unwrap());
+    }
+    let info = store.stream_info(&never).await.unwrap();
+    assert_eq!((info.exists, info.deletion, info.last_version), (false, DeletionState::Tombstoned, None));
+    assert!(store.stream_info(&live).await.unwrap().exists);
 }
 
 pub async fn tombstoned_stream_reads_as_deleted<S: TestStore>(store: S) {
@@ -1176,6 +1249,45 @@ pub async fn subscription_learns_of_tombstone_without_a_later_append<S: TestStor
     }
 }
 
+/// A stream subscription follows a stream through a soft delete and its
+/// recreation: the hidden events are never delivered to a subscription
+/// that starts afterwards, and a caught-up one goes on with the new
+/// versions, each once.
+pub async fn stream_subscriptions_follow_a_soft_delete_and_recreation<S: TestStore>(store: S) {
+    let s = seeded(&store, "phoenix-1", 3).await;
+    let mut live = store.subscribe(SubscriptionRequest::stream(s.clone(), SubscribeFrom::Start));
+    assert_eq!(take(&mut live, 3).await.iter().map(|e| e.version).collect::<Vec<_>>(), vec![0, 1, 2]);
+    store.delete_stream(&s, ExpectedVersion::Exact(2), DeleteMode::Soft).await.unwrap();
+    let mut later = store.subscribe(SubscriptionRequest::stream(s.clone(), SubscribeFrom::Start));
+    assert_quiet(&mut later).await;
+    store.append(&s, ExpectedVersion::NoStream, events("Again", 2)).await.unwrap();
+    for sub in [&mut live, &mut later] {
+        let got = take(sub, 2).await;
+        assert_eq!(
+            got.iter().map(|e| (e.version, e.event_type.as_str())).collect::<Vec<_>>(),
+            vec![(3, "Again"), (4, "Again")]
+        );
+        assert_quiet(sub).await;
+    }
+    let mut after = store.subscribe(SubscriptionRequest::stream(s.clone(), SubscribeFrom::After(0)));
+    assert_eq!(take(&mut after, 2).await.iter().map(|e| e.version).collect::<Vec<_>>(), vec![3, 4]);
+}
+
+/// Starting points past everything ever written are merely in the future:
+/// nothing is delivered and nothing fails, up to `u64::MAX`.
+pub async fn subscriptions_after_the_largest_numbers_wait_quietly<S: TestStore>(store: S) {
+    let s = seeded(&store, "far-1", 2).await;
+    for from in [annals_core::MAX_STORED_NUMBER, u64::MAX - 1, u64::MAX] {
+        let mut one = store.subscribe(SubscriptionRequest::stream(s.clone(), SubscribeFrom::After(from)));
+        let mut all = store.subscribe(SubscriptionRequest::all(Filter::all(), SubscribeFrom::After(from)));
+        assert_quiet(&mut one).await;
+        assert_quiet(&mut all).await;
+    }
+    store.append(&s, ExpectedVersion::Exact(1), events("E", 1)).await.unwrap();
+    let mut all = store.subscribe(SubscriptionRequest::all(Filter::all(), SubscribeFrom::After(1)));
+    assert_eq!(take(&mut all, 1).await[0].position, 2);
+}
+
 // ------------------------------------------------- snapshots, checkpoints
 
 fn snapshot(s: &StreamName, version: u64, schema: u32) -> Snapshot {
@@ -1183,7 +1295,7 @@ fn snapshot(s: &StreamName, version: u64, schema: u32) -> Snapshot {
         stream: s.clone(),
         version,
         schema_version: schema,
-        data: serde_json::to_vec(&json!({ "balance": version * 10 })).unwrap().into(),
+        data: serde_json::to_vec(&json!({ "balance": version.wrapping_mul(10) })).unwrap().into(),
         created_at: Timestamp::now(),
     }
 }
@@ -1216,6 +1328,28 @@ pub async fn snapshots_prune_keeps_newest<S: TestStore>(store: S) {
     assert_eq!(store.load_snapshot(&s, Some(400)).await.unwrap().unwrap().version, 400);
     assert_eq!(store.prune_snapshots(&s, 2).await.unwrap(), 0);
     assert_eq!(store.prune_snapshots(&stream("none-1"), 2).await.unwrap(), 0);
+}
+
+/// Bounds and counts at the far ends of their types are answers, not
+/// failures: a snapshot lookup at or before any version, pruning that
+/// keeps more than there are, or nothing at all.
+pub async fn snapshot_bounds_at_the_extremes<S: TestStore>(store: S) {
+    let s = stream("snap-x");
+    for v in [0, 5, annals_core::MAX_STORED_NUMBER] {
+        store.save_snapshot(snapshot(&s, v, 1)).await.unwrap();
+    }
+    for bound in [u64::MAX, annals_core::MAX_STORED_NUMBER + 1, annals_core::MAX_STORED_NUMBER] {
+        let got = store.load_snapshot(&s, Some(bound)).await.unwrap().map(|s| s.version);
+        assert_eq!(got, Some(annals_core::MAX_STORED_NUMBER), "at or before {bound}");
+    }
+    let got = store.load_snapshot(&s, Some(annals_core::MAX_STORED_NUMBER - 1)).await.unwrap();
+    assert_eq!(got.map(|s| s.version), Some(5));
+    assert_eq!(store.load_snapshot(&s, Some(0)).await.unwrap().map(|s| s.version), Some(0));
+    assert_eq!(store.prune_snapshots(&s, usize::MAX).await.unwrap(), 0);
+    assert_eq!(store.prune_snapshots(&s, 1).await.unwrap(), 2);
+    assert_eq!(store.load_snapshot(&s, Some(5)).await.unwrap(), None);
+    assert_eq!(store.prune_snapshots(&s, 0).await.unwrap(), 1);
+    assert_eq!(store.load_snapshot(&s, None).await.unwrap(), None);
 }
 
 pub async fn checkpoints_round_trip<S: TestStore>(store: S) {
