@@ -96,8 +96,9 @@ pub(crate) const DELETED: &str = "deleted";
 /// although the head did not move.
 fn note_deletion(tail: &annals_core::subscription::Tail, head: &watch::Sender<u64>) {
     tail.note_deletion();
-    let now = *head.borrow();
-    head.send_replace(now);
+    // Wakes them with the value in place: reading it and sending it back
+    // would lower a head that an append raised in between.
+    head.send_modify(|_| {});
 }
 
 /// Connects and issues `LISTEN`.
@@ -224,5 +225,56 @@ pub(crate) async fn run(
             }
         }
         conn.driver.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+
+    /// A deletion notified while this process's appends raise the head
+    /// (on other threads) must wake the subscriptions without ever putting
+    /// an older head back: a subscription from `End` would start before
+    /// events already acknowledged.
+    #[test]
+    fn a_deletion_never_lowers_the_head() {
+        let head = Arc::new(watch::Sender::new(0u64));
+        let tail = Arc::new(annals_core::subscription::Tail::default());
+        let done = Arc::new(AtomicBool::new(false));
+        let raiser = {
+            let (head, done) = (head.clone(), done.clone());
+            std::thread::spawn(move || {
+                for v in 1..=200_000u64 {
+                    bump(&head, v);
+                    for _ in 0..50 {
+                        std::hint::spin_loop();
+                    }
+                }
+                done.store(true, Ordering::SeqCst);
+            })
+        };
+        let deleter = {
+            let (head, tail, done) = (head.clone(), tail.clone(), done.clone());
+            std::thread::spawn(move || {
+                while !done.load(Ordering::SeqCst) {
+                    note_deletion(&tail, &head);
+                }
+            })
+        };
+        let mut last = 0;
+        let mut lowered = 0u64;
+        while !done.load(Ordering::SeqCst) {
+            let now = *head.borrow();
+            if now < last {
+                lowered += 1;
+            }
+            last = last.max(now);
+        }
+        raiser.join().expect("raiser");
+        deleter.join().expect("deleter");
+        assert_eq!(lowered, 0, "a deletion put an older head back {lowered} times");
+        assert_eq!(*head.borrow(), 200_000);
     }
 }
