@@ -1288,6 +1288,55 @@ pub async fn subscriptions_after_the_largest_numbers_wait_quietly<S: TestStore>(
     assert_eq!(take(&mut all, 1).await[0].position, 2);
 }
 
+/// Live `$all` subscriptions leave system streams out unless their filter
+/// asks for them, as reads do, whether history or live.
+pub async fn live_subscriptions_leave_system_streams_out_unless_asked<S: TestStore>(store: S) {
+    let sys = StreamName::system("$sys-live").unwrap();
+    store.append(&sys, ExpectedVersion::Any, events("Sys", 1)).await.unwrap();
+    seeded(&store, "user-live-1", 1).await;
+    let mut user = store.subscribe(SubscriptionRequest::all(Filter::all(), SubscribeFrom::Start));
+    let mut with =
+        store.subscribe(SubscriptionRequest::all(Filter::all().with_system(), SubscribeFrom::Start));
+    let mut from_end = store.subscribe(SubscriptionRequest::all(Filter::all(), SubscribeFrom::End));
+    assert_eq!(take(&mut user, 1).await[0].position, 1);
+    assert_eq!(take(&mut with, 2).await.iter().map(|e| e.position).collect::<Vec<_>>(), vec![0, 1]);
+    store.append(&sys, ExpectedVersion::Any, events("Sys", 1)).await.unwrap();
+    seeded(&store, "user-live-2", 1).await;
+    assert_eq!(take(&mut user, 1).await[0].position, 3);
+    assert_eq!(take(&mut from_end, 1).await[0].position, 3);
+    assert_eq!(take(&mut with, 2).await.iter().map(|e| e.position).collect::<Vec<_>>(), vec![2, 3]);
+    assert_quiet(&mut user).await;
+    assert_quiet(&mut from_end).await;
+}
+
+/// A subscription from the end of a soft-deleted stream waits, then
+/// delivers the recreated stream's events; one from the end of a
+/// tombstoned stream ends with its error.
+pub async fn subscriptions_from_the_end_of_deleted_streams<S: TestStore>(store: S) {
+    let soft = seeded(&store, "end-soft-1", 2).await;
+    store.delete_stream(&soft, ExpectedVersion::Any, DeleteMode::Soft).await.unwrap();
+    let mut sub = store.subscribe(SubscriptionRequest::stream(soft.clone(), SubscribeFrom::End));
+    assert_quiet(&mut sub).await;
+    store.append(&soft, ExpectedVersion::NoStream, events("Again", 1)).await.unwrap();
+    let got = take(&mut sub, 1).await;
+    assert_eq!((got[0].version, got[0].event_type.as_str()), (2, "Again"));
+    for name in ["end-hard-1", "end-hard-never"] {
+        let hard = stream(name);
+        if name == "end-hard-1" {
+            seeded(&store, name, 2).await;
+        }
+        store.delete_stream(&hard, ExpectedVersion::Any, DeleteMode::Hard).await.unwrap();
+        let mut sub = store.subscribe(SubscriptionRequest::stream(hard, SubscribeFrom::End));
+        match tokio::time::timeout(PATIENCE, sub.next()).await {
+            Ok(Some(Err(Error::StreamDeleted { .. }))) => {}
+            other => panic!(
+                "{name}: expected StreamDeleted, got {:?}",
+                other.map(|o| o.map(|r| r.map(|e| e.version)))
+            ),
+        }
+    }
+}
+
 // ------------------------------------------------- snapshots, checkpoints
 
 fn snapshot(s: &StreamName, version: u64, schema: u32) -> Snapshot {
@@ -1359,10 +1408,17 @@ pub async fn checkpoints_round_trip<S: TestStore>(store: S) {
     store.save_checkpoint("other", 7).await.unwrap();
     assert_eq!(store.load_checkpoint("proj-balance").await.unwrap(), Some(42));
     assert_eq!(store.load_checkpoint("other").await.unwrap(), Some(7));
-    for bad in ["", "bad\nname"] {
+    let too_long = "x".repeat(257);
+    for bad in ["", "bad\nname", "nul\0", too_long.as_str()] {
         let err = store.save_checkpoint(bad, 1).await.unwrap_err();
         assert!(matches!(err, Error::InvalidInput { .. }), "{err:?}");
+        let err = store.load_checkpoint(bad).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidInput { .. }), "{err:?}");
     }
+    // The longest name, in characters of several bytes, is kept.
+    let longest = "\u{e9}".repeat(128);
+    store.save_checkpoint(&longest, 3).await.unwrap();
+    assert_eq!(store.load_checkpoint(&longest).await.unwrap(), Some(3));
     let _ = Direction::Forward;
     let _ = ReadFrom::Start;
 }

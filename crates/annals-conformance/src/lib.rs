@@ -128,6 +128,8 @@ macro_rules! suite {
             subscription_learns_of_tombstone_without_a_later_append,
             stream_subscriptions_follow_a_soft_delete_and_recreation,
             subscriptions_after_the_largest_numbers_wait_quietly,
+            live_subscriptions_leave_system_streams_out_unless_asked,
+            subscriptions_from_the_end_of_deleted_streams,
             snapshots_load_latest_and_by_version,
             snapshots_prune_keeps_newest,
             snapshot_bounds_at_the_extremes,
