@@ -324,6 +324,22 @@ pub async fn filter_by_category<S: TestStore>(store: S) {
         got,
         vec![("account-1".into(), "AccountOpened".into()), ("account-2".into(), "AccountClosed".into())]
     );
+    // The category is what comes before the first '-', empty included;
+    // a name without one is its own category.
+    for name in ["-lead", "--double", "account", "\u{e9}t\u{e9}-1", "\u{e9}t\u{e9}"] {
+        store.append(&stream(name), ExpectedVersion::Any, vec![event("Edge", 0)]).await.unwrap();
+    }
+    let names = |got: Vec<(String, String)>| got.into_iter().map(|(s, _)| s).collect::<Vec<_>>();
+    assert_eq!(names(filter_positions(&store, Filter::category("")).await), ["-lead", "--double"]);
+    assert_eq!(
+        names(filter_positions(&store, Filter::category("account")).await),
+        ["account-1", "account-2", "account"]
+    );
+    assert_eq!(
+        names(filter_positions(&store, Filter::category("\u{e9}t\u{e9}")).await),
+        ["\u{e9}t\u{e9}-1", "\u{e9}t\u{e9}"]
+    );
+    assert!(filter_positions(&store, Filter::category("-lead")).await.is_empty());
 }
 
 pub async fn filter_by_stream_prefix<S: TestStore>(store: S) {
