@@ -951,7 +951,7 @@ pub async fn ws(
         let consumer = subscription.connect(consumer, max_in_flight);
         // The session must not keep a stopped group alive.
         drop(subscription);
-        session(state, consumer, socket).await;
+        crate::serve::session(&state.clone(), session(state, consumer, socket)).await;
     }))
 }
 

@@ -75,6 +75,13 @@ struct Shared {
     started: Instant,
     started_at: annals_core::Timestamp,
     shutdown: CancellationToken,
+    /// Upgraded WebSocket sessions (live feeds and group consumers): they
+    /// outlive the HTTP connection that upgraded, so [`run`] waits for
+    /// them on their own (see [`serve::session`]).
+    sessions: tokio_util::task::TaskTracker,
+    /// Cancelled once the shutdown grace is over: ends every session still
+    /// open.
+    end_sessions: CancellationToken,
     groups: groups::Groups,
     facade: std::sync::OnceLock<metrics::FacadeRecorder>,
     /// Set when several processes may share the store (PostgreSQL): the
@@ -116,6 +123,8 @@ impl AppState {
                 started: Instant::now(),
                 started_at: annals_core::Timestamp::now(),
                 shutdown: CancellationToken::new(),
+                sessions: tokio_util::task::TaskTracker::new(),
+                end_sessions: CancellationToken::new(),
                 groups: groups::Groups::default(),
                 facade: std::sync::OnceLock::new(),
                 leases: std::sync::OnceLock::new(),

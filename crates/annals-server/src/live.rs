@@ -503,9 +503,9 @@ enum ClientMessage {
         (status = 400, description = "Not a valid WebSocket handshake", body = ErrorOut),
         (status = 426, description = "`upgrade_required`: the connection cannot be upgraded", body = ErrorOut)))]
 pub async fn ws(State(state): State<AppState>, principal: Principal, upgrade: WebSocketUpgrade) -> Response {
-    upgrade
-        .max_message_size(64 * 1024)
-        .on_upgrade(move |socket| async move { ws_session(state, principal, socket).await })
+    upgrade.max_message_size(64 * 1024).on_upgrade(move |socket| async move {
+        crate::serve::session(&state.clone(), ws_session(state, principal, socket)).await;
+    })
 }
 
 fn ws_json(v: &Value) -> Message {
@@ -618,7 +618,16 @@ fn slow_ending(state: &AppState) -> Notice {
 
 async fn ws_session(state: AppState, principal: Principal, mut socket: WebSocket) {
     let live = state.inner.config.live.clone();
-    let first = tokio::time::timeout(Duration::from_secs(30), socket.recv()).await;
+    let first = tokio::select! {
+        // Nothing subscribed yet: only the reason to reconnect.
+        () = state.inner.shutdown.cancelled() => {
+            let bye = notice_message(&Notice::shutdown(), &WsSub::default());
+            let _ = tokio::time::timeout(live.disconnect_grace(), socket.send(bye)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), socket.close()).await;
+            return;
+        }
+        first = tokio::time::timeout(Duration::from_secs(30), socket.recv()) => first,
+    };
     let text = match first {
         Ok(Some(Ok(Message::Text(t)))) => t,
         Ok(Some(Ok(_))) => {

@@ -115,15 +115,27 @@ pub async fn run(
     draining.cancel();
     drop(listener);
     tracker.close();
+    // WebSocket sessions left their connection's task at the upgrade: they
+    // are waited for too, so each has told its client where to resume (and
+    // group consumers have given their messages back) before this returns.
+    let sessions = &state.inner.sessions;
+    sessions.close();
     let grace = Duration::from_secs(config.timeouts.shutdown_secs);
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+    let drained = async {
+        tracker.wait().await;
+        sessions.wait().await;
+    };
+    if tokio::time::timeout(grace, drained).await.is_err() {
         tracing::warn!(
             secs = grace.as_secs(),
             "connections still open after the shutdown timeout; closing them"
         );
-        // Each connection task ends as soon as it sees its kill switch.
+        // Each connection task and session ends as soon as it sees its
+        // kill switch.
         force.cancel();
+        state.inner.end_sessions.cancel();
         tracker.wait().await;
+        sessions.wait().await;
     }
     if let Some(leadership) = leadership {
         let _ = leadership.await;
@@ -179,6 +191,18 @@ async fn serve_connection<I>(
                 () = kill.cancelled() => {}
             }
         }
+    }
+}
+
+/// Runs an upgraded WebSocket session so that [`run`] waits for it on
+/// shutdown (within `timeouts.shutdown_secs`, after which it is ended).
+/// Call it in the upgrade callback, wrapping the whole session.
+pub(crate) async fn session(state: &AppState, session: impl Future<Output = ()>) {
+    let _counted = state.inner.sessions.token();
+    let end = state.inner.end_sessions.clone();
+    tokio::select! {
+        () = session => {}
+        () = end.cancelled() => {}
     }
 }
 

@@ -536,3 +536,63 @@ async fn websocket_carries_several_named_subscriptions() {
     })
     .await;
 }
+
+/// `run` returned as soon as the HTTP connections had drained, but a
+/// WebSocket session outlives its HTTP connection (the upgrade hands the
+/// socket over), so it was never waited for: `annals serve` then closed
+/// the store and exited while sessions were still telling clients where
+/// to resume (a client a little behind got a reset instead of its
+/// `shutdown` notice), and a session stuck on a client that does not read
+/// was never forced to end. Now `run` waits for the sessions too, within
+/// `timeouts.shutdown_secs`, and ends the ones still open after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_waits_for_websocket_sessions_and_ends_stuck_ones() {
+    within(120, async {
+        let mut config = slow_config();
+        // A send to this client never times out on its own during the test.
+        config.live.slow_client_timeout_ms = 600_000;
+        config.live.disconnect_grace_ms = 600_000;
+        config.timeouts.shutdown_secs = 1;
+        let s = start_on(small_buffer_listener().await, config).await;
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let tcp = socket.connect(s.addr).await.unwrap();
+        let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{}/ws", s.addr), tcp).await.unwrap();
+        ws.send(Message::Text(json!({ "type": "subscribe", "stream": "$all" }).to_string().into()))
+            .await
+            .unwrap();
+        assert_eq!(ws_next_json(&mut ws).await.unwrap()["type"], "subscribed");
+        // The client stops reading: the session's sends back up.
+        flood(&s, "stuck-1").await;
+        let state = s.state.clone();
+        assert_eq!(state.metrics().subscriber_gauge("ws").get(), 1);
+        s.stop().await;
+        assert_eq!(
+            state.metrics().subscriber_gauge("ws").get(),
+            0,
+            "run returned while a WebSocket session was still running"
+        );
+        drop(ws);
+    })
+    .await;
+}
+
+/// A WebSocket that had not sent its subscribe message yet did not notice
+/// the shutdown: it waited up to 30 s for that message, holding the
+/// shutdown up, and then ended without saying why. It now gets `shutdown`
+/// at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_not_yet_subscribed_is_told_about_shutdown() {
+    within(120, async {
+        let mut config = open_config();
+        config.timeouts.shutdown_secs = 20;
+        let s = start(config).await;
+        let mut ws = ws_connect(&s).await;
+        // The upgrade is done; the server waits for the subscribe message.
+        s.stop().await;
+        let m = ws_next_json(&mut ws).await.expect("a notice before the close");
+        assert_eq!(m["type"], "shutdown", "{m}");
+        assert_eq!(m["last_position"], Value::Null, "{m}");
+    })
+    .await;
+}
