@@ -1149,12 +1149,21 @@ pub async fn pull(
                 }
             }
         }
-        if !deliveries.is_empty() || tokio::time::Instant::now() >= deadline {
+        // On shutdown, answer now with what there is: the drain would
+        // otherwise wait out the poll, or cut it off without an answer.
+        if !deliveries.is_empty()
+            || tokio::time::Instant::now() >= deadline
+            || state.inner.shutdown.is_cancelled()
+        {
             break;
         }
         // Short naps instead of holding the consumer across the whole wait,
         // so acks from the same consumer are not blocked behind a long poll.
-        tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + Duration::from_millis(20))).await;
+        let nap = deadline.min(tokio::time::Instant::now() + Duration::from_millis(20));
+        tokio::select! {
+            () = tokio::time::sleep_until(nap) => {}
+            () = state.inner.shutdown.cancelled() => {}
+        }
     }
     puller.touch();
     Ok(Json(PullOut { group, consumer: query.consumer, deliveries }))

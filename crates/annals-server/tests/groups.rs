@@ -745,3 +745,28 @@ async fn a_server_with_groups_disabled_neither_runs_nor_restores_them() {
     assert_eq!(body["groups"][0]["group"], "payments", "{body}");
     s.stop().await;
 }
+
+/// A long-poll did not notice the shutdown: the drain waited for it (up to
+/// its 25 s) and, with a shorter `timeouts.shutdown_secs`, cut it off, so
+/// the client got a broken connection instead of an answer. It now ends
+/// at once with what it has (here nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_ends_with_an_answer_on_shutdown() {
+    let mut config = open_config();
+    config.timeouts.shutdown_secs = 2;
+    let s = start(config).await;
+    within(60, async {
+        let (status, _) = create(&s, "lp-bye", json!({ "stream": "jobs-lp-bye" })).await;
+        assert_eq!(status, 201);
+        let poll = s.client.post(s.url("/groups/lp-bye/next?consumer=p&wait_ms=20000")).send();
+        let poll = tokio::spawn(poll);
+        // The pull consumer exists once the long-poll has started.
+        wait_consumers(&s, "lp-bye", 1).await;
+        s.stop().await;
+        let resp = poll.await.expect("join").expect("the long-poll gets an answer");
+        assert_eq!(resp.status(), 200);
+        let body: Value = resp.json().await.expect("json");
+        assert_eq!(body["deliveries"], json!([]), "{body}");
+    })
+    .await;
+}
