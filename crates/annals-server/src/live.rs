@@ -29,7 +29,7 @@ use axum::{
         State,
         ws::{Message, WebSocket, WebSocketUpgrade},
     },
-    http::HeaderMap,
+    http::{HeaderMap, Version},
     response::{
         IntoResponse, Response,
         sse::{Event, KeepAlive, Sse},
@@ -160,6 +160,7 @@ pub async fn stream_sse(
     ApiPath(stream): ApiPath<String>,
     ApiQuery(query): ApiQuery<LiveQuery>,
     headers: HeaderMap,
+    version: Version,
     conn: Option<Extension<ConnCtl>>,
 ) -> Result<Response, ApiError> {
     refuse_unknown(&query.unknown)?;
@@ -169,7 +170,7 @@ pub async fn stream_sse(
     let (from, what) = resume_from(&headers, query.from.as_deref())?;
     let request = SubscriptionRequest::stream(stream, from);
     check_start(&state, &request, what).await?;
-    Ok(sse(state, request, conn.map(|c| c.0)))
+    Ok(sse(state, request, kill_switch(version, conn)))
 }
 
 /// `GET /all/live`: the global log (filtered) as Server-Sent Events.
@@ -183,6 +184,7 @@ pub async fn all_sse(
     principal: Principal,
     ApiQuery(query): ApiQuery<LiveQuery>,
     headers: HeaderMap,
+    version: Version,
     conn: Option<Extension<ConnCtl>>,
 ) -> Result<Response, ApiError> {
     refuse_unknown(&query.unknown)?;
@@ -191,7 +193,18 @@ pub async fn all_sse(
     let (from, what) = resume_from(&headers, query.from.as_deref())?;
     let request = SubscriptionRequest::all(filter, from);
     check_start(&state, &request, what).await?;
-    Ok(sse(state, request, conn.map(|c| c.0)))
+    Ok(sse(state, request, kill_switch(version, conn)))
+}
+
+/// What ends the connection of a slow SSE client that does not even read
+/// its notice. Only an HTTP/1 connection is closed: it carries nothing
+/// else. An HTTP/2 connection carries the client's other requests (a
+/// browser sends its `fetch` calls beside its `EventSource`), which closing
+/// it would break mid-flight; its flow control already keeps the stalled
+/// stream from holding them up, and that stream ends when the client reads
+/// the notice or closes.
+fn kill_switch(version: Version, conn: Option<Extension<ConnCtl>>) -> Option<CancellationToken> {
+    conn.filter(|_| version < Version::HTTP_2).map(|c| c.0.kill)
 }
 
 /// Why a live connection ends early.
@@ -292,7 +305,7 @@ async fn observe_lag(state: &AppState, event: &RecordedEvent, count: u64) {
     }
 }
 
-fn sse(state: AppState, request: SubscriptionRequest, conn: Option<ConnCtl>) -> Response {
+fn sse(state: AppState, request: SubscriptionRequest, kill: Option<CancellationToken>) -> Response {
     let is_all = matches!(request.target, SubscriptionTarget::All(_));
     let live = &state.inner.config.live;
     let (tx, rx) = mpsc::channel::<Item>(live.buffer_events);
@@ -305,7 +318,7 @@ fn sse(state: AppState, request: SubscriptionRequest, conn: Option<ConnCtl>) -> 
     let subscription = state.inner.store.subscribe(request);
     let keep_alive = Duration::from_secs(live.keep_alive_secs.max(1));
     let ends = Ends { stop: stop_tx, last: last_tx };
-    tokio::spawn(pump(state.clone(), subscription, tx, ends, conn.map(|c| c.kill), finished.clone()));
+    tokio::spawn(pump(state.clone(), subscription, tx, ends, kill, finished.clone()));
 
     struct Body {
         rx: mpsc::Receiver<Item>,

@@ -596,3 +596,48 @@ async fn websocket_not_yet_subscribed_is_told_about_shutdown() {
     })
     .await;
 }
+
+/// Over HTTP/2 one connection carries many requests (a browser sends its
+/// `EventSource` and its `fetch` calls over one). A slow SSE client was
+/// disconnected by closing its whole connection, which also broke every
+/// other request in flight on it, an append included (committed or not,
+/// the client could not tell). HTTP/2 flow control already keeps a slow
+/// stream from holding anything else up, so only HTTP/1 connections are
+/// closed now; on HTTP/2 the other requests finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_sse_over_http2_does_not_break_other_requests_on_the_connection() {
+    within(120, async {
+        let mut config = slow_config();
+        config.live.disconnect_grace_ms = 3_000;
+        config.timeouts.shutdown_secs = 2;
+        let s = start_on(small_buffer_listener().await, config).await;
+        let h2 = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .http2_adaptive_window(false)
+            .http2_initial_stream_window_size(65_535)
+            .http2_initial_connection_window_size(64 * 1024 * 1024)
+            .build()
+            .unwrap();
+        let resp = h2.get(s.url("/all/live?from=start")).send().await.unwrap();
+        assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+        // The SSE body is never read.
+        flood(&s, "h2-flood").await;
+        wait_for_slow_disconnect(&s).await;
+        // A request on the same connection, in flight when the grace ends.
+        let (status, _) = s
+            .client
+            .put(s.url("/groups/h2-g"))
+            .json(&json!({ "stream": "h2-jobs" }))
+            .send()
+            .await
+            .map(|r| (r.status().as_u16(), ()))
+            .unwrap();
+        assert_eq!(status, 201);
+        let poll = tokio::spawn(h2.post(s.url("/groups/h2-g/next?consumer=p&wait_ms=8000")).send());
+        let other = poll.await.unwrap().expect("the other request on the connection is answered");
+        assert_eq!(other.status(), 200);
+        drop(resp);
+        s.stop().await;
+    })
+    .await;
+}
