@@ -35,7 +35,20 @@ async fn tombstones_are_reported(s: &TestServer, rounds: usize) {
         let stream = format!("tomb-{round}");
         s.append(&stream, "any", json!([event("A", json!({}))])).await;
         let resp = s.client.get(s.url(&format!("/streams/{stream}/live"))).send().await.expect("request");
-        let sse = tokio::spawn(read_sse(resp, |all| all.iter().any(|r| r.0 != "event")));
+        // The tombstone must come after the feed has read the event: a
+        // feed that reads only after it finds the stream gone (and says
+        // so, with nothing sent), which is not what this test is about.
+        let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut first_tx = Some(first_tx);
+        let sse = tokio::spawn(read_sse(resp, move |all| {
+            if !all.is_empty()
+                && let Some(tx) = first_tx.take()
+            {
+                let _ = tx.send(());
+            }
+            all.iter().any(|r| r.0 != "event")
+        }));
+        first_rx.await.unwrap_or_else(|_| panic!("round {round}: the SSE feed ended before any record"));
         subscribe(&mut ws, &stream, &stream).await;
         let m = ws_next_json(&mut ws).await.expect("event");
         assert_eq!((m["id"].as_str(), m["event"]["version"].as_u64()), (Some(&stream[..]), Some(0)), "{m}");
