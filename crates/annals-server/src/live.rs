@@ -212,44 +212,38 @@ fn kill_switch(version: Version, conn: Option<Extension<ConnCtl>>) -> Option<Can
 struct Notice {
     code: &'static str,
     message: String,
+    /// The connection ended, not the subscription: its body says where to
+    /// reconnect from.
+    resume: bool,
 }
 
 impl Notice {
     fn slow(timeout: Duration) -> Self {
         Notice {
             code: "slow_consumer",
-            message: format!(
-                "the client did not keep up for {} ms; reconnect from last_position + 1",
-                timeout.as_millis()
-            ),
+            message: format!("the client did not keep up for {} ms", timeout.as_millis()),
+            resume: true,
         }
     }
 
     fn ping_timeout(silent: Duration) -> Self {
         Notice {
             code: "ping_timeout",
-            message: format!(
-                "no pong or message for {} ms; reconnect from last_position + 1",
-                silent.as_millis()
-            ),
+            message: format!("no pong or message for {} ms", silent.as_millis()),
+            resume: true,
         }
     }
 
     fn unreadable(e: &axum::Error) -> Self {
         Notice {
             code: "protocol_error",
-            message: format!(
-                "a client message could not be read ({e}); messages are text, at most 64 KiB; \
-                 reconnect from last_position + 1"
-            ),
+            message: format!("a client message could not be read ({e}); messages are text, at most 64 KiB"),
+            resume: true,
         }
     }
 
     fn shutdown() -> Self {
-        Notice {
-            code: "shutdown",
-            message: "the server is shutting down; reconnect from last_position + 1".into(),
-        }
+        Notice { code: "shutdown", message: "the server is shutting down".into(), resume: true }
     }
 
     fn from_error(e: CoreError) -> Self {
@@ -259,13 +253,30 @@ impl Notice {
             "store_closed" => "store_closed",
             _ => "error",
         };
-        Notice { code, message: api.message }
+        Notice { code, message: api.message, resume: false }
     }
 
-    fn body(&self, last: Option<(u64, u64)>) -> Value {
+    /// `last`: position and version of the last event sent; `is_all`:
+    /// whether the feed is `$all` (resumed by position) or a stream
+    /// (resumed by version).
+    fn body(&self, last: Option<(u64, u64)>, is_all: bool) -> Value {
+        let message = match (self.resume, last) {
+            (false, _) => self.message.clone(),
+            (true, None) => format!("{}; nothing was sent yet: reconnect from the same start", self.message),
+            (true, Some((position, _))) if is_all => format!(
+                "{}; reconnect from position {} (last_position + 1)",
+                self.message,
+                position.saturating_add(1)
+            ),
+            (true, Some((_, version))) => format!(
+                "{}; reconnect from version {} (last_version + 1)",
+                self.message,
+                version.saturating_add(1)
+            ),
+        };
         json!({
             "code": self.code,
-            "message": self.message,
+            "message": message,
             "last_position": last.map(|l| l.0),
             "last_version": last.map(|l| l.1),
         })
@@ -378,7 +389,7 @@ fn sse(state: AppState, request: SubscriptionRequest, kill: Option<CancellationT
                 }
                 Item::End(n) => {
                     b.done = true;
-                    Event::default().event(n.code).data(n.body(b.last).to_string())
+                    Event::default().event(n.code).data(n.body(b.last, b.is_all).to_string())
                 }
             };
             return Some((Ok::<_, Infallible>(sse_event), b));
@@ -584,6 +595,8 @@ struct WsSub {
     id: Option<String>,
     /// Position and version of the last event delivered.
     last: Option<(u64, u64)>,
+    /// A `$all` subscription (resumed by position), not a stream.
+    all: bool,
 }
 
 /// Adds the subscription's id (when it has one) to an outgoing message.
@@ -595,7 +608,7 @@ fn tagged(mut body: Value, id: Option<&str>) -> Message {
 }
 
 fn notice_message(n: &Notice, sub: &WsSub) -> Message {
-    let mut body = n.body(sub.last);
+    let mut body = n.body(sub.last, sub.all);
     if let Some(obj) = body.as_object_mut() {
         obj.insert("type".into(), Value::from(n.code));
     }
@@ -690,8 +703,9 @@ async fn ws_session(state: AppState, principal: Principal, mut socket: WebSocket
     // the moment it reads `subscribed`.
     let reply = subscribed(&request, first_id.as_deref());
     let key = first_id.clone().unwrap_or_default();
+    let all = matches!(request.target, SubscriptionTarget::All(_));
     streams.insert(key.clone(), state.inner.store.subscribe(request));
-    subs.insert(key, WsSub { id: first_id, last: None });
+    subs.insert(key, WsSub { id: first_id, last: None, all });
     if socket.send(reply).await.is_err() {
         return;
     }
@@ -752,8 +766,9 @@ async fn ws_session(state: AppState, principal: Principal, mut socket: WebSocket
                                 match parse_subscribe(stream, from, filter, &principal) {
                                     Ok(request) => check_start(&state, &request, "`from`").await.map(|()| {
                                         let msg = subscribed(&request, Some(&id));
+                                        let all = matches!(request.target, SubscriptionTarget::All(_));
                                         streams.insert(id.clone(), state.inner.store.subscribe(request));
-                                        subs.insert(id.clone(), WsSub { id: Some(id), last: None });
+                                        subs.insert(id.clone(), WsSub { id: Some(id), last: None, all });
                                         msg
                                     }),
                                     Err(e) => Err(e),

@@ -435,3 +435,55 @@ async fn sse_ending_is_told_even_behind_a_full_queue() {
     assert_eq!(data["last_version"], 2, "{data}");
     s.stop().await;
 }
+
+/// Endings told every client to "reconnect from last_position + 1", but a
+/// stream feed resumes by version: `from` (and `Last-Event-ID`) of a
+/// stream is a version, so a client that followed the text on a stream
+/// whose positions run ahead of its versions was refused with
+/// `beyond_head`, or, once the stream had grown that far, skipped the
+/// events in between. The text now names the number to use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endings_say_how_to_resume_in_the_feeds_own_numbering() {
+    let s = start(open_config()).await;
+    let (status, _) = s.append("noise-1", "any", json!([event("N", json!({})), event("N", json!({}))])).await;
+    assert_eq!(status, 201);
+    let (status, _) = s.append("guide-1", "any", json!([event("A", json!({})), event("B", json!({}))])).await;
+    assert_eq!(status, 201);
+    // guide-1: versions 0 and 1 at positions 2 and 3.
+    let resp = s.client.get(s.url("/streams/guide-1/live")).send().await.expect("sse");
+    let sse = tokio::spawn(read_sse(resp, |all| all.iter().any(|r| r.0 != "event")));
+    let mut ws = ws_connect(&s).await;
+    ws.send(text(json!({ "type": "subscribe", "id": "s", "stream": "guide-1" }))).await.expect("send");
+    ws.send(text(json!({ "type": "subscribe", "id": "a", "stream": "$all" }))).await.expect("send");
+    within(30, async {
+        let (mut subscribed, mut events) = (0, 0);
+        while subscribed < 2 || events < 2 + 4 {
+            let m = ws_next_json(&mut ws).await.expect("message");
+            match m["type"].as_str() {
+                Some("subscribed") => subscribed += 1,
+                Some("event") => events += 1,
+                _ => panic!("{m}"),
+            }
+        }
+    })
+    .await;
+    s.stop().await;
+    let records = within(30, sse).await.expect("reader");
+    let (last, _) = records.split_last().expect("records");
+    assert_eq!(last.0, "shutdown");
+    let notice: Value = serde_json::from_str(&last.2).expect("json");
+    let message = notice["message"].as_str().expect("message");
+    assert!(message.contains("version 2") && !message.contains("last_position"), "{notice}");
+    let mut told = std::collections::BTreeMap::new();
+    within(30, async {
+        while let Some(m) = ws_next_json(&mut ws).await {
+            told.insert(
+                m["id"].as_str().expect("id").to_owned(),
+                m["message"].as_str().expect("text").to_owned(),
+            );
+        }
+    })
+    .await;
+    assert!(told["s"].contains("version 2") && !told["s"].contains("last_position"), "{told:?}");
+    assert!(told["a"].contains("position 4"), "{told:?}");
+}
