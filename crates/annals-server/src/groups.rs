@@ -1044,7 +1044,22 @@ async fn session(state: AppState, mut consumer: Consumer, socket: WebSocket) {
                 break;
             }
             msg = incoming.next() => match msg {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
+                None | Some(Ok(Message::Close(_))) => break,
+                Some(Err(e)) => {
+                    // Too large, or not a valid frame: the socket cannot be
+                    // read on, but the client can still be told why.
+                    tracing::info!(error = %e, "unreadable group consumer message");
+                    let e = ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "protocol_error",
+                        format!(
+                            "a client message could not be read ({e}); messages are text, at most 64 KiB; \
+                             unsettled deliveries go back to the group"
+                        ),
+                    );
+                    let _ = tokio::time::timeout(live.disconnect_grace(), sink.send(error_message(&e, None))).await;
+                    break;
+                }
                 Some(Ok(Message::Text(t))) => on_client_message(&consumer, t.as_str()).await,
                 Some(Ok(Message::Binary(_))) => {
                     error_message(&ApiError::new(StatusCode::BAD_REQUEST, "invalid_message", "send text JSON messages"), None)

@@ -770,3 +770,28 @@ async fn a_long_poll_ends_with_an_answer_on_shutdown() {
     })
     .await;
 }
+
+/// A client message the socket cannot read (over 64 KiB, or not a valid
+/// frame) closed a group consumer without a word, so the client could not
+/// tell a server bug from its own. It now gets an `error` (code
+/// `protocol_error`) first; its unsettled messages go back to the group
+/// as on any close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_consumer_message_is_answered_before_the_close() {
+    let s = start(open_config()).await;
+    within(60, async {
+        create(&s, "big", json!({ "stream": "s-big" })).await;
+        let mut ws = consumer(&s, "big", "c", 1).await;
+        wait_consumers(&s, "big", 1).await;
+        let huge = json!({ "type": "ack", "delivery_id": 1, "pad": "x".repeat(70 * 1024) });
+        // The server may close before the whole frame is written.
+        let _ = ws.send(Message::Text(huge.to_string().into())).await;
+        let e = next_json(&mut ws).await.expect("an error before the socket closes");
+        assert_eq!(e["type"], "error", "{e}");
+        assert_eq!(e["error"]["code"], "protocol_error", "{e}");
+        assert!(e["error"]["message"].as_str().is_some_and(|m| m.contains("64 KiB")), "{e}");
+        assert!(next_json(&mut ws).await.is_none(), "then the socket closes");
+    })
+    .await;
+    s.stop().await;
+}
