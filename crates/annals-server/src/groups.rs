@@ -1036,8 +1036,31 @@ async fn session(state: AppState, mut consumer: Consumer, socket: WebSocket) {
     // Every send is bounded: a client that stops reading is disconnected,
     // and dropping its consumer hands its messages to the others.
     let slow = live.slow_client_timeout();
+    // Keepalive, as for live sockets: a peer gone without a close would
+    // otherwise keep taking deliveries that fit the socket buffers, each
+    // then waiting out its ack timeout and counting as a failed attempt.
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + live.ws_ping(), live.ws_ping());
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heard = tokio::time::Instant::now();
     loop {
         let out = tokio::select! {
+            _ = ping.tick() => {
+                let silent = heard.elapsed();
+                if silent >= live.ws_ping() * 3 {
+                    tracing::info!(silent_ms = silent.as_millis() as u64, "group consumer stopped answering pings");
+                    let e = ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "ping_timeout",
+                        format!(
+                            "no pong or message for {} ms; unsettled deliveries go back to the group",
+                            silent.as_millis()
+                        ),
+                    );
+                    let _ = tokio::time::timeout(live.disconnect_grace(), sink.send(error_message(&e, None))).await;
+                    break;
+                }
+                Message::Ping(Default::default())
+            }
             () = shutdown.cancelled() => {
                 let bye = text(&json!({ "type": "shutdown", "message": "the server is shutting down" }));
                 let _ = tokio::time::timeout(live.disconnect_grace(), sink.send(bye)).await;
@@ -1060,11 +1083,18 @@ async fn session(state: AppState, mut consumer: Consumer, socket: WebSocket) {
                     let _ = tokio::time::timeout(live.disconnect_grace(), sink.send(error_message(&e, None))).await;
                     break;
                 }
-                Some(Ok(Message::Text(t))) => on_client_message(&consumer, t.as_str()).await,
+                Some(Ok(Message::Text(t))) => {
+                    heard = tokio::time::Instant::now();
+                    on_client_message(&consumer, t.as_str()).await
+                }
                 Some(Ok(Message::Binary(_))) => {
+                    heard = tokio::time::Instant::now();
                     error_message(&ApiError::new(StatusCode::BAD_REQUEST, "invalid_message", "send text JSON messages"), None)
                 }
-                Some(Ok(_)) => continue,
+                Some(Ok(_)) => {
+                    heard = tokio::time::Instant::now();
+                    continue;
+                }
             },
             delivery = consumer.next() => match delivery {
                 Some(d) => delivery_message(&d),

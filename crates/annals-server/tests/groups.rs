@@ -795,3 +795,43 @@ async fn an_unreadable_consumer_message_is_answered_before_the_close() {
     .await;
     s.stop().await;
 }
+
+/// A consumer whose peer is gone without a close (a dead host, a dropped
+/// NAT entry) still took its share of deliveries: small messages fit the
+/// socket buffers, so no send ever timed out, and with no keepalive the
+/// server never noticed. Each of those messages waited out its ack
+/// timeout, counted as a failed attempt and, with retries used up, was
+/// parked although a healthy consumer was there all along. Group sockets
+/// are now pinged like live ones (`live.ws_ping_ms`); a consumer silent
+/// for three intervals is dropped and its messages go to the others at
+/// once. The dead peer here is a client that is never polled again, so it
+/// answers no ping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_stops_answering_pings_is_dropped_and_its_messages_go_to_the_others() {
+    let mut config = open_config();
+    config.live.ws_ping_ms = 100;
+    let s = start(config).await;
+    within(60, async {
+        let (status, body) =
+            create(&s, "dead", json!({ "stream": "jobs-dead", "ack_timeout_ms": 10_000, "max_retries": 0 }))
+                .await;
+        assert_eq!(status, 201, "{body}");
+        let mut alive = consumer(&s, "dead", "alive", 100).await;
+        let silent = consumer(&s, "dead", "silent", 100).await;
+        wait_consumers(&s, "dead", 2).await;
+        let events: Vec<Value> = (0..10).map(|i| event("Job", json!({ "i": i }))).collect();
+        s.append("jobs-dead", "any", Value::Array(events)).await;
+        let mut seen = BTreeSet::new();
+        let mut others = Vec::new();
+        while seen.len() < 10 {
+            let d = next_delivery(&mut alive, &mut others).await;
+            seen.insert(d["event"]["data"]["i"].as_u64().expect("i"));
+            send(&mut alive, json!({ "type": "ack", "delivery_id": d["delivery_id"] })).await;
+        }
+        let (_, body) = s.get("/groups/dead/parked").await;
+        assert_eq!(body["parked"], json!([]), "{body}");
+        drop(silent);
+    })
+    .await;
+    s.stop().await;
+}
