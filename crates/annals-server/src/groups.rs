@@ -946,12 +946,13 @@ pub async fn ws(
         return Err(ApiError::bad_request(format!("`max_in_flight` must be 1..={MAX_IN_FLIGHT}")));
     }
     let subscription = entry.subscription;
+    let tracked = crate::serve::Session::begin(&state);
     Ok(upgrade.max_message_size(64 * 1024).on_upgrade(move |socket| async move {
         // Connect only once upgraded, so a failed handshake holds nothing.
         let consumer = subscription.connect(consumer, max_in_flight);
         // The session must not keep a stopped group alive.
         drop(subscription);
-        crate::serve::session(&state.clone(), session(state, consumer, socket)).await;
+        tracked.run(session(state, consumer, socket)).await;
     }))
 }
 

@@ -77,7 +77,7 @@ struct Shared {
     shutdown: CancellationToken,
     /// Upgraded WebSocket sessions (live feeds and group consumers): they
     /// outlive the HTTP connection that upgraded, so [`run`] waits for
-    /// them on their own (see [`serve::session`]).
+    /// them on their own (see [`serve::Session`]).
     sessions: tokio_util::task::TaskTracker,
     /// Cancelled once the shutdown grace is over: ends every session still
     /// open.

@@ -527,9 +527,10 @@ enum ClientMessage {
         (status = 400, description = "Not a valid WebSocket handshake", body = ErrorOut),
         (status = 426, description = "`upgrade_required`: the connection cannot be upgraded", body = ErrorOut)))]
 pub async fn ws(State(state): State<AppState>, principal: Principal, upgrade: WebSocketUpgrade) -> Response {
-    upgrade.max_message_size(64 * 1024).on_upgrade(move |socket| async move {
-        crate::serve::session(&state.clone(), ws_session(state, principal, socket)).await;
-    })
+    let session = crate::serve::Session::begin(&state);
+    upgrade
+        .max_message_size(64 * 1024)
+        .on_upgrade(move |socket| session.run(ws_session(state, principal, socket)))
 }
 
 fn ws_json(v: &Value) -> Message {

@@ -194,15 +194,26 @@ async fn serve_connection<I>(
     }
 }
 
-/// Runs an upgraded WebSocket session so that [`run`] waits for it on
-/// shutdown (within `timeouts.shutdown_secs`, after which it is ended).
-/// Call it in the upgrade callback, wrapping the whole session.
-pub(crate) async fn session(state: &AppState, session: impl Future<Output = ()>) {
-    let _counted = state.inner.sessions.token();
-    let end = state.inner.end_sessions.clone();
-    tokio::select! {
-        () = session => {}
-        () = end.cancelled() => {}
+/// A WebSocket session that [`run`] waits for on shutdown (within
+/// `timeouts.shutdown_secs`, after which it is ended). Begin it in the
+/// handler, before the upgrade, so it is counted while the connection's
+/// own task still is; an upgrade that fails drops it.
+pub(crate) struct Session {
+    _counted: tokio_util::task::task_tracker::TaskTrackerToken,
+    end: CancellationToken,
+}
+
+impl Session {
+    pub(crate) fn begin(state: &AppState) -> Self {
+        Session { _counted: state.inner.sessions.token(), end: state.inner.end_sessions.clone() }
+    }
+
+    /// Runs the whole session, or until the shutdown grace is over.
+    pub(crate) async fn run(self, session: impl Future<Output = ()>) {
+        tokio::select! {
+            () = session => {}
+            () = self.end.cancelled() => {}
+        }
     }
 }
 
