@@ -60,11 +60,24 @@ pub struct Principal {
     pub streams: Option<Vec<String>>,
     /// Whether the principal presented credentials.
     pub authenticated: bool,
+    /// Until when its credential is accepted, in seconds since the Unix
+    /// epoch (a JWT's `exp` plus the leeway); `None` for API keys and
+    /// anonymous access. A request is refused once it has passed; so is a
+    /// new subscription on a WebSocket opened before.
+    pub valid_until: Option<u64>,
 }
 
 impl Principal {
-    /// Checks the role and, when a stream is given, the ACL.
+    /// Checks the role and, when a stream is given, the ACL (and that the
+    /// credential has not expired since it was checked).
     pub fn authorize(&self, needed: Role, stream: Option<&str>) -> Result<(), ApiError> {
+        if let Some(until) = self.valid_until {
+            let now =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            if now > until {
+                return Err(invalid_token("token expired"));
+            }
+        }
         if self.role < needed {
             return Err(ApiError::forbidden(format!(
                 "'{}' has role {:?}; this needs {:?}",
@@ -123,6 +136,9 @@ impl<S: Send + Sync> FromRequestParts<S> for Principal {
 #[derive(Debug, Deserialize)]
 struct Claims {
     sub: Option<String>,
+    /// Required (and checked) by the validation; kept for later checks.
+    /// A number (some issuers write a fraction).
+    exp: f64,
     #[serde(default)]
     role: Option<String>,
     #[serde(default)]
@@ -195,6 +211,7 @@ impl Authenticator {
                         role: k.role,
                         streams: k.streams.clone(),
                         authenticated: true,
+                        valid_until: None,
                     },
                 )
             })
@@ -226,9 +243,13 @@ impl Authenticator {
         }
         match credential {
             None => match self.anonymous {
-                Some(role) => {
-                    Ok(Principal { name: "anonymous".into(), role, streams: None, authenticated: false })
-                }
+                Some(role) => Ok(Principal {
+                    name: "anonymous".into(),
+                    role,
+                    streams: None,
+                    authenticated: false,
+                    valid_until: None,
+                }),
                 None => Err(ApiError::unauthenticated(
                     "credentials required: send `Authorization: Bearer <jwt>` or an API key",
                 )),
@@ -303,6 +324,9 @@ impl Authenticator {
             role,
             streams: claims.streams,
             authenticated: true,
+            // `as` saturates (and maps NaN to 0): the validation already
+            // accepted this `exp`.
+            valid_until: Some((claims.exp as u64).saturating_add(self.leeway)),
         })
     }
 }

@@ -590,3 +590,45 @@ async fn configured_issuer_and_audience_are_required() {
     })
     .await;
 }
+
+/// A WebSocket checks access per `subscribe` message: once its JWT has
+/// expired, a new subscription on a socket opened before is refused
+/// (`invalid_token`, naming the subscription), as a new request would be.
+/// Subscriptions already running go on (access was checked when they
+/// started).
+#[tokio::test]
+async fn a_subscription_after_the_token_expired_is_refused() {
+    within(60, async {
+        let mut config = secured_config();
+        if let Some(jwt) = config.auth.jwt.as_mut() {
+            jwt.leeway_secs = Some(0);
+        }
+        let s = start(config).await;
+        let exp = now() + 2;
+        let token = hs256(json!({ "sub": "svc", "role": "reader", "exp": exp }));
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async(format!("ws://{}/ws?access_token={token}", s.addr))
+                .await
+                .expect("connect before expiry");
+        let subscribe = |id: &str| {
+            Message::Text(json!({ "type": "subscribe", "id": id, "stream": "exp-1" }).to_string().into())
+        };
+        ws.send(subscribe("a")).await.unwrap();
+        assert_eq!(common::ws_next_json(&mut ws).await.expect("reply")["type"], "subscribed");
+        // Past `exp` (whole seconds) on this machine's clock.
+        while now() <= exp {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        ws.send(subscribe("b")).await.unwrap();
+        let reply = common::ws_next_json(&mut ws).await.expect("reply");
+        assert_eq!(reply["type"], "error", "{reply}");
+        assert_eq!(reply["error"]["code"], "invalid_token", "{reply}");
+        assert_eq!(reply["id"], "b", "{reply}");
+        // A plain request with the same token is refused too.
+        let (status, _) =
+            call(&s, reqwest::Method::GET, "/stats", Some(&format!("Bearer {token}")), None).await;
+        assert_eq!(status, 401);
+        s.stop().await;
+    })
+    .await;
+}
