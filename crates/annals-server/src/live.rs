@@ -20,8 +20,8 @@ use std::{
 };
 
 use annals_core::{
-    Error as CoreError, EventStream, RecordedEvent, StreamName, SubscribeFrom, SubscriptionRequest,
-    SubscriptionTarget,
+    DeletionState, Error as CoreError, EventStream, RecordedEvent, StreamName, SubscribeFrom,
+    SubscriptionRequest, SubscriptionTarget,
 };
 use axum::{
     Extension,
@@ -122,15 +122,27 @@ fn resume_from(
 /// would silently skip every event committed up to it. `what` names the
 /// input (`from`, `Last-Event-ID`).
 async fn check_start(state: &AppState, request: &SubscriptionRequest, what: &str) -> Result<(), ApiError> {
-    let SubscribeFrom::After(last) = request.from else { return Ok(()) };
     let store = &state.inner.store;
-    let (next, unit) = match &request.target {
-        SubscriptionTarget::All(_) => (store.next_position().await?, "position"),
+    let info = match &request.target {
+        SubscriptionTarget::All(_) => None,
         SubscriptionTarget::Stream(stream) => match store.stream_info(stream).await {
-            Ok(info) => (info.last_version.map_or(0, |v| v.saturating_add(1)), "version"),
-            Err(CoreError::StreamNotFound { .. }) => (0, "version"),
+            // A tombstoned stream is refused before the feed starts (410):
+            // a feed that answered 200 and then `stream_deleted` would have
+            // `EventSource` reconnect to it for good.
+            Ok(info) if info.deletion == DeletionState::Tombstoned => {
+                return Err(CoreError::StreamDeleted { stream: stream.clone() }.into());
+            }
+            Ok(info) => Some(info),
+            Err(CoreError::StreamNotFound { .. }) => None,
             Err(e) => return Err(e.into()),
         },
+    };
+    let SubscribeFrom::After(last) = request.from else { return Ok(()) };
+    let (next, unit) = match &request.target {
+        SubscriptionTarget::All(_) => (store.next_position().await?, "position"),
+        SubscriptionTarget::Stream(_) => {
+            (info.and_then(|i| i.last_version).map_or(0, |v| v.saturating_add(1)), "version")
+        }
     };
     if last.checked_add(1).is_some_and(|first| first <= next) {
         return Ok(());
@@ -153,7 +165,8 @@ async fn check_start(state: &AppState, request: &SubscriptionRequest, what: &str
     responses((status = 200, content_type = "text/event-stream", body = String,
             description = "`event: event` (id = version, data = EventOut); `event: slow_consumer` / `error` / `shutdown` end the stream"),
         (status = 400, description = "Invalid stream name, `from` or `Last-Event-ID`; `beyond_head`: it starts past the stream's next version", body = ErrorOut),
-        (status = 403, description = "Role below reader (admin for `$` streams), or outside the caller's prefixes", body = ErrorOut)))]
+        (status = 403, description = "Role below reader (admin for `$` streams), or outside the caller's prefixes", body = ErrorOut),
+        (status = 410, description = "`stream_deleted`: the stream is tombstoned", body = ErrorOut)))]
 pub async fn stream_sse(
     State(state): State<AppState>,
     principal: Principal,

@@ -487,3 +487,46 @@ async fn endings_say_how_to_resume_in_the_feeds_own_numbering() {
     assert!(told["s"].contains("version 2") && !told["s"].contains("last_position"), "{told:?}");
     assert!(told["a"].contains("position 4"), "{told:?}");
 }
+
+/// A live feed of a tombstoned stream is refused before it starts (410
+/// `stream_deleted`), whatever its starting point: answering 200 and then
+/// `stream_deleted` had `EventSource` reconnect to it for good. A
+/// soft-deleted stream can be recreated, so its feed starts as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feeds_of_a_tombstoned_stream_are_refused_up_front() {
+    let s = start(open_config()).await;
+    for stream in ["tomb-1", "soft-1"] {
+        let (status, _) =
+            s.append(stream, "any", json!([event("A", json!({})), event("B", json!({}))])).await;
+        assert_eq!(status, 201);
+    }
+    let deleted = s.client.delete(s.url("/streams/tomb-1?hard=true")).send().await.expect("delete");
+    assert!(deleted.status().is_success(), "{}", deleted.status());
+    let deleted = s.client.delete(s.url("/streams/soft-1")).send().await.expect("delete");
+    assert!(deleted.status().is_success(), "{}", deleted.status());
+    for (path, last_event_id) in [
+        ("/streams/tomb-1/live", None),
+        ("/streams/tomb-1/live?from=end", None),
+        ("/streams/tomb-1/live?from=1", None),
+        ("/streams/tomb-1/live", Some("0")),
+    ] {
+        let mut request = s.client.get(s.url(path));
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id);
+        }
+        let resp = within(10, request.send()).await.expect("request");
+        assert_eq!(resp.status(), 410, "{path} {last_event_id:?}");
+        let body: Value = resp.json().await.expect("a JSON body");
+        assert_eq!(body["error"]["code"], "stream_deleted", "{path}: {body}");
+    }
+    let resp = within(10, s.client.get(s.url("/streams/soft-1/live")).send()).await.expect("request");
+    assert_eq!(resp.status(), 200, "a soft-deleted stream's feed starts");
+    let mut ws = ws_connect(&s).await;
+    ws.send(text(json!({ "type": "subscribe", "id": "s", "stream": "soft-1" }))).await.expect("send");
+    assert_eq!(within(10, ws_next_json(&mut ws)).await.expect("reply")["type"], "subscribed");
+    ws.send(text(json!({ "type": "subscribe", "id": "t", "stream": "tomb-1" }))).await.expect("send");
+    let reply = within(10, ws_next_json(&mut ws)).await.expect("reply");
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert_eq!((reply["error"]["code"].as_str(), reply["id"].as_str()), (Some("stream_deleted"), Some("t")));
+    s.stop().await;
+}
