@@ -297,13 +297,14 @@ impl Committer {
                 let mut idle_yields = 0;
                 while batch.len() < MAX_BATCH_REQUESTS && events < MAX_BATCH_EVENTS {
                     match queue.try_recv() {
-                        Ok(next) if bytes.saturating_add(next.bytes()) > self.max_batch_bytes => {
-                            carried = Some(next);
-                            break;
-                        }
                         Ok(next) => {
+                            let size = next.bytes();
+                            if bytes.saturating_add(size) > self.max_batch_bytes {
+                                carried = Some(next);
+                                break;
+                            }
                             events += next.parts.iter().map(|p| p.events.len()).sum::<usize>();
-                            bytes += next.bytes();
+                            bytes += size;
                             batch.push(next);
                             idle_yields = 0;
                         }

@@ -629,31 +629,24 @@ fn notice_message(n: &Notice, sub: &WsSub) -> Message {
     tagged(body, sub.id.as_deref())
 }
 
-/// How one WebSocket send ended.
-enum Sent {
-    Done,
-    /// The connection failed: nothing more can be said on it.
-    Broken,
-    /// It did not complete within `live.slow_client_timeout_ms`.
-    Slow,
-}
-
-async fn send_within<S>(sink: &mut S, message: Message, timeout: Duration) -> Sent
+/// Sends one message within `live.slow_client_timeout_ms`. `Err` ends the
+/// session: `Err(None)` when the connection failed (nothing more can be
+/// said on it), `Err(Some(slow_consumer))` when the send did not complete
+/// in time (the client is counted as slow).
+async fn send_or_end<S>(sink: &mut S, message: Message, state: &AppState) -> Result<(), Option<Notice>>
 where
     S: futures::Sink<Message> + Unpin,
 {
+    let timeout = state.inner.config.live.slow_client_timeout();
     match tokio::time::timeout(timeout, sink.send(message)).await {
-        Ok(Ok(())) => Sent::Done,
-        Ok(Err(_)) => Sent::Broken,
-        Err(_) => Sent::Slow,
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(None),
+        Err(_) => {
+            state.inner.metrics.slow_disconnects.inc();
+            tracing::info!("WebSocket client too slow; telling it and disconnecting");
+            Err(Some(Notice::slow(timeout)))
+        }
     }
-}
-
-/// Counts a slow WebSocket client and names its ending.
-fn slow_ending(state: &AppState) -> Notice {
-    state.inner.metrics.slow_disconnects.inc();
-    tracing::info!("WebSocket client too slow; telling it and disconnecting");
-    Notice::slow(state.inner.config.live.slow_client_timeout())
 }
 
 async fn ws_session(state: AppState, principal: Principal, mut socket: WebSocket) {
@@ -746,10 +739,9 @@ async fn ws_session(state: AppState, principal: Principal, mut socket: WebSocket
                     ending = Some(Notice::ping_timeout(silent));
                     break;
                 }
-                match send_within(&mut sink, Message::Ping(Default::default()), live.slow_client_timeout()).await {
-                    Sent::Done => {}
-                    Sent::Broken => break,
-                    Sent::Slow => { ending = Some(slow_ending(&state)); break; }
+                if let Err(end) = send_or_end(&mut sink, Message::Ping(Default::default()), &state).await {
+                    ending = end;
+                    break;
                 }
             }
             msg = incoming.next() => match msg {
@@ -799,19 +791,17 @@ async fn ws_session(state: AppState, principal: Principal, mut socket: WebSocket
                         Err(e) => Err(e),
                     };
                     let out = reply.unwrap_or_else(|e| tagged(error_body(&e), about.as_deref()));
-                    match send_within(&mut sink, out, live.slow_client_timeout()).await {
-                        Sent::Done => {}
-                        Sent::Broken => break,
-                        Sent::Slow => { ending = Some(slow_ending(&state)); break; }
+                    if let Err(end) = send_or_end(&mut sink, out, &state).await {
+                        ending = end;
+                        break;
                     }
                 }
                 Some(Ok(Message::Binary(_))) => {
                     heard = tokio::time::Instant::now();
                     let e = ApiError::bad_request("send JSON text messages");
-                    match send_within(&mut sink, ws_error(&e), live.slow_client_timeout()).await {
-                        Sent::Done => {}
-                        Sent::Broken => break,
-                        Sent::Slow => { ending = Some(slow_ending(&state)); break; }
+                    if let Err(end) = send_or_end(&mut sink, ws_error(&e), &state).await {
+                        ending = end;
+                        break;
                     }
                 }
                 Some(Ok(_)) => heard = tokio::time::Instant::now(),
@@ -823,17 +813,18 @@ async fn ws_session(state: AppState, principal: Principal, mut socket: WebSocket
                     let position = (event.position, event.version);
                     let Some(sub) = subs.get_mut(&key) else { continue };
                     let body = tagged(json!({ "type": "event", "event": EventOut::from(&event) }), sub.id.as_deref());
-                    match send_within(&mut sink, body, live.slow_client_timeout()).await {
-                        Sent::Done => {
+                    match send_or_end(&mut sink, body, &state).await {
+                        Ok(()) => {
                             sub.last = Some(position);
                             state.inner.metrics.delivered.inc();
                         }
-                        Sent::Broken => break,
-                        Sent::Slow => {
-                            // The message is queued in front of the notice,
+                        Err(end) => {
+                            // A slow send is queued in front of the notice,
                             // so a client that reads the notice has it.
-                            sub.last = Some(position);
-                            ending = Some(slow_ending(&state));
+                            if end.is_some() {
+                                sub.last = Some(position);
+                            }
+                            ending = end;
                             break;
                         }
                     }
@@ -844,11 +835,13 @@ async fn ws_session(state: AppState, principal: Principal, mut socket: WebSocket
                     streams.remove(&key);
                     let sub = subs.remove(&key).unwrap_or_default();
                     let notice = notice_message(&Notice::from_error(e), &sub);
-                    match send_within(&mut sink, notice, live.slow_client_timeout()).await {
-                        Sent::Done if subs.is_empty() => break,
-                        Sent::Done => {}
-                        Sent::Broken => break,
-                        Sent::Slow => { ending = Some(slow_ending(&state)); break; }
+                    match send_or_end(&mut sink, notice, &state).await {
+                        Ok(()) if subs.is_empty() => break,
+                        Ok(()) => {}
+                        Err(end) => {
+                            ending = end;
+                            break;
+                        }
                     }
                 }
                 None => break,
