@@ -105,7 +105,11 @@ impl std::fmt::Debug for PgStore {
 }
 
 pub(crate) struct Inner {
-    pool: Pool,
+    /// The store's own connections.
+    store_pool: Pool,
+    /// Connections for applications ([`PgStore::pool`]), never used by
+    /// the store itself.
+    app_pool: Pool,
     schema: String,
     sql: Arc<Statements>,
     limits: Limits,
@@ -170,7 +174,9 @@ impl PgStoreBuilder {
         self
     }
 
-    /// Pool size (default 16). The listener uses one more connection.
+    /// Pool size (default 16). The listener uses one more connection;
+    /// [`PgStore::pool`] opens a second pool of this size for the
+    /// application, on first use.
     pub fn max_connections(mut self, n: usize) -> Self {
         self.max_connections = n.max(1);
         self
@@ -277,39 +283,43 @@ impl PgStoreBuilder {
         detect_dead_peers(&mut config);
         let mut pool_config = config.clone();
         pool_config.application_name(format!("annals {}", self.schema));
+        let mut app_config = config.clone();
+        app_config.application_name(format!("annals-app {}", self.schema));
         let mut lease_config = config.clone();
         lease_config.application_name(format!("annals-lease {}", self.schema));
         let mut listen_config = config;
         listen_config.application_name(format!("annals-listen {}", self.schema));
 
-        let manager = Manager::from_config(
+        // The store's own operations end every transaction they begin (or
+        // discard the connection), so its pool only checks that a
+        // connection is still open when handing it out again.
+        let pool = Pool::builder(Manager::from_config(
             pool_config,
             connector.clone(),
             ManagerConfig { recycling_method: RecyclingMethod::Fast },
-        );
-        let post_create = {
-            let (settings, within) = (settings.clone(), self.connect_timeout);
-            deadpool_postgres::Hook::async_fn(move |client: &mut deadpool_postgres::ClientWrapper, _| {
-                let settings = settings.clone();
-                Box::pin(async move {
-                    match tokio::time::timeout(within, client.batch_execute(&settings)).await {
-                        Ok(Ok(())) => Ok(()),
-                        Ok(Err(e)) => Err(deadpool_postgres::HookError::Backend(e)),
-                        Err(_) => Err(deadpool_postgres::HookError::Message(
-                            format!("no answer to the session settings within {within:?}").into(),
-                        )),
-                    }
-                })
-            })
-        };
-        let pool = Pool::builder(manager)
-            .max_size(self.max_connections)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(self.pool_wait_timeout))
-            .create_timeout(Some(self.connect_timeout))
-            .post_create(post_create)
-            .build()
-            .map_err(|e| PgError::Unreachable { message: e.to_string(), source: None })?;
+        ))
+        .max_size(self.max_connections)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(self.pool_wait_timeout))
+        .create_timeout(Some(self.connect_timeout))
+        .post_create(set_session(settings.clone(), self.connect_timeout))
+        .build()
+        .map_err(|e| PgError::Unreachable { message: e.to_string(), source: None })?;
+        // Applications get connections of their own (see `PgStore::pool`),
+        // checked on every hand-out for a transaction left open.
+        let app_pool = Pool::builder(Manager::from_config(
+            app_config,
+            connector.clone(),
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        ))
+        .max_size(self.max_connections)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(self.pool_wait_timeout))
+        .create_timeout(Some(self.connect_timeout))
+        .post_create(set_session(settings.clone(), self.connect_timeout))
+        .post_recycle(outside_any_transaction(Arc::from(self.schema.as_str()), self.connect_timeout))
+        .build()
+        .map_err(|e| PgError::Unreachable { message: e.to_string(), source: None })?;
 
         let mut client = pool.get().await.map_err(open_error)?;
         migrate::migrate(&mut client, &self.schema).await?;
@@ -372,7 +382,8 @@ impl PgStoreBuilder {
         Ok(PgStore {
             inner: Arc::new(Inner {
                 queue,
-                pool,
+                store_pool: pool,
+                app_pool,
                 schema_label: Arc::from(self.schema.as_str()),
                 schema: self.schema,
                 sql,
@@ -541,6 +552,69 @@ async fn sample_pool(pool: Pool, schema: String, cancel: CancellationToken) {
     }
 }
 
+/// The hook that runs the store's session settings on each new pooled
+/// connection, bounded by the connect timeout.
+fn set_session(settings: Arc<str>, within: Duration) -> deadpool_postgres::Hook {
+    deadpool_postgres::Hook::async_fn(move |client: &mut deadpool_postgres::ClientWrapper, _| {
+        let settings = settings.clone();
+        Box::pin(async move {
+            match tokio::time::timeout(within, client.batch_execute(&settings)).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(deadpool_postgres::HookError::Backend(e)),
+                Err(_) => Err(deadpool_postgres::HookError::Message(
+                    format!("no answer to the session settings within {within:?}").into(),
+                )),
+            }
+        })
+    })
+}
+
+/// The check an application's connection passes before it is handed out
+/// again ([`PgStore::pool`]): it must be outside any transaction. One left
+/// inside one (a bare `BEGIN` and an early return) would run the next
+/// borrower's statements in that transaction, which nobody commits: its
+/// writes would be answered and then lost when the session ends. Such a
+/// connection is discarded instead (the server rolls its transaction back)
+/// and the next one tried.
+///
+/// In the simple query protocol a statement that starts a transaction
+/// takes its start time as the transaction's, so `now()` (the
+/// transaction's start) equals `statement_timestamp()` exactly when no
+/// transaction was open before; in an aborted transaction the statement
+/// fails. (Not so in the extended protocol, where the transaction starts
+/// at the Bind message and the statement's clock is read again at
+/// Execute.) The round trip is bounded by the connect timeout (deadpool's
+/// recycle timeout does not cover hooks).
+fn outside_any_transaction(schema: Arc<str>, within: Duration) -> deadpool_postgres::Hook {
+    deadpool_postgres::Hook::async_fn(move |client: &mut deadpool_postgres::ClientWrapper, _| {
+        let schema = schema.clone();
+        Box::pin(async move {
+            let check = client.simple_query("SELECT now() = statement_timestamp()");
+            let messages = match tokio::time::timeout(within, check).await {
+                Ok(answer) => answer.map_err(deadpool_postgres::HookError::Backend)?,
+                Err(_) => {
+                    return Err(deadpool_postgres::HookError::Message(
+                        format!("no answer to the transaction check within {within:?}").into(),
+                    ));
+                }
+            };
+            let outside = messages.iter().any(
+                |m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(row) if row.get(0) == Some("t")),
+            );
+            if outside {
+                return Ok(());
+            }
+            tracing::warn!(
+                %schema,
+                "a connection of PgStore::pool() came back inside a transaction; \
+                 discarded (its transaction is rolled back)"
+            );
+            pooled::count_discarded(&schema);
+            Err(deadpool_postgres::HookError::message("left inside a transaction"))
+        })
+    })
+}
+
 /// A failed first connection is "unreachable", whatever deadpool calls it.
 fn open_error(e: deadpool_postgres::PoolError) -> PgError {
     match e {
@@ -612,22 +686,33 @@ impl PgStore {
         self.inner.exact_rounds.load(Ordering::Relaxed)
     }
 
-    /// The connection pool, for running other SQL against the same
-    /// database (e.g. a projection's read queries). Its sessions default
-    /// to READ COMMITTED whatever the database's default (unless the URL's
-    /// `options` set another), and are not bounded by the answer timeout.
+    /// A connection pool for running other SQL against the same database
+    /// (e.g. a projection's read queries). Its sessions have the store's
+    /// session settings (READ COMMITTED whatever the database's default,
+    /// unless the URL's `options` set another) and are not bounded by the
+    /// answer timeout.
     ///
-    /// The store's own appends and reads run on these connections: give a
-    /// connection back outside any transaction (use
-    /// `tokio_postgres::Client::transaction`, which rolls back when dropped,
-    /// rather than a bare `BEGIN`) and with the session settings it came
-    /// with. The pool cannot tell a connection left inside a transaction: an
-    /// append that then runs on it takes the schema's head inside that
-    /// transaction and is answered as written, while nobody else sees it and
-    /// every other append of the schema waits, until the session ends and
-    /// rolls it back.
+    /// These connections are the application's alone: the store's appends
+    /// and reads run on a pool of their own, so nothing an application
+    /// leaves in a session reaches them. Up to `max_connections` of them
+    /// are opened, on first use, in addition to the store's own (named
+    /// `annals-app {schema}` in `pg_stat_activity`). Each is checked when
+    /// handed out again, one round trip: a connection given back inside a
+    /// transaction (a bare `BEGIN` and an early return, or an aborted
+    /// transaction) is discarded, which rolls that transaction back, rather
+    /// than lending it to the next borrower, whose writes would otherwise
+    /// be answered and never committed. Session settings an application
+    /// changes (`SET`) stay with the connection.
     pub fn pool(&self) -> &Pool {
-        &self.inner.pool
+        &self.inner.app_pool
+    }
+
+    /// The store's own pool, for tests that break or inspect the
+    /// connections its operations run on. Not for applications: see
+    /// [`PgStore::pool`].
+    #[doc(hidden)]
+    pub fn store_pool(&self) -> &Pool {
+        &self.inner.store_pool
     }
 }
 

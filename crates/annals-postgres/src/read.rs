@@ -36,7 +36,7 @@ impl Inner {
     /// A pooled connection; see [`crate::pooled`] for why operations map
     /// their errors through `marking` and run under its `deadline`.
     pub(crate) async fn client(&self) -> Result<Pooled> {
-        match self.pool.get().await {
+        match self.store_pool.get().await {
             Ok(object) => Ok(Pooled::new(object, self.schema_label.clone(), self.answer.clone())),
             Err(e) => Err(PgError::from(e).into()),
         }

@@ -380,7 +380,7 @@ impl CheckpointStore for PgStore {
             }
             self.inner.explicit_rc.set();
         }
-        let object = self.inner.pool.get().await.map_err(PgError::from)?;
+        let object = self.inner.store_pool.get().await.map_err(PgError::from)?;
         // Discarded unless kept: a cancelled future must not hand an open
         // transaction to the next borrower.
         let client =

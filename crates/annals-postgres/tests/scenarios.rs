@@ -522,6 +522,67 @@ async fn a_read_whose_connection_dies_runs_again_on_a_new_connection() {
     }
 }
 
+/// An application that gives a connection of `PgStore::pool()` back inside
+/// a transaction (a bare `BEGIN`, then an early return) cannot make the
+/// store's appends run in it: they commit and are seen by everyone. The
+/// next borrower gets a connection outside any transaction, whether the
+/// one given back was in an open or an aborted transaction; the open
+/// transaction's writes are rolled back, not committed by somebody else.
+/// (The store's appends once ran on the same pool: with one connection, an
+/// append was answered as written from inside the application's
+/// transaction, and nobody else ever saw it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_given_back_inside_a_transaction_reaches_neither_the_store_nor_the_next_borrower() {
+    let Some((store, guard)) = common::open_with(|b| b.max_connections(1)).await else { return };
+    let admin = admin_client().await;
+    let table = format!("\"{}\".app_rows", guard.schema);
+    admin.batch_execute(&format!("CREATE TABLE {table} (n int)")).await.unwrap();
+    let committed = async |admin: &tokio_postgres::Client| -> Vec<i32> {
+        let sql = format!("SELECT coalesce(array_agg(n ORDER BY n), '{{}}') FROM {table}");
+        admin.query_one(&sql, &[]).await.unwrap().get(0)
+    };
+    let s = stream("app-tx");
+
+    // Open, with a write in it.
+    {
+        let conn = store.pool().get().await.unwrap();
+        conn.batch_execute(&format!("BEGIN; INSERT INTO {table} VALUES (1)")).await.unwrap();
+    }
+    let written = tokio::time::timeout(PATIENCE, store.append(&s, ExpectedVersion::NoStream, vec![event(0)]))
+        .await
+        .expect("the append hung")
+        .unwrap();
+    assert_eq!(written.next_version, 1);
+    let other = common::reopen(&guard.schema).await;
+    assert_eq!(
+        other.read_stream(&s, ReadStream::forward()).await.unwrap().len(),
+        1,
+        "the append was not committed"
+    );
+    {
+        let conn = store.pool().get().await.unwrap();
+        conn.batch_execute(&format!("INSERT INTO {table} VALUES (2)")).await.unwrap();
+    }
+    assert_eq!(
+        committed(&admin).await,
+        [2],
+        "the next borrower wrote inside the open transaction, or that transaction was committed"
+    );
+
+    // Aborted.
+    {
+        let conn = store.pool().get().await.unwrap();
+        conn.batch_execute("BEGIN").await.unwrap();
+        conn.batch_execute("SELECT 1 / 0").await.unwrap_err();
+    }
+    let conn = store.pool().get().await.unwrap();
+    conn.batch_execute(&format!("INSERT INTO {table} VALUES (3)")).await.unwrap();
+    drop(conn);
+    assert_eq!(committed(&admin).await, [2, 3], "the next borrower met the aborted transaction");
+    store.append(&s, ExpectedVersion::Exact(0), vec![event(1)]).await.unwrap();
+    assert_eq!(other.read_stream(&s, ReadStream::forward()).await.unwrap().len(), 2);
+}
+
 /// After a failover the pool may hold connections to the old primary, now
 /// read-only. An append that meets one does not fail: the connection is
 /// dropped and the append runs again on a new one (nothing was written).
@@ -534,12 +595,12 @@ async fn an_append_on_a_read_only_connection_moves_to_a_new_one() {
         // The pool's one connection turns read-only, as a demoted primary's
         // sessions do.
         {
-            let conn = store.pool().get().await.unwrap();
+            let conn = store.store_pool().get().await.unwrap();
             conn.batch_execute("SET default_transaction_read_only = on").await.unwrap();
         }
         let written = store.append(&s, ExpectedVersion::Exact(round - 1), vec![event(round)]).await.unwrap();
         assert_eq!(written.next_version, round + 1);
-        let conn = store.pool().get().await.unwrap();
+        let conn = store.store_pool().get().await.unwrap();
         let ro: String = conn.query_one("SHOW default_transaction_read_only", &[]).await.unwrap().get(0);
         assert_eq!(ro, "off", "the read-only connection went back to the pool");
     }
@@ -810,8 +871,15 @@ async fn checkpoint_saves_under_an_old_snapshot_find_the_latest_in_a_few_pages()
 async fn checkpoints_are_exact_whatever_the_default_isolation() {
     let url = common::url_with_options("-c%20default_transaction_isolation%3Dserializable");
     let Some((store, guard)) = common::open_url_with(url, |b| b).await else { return };
-    let isolation: String =
-        store.pool().get().await.unwrap().query_one("SHOW transaction_isolation", &[]).await.unwrap().get(0);
+    let isolation: String = store
+        .store_pool()
+        .get()
+        .await
+        .unwrap()
+        .query_one("SHOW transaction_isolation", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(isolation, "serializable", "the URL's options did not apply");
     for i in 0..5 {
         store.save_checkpoint("p", i).await.unwrap();
@@ -881,9 +949,16 @@ async fn a_default_isolation_set_on_the_database_while_running_changes_nothing()
         .unwrap();
     // The pool's idle connections go; the next ones start with the new
     // database default.
-    store.pool().retain(|_, _| false);
-    let isolation: String =
-        store.pool().get().await.unwrap().query_one("SHOW transaction_isolation", &[]).await.unwrap().get(0);
+    store.store_pool().retain(|_, _| false);
+    let isolation: String = store
+        .store_pool()
+        .get()
+        .await
+        .unwrap()
+        .query_one("SHOW transaction_isolation", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(isolation, "read committed", "the database's default reached the store's session");
     // A session without the store's options does get it.
     let mut plain = config.clone();
@@ -924,8 +999,15 @@ impl Drop for DatabaseGuard {
 async fn appends_take_the_fast_path_whatever_the_default_isolation() {
     let url = common::url_with_options("-c%20default_transaction_isolation%3Dserializable");
     let Some((store, _guard)) = common::open_url_with(url, |b| b).await else { return };
-    let isolation: String =
-        store.pool().get().await.unwrap().query_one("SHOW transaction_isolation", &[]).await.unwrap().get(0);
+    let isolation: String = store
+        .store_pool()
+        .get()
+        .await
+        .unwrap()
+        .query_one("SHOW transaction_isolation", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(isolation, "serializable", "the URL's options did not apply");
 
     let a = stream("iso-a");
@@ -1528,7 +1610,7 @@ async fn idle_transactions_end_except_checkpoint_transactions() {
     tx.commit(7).await.unwrap();
     assert_eq!(store.load_checkpoint("slow-projection").await.unwrap(), Some(7));
 
-    let client = store.pool().get().await.unwrap();
+    let client = store.store_pool().get().await.unwrap();
     client.batch_execute("BEGIN").await.unwrap();
     tokio::time::sleep(idle).await;
     let ended = client.query_one("SELECT 1", &[]).await.unwrap_err();
@@ -2660,8 +2742,9 @@ async fn an_append_that_got_no_answer_never_lands_later_whatever_its_sessions_ti
         .open()
         .await
         .unwrap();
-    // The store's only pooled connection, as an application might use it.
-    let pooled = store.pool().get().await.unwrap();
+    // The store's only pooled connection in another time zone (as the
+    // role's settings or the URL's options could put it).
+    let pooled = store.store_pool().get().await.unwrap();
     pooled.batch_execute("SET TIME ZONE 'Pacific/Kiritimati'").await.unwrap();
     drop(pooled);
     let (admin, conn) = tokio_postgres::connect(&common::url(), tokio_postgres::NoTls).await.unwrap();
@@ -2903,7 +2986,7 @@ async fn connections_send_no_startup_options_of_their_own() {
         assert!(!startup.windows(7).any(|w| w == b"options"), "{}", String::from_utf8_lossy(startup));
     }
     // The settings are in force all the same.
-    let client = store.pool().get().await.unwrap();
+    let client = store.store_pool().get().await.unwrap();
     for (setting, want) in
         [("tcp_keepalives_idle", "15"), ("jit", "off"), ("transaction_isolation", "read committed")]
     {
@@ -2921,7 +3004,7 @@ async fn connections_send_no_startup_options_of_their_own() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_are_probed_from_the_server_unless_the_url_says_otherwise() {
     let show = |store: PgStore| async move {
-        let client = store.pool().get().await.unwrap();
+        let client = store.store_pool().get().await.unwrap();
         let mut got = Vec::new();
         for setting in [
             "tcp_keepalives_idle",
