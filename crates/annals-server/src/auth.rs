@@ -108,6 +108,18 @@ impl Principal {
         Ok(())
     }
 
+    /// When its credential stops being accepted, as an instant of the
+    /// runtime's clock: the start of the second after `valid_until` (a
+    /// request is refused once the clock's whole seconds pass it). `None`
+    /// for credentials that do not expire, or expire too far ahead for the
+    /// clock to say.
+    pub fn expires_at(&self) -> Option<tokio::time::Instant> {
+        let until = self.valid_until?;
+        let end = std::time::UNIX_EPOCH.checked_add(Duration::from_secs(until.checked_add(1)?))?;
+        let left = end.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+        tokio::time::Instant::now().checked_add(left)
+    }
+
     /// Whether this principal may see every stream (no prefix list, or an
     /// empty prefix in it), so figures about the whole store are its to see.
     pub fn sees_every_stream(&self) -> bool {

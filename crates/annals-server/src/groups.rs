@@ -946,13 +946,14 @@ pub async fn ws(
         return Err(ApiError::bad_request(format!("`max_in_flight` must be 1..={MAX_IN_FLIGHT}")));
     }
     let subscription = entry.subscription;
+    let expires = principal.expires_at();
     let tracked = crate::serve::Session::begin(&state);
     Ok(upgrade.max_message_size(64 * 1024).on_upgrade(move |socket| async move {
         // Connect only once upgraded, so a failed handshake holds nothing.
         let consumer = subscription.connect(consumer, max_in_flight);
         // The session must not keep a stopped group alive.
         drop(subscription);
-        tracked.run(session(state, consumer, socket)).await;
+        tracked.run(session(state, consumer, socket, expires)).await;
     }))
 }
 
@@ -1030,7 +1031,12 @@ fn validate_consumer(consumer: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn session(state: AppState, mut consumer: Consumer, socket: WebSocket) {
+async fn session(
+    state: AppState,
+    mut consumer: Consumer,
+    socket: WebSocket,
+    expires: Option<tokio::time::Instant>,
+) {
     let live = state.inner.config.live.clone();
     let shutdown = state.inner.shutdown.clone();
     let (mut sink, mut incoming) = socket.split();
@@ -1043,8 +1049,21 @@ async fn session(state: AppState, mut consumer: Consumer, socket: WebSocket) {
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + live.ws_ping(), live.ws_ping());
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut heard = tokio::time::Instant::now();
+    // A consumer's credential is checked when it connects; the session
+    // ends when it expires, as a new request with it would be refused.
+    let mut expiry = std::pin::pin!(crate::live::expiry(expires));
     loop {
         let out = tokio::select! {
+            () = &mut expiry => {
+                let e = ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "token_expired",
+                    "the access token expired; unsettled deliveries go back to the group; \
+                     reconnect with a fresh one",
+                );
+                let _ = tokio::time::timeout(live.disconnect_grace(), sink.send(error_message(&e, None))).await;
+                break;
+            }
             _ = ping.tick() => {
                 let silent = heard.elapsed();
                 if silent >= live.ws_ping() * 3 {

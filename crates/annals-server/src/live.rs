@@ -183,7 +183,7 @@ pub async fn stream_sse(
     let (from, what) = resume_from(&headers, query.from.as_deref())?;
     let request = SubscriptionRequest::stream(stream, from);
     check_start(&state, &request, what).await?;
-    Ok(sse(state, request, kill_switch(version, conn)))
+    Ok(sse(state, request, kill_switch(version, conn), principal.expires_at()))
 }
 
 /// `GET /all/live`: the global log (filtered) as Server-Sent Events.
@@ -206,7 +206,7 @@ pub async fn all_sse(
     let (from, what) = resume_from(&headers, query.from.as_deref())?;
     let request = SubscriptionRequest::all(filter, from);
     check_start(&state, &request, what).await?;
-    Ok(sse(state, request, kill_switch(version, conn)))
+    Ok(sse(state, request, kill_switch(version, conn), principal.expires_at()))
 }
 
 /// What ends the connection of a slow SSE client that does not even read
@@ -257,6 +257,14 @@ impl Notice {
 
     fn shutdown() -> Self {
         Notice { code: "shutdown", message: "the server is shutting down".into(), resume: true }
+    }
+
+    fn token_expired() -> Self {
+        Notice {
+            code: "token_expired",
+            message: "the access token expired; reconnect with a fresh one".into(),
+            resume: true,
+        }
     }
 
     fn from_error(e: CoreError) -> Self {
@@ -329,7 +337,12 @@ async fn observe_lag(state: &AppState, event: &RecordedEvent, count: u64) {
     }
 }
 
-fn sse(state: AppState, request: SubscriptionRequest, kill: Option<CancellationToken>) -> Response {
+fn sse(
+    state: AppState,
+    request: SubscriptionRequest,
+    kill: Option<CancellationToken>,
+    expires: Option<tokio::time::Instant>,
+) -> Response {
     let is_all = matches!(request.target, SubscriptionTarget::All(_));
     let live = &state.inner.config.live;
     let (tx, rx) = mpsc::channel::<Item>(live.buffer_events);
@@ -342,7 +355,7 @@ fn sse(state: AppState, request: SubscriptionRequest, kill: Option<CancellationT
     let subscription = state.inner.store.subscribe(request);
     let keep_alive = Duration::from_secs(live.keep_alive_secs.max(1));
     let ends = Ends { stop: stop_tx, last: last_tx };
-    tokio::spawn(pump(state.clone(), subscription, tx, ends, kill, finished.clone()));
+    tokio::spawn(pump(state.clone(), subscription, tx, ends, kill, finished.clone(), expires));
 
     struct Body {
         rx: mpsc::Receiver<Item>,
@@ -419,6 +432,16 @@ struct Ends {
     last: oneshot::Sender<Notice>,
 }
 
+/// Completes when the connection's credential expires (see
+/// [`Principal::expires_at`]); never for one that does not. Live feeds end
+/// then, as a new request with it would be refused.
+pub(crate) async fn expiry(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Moves events from the subscription into the connection's queue.
 async fn pump(
     state: AppState,
@@ -427,14 +450,17 @@ async fn pump(
     ends: Ends,
     kill: Option<CancellationToken>,
     finished: Arc<AtomicBool>,
+    expires: Option<tokio::time::Instant>,
 ) {
     let _gauge = GaugeGuard::new(state.inner.metrics.subscriber_gauge("sse"));
     let live = state.inner.config.live.clone();
     let shutdown = state.inner.shutdown.clone();
+    let mut expiry = std::pin::pin!(expiry(expires));
     let mut count = 0u64;
     loop {
         let next = tokio::select! {
             () = shutdown.cancelled() => { let _ = ends.stop.send(Notice::shutdown()); return; }
+            () = &mut expiry => { let _ = ends.stop.send(Notice::token_expired()); return; }
             () = tx.closed() => return,
             next = subscription.next() => next,
         };
@@ -454,6 +480,7 @@ async fn pump(
         };
         let sent = tokio::select! {
             () = shutdown.cancelled() => { let _ = ends.stop.send(Notice::shutdown()); return; }
+            () = &mut expiry => { let _ = ends.stop.send(Notice::token_expired()); return; }
             sent = tx.send_timeout(item, live.slow_client_timeout()) => sent,
         };
         match sent {
@@ -726,10 +753,15 @@ async fn ws_session(state: AppState, principal: Principal, mut socket: WebSocket
     let mut heard = tokio::time::Instant::now();
     // Connection-wide endings tell every subscription where it stopped.
     let mut ending: Option<Notice> = None;
+    let mut expiry = std::pin::pin!(expiry(principal.expires_at()));
     loop {
         tokio::select! {
             () = shutdown.cancelled() => {
                 ending = Some(Notice::shutdown());
+                break;
+            }
+            () = &mut expiry => {
+                ending = Some(Notice::token_expired());
                 break;
             }
             _ = ping.tick() => {

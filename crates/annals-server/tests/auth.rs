@@ -591,43 +591,85 @@ async fn configured_issuer_and_audience_are_required() {
     .await;
 }
 
-/// A WebSocket checks access per `subscribe` message: once its JWT has
-/// expired, a new subscription on a socket opened before is refused
-/// (`invalid_token`, naming the subscription), as a new request would be.
-/// Subscriptions already running go on (access was checked when they
-/// started).
+/// Access lasts as long as the credential: a live feed opened with a JWT
+/// ends when the token expires, as a new request with it would be refused,
+/// telling the client where to resume with a fresh one. Over a WebSocket
+/// every subscription gets `token_expired` with its last position and the
+/// socket closes; an SSE feed ends with a `token_expired` record; a group
+/// consumer's socket gets an `error` with that code (its unsettled
+/// deliveries go back to the group). (Feeds once went on for as long as
+/// the connection lived.)
 #[tokio::test]
-async fn a_subscription_after_the_token_expired_is_refused() {
+async fn live_feeds_end_when_their_token_expires() {
     within(60, async {
         let mut config = secured_config();
         if let Some(jwt) = config.auth.jwt.as_mut() {
             jwt.leeway_secs = Some(0);
         }
         let s = start(config).await;
+        let admin = format!("ApiKey {ADMIN_KEY}");
+        let (status, _) = call(
+            &s,
+            reqwest::Method::PUT,
+            "/groups/exp-g",
+            Some(admin.as_str()),
+            Some(json!({ "stream": "exp-1" })),
+        )
+        .await;
+        assert_eq!(status, 201);
+        let (status, _) =
+            call(&s, reqwest::Method::POST, "/streams/exp-1?expected=no_stream", Some(&admin), one_event())
+                .await;
+        assert_eq!(status, 201);
         let exp = now() + 2;
-        let token = hs256(json!({ "sub": "svc", "role": "reader", "exp": exp }));
+        let token = hs256(json!({ "sub": "svc", "role": "writer", "exp": exp }));
+
         let (mut ws, _) =
             tokio_tungstenite::connect_async(format!("ws://{}/ws?access_token={token}", s.addr))
                 .await
                 .expect("connect before expiry");
-        let subscribe = |id: &str| {
-            Message::Text(json!({ "type": "subscribe", "id": id, "stream": "exp-1" }).to_string().into())
-        };
-        ws.send(subscribe("a")).await.unwrap();
+        ws.send(Message::Text(
+            json!({ "type": "subscribe", "id": "a", "stream": "exp-1" }).to_string().into(),
+        ))
+        .await
+        .unwrap();
         assert_eq!(common::ws_next_json(&mut ws).await.expect("reply")["type"], "subscribed");
-        // Past `exp` (whole seconds) on this machine's clock.
-        while now() <= exp {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        ws.send(subscribe("b")).await.unwrap();
-        let reply = common::ws_next_json(&mut ws).await.expect("reply");
-        assert_eq!(reply["type"], "error", "{reply}");
-        assert_eq!(reply["error"]["code"], "invalid_token", "{reply}");
-        assert_eq!(reply["id"], "b", "{reply}");
+        assert_eq!(common::ws_next_json(&mut ws).await.expect("event")["type"], "event");
+        let sse =
+            s.client.get(s.url(&format!("/streams/exp-1/live?access_token={token}"))).send().await.unwrap();
+        assert_eq!(sse.status(), 200);
+        let (mut group, _) = tokio_tungstenite::connect_async(format!(
+            "ws://{}/groups/exp-g/ws?consumer=c&access_token={token}",
+            s.addr
+        ))
+        .await
+        .expect("consume before expiry");
+        let delivery = common::ws_next_json(&mut group).await.expect("delivery");
+        assert_eq!(delivery["type"], "delivery", "{delivery}");
+
+        let ended = common::ws_next_json(&mut ws).await.expect("an ending notice");
+        assert!(now() > exp, "ended before the token expired: {ended}");
+        assert_eq!(ended["type"], "token_expired", "{ended}");
+        assert_eq!(ended["id"], "a", "{ended}");
+        assert_eq!(ended["last_version"], 0, "{ended}");
+        assert!(common::ws_next_json(&mut ws).await.is_none(), "the socket stayed open");
+
+        let records = common::read_sse(sse, |r| r.iter().any(|(e, _, _)| e != "event")).await;
+        let (last, _, data) = records.last().expect("records");
+        assert_eq!(last, "token_expired", "{records:?}");
+        let data: Value = serde_json::from_str(data).unwrap();
+        assert_eq!(data["last_version"], 0, "{data}");
+
+        let ended = common::ws_next_json(&mut group).await.expect("an ending message");
+        assert_eq!(ended["type"], "error", "{ended}");
+        assert_eq!(ended["error"]["code"], "token_expired", "{ended}");
+        assert!(common::ws_next_json(&mut group).await.is_none(), "the consumer's socket stayed open");
+
         // A plain request with the same token is refused too.
-        let (status, _) =
+        let (status, v) =
             call(&s, reqwest::Method::GET, "/stats", Some(&format!("Bearer {token}")), None).await;
         assert_eq!(status, 401);
+        assert_eq!(v["error"]["code"], "invalid_token");
         s.stop().await;
     })
     .await;
