@@ -228,10 +228,45 @@ pub(crate) async fn run(
     }
 }
 
+/// Runs `wake` in a loop on one thread while another raises the head
+/// 200,000 times, and fails if the head was ever lowered: the raiser looks
+/// before each raise, and a lowered head stays lowered until then.
 #[cfg(test)]
-mod tests {
+pub(crate) fn assert_never_lowers_the_head(
+    wake: impl Fn(&annals_core::subscription::Tail, &watch::Sender<u64>) + Send + 'static,
+) {
     use std::sync::atomic::AtomicBool;
 
+    const RAISES: u64 = 200_000;
+    let head = Arc::new(watch::Sender::new(0u64));
+    let tail = Arc::new(annals_core::subscription::Tail::default());
+    let done = Arc::new(AtomicBool::new(false));
+    let waker = {
+        let (head, tail, done) = (head.clone(), tail.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::SeqCst) {
+                wake(&tail, &head);
+            }
+        })
+    };
+    let mut lowered = 0u64;
+    for v in 1..=RAISES {
+        if *head.borrow() < v - 1 {
+            lowered += 1;
+        }
+        bump(&head, v);
+        for _ in 0..20 {
+            std::hint::spin_loop();
+        }
+    }
+    done.store(true, Ordering::SeqCst);
+    waker.join().expect("waker");
+    assert_eq!(lowered, 0, "a wake-up put an older head back {lowered} times");
+    assert_eq!(*head.borrow(), RAISES);
+}
+
+#[cfg(test)]
+mod tests {
     use super::*;
 
     /// A deletion notified while this process's appends raise the head
@@ -240,41 +275,6 @@ mod tests {
     /// events already acknowledged.
     #[test]
     fn a_deletion_never_lowers_the_head() {
-        let head = Arc::new(watch::Sender::new(0u64));
-        let tail = Arc::new(annals_core::subscription::Tail::default());
-        let done = Arc::new(AtomicBool::new(false));
-        let raiser = {
-            let (head, done) = (head.clone(), done.clone());
-            std::thread::spawn(move || {
-                for v in 1..=200_000u64 {
-                    bump(&head, v);
-                    for _ in 0..50 {
-                        std::hint::spin_loop();
-                    }
-                }
-                done.store(true, Ordering::SeqCst);
-            })
-        };
-        let deleter = {
-            let (head, tail, done) = (head.clone(), tail.clone(), done.clone());
-            std::thread::spawn(move || {
-                while !done.load(Ordering::SeqCst) {
-                    note_deletion(&tail, &head);
-                }
-            })
-        };
-        let mut last = 0;
-        let mut lowered = 0u64;
-        while !done.load(Ordering::SeqCst) {
-            let now = *head.borrow();
-            if now < last {
-                lowered += 1;
-            }
-            last = last.max(now);
-        }
-        raiser.join().expect("raiser");
-        deleter.join().expect("deleter");
-        assert_eq!(lowered, 0, "a deletion put an older head back {lowered} times");
-        assert_eq!(*head.borrow(), 200_000);
+        assert_never_lowers_the_head(note_deletion);
     }
 }

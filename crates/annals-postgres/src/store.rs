@@ -218,15 +218,23 @@ impl StreamDeleter for PgStore {
                 let notify = tx.prepare_cached("SELECT pg_notify($1, $2)").await.map_err(db)?;
                 tx.execute(&notify, &[&sql.channel, &crate::listener::DELETED]).await.map_err(db)?;
                 tx.commit().await.map_err(db)?;
-                self.inner.tail.note_deletion();
-                if mode == DeleteMode::Hard {
-                    // Wake subscribers of the stream so they see the tombstone.
-                    let head = *self.inner.head.borrow();
-                    self.inner.head.send_replace(head);
-                }
+                deleted(&self.inner.tail, &self.inner.head, mode);
                 Ok(())
             })
             .await
+    }
+}
+
+/// After a committed delete: the tail's stream subscriptions read their
+/// streams again, and after a hard delete every subscription wakes, so one
+/// of the stream sees the tombstone now rather than at the next append.
+/// Woken with the head in place: reading it and sending it back would lower
+/// a head that a commit raised in between, and a subscription from `End`
+/// would then start before events already acknowledged.
+fn deleted(tail: &annals_core::subscription::Tail, head: &tokio::sync::watch::Sender<u64>, mode: DeleteMode) {
+    tail.note_deletion();
+    if mode == DeleteMode::Hard {
+        head.send_modify(|_| {});
     }
 }
 
@@ -408,5 +416,18 @@ impl CheckpointStore for PgStore {
                 Ok(())
             })
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hard delete wakes the subscriptions while this process's commits
+    /// raise the head on other threads: it must never put an older head
+    /// back.
+    #[test]
+    fn a_hard_delete_never_lowers_the_head() {
+        crate::listener::assert_never_lowers_the_head(|tail, head| deleted(tail, head, DeleteMode::Hard));
     }
 }
