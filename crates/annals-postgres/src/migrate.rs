@@ -80,18 +80,39 @@ pub(crate) async fn migrate(client: &mut Client, schema: &str) -> Result<(), PgE
         .start()
         .await?;
     tx.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", &[&LOCK_CLASS, &schema]).await?;
-    // `IF NOT EXISTS` on every open would otherwise log two "already
-    // exists, skipping" notices per process start.
-    tx.batch_execute(&format!(
-        "SET LOCAL client_min_messages = warning;
-         CREATE SCHEMA IF NOT EXISTS {quoted};
-         CREATE TABLE IF NOT EXISTS {quoted}.schema_migrations (
-             version    integer PRIMARY KEY,
-             name       text NOT NULL,
-             applied_at timestamptz NOT NULL DEFAULT now()
-         );"
-    ))
-    .await?;
+    // The migrations' notices ("… does not exist, skipping") are noise in
+    // the process's log.
+    tx.batch_execute("SET LOCAL client_min_messages = warning").await?;
+    // Created only when missing, looked up first: PostgreSQL checks the
+    // privilege to create before it looks whether the object exists, so
+    // `CREATE SCHEMA IF NOT EXISTS` fails for a role that owns its schema
+    // but may not create schemas in the database (the usual least-privilege
+    // setup), on every open. Under the lock, nobody else creates them
+    // between the look-up and the creation.
+    let (has_schema, has_table): (bool, bool) = {
+        let row = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1),
+                        EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                                 WHERE n.nspname = $1 AND c.relname = 'schema_migrations')",
+                &[&schema],
+            )
+            .await?;
+        (row.get(0), row.get(1))
+    };
+    if !has_schema {
+        tx.batch_execute(&format!("CREATE SCHEMA {quoted}")).await?;
+    }
+    if !has_table {
+        tx.batch_execute(&format!(
+            "CREATE TABLE {quoted}.schema_migrations (
+                 version    integer PRIMARY KEY,
+                 name       text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now()
+             )"
+        ))
+        .await?;
+    }
     let applied: Option<i32> =
         tx.query_one(&format!("SELECT max(version) FROM {quoted}.schema_migrations"), &[]).await?.get(0);
     let applied = applied.unwrap_or(0);

@@ -1990,6 +1990,61 @@ async fn grouped_appends_are_decided_independently() {
     }
 }
 
+/// Drops its role when dropped (after the schemas it owns are gone).
+struct RoleGuard(String);
+
+impl Drop for RoleGuard {
+    fn drop(&mut self) {
+        let role = self.0.clone();
+        common::blocking_admin(move |client| async move {
+            let sql =
+                format!("SET lock_timeout = '10s'; DROP OWNED BY \"{role}\"; DROP ROLE IF EXISTS \"{role}\"");
+            let _ = tokio::time::timeout(Duration::from_secs(30), client.batch_execute(&sql)).await;
+        });
+    }
+}
+
+/// A role that owns the store's schema (created for it by an
+/// administrator, the usual least-privilege setup) but may not create
+/// schemas in the database opens the store, migrating its schema, and
+/// opens it again once migrated. Before, every open ran `CREATE SCHEMA IF
+/// NOT EXISTS`, which PostgreSQL checks the database's CREATE privilege for
+/// before it looks whether the schema exists: "permission denied for
+/// database", every time, although nothing needed creating.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_owning_its_schema_opens_the_store_without_creating_schemas() {
+    let Some((_probe, _probe_guard)) = common::open().await else { return };
+    let role = format!("annals_r_{}", uuid::Uuid::new_v4().simple());
+    let _role = RoleGuard(role.clone());
+    let guard = common::SchemaGuard { schema: common::fresh_schema() };
+    let admin = admin_client().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE \"{role}\" LOGIN NOSUPERUSER NOCREATEDB; CREATE SCHEMA \"{}\" AUTHORIZATION \"{role}\"",
+            guard.schema
+        ))
+        .await
+        .unwrap();
+    let url = common::plain_url();
+    let as_role = format!("{url}&user={role}");
+    let open = || PgStore::builder(as_role.clone()).schema(&guard.schema).max_connections(2).open();
+    let store = open().await.unwrap_or_else(|e| panic!("first open, migrating: {e}"));
+    let s = stream("owned-1");
+    store.append(&s, ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
+    drop(store);
+    let store = open().await.unwrap_or_else(|e| panic!("second open, migrated: {e}"));
+    assert_eq!(store.read_stream(&s, ReadStream::forward()).await.unwrap().len(), 1);
+    let owner: String = admin
+        .query_one(
+            "SELECT tableowner::text FROM pg_tables WHERE schemaname = $1 AND tablename = 'runs'",
+            &[&guard.schema],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owner, role);
+}
+
 /// A database migrated by a newer build is refused, not silently used.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_from_a_newer_version_is_refused() {
