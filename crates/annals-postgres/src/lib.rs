@@ -237,8 +237,11 @@ impl PgStoreBuilder {
 
     /// How long [`annals_core::AllReader::store_stats`] may spend counting
     /// events by type (one aggregate over the whole runs table) before it
-    /// reports the counts as unknown (default 5 s). `/stats` then falls back
-    /// to its bounded scan and says it is incomplete.
+    /// reports the counts as unknown (default 5 s; at most a third of the
+    /// [`PgStoreBuilder::answer_timeout`], since sizing the tables may wait
+    /// as long again and the call must answer within that timeout).
+    /// `/stats` then falls back to its bounded scan and says it is
+    /// incomplete.
     pub fn stats_timeout(mut self, limit: Duration) -> Self {
         self.stats_timeout = limit.max(Duration::from_millis(1));
         self

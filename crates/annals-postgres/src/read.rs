@@ -91,7 +91,8 @@ impl Inner {
     /// Counts by type (one aggregate, O(events): see the statement) and the
     /// size of the schema's tables, in one read-only snapshot.
     ///
-    /// The aggregate may run at most `stats_timeout`: on a store too
+    /// The aggregate may run at most `stats_timeout` (and at most a third of
+    /// the answer timeout, so the call still answers in time): on a store too
     /// big to count in that time the counts are reported as unknown
     /// (`/stats` then falls back to its bounded scan and says it is
     /// incomplete) instead of keeping a connection and a core of the
@@ -110,7 +111,12 @@ impl Inner {
                     .start()
                     .await
                     .map_err(db)?;
-                let timeout_ms = self.stats_timeout.as_millis().clamp(1, i32::MAX as u128);
+                // Each of the two statistics may wait this long (a lock on
+                // the tables holds both up), and the whole call answers
+                // within the answer timeout: past it the call would fail
+                // with `NoAnswer` instead of reporting the figures unknown.
+                let limit = self.stats_timeout.min(self.answer.within / 3);
+                let timeout_ms = limit.as_millis().clamp(1, i32::MAX as u128);
                 tx.batch_execute(&format!("SET LOCAL statement_timeout = {timeout_ms}")).await.map_err(db)?;
                 // Prepared here, under the timeout: parsing takes the tables' locks
                 // too, and would wait without one behind a lock held elsewhere.

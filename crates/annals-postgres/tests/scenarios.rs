@@ -3331,3 +3331,32 @@ async fn store_stats_give_up_counting_after_the_stats_timeout() {
     assert!(counted.disk_bytes.unwrap() > 0);
     store.append(&stream("slow-1"), ExpectedVersion::Exact(4), vec![event(5)]).await.unwrap();
 }
+
+/// The same under a short answer timeout (`annals serve` defaults to 10 s,
+/// with the 5 s stats timeout each of the two statistics may wait): the
+/// statistics give up in time to answer "unknown" rather than be cut off
+/// by the answer timeout, which failed the call with `NoAnswer` (a `503`
+/// from `/stats` instead of its fallback) and discarded a connection each
+/// time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_stats_give_up_counting_within_the_answer_timeout() {
+    let Some((store, _guard)) = common::open_with(|b| b.answer_timeout(Duration::from_millis(1500))).await
+    else {
+        return;
+    };
+    store.append(&stream("slow-2"), ExpectedVersion::Any, vec![event(0)]).await.unwrap();
+    let (mut locker, conn) = tokio_postgres::connect(&common::url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let tx = locker.transaction().await.unwrap();
+    tx.batch_execute(&format!("LOCK TABLE \"{}\".runs IN ACCESS EXCLUSIVE MODE", store.schema()))
+        .await
+        .unwrap();
+    let blocked = tokio::time::timeout(Duration::from_secs(10), store.store_stats())
+        .await
+        .expect("store_stats must give up, not wait for the lock")
+        .unwrap_or_else(|e| panic!("expected the figures unknown, got {e}"));
+    assert_eq!(blocked.events_by_type, None);
+    tx.rollback().await.unwrap();
+    let counted = store.store_stats().await.unwrap();
+    assert_eq!(counted.events_by_type.unwrap().values().sum::<u64>(), 1);
+}
