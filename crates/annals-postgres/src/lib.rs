@@ -223,6 +223,9 @@ impl PgStoreBuilder {
 
     /// Fallback poll of the head when no notification arrives (default
     /// 1 s); bounds how late a subscriber can wake if a NOTIFY is lost.
+    /// While the listener's connection is lost and cannot be made again,
+    /// the head is read through the pool after each attempt instead (every
+    /// 2 s at most, plus the connect timeout of the attempt).
     pub fn poll_interval(mut self, every: Duration) -> Self {
         self.poll_interval = every.max(Duration::from_millis(10));
         self
@@ -347,6 +350,11 @@ impl PgStoreBuilder {
             answer_within: self.connect_timeout,
             tail: tail.clone(),
             settings: settings.clone(),
+            pool: pool.clone(),
+            // As for its own connection's polls: a head read that takes
+            // longer than a connection attempt holds up the next attempt.
+            answer: pooled::Answer { within: self.connect_timeout, tls: connector.clone() },
+            schema: Arc::from(self.schema.as_str()),
         };
         let first = listener::connect_within(&dial, &sql, &head, &stats).await?;
         let cancel = CancellationToken::new();

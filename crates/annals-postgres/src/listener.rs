@@ -86,6 +86,13 @@ pub(crate) struct Dial {
     pub tail: Arc<annals_core::subscription::Tail>,
     /// The store's session settings, SET before `LISTEN`.
     pub settings: Arc<str>,
+    /// The store's own pool: while the listener's connection cannot be
+    /// made again, the head is read through it (see [`run`]).
+    pub pool: deadpool_postgres::Pool,
+    /// The answer timeout of those reads (the connect timeout) and the
+    /// schema's metric label.
+    pub answer: crate::pooled::Answer,
+    pub schema: Arc<str>,
 }
 
 /// The payload a deletion notifies (a head is always a number).
@@ -156,6 +163,37 @@ pub(crate) async fn connect_within(
     }
 }
 
+/// Reads the head on a connection of the store's pool (bounded by the
+/// answer timeout; a connection that breaks or does not answer is
+/// discarded) and raises the published head to it. Failures are left to
+/// the next attempt.
+async fn poll_through_pool(dial: &Dial, sql: &Statements, head: &watch::Sender<u64>) {
+    let object = match tokio::time::timeout(dial.answer_within, dial.pool.get()).await {
+        Ok(Ok(object)) => object,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "annals-postgres head poll through the pool: no connection");
+            return;
+        }
+        Err(_) => return,
+    };
+    let client = crate::pooled::Pooled::new(object, dial.schema.clone(), dial.answer.clone());
+    let read = client
+        .deadline()
+        .bound(async {
+            let broken = client.broken();
+            client.query_one(sql.head.as_str(), &[]).await.map_err(crate::pooled::marking(&broken))
+        })
+        .await;
+    match read {
+        Ok(row) => {
+            if let Some(next) = row.try_get::<_, i64>(0).ok().and_then(|v| u64::try_from(v).ok()) {
+                bump(head, next);
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "annals-postgres head poll through the pool failed"),
+    }
+}
+
 /// Runs the listener until `cancel` fires.
 pub(crate) async fn run(
     first: Connected,
@@ -191,6 +229,12 @@ pub(crate) async fn run(
                 Err(e) => {
                     tracing::warn!(error = %e, "annals-postgres listener cannot reconnect; retrying");
                     backoff = (backoff * 2).min(Duration::from_secs(2));
+                    // Only this connection may be out (a proxy or firewall
+                    // rule, the role's connection limit reached while the
+                    // pool's connections stay up): read the head through
+                    // the pool meanwhile, so live subscriptions still learn
+                    // of other processes' commits, after each attempt.
+                    poll_through_pool(&dial, &sql, &head).await;
                 }
             }
             continue;
