@@ -104,8 +104,39 @@ pub enum ConsumerError {
 pub type ConsumerResult<T> = std::result::Result<T, ConsumerError>;
 
 /// How long a background task waits before resubscribing after its store
-/// subscription failed (store closing, transient I/O).
+/// subscription failed (store closing, transient I/O), the first time.
 const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(500);
+
+/// The longest wait between resubscriptions: a failure that lasts (a
+/// group's stream tombstoned, the database away for hours) costs a try and
+/// a log line this often, not twice a second.
+const MAX_RESUBSCRIBE_DELAY: Duration = Duration::from_secs(30);
+
+/// The wait before a background task resubscribes: [`RESUBSCRIBE_DELAY`],
+/// doubled after each failure in a row up to [`MAX_RESUBSCRIBE_DELAY`],
+/// and back to the start once the subscription delivers again.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff { next: RESUBSCRIBE_DELAY }
+    }
+
+    /// The subscription failed: how long to wait before the next one.
+    fn failed(&mut self) -> Duration {
+        let wait = self.next;
+        self.next = self.next.saturating_mul(2).min(MAX_RESUBSCRIBE_DELAY);
+        wait
+    }
+
+    /// The subscription delivered: the next failure waits the least again.
+    fn delivered(&mut self) {
+        self.next = RESUBSCRIBE_DELAY;
+    }
+}
 
 /// Validates a user-chosen name used inside stream and checkpoint names.
 fn validate_name(kind: &str, name: &str) -> ConsumerResult<()> {
@@ -118,4 +149,18 @@ fn validate_name(kind: &str, name: &str) -> ConsumerResult<()> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resubscriptions_wait_longer_after_each_failure_in_a_row_and_start_over_after_a_delivery() {
+        let mut backoff = Backoff::new();
+        let waits: Vec<u64> = (0..9).map(|_| backoff.failed().as_millis() as u64).collect();
+        assert_eq!(waits, [500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]);
+        backoff.delivered();
+        assert_eq!(backoff.failed(), RESUBSCRIBE_DELAY);
+    }
 }

@@ -472,3 +472,40 @@ async fn a_consumer_with_no_in_flight_limit_connects() {
     let stats = group.stats().await.unwrap();
     assert_eq!(stats.consumers[0].in_flight, 0);
 }
+
+/// A group over a stream that is then tombstoned cannot read on: its
+/// stats say why (`subscription_error`), and the error stays while the
+/// group retries (with a growing delay, not twice a second for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_over_a_tombstoned_stream_says_why_it_cannot_read() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    append(&*store, "order-1", "Placed", 2).await;
+    let stream = StreamName::new("order-1").unwrap();
+    let group = PersistentSubscription::start(
+        store.clone(),
+        GroupSettings::new("orders", SubscriptionTarget::Stream(stream.clone())),
+    )
+    .await
+    .unwrap();
+    let mut consumer = group.connect("c", 10);
+    for _ in 0..2 {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await.unwrap().unwrap();
+        consumer.ack(delivery.id).await.unwrap();
+    }
+    let before = group.stats().await.unwrap();
+    assert_eq!(before.subscription_error, None);
+
+    store.delete_stream(&stream, ExpectedVersion::Any, annals_core::DeleteMode::Hard).await.unwrap();
+    let stats =
+        tokio::time::timeout(Duration::from_secs(10), wait_stats(&group, |s| s.subscription_error.is_some()))
+            .await
+            .expect("the group never reported its failing subscription");
+    let error = stats.subscription_error.unwrap();
+    assert!(error.contains("deleted"), "{error}");
+    // Still so after a few retries.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let later = group.stats().await.unwrap().subscription_error.unwrap_or_default();
+    assert!(later.contains("deleted"), "{later}");
+    drop(consumer);
+    group.stop().await;
+}

@@ -81,6 +81,10 @@ pub struct GroupCountsOut {
     pub retried: u64,
     /// Deliveries taken back after `ack_timeout_ms`.
     pub timed_out: u64,
+    /// Why the group's subscription last failed, until it reads an event
+    /// again (e.g. its stream was tombstoned); `null` while nothing failed.
+    /// It keeps resubscribing, at most every 30 s.
+    pub subscription_error: Option<String>,
 }
 
 /// The body of `GET /groups/{group}`.
@@ -115,6 +119,7 @@ impl GroupStatsOut {
                 acked: s.acked,
                 retried: s.retried,
                 timed_out: s.timed_out,
+                subscription_error: s.subscription_error.clone(),
             },
         }
     }

@@ -32,8 +32,7 @@ use tokio::{
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{
-    ConsumerError, ConsumerResult, DeadLetterQueue, ParkedMessage, RESUBSCRIBE_DELAY, RetryPolicy,
-    validate_name,
+    Backoff, ConsumerError, ConsumerResult, DeadLetterQueue, ParkedMessage, RetryPolicy, validate_name,
 };
 
 /// Where a new group (one without a checkpoint) starts.
@@ -191,6 +190,12 @@ pub struct GroupStats {
     pub retried: u64,
     /// Deliveries taken back after the ack timeout.
     pub timed_out: u64,
+    /// The error the group's store subscription last ended with, until it
+    /// reads an event again (e.g. `StreamDeleted` for a group over a
+    /// tombstoned stream); `None` while nothing failed. The group keeps
+    /// resubscribing, waiting 0.5 s after the first failure, doubling up to
+    /// 30 s.
+    pub subscription_error: Option<String>,
 }
 
 enum Command {
@@ -273,6 +278,7 @@ impl PersistentSubscription {
             parked,
             replaying: BTreeSet::new(),
             counters: Counters::default(),
+            subscription_error: None,
         };
         let task = tokio::spawn(dispatcher.run(rx, cancel.clone()));
         Ok(PersistentSubscription {
@@ -506,6 +512,8 @@ struct Dispatcher {
     parked: BTreeMap<u64, ParkedMessage>,
     replaying: BTreeSet<u64>,
     counters: Counters,
+    /// See [`GroupStats::subscription_error`].
+    subscription_error: Option<String>,
 }
 
 /// `at + wait`; for a wait too long to add (`Duration::MAX`, meaning
@@ -544,6 +552,7 @@ impl Dispatcher {
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>, cancel: CancellationToken) {
         let mut subscription = Some(self.subscribe());
         let mut resubscribe_at: Option<Instant> = None;
+        let mut backoff = Backoff::new();
         loop {
             self.dispatch();
             let save_at = self.unsaved_since.map(|t| later(t, self.checkpoint_interval));
@@ -573,15 +582,28 @@ impl Dispatcher {
                     self.on_timer().await;
                 }
                 item = next_item(&mut subscription), if can_read => match item {
-                    Some(Ok(event)) => self.on_event(event),
+                    Some(Ok(event)) => {
+                        backoff.delivered();
+                        self.subscription_error = None;
+                        self.on_event(event);
+                    }
                     Some(Err(error)) => {
-                        tracing::warn!(group = %self.group, %error, "subscription failed; resubscribing");
+                        let wait = backoff.failed();
+                        let message = error.to_string();
+                        // Said once per cause: a failure that lasts (the
+                        // stream tombstoned) is retried every 30 s at most.
+                        if self.subscription_error.as_deref() != Some(message.as_str()) {
+                            tracing::warn!(group = %self.group, %error, ?wait, "subscription failed; resubscribing");
+                        } else {
+                            tracing::debug!(group = %self.group, %error, ?wait, "subscription failed again");
+                        }
+                        self.subscription_error = Some(message);
                         subscription = None;
-                        resubscribe_at = Some(Instant::now() + super::RESUBSCRIBE_DELAY);
+                        resubscribe_at = Some(Instant::now() + wait);
                     }
                     None => {
                         subscription = None;
-                        resubscribe_at = Some(Instant::now() + RESUBSCRIBE_DELAY);
+                        resubscribe_at = Some(Instant::now() + backoff.failed());
                     }
                 },
             }
@@ -910,6 +932,7 @@ impl Dispatcher {
             acked: self.counters.acked,
             retried: self.counters.retried,
             timed_out: self.counters.timed_out,
+            subscription_error: self.subscription_error.clone(),
         })
     }
 

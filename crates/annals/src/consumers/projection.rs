@@ -42,8 +42,8 @@ use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{
-    ConsumerError, ConsumerResult, DeadLetterQueue, HandlerError, ParkedMessage, RESUBSCRIBE_DELAY,
-    RetryPolicy, validate_name,
+    Backoff, ConsumerError, ConsumerResult, DeadLetterQueue, HandlerError, ParkedMessage, RetryPolicy,
+    validate_name,
 };
 
 /// A handler failed at one event of a batch.
@@ -490,6 +490,7 @@ async fn follow(
     let doorbell =
         || config.store.subscribe(SubscriptionRequest::all(Filter::all().with_system(), SubscribeFrom::End));
     let mut wake = doorbell();
+    let mut backoff = Backoff::new();
     let mut next = config.checkpoint.load(&checkpoint_name).await?.unwrap_or(0);
     stats.send_modify(|s| s.checkpoint = Some(next));
     loop {
@@ -533,14 +534,15 @@ async fn follow(
             publish(config, next, stats, true).await?;
         }
         match wake.next().await {
-            Some(Ok(_)) => {}
+            Some(Ok(_)) => backoff.delivered(),
             Some(Err(error)) => {
-                tracing::warn!(projection = %config.name, %error, "wake-up subscription failed; resubscribing");
-                tokio::time::sleep(RESUBSCRIBE_DELAY).await;
+                let wait = backoff.failed();
+                tracing::warn!(projection = %config.name, %error, ?wait, "wake-up subscription failed; resubscribing");
+                tokio::time::sleep(wait).await;
                 wake = doorbell();
             }
             None => {
-                tokio::time::sleep(RESUBSCRIBE_DELAY).await;
+                tokio::time::sleep(backoff.failed()).await;
                 wake = doorbell();
             }
         }

@@ -46,7 +46,7 @@ use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::{ConsumerError, ConsumerResult, RESUBSCRIBE_DELAY, RetryPolicy, validate_name};
+use super::{Backoff, ConsumerError, ConsumerResult, RetryPolicy, validate_name};
 use crate::CommandMetadata;
 
 /// How far the resume scan's start must be able to move before it is
@@ -539,6 +539,7 @@ impl<S: Saga> Engine<S> {
     async fn run(&mut self) -> ConsumerResult<std::convert::Infallible> {
         self.resume_all().await?;
         let mut next = self.store.load_checkpoint(&self.checkpoint_name).await?.unwrap_or(0);
+        let mut backoff = Backoff::new();
         loop {
             let from = if next == 0 { SubscribeFrom::Start } else { SubscribeFrom::After(next - 1) };
             let mut events = self.store.subscribe(SubscriptionRequest::all(self.saga.filter(), from));
@@ -556,6 +557,7 @@ impl<S: Saga> Engine<S> {
                     }
                     item = events.next() => match item {
                         Some(Ok(event)) => {
+                            backoff.delivered();
                             let position = event.position;
                             self.on_event(event).await?;
                             next = position + 1;
@@ -563,8 +565,9 @@ impl<S: Saga> Engine<S> {
                             self.advance_open_from(next).await?;
                         }
                         Some(Err(error)) => {
-                            tracing::warn!(saga = %self.name, %error, "subscription failed; resubscribing");
-                            tokio::time::sleep(RESUBSCRIBE_DELAY).await;
+                            let wait = backoff.failed();
+                            tracing::warn!(saga = %self.name, %error, ?wait, "subscription failed; resubscribing");
+                            tokio::time::sleep(wait).await;
                             break;
                         }
                         None => break,
