@@ -398,8 +398,9 @@ async fn a_consumer_that_stops_polling_past_the_ack_timeout_still_gets_the_redel
 
 /// An operator discards one of two parked messages through the group's
 /// dead-letter queue, then replays "all parked": only the one still parked
-/// comes back. (The group replayed from what it had parked itself, so the
-/// discarded message was delivered and handled again.)
+/// comes back, and the group's parked count drops at once. (The group
+/// replayed from what it had parked itself, so the discarded message was
+/// delivered and handled again; its count stayed 2 until a replay.)
 #[tokio::test(start_paused = true)]
 async fn a_discarded_dead_letter_is_not_replayed() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
@@ -415,6 +416,8 @@ async fn a_discarded_dead_letter_is_not_replayed() {
 
     group.dead_letters().resolve(0, "discarded").await.unwrap();
     assert_eq!(group.parked().await.unwrap().iter().map(|p| p.position).collect::<Vec<_>>(), [1]);
+    // The count follows the queue at once, before any replay re-reads it.
+    assert_eq!(group.stats().await.unwrap().parked, 1, "stats still counted the discarded message");
     assert_eq!(group.replay_parked(None).await.unwrap(), 1);
     let d = consumer.next().await.unwrap();
     assert_eq!((d.event.position, d.replay), (1, true));

@@ -276,6 +276,7 @@ impl PersistentSubscription {
             next_delivery: first_delivery_id(),
             next_replay: 0,
             parked,
+            parked_version: None,
             replaying: BTreeSet::new(),
             counters: Counters::default(),
             subscription_error: None,
@@ -510,6 +511,11 @@ struct Dispatcher {
     next_replay: u64,
     /// Parked now, by original position.
     parked: BTreeMap<u64, ParkedMessage>,
+    /// The dead-letter stream's last version when `parked` was last read
+    /// from it. Stats read it again once the stream moved: a message
+    /// resolved through the queue itself (an operator discarding it) is no
+    /// longer parked, whatever this dispatcher remembers.
+    parked_version: Option<u64>,
     replaying: BTreeSet<u64>,
     counters: Counters,
     /// See [`GroupStats::subscription_error`].
@@ -901,8 +907,17 @@ impl Dispatcher {
         }
     }
 
-    async fn stats(&self) -> ConsumerResult<GroupStats> {
+    async fn stats(&mut self) -> ConsumerResult<GroupStats> {
         let head = head_of(&*self.store, &self.target).await?;
+        let dlq_version = match self.store.stream_info(self.dlq.stream()).await {
+            Ok(info) => info.last_version,
+            Err(annals_core::Error::StreamNotFound { .. }) => None,
+            Err(e) => return Err(e.into()),
+        };
+        if dlq_version.is_some() && dlq_version != self.parked_version {
+            self.parked = self.dlq.load().await?;
+            self.parked_version = dlq_version;
+        }
         let lag = head.saturating_sub(self.checkpoint);
         let in_flight = self.deliveries.len();
         let labels = [("group", self.group.clone())];
