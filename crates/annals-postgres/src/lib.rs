@@ -256,6 +256,27 @@ impl PgStoreBuilder {
         self
     }
 
+    /// A pool of connections made with `config`, sized and timed as
+    /// configured, running the session settings on each new one.
+    fn pool(
+        &self,
+        config: tokio_postgres::Config,
+        connector: &tls::Connector,
+        settings: &Arc<str>,
+    ) -> deadpool_postgres::PoolBuilder {
+        let manager = Manager::from_config(
+            config,
+            connector.clone(),
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        Pool::builder(manager)
+            .max_size(self.max_connections)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(self.pool_wait_timeout))
+            .create_timeout(Some(self.connect_timeout))
+            .post_create(set_session(settings.clone(), self.connect_timeout))
+    }
+
     /// Connects, applies migrations, starts the listener.
     ///
     /// Fails with [`PgError::NoRuntime`], [`PgError::InvalidUrl`], [`PgError::InvalidSchemaName`],
@@ -299,33 +320,19 @@ impl PgStoreBuilder {
         // The store's own operations end every transaction they begin (or
         // discard the connection), so its pool only checks that a
         // connection is still open when handing it out again.
-        let pool = Pool::builder(Manager::from_config(
-            pool_config,
-            connector.clone(),
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
-        ))
-        .max_size(self.max_connections)
-        .runtime(Runtime::Tokio1)
-        .wait_timeout(Some(self.pool_wait_timeout))
-        .create_timeout(Some(self.connect_timeout))
-        .post_create(set_session(settings.clone(), self.connect_timeout))
-        .build()
-        .map_err(|e| PgError::Unreachable { message: e.to_string(), source: None })?;
+        let pool = self.pool(pool_config, &connector, &settings).build();
         // Applications get connections of their own (see `PgStore::pool`),
         // checked on every hand-out for a transaction left open.
-        let app_pool = Pool::builder(Manager::from_config(
-            app_config,
-            connector.clone(),
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
-        ))
-        .max_size(self.max_connections)
-        .runtime(Runtime::Tokio1)
-        .wait_timeout(Some(self.pool_wait_timeout))
-        .create_timeout(Some(self.connect_timeout))
-        .post_create(set_session(settings.clone(), self.connect_timeout))
-        .post_recycle(outside_any_transaction(Arc::from(self.schema.as_str()), self.connect_timeout))
-        .build()
-        .map_err(|e| PgError::Unreachable { message: e.to_string(), source: None })?;
+        let app_pool = self
+            .pool(app_config, &connector, &settings)
+            .post_recycle(outside_any_transaction(Arc::from(self.schema.as_str()), self.connect_timeout))
+            .build();
+        let (pool, app_pool) = match (pool, app_pool) {
+            (Ok(pool), Ok(app_pool)) => (pool, app_pool),
+            (Err(e), _) | (_, Err(e)) => {
+                return Err(PgError::Unreachable { message: e.to_string(), source: None });
+            }
+        };
 
         let mut client = pool.get().await.map_err(open_error)?;
         migrate::migrate(&mut client, &self.schema).await?;

@@ -871,15 +871,7 @@ async fn checkpoint_saves_under_an_old_snapshot_find_the_latest_in_a_few_pages()
 async fn checkpoints_are_exact_whatever_the_default_isolation() {
     let url = common::url_with_options("-c%20default_transaction_isolation%3Dserializable");
     let Some((store, guard)) = common::open_url_with(url, |b| b).await else { return };
-    let isolation: String = store
-        .store_pool()
-        .get()
-        .await
-        .unwrap()
-        .query_one("SHOW transaction_isolation", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let isolation = show(&store, "transaction_isolation").await;
     assert_eq!(isolation, "serializable", "the URL's options did not apply");
     for i in 0..5 {
         store.save_checkpoint("p", i).await.unwrap();
@@ -950,15 +942,7 @@ async fn a_default_isolation_set_on_the_database_while_running_changes_nothing()
     // The pool's idle connections go; the next ones start with the new
     // database default.
     store.store_pool().retain(|_, _| false);
-    let isolation: String = store
-        .store_pool()
-        .get()
-        .await
-        .unwrap()
-        .query_one("SHOW transaction_isolation", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let isolation = show(&store, "transaction_isolation").await;
     assert_eq!(isolation, "read committed", "the database's default reached the store's session");
     // A session without the store's options does get it.
     let mut plain = config.clone();
@@ -999,15 +983,7 @@ impl Drop for DatabaseGuard {
 async fn appends_take_the_fast_path_whatever_the_default_isolation() {
     let url = common::url_with_options("-c%20default_transaction_isolation%3Dserializable");
     let Some((store, _guard)) = common::open_url_with(url, |b| b).await else { return };
-    let isolation: String = store
-        .store_pool()
-        .get()
-        .await
-        .unwrap()
-        .query_one("SHOW transaction_isolation", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let isolation = show(&store, "transaction_isolation").await;
     assert_eq!(isolation, "serializable", "the URL's options did not apply");
 
     let a = stream("iso-a");
@@ -1584,6 +1560,12 @@ async fn holding_the_head(schema: &str) -> tokio_postgres::Client {
     let blocker = admin_client().await;
     blocker.batch_execute(&format!("BEGIN; SELECT * FROM \"{schema}\".head_row FOR UPDATE")).await.unwrap();
     blocker
+}
+
+/// A setting as the store's own sessions see it.
+async fn show(store: &PgStore, setting: &str) -> String {
+    let client = store.store_pool().get().await.unwrap();
+    client.query_one(&format!("SHOW {setting}"), &[]).await.unwrap().get(0)
 }
 
 async fn admin_client() -> tokio_postgres::Client {
