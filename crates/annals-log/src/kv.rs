@@ -127,6 +127,31 @@ fn valid_record(bytes: &[u8], at: usize) -> Option<&[u8]> {
     (len >= 9 && crc32c::crc32c(rec.get(8..)?) == u32_at(rec, 4)).then_some(rec)
 }
 
+/// The offset of the first record in `from..until` (and within `bytes`)
+/// whose length, checksum and fields hold, if any. Cheap field checks come
+/// before the checksum, so the search stays linear in practice.
+fn intact_record_in(bytes: &[u8], from: usize, until: usize) -> Option<usize> {
+    let until = until.min(bytes.len());
+    (from..until).find(|&p| {
+        let Some(b) = bytes.get(p..) else { return false };
+        let len = u32_at(b, 0) as usize;
+        let name = u32_at(b, 9) as usize;
+        let plausible = matches!(b.get(8), Some(&(PUT_SNAPSHOT | DELETE_SNAPSHOT | PUT_CHECKPOINT)))
+            && name <= usize::from(u16::MAX)
+            && len >= 9 + 4 + name + 8
+            && len <= b.len();
+        plausible
+            && valid_record(bytes, p).is_some_and(|rec| {
+                apply(
+                    &mut State::default(),
+                    rec.get(8).copied().unwrap_or(0),
+                    rec.get(9..).unwrap_or_default(),
+                )
+                .is_some()
+            })
+    })
+}
+
 impl Kv {
     pub(crate) fn open(
         core: Arc<Core>,
@@ -154,9 +179,22 @@ impl Kv {
                     continue;
                 }
                 // A bad record. The last thing written (nothing but zeros
-                // after where it claims to end): a torn tail, dropped below.
+                // after where it claims to end, and nothing intact inside
+                // the range it claims, which a torn write's own bytes fill):
+                // a torn tail, dropped below. A damaged length field of an
+                // acknowledged record can claim past the records after it,
+                // up to or beyond the end of the file.
                 let end = at.saturating_add(len.max(9));
                 if bytes.get(end..).is_none_or(|r| r.iter().all(|&b| b == 0)) {
+                    if let Some(found) = intact_record_in(&bytes, at + 1, end) {
+                        return Err(LogError::KvCorrupt {
+                            offset: at as u64,
+                            reason: format!(
+                                "bad checksum, length or kind, and an intact record at offset {found} inside \
+                                 the range it claims (not a torn last write)"
+                            ),
+                        });
+                    }
                     break;
                 }
                 // Damage in the middle. Its length field leads to a record

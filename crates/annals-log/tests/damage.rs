@@ -164,6 +164,46 @@ async fn kv_mid_file_damage_with_no_way_past_it_refuses_to_open() {
     assert_eq!(std::fs::read(&kv).unwrap(), bytes, "kv.log was rewritten");
 }
 
+/// A flipped high bit in the length field of the *first* record of
+/// `kv.log` makes it claim far past the end of the file. Nothing follows
+/// "where it claims to end", yet intact records sit inside the range it
+/// claims: an acknowledged record damaged, not a torn last write. Open
+/// must not take it for a torn tail and compact every later record away.
+#[tokio::test]
+async fn kv_damaged_length_claiming_past_the_file_end_is_not_a_torn_tail() {
+    let (dir, kv, mut bytes) = three_checkpoint_saves().await;
+    bytes[3] ^= 0x40; // high byte of the first record's length
+    std::fs::write(&kv, &bytes).unwrap();
+    match LogStore::open(dir.path()) {
+        Err(e) => {
+            assert!(matches!(e, annals_log::LogError::KvCorrupt { offset: 0, .. }), "{e}");
+            assert_eq!(std::fs::read(&kv).unwrap(), bytes, "kv.log was rewritten");
+        }
+        Ok(store) => {
+            let (a, b) =
+                (store.load_checkpoint("a").await.unwrap(), store.load_checkpoint("b").await.unwrap());
+            panic!("opened with checkpoints a = {a:?}, b = {b:?} (were 500 and 1)");
+        }
+    }
+}
+
+/// A torn last kv.log write (its length landed, the rest of the record
+/// did not) is still dropped, with every record before it kept.
+#[tokio::test]
+async fn kv_torn_last_record_is_dropped() {
+    let (dir, kv, bytes) = three_checkpoint_saves().await;
+    let first = u32::from_le_bytes(bytes[0..4].try_into().unwrap()) as usize;
+    let second = u32::from_le_bytes(bytes[first..first + 4].try_into().unwrap()) as usize;
+    // Only the first two records, then the start of a large snapshot record.
+    let mut torn = bytes[..first + second].to_vec();
+    torn.extend_from_slice(&(1u32 << 20).to_le_bytes());
+    torn.extend_from_slice(&[0x5a; 300]);
+    std::fs::write(&kv, &torn).unwrap();
+    let store = LogStore::open(dir.path()).expect("a torn kv.log tail refused");
+    assert!(store.load_checkpoint("a").await.unwrap().is_some());
+    assert!(store.load_checkpoint("b").await.unwrap().is_some());
+}
+
 /// Page cache flushes are not ordered: after a crash, a later page of an
 /// unacknowledged group can be on disk while an earlier one is not. Open
 /// then refuses (Corrupt) instead of truncating the unacknowledged tail.
