@@ -427,6 +427,17 @@ impl<'c> RecordReader<'c> {
             None => 0,
         };
         if needed > 0 {
+            // The length field sizes the buffer: one that claims past the
+            // end of the segment (a damaged field) must not allocate it.
+            let file_len = self.core.segment(segment)?.len()?;
+            if offset.saturating_add(needed as u64) > file_len {
+                return Err(corrupt(
+                    segment,
+                    offset,
+                    position,
+                    &format!("record claims {needed} bytes, past the end of the segment ({file_len} bytes)"),
+                ));
+            }
             self.fill(segment, offset, needed)?;
             if let Some(hit) = self.window_frame(segment, offset) {
                 return Ok((hit, segment, offset));

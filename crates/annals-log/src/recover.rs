@@ -815,7 +815,9 @@ pub(crate) fn tail_matches(io: &dyn Io, dir: &Path, tail: &crate::index::LogTail
         return false;
     }
     let len = format::u32_at(&head, 0) as usize;
-    if len < MIN_RECORD_LEN {
+    // A damaged length field must not size the buffer below.
+    let fits = file.len().is_ok_and(|file_len| off.saturating_add(len as u64) <= file_len);
+    if len < MIN_RECORD_LEN || !fits {
         return false;
     }
     let mut frame = vec![0u8; len];

@@ -3,13 +3,22 @@
 
 mod common;
 
-use std::{path::Path, sync::Arc};
+use std::{
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
 use annals_core::{
     AllReader, Appender, DeleteMode, Error, EventData, ExpectedVersion, Filter, ReadAll, ReadStream,
     StreamDeleter, StreamName, StreamReader,
 };
-use annals_log::{Durability, LogError, LogStore, io::FaultIo};
+use annals_log::{
+    Durability, LogError, LogStore, LogStoreBuilder,
+    io::{FaultIo, Io, IoFile},
+};
 use serde_json::json;
 
 use common::record_offsets;
@@ -244,6 +253,123 @@ async fn corruption_in_an_older_segment_is_caught_on_read_and_by_verify() {
         LogStore::builder(dir.path()).verify_on_open(true).open(),
         Err(LogError::Corrupt { segment: 0, position: Some(3), .. })
     ));
+}
+
+/// A file system that records the largest buffer any read was given: the
+/// size of the allocation behind it.
+#[derive(Clone, Default)]
+struct ReadSizes {
+    inner: FaultIo,
+    largest: Arc<AtomicUsize>,
+}
+
+struct ReadSizesFile {
+    inner: Arc<dyn IoFile>,
+    largest: Arc<AtomicUsize>,
+}
+
+impl IoFile for ReadSizesFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.largest.fetch_max(buf.len(), Ordering::SeqCst);
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.inner.sync_data()
+    }
+    fn sync_all(&self) -> std::io::Result<()> {
+        self.inner.sync_all()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+impl Io for ReadSizes {
+    fn open(&self, path: &Path, create: bool) -> std::io::Result<Arc<dyn IoFile>> {
+        let inner = self.inner.open(path, create)?;
+        Ok(Arc::new(ReadSizesFile { inner, largest: self.largest.clone() }))
+    }
+    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+        self.inner.list(dir)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        self.inner.exists(path)
+    }
+    fn remove(&self, path: &Path) -> std::io::Result<()> {
+        self.inner.remove(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+        self.inner.create_dir_all(dir)
+    }
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        self.inner.sync_dir(dir)
+    }
+    fn lock(&self, dir: &Path) -> Result<Box<dyn Send + Sync>, LogError> {
+        self.inner.lock(dir)
+    }
+}
+
+/// A store of 100 events in 4 KiB segments, closed (so with a checkpoint):
+/// its file system, a builder for it and its number of segments.
+async fn hundred_in_small_segments() -> (ReadSizes, impl Fn() -> LogStoreBuilder, u64) {
+    let io = ReadSizes::default();
+    let fs = io.clone();
+    let builder = move || LogStore::builder("/huge-length").io(Arc::new(fs.clone())).segment_size(4096);
+    let store = builder().open().unwrap();
+    fill(&store, 100).await;
+    let segments = store.stats().segments as u64;
+    store.close().unwrap();
+    (io, builder, segments)
+}
+
+/// Flips the high byte of the length field of the record at `pick(n)` of
+/// the `n` in `segment`: it then claims about a GiB more than it holds.
+fn claim_a_gib(io: &ReadSizes, segment: u64, pick: impl Fn(usize) -> usize) {
+    let path = Path::new("/huge-length").join(format!("{segment:020}.seg"));
+    let mut bytes = io.inner.read_file(&path).unwrap();
+    let offsets = record_offsets(&bytes);
+    bytes[offsets[pick(offsets.len())] as usize + 3] ^= 0x40;
+    io.inner.write_file(&path, bytes);
+    io.largest.store(0, Ordering::SeqCst);
+}
+
+/// A flipped bit in the length field of a record the index points at makes
+/// it claim about a GiB: the read must fail with `Corrupt` without first
+/// allocating a buffer of the claimed size (an allocation failure aborts the
+/// process).
+#[tokio::test]
+async fn a_damaged_length_field_never_sizes_a_read_buffer() {
+    let (io, builder, _) = hundred_in_small_segments().await;
+    claim_a_gib(&io, 0, |_| 3);
+    let store = builder().open().unwrap();
+    assert!(store.stats().index_loaded);
+    let err = store.read_all(ReadAll::forward(1000)).await.unwrap_err();
+    assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
+    let err = store.read_stream(&stream("s0-3"), ReadStream::forward()).await.unwrap_err();
+    assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
+    let largest = io.largest.load(Ordering::SeqCst);
+    assert!(largest <= 1 << 20, "a read buffer of {largest} bytes for 4 KiB segments");
+}
+
+/// The same damage to the record the index checkpoint names as its last:
+/// open checks that record before trusting the checkpoint.
+#[tokio::test]
+async fn a_damaged_length_of_the_checkpointed_tail_never_sizes_a_read_buffer() {
+    let (io, builder, segments) = hundred_in_small_segments().await;
+    claim_a_gib(&io, segments - 1, |n| n - 1);
+    let err = builder().open().unwrap_err();
+    assert!(matches!(err, LogError::Corrupt { position: Some(99), .. }), "{err}");
+    let largest = io.largest.load(Ordering::SeqCst);
+    assert!(largest <= 4 << 20, "a read buffer of {largest} bytes for 4 KiB segments");
 }
 
 #[tokio::test]
