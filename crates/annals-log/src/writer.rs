@@ -747,6 +747,14 @@ impl Writer {
                 } else {
                     self.unsynced = true;
                 }
+                // The zero-fill thread may have failed a write or fsync of
+                // this file meanwhile. An fsync error is reported once per
+                // open file, so the sync above can succeed although the
+                // group's pages were dropped: after any failure, nothing
+                // more is acknowledged (invariant 6).
+                if let Some(reason) = self.core.poisoned() {
+                    return Err(LogError::Poisoned { reason });
+                }
                 // A segment removed while open (the data directory deleted
                 // under a running store) still takes writes and syncs, but
                 // its bytes are gone once it is closed: stop acknowledging

@@ -178,3 +178,51 @@ async fn writes_after_the_directory_is_removed_are_refused_within_the_check_inte
     let later = store.append(&s, ExpectedVersion::Any, batch(2)).await;
     assert!(matches!(later, Err(Error::Poisoned { .. })), "{later:?}");
 }
+
+/// The zero-fill thread fails (here its fsync) while the writer has a
+/// group written but not yet acknowledged. The store is poisoned from that
+/// moment, so the group must not be acknowledged: on Linux an fsync error
+/// is reported once per open file, so the writer's own `fdatasync` of the
+/// same file may well succeed although the group's pages were dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_fill_failure_while_a_group_is_written_fails_that_group() {
+    use std::{
+        sync::atomic::{AtomicBool, Ordering},
+        time::{Duration, Instant},
+    };
+    let io = FaultIo::new();
+    let store = open_with(&io, true);
+    // The filler's first step (1 MiB ahead of the header) ends with a sync.
+    let seg0 = Path::new(DIR).join(format!("{:020}.seg", 0));
+    let started = Instant::now();
+    while io.read_file(&seg0).map_or(0, |b| b.len()) < (1 << 20) + 72 || io.syncs() < 3 {
+        assert!(started.elapsed() < Duration::from_secs(10), "the filler never filled");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let filler_failed = Arc::new(AtomicBool::new(false));
+    let writer_waits = Arc::new(AtomicBool::new(true));
+    let (failed, waits) = (filler_failed.clone(), writer_waits.clone());
+    io.before_every_sync(move |io| match std::thread::current().name() {
+        // The append's reservation wakes the filler for its next step:
+        // fail the sync that ends it.
+        Some("annals-log-fill") if !failed.swap(true, Ordering::SeqCst) => io.fail_nth_sync(1),
+        // The group's sync waits until the filler has failed and had
+        // time to say so.
+        Some("annals-log-writer") if waits.swap(false, Ordering::SeqCst) => {
+            let started = Instant::now();
+            while !failed.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        _ => {}
+    });
+    let r = store.append(&StreamName::new("fill-fail-1").unwrap(), ExpectedVersion::Any, batch(0)).await;
+    assert!(filler_failed.load(Ordering::SeqCst), "the filler did not run during the append");
+    assert!(matches!(r, Err(Error::Poisoned { .. })), "acknowledged after the store was poisoned: {r:?}");
+    drop(store);
+    io.heal();
+    let store = open_with(&io, true);
+    assert_eq!(ids_in(&store).await, Vec::<Uuid>::new(), "the unacknowledged group was kept");
+}
