@@ -13,7 +13,11 @@ use std::{
     thread::JoinHandle,
 };
 
-use crate::{core::Core, format::SEGMENT_HEADER_LEN, io::IoFile};
+use crate::{
+    core::{Core, segment_file_name},
+    format::SEGMENT_HEADER_LEN,
+    io::IoFile,
+};
 
 const STEP: u64 = 1 << 20;
 const MIN_AHEAD: u64 = 1 << 20;
@@ -48,12 +52,27 @@ impl Shared {
 pub(crate) struct Filler {
     shared: Option<Arc<Shared>>,
     handle: Option<JoinHandle<()>>,
+    core: Option<Arc<Core>>,
+}
+
+/// The filler's own open file of `segment`, so that a writeback error is
+/// reported to the writer's `fdatasync` too: Linux reports one to each
+/// open file once, and a shared one would let the filler's fsync take the
+/// report the writer needs. The writer's file when it cannot be opened.
+fn own_file(core: &Core, segment: u64, writers: &Arc<dyn IoFile>) -> Arc<dyn IoFile> {
+    match core.io.open(&core.dir.join(segment_file_name(segment)), false) {
+        Ok(file) => file,
+        Err(e) => {
+            tracing::warn!(error = %e, segment, "annals-log: zero-fill shares the writer's file");
+            writers.clone()
+        }
+    }
 }
 
 impl Filler {
     /// A filler that does nothing (files simply grow).
     pub(crate) fn disabled() -> Self {
-        Filler { shared: None, handle: None }
+        Filler { shared: None, handle: None, core: None }
     }
 
     /// Starts filling `file` (segment `segment`, currently `len` bytes long,
@@ -66,6 +85,7 @@ impl Filler {
         end: u64,
         limit: u64,
     ) -> Self {
+        let file = own_file(&core, segment, &file);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 segment,
@@ -79,9 +99,10 @@ impl Filler {
             cv: Condvar::new(),
         });
         let s = shared.clone();
-        let handle = std::thread::Builder::new().name("annals-log-fill".into()).spawn(move || run(&s, &core));
+        let c = core.clone();
+        let handle = std::thread::Builder::new().name("annals-log-fill".into()).spawn(move || run(&s, &c));
         match handle {
-            Ok(h) => Filler { shared: Some(shared), handle: Some(h) },
+            Ok(h) => Filler { shared: Some(shared), handle: Some(h), core: Some(core) },
             Err(e) => {
                 tracing::warn!(error = %e, "annals-log: no zero-fill thread; segments will grow as written");
                 Filler::disabled()
@@ -92,14 +113,17 @@ impl Filler {
     /// Announces that the writer is about to write `[from, to)` of
     /// `segment`; waits only while that range is being zero-filled.
     pub(crate) fn reserve(&self, segment: u64, file: &Arc<dyn IoFile>, from: u64, to: u64) {
-        let Some(shared) = &self.shared else { return };
+        let (Some(shared), Some(core)) = (&self.shared, &self.core) else { return };
         let mut st = shared.lock();
         if st.segment != segment {
+            drop(st);
+            let own = own_file(core, segment, file);
+            st = shared.lock();
             while st.busy.is_some() {
                 st = shared.cv.wait(st).unwrap_or_else(std::sync::PoisonError::into_inner);
             }
             st.segment = segment;
-            st.file = file.clone();
+            st.file = own;
             st.filled = from;
             st.reserved = from;
         }

@@ -226,3 +226,161 @@ async fn a_zero_fill_failure_while_a_group_is_written_fails_that_group() {
     let store = open_with(&io, true);
     assert_eq!(ids_in(&store).await, Vec::<Uuid>::new(), "the unacknowledged group was kept");
 }
+
+/// A file system that reports a writeback error the way Linux does since
+/// 4.13 (`errseq_t`): once to every open file of the inode that was open
+/// when it happened, at its next fsync. `inject` marks an error on a path.
+#[derive(Clone, Default)]
+struct ErrSeqIo {
+    inner: FaultIo,
+    errors: Arc<std::sync::Mutex<std::collections::HashMap<std::path::PathBuf, u64>>>,
+}
+
+impl ErrSeqIo {
+    fn errors_of(&self, path: &Path) -> u64 {
+        self.errors.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+    fn inject(&self, path: &Path) {
+        *self.errors.lock().unwrap().entry(path.to_path_buf()).or_default() += 1;
+    }
+}
+
+/// Runs before (`false`) and after (`true`) each sync's error check.
+type SyncHook = Arc<dyn Fn(&ErrSeqIo, &Path, bool) + Send + Sync>;
+
+/// One open file of [`ErrSeqIo`]; `hook` runs on every sync.
+struct ErrSeqFile {
+    io: ErrSeqIo,
+    path: std::path::PathBuf,
+    inner: Arc<dyn annals_log::io::IoFile>,
+    seen: std::sync::atomic::AtomicU64,
+    hook: SyncHook,
+}
+
+impl ErrSeqFile {
+    fn sync(&self, all: bool) -> std::io::Result<()> {
+        (self.hook)(&self.io, &self.path, false);
+        let errors = self.io.errors_of(&self.path);
+        let failed = self.seen.swap(errors, std::sync::atomic::Ordering::SeqCst) < errors;
+        (self.hook)(&self.io, &self.path, true);
+        if failed {
+            return Err(std::io::Error::other("writeback error (EIO)"));
+        }
+        if all { self.inner.sync_all() } else { self.inner.sync_data() }
+    }
+}
+
+impl annals_log::io::IoFile for ErrSeqFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.sync(false)
+    }
+    fn sync_all(&self) -> std::io::Result<()> {
+        self.sync(true)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+/// [`ErrSeqIo`] with a hook run on every sync.
+#[derive(Clone)]
+struct HookedErrSeqIo {
+    io: ErrSeqIo,
+    hook: SyncHook,
+}
+
+impl annals_log::io::Io for HookedErrSeqIo {
+    fn open(&self, path: &Path, create: bool) -> std::io::Result<Arc<dyn annals_log::io::IoFile>> {
+        Ok(Arc::new(ErrSeqFile {
+            io: self.io.clone(),
+            path: path.to_path_buf(),
+            inner: self.io.inner.open(path, create)?,
+            seen: self.io.errors_of(path).into(),
+            hook: self.hook.clone(),
+        }))
+    }
+    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+        self.io.inner.list(dir)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        self.io.inner.exists(path)
+    }
+    fn remove(&self, path: &Path) -> std::io::Result<()> {
+        self.io.inner.remove(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        self.io.inner.rename(from, to)
+    }
+    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+        self.io.inner.create_dir_all(dir)
+    }
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        self.io.inner.sync_dir(dir)
+    }
+    fn lock(&self, dir: &Path) -> Result<Box<dyn Send + Sync>, annals_log::LogError> {
+        self.io.inner.lock(dir)
+    }
+}
+
+/// The kernel side of the failure above: a writeback error on the active
+/// segment while a group is in flight, which the filler's fsync happens to
+/// see first and which it has not yet reported when the writer's sync
+/// returns. The writer must see the error through its own sync, not only
+/// through the filler's report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writeback_error_seen_first_by_the_filler_still_fails_the_group() {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    use std::time::{Duration, Instant};
+    let wait_for = |cond: &dyn Fn() -> bool| {
+        let started = Instant::now();
+        while !cond() && started.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    // 0: idle, 1: armed, 2: the filler's sync saw the error, 3: the
+    // writer's group sync saw what it sees.
+    let stage = Arc::new(AtomicU8::new(0));
+    let s = stage.clone();
+    let hook: SyncHook = Arc::new(move |io, path, checked| match std::thread::current().name() {
+        Some("annals-log-fill") if !checked && s.load(Ordering::SeqCst) == 1 => io.inject(path),
+        Some("annals-log-fill")
+            if checked && s.compare_exchange(1, 2, Ordering::SeqCst, Ordering::SeqCst).is_ok() =>
+        {
+            // It reports the error only after the writer's sync returned.
+            wait_for(&|| s.load(Ordering::SeqCst) == 3);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some("annals-log-writer") if !checked && matches!(s.load(Ordering::SeqCst), 1 | 2) => {
+            wait_for(&|| s.load(Ordering::SeqCst) == 2);
+        }
+        Some("annals-log-writer") if checked && s.load(Ordering::SeqCst) == 2 => s.store(3, Ordering::SeqCst),
+        _ => {}
+    });
+    let io = HookedErrSeqIo { io: ErrSeqIo::default(), hook };
+    let open = || {
+        LogStore::builder(Path::new(DIR))
+            .io(Arc::new(io.clone()))
+            .segment_size(8 << 20)
+            .background_fill(true)
+            .open()
+            .unwrap()
+    };
+    let store = open();
+    let seg0 = Path::new(DIR).join(format!("{:020}.seg", 0));
+    let fs = io.io.inner.clone();
+    wait_for(&|| fs.read_file(&seg0).map_or(0, |b| b.len()) >= (1 << 20) + 72 && fs.syncs() >= 3);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stage.store(1, Ordering::SeqCst);
+    let r = store.append(&StreamName::new("errseq-1").unwrap(), ExpectedVersion::Any, batch(0)).await;
+    assert_eq!(stage.load(Ordering::SeqCst), 3, "the filler and the group did not meet");
+    assert!(matches!(r, Err(Error::Poisoned { .. })), "acknowledged past a writeback error: {r:?}");
+}
