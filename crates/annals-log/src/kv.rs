@@ -6,7 +6,8 @@
 use std::{
     collections::{BTreeMap, HashMap},
     path::Path,
-    sync::{Arc, Mutex},
+    sync::{Arc, Condvar, Mutex, MutexGuard},
+    thread::JoinHandle,
     time::Instant,
 };
 
@@ -38,13 +39,27 @@ struct Inner {
     file: Arc<dyn IoFile>,
     end: u64,
     last_sync: Instant,
+    /// Records written since the last sync (`Interval` and `Never`).
+    unsynced: bool,
+    /// Tells the interval sync thread to end.
+    stop: bool,
+}
+
+/// What the store's handles and the interval sync thread share.
+struct Shared {
+    inner: Mutex<Inner>,
+    /// Signalled when records are left unsynced, and on stop.
+    cv: Condvar,
 }
 
 /// The side store.
 pub(crate) struct Kv {
-    inner: Mutex<Inner>,
+    shared: Arc<Shared>,
     durability: Durability,
     core: Arc<Core>,
+    /// Under `Interval(d)`: the thread that syncs unsynced records at most
+    /// `d` after the last sync, when no later write does it first.
+    syncer: Mutex<Option<JoinHandle<()>>>,
 }
 
 fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
@@ -241,30 +256,74 @@ impl Kv {
         io.rename(&tmp, &path)?;
         io.sync_dir(dir)?;
         let file = io.open(&path, false)?;
-        Ok(Kv {
-            inner: Mutex::new(Inner { state, file, end: buf.len() as u64, last_sync: Instant::now() }),
-            durability,
-            core,
-        })
+        let inner = Inner {
+            state,
+            file,
+            end: buf.len() as u64,
+            last_sync: Instant::now(),
+            unsynced: false,
+            stop: false,
+        };
+        let shared = Arc::new(Shared { inner: Mutex::new(inner), cv: Condvar::new() });
+        let syncer = match durability {
+            Durability::Interval(d) => {
+                let (s, c) = (shared.clone(), core.clone());
+                Some(
+                    std::thread::Builder::new()
+                        .name("annals-log-kv-sync".into())
+                        .spawn(move || interval_syncs(&s, &c, d))?,
+                )
+            }
+            _ => None,
+        };
+        Ok(Kv { shared, durability, core, syncer: Mutex::new(syncer) })
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>> {
-        self.inner.lock().map_err(|_| Error::Poisoned { reason: "kv lock poisoned".into() })
+    fn lock(&self) -> Result<MutexGuard<'_, Inner>> {
+        self.shared.inner.lock().map_err(|_| Error::Poisoned { reason: "kv lock poisoned".into() })
+    }
+
+    /// Stops the interval sync thread and syncs what is unsynced (the
+    /// store's clean close: like the log, `Interval` and `Never` writes are
+    /// then durable).
+    pub(crate) fn close(&self) -> std::result::Result<(), LogError> {
+        if let Ok(mut inner) = self.shared.inner.lock() {
+            inner.stop = true;
+        }
+        self.shared.cv.notify_all();
+        if let Some(h) = self.syncer.lock().ok().and_then(|mut h| h.take()) {
+            let _ = h.join();
+        }
+        let mut inner =
+            self.shared.inner.lock().map_err(|_| LogError::Poisoned { reason: "kv lock poisoned".into() })?;
+        if inner.unsynced {
+            inner.file.sync_data()?;
+            inner.unsynced = false;
+        }
+        Ok(())
     }
 
     fn write(&self, inner: &mut Inner, record: &[u8]) -> Result<()> {
         self.core.check_poison()?;
-        let res = inner.file.write_at(record, inner.end).and_then(|()| match self.durability {
-            Durability::Always => inner.file.sync_data(),
-            Durability::Interval(d) if inner.last_sync.elapsed() >= d => {
-                inner.last_sync = Instant::now();
-                inner.file.sync_data()
-            }
-            _ => Ok(()),
-        });
+        let sync = match self.durability {
+            Durability::Always => true,
+            Durability::Interval(d) => inner.last_sync.elapsed() >= d,
+            Durability::Never => false,
+        };
+        let res = inner
+            .file
+            .write_at(record, inner.end)
+            .and_then(|()| if sync { inner.file.sync_data() } else { Ok(()) });
         match res {
             Ok(()) => {
                 inner.end += record.len() as u64;
+                if sync {
+                    inner.last_sync = Instant::now();
+                    inner.unsynced = false;
+                } else {
+                    inner.unsynced = true;
+                    self.shared.cv.notify_all();
+                }
                 Ok(())
             }
             Err(e) => {
@@ -333,5 +392,39 @@ impl Kv {
         self.write(&mut inner, &checkpoint_record(name, position))?;
         inner.state.checkpoints.insert(name.to_owned(), position);
         Ok(())
+    }
+}
+
+impl Drop for Kv {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::warn!(error = %e, "annals-log: syncing kv.log at close failed");
+        }
+    }
+}
+
+/// The interval sync thread: syncs records left unsynced by `Interval(d)`
+/// writes once `d` has passed since the last sync, so none stays unsynced
+/// longer than about `d` (the log's writer does the same for segments).
+fn interval_syncs(shared: &Shared, core: &Core, d: std::time::Duration) {
+    let mut inner = shared.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        if inner.stop {
+            return;
+        }
+        if !inner.unsynced {
+            inner = shared.cv.wait(inner).unwrap_or_else(std::sync::PoisonError::into_inner);
+            continue;
+        }
+        let left = d.saturating_sub(inner.last_sync.elapsed());
+        if !left.is_zero() {
+            inner = shared.cv.wait_timeout(inner, left).unwrap_or_else(std::sync::PoisonError::into_inner).0;
+            continue;
+        }
+        match inner.file.sync_data() {
+            Ok(()) => inner.last_sync = Instant::now(),
+            Err(e) => core.set_poisoned(format!("periodic kv.log fdatasync failed: {e}")),
+        }
+        inner.unsynced = false;
     }
 }

@@ -326,12 +326,14 @@ impl Shared {
             tx.take();
         }
         let handle = self.writer.lock().ok().and_then(|mut h| h.take());
-        match handle {
+        let log = match handle {
             Some(h) => h
                 .join()
                 .unwrap_or_else(|_| Err(LogError::Poisoned { reason: "writer thread panicked".into() })),
             None => Ok(()),
-        }
+        };
+        let kv = self.kv.close();
+        log.and(kv)
     }
 }
 

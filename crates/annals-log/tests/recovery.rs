@@ -432,6 +432,46 @@ async fn interval_and_never_durability_persist_on_close() {
     }
 }
 
+/// Checkpoints (kv.log) written under `Interval` or `Never` are synced by a
+/// clean close, like the log: a crash after the close loses nothing.
+#[tokio::test]
+async fn kv_writes_under_interval_and_never_durability_persist_on_close() {
+    use annals_core::CheckpointStore;
+    for durability in [Durability::Interval(std::time::Duration::from_secs(10)), Durability::Never] {
+        let io = FaultIo::new();
+        let open =
+            |io: &FaultIo| LogStore::builder("/kv-close").io(Arc::new(io.clone())).durability(durability);
+        let store = open(&io).open().unwrap();
+        store.save_checkpoint("proj", 9).await.unwrap();
+        store.save_checkpoint("proj", 10).await.unwrap();
+        store.close().unwrap();
+        drop(store);
+        let store = open(&io.crash()).open().unwrap();
+        assert_eq!(store.load_checkpoint("proj").await.unwrap(), Some(10), "{durability:?}");
+    }
+}
+
+/// Under `Interval(d)` a checkpoint is synced at most about `d` after it
+/// was written, even when nothing is written after it: a crash later
+/// than that keeps it.
+#[tokio::test]
+async fn kv_writes_under_interval_durability_are_synced_within_the_interval() {
+    use annals_core::CheckpointStore;
+    let d = std::time::Duration::from_millis(50);
+    let io = FaultIo::new();
+    let open = |io: &FaultIo| {
+        LogStore::builder("/kv-interval").io(Arc::new(io.clone())).durability(Durability::Interval(d))
+    };
+    let store = open(&io).open().unwrap();
+    store.save_checkpoint("proj", 9).await.unwrap();
+    store.save_checkpoint("proj", 10).await.unwrap();
+    tokio::time::sleep(d * 10).await;
+    let crashed = io.crash();
+    drop(store);
+    let store = open(&crashed).open().unwrap();
+    assert_eq!(store.load_checkpoint("proj").await.unwrap(), Some(10));
+}
+
 #[tokio::test]
 async fn snapshots_and_checkpoints_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
