@@ -41,7 +41,8 @@ struct Inner {
     last_sync: Instant,
     /// Records written since the last sync (`Interval` and `Never`).
     unsynced: bool,
-    /// Tells the interval sync thread to end.
+    /// Set by `close`: writes fail with `Closed`, the interval sync thread
+    /// ends.
     stop: bool,
 }
 
@@ -304,6 +305,11 @@ impl Kv {
     }
 
     fn write(&self, inner: &mut Inner, record: &[u8]) -> Result<()> {
+        // Closed: the directory lock is gone, so another store may already
+        // have replaced kv.log; a write now would be acknowledged and lost.
+        if inner.stop {
+            return Err(Error::Closed);
+        }
         self.core.check_poison()?;
         let sync = match self.durability {
             Durability::Always => true,

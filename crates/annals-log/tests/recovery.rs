@@ -472,6 +472,36 @@ async fn kv_writes_under_interval_durability_are_synced_within_the_interval() {
     assert_eq!(store.load_checkpoint("proj").await.unwrap(), Some(10));
 }
 
+/// After `close`, writes of every kind fail with `Closed`, checkpoints
+/// and snapshots too: the directory lock is released, so another store may
+/// already have opened the directory and replaced kv.log (its compaction),
+/// and a checkpoint acknowledged through the old handle would be lost.
+#[tokio::test]
+async fn checkpoint_and_snapshot_writes_after_close_fail_with_closed() {
+    use annals_core::{CheckpointStore, Snapshot, SnapshotStore, Timestamp};
+    let dir = tempfile::tempdir().unwrap();
+    let old = LogStore::open(dir.path()).unwrap();
+    old.save_checkpoint("proj", 1).await.unwrap();
+    old.close().unwrap();
+    let new = LogStore::open(dir.path()).unwrap();
+    let saved = old.save_checkpoint("proj", 2).await;
+    assert!(matches!(saved, Err(Error::Closed)), "{saved:?}");
+    let snap = Snapshot {
+        stream: stream("snap-1"),
+        version: 1,
+        schema_version: 1,
+        data: vec![1u8; 10].into(),
+        created_at: Timestamp::now(),
+    };
+    let saved = old.save_snapshot(snap).await;
+    assert!(matches!(saved, Err(Error::Closed)), "{saved:?}");
+    let pruned = old.prune_snapshots(&stream("snap-1"), 0).await;
+    assert!(matches!(pruned, Err(Error::Closed) | Ok(0)), "{pruned:?}");
+    // Reads through the old handle keep working.
+    assert_eq!(old.load_checkpoint("proj").await.unwrap(), Some(1));
+    assert_eq!(new.load_checkpoint("proj").await.unwrap(), Some(1));
+}
+
 #[tokio::test]
 async fn snapshots_and_checkpoints_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
