@@ -785,6 +785,9 @@ impl Writer {
         // extend the file again after the truncation below.
         self.filler.stop();
         let published = self.tail;
+        // A segment being created when the group failed is not open yet:
+        // it is the one after the newest open segment.
+        let created = self.active.index + 1;
         let mut ok = true;
         while self.active.index > published.segment {
             let path = self.core.dir.join(segment_file_name(self.active.index));
@@ -798,9 +801,11 @@ impl Writer {
                 }
             }
         }
-        let orphan = self.core.dir.join(segment_file_name(published.segment + 1));
-        if self.core.io.exists(&orphan) {
-            ok &= self.core.io.remove(&orphan).is_ok();
+        for segment in published.segment + 1..=created {
+            let orphan = self.core.dir.join(segment_file_name(segment));
+            if self.core.io.exists(&orphan) {
+                ok &= self.core.io.remove(&orphan).is_ok();
+            }
         }
         ok &= self.active.file.set_len(published.end).is_ok();
         ok &= self.active.file.sync_all().is_ok();

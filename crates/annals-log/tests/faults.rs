@@ -384,3 +384,51 @@ async fn a_writeback_error_seen_first_by_the_filler_still_fails_the_group() {
     assert_eq!(stage.load(Ordering::SeqCst), 3, "the filler and the group did not meet");
     assert!(matches!(r, Err(Error::Poisoned { .. })), "acknowledged past a writeback error: {r:?}");
 }
+
+/// One append whose events each nearly fill a 4 KiB segment, so its group
+/// rolls over twice. Every write and every sync it performs fails in turn:
+/// the store must reopen (over what the process left, and after a crash)
+/// holding exactly the acknowledged events. A failure while creating the
+/// second new segment used to leave that file behind after the first one
+/// was removed, and every later open refused the directory (a missing
+/// segment), `repair` included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_in_a_group_spanning_two_rollovers_leaves_no_segment_behind() {
+    let spanning = || {
+        (0..3).map(|j| EventData::json("Big", &json!({ "j": j, "pad": "b".repeat(3000) })).unwrap()).collect()
+    };
+    let s = StreamName::new("span-1").unwrap();
+    // Count the I/O points of the spanning append.
+    let io = FaultIo::new();
+    let store = open(&io);
+    workload(&store, 0, 3).await;
+    let (w0, s0) = (io.writes(), io.syncs());
+    store.append(&s, ExpectedVersion::Any, spanning()).await.unwrap();
+    let (writes, syncs) = (io.writes() - w0, io.syncs() - s0);
+    assert!(store.stats().segments >= 3, "the append did not roll over twice");
+    drop(store);
+    for (fail_sync, k) in (1..=writes).map(|k| (false, k)).chain((1..=syncs).map(|k| (true, k))) {
+        let io = FaultIo::new();
+        let store = open(&io);
+        let (acked, _) = workload(&store, 0, 3).await;
+        if fail_sync {
+            io.fail_nth_sync(k);
+        } else {
+            io.fail_nth_write(k);
+        }
+        let r = store.append(&s, ExpectedVersion::Any, spanning()).await;
+        assert!(matches!(r, Err(Error::Poisoned { .. })), "k = {k}, sync = {fail_sync}: {r:?}");
+        let crashed = io.crash();
+        drop(store);
+        io.heal();
+        for (what, fs) in [("reopen", &io), ("crash", &crashed)] {
+            let store = LogStore::builder(Path::new(DIR))
+                .io(Arc::new(fs.clone()))
+                .segment_size(4096)
+                .background_fill(false)
+                .open()
+                .unwrap_or_else(|e| panic!("{what} after failure k = {k}, sync = {fail_sync}: {e}"));
+            assert_eq!(ids_in(&store).await, acked, "{what} after failure k = {k}, sync = {fail_sync}");
+        }
+    }
+}
