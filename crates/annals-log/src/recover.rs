@@ -700,6 +700,24 @@ pub(crate) fn scan(
         };
         return finish_bad(io, dir, mode, &mut files, &mut out, bad, mark);
     }
+    if (out.tail.segment, out.tail.end) < start.durable {
+        // An index checkpoint only covers synced records: a log that ends
+        // before it lost acknowledged ones (segments removed, or the last
+        // one cut short). Never start over from what is left.
+        let bad = BadRecord {
+            segment: out.tail.segment,
+            offset: out.tail.end,
+            position: out.tail.next_position,
+            reason: format!(
+                "the log ends before the index checkpoint's end (segment {}, offset {}): segments were \
+                 removed or cut short",
+                start.durable.0, start.durable.1
+            ),
+            torn_tail: false,
+            cut_position: mark.tail.next_position,
+        };
+        return finish_bad(io, dir, mode, &mut files, &mut out, bad, mark);
+    }
     out.last_len = match files.last() {
         Some(f) => f.len()?,
         None => 0,

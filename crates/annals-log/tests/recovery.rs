@@ -657,6 +657,49 @@ async fn missing_segments_and_unknown_versions_are_refused() {
     assert!(annals_log::verify(dir.path()).is_err());
 }
 
+/// The index checkpoint only covers synced records, so a log that ends
+/// before the checkpoint's end lost acknowledged records: its last
+/// segments were removed, or its last segment was cut short (a partial
+/// copy or restore). Open must refuse, not start over from what is left
+/// (and then overwrite the checkpoint at close); verify must say so.
+#[tokio::test]
+async fn a_log_ending_before_its_checkpoint_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LogStore::builder(dir.path()).segment_size(4096).open().unwrap();
+    fill(&store, 100).await;
+    let segments = store.stats().segments as u64;
+    store.close().unwrap();
+    drop(store);
+    let segment = |i: u64| dir.path().join(format!("{i:020}.seg"));
+    let last = std::fs::read(segment(segments - 1)).unwrap();
+    let offsets = record_offsets(&last);
+    let refused = |what: &str| {
+        match LogStore::builder(dir.path()).segment_size(4096).open() {
+            Err(e) => assert!(matches!(e, LogError::Corrupt { .. }), "{what}: {e}"),
+            Ok(store) => panic!("{what}: opened with {} of 100 events", store.stats().next_position),
+        }
+        let report = annals_log::verify(dir.path()).unwrap();
+        assert!(!report.is_ok(), "{what}: verify passed");
+    };
+    // The last segment cut short after its first record.
+    std::fs::write(segment(segments - 1), &last[..offsets[1] as usize]).unwrap();
+    refused("last segment cut short");
+    // The last segment gone.
+    std::fs::remove_file(segment(segments - 1)).unwrap();
+    refused("last segment removed");
+    // Every segment gone.
+    for i in 0..segments - 1 {
+        std::fs::remove_file(segment(i)).unwrap();
+    }
+    refused("every segment removed");
+    // Asked explicitly, repair starts over (and drops the stale checkpoint).
+    let store = LogStore::builder(dir.path()).segment_size(4096).repair(true).open().unwrap();
+    assert_eq!(store.stats().next_position, 0);
+    assert!(store.stats().truncated_on_open.is_some_and(|b| !b.torn_tail));
+    store.close().unwrap();
+    assert!(annals_log::verify(dir.path()).unwrap().is_ok());
+}
+
 #[tokio::test]
 async fn store_stats_come_from_the_index_and_the_directory() {
     let dir = tempfile::tempdir().unwrap();
