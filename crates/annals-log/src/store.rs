@@ -155,6 +155,7 @@ impl LogStoreBuilder {
         let core = Arc::new(Core::new(&dir, io, self.limits, idx, files));
         let kv = Arc::new(Kv::open(core.clone(), &dir, self.durability)?);
         let (head_tx, head_rx) = watch::channel(next);
+        let live_tail: Arc<subscription::Tail> = Arc::default();
         let writer = Writer::new(
             core.clone(),
             WriterConfig {
@@ -171,6 +172,7 @@ impl LogStoreBuilder {
             active,
             filled,
             head_tx,
+            live_tail.clone(),
             lock,
         );
         let (tx, rx) = mpsc::channel();
@@ -186,7 +188,7 @@ impl LogStoreBuilder {
                 stats,
                 dir,
                 leases: annals_core::LocalLeases::new(),
-                tail: Arc::default(),
+                tail: live_tail,
             }),
         })
     }
@@ -538,11 +540,9 @@ impl StreamDeleter for LogStore {
         self.sender()?
             .send(Request::Delete { stream: stream.clone(), expected, mode, reply })
             .map_err(|_| Error::Closed)?;
-        let deleted = rx.await.map_err(|_| Error::Closed)?;
-        if deleted.is_ok() {
-            self.shared.tail.note_deletion();
-        }
-        deleted
+        // The writer tells subscriptions once the deletion commits, even
+        // when this caller has stopped waiting.
+        rx.await.map_err(|_| Error::Closed)?
     }
 }
 

@@ -15,7 +15,7 @@ use std::{
 
 use annals_core::{
     AppendDecision, AppendResult, DeleteMode, Error, EventData, ExpectedVersion, Result, StreamAppend,
-    StreamName, StreamState, Timestamp, Uuid,
+    StreamName, StreamState, Timestamp, Uuid, subscription,
 };
 use tokio::sync::{oneshot, watch};
 
@@ -153,6 +153,8 @@ pub(crate) struct Writer {
     active: Active,
     tail: LogTail,
     head: watch::Sender<u64>,
+    /// Told of every committed deletion, which wakes stream subscriptions.
+    live_tail: Arc<subscription::Tail>,
     buf: Vec<u8>,
     filler: Filler,
     unsynced: bool,
@@ -164,6 +166,7 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
+    #[expect(clippy::too_many_arguments, reason = "called once, by open, with what it has recovered")]
     pub(crate) fn new(
         core: Arc<Core>,
         cfg: WriterConfig,
@@ -171,6 +174,7 @@ impl Writer {
         active_file: Arc<dyn IoFile>,
         file_len: u64,
         head: watch::Sender<u64>,
+        live_tail: Arc<subscription::Tail>,
         lock: Box<dyn Send + Sync>,
     ) -> Self {
         let filler = if cfg.background_fill {
@@ -191,6 +195,7 @@ impl Writer {
             active: Active { index: tail.segment, file: active_file },
             tail,
             head,
+            live_tail,
             buf: Vec::new(),
             filler,
             unsynced: false,
@@ -684,6 +689,7 @@ impl Writer {
             self.buf = first.buf;
         }
         if wrote_anything {
+            let deletes = group.ops.iter().any(|op| matches!(op, Op::Delete { .. }));
             match self.core.index_mut() {
                 Ok(mut idx) => {
                     for op in group.ops {
@@ -706,6 +712,11 @@ impl Writer {
             self.cfg.roll_first = false;
             // Published after the events are readable (see annals_core::subscription).
             self.head.send_replace(self.tail.next_position);
+            // Here rather than by the deleting caller, which may have
+            // stopped waiting (its future dropped) once the request was sent.
+            if deletes {
+                self.live_tail.note_deletion();
+            }
         }
         for r in group.replies {
             match r {

@@ -582,6 +582,34 @@ async fn periodic_checkpoints_bound_the_replay_after_a_crash() {
     assert_eq!(store.read_all(ReadAll::forward(1000)).await.unwrap().events.len(), 120);
 }
 
+/// A tombstone whose caller gave up waiting (its future dropped once the
+/// request was sent: an HTTP client that disconnected) still commits, and
+/// a live subscription of the stream must learn of it then, not only when
+/// some later commit happens to wake it.
+#[tokio::test]
+async fn a_tombstone_whose_caller_went_away_still_ends_live_stream_subscriptions() {
+    use annals_core::{SubscribeFrom, Subscriber, SubscriptionRequest};
+    use futures::{FutureExt, StreamExt};
+    let dir = tempfile::tempdir().unwrap();
+    let store = LogStore::open(dir.path()).unwrap();
+    let s = stream("tomb-1");
+    store.append(&s, ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
+    let mut live = store.subscribe(SubscriptionRequest::stream(s.clone(), SubscribeFrom::Start));
+    assert!(matches!(live.next().await, Some(Ok(_))));
+    // Sent, then dropped before the reply.
+    let delete = store.delete_stream(&s, ExpectedVersion::Any, DeleteMode::Hard);
+    assert!(delete.now_or_never().is_none(), "the delete finished on its first poll");
+    let started = std::time::Instant::now();
+    while store.stream_info(&s).await.unwrap().deletion != annals_core::DeletionState::Tombstoned {
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "the tombstone never committed");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let end = tokio::time::timeout(std::time::Duration::from_secs(5), live.next())
+        .await
+        .expect("the live subscription never learnt of the tombstone");
+    assert!(matches!(end, Some(Err(Error::StreamDeleted { .. }))), "{end:?}");
+}
+
 #[tokio::test]
 async fn subscriptions_end_with_closed_when_the_store_closes() {
     use annals_core::{SubscribeFrom, Subscriber, SubscriptionRequest};
