@@ -194,28 +194,10 @@ impl Kv {
                     at += len;
                     continue;
                 }
-                // A bad record. The last thing written (nothing but zeros
-                // after where it claims to end, and nothing intact inside
-                // the range it claims, which a torn write's own bytes fill):
-                // a torn tail, dropped below. A damaged length field of an
-                // acknowledged record can claim past the records after it,
-                // up to or beyond the end of the file.
                 let end = at.saturating_add(len.max(9));
-                if bytes.get(end..).is_none_or(|r| r.iter().all(|&b| b == 0)) {
-                    if let Some(found) = intact_record_in(&bytes, at + 1, end) {
-                        return Err(LogError::KvCorrupt {
-                            offset: at as u64,
-                            reason: format!(
-                                "bad checksum, length or kind, and an intact record at offset {found} inside \
-                                 the range it claims (not a torn last write)"
-                            ),
-                        });
-                    }
-                    break;
-                }
-                // Damage in the middle. Its length field leads to a record
-                // that checks: lose this one update only (later ones, which
-                // supersede most, stay), and say so.
+                // A bad record whose length field leads to a record that
+                // checks: damage in the middle. Lose this one update only
+                // (later ones, which supersede most, stay), and say so.
                 if valid_record(&bytes, end).is_some() {
                     tracing::error!(
                         offset = at,
@@ -225,12 +207,21 @@ impl Kv {
                     at = end;
                     continue;
                 }
+                // Nothing intact anywhere after it: the last thing written,
+                // torn by a crash (its sectors land in any order, so even
+                // its length field may be missing): dropped below. Anything
+                // intact after it means later writes followed it, so it was
+                // acknowledged: a damaged length field can claim past the
+                // records after it, up to or beyond the end of the file.
+                let Some(found) = intact_record_in(&bytes, at + 1, bytes.len()) else { break };
                 // Nothing to resume from: refuse rather than compact away
                 // every record after it.
                 return Err(LogError::KvCorrupt {
                     offset: at as u64,
-                    reason: "bad checksum, length or kind, and no intact record where it claims to end"
-                        .into(),
+                    reason: format!(
+                        "bad checksum, length or kind, no intact record where it claims to end, and an intact \
+                         record at offset {found} after it (not a torn last write)"
+                    ),
                 });
             }
             if at < bytes.len() && bytes.get(at..).is_some_and(|r| r.iter().any(|&b| b != 0)) {
