@@ -312,7 +312,7 @@ pub fn load(io: &dyn Io, dir: &Path) -> Result<Option<Index>, String> {
     if !io.exists(&path) {
         return Ok(None);
     }
-    let file = io.open(&path, false).map_err(|e| e.to_string())?;
+    let file = io.open_read(&path).map_err(|e| e.to_string())?;
     let len = usize::try_from(file.len().map_err(|e| e.to_string())?).map_err(|_| "index too large")?;
     let mut b = vec![0u8; len];
     let n = read_full(&*file, &mut b, 0).map_err(|e| e.to_string())?;

@@ -50,6 +50,11 @@ pub trait IoFile: Send + Sync {
 pub trait Io: Send + Sync {
     /// Opens a file for reading and writing, creating it when `create`.
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn IoFile>>;
+    /// Opens an existing file for reading only (`verify`, which must work
+    /// on read-only media). The default is `open(path, false)`.
+    fn open_read(&self, path: &Path) -> io::Result<Arc<dyn IoFile>> {
+        self.open(path, false)
+    }
     /// Names of the files in `dir`.
     fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
     /// Whether `path` exists.
@@ -124,6 +129,9 @@ impl Io for RealIo {
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn IoFile>> {
         let f = OpenOptions::new().read(true).write(true).create(create).truncate(false).open(path)?;
         Ok(Arc::new(RealFile(f)))
+    }
+    fn open_read(&self, path: &Path) -> io::Result<Arc<dyn IoFile>> {
+        Ok(Arc::new(RealFile(File::open(path)?)))
     }
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
         let mut out = Vec::new();

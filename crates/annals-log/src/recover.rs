@@ -432,7 +432,9 @@ pub(crate) fn scan(
     let segs = list_segments(io, dir)?;
     let mut files = Vec::with_capacity(segs.len());
     for s in &segs {
-        files.push(io.open(&dir.join(segment_file_name(*s)), false)?);
+        let path = dir.join(segment_file_name(*s));
+        // Verifying only reads: it must work on read-only media too.
+        files.push(if mode == Mode::Verify { io.open_read(&path)? } else { io.open(&path, false)? });
     }
     let mut out = Scan {
         tail: start.tail,
@@ -827,7 +829,7 @@ pub(crate) fn tail_matches(io: &dyn Io, dir: &Path, tail: &crate::index::LogTail
     if !io.exists(&dir.join(segment_file_name(tail.segment))) {
         return false;
     }
-    let Ok(file) = io.open(&dir.join(segment_file_name(seg)), false) else { return false };
+    let Ok(file) = io.open_read(&dir.join(segment_file_name(seg))) else { return false };
     let mut head = [0u8; 4];
     if read_full(&*file, &mut head, off).ok() != Some(4) {
         return false;
@@ -855,7 +857,7 @@ pub(crate) const GENESIS: Hash = [0u8; HASH_LEN];
 
 /// The header of segment `index`, if it reads and checks.
 pub(crate) fn read_header(io: &dyn Io, dir: &Path, index: u64) -> Option<SegmentHeader> {
-    let file = io.open(&dir.join(segment_file_name(index)), false).ok()?;
+    let file = io.open_read(&dir.join(segment_file_name(index))).ok()?;
     let mut b = [0u8; SEGMENT_HEADER_LEN];
     if read_full(&*file, &mut b, 0).ok()? != SEGMENT_HEADER_LEN {
         return None;

@@ -41,8 +41,9 @@ impl VerifyReport {
 
 /// Walks every record of the log in `dir`, checking framing, CRC32C, the
 /// hash chain, segment headers and position sequence, and reports counts and
-/// the first bad record. Read-only: it takes no lock and changes nothing, so
-/// it may run beside an open store (it then checks the prefix it sees; a
+/// the first bad record. Read-only: it takes no lock, changes nothing and
+/// opens every file for reading only (so it works on a read-only copy, such
+/// as a mounted backup), so it may run beside an open store (it then checks the prefix it sees; a
 /// record being written at that moment can show up as a torn tail).
 pub fn verify(dir: impl AsRef<Path>) -> Result<VerifyReport, LogError> {
     verify_with(&RealIo, dir.as_ref())

@@ -372,6 +372,60 @@ async fn a_damaged_length_of_the_checkpointed_tail_never_sizes_a_read_buffer() {
     assert!(largest <= 4 << 20, "a read buffer of {largest} bytes for 4 KiB segments");
 }
 
+/// A file system mounted read-only (a backup, a snapshot): opening a file
+/// for writing fails; reading works.
+#[derive(Clone)]
+struct ReadOnlyMount(FaultIo);
+
+impl Io for ReadOnlyMount {
+    fn open(&self, _path: &Path, _create: bool) -> std::io::Result<Arc<dyn IoFile>> {
+        Err(std::io::Error::new(std::io::ErrorKind::ReadOnlyFilesystem, "read-only file system"))
+    }
+    fn open_read(&self, path: &Path) -> std::io::Result<Arc<dyn IoFile>> {
+        self.0.open(path, false)
+    }
+    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+        self.0.list(dir)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        self.0.exists(path)
+    }
+    fn remove(&self, _path: &Path) -> std::io::Result<()> {
+        Err(std::io::Error::new(std::io::ErrorKind::ReadOnlyFilesystem, "read-only file system"))
+    }
+    fn rename(&self, _from: &Path, _to: &Path) -> std::io::Result<()> {
+        Err(std::io::Error::new(std::io::ErrorKind::ReadOnlyFilesystem, "read-only file system"))
+    }
+    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+        self.0.create_dir_all(dir)
+    }
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        self.0.sync_dir(dir)
+    }
+    fn lock(&self, _dir: &Path) -> Result<Box<dyn Send + Sync>, LogError> {
+        Err(std::io::Error::new(std::io::ErrorKind::ReadOnlyFilesystem, "read-only file system").into())
+    }
+}
+
+/// `verify` is read-only, so it works on a read-only copy of a store
+/// (`annals verify` on a mounted backup failed with "Read-only file
+/// system") and finds the same as on the writable original.
+#[tokio::test]
+async fn verify_works_on_a_read_only_file_system() {
+    let io = FaultIo::new();
+    let dir = Path::new("/read-only");
+    let store = LogStore::builder(dir).io(Arc::new(io.clone())).segment_size(4096).open().unwrap();
+    fill(&store, 100).await;
+    store.close().unwrap();
+    drop(store);
+    let writable = annals_log::verify_with(&io, dir).unwrap();
+    let report = annals_log::verify_with(&ReadOnlyMount(io.clone()), dir)
+        .unwrap_or_else(|e| panic!("verify of a read-only copy failed: {e}"));
+    assert!(report.is_ok(), "{report:?}");
+    assert_eq!(report, writable);
+    assert_eq!(report.events, 100);
+}
+
 #[tokio::test]
 async fn reordered_records_break_the_hash_chain() {
     let dir = tempfile::tempdir().unwrap();
