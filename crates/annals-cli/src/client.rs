@@ -2,7 +2,7 @@
 
 use clap::Args;
 use reqwest::{Method, RequestBuilder, Response};
-use serde_json::Value;
+use serde_json::{Value, value::RawValue};
 
 use crate::error::CliError;
 
@@ -92,6 +92,23 @@ impl Client {
         resp.json().await.map_err(|e| CliError::Other(format!("invalid JSON from the server: {e}")))
     }
 
+    /// Sends and returns the body of a successful answer as it came, for
+    /// answers that carry event data: that is the exact JSON text the store
+    /// holds, which a round trip through [`Value`] would change (numbers
+    /// beyond `f64` rounded, or refused).
+    pub async fn text(&self, req: RequestBuilder) -> Result<String, CliError> {
+        let resp = self.send(req).await?;
+        resp.text().await.map_err(|e| self.transport(e))
+    }
+
+    /// Sends and parses the answer into `T`. Fields `T` does not name (event
+    /// data in a page whose `head` is all that is wanted) are skipped
+    /// without being parsed.
+    pub async fn parse<T: serde::de::DeserializeOwned>(&self, req: RequestBuilder) -> Result<T, CliError> {
+        let text = self.text(req).await?;
+        serde_json::from_str(&text).map_err(|e| CliError::Other(format!("invalid JSON from the server: {e}")))
+    }
+
     /// Maps a transport error.
     pub fn transport(&self, e: reqwest::Error) -> CliError {
         CliError::Unreachable { url: self.base.clone(), message: e.to_string() }
@@ -113,6 +130,52 @@ pub async fn api_error(resp: Response) -> CliError {
 }
 
 pub use annals_server::wire::enc;
+
+/// A page of events as the server sent it: each event is kept as its JSON
+/// text.
+#[derive(Debug, serde::Deserialize)]
+pub struct RawPage {
+    /// The events, unparsed.
+    #[serde(default)]
+    pub events: Vec<Box<RawValue>>,
+    /// Where the next page starts, when there may be one.
+    #[serde(default)]
+    pub next: Option<u64>,
+}
+
+/// The fields of an event the CLI shows; `data` stays the stored JSON text.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct EventView {
+    /// Global position.
+    #[serde(default)]
+    pub position: Value,
+    /// Stream name.
+    #[serde(default)]
+    pub stream: Value,
+    /// Version in the stream.
+    #[serde(default)]
+    pub version: Value,
+    /// Event type.
+    #[serde(default, rename = "type")]
+    pub event_type: Value,
+    /// Commit time.
+    #[serde(default)]
+    pub recorded_at: Value,
+    /// The data, as stored.
+    #[serde(default)]
+    pub data: Box<RawValue>,
+}
+
+/// JSON text on one line. A raw line feed or carriage return can only be
+/// whitespace between tokens (inside a string JSON escapes them), so each
+/// becomes a space: the same JSON, every other byte and every number kept.
+pub fn one_line(json: &str) -> std::borrow::Cow<'_, str> {
+    if json.contains(['\n', '\r']) {
+        std::borrow::Cow::Owned(json.replace(['\n', '\r'], " "))
+    } else {
+        std::borrow::Cow::Borrowed(json)
+    }
+}
 
 /// Splits a `text/event-stream` body into `(event, id, data)` records.
 #[derive(Debug, Default)]

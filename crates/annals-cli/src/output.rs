@@ -28,6 +28,15 @@ pub fn short(v: &Value, max: usize) -> String {
     }
 }
 
+/// Stored JSON text as a short single-line string: a string's value, or
+/// the text itself (every digit of a number as it was written).
+pub fn short_raw(raw: &serde_json::value::RawValue, max: usize) -> String {
+    match serde_json::from_str::<String>(raw.get()) {
+        Ok(s) => short(&Value::String(s), max),
+        Err(_) => short(&Value::String(crate::client::one_line(raw.get()).into_owned()), max),
+    }
+}
+
 /// Prints one line on stdout. When stdout is closed (`annals tail | head`)
 /// the command has nothing left to do: exit quietly instead of panicking
 /// the way `println!` would.
@@ -44,17 +53,17 @@ pub fn print_json(v: &Value) {
     emit(v);
 }
 
-/// A table of events (`EventOut` objects).
-pub fn events_table(events: &[Value]) -> Table {
+/// A table of events.
+pub fn events_table(events: &[crate::client::EventView]) -> Table {
     let mut t = table(&["position", "stream", "version", "type", "recorded_at", "data"]);
     for e in events {
         t.add_row(vec![
-            short(&e["position"], 20),
-            short(&e["stream"], 40),
-            short(&e["version"], 20),
-            short(&e["type"], 40),
-            short(&e["recorded_at"], 32),
-            short(&e["data"], 60),
+            short(&e.position, 20),
+            short(&e.stream, 40),
+            short(&e.version, 20),
+            short(&e.event_type, 40),
+            short(&e.recorded_at, 32),
+            short_raw(&e.data, 60),
         ]);
     }
     t

@@ -1157,3 +1157,70 @@ fn tail_count_zero_prints_nothing() {
     let (code, out) = wait_or_kill(tail, Duration::from_secs(10));
     assert_eq!((code, String::from_utf8_lossy(&out.stdout).into_owned()), (Some(0), String::new()));
 }
+
+/// Event data is kept as the server stores it: the exact JSON text. The
+/// commands used to parse it into `f64`s and print that, so a big integer
+/// or a long decimal (an amount) was silently rounded by `append`, `read`,
+/// `tail`, `export` and `import`, and a number beyond `f64` (valid JSON)
+/// made `read` and `export` fail.
+#[test]
+fn numbers_in_event_data_keep_their_exact_text() {
+    const DATA: &str =
+        r#"{"amount":123456789012345678901234567890.000000000000000001,"price":1.10,"huge":1e400}"#;
+    let source = server();
+    let events = format!(r#"[{{"type":"Priced","data":{DATA}}}]"#);
+    let out = annals(&source, &["append", "p-1", &events]);
+    assert!(out.status.success(), "append: {}", String::from_utf8_lossy(&out.stderr));
+    let out = annals(&source, &["append", "p-1", "--type", "Priced", "--data", DATA]);
+    assert!(out.status.success(), "append --data: {}", String::from_utf8_lossy(&out.stderr));
+    // What the server stored, read without the CLI.
+    let stored = http_get(&format!("{source}/streams/p-1"));
+    assert_eq!(stored.matches(DATA).count(), 2, "{stored}");
+
+    let out = annals(&source, &["read", "p-1", "--json"]);
+    assert!(out.status.success(), "read --json: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).matches(DATA).count(), 2);
+    let out = annals(&source, &["read", "p-1"]);
+    assert!(out.status.success(), "read: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("123456789012345678901234567890.0"));
+
+    let tail = spawn_tail(&source, &["p-1", "--from", "start", "--count", "2", "--json"]);
+    let (code, out) = wait_or_kill(tail, Duration::from_secs(20));
+    assert_eq!(code, Some(0), "tail: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).matches(DATA).count(), 2);
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("events.jsonl");
+    let out = annals(&source, &["export", "-o", file.to_str().unwrap(), "--json"]);
+    assert_eq!(stdout_json(&out)["exported"], 2, "export: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(&file).unwrap().matches(DATA).count(), 2);
+    let target = server();
+    let out = annals(&target, &["import", file.to_str().unwrap(), "--json"]);
+    assert_eq!(stdout_json(&out)["written"], 2);
+    let imported = http_get(&format!("{target}/streams/p-1"));
+    assert_eq!(imported.matches(DATA).count(), 2, "{imported}");
+}
+
+/// Data sent with whitespace (newlines) between its tokens is stored as
+/// sent; the export must still hold one event per line.
+#[test]
+fn export_writes_one_line_per_event_whatever_the_data_layout() {
+    let source = server();
+    let out =
+        annals(&source, &["append", "w-1", "[{\"type\":\"W\",\"data\":{\"a\":\n  1,\r\n \"s\":\"x\\ny\"}}]"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("events.jsonl");
+    assert_eq!(
+        stdout_json(&annals(&source, &["export", "-o", file.to_str().unwrap(), "--json"]))["exported"],
+        1
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(text.lines().count(), 1, "{text}");
+    let event: Value = serde_json::from_str(text.trim_end()).unwrap();
+    assert_eq!(event["data"], json!({"a": 1, "s": "x\ny"}));
+    let target = server();
+    assert_eq!(stdout_json(&annals(&target, &["import", file.to_str().unwrap(), "--json"]))["written"], 1);
+    let v = stdout_json(&annals(&target, &["read", "w-1", "--json"]));
+    assert_eq!(v["events"][0]["data"], json!({"a": 1, "s": "x\ny"}));
+}

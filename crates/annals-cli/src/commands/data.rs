@@ -5,12 +5,12 @@ use std::io::Read as _;
 use clap::Args;
 use futures::StreamExt;
 use reqwest::Method;
-use serde_json::{Value, json};
+use serde_json::{Value, value::RawValue};
 
 use crate::{
-    client::{Client, ClientArgs, SseParser, enc},
+    client::{Client, ClientArgs, EventView, RawPage, SseParser, enc, one_line},
     error::CliError,
-    output::{emit, events_table, print_json, short, table},
+    output::{emit, events_table, print_json, short, short_raw, table},
 };
 
 /// `annals append`.
@@ -127,28 +127,37 @@ fn read_input(arg: Option<&str>) -> Result<String, CliError> {
 /// Appends events.
 pub async fn append(args: AppendArgs, c: &ClientArgs) -> Result<(), CliError> {
     let client = Client::new(c)?;
-    let events: Value = match &args.event_type {
+    // The events go to the server as the JSON text they were given in:
+    // parsed into `Value`, a number beyond `f64` (an amount with many
+    // digits) would be rounded, or refused, before it was sent.
+    let body = match &args.event_type {
         Some(t) => {
-            let data: Value = match &args.data {
-                Some(d) => serde_json::from_str(d)
+            let data = match &args.data {
+                Some(d) => serde_json::from_str::<Box<RawValue>>(d)
                     .map_err(|e| CliError::Usage(format!("--data is not JSON: {e}")))?,
-                None => json!({}),
+                None => RawValue::from_string("{}".to_owned()).map_err(|e| CliError::Other(e.to_string()))?,
             };
-            json!([{ "type": t, "data": data }])
+            let event_type = serde_json::to_string(t).map_err(|e| CliError::Other(e.to_string()))?;
+            format!(r#"[{{"type":{event_type},"data":{}}}]"#, data.get())
         }
         None => {
             let text = read_input(args.events.as_deref())?;
-            let v: Value = serde_json::from_str(&text)
+            let raw: Box<RawValue> = serde_json::from_str(&text)
                 .map_err(|e| CliError::Usage(format!("events are not valid JSON: {e}")))?;
-            if v.is_object() { Value::Array(vec![v]) } else { v }
+            let raw = raw.get().trim();
+            if raw.starts_with('{') {
+                format!("[{raw}]")
+            } else if raw.starts_with('[') {
+                raw.to_owned()
+            } else {
+                return Err(CliError::Usage("events must be a JSON array or object".into()));
+            }
         }
     };
-    if !events.is_array() {
-        return Err(CliError::Usage("events must be a JSON array or object".into()));
-    }
     let req = client
         .request(Method::POST, &format!("/streams/{}?expected={}", enc(&args.stream), enc(&args.expected)))
-        .json(&events);
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body);
     let result = client.json(req).await?;
     if c.json {
         print_json(&result);
@@ -186,14 +195,21 @@ pub async fn read(args: ReadArgs, c: &ClientArgs) -> Result<(), CliError> {
     if let Some(f) = &args.from {
         path.push_str(&format!("&from={}", enc(f)));
     }
-    let page = client.json(client.request(Method::GET, &path)).await?;
+    // Kept as the server sent it: see `Client::text`.
+    let body = client.text(client.request(Method::GET, &path)).await?;
     if c.json {
-        print_json(&page);
+        emit(one_line(body.trim_end()));
         return Ok(());
     }
-    let events = page["events"].as_array().cloned().unwrap_or_default();
+    let page: RawPage = serde_json::from_str(&body)
+        .map_err(|e| CliError::Other(format!("invalid JSON from the server: {e}")))?;
+    let events = page
+        .events
+        .iter()
+        .map(|e| serde_json::from_str::<EventView>(e.get()).unwrap_or_default())
+        .collect::<Vec<_>>();
     emit(events_table(&events));
-    match page["next"].as_u64() {
+    match page.next {
         Some(n) => println!("{} event(s); next page: --from {n}", events.len()),
         None => println!("{} event(s)", events.len()),
     }
@@ -249,17 +265,18 @@ pub async fn tail(args: TailArgs, c: &ClientArgs) -> Result<(), CliError> {
             for ev in parser.push(&chunk) {
                 match ev.event.as_str() {
                     "event" => {
-                        let value: Value = serde_json::from_str(&ev.data).unwrap_or(Value::Null);
+                        // Printed as sent (see `Client::text`).
                         if c.json {
-                            print_json(&value);
+                            emit(one_line(&ev.data));
                         } else {
+                            let e: EventView = serde_json::from_str(&ev.data).unwrap_or_default();
                             emit(format_args!(
                                 "{:>8} {}@{} {} {}",
-                                short(&value["position"], 20),
-                                short(&value["stream"], 60),
-                                short(&value["version"], 20),
-                                short(&value["type"], 60),
-                                short(&value["data"], 120)
+                                short(&e.position, 20),
+                                short(&e.stream, 60),
+                                short(&e.version, 20),
+                                short(&e.event_type, 60),
+                                short_raw(&e.data, 120)
                             ));
                         }
                         // The id is the position (`$all`) or version (a
@@ -321,9 +338,9 @@ async fn start_of_tail(client: &Client, args: &TailArgs) -> Result<u64, CliError
             if let Some(p) = &args.stream_prefix {
                 path.push_str(&format!("&stream_prefix={}", enc(p)));
             }
-            let page = client.json(client.request(Method::GET, &path)).await?;
-            page["head"]
-                .as_u64()
+            // The page's event is not looked at (nor parsed).
+            let page: Head = client.parse(client.request(Method::GET, &path)).await?;
+            page.head
                 .ok_or_else(|| CliError::Other("the server did not say where `$all` ends (no head)".into()))
         }
         "end" => {
@@ -341,6 +358,13 @@ async fn start_of_tail(client: &Client, args: &TailArgs) -> Result<u64, CliError
             CliError::Usage(format!("--from must be start, end or a version / position, got '{n}'"))
         }),
     }
+}
+
+/// The `head` of a page of `$all`: the log's next position.
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct Head {
+    #[serde(default)]
+    pub(crate) head: Option<u64>,
 }
 
 fn live_path(args: &TailArgs, from: u64) -> String {

@@ -12,10 +12,11 @@ use std::{
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use reqwest::Method;
-use serde_json::{Value, json};
+use serde_json::{Value, json, value::RawValue};
 
 use crate::{
-    client::{Client, ClientArgs, enc},
+    client::{Client, ClientArgs, RawPage, enc, one_line},
+    commands::data::Head,
     error::CliError,
 };
 
@@ -121,8 +122,8 @@ pub async fn export(args: ExportArgs, c: &ClientArgs) -> Result<(), CliError> {
     if let Some(p) = &args.stream_prefix {
         head_path.push_str(&format!("&stream_prefix={}", enc(p)));
     }
-    let info = client.json(client.request(Method::GET, &head_path)).await?;
-    let head = info["head"].as_u64().unwrap_or(0);
+    let info: Head = client.parse(client.request(Method::GET, &head_path)).await?;
+    let head = info.head.unwrap_or(0);
     let bar = progress(head.saturating_sub(from), "exporting");
     if args.output.is_none() || c.json {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -133,13 +134,14 @@ pub async fn export(args: ExportArgs, c: &ClientArgs) -> Result<(), CliError> {
         if let Some(p) = &args.stream_prefix {
             path.push_str(&format!("&stream_prefix={}", enc(p)));
         }
-        let page = client.json(client.request(Method::GET, &path)).await?;
-        let events = page["events"].as_array().cloned().unwrap_or_default();
-        for e in &events {
-            writeln!(out, "{e}")?;
+        // Each event is written as the server sent it, on one line: the
+        // data's exact JSON text, which a `Value` would change (numbers).
+        let page: RawPage = client.parse(client.request(Method::GET, &path)).await?;
+        for e in &page.events {
+            writeln!(out, "{}", one_line(e.get()))?;
         }
-        exported += events.len() as u64;
-        let next = page["next"].as_u64().unwrap_or(from);
+        exported += page.events.len() as u64;
+        let next = page.next.unwrap_or(from);
         bar.inc(next.saturating_sub(from));
         if next <= from || next >= head {
             break;
@@ -198,7 +200,7 @@ struct Pending {
     line: usize,
     first_version: u64,
     last_version: u64,
-    events: Vec<Value>,
+    events: Vec<EventBody>,
 }
 
 /// The input of `import`, readable twice: the file itself, or what stdin
@@ -229,7 +231,42 @@ struct Line {
     stream: String,
     version: u64,
     /// The event as the append endpoint takes it.
-    event: Value,
+    event: EventBody,
+}
+
+/// A line of an export file. The event's fields are kept as their JSON
+/// text, so that the data is appended exactly as it was exported.
+#[derive(serde::Deserialize)]
+struct ExportedLine {
+    #[serde(default)]
+    stream: Option<Value>,
+    #[serde(default)]
+    version: Option<Value>,
+    #[serde(default)]
+    id: Option<Box<RawValue>>,
+    #[serde(default, rename = "type")]
+    event_type: Option<Box<RawValue>>,
+    #[serde(default)]
+    content_type: Option<Box<RawValue>>,
+    #[serde(default)]
+    data: Option<Box<RawValue>>,
+    #[serde(default)]
+    metadata: Option<Box<RawValue>>,
+}
+
+/// An event of an append request, its fields as exported.
+#[derive(serde::Serialize)]
+struct EventBody {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<Box<RawValue>>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    event_type: Option<Box<RawValue>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content_type: Option<Box<RawValue>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<Box<RawValue>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metadata: Option<Box<RawValue>>,
 }
 
 /// Parses line `n` and checks it as the server checks an appended event
@@ -237,17 +274,26 @@ struct Line {
 /// bad line is found before anything is written.
 fn parse_line(n: usize, line: &str) -> Result<Line, CliError> {
     let bad = |what: String| CliError::Usage(format!("line {n}: {what}"));
-    let e: Value = serde_json::from_str(line).map_err(|err| bad(format!("not JSON: {err}")))?;
-    let (Some(stream), Some(version)) = (e["stream"].as_str(), e["version"].as_u64()) else {
+    let e: ExportedLine = serde_json::from_str(line).map_err(|err| match err.classify() {
+        serde_json::error::Category::Data => bad(format!("not an event: {err}")),
+        _ => bad(format!("not JSON: {err}")),
+    })?;
+    let (Some(stream), Some(version)) =
+        (e.stream.as_ref().and_then(Value::as_str), e.version.as_ref().and_then(Value::as_u64))
+    else {
         return Err(bad("missing stream or version".into()));
     };
     annals_core::StreamName::new(stream).map_err(|err| bad(format!("stream '{stream}': {err}")))?;
-    let event = json!({
-        "id": e["id"], "type": e["type"], "content_type": e["content_type"],
-        "data": e["data"], "metadata": e["metadata"],
-    });
+    let event = EventBody {
+        id: e.id,
+        event_type: e.event_type,
+        content_type: e.content_type,
+        data: e.data,
+        metadata: e.metadata,
+    };
+    let text = serde_json::to_string(&event).map_err(|err| bad(format!("not an event: {err}")))?;
     let parsed: annals_server::wire::EventIn =
-        serde_json::from_value(event.clone()).map_err(|err| bad(format!("not an event: {err}")))?;
+        serde_json::from_str(&text).map_err(|err| bad(format!("not an event: {err}")))?;
     // Its messages name the event by its index in a request ("event N: …");
     // here the line number says which.
     let data = parsed.into_event_data(n, None).map_err(|err| {
@@ -436,7 +482,7 @@ async fn import_batch(
     };
     let count = fresh.len() as u64;
     let path = format!("/streams/{}?expected={expected}", enc(&p.stream));
-    let out = client.json(client.request(Method::POST, &path).json(&Value::Array(fresh))).await?;
+    let out = client.json(client.request(Method::POST, &path).json(&fresh)).await?;
     stats.0 += count;
     known.insert(p.stream, out["last_version"].as_u64());
     Ok(())
