@@ -33,6 +33,10 @@ pub enum CliError {
     /// command ended by SIGINT.
     #[error("interrupted")]
     Interrupted,
+    /// Stdout was closed by its reader (`annals tail | head -1`): there is
+    /// nothing left to do. Ends the command quietly with exit code 0.
+    #[error("stdout was closed")]
+    StdoutClosed,
     /// Anything else (I/O, server start-up).
     #[error("{0}")]
     Other(String),
@@ -53,6 +57,7 @@ impl CliError {
             CliError::Usage(_) => 2,
             CliError::Damaged(_) => 7,
             CliError::Interrupted => 130,
+            CliError::StdoutClosed => 0,
             CliError::Other(_) => 1,
         }
     }

@@ -115,7 +115,9 @@ fn main() {
         }
     });
     if let Err(e) = result {
-        eprintln!("error: {e}");
+        if !matches!(e, CliError::StdoutClosed) {
+            eprintln!("error: {e}");
+        }
         std::process::exit(e.exit_code());
     }
 }

@@ -3,6 +3,8 @@
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 use serde_json::Value;
 
+use crate::error::CliError;
+
 /// A table with the house style.
 pub fn table(headers: &[&str]) -> Table {
     let mut t = Table::new();
@@ -38,19 +40,28 @@ pub fn short_raw(raw: &serde_json::value::RawValue, max: usize) -> String {
 }
 
 /// Prints one line on stdout. When stdout is closed (`annals tail | head`)
-/// the command has nothing left to do: exit quietly instead of panicking
-/// the way `println!` would.
-pub fn emit(line: impl std::fmt::Display) {
+/// the command has nothing left to do: [`CliError::StdoutClosed`] ends it
+/// quietly with 0 (after a `--data-dir` command has closed its log),
+/// instead of the panic of `println!`. Any other write error (a full disk
+/// under `> file`) is an error.
+pub fn emit(line: impl std::fmt::Display) -> Result<(), CliError> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
-        std::process::exit(0);
+    writeln!(out, "{line}").and_then(|()| out.flush()).map_err(stdout_error)
+}
+
+/// A failed write to stdout as a [`CliError`].
+pub fn stdout_error(e: std::io::Error) -> CliError {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        CliError::StdoutClosed
+    } else {
+        CliError::Other(format!("cannot write to stdout: {e}"))
     }
 }
 
 /// Prints JSON compactly (for `--json`).
-pub fn print_json(v: &Value) {
-    emit(v);
+pub fn print_json(v: &Value) -> Result<(), CliError> {
+    emit(v)
 }
 
 /// A table of events.

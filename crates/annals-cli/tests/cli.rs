@@ -1224,3 +1224,64 @@ fn export_writes_one_line_per_event_whatever_the_data_layout() {
     let v = stdout_json(&annals(&target, &["read", "w-1", "--json"]));
     assert_eq!(v["events"][0]["data"], json!({"a": 1, "s": "x\ny"}));
 }
+
+/// Runs `annals` with its stdout read up to the first line and then
+/// closed, as `annals … | head -1` does; returns the exit code and stderr.
+fn annals_into_head(url: &str, args: &[&str]) -> (Option<i32>, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("ANNALS_URL", url)
+        .env_remove("ANNALS_TOKEN")
+        .env_remove("ANNALS_API_KEY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(!line.is_empty(), "{args:?} printed nothing");
+    drop(out);
+    let (code, output) = wait_or_kill(child, Duration::from_secs(30));
+    (code, String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+/// Output larger than a pipe holds, read by `head -1`: the command must
+/// end quietly with 0. `streams` (and the summary lines of the others)
+/// printed with `println!`, which panicked on the closed pipe (exit 101
+/// with a backtrace); `export` to stdout ended with "error: Broken pipe".
+#[test]
+fn output_to_a_closed_pipe_ends_quietly() {
+    let url = server();
+    // 800 streams with long names in one transaction: a listing well over 64 KiB.
+    let parts: Vec<Value> = (0..800)
+        .map(|i| {
+            json!({ "stream": format!("closed-pipe-{i:04}-{}", "x".repeat(80)), "expected": "any",
+                    "events": [{ "type": "Made", "data": { "i": i } }] })
+        })
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let status = rt.block_on(async {
+        reqwest::Client::new()
+            .post(format!("{url}/transactions"))
+            .json(&json!({ "streams": parts }))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert!(status.is_success(), "{status}");
+    for args in [
+        &["streams"][..],
+        &["streams", "--json"],
+        &["read", "$all", "-n", "800"],
+        &["read", "$all", "-n", "800", "--json"],
+        &["export"],
+        &["tail", "$all", "--from", "start"],
+    ] {
+        let (code, stderr) = annals_into_head(&url, args);
+        assert_eq!(code, Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked") && !stderr.contains("error"), "{args:?}: {stderr}");
+    }
+}

@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 use crate::{
     client::{Client, ClientArgs, SseParser, enc},
     error::CliError,
-    output::{print_json, table},
+    output::{emit, print_json, table},
 };
 
 /// What to measure.
@@ -447,8 +447,8 @@ fn finish(args: &BenchArgs, c: &ClientArgs, outcome: Outcome) -> Result<(), CliE
             obj.insert("delivery_latency".into(), summary(&mut deliveries));
         }
     }
-    if c.json {
-        print_json(&report);
+    let printed = if c.json {
+        print_json(&report)
     } else {
         let mut t = table(&["metric", "value"]);
         if let Some(obj) = report.as_object() {
@@ -463,10 +463,10 @@ fn finish(args: &BenchArgs, c: &ClientArgs, outcome: Outcome) -> Result<(), CliE
                 t.add_row(vec![k.clone(), text]);
             }
         }
-        println!("{t}");
-    }
+        emit(t)
+    };
     if requests == 0 {
         return Err(CliError::Other(format!("no append succeeded ({errors} errors)")));
     }
-    Ok(())
+    printed
 }

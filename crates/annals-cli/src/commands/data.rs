@@ -160,16 +160,15 @@ pub async fn append(args: AppendArgs, c: &ClientArgs) -> Result<(), CliError> {
         .body(body);
     let result = client.json(req).await?;
     if c.json {
-        print_json(&result);
+        print_json(&result)
     } else {
-        println!(
+        emit(format_args!(
             "appended to {}: last version {}, position {}",
             args.stream,
             short(&result["last_version"], 20),
             short(&result["position"], 20)
-        );
+        ))
     }
-    Ok(())
 }
 
 /// Reads a page of a stream or `$all`.
@@ -198,8 +197,7 @@ pub async fn read(args: ReadArgs, c: &ClientArgs) -> Result<(), CliError> {
     // Kept as the server sent it: see `Client::text`.
     let body = client.text(client.request(Method::GET, &path)).await?;
     if c.json {
-        emit(one_line(body.trim_end()));
-        return Ok(());
+        return emit(one_line(body.trim_end()));
     }
     let page: RawPage = serde_json::from_str(&body)
         .map_err(|e| CliError::Other(format!("invalid JSON from the server: {e}")))?;
@@ -208,12 +206,11 @@ pub async fn read(args: ReadArgs, c: &ClientArgs) -> Result<(), CliError> {
         .iter()
         .map(|e| serde_json::from_str::<EventView>(e.get()).unwrap_or_default())
         .collect::<Vec<_>>();
-    emit(events_table(&events));
+    emit(events_table(&events))?;
     match page.next {
-        Some(n) => println!("{} event(s); next page: --from {n}", events.len()),
-        None => println!("{} event(s)", events.len()),
+        Some(n) => emit(format_args!("{} event(s); next page: --from {n}", events.len())),
+        None => emit(format_args!("{} event(s)", events.len())),
     }
-    Ok(())
 }
 
 /// How long `tail` keeps trying to reach the server again after a live
@@ -267,7 +264,7 @@ pub async fn tail(args: TailArgs, c: &ClientArgs) -> Result<(), CliError> {
                     "event" => {
                         // Printed as sent (see `Client::text`).
                         if c.json {
-                            emit(one_line(&ev.data));
+                            emit(one_line(&ev.data))?;
                         } else {
                             let e: EventView = serde_json::from_str(&ev.data).unwrap_or_default();
                             emit(format_args!(
@@ -277,7 +274,7 @@ pub async fn tail(args: TailArgs, c: &ClientArgs) -> Result<(), CliError> {
                                 short(&e.version, 20),
                                 short(&e.event_type, 60),
                                 short_raw(&e.data, 120)
-                            ));
+                            ))?;
                         }
                         // The id is the position (`$all`) or version (a
                         // stream): the next connection starts just after it.
@@ -419,8 +416,7 @@ pub async fn streams(args: StreamsArgs, c: &ClientArgs) -> Result<(), CliError> 
     }
     let v = client.json(client.request(Method::GET, &path)).await?;
     if c.json {
-        print_json(&v);
-        return Ok(());
+        return print_json(&v);
     }
     let mut t = table(&["stream", "events", "last_version", "last_position", "state"]);
     let list = v["streams"].as_array().cloned().unwrap_or_default();
@@ -433,12 +429,11 @@ pub async fn streams(args: StreamsArgs, c: &ClientArgs) -> Result<(), CliError> 
             short(&s["deletion"], 20),
         ]);
     }
-    println!("{t}");
+    emit(t)?;
     match v["next"].as_str() {
-        Some(next) => println!("{} stream(s); more with --after {next}", list.len()),
-        None => println!("{} stream(s)", list.len()),
+        Some(next) => emit(format_args!("{} stream(s); more with --after {next}", list.len())),
+        None => emit(format_args!("{} stream(s)", list.len())),
     }
-    Ok(())
 }
 
 /// Shows statistics.
@@ -446,8 +441,7 @@ pub async fn stats(_args: StatsArgs, c: &ClientArgs) -> Result<(), CliError> {
     let client = Client::new(c)?;
     let v = client.json(client.request(Method::GET, "/stats")).await?;
     if c.json {
-        print_json(&v);
-        return Ok(());
+        return print_json(&v);
     }
     let mut t = table(&["metric", "value"]);
     for key in ["events", "streams", "appends_since_start", "complete"] {
@@ -457,7 +451,7 @@ pub async fn stats(_args: StatsArgs, c: &ClientArgs) -> Result<(), CliError> {
     t.add_row(vec!["disk".to_owned(), disk]);
     t.add_row(vec!["subscribers (sse)".to_owned(), short(&v["subscribers"]["sse"], 20)]);
     t.add_row(vec!["subscribers (ws)".to_owned(), short(&v["subscribers"]["ws"], 20)]);
-    println!("{t}");
+    emit(t)?;
     if let Some(by_type) = v["by_type"].as_object()
         && !by_type.is_empty()
     {
@@ -465,7 +459,7 @@ pub async fn stats(_args: StatsArgs, c: &ClientArgs) -> Result<(), CliError> {
         for (k, n) in by_type {
             t.add_row(vec![k.clone(), short(n, 20)]);
         }
-        println!("{t}");
+        emit(t)?;
     }
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::error::CliError;
+use crate::{error::CliError, output::emit};
 
 /// `annals verify`.
 #[derive(Debug, Clone, Args)]
@@ -73,7 +73,7 @@ pub async fn verify(args: VerifyArgs) -> Result<(), CliError> {
         .await
         .map_err(|e| CliError::Other(format!("verify task failed: {e}")))?
         .map_err(|e| CliError::Other(format!("cannot verify {}: {e}", args.dir.display())))?;
-    if args.json {
+    let printed = if args.json {
         let bad = report.first_bad.as_ref().map(|b| {
             serde_json::json!({
                 "segment": b.segment, "offset": b.offset, "position": b.position,
@@ -85,13 +85,14 @@ pub async fn verify(args: VerifyArgs) -> Result<(), CliError> {
             "events": report.events, "streams": report.streams, "bytes": report.bytes,
             "head_hash": report.head_hash, "first_bad": bad,
         });
-        println!("{value}");
+        emit(value)
     } else {
-        println!("{report}");
-    }
+        emit(&report)
+    };
     if report.is_ok() {
-        Ok(())
+        printed
     } else {
+        // Exit 7 whether or not the report could be printed.
         Err(CliError::Damaged(format!("{} failed verification", args.dir.display())))
     }
 }
@@ -111,12 +112,11 @@ pub async fn repair(args: RepairArgs) -> Result<(), CliError> {
         .map_err(|e| CliError::Other(format!("verify task failed: {e}")))?
         .map_err(|e| CliError::Other(format!("cannot verify {}: {e}", args.dir.display())))?;
     let Some(bad) = report.first_bad.clone() else {
-        if args.json {
-            println!("{}", serde_json::json!({ "ok": true, "events": report.events, "cut": null }));
+        return if args.json {
+            emit(serde_json::json!({ "ok": true, "events": report.events, "cut": null }))
         } else {
-            println!("{}: intact ({} events); nothing to repair", args.dir.display(), report.events);
-        }
-        return Ok(());
+            emit(format_args!("{}: intact ({} events); nothing to repair", args.dir.display(), report.events))
+        };
     };
     let lost = report.events.saturating_sub(bad.cut_position);
     let plan = serde_json::json!({
@@ -124,20 +124,20 @@ pub async fn repair(args: RepairArgs) -> Result<(), CliError> {
         "reason": bad.reason, "torn_tail": bad.torn_tail, "cut_position": bad.cut_position,
     });
     if !args.yes {
-        if args.json {
-            println!(
-                "{}",
+        // Exit 7 whether or not the plan could be printed.
+        let _ = if args.json {
+            emit(
                 serde_json::json!({ "ok": false, "first_bad": plan, "events_before_damage": bad.cut_position,
-                    "readable_events_removed": lost, "cut": false })
-            );
+                    "readable_events_removed": lost, "cut": false }),
+            )
         } else {
-            println!(
+            emit(format_args!(
                 "first bad record: segment {}, offset {}, position {}: {}
                  repair would cut the log back to position {}: events from {} on are removed                  ({lost} of them were readable up to the damage; any after it are lost too).
                  Run again with --yes to cut.",
                 bad.segment, bad.offset, bad.position, bad.reason, bad.cut_position, bad.cut_position
-            );
-        }
+            ))
+        };
         return Err(CliError::Damaged(format!("{} is damaged; nothing was changed", args.dir.display())));
     }
     let dir = args.dir.clone();
@@ -156,18 +156,14 @@ pub async fn repair(args: RepairArgs) -> Result<(), CliError> {
         other => CliError::Other(format!("cannot repair {}: {other}", args.dir.display())),
     })?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::json!({ "ok": true, "first_bad": plan, "cut": stats.is_some(), "events": next })
-        );
+        emit(serde_json::json!({ "ok": true, "first_bad": plan, "cut": stats.is_some(), "events": next }))
     } else {
-        println!(
+        emit(format_args!(
             "cut {} back to position {}; it holds {next} events now",
             args.dir.display(),
             bad.cut_position
-        );
+        ))
     }
-    Ok(())
 }
 
 /// Rebuilds the index checkpoint from the log alone.
@@ -187,18 +183,17 @@ pub async fn rebuild_index(args: RebuildArgs) -> Result<(), CliError> {
             "events": report.events, "records": report.records, "streams": report.streams,
             "seconds": report.seconds, "events_per_second": report.events_per_second,
         });
-        println!("{value}");
+        emit(value)
     } else {
-        println!(
+        emit(format_args!(
             "rebuilt the index of {}: {} events, {} streams in {:.2} s ({:.0} events/s)",
             args.dir.display(),
             report.events,
             report.streams,
             report.seconds,
             report.events_per_second
-        );
+        ))
     }
-    Ok(())
 }
 
 /// Runs the embedded log benchmark and prints its table.
@@ -226,6 +221,5 @@ pub async fn bench_log(args: BenchLogArgs) -> Result<(), CliError> {
         .await
         .map_err(|e| CliError::Other(format!("bench task failed: {e}")))?
         .map_err(|e| CliError::Other(format!("bench failed: {e}")))?;
-    println!("{report}");
-    Ok(())
+    emit(report)
 }

@@ -311,8 +311,9 @@ fn init_logging(config: &ServerConfig) -> Result<(), CliError> {
 pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     let config = load_config(&args)?;
     if args.check_config {
-        println!("{}", serde_json::to_string_pretty(&config).map_err(|e| CliError::Other(e.to_string()))?);
-        return Ok(());
+        return crate::output::emit(
+            serde_json::to_string_pretty(&config).map_err(|e| CliError::Other(e.to_string()))?,
+        );
     }
     init_logging(&config)?;
     let opened = open_store(&config.store).await?;

@@ -18,6 +18,7 @@ use crate::{
     client::{Client, ClientArgs, RawPage, enc, one_line},
     commands::data::Head,
     error::CliError,
+    output::{emit, stdout_error},
 };
 
 /// `annals export`.
@@ -138,7 +139,7 @@ pub async fn export(args: ExportArgs, c: &ClientArgs) -> Result<(), CliError> {
         // data's exact JSON text, which a `Value` would change (numbers).
         let page: RawPage = client.parse(client.request(Method::GET, &path)).await?;
         for e in &page.events {
-            writeln!(out, "{}", one_line(e.get()))?;
+            writeln!(out, "{}", one_line(e.get())).map_err(stdout_error)?;
         }
         exported += page.events.len() as u64;
         let next = page.next.unwrap_or(from);
@@ -148,12 +149,12 @@ pub async fn export(args: ExportArgs, c: &ClientArgs) -> Result<(), CliError> {
         }
         from = next;
     }
-    out.flush()?;
+    out.flush().map_err(stdout_error)?;
     bar.finish_and_clear();
     if args.output.is_some() {
         let summary = json!({ "exported": exported, "next_position": head });
         if c.json {
-            println!("{summary}");
+            emit(summary)?;
         } else {
             eprintln!("exported {exported} event(s); resume later with --resume");
         }
@@ -385,11 +386,10 @@ pub async fn import(args: ImportArgs, c: &ClientArgs) -> Result<(), CliError> {
     bar.finish_and_clear();
     let summary = json!({ "written": stats.0, "skipped": stats.1 });
     if c.json {
-        println!("{summary}");
+        emit(summary)
     } else {
-        println!("imported {} event(s), skipped {} already present", stats.0, stats.1);
+        emit(format_args!("imported {} event(s), skipped {} already present", stats.0, stats.1))
     }
-    Ok(())
 }
 
 /// The versions one stream has in an import file.
