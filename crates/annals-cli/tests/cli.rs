@@ -1285,3 +1285,14 @@ fn output_to_a_closed_pipe_ends_quietly() {
         assert!(!stderr.contains("panicked") && !stderr.contains("error"), "{args:?}: {stderr}");
     }
 }
+
+/// Events given both ways (a JSON argument and `--type`) are refused as a
+/// usage error; the JSON used to be dropped without a word and a `--type`
+/// event with `{}` data appended in its place.
+#[test]
+fn append_refuses_events_given_both_as_json_and_with_type() {
+    let url = server();
+    let out = annals(&url, &["append", "c-1", r#"[{"type":"Given","data":{"a":1}}]"#, "--type", "Other"]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(annals(&url, &["read", "c-1"]).status.code(), Some(4), "something was appended");
+}

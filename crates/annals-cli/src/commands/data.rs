@@ -21,8 +21,9 @@ pub struct AppendArgs {
     /// Events as JSON: an array of `{ "type", "data", "metadata"?, "id"? }`
     /// or one such object. Read from stdin when absent or `-`.
     pub events: Option<String>,
-    /// Shorthand for one event of this type (with --data).
-    #[arg(long = "type", short = 't')]
+    /// Shorthand for one event of this type (with --data), instead of the
+    /// JSON events.
+    #[arg(long = "type", short = 't', conflicts_with = "events")]
     pub event_type: Option<String>,
     /// The data of the --type event, as JSON (default {}).
     #[arg(long, requires = "event_type")]
