@@ -1296,3 +1296,28 @@ fn append_refuses_events_given_both_as_json_and_with_type() {
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(annals(&url, &["read", "c-1"]).status.code(), Some(4), "something was appended");
 }
+
+/// `export --resume` finds the last exported position in a file whose
+/// last event holds a number beyond `f64` (valid JSON, exported exactly):
+/// that line used to be skipped as unreadable, so the event was exported a
+/// second time.
+#[test]
+fn export_resume_reads_the_position_of_any_exported_line() {
+    let source = server();
+    append_n(&source, "big-1", "Made", 1);
+    let out = annals(&source, &["append", "big-1", "--type", "Huge", "--data", r#"{"n":1e400}"#]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("events.jsonl");
+    let f = file.to_str().unwrap();
+    assert_eq!(stdout_json(&annals(&source, &["export", "-o", f, "--json"]))["exported"], 2);
+    append_n(&source, "big-1", "Made", 1);
+    let out = annals(&source, &["export", "-o", f, "--resume", "--json"]);
+    assert_eq!(stdout_json(&out)["exported"], 1);
+    let positions: Vec<String> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| l.split(r#""position":"#).nth(1).unwrap().split(',').next().unwrap().to_owned())
+        .collect();
+    assert_eq!(positions, ["0", "1", "2"]);
+}

@@ -69,6 +69,13 @@ fn progress(total: u64, what: &str) -> ProgressBar {
     bar
 }
 
+/// The position of an exported event; its other fields are skipped unparsed.
+#[derive(serde::Deserialize)]
+struct Exported {
+    #[serde(default)]
+    position: Option<u64>,
+}
+
 fn last_position_in(path: &PathBuf) -> Result<Option<u64>, CliError> {
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -82,9 +89,9 @@ fn last_position_in(path: &PathBuf) -> Result<Option<u64>, CliError> {
             continue;
         }
         // A torn last line (interrupted write) is ignored and rewritten.
-        if let Ok(v) = serde_json::from_str::<Value>(&line)
-            && let Some(p) = v["position"].as_u64()
-        {
+        // Only the position is parsed: the data is exported exactly, and a
+        // number in it that `Value` cannot hold must not hide the line.
+        if let Ok(Exported { position: Some(p) }) = serde_json::from_str::<Exported>(&line) {
             last = Some(p);
         }
     }
