@@ -1321,3 +1321,44 @@ fn export_resume_reads_the_position_of_any_exported_line() {
         .collect();
     assert_eq!(positions, ["0", "1", "2"]);
 }
+
+/// A batch of an import larger than the server takes in one request
+/// (`limits.max_body_bytes`) is split, instead of failing the import with
+/// 413 (the default `--batch 500` of events that are each well within the
+/// limits was refused whole, and only guessing a smaller `--batch` helped).
+#[test]
+fn import_splits_a_batch_the_server_finds_too_large() {
+    let source = server();
+    let data = format!(r#"{{"s":"{}"}}"#, "x".repeat(10_000));
+    for _ in 0..20 {
+        let out = annals(&source, &["append", "wide-1", "--type", "Wide", "--data", &data]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(annals(&source, &["append", "narrow-1", "--type", "Narrow"]).status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("events.jsonl");
+    assert_eq!(
+        stdout_json(&annals(&source, &["export", "-o", file.to_str().unwrap(), "--json"]))["exported"],
+        21
+    );
+    let mut config = ServerConfig::default();
+    config.auth.anonymous = Some(Role::Admin);
+    config.limits.max_body_bytes = 64 * 1024;
+    let target = server_with(config);
+    let out = annals(&target, &["import", file.to_str().unwrap(), "--json"]);
+    assert_eq!(stdout_json(&out), json!({ "written": 21, "skipped": 0 }));
+    let ids = |url: &str, stream: &str| {
+        let v = stdout_json(&annals(url, &["read", stream, "--json"]));
+        v["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["id"].clone(), e["version"].clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&source, "wide-1"), ids(&target, "wide-1"));
+    assert_eq!(ids(&source, "narrow-1"), ids(&target, "narrow-1"));
+    // A re-run writes nothing.
+    let out = annals(&target, &["import", file.to_str().unwrap(), "--json"]);
+    assert_eq!(stdout_json(&out), json!({ "written": 0, "skipped": 21 }));
+}

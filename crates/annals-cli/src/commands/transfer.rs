@@ -50,7 +50,8 @@ pub struct ExportArgs {
 pub struct ImportArgs {
     /// JSON Lines file written by `annals export` (stdin when absent or `-`).
     pub input: Option<PathBuf>,
-    /// Events per append request (per stream).
+    /// Events per append request (per stream); a request the server finds
+    /// too large (413) is split.
     #[arg(long, default_value_t = 500)]
     pub batch: usize,
     /// Run on a data directory instead of a server.
@@ -483,14 +484,31 @@ async fn import_batch(
         known.insert(p.stream, last);
         return Ok(());
     }
-    let expected = match last {
-        Some(v) => v.to_string(),
-        None => "no_stream".to_owned(),
-    };
-    let count = fresh.len() as u64;
-    let path = format!("/streams/{}?expected={expected}", enc(&p.stream));
-    let out = client.json(client.request(Method::POST, &path).json(&fresh)).await?;
-    stats.0 += count;
-    known.insert(p.stream, out["last_version"].as_u64());
+    // A batch the server finds too large for one request (413: its body
+    // limit, or the store's append limits) is written in halves, in order,
+    // each expecting the version the one before left; a single event it
+    // refuses fails the import as before.
+    let mut last = last;
+    let mut chunks = std::collections::VecDeque::from([fresh]);
+    while let Some(mut chunk) = chunks.pop_front() {
+        let expected = match last {
+            Some(v) => v.to_string(),
+            None => "no_stream".to_owned(),
+        };
+        let path = format!("/streams/{}?expected={expected}", enc(&p.stream));
+        match client.json(client.request(Method::POST, &path).json(&chunk)).await {
+            Ok(out) => {
+                stats.0 += chunk.len() as u64;
+                last = out["last_version"].as_u64();
+            }
+            Err(CliError::Api { status: 413, .. }) if chunk.len() > 1 => {
+                let second = chunk.split_off(chunk.len() / 2);
+                chunks.push_front(second);
+                chunks.push_front(chunk);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    known.insert(p.stream, last);
     Ok(())
 }
