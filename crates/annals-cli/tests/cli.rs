@@ -530,6 +530,12 @@ fn serves_the_embedded_log_and_keeps_data_across_restarts() {
     let plan: Value = serde_json::from_slice(&dry.stdout).unwrap();
     assert_eq!((plan["cut"].clone(), plan["first_bad"]["cut_position"].clone()), (json!(false), json!(2)));
     assert_eq!(std::fs::read(&segment).unwrap(), bytes, "a dry run changed the log");
+    // The text plan: three plain lines (it carried the source's indentation).
+    let dry = Command::new(BIN).args(["repair", d]).output().unwrap();
+    assert_eq!(dry.status.code(), Some(7));
+    let text = String::from_utf8_lossy(&dry.stdout);
+    assert_eq!(text.lines().count(), 3, "{text}");
+    assert!(text.contains("position 2 on are removed (") && !text.contains("  "), "{text}");
     // With --yes it cuts back to the damaged event's group: two events left,
     // intact, and the store opens and goes on from there.
     let cut = Command::new(BIN).args(["repair", d, "--yes", "--json"]).output().unwrap();

@@ -132,8 +132,9 @@ pub async fn repair(args: RepairArgs) -> Result<(), CliError> {
             )
         } else {
             emit(format_args!(
-                "first bad record: segment {}, offset {}, position {}: {}
-                 repair would cut the log back to position {}: events from {} on are removed                  ({lost} of them were readable up to the damage; any after it are lost too).
+                "first bad record: segment {}, offset {}, position {}: {}\n\
+                 repair would cut the log back to position {}: events from position {} on are removed \
+                 ({lost} of them were readable up to the damage; any after it are lost too).\n\
                  Run again with --yes to cut.",
                 bad.segment, bad.offset, bad.position, bad.reason, bad.cut_position, bad.cut_position
             ))
