@@ -1368,3 +1368,24 @@ fn import_splits_a_batch_the_server_finds_too_large() {
     let out = annals(&target, &["import", file.to_str().unwrap(), "--json"]);
     assert_eq!(stdout_json(&out), json!({ "written": 0, "skipped": 21 }));
 }
+
+/// Events on stdin that are not UTF-8 are bad input (exit 2), like events
+/// that are not JSON; they were reported as a failure (exit 1).
+#[test]
+fn append_from_stdin_refuses_bytes_that_are_not_utf8_as_bad_input() {
+    let url = server();
+    let mut child = Command::new(BIN)
+        .args(["append", "u-1"])
+        .env("ANNALS_URL", &url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"[{\"type\":\"A\",\"data\":\"\xff\xfe\"}]").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("UTF-8"), "{stderr}");
+    assert_eq!(annals(&url, &["read", "u-1"]).status.code(), Some(4));
+}

@@ -119,7 +119,12 @@ fn read_input(arg: Option<&str>) -> Result<String, CliError> {
         Some(s) if s != "-" => Ok(s.to_owned()),
         _ => {
             let mut s = String::new();
-            std::io::stdin().read_to_string(&mut s)?;
+            std::io::stdin().read_to_string(&mut s).map_err(|e| match e.kind() {
+                std::io::ErrorKind::InvalidData => {
+                    CliError::Usage("the events on stdin are not UTF-8 text (JSON must be)".into())
+                }
+                _ => CliError::Other(format!("cannot read stdin: {e}")),
+            })?;
             Ok(s)
         }
     }
