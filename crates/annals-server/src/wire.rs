@@ -6,7 +6,7 @@ use annals_core::{
 };
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, value::RawValue};
+use serde_json::{Value, value::RawValue};
 
 use crate::error::ApiError;
 
@@ -28,9 +28,10 @@ pub struct EventIn {
     #[serde(default)]
     #[schema(value_type = Value)]
     pub data: Option<Box<RawValue>>,
-    /// A JSON object.
+    /// A JSON object, stored as sent (every digit of a number kept).
     #[serde(default)]
-    pub metadata: Option<Map<String, Value>>,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Box<RawValue>>,
 }
 
 /// Parses a content type name as the API accepts it.
@@ -68,19 +69,35 @@ impl EventIn {
                 })?
             }
         };
-        let mut metadata = self.metadata.unwrap_or_default();
+        // Kept as the client wrote it: parsed into a map and written back,
+        // a number beyond a double's precision would be stored rounded.
+        let mut metadata = match self.metadata {
+            None => Metadata::default(),
+            Some(raw) => Metadata::from_json(raw.get().as_bytes().to_vec())
+                .map_err(|e| ApiError::bad_request(format!("event {index}: {e}")))?,
+        };
         if let Some(cid) = correlation_id
-            && !metadata.contains_key(annals_core::metadata::keys::CORRELATION_ID)
+            && metadata.get(annals_core::metadata::keys::CORRELATION_ID).is_none()
         {
-            metadata.insert(annals_core::metadata::keys::CORRELATION_ID.into(), Value::String(cid.into()));
+            metadata = with_first(&metadata, annals_core::metadata::keys::CORRELATION_ID, cid)
+                .map_err(|e| ApiError::bad_request(format!("event {index}: {e}")))?;
         }
-        let mut event =
-            EventData::raw(self.event_type, data, content_type).with_metadata(Metadata::from_map(metadata));
+        let mut event = EventData::raw(self.event_type, data, content_type).with_metadata(metadata);
         if let Some(id) = self.id {
             event = event.with_id(id);
         }
         Ok(event)
     }
+}
+
+/// `metadata` (a JSON object) with `key: value` added as its first member,
+/// the rest of its text unchanged. `key` must not be in it already.
+fn with_first(metadata: &Metadata, key: &str, value: &str) -> annals_core::Result<Metadata> {
+    let text = String::from_utf8_lossy(metadata.as_bytes());
+    let rest = text.trim().strip_prefix('{').unwrap_or("}").trim_start();
+    let entry = format!("{}:{}", Value::from(key), Value::from(value));
+    let joined = if rest.starts_with('}') { format!("{{{entry}}}") } else { format!("{{{entry},{rest}") };
+    Metadata::from_json(joined.into_bytes())
 }
 
 /// An event as the API returns it.

@@ -685,6 +685,43 @@ async fn all_refuses_unknown_query_parameters() {
 /// `X-Correlation-Id` is advisory (a longer one is ignored): one that could
 /// not be stored (a tab inside) is ignored too, rather than failing the
 /// append with an error about metadata the client never sent.
+/// Metadata is stored as the client wrote it: a number beyond a double's
+/// precision keeps every digit (it was parsed into a map and written back
+/// rounded, `1.2345678901234568e29`), also when the server adds the
+/// request's correlation id. Metadata that is not an object is refused.
+#[tokio::test]
+async fn metadata_keeps_the_exact_text_of_its_numbers() {
+    within(60, async {
+        let s = start(open_config()).await;
+        let body = r#"[{"type":"Paid","data":{},"metadata":{"amount":123456789012345678901234567890,"rate":0.10000000000000000555}},
+                      {"type":"Paid","metadata":{ }},
+                      {"type":"Paid","metadata":{"correlation_id":"mine","n":1}}]"#;
+        let resp = s
+            .client
+            .post(s.url("/streams/meta-1"))
+            .header("content-type", "application/json")
+            .header("x-correlation-id", "gw-42")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+        let text = s.client.get(s.url("/streams/meta-1")).send().await.unwrap().text().await.unwrap();
+        assert!(text.contains("123456789012345678901234567890"), "{text}");
+        assert!(text.contains("0.10000000000000000555"), "{text}");
+        let page: Value = serde_json::from_str(&text).unwrap();
+        let ids: Vec<&Value> = page["events"].as_array().unwrap().iter().map(|e| &e["metadata"]["correlation_id"]).collect();
+        assert_eq!(ids, [&json!("gw-42"), &json!("gw-42"), &json!("mine")], "{page}");
+        assert_eq!(page["events"][2]["metadata"]["n"], 1);
+
+        let (status, body) = s.append("meta-1", "any", json!([{ "type": "Paid", "metadata": [1, 2] }])).await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body["error"]["message"].as_str().unwrap().contains("event 0"), "{body}");
+        s.stop().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn an_unstorable_correlation_header_is_ignored() {
     within(60, async {
