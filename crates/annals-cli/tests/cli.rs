@@ -1389,3 +1389,52 @@ fn append_from_stdin_refuses_bytes_that_are_not_utf8_as_bad_input() {
     assert!(stderr.contains("UTF-8"), "{stderr}");
     assert_eq!(annals(&url, &["read", "u-1"]).status.code(), Some(4));
 }
+
+/// A live connection that goes silent without closing (a server gone
+/// behind a half-open connection: no event, no keep-alive) is given up
+/// after `--idle-timeout` and the tail reconnects, resuming where it was.
+/// (It waited on the dead connection for good.) The stand-in server
+/// answers the first connection with the feed's headers and then nothing;
+/// the second gets one event.
+#[test]
+fn tail_reconnects_when_the_connection_goes_silent() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let requests = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = requests.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for (n, conn) in listener.incoming().enumerate() {
+            let Ok(mut conn) = conn else { return };
+            let mut request = Vec::new();
+            let mut byte = [0u8; 1];
+            while !request.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap_or(0) == 1 {
+                request.push(byte[0]);
+            }
+            seen.lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&request).lines().next().unwrap_or("").to_owned());
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+            let _ = conn.write_all(head.as_bytes());
+            if n > 0 {
+                let event = r#"{"id":"00000000-0000-0000-0000-000000000001","type":"Late","stream":"t-s","version":3,"position":3,"content_type":"application/json","data":{},"metadata":{},"recorded_at":"2026-01-01T00:00:00Z"}"#;
+                let _ = conn.write_all(format!("event: event\nid: 3\ndata: {event}\n\n").as_bytes());
+            }
+            let _ = conn.flush();
+            held.push(conn);
+        }
+    });
+    let tail = spawn_tail(&url, &["t-s", "--from", "3", "--count", "1", "--json", "--idle-timeout", "1"]);
+    let (code, out) = wait_or_kill(tail, Duration::from_secs(30));
+    assert_eq!(
+        (code, tailed_types(&out)),
+        (Some(0), vec!["Late".to_owned()]),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not even a keep-alive"));
+    let requests = requests.lock().unwrap().clone();
+    assert_eq!(requests.len(), 2, "{requests:?}");
+    assert!(requests.iter().all(|r| r.contains("/streams/t-s/live?from=3")), "{requests:?}");
+}

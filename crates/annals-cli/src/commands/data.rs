@@ -84,6 +84,13 @@ pub struct TailArgs {
     /// `$all` only: stream-name prefix.
     #[arg(long)]
     pub stream_prefix: Option<String>,
+    /// Reconnect (resuming after the last event printed) when a live
+    /// connection carries nothing for this many seconds, not even the
+    /// server's keep-alive (sent every `live.keep_alive_secs`, default 15):
+    /// a server gone without closing the connection would otherwise hold
+    /// the tail for good.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub idle_timeout: u64,
     /// Run on a data directory instead of a server.
     #[command(flatten)]
     pub local: crate::local::LocalArgs,
@@ -257,7 +264,16 @@ pub async fn tail(args: TailArgs, c: &ClientArgs) -> Result<(), CliError> {
         let mut body = resp.bytes_stream();
         let mut parser = SseParser::default();
         let mut notice = false;
-        'conn: while let Some(chunk) = body.next().await {
+        'conn: loop {
+            let idle = std::time::Duration::from_secs(args.idle_timeout);
+            let Ok(next) = tokio::time::timeout(idle, body.next()).await else {
+                eprintln!(
+                    "nothing from the server for {} s, not even a keep-alive; reconnecting",
+                    args.idle_timeout
+                );
+                break 'conn;
+            };
+            let Some(chunk) = next else { break 'conn };
             let chunk = match chunk {
                 Ok(chunk) => chunk,
                 Err(e) => {
@@ -309,6 +325,7 @@ pub async fn tail(args: TailArgs, c: &ClientArgs) -> Result<(), CliError> {
                             // 200: exit as a read of the same stream would.
                             status: match other {
                                 "stream_deleted" => 410,
+                                "token_expired" => 401,
                                 "stream_not_found" | "not_found" => 404,
                                 _ => 0,
                             },
