@@ -328,8 +328,12 @@ impl StreamDeleter for MemoryStore {
         mode: DeleteMode,
     ) -> Result<()> {
         let mut state = self.inner.write()?;
+        // Checked before an entry is made: a refused delete of a stream
+        // never written must leave nothing behind (each would otherwise
+        // keep an entry for good, a leak any caller can drive).
+        let current = state.streams.get(stream).map(|e| e.state).unwrap_or_default();
+        current.check_delete(stream, expected, mode == DeleteMode::Hard)?;
         let entry = state.streams.entry(stream.clone()).or_default();
-        entry.state.check_delete(stream, expected, mode == DeleteMode::Hard)?;
         match mode {
             DeleteMode::Soft => entry.state.truncate_before = entry.state.next_version(),
             DeleteMode::Hard => entry.state.tombstoned = true,
@@ -401,5 +405,31 @@ impl crate::Leases for MemoryStore {
 
     async fn holder(&self, name: &str) -> Result<Option<String>> {
         self.inner.leases.holder(name).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ExpectedVersion;
+
+    /// Refused deletes of streams never written (the 404s and 409s an HTTP
+    /// client can send in a loop) keep no entry each.
+    #[tokio::test]
+    async fn refused_deletes_of_unknown_streams_leave_nothing_behind() {
+        let store = MemoryStore::new();
+        for n in 0..100 {
+            let s = StreamName::new(format!("ghost-{n}")).unwrap();
+            let soft = store.delete_stream(&s, ExpectedVersion::Any, DeleteMode::Soft).await;
+            assert!(matches!(soft, Err(Error::StreamNotFound { .. })), "{soft:?}");
+            let hard = store.delete_stream(&s, ExpectedVersion::Exact(3), DeleteMode::Hard).await;
+            assert!(matches!(hard, Err(Error::WrongExpectedVersion { .. })), "{hard:?}");
+        }
+        assert_eq!(store.inner.read().unwrap().streams.len(), 0);
+        // A hard delete that succeeds still keeps its tombstone.
+        let s = StreamName::new("ghost-x").unwrap();
+        store.delete_stream(&s, ExpectedVersion::Any, DeleteMode::Hard).await.unwrap();
+        let err = store.append(&s, ExpectedVersion::Any, vec![EventData::json("E", &1).unwrap()]).await;
+        assert!(matches!(err, Err(Error::StreamDeleted { .. })), "{err:?}");
     }
 }
