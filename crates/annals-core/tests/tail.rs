@@ -413,3 +413,182 @@ async fn a_subscription_that_stops_polling_mid_read_holds_up_no_other() {
     assert_eq!(take(&mut other, 1).await, [0]);
     assert_eq!(take(&mut stalled, 1).await, [0]);
 }
+
+/// Publishes `next` as the head unless a larger one is out already (as the
+/// backends do: a head is never lowered).
+fn raise(head: &watch::Sender<u64>, next: u64) {
+    head.send_if_modified(|h| {
+        let raised = next > *h;
+        if raised {
+            *h = next;
+        }
+        raised
+    });
+}
+
+/// Hammer: writers on four threads race subscriptions of every kind over a
+/// small tail that evicts all the time; each delivers its events once, in
+/// order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_writers_and_a_small_tail_lose_and_repeat_nothing() {
+    for tail in [Tail::new(8, usize::MAX), Tail::new(64, 2_000), Tail::new(700, usize::MAX)] {
+        let f = Arc::new(Fixture::new(tail));
+        const WRITERS: u64 = 6;
+        const PER: u64 = 150;
+        let filters =
+            [Filter::all(), Filter::category("c1"), Filter::event_type("T1"), Filter::stream_prefix("c2-1")];
+        let mut subs = Vec::new();
+        for (i, flt) in filters.iter().enumerate() {
+            for from in [SubscribeFrom::Start, SubscribeFrom::End, SubscribeFrom::After(3)] {
+                subs.push((Some(flt.clone()), None, f.subscribe(flt.clone(), from), i));
+            }
+        }
+        for s in ["c0-0", "c1-1", "c2-1", "c3-2"] {
+            subs.push((None, Some(s.to_string()), f.subscribe_stream(s), 0));
+        }
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let f = f.clone();
+                tokio::spawn(async move {
+                    for n in 0..PER {
+                        let stream = StreamName::new(format!("c{w}-{}", n % 3)).unwrap();
+                        let k = 1 + (n % 3) as usize;
+                        let events: Vec<EventData> = (0..k)
+                            .map(|j| {
+                                EventData::json(
+                                    format!("T{}", (n as usize + j) % 2),
+                                    &serde_json::json!({ "n": n }),
+                                )
+                                .unwrap()
+                            })
+                            .collect();
+                        f.source.store.append(&stream, ExpectedVersion::Any, events).await.unwrap();
+                        raise(&f.head, f.source.store.next_position().await.unwrap());
+                        if n % 4 == 0 {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        let total: u64 = WRITERS * (0..PER).map(|n| 1 + n % 3).sum::<u64>();
+        let tasks: Vec<_> = subs
+            .into_iter()
+            .map(|(flt, stream, mut sub, _)| {
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    while let Ok(Some(event)) =
+                        tokio::time::timeout(Duration::from_millis(1500), sub.next()).await
+                    {
+                        let e = event.unwrap();
+                        got.push(e.position);
+                    }
+                    (flt, stream, got)
+                })
+            })
+            .collect();
+        for w in writers {
+            w.await.unwrap();
+        }
+        assert_eq!(f.source.store.next_position().await.unwrap(), total);
+        for t in tasks {
+            let (flt, stream, got) = t.await.unwrap();
+            let mut sorted = got.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            assert_eq!(sorted.len(), got.len(), "{flt:?} {stream:?}: duplicates or out of order: {got:?}");
+            assert_eq!(sorted, got, "{flt:?} {stream:?}: out of order");
+            match (flt, stream) {
+                (Some(flt), _) => {
+                    let all = f.expected(&flt).await;
+                    // From End/After: a suffix of what matches.
+                    let first = got.first().copied().unwrap_or(u64::MAX);
+                    let want: Vec<u64> = all.into_iter().filter(|p| *p >= first).collect();
+                    assert_eq!(got, want, "{flt:?}");
+                }
+                (None, Some(s)) => {
+                    let name = StreamName::new(s.clone()).unwrap();
+                    let want: Vec<u64> = f
+                        .source
+                        .store
+                        .read_stream(&name, ReadStream::forward())
+                        .await
+                        .unwrap()
+                        .iter()
+                        .map(|e| e.position)
+                        .collect();
+                    assert_eq!(got, want, "{s}");
+                }
+                _ => unreachable!(),
+            }
+        }
+    }
+}
+
+/// Hammer: a stream soft-deleted and re-created over and over while its
+/// subscriptions (some caught up on the tail, some behind) follow it:
+/// versions come strictly in order, and every version still visible at the
+/// end is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stream_subscriptions_through_racing_soft_deletes() {
+    let f = Arc::new(Fixture::new(Tail::new(32, usize::MAX)));
+    let s = StreamName::new("ph-1").unwrap();
+    let subs: Vec<_> = (0..8).map(|_| f.subscribe_stream("ph-1")).collect();
+    let writer = {
+        let (f, s) = (f.clone(), s.clone());
+        tokio::spawn(async move {
+            for n in 0..400u64 {
+                let other = StreamName::new(format!("x-{}", n % 5)).unwrap();
+                f.source
+                    .store
+                    .append(&other, ExpectedVersion::Any, vec![EventData::json("X", &n).unwrap()])
+                    .await
+                    .unwrap();
+                f.source
+                    .store
+                    .append(&s, ExpectedVersion::Any, vec![EventData::json("E", &n).unwrap()])
+                    .await
+                    .unwrap();
+                raise(&f.head, f.source.store.next_position().await.unwrap());
+                if n % 37 == 36 {
+                    f.source.store.delete_stream(&s, ExpectedVersion::Any, DeleteMode::Soft).await.unwrap();
+                    f.tail.note_deletion();
+                }
+                if n % 3 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+    };
+    let tasks: Vec<_> = subs
+        .into_iter()
+        .map(|mut sub| {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                while let Ok(Some(event)) =
+                    tokio::time::timeout(Duration::from_millis(1500), sub.next()).await
+                {
+                    got.push(event.unwrap().version);
+                }
+                got
+            })
+        })
+        .collect();
+    writer.await.unwrap();
+    let visible: Vec<u64> = f
+        .source
+        .store
+        .read_stream(&s, ReadStream::forward())
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.version)
+        .collect();
+    for t in tasks {
+        let got = t.await.unwrap();
+        assert!(got.windows(2).all(|w| w[0] < w[1]), "out of order or repeated: {got:?}");
+        for v in &visible {
+            assert!(got.contains(v), "version {v} missing: {got:?}");
+        }
+    }
+}
