@@ -212,7 +212,9 @@ impl<A: Aggregate> RepositoryBuilder<A> {
 /// (the loser's append is either recognised by the store as an idempotent
 /// re-send or conflicts, reloads and finds the command). Not covered:
 /// commands older than the window, and commands that wrote no events or
-/// were rejected, which leave no trace and are decided afresh.
+/// were rejected, which leave no trace and are decided afresh. A command id
+/// whose events were soft-deleted cannot write again (the store still knows
+/// its event ids): `execute` fails with [`Error::InvalidMetadata`].
 pub struct Repository<A> {
     shared: Arc<Shared<A>>,
 }
@@ -336,12 +338,34 @@ impl<A: Aggregate> Repository<A> {
                 return self.unwritten_outcome(decision).await;
             };
             match self.shared.store.append(&part.stream, part.expected, part.events).await {
-                Ok(result) => {
+                Ok(result) if self.wrote_itself(&decision, &result).await => {
                     let position = Some(result.position);
                     let events = decision.events.clone();
                     let version = Some(result.last_version());
-                    self.committed(decision, result).await;
+                    self.snapshot_if_due(decision, result).await;
                     return Ok(Executed { events, version, position, duplicate: false });
+                }
+                Ok(result) => {
+                    if let Ok(info) = self.shared.store.stream_info(&part.stream).await
+                        && result.next_version <= info.truncate_before
+                    {
+                        // The earlier append was soft-deleted since: the
+                        // store keeps recognising its ids, so this command
+                        // id can never be written to the stream again.
+                        return Err(Error::InvalidMetadata {
+                            reason: format!(
+                                "command id '{}' already wrote events to '{}' that were deleted since; \
+                                 use a new command id",
+                                metadata.command_id, part.stream
+                            ),
+                        });
+                    }
+                    // The store took the append for a re-send of this
+                    // command's earlier append (same event ids), which
+                    // another writer made on newer state: nothing of this
+                    // decision was written. Reloading finds the command and
+                    // returns what the stream really holds.
+                    tracing::debug!(stream = %part.stream, attempt, "the command was written meanwhile; reloading");
                 }
                 Err(annals_core::Error::WrongExpectedVersion { .. }) => {
                     tracing::debug!(stream = %part.stream, attempt, "lost a concurrency race; reloading");
@@ -420,7 +444,44 @@ impl<A: Aggregate> Repository<A> {
     /// Tells the repository that `decision` was appended with `result`
     /// (by [`Repository::execute`] or by the caller's own `append_multi`),
     /// so a snapshot is written when the policy says one is due.
+    ///
+    /// When `result` is the store answering a re-send of an earlier append
+    /// of the same command (its event ids were already there, written by
+    /// another decision), no snapshot is written: the decision's state is
+    /// not the stream's.
     pub async fn committed(&self, decision: Decision<A>, result: AppendResult) {
+        if self.wrote_itself(&decision, &result).await {
+            self.snapshot_if_due(decision, result).await;
+        }
+    }
+
+    /// Whether `result` reports `decision`'s own events being written, as
+    /// opposed to the store's idempotent-append rule recognising their ids
+    /// (derived from the command id) as already written by another decision
+    /// of the same command, possibly made on other state. When unsure
+    /// (the stream cannot be inspected) it answers no, which only costs a
+    /// reload or a snapshot.
+    async fn wrote_itself(&self, decision: &Decision<A>, result: &AppendResult) -> bool {
+        let count = decision.data.len() as u64;
+        let Some(first) = result.next_version.checked_sub(count) else { return false };
+        match decision.expected {
+            // A fresh write lands right after the version the decision saw.
+            ExpectedVersion::Exact(v) => v.checked_add(1) == Some(first),
+            // A fresh creation starts at the first visible version: 0, or
+            // where a soft delete left off. A re-send's events follow other
+            // visible events or are hidden by a soft delete (also at 0).
+            ExpectedVersion::NoStream => match self.shared.store.stream_info(&decision.stream).await {
+                Ok(info) => info.truncate_before == first,
+                Err(error) => {
+                    tracing::warn!(stream = %decision.stream, %error, "cannot tell a write from a re-send");
+                    false
+                }
+            },
+            _ => true,
+        }
+    }
+
+    async fn snapshot_if_due(&self, decision: Decision<A>, result: AppendResult) {
         let policy = self.shared.snapshots;
         if decision.duplicate || !policy.due(decision.previous_count, result.next_version) {
             return;

@@ -8,7 +8,8 @@ use std::sync::{Arc, atomic::Ordering};
 use annals::doc::{Counter, CounterCommand, CounterError, CounterEvent};
 use annals::{CommandMetadata, Error, Repository, SnapshotPolicy};
 use annals_core::{
-    Appender, EventData, ExpectedVersion, MemoryStore, ReadStream, Store, Timestamp, metadata::keys,
+    Appender, DeleteMode, EventData, ExpectedVersion, MemoryStore, ReadStream, Store, StreamDeleter,
+    Timestamp, metadata::keys,
 };
 use support::FaultyStore;
 
@@ -236,6 +237,52 @@ async fn a_lost_ack_retried_by_the_caller_writes_once() {
     assert_eq!(retried.version, Some(1));
     assert_eq!(stored(&faulty, "1").await.len(), 2);
     assert_eq!(repo.load("1").await.unwrap().state.value, 8);
+}
+
+#[tokio::test]
+async fn a_stale_decision_the_store_takes_for_a_resend_is_a_duplicate() {
+    // The loser loads version 0; before its append lands, another writer
+    // appends "d" and then executes the loser's own command "e" on the newer
+    // state. The loser's append carries the same event ids, so the store
+    // answers it as a re-send of the winner's append although the loser
+    // decided on older state: its state must not be snapshotted as the
+    // stream's, and it did not write anything.
+    let faulty = FaultyStore::default();
+    let repo = Repository::<Counter>::builder(Arc::new(faulty.clone()))
+        .snapshots(SnapshotPolicy::every(3).inline())
+        .build();
+    repo.execute("1", &inc(1), &CommandMetadata::new("a")).await.unwrap();
+    let other = Repository::<Counter>::new(Arc::new(faulty.inner.clone()));
+    faulty.before_next_append(async move {
+        other.execute("1", &inc(100), &CommandMetadata::new("d")).await.unwrap();
+        other.execute("1", &inc(5), &CommandMetadata::new("e")).await.unwrap();
+    });
+    let done = repo.execute("1", &inc(5), &CommandMetadata::new("e")).await.unwrap();
+    assert!(done.duplicate, "the winner wrote the events; this execution wrote nothing");
+    assert_eq!((done.events, done.version), (vec![CounterEvent::Incremented { by: 5 }], Some(2)));
+    assert_eq!(stored(&faulty, "1").await.len(), 3);
+    // 1 + 100 + 5, whether from a snapshot or from the events.
+    let loaded = repo.load("1").await.unwrap();
+    assert_eq!((loaded.version, loaded.state.value), (Some(2), 106));
+    let replayed = Repository::<Counter>::new(Arc::new(faulty.inner.clone())).load("1").await.unwrap();
+    assert_eq!(replayed.state.value, 106);
+}
+
+#[tokio::test]
+async fn a_command_id_reused_after_a_soft_delete_is_an_error_not_a_silent_no_op() {
+    // The deleted events keep their ids, so the store answers the new
+    // append as a re-send and writes nothing; reporting success would lose it.
+    let store = Arc::new(MemoryStore::new());
+    let repo = repo(store.clone());
+    repo.execute("1", &inc(3), &CommandMetadata::new("open")).await.unwrap();
+    let stream = repo.stream("1").unwrap();
+    store.delete_stream(&stream, ExpectedVersion::Any, DeleteMode::Soft).await.unwrap();
+    let err = repo.execute("1", &inc(3), &CommandMetadata::new("open")).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidMetadata { ref reason } if reason.contains("open")), "{err}");
+    // A fresh command id recreates the stream.
+    let done = repo.execute("1", &inc(3), &CommandMetadata::new("reopen")).await.unwrap();
+    assert_eq!(done.version, Some(1));
+    assert_eq!(repo.load("1").await.unwrap().state.value, 3);
 }
 
 #[tokio::test]

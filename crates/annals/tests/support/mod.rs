@@ -3,9 +3,13 @@
 
 #![allow(dead_code)]
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, Ordering},
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use annals_core::{
@@ -25,6 +29,26 @@ pub struct FaultyStore {
     pub fail_snapshots: Arc<AtomicBool>,
     /// Every append loses the concurrency race (and writes nothing).
     pub always_conflict: Arc<AtomicBool>,
+    /// Run to completion just before the next append reaches the store:
+    /// another writer that gets in between a load and its append.
+    pub before_next_append: Arc<Mutex<Option<Interloper>>>,
+}
+
+/// See [`FaultyStore::before_next_append`].
+pub type Interloper = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+impl FaultyStore {
+    /// Arms [`FaultyStore::before_next_append`].
+    pub fn before_next_append(&self, writer: impl Future<Output = ()> + Send + 'static) {
+        *self.before_next_append.lock().unwrap() = Some(Box::pin(writer));
+    }
+
+    async fn run_interloper(&self) {
+        let writer = self.before_next_append.lock().unwrap().take();
+        if let Some(writer) = writer {
+            writer.await;
+        }
+    }
 }
 
 fn lost() -> annals_core::Error {
@@ -34,6 +58,7 @@ fn lost() -> annals_core::Error {
 #[async_trait]
 impl Appender for FaultyStore {
     async fn append(&self, s: &StreamName, e: ExpectedVersion, ev: Vec<EventData>) -> Result<AppendResult> {
+        self.run_interloper().await;
         if self.always_conflict.load(Ordering::SeqCst) {
             return Err(annals_core::Error::WrongExpectedVersion {
                 stream: s.clone(),
@@ -49,6 +74,7 @@ impl Appender for FaultyStore {
     }
 
     async fn append_multi(&self, parts: Vec<StreamAppend>) -> Result<Vec<AppendResult>> {
+        self.run_interloper().await;
         let result = self.inner.append_multi(parts).await?;
         if self.lose_next_ack.swap(false, Ordering::SeqCst) {
             return Err(lost());
