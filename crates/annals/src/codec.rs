@@ -50,8 +50,34 @@ pub fn decode_parts<E: DomainEvent>(event_type: &str, payload: Value) -> std::re
 /// and deserializes. Checks that the chain ended at the version the code
 /// writes, so a missing upcaster is reported instead of silently misreading
 /// an old payload.
+///
+/// An event without `schema_version` metadata is v1; one whose
+/// `schema_version` is not a whole number that fits a `u32` (a string, a
+/// float, a negative number) is a [`Error::Decode`] rather than v1, so v1
+/// upcasters never run over a payload of another version.
 pub fn decode<E: DomainEvent>(recorded: &RecordedEvent, upcasters: &Upcasters) -> Result<E> {
-    decode_at(recorded, recorded.metadata.schema_version().unwrap_or(1), upcasters)
+    let version = stored_version(recorded, recorded.metadata.get(keys::SCHEMA_VERSION).as_ref())?;
+    decode_at(recorded, version, upcasters)
+}
+
+/// The schema version an event was stored with, from its `schema_version`
+/// metadata value: 1 when absent (or null), a [`Error::Decode`] when it is
+/// not a whole number in `u32` range.
+pub(crate) fn stored_version(recorded: &RecordedEvent, value: Option<&Value>) -> Result<u32> {
+    match value {
+        None | Some(Value::Null) => Ok(1),
+        Some(value) => value.as_u64().and_then(|v| u32::try_from(v).ok()).ok_or_else(|| Error::Decode {
+            stream: recorded.stream.clone(),
+            version: recorded.version,
+            event_type: recorded.event_type.clone(),
+            schema_version: 0,
+            reason: format!(
+                "its {} metadata is {value}, not a whole number from 0 to {}",
+                keys::SCHEMA_VERSION,
+                u32::MAX
+            ),
+        }),
+    }
 }
 
 /// [`decode`] with the stored schema version already read from the

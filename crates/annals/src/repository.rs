@@ -580,11 +580,7 @@ impl<A: Aggregate> Repository<A> {
                     return Ok(loaded);
                 }
                 let mut metadata = recorded.metadata.to_map();
-                let stored_version = metadata
-                    .get(keys::SCHEMA_VERSION)
-                    .and_then(serde_json::Value::as_u64)
-                    .and_then(|v| u32::try_from(v).ok())
-                    .unwrap_or(1);
+                let stored_version = codec::stored_version(&recorded, metadata.get(keys::SCHEMA_VERSION))?;
                 let command_id = match metadata.remove(keys::COMMAND_ID) {
                     Some(serde_json::Value::String(id)) => Some(id),
                     _ => None,

@@ -199,6 +199,50 @@ async fn a_missing_upcaster_is_reported_not_misread() {
 }
 
 #[tokio::test]
+async fn a_schema_version_that_is_not_a_whole_number_is_a_decode_error_not_v1() {
+    // A client writing through the server can store `schema_version` as a
+    // string (or 3.0, or beyond u32). Reading that as "no version" = v1
+    // would run v1 upcasters over a current payload and misread it.
+    let store = Arc::new(MemoryStore::new());
+    let upcasters = domain::upcasters().upcast("OrderPlaced", 1, |mut p| {
+        // An old release stored whole euros in `total_cents`.
+        let euros = p["total_cents"].as_u64().ok_or("no total")?;
+        p["total_cents"] = serde_json::json!(euros * 100);
+        Ok(p)
+    });
+    let repo = Repository::<Order>::builder(store.clone()).upcasters(upcasters).build();
+    let payload = serde_json::json!({ "customer": "c", "total_cents": 500, "currency": "EUR" });
+    for (id, bad) in [
+        ("s", serde_json::json!("3")),
+        ("f", serde_json::json!(3.0)),
+        ("big", serde_json::json!(u64::from(u32::MAX) + 4)),
+        ("neg", serde_json::json!(-3)),
+    ] {
+        let mut event = domain::legacy_event("OrderPlaced", 3, &payload);
+        event.metadata = event.metadata.with(annals_core::metadata::keys::SCHEMA_VERSION, bad.clone());
+        store.append(&repo.stream(id).unwrap(), ExpectedVersion::NoStream, vec![event]).await.unwrap();
+        let err = repo.load(id).await.map(|o| o.state.total_cents).unwrap_err();
+        assert!(
+            matches!(err, Error::Decode { ref reason, .. } if reason.contains("schema_version")),
+            "{bad}: {err}"
+        );
+        let err = repo.events(id).await.map(|e| e.len()).unwrap_err();
+        assert!(
+            matches!(err, Error::Decode { ref reason, .. } if reason.contains("schema_version")),
+            "{bad}: {err}"
+        );
+    }
+    // Missing metadata still means v1.
+    let v1 = annals_core::EventData::json(
+        "OrderPlaced",
+        &serde_json::json!({ "customer": "c", "total_cents": 5 }),
+    )
+    .unwrap();
+    store.append(&repo.stream("old").unwrap(), ExpectedVersion::NoStream, vec![v1]).await.unwrap();
+    assert_eq!(repo.load("old").await.unwrap().state.total_cents, 500);
+}
+
+#[tokio::test]
 async fn invalid_payloads_are_rejected_naming_the_field_and_nothing_is_written() {
     let store = Arc::new(MemoryStore::new());
     let repo = Repository::<Order>::builder(store.clone()).schemas(domain::schemas()).build();
