@@ -279,8 +279,9 @@ impl<A: Aggregate> Repository<A> {
     }
 
     /// The current state: from the newest usable snapshot, then the events
-    /// after it. A snapshot with another `A::SNAPSHOT_VERSION`, or one that
-    /// does not decode, is ignored (the state is rebuilt from events).
+    /// after it. A snapshot with another `A::SNAPSHOT_VERSION`, one that
+    /// does not decode, or one newer than the stream's last event is ignored
+    /// (the state is rebuilt from events).
     pub async fn load(&self, id: &str) -> Result<Loaded<A>> {
         self.load_stream(&self.stream(id)?, Until::Latest).await
     }
@@ -619,6 +620,15 @@ impl<A: Aggregate> Repository<A> {
         // recreated after it must not start from the old state.
         let info = self.shared.store.stream_info(stream).await?;
         if !info.exists || snapshot.version < info.truncate_before {
+            return Ok(None);
+        }
+        // A snapshot can outlive events it summarises (a restore of older
+        // events, a log that recovered to an earlier point): starting from
+        // it would report events that do not exist and make every append
+        // expect a version the stream never reaches.
+        if info.last_version.is_none_or(|last| snapshot.version > last) {
+            tracing::warn!(%stream, version = snapshot.version, last = ?info.last_version,
+                "ignoring a snapshot newer than the stream");
             return Ok(None);
         }
         match serde_json::from_slice::<Envelope<A>>(&snapshot.data) {

@@ -202,3 +202,34 @@ async fn a_policy_keeping_zero_snapshots_keeps_the_newest() {
     assert_eq!(newest.map(|s| s.version), Some(3));
     assert_eq!(repo.load("1").await.unwrap().snapshot_version, Some(3));
 }
+
+/// A snapshot can outlive the events it summarises (the events restored
+/// from an older backup, a snapshot table kept across a log's recovery, a
+/// store whose snapshot and event writes are not one transaction). It is
+/// newer than the stream: starting from it would report events that do not
+/// exist and make every append expect a version the stream never reaches.
+#[tokio::test]
+async fn a_snapshot_newer_than_the_stream_is_ignored() {
+    let ahead = Arc::new(MemoryStore::new());
+    let repo =
+        Repository::<Counter>::builder(ahead.clone()).snapshots(SnapshotPolicy::every(2).inline()).build();
+    run(&repo, "1", 4, "c").await;
+    let snapshot = ahead.load_snapshot(&repo.stream("1").unwrap(), None).await.unwrap().unwrap();
+    assert_eq!(snapshot.version, 3);
+
+    // The same history, two events shorter, next to the newer snapshot.
+    let store = Arc::new(MemoryStore::new());
+    let repo = Repository::<Counter>::builder(store.clone()).snapshots(SnapshotPolicy::every(100)).build();
+    run(&repo, "1", 2, "c").await;
+    store.save_snapshot(snapshot).await.unwrap();
+    let loaded = repo.load("1").await.unwrap();
+    assert_eq!((loaded.snapshot_version, loaded.version, loaded.state.value), (None, Some(1), 2));
+    assert!(matches!(
+        repo.load_at_version("1", 3).await,
+        Err(annals::Error::VersionNotFound { requested: 3, last: Some(1), .. })
+    ));
+    let done =
+        repo.execute("1", &CounterCommand::Increment { by: 1 }, &CommandMetadata::new("next")).await.unwrap();
+    assert_eq!(done.version, Some(2));
+    assert_eq!(repo.load("1").await.unwrap().state.value, 3);
+}
