@@ -3,14 +3,16 @@
 
 use std::fmt::Debug;
 
-use crate::{Aggregate, Upcasters, codec};
+use crate::{Aggregate, DomainEvent, Upcasters, codec};
 
 /// Tests an aggregate's rules: `given` past events, `when` a command,
 /// `then` expect events or an error.
 ///
-/// Past events are round-tripped through the stored encoding (and the
-/// upcasters, if any) before being applied, so a variant that does not
-/// survive serialization fails the test rather than production.
+/// Past events are round-tripped through the stored encoding (JSON bytes,
+/// and the upcasters, if any) and must end at the schema version the code
+/// expects, as a repository requires, before being applied: a variant that
+/// does not survive serialization or upcasting fails the test rather than
+/// production.
 ///
 /// ```
 /// use annals::doc::{Counter, CounterCommand, CounterError, CounterEvent};
@@ -143,14 +145,27 @@ where
         Ok(encoded) => encoded,
         Err(e) => panic!("given event {event:?} does not encode: {e}"),
     };
-    let up = match upcasters.apply(&encoded.event_type, encoded.schema_version, encoded.payload) {
+    // Through the stored bytes, as a repository reads them.
+    let payload = match serde_json::to_vec(&encoded.payload).map(|b| serde_json::from_slice(&b)) {
+        Ok(Ok(payload)) => payload,
+        Ok(Err(e)) | Err(e) => panic!("given event {event:?} does not survive its stored JSON: {e}"),
+    };
+    let up = match upcasters.apply(&encoded.event_type, encoded.schema_version, payload) {
         Ok(up) => up,
         Err(e) => panic!("given event {event:?} fails upcasting: {e}"),
     };
-    match codec::decode_parts(&up.event_type, up.payload) {
+    let decoded: A::Event = match codec::decode_parts(&up.event_type, up.payload) {
         Ok(decoded) => decoded,
         Err(e) => panic!("given event {event:?} does not decode after encoding: {e}"),
-    }
+    };
+    // The check a repository makes: loading such an event fails there.
+    let expected = decoded.schema_version();
+    assert_eq!(
+        up.schema_version, expected,
+        "given event {event:?}: upcasting took {} v{} to v{}, but the code expects v{expected}",
+        encoded.event_type, encoded.schema_version, up.schema_version
+    );
+    decoded
 }
 
 #[cfg(test)]
@@ -166,6 +181,21 @@ mod tests {
             .then_expect_state(|c| assert_eq!(c.value, 0))
             // A second state check does not apply the events twice.
             .then_expect_state(|c| assert_eq!(c.value, 0));
+    }
+
+    #[test]
+    #[should_panic(expected = "but the code expects v1")]
+    fn given_events_fail_where_a_repository_would_not_load_them() {
+        // An upcaster registered at the version the code writes: a
+        // repository refuses to load such events, so the harness must too
+        // (it used to apply the doubled amount and pass).
+        let up = Upcasters::new().upcast("Incremented", 1, |mut p| {
+            p["by"] = serde_json::json!(p["by"].as_u64().unwrap_or(0) * 2);
+            Ok(p)
+        });
+        TestFramework::<Counter>::given_with_upcasters(vec![CounterEvent::Incremented { by: 5 }], &up)
+            .when(CounterCommand::Decrement { by: 10 })
+            .then_expect_events(vec![CounterEvent::Decremented { by: 10 }]);
     }
 
     #[test]
