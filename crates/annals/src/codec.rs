@@ -105,6 +105,14 @@ pub(crate) fn decode_at<E: DomainEvent>(
     let event: E = decode_parts(&up.event_type, up.payload)
         .map_err(|e| fail(format!("after upcasting to {} v{}: {e}", up.event_type, up.schema_version)))?;
     let expected = event.schema_version();
+    if up.schema_version > expected {
+        // No upcaster can help: the event was written by newer code.
+        return Err(fail(format!(
+            "the event is {} v{} but this code reads it only up to v{expected}: it was written by a \
+             newer version of the code, which must read it",
+            up.event_type, up.schema_version
+        )));
+    }
     if expected != up.schema_version {
         return Err(fail(format!(
             "the code expects {} v{expected} but upcasting stopped at v{}: register an upcaster \

@@ -196,6 +196,20 @@ async fn a_missing_upcaster_is_reported_not_misread() {
     store.append(&stream, ExpectedVersion::NoStream, vec![sneaky]).await.unwrap();
     let err = repo.load("y").await.unwrap_err();
     assert!(err.to_string().contains("register an upcaster from (OrderPlaced, 1)"), "{err}");
+
+    // An event written by newer code cannot be fixed by an upcaster here;
+    // the error must not send the reader looking for one.
+    let stream = repo.stream("z").unwrap();
+    let newer = domain::legacy_event(
+        "OrderPlaced",
+        4,
+        &serde_json::json!({ "customer": "c", "total_cents": 1, "currency": "EUR" }),
+    );
+    store.append(&stream, ExpectedVersion::NoStream, vec![newer]).await.unwrap();
+    let err = repo.load("z").await.unwrap_err();
+    assert!(matches!(err, Error::Decode { schema_version: 4, .. }), "{err}");
+    assert!(err.to_string().contains("newer version of the code"), "{err}");
+    assert!(!err.to_string().contains("register an upcaster"), "{err}");
 }
 
 #[tokio::test]
