@@ -39,8 +39,15 @@ struct Inner {
     file: Arc<dyn IoFile>,
     end: u64,
     last_sync: Instant,
-    /// Records written since the last sync (`Interval` and `Never`).
+    /// Records written since the last sync (`Never`), or held in `pending`
+    /// (`Interval`).
     unsynced: bool,
+    /// Under `Interval`: records not yet written. They reach the file only
+    /// at a sync, after the log's own sync, so that no snapshot or
+    /// checkpoint can be on disk ahead of the events it counts, not even
+    /// by the kernel writing back dirty pages early. `state` already holds
+    /// them, so reads see them at once.
+    pending: Vec<u8>,
     /// Set by `close`: writes fail with `Closed`, the interval sync thread
     /// ends.
     stop: bool,
@@ -254,6 +261,7 @@ impl Kv {
             end: buf.len() as u64,
             last_sync: Instant::now(),
             unsynced: false,
+            pending: Vec::new(),
             stop: false,
         };
         let shared = Arc::new(Shared { inner: Mutex::new(inner), cv: Condvar::new() });
@@ -288,7 +296,15 @@ impl Kv {
         }
         let mut inner =
             self.shared.inner.lock().map_err(|_| LogError::Poisoned { reason: "kv lock poisoned".into() })?;
-        if inner.unsynced {
+        if !inner.pending.is_empty() {
+            // A poisoned store's log may not hold what was acknowledged:
+            // the records would be written ahead of it.
+            if let Some(reason) = self.core.poisoned() {
+                inner.pending.clear();
+                return Err(LogError::Poisoned { reason });
+            }
+            flush(&mut inner, &self.core).map_err(|reason| LogError::Poisoned { reason })?;
+        } else if inner.unsynced {
             inner.file.sync_data()?;
             inner.unsynced = false;
         }
@@ -302,11 +318,16 @@ impl Kv {
             return Err(Error::Closed);
         }
         self.core.check_poison()?;
-        let sync = match self.durability {
-            Durability::Always => true,
-            Durability::Interval(d) => inner.last_sync.elapsed() >= d,
-            Durability::Never => false,
-        };
+        if let Durability::Interval(d) = self.durability {
+            inner.pending.extend_from_slice(record);
+            if inner.last_sync.elapsed() >= d {
+                return flush(inner, &self.core).map_err(|reason| Error::Poisoned { reason });
+            }
+            inner.unsynced = true;
+            self.shared.cv.notify_all();
+            return Ok(());
+        }
+        let sync = self.durability == Durability::Always;
         let res = inner
             .file
             .write_at(record, inner.end)
@@ -418,10 +439,43 @@ fn interval_syncs(shared: &Shared, core: &Core, d: std::time::Duration) {
             inner = shared.cv.wait_timeout(inner, left).unwrap_or_else(std::sync::PoisonError::into_inner).0;
             continue;
         }
-        match inner.file.sync_data() {
-            Ok(()) => inner.last_sync = Instant::now(),
-            Err(e) => core.set_poisoned(format!("periodic kv.log fdatasync failed: {e}")),
+        if core.poisoned().is_some() {
+            // Written ahead of a log that may not hold what was
+            // acknowledged; dropped (writes fail from now on anyway).
+            inner.pending.clear();
+            inner.unsynced = false;
+            continue;
         }
-        inner.unsynced = false;
+        // Failures poison the store (in `flush`).
+        let _ = flush(&mut inner, core);
+    }
+}
+
+/// Under `Interval`: syncs the log, then writes and syncs the pending
+/// records. On failure the store is poisoned, the partial write is cut off
+/// and the reason returned.
+fn flush(inner: &mut Inner, core: &Core) -> std::result::Result<(), String> {
+    let res =
+        core.sync_log().map_err(|e| format!("log fdatasync before kv.log sync failed: {e}")).and_then(|()| {
+            inner
+                .file
+                .write_at(&inner.pending, inner.end)
+                .and_then(|()| inner.file.sync_data())
+                .map_err(|e| format!("kv write failed: {e}"))
+        });
+    inner.unsynced = false;
+    match res {
+        Ok(()) => {
+            inner.end += inner.pending.len() as u64;
+            inner.pending.clear();
+            inner.last_sync = Instant::now();
+            Ok(())
+        }
+        Err(reason) => {
+            inner.pending.clear();
+            core.set_poisoned(reason.clone());
+            let _ = inner.file.set_len(inner.end);
+            Err(reason)
+        }
     }
 }

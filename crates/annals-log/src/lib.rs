@@ -68,7 +68,9 @@ pub enum Durability {
     #[default]
     Always,
     /// Acknowledge after the write; sync at most this long afterwards. A
-    /// crash can lose the last interval's acknowledged appends.
+    /// crash can lose the last interval's acknowledged appends, and the
+    /// snapshots and checkpoints saved in it (those are written only after
+    /// the log is synced, so none survives ahead of the events it counts).
     Interval(Duration),
     /// Never sync explicitly (the OS flushes eventually); for tests and
     /// rebuildable data.

@@ -324,6 +324,10 @@ struct Shared {
 
 impl Shared {
     fn close(&self) -> std::result::Result<(), LogError> {
+        // kv.log first, while the writer still holds the directory lock: its
+        // last records are written now (after a log sync), and a store
+        // opened by someone else once the lock is released must find them.
+        let kv = self.kv.close();
         if let Ok(mut tx) = self.tx.lock() {
             tx.take();
         }
@@ -334,7 +338,6 @@ impl Shared {
                 .unwrap_or_else(|_| Err(LogError::Poisoned { reason: "writer thread panicked".into() })),
             None => Ok(()),
         };
-        let kv = self.kv.close();
         log.and(kv)
     }
 }

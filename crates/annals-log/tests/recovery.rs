@@ -526,6 +526,86 @@ async fn kv_writes_under_interval_durability_are_synced_within_the_interval() {
     assert_eq!(store.load_checkpoint("proj").await.unwrap(), Some(10));
 }
 
+/// Under `Interval`, a checkpoint is never durable ahead of the events it
+/// counts: a consumer saves position 10 after reading ten acknowledged
+/// (but not yet synced) events; when the checkpoint's sync comes first, the
+/// log is synced before it. Otherwise a crash would keep the checkpoint and
+/// lose events 5..10, new appends would take those positions again, and
+/// the consumer would skip them.
+#[tokio::test]
+async fn under_interval_a_synced_checkpoint_is_never_ahead_of_the_log() {
+    use annals_core::CheckpointStore;
+    let d = std::time::Duration::from_secs(1);
+    let io = FaultIo::new();
+    let dir = Path::new("/kv-ahead");
+    // No background zero-fill: its syncs would make the log durable too.
+    let store = LogStore::builder(dir)
+        .io(Arc::new(io.clone()))
+        .durability(Durability::Interval(d))
+        .background_fill(false)
+        .open()
+        .unwrap();
+    // Both the log's and kv.log's interval have passed: the next append is
+    // synced at once, and so is the next checkpoint.
+    tokio::time::sleep(d + std::time::Duration::from_millis(100)).await;
+    fill(&store, 5).await;
+    // Within the log's new interval: written, acknowledged, not synced.
+    fill(&store, 5).await;
+    let seen = store.read_all(ReadAll::forward(100)).await.unwrap();
+    assert_eq!(seen.events.len(), 10);
+    store.save_checkpoint("proj", seen.events.last().unwrap().position + 1).await.unwrap();
+    let crashed = io.crash();
+    drop(store);
+    let store = LogStore::builder(dir).io(Arc::new(crashed)).open().unwrap();
+    let head = store.stats().next_position;
+    let saved = store.load_checkpoint("proj").await.unwrap();
+    assert!(saved.is_none_or(|p| p <= head), "checkpoint {saved:?} survived ahead of the log's head {head}");
+}
+
+/// The same under a disk that writes unsynced pages in any order (the
+/// kernel's writeback): an unsynced checkpoint record must not reach the
+/// disk before the events it counts are synced, whatever survives.
+#[tokio::test]
+async fn under_interval_no_torn_crash_leaves_a_checkpoint_ahead_of_the_log() {
+    use annals_core::{CheckpointStore, Snapshot, SnapshotStore, Timestamp};
+    let io = FaultIo::new();
+    let dir = Path::new("/kv-ahead-torn");
+    let long = Durability::Interval(std::time::Duration::from_secs(3600));
+    let store = LogStore::builder(dir).io(Arc::new(io.clone())).durability(long).open().unwrap();
+    fill(&store, 40).await;
+    let seen = store.read_all(ReadAll::forward(100)).await.unwrap();
+    store.save_checkpoint("proj", seen.events.last().unwrap().position + 1).await.unwrap();
+    let s = stream("s0-0");
+    let version = store.stream_info(&s).await.unwrap().last_version.unwrap();
+    let snap = Snapshot {
+        stream: s.clone(),
+        version,
+        schema_version: 1,
+        data: vec![7u8; 600].into(),
+        created_at: Timestamp::now(),
+    };
+    store.save_snapshot(snap).await.unwrap();
+    for seed in 0..64 {
+        let crashed = io.crash_torn(seed);
+        // Unsynced groups can survive with holes: repair truncates at the
+        // first one (what an operator does after such a crash).
+        let store = LogStore::builder(dir).io(Arc::new(crashed)).repair(true).open().unwrap();
+        let head = store.stats().next_position;
+        let saved = store.load_checkpoint("proj").await.unwrap();
+        assert!(saved.is_none_or(|p| p <= head), "seed {seed}: checkpoint {saved:?} ahead of head {head}");
+        let now = store.stream_info(&s).await.unwrap().last_version;
+        if let Some(snap) = store.load_snapshot(&s, None).await.unwrap() {
+            assert!(
+                now.is_some_and(|v| snap.version <= v),
+                "seed {seed}: snapshot {} ahead of {now:?}",
+                snap.version
+            );
+        }
+        store.close().unwrap();
+    }
+    drop(store);
+}
+
 /// After `close`, writes of every kind fail with `Closed`, checkpoints
 /// and snapshots too: the directory lock is released, so another store may
 /// already have opened the directory and replaced kv.log (its compaction),
