@@ -128,7 +128,13 @@ impl LogStoreBuilder {
         }
         let io = self.io;
         let dir = self.dir;
-        io.create_dir_all(&dir)?;
+        io.create_dir_all(&dir).map_err(|e| match e.kind() {
+            // What create_dir_all says when a file holds the name.
+            std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::NotADirectory => {
+                LogError::Config { reason: format!("{} exists and is not a directory", dir.display()) }
+            }
+            _ => e.into(),
+        })?;
         let lock = io.lock(&dir)?;
         let mode = Mode::Open { repair: self.repair };
         let use_index = !(self.repair || self.verify_on_open);

@@ -891,3 +891,18 @@ async fn store_stats_come_from_the_index_and_the_directory() {
     assert_eq!(again.events_by_type, Some(counts));
     assert_eq!(again.disk_bytes, Some(on_disk(dir.path())));
 }
+
+/// A data directory path naming a file is refused with an error that says
+/// so, not with the operating system's "File exists".
+#[tokio::test]
+async fn a_data_path_that_is_a_file_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("data");
+    std::fs::write(&file, b"not a store").unwrap();
+    let err = LogStore::open(&file).unwrap_err();
+    assert!(matches!(&err, LogError::Config { reason } if reason.contains("is not a directory")), "{err}");
+    // A path below a file, too.
+    let err = LogStore::open(file.join("below")).unwrap_err();
+    assert!(matches!(&err, LogError::Config { reason } if reason.contains("is not a directory")), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"not a store");
+}
